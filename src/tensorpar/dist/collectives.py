@@ -1,0 +1,152 @@
+"""Thin, named collectives over a tensor-parallel group, and their autograd pairs.
+
+Raw collectives return at once on a group of one. The autograd functions come in conjugate pairs
+(Megatron-Core's ``mappings.py``):
+
+- ``copy_to_tp``  (forward: identity,   backward: all-reduce)  pairs with
+  ``reduce_from_tp`` (forward: all-reduce, backward: identity).
+- ``gather_from_tp`` (forward: all-gather along the last dim, backward: split) pairs with
+  ``scatter_to_tp``  (forward: split,                           backward: all-gather).
+
+Outside autograd (inference under ``torch.no_grad``) the pairs call the raw collective directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tensorpar.dist.groups import ParallelContext
+
+
+def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Sum ``x`` over the group in place and return it."""
+    if ctx.world_size > 1:
+        dist.all_reduce(x, group=ctx.group)
+    return x
+
+
+def all_gather_last(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Concatenate equal-shaped ``x`` from every rank along the last dimension.
+
+    [..., n] -> [..., world_size * n]
+    """
+    if ctx.world_size == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, x, group=ctx.group)
+    return torch.cat(parts, dim=-1)
+
+
+def split_last(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """This rank's equal slice of the last dimension. [..., world_size * n] -> [..., n]"""
+    if ctx.world_size == 1:
+        return x
+    return x.chunk(ctx.world_size, dim=-1)[ctx.rank].contiguous()
+
+
+def broadcast(x: torch.Tensor, ctx: ParallelContext, src: int = 0) -> torch.Tensor:
+    """Overwrite ``x`` on every rank with rank ``src``'s ``x``."""
+    if ctx.world_size > 1:
+        dist.broadcast(x, src=src, group=ctx.group)
+    return x
+
+
+def broadcast_object(obj, ctx: ParallelContext, src: int = 0):
+    """Rank ``src``'s picklable ``obj`` on every rank."""
+    if ctx.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=ctx.group)
+    return box[0]
+
+
+def all_gather_object(obj, ctx: ParallelContext) -> list:
+    """Every rank's picklable ``obj``, in rank order."""
+    if ctx.world_size == 1:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj, group=ctx.group)
+    return out
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Forward identity, backward all-reduce. Pair: ``_ReduceFromTP``."""
+
+    @staticmethod
+    def forward(fctx, x, ctx):
+        fctx.ctx = ctx
+        return x
+
+    @staticmethod
+    def backward(fctx, grad):
+        return all_reduce(grad.contiguous(), fctx.ctx), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Forward all-reduce, backward identity. Pair: ``_CopyToTP``."""
+
+    @staticmethod
+    def forward(fctx, x, ctx):
+        return all_reduce(x.clone(), ctx)
+
+    @staticmethod
+    def backward(fctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """Forward all-gather of the last dim, backward split. Pair: ``_ScatterToTP``."""
+
+    @staticmethod
+    def forward(fctx, x, ctx):
+        fctx.ctx = ctx
+        return all_gather_last(x, ctx)
+
+    @staticmethod
+    def backward(fctx, grad):
+        return split_last(grad, fctx.ctx), None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """Forward split of the last dim, backward all-gather. Pair: ``_GatherFromTP``."""
+
+    @staticmethod
+    def forward(fctx, x, ctx):
+        fctx.ctx = ctx
+        return split_last(x, ctx)
+
+    @staticmethod
+    def backward(fctx, grad):
+        return all_gather_last(grad, fctx.ctx), None
+
+
+def copy_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    if ctx.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
+        return x
+    return _CopyToTP.apply(x, ctx)
+
+
+def reduce_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    if ctx.world_size == 1:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ReduceFromTP.apply(x, ctx)
+    return all_reduce(x, ctx)
+
+
+def gather_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    if ctx.world_size == 1:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GatherFromTP.apply(x, ctx)
+    return all_gather_last(x, ctx)
+
+
+def scatter_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    if ctx.world_size == 1:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ScatterToTP.apply(x, ctx)
+    return split_last(x, ctx)

@@ -1,0 +1,68 @@
+"""Process groups and the per-rank parallel context that is passed down to every layer."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this rank stands: its rank and group, and the device its tensors live on.
+
+    ``group`` is ``None`` for a single process, where every collective returns at once.
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+
+def single_process_context(device: str | torch.device = "cpu") -> ParallelContext:
+    """A context of one rank with no process group (TP=1 pays for no machinery)."""
+    return ParallelContext(rank=0, world_size=1, device=torch.device(device), backend="none")
+
+
+def choose_backend(device: torch.device) -> str:
+    """NCCL when each rank drives its own CUDA device, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_group(
+    rank: int,
+    world_size: int,
+    init_method: str,
+    device: torch.device,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> ParallelContext:
+    """Join the default process group; every collective on it fails after ``timeout_s`` seconds."""
+    backend = choose_backend(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **({"device_id": device} if backend == "nccl" else {}),
+    )
+    return ParallelContext(
+        rank=rank, world_size=world_size, device=device, backend=backend, group=dist.group.WORLD
+    )
+
+
+def destroy_group(ctx: ParallelContext) -> None:
+    if ctx.group is not None and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,13 @@
+"""Tensor-parallel building blocks: column/row-parallel linear, vocab-parallel embedding and LM head."""
+
+from tensorpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tensorpar.layers.linear import ColumnParallelLinear, RowParallelLinear, Segment, ShardReader
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "Segment",
+    "ShardReader",
+    "VocabParallelEmbedding",
+    "ParallelLMHead",
+]

@@ -1,0 +1,104 @@
+"""Vocabulary-parallel embedding and LM head.
+
+The vocabulary is split into contiguous spans, one per rank (``partition.vocab_shard``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorpar.dist.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
+from tensorpar.dist.groups import ParallelContext
+from tensorpar.layers.linear import ShardReader
+
+
+class VocabParallelEmbedding(nn.Module):
+    """E[ids] with E split by rows: rank i holds rows ``span``; ids outside it contribute zeros.
+
+    out = all-reduce_i( onehot(ids)[:, span_i] E_i ). Local weight: [len(span), dim].
+    """
+
+    def __init__(self, span: range, dim: int, ctx: ParallelContext, part: str):
+        super().__init__()
+        self.ctx = ctx
+        self.span = span
+        self.part = part
+        self.weight = nn.Parameter(torch.empty(len(span), dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: [B, S] -> [B, S, dim]
+        if self.ctx.world_size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.span.start) | (ids >= self.span.stop)
+        local = (ids - self.span.start).masked_fill_(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.ctx)
+
+    def load_shard(self, read: ShardReader) -> None:
+        self.weight.data.copy_(read(self.part, "weight", rows=self.span))
+
+    def extra_repr(self) -> str:
+        return f"vocab_span=[{self.span.start}, {self.span.stop}), dim={self.weight.shape[1]}"
+
+
+class ParallelLMHead(nn.Module):
+    """logits = h W^T with W split by vocabulary rows; ``forward`` gathers the full vocabulary.
+
+    ``shard_sizes[r]`` is rank r's number of vocabulary rows. Each rank pads its logits to
+    ``max(shard_sizes)`` columns so that every rank sends an equal share; the gathered
+    [..., p * padded] is trimmed back to [..., vocab]. With tied embeddings the weight *is* the
+    embedding's shard (same span).
+    """
+
+    def __init__(
+        self,
+        span: range,
+        shard_sizes: list[int],
+        dim: int,
+        ctx: ParallelContext,
+        part: str,
+        tied: VocabParallelEmbedding | None = None,
+    ):
+        super().__init__()
+        self.ctx = ctx
+        self.span = span
+        self.shard_sizes = shard_sizes
+        self.padded = max(shard_sizes)
+        self.part = part
+        self.tied = tied is not None
+        if tied is None:
+            self.weight = nn.Parameter(torch.empty(len(span), dim))
+        else:  # share the embedding's parameter without registering it twice
+            object.__setattr__(self, "_embedding", tied)
+        self.even = min(shard_sizes) == self.padded
+
+    def __getattr__(self, name: str):
+        if name == "weight" and "_embedding" in self.__dict__:
+            return self.__dict__["_embedding"].weight
+        return super().__getattr__(name)
+
+    def local_logits(self, h: torch.Tensor) -> torch.Tensor:
+        # h: [..., dim] -> [..., len(span)]
+        return F.linear(copy_to_tp(h, self.ctx), self.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: [..., dim] -> [..., vocab]
+        local = self.local_logits(h)
+        if self.ctx.world_size == 1:
+            return local
+        if not self.even:
+            local = F.pad(local, (0, self.padded - local.shape[-1]))
+        full = gather_from_tp(local, self.ctx)  # [..., p * padded]
+        if self.even:
+            return full
+        chunks = full.split(self.padded, dim=-1)
+        return torch.cat([c[..., :n] for c, n in zip(chunks, self.shard_sizes)], dim=-1)
+
+    def load_shard(self, read: ShardReader) -> None:
+        if not self.tied:
+            self.weight.data.copy_(read(self.part, "weight", rows=self.span))
+
+    def extra_repr(self) -> str:
+        return f"vocab_span=[{self.span.start}, {self.span.stop}), tied={self.tied}"

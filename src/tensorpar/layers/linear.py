@@ -1,0 +1,115 @@
+"""Column- and row-parallel linear layers.
+
+A layer's local rows (column-parallel) or local input columns (row-parallel) are a list of
+*segments*: each one names the checkpoint tensor it comes from (a *part*, such as ``q_proj`` of a
+fused QKV projection) and the global span it covers there, or ``None`` for zero padding. Fused
+projections (QKV, gate/up) and head-aware padding are then just longer segment lists; the layers
+themselves know no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorpar.dist.collectives import copy_to_tp, reduce_from_tp
+from tensorpar.dist.groups import ParallelContext
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``span`` of checkpoint tensor ``part``; ``part=None`` means ``len(span)`` zero entries."""
+
+    part: str | None
+    span: range
+
+
+class ShardReader(Protocol):
+    """Reads a slice of one checkpoint tensor, ``<module>.<part>.<param>``, as a torch tensor."""
+
+    def __call__(
+        self, part: str, param: str, rows: range | None = None, cols: range | None = None
+    ) -> torch.Tensor: ...
+
+
+def _fill_from_segments(dst: torch.Tensor, segments: list[Segment], read, axis: int) -> None:
+    """Copy each segment's slice into consecutive positions of ``dst`` along ``axis``."""
+    offset = 0
+    for seg in segments:
+        n = len(seg.span)
+        piece = dst.narrow(axis, offset, n)
+        if seg.part is None:
+            piece.zero_()
+        else:
+            piece.copy_(read(seg.part, seg.span))
+        offset += n
+    if offset != dst.shape[axis]:
+        raise AssertionError(f"segments cover {offset} of {dst.shape[axis]} entries")
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A + b with A split along its output dimension: A = [A_1, ..., A_p], b = [b_1, ..., b_p].
+
+    Rank i computes Y_i = X A_i + b_i; the output stays sharded (no communication in the forward
+    pass; the backward pass all-reduces dX). Local weight: [sum(len(segment)), in_features].
+    """
+
+    def __init__(
+        self, in_features: int, segments: list[Segment], bias: bool, ctx: ParallelContext
+    ):
+        super().__init__()
+        self.ctx = ctx
+        self.segments = segments
+        self.in_features = in_features
+        self.out_features = sum(len(s.span) for s in segments)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] (replicated) -> [..., out_local]
+        return F.linear(copy_to_tp(x, self.ctx), self.weight, self.bias)
+
+    def load_shard(self, read: ShardReader) -> None:
+        _fill_from_segments(self.weight.data, self.segments, lambda p, s: read(p, "weight", rows=s), 0)
+        if self.bias is not None:
+            _fill_from_segments(self.bias.data, self.segments, lambda p, s: read(p, "bias", rows=s), 0)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out_local={self.out_features}, bias={self.bias is not None}"
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A + b with A split along its input dimension: A = [A_1; ...; A_p], X = [X_1, ..., X_p].
+
+    Rank i computes X_i A_i from its shard of X; Y = all-reduce(sum_i X_i A_i) + b, the bias added
+    once, after the reduction. Local weight: [out_features, sum(len(segment))].
+    """
+
+    def __init__(
+        self, segments: list[Segment], out_features: int, bias: bool, ctx: ParallelContext
+    ):
+        super().__init__()
+        self.ctx = ctx
+        self.segments = segments
+        self.in_features = sum(len(s.span) for s in segments)
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in_local] (sharded) -> [..., out] (replicated)
+        y = reduce_from_tp(F.linear(x, self.weight), self.ctx)
+        return y + self.bias if self.bias is not None else y
+
+    def load_shard(self, read: ShardReader) -> None:
+        _fill_from_segments(self.weight.data, self.segments, lambda p, s: read(p, "weight", cols=s), 1)
+        if self.bias is not None:
+            (part,) = {s.part for s in self.segments if s.part is not None}
+            self.bias.data.copy_(read(part, "bias"))
+
+    def extra_repr(self) -> str:
+        return f"in_local={self.in_features}, out={self.out_features}, bias={self.bias is not None}"

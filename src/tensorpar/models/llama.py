@@ -1,0 +1,258 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) as plain single-device PyTorch.
+
+Module and parameter names follow Hugging Face, except that Q/K/V and gate/up are fused into
+``qkv_proj`` and ``gate_up_proj``; each fused linear lists its checkpoint parts in
+``fused_parts``. Attention reads its local head counts from ``num_heads`` / ``num_kv_heads``,
+which a sharding plan may change (see ``tensorpar.partition``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorpar.models.config import ModelConfig
+
+
+def fused_linear(in_features: int, parts: list[tuple[str, int]], bias: bool) -> nn.Linear:
+    """One nn.Linear whose output rows stack the checkpoint tensors ``parts`` [(name, rows)]."""
+    layer = nn.Linear(in_features, sum(n for _, n in parts), bias=bias)
+    layer.fused_parts = tuple(parts)
+    return layer
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """theta_i = base^(-2i/d), with Llama-3 or linear scaling when the config asks for it."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv.float()
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return (inv / scaling["factor"]).float()
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled).float()
+    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin. x: [B, S, heads, D], cos/sin: [B, S, 1, D]."""
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class AttentionBatch:
+    """Per-forward attention inputs shared by every layer.
+
+    cos, sin: [B, S, 1, D] rotary tables at each query position.
+    mask:     [B, 1, S, L] True where query s may attend key l.
+    slots:    cache slot of each sequence, [B]; ``slot_start`` when they are consecutive.
+    positions: [B, S] absolute positions (where new keys are written in the cache).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor | None = None
+    slot_start: int | None = None
+    kv_len: int = 0
+
+
+class KVCache:
+    """Preallocated keys and values, one [slots, kv_heads_local, max_len, D] pair per layer."""
+
+    def __init__(self, num_layers, slots, kv_heads, max_len, head_dim, dtype, device):
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.slots, self.max_len = slots, max_len
+
+    def fits(self, slots: int, max_len: int) -> bool:
+        return slots <= self.slots and max_len <= self.max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.head_dim
+        self.head_dim = d
+        self.num_heads = cfg.num_heads  # local query slots after sharding
+        self.num_kv_heads = cfg.num_kv_heads  # local KV heads after sharding
+        self.qkv_proj = fused_linear(
+            cfg.hidden_size,
+            [("q_proj", cfg.num_heads * d), ("k_proj", cfg.num_kv_heads * d), ("v_proj", cfg.num_kv_heads * d)],
+            bias=cfg.qkv_bias,
+        )
+        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, batch: AttentionBatch, cache: tuple[torch.Tensor, torch.Tensor] | None):
+        B, S, _ = x.shape
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([h * d, kv * d, kv * d], dim=-1)
+        q = apply_rope(q.view(B, S, h, d), batch.cos, batch.sin)
+        k = apply_rope(k.view(B, S, kv, d), batch.cos, batch.sin)
+        v = v.view(B, S, kv, d)
+        if cache is None:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, kv, S, d]
+        else:
+            ck, cv = cache
+            seq = batch.slots.unsqueeze(1).expand(B, S)
+            ck[seq, :, batch.positions] = k  # write [B, S, kv, d] at (slot, :, position)
+            cv[seq, :, batch.positions] = v
+            L = batch.kv_len
+            if batch.slot_start is not None:
+                keys = ck[batch.slot_start : batch.slot_start + B, :, :L]  # [B, kv, L, d]
+                values = cv[batch.slot_start : batch.slot_start + B, :, :L]
+            else:
+                keys, values = ck[batch.slots, :, :L], cv[batch.slots, :, :L]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=batch.mask, enable_gqa=h != kv
+        )  # [B, h, S, d]
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, h * d))
+
+
+class MLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        i = cfg.intermediate_size
+        self.gate_up_proj = fused_linear(cfg.hidden_size, [("gate_proj", i), ("up_proj", i)], cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, batch, cache):
+        x = x + self.self_attn(self.input_layernorm(x), batch, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids -> final hidden states (``forward``) -> vocabulary logits (``logits``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rope_tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, [length, D], grown (doubling) on demand and kept."""
+        if self._rope is None or self._rope[0].shape[0] < length or self._rope[0].device != device:
+            n = max(length, 2 * (self._rope[0].shape[0] if self._rope else 256))
+            inv = rope_inverse_frequencies(self.config).to(device)
+            freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope = (emb.cos(), emb.sin())
+        return self._rope
+
+    def attention_batch(
+        self,
+        positions: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        kv_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> AttentionBatch:
+        """Rotary tables and the causal (optionally sliding-window) mask for one forward.
+
+        positions: [B, S]. Without a cache (``slots=None``) the keys are the queries' own tokens;
+        with one, the keys are cache positions 0..kv_len-1 of each sequence's slot.
+        """
+        cos, sin = self.rope_tables(int(positions.max()) + 1, positions.device)
+        cos = cos[positions].unsqueeze(2).to(dtype)  # [B, S, 1, D]
+        sin = sin[positions].unsqueeze(2).to(dtype)
+        if slots is None:
+            key_pos = positions  # [B, L=S]
+        else:
+            key_pos = torch.arange(kv_len, device=positions.device).expand(positions.shape[0], kv_len)
+        q = positions.unsqueeze(-1)  # [B, S, 1]
+        kp = key_pos.unsqueeze(1)  # [B, 1, L]
+        mask = kp <= q
+        if self.config.sliding_window is not None:
+            mask &= kp > q - self.config.sliding_window
+        start = None
+        if slots is not None:
+            s0 = int(slots[0])
+            if torch.equal(slots, torch.arange(s0, s0 + slots.numel(), device=slots.device)):
+                start = s0
+        return AttentionBatch(
+            cos=cos, sin=sin, mask=mask.unsqueeze(1), positions=positions,
+            slots=slots, slot_start=start, kv_len=kv_len or 0,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """input_ids: [B, S] -> final-normed hidden states [B, S, hidden]."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        x = self.model.embed_tokens(input_ids)
+        batch = self.attention_batch(positions, slots if cache is not None else None, kv_len, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, batch, None if cache is None else (cache.k[i], cache.v[i]))
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] -> [..., vocab] (gathered over ranks when the head is vocab-parallel)."""
+        return self.lm_head(hidden)
