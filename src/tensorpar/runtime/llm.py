@@ -1,0 +1,134 @@
+"""``LLM``: the Python API. Spawns the ranks (or joins ``torchrun``'s) and drives generation."""
+
+from __future__ import annotations
+
+import time
+
+from tensorpar.dist.groups import DEFAULT_TIMEOUT_S, single_process_context
+from tensorpar.dist.launch import SpawnedRanks, join_torchrun, torchrun_env
+from tensorpar.errors import TensorparError
+from tensorpar.loading import open_source
+from tensorpar.partition import check_degree
+from tensorpar.runtime.engine import Engine, EngineSpec, GenerationResult
+from tensorpar.runtime.sampling import SamplingParams
+
+
+def _make_engine(ctx, spec: EngineSpec) -> Engine:
+    return Engine(spec, ctx)
+
+
+class LLM:
+    """A model sharded over ``tp`` ranks.
+
+    >>> llm = LLM("smollm2-135m", tp=2)
+    >>> llm.generate(["The capital of France is"], max_new_tokens=8)[0].text
+
+    ``tp=1`` runs in this process. ``tp>1`` spawns that many local ranks, supervised: if one
+    dies, the others are stopped and the call raises ``RankFailure`` naming it. Under ``torchrun``
+    the group's ranks are used as they are (``tp`` must equal the world size) and every rank
+    must make the same calls; all of them get the same results.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        tp: int = 1,
+        dtype: str = "auto",
+        device: str = "cpu",
+        progress: bool = True,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ):
+        t0 = time.perf_counter()
+        self.spec = EngineSpec(model=model, dtype=dtype, device=device, progress=progress)
+        self.spec.torch_dtype()  # validate before starting anything
+        self.config = open_source(model).config
+        env = torchrun_env()
+        self._ranks: SpawnedRanks | None = None
+        self._engine: Engine | None = None
+        if env is not None:
+            if tp not in (1, env.world_size):
+                raise TensorparError(f"--tp {tp} does not match torchrun's world size {env.world_size}")
+            self.tp = env.world_size
+            check_degree(self.tp, self.config.num_heads)
+            self._engine = Engine(self.spec, join_torchrun(env, device.split(":")[0], timeout_s))
+            self.backend = self._engine.ctx.backend
+        else:
+            check_degree(tp, self.config.num_heads)
+            self.tp = tp
+            if tp == 1:
+                self._engine = Engine(self.spec, single_process_context(device))
+                self.backend = "none"
+            else:
+                if device.startswith("cuda"):
+                    import torch
+
+                    if torch.cuda.device_count() < tp:
+                        raise TensorparError(f"--tp {tp} on CUDA needs {tp} GPUs; {torch.cuda.device_count()} visible")
+                self._ranks = SpawnedRanks(tp, _make_engine, (self.spec,), device.split(":")[0], timeout_s)
+                self.backend = "nccl" if device.startswith("cuda") else "gloo"
+        self.load_s = time.perf_counter() - t0
+
+    @property
+    def rank(self) -> int:
+        return self._engine.ctx.rank if self._engine is not None else 0
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return self._ranks.pids if self._ranks is not None else []
+
+    def _call(self, method: str, *args, **kwargs):
+        if self._engine is not None:
+            return getattr(self._engine, method)(*args, **kwargs)
+        if self._ranks is None:
+            raise TensorparError("this LLM has been closed")
+        return self._ranks.call(method, *args, **kwargs)
+
+    def generate_full(
+        self,
+        prompts: str | list,
+        sampling: SamplingParams | list[SamplingParams] | None = None,
+        chat: bool = False,
+    ) -> GenerationResult:
+        """Completions plus timings and per-rank peak memory."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        sampling = sampling or SamplingParams()
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        return self._call("generate", prompts, params, chat)
+
+    def generate(
+        self,
+        prompts: str | list,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        chat: bool = False,
+    ):
+        """Generate for each prompt (text or token ids); greedy unless ``temperature > 0``."""
+        sp = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop or ()))
+        return self.generate_full(prompts, sp, chat).completions
+
+    def score(self, prompts: list) -> list:
+        """Full-vocabulary logits [len(prompt), vocab] at every position of each prompt."""
+        return self._call("score", list(prompts))
+
+    def close(self) -> None:
+        if self._ranks is not None:
+            self._ranks.close()
+            self._ranks = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
