@@ -57,6 +57,9 @@ class SafetensorsSource(CheckpointSource):
         return sl[r, cols.start : cols.stop]
 
     def tokenizer(self):
+        """The directory's Hugging Face tokenizer, or None when it ships none (token ids only)."""
+        if not any((self.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return None
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.path))

@@ -174,6 +174,8 @@ class Engine:
         """Token ids exactly as the model's Hugging Face tokenizer makes them by default."""
         if not isinstance(prompt, str):
             ids = [int(t) for t in prompt]
+        elif self.tokenizer is None:
+            raise ValueError(f"{self.source.path} ships no tokenizer: give prompts as lists of token ids")
         elif chat:
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
@@ -186,6 +188,9 @@ class Engine:
         if bad:
             raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
         return list(ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, prompts: list, params: list[SamplingParams], chat: bool = False) -> GenerationResult:
         def prepare():
@@ -235,8 +240,8 @@ class Engine:
             sp = params[i]
             if token in self.eos_ids and not sp.ignore_eos:
                 reasons[i] = "stop"
-            elif sp.stop:
-                text = self.tokenizer.decode(outs[i], skip_special_tokens=True)
+            elif sp.stop and self.tokenizer is not None:
+                text = self._decode(outs[i])
                 hits = [text.find(s) for s in sp.stop if s in text]
                 if hits:
                     texts[i], reasons[i] = text[: min(hits)], "stop"
@@ -258,7 +263,7 @@ class Engine:
         t2 = time.perf_counter()
         completions = []
         for i in range(n):
-            text = texts[i] if texts[i] is not None else self.tokenizer.decode(outs[i], skip_special_tokens=True)
+            text = texts[i] if texts[i] is not None else self._decode(outs[i])
             completions.append(Completion(prompt_ids[i], outs[i], text, reasons[i]))
         return GenerationResult(
             completions,

