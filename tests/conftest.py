@@ -81,3 +81,40 @@ def hf_reference(path: Path):
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval()
+
+
+def write_chat_checkpoint(path: Path) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template (vocabulary 49152)."""
+    from transformers import AutoTokenizer
+
+    cfg = dict(TINY_CONFIGS["llama"], vocab_size=49152, bos_token_id=1, eos_token_id=2, max_position_embeddings=8192)
+    TINY_CONFIGS.setdefault("llama-chat", cfg)
+    write_tiny_checkpoint("llama-chat", path)
+    gguf = smollm2_path()
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_checkpoint(tmp_path_factory) -> Path:
+    return write_chat_checkpoint(tmp_path_factory.mktemp("tiny") / "llama-chat")
+
+
+def cli(*args: str, timeout: float = 240, **kw) -> "subprocess.CompletedProcess":
+    """Run the installed ``tensorpar`` command as a user would; fail the test if it hangs."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("tensorpar")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def rank_processes() -> list:
+    """Live processes named ``tensorpar-rN`` (spawned ranks name themselves so)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["name"]):
+        if (p.info["name"] or "").startswith("tensorpar-r"):
+            out.append(p)
+    return out

@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -35,8 +36,12 @@ def run(args) -> int:
         top_k=args.top_k,
         seed=args.seed,
         stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
     )
     with LLM(args.model, tp=args.tp, dtype=args.dtype, device=args.device, progress=not (args.quiet or args.json)) as llm:
+        if llm.rank == 0 and not args.quiet:
+            print(f"tensorpar: loaded {args.model} at tp={llm.tp} ({llm.backend}) in {llm.load_s:.1f}s; generating",
+                  file=sys.stderr, flush=True)
         result = llm.generate_full(args.prompt, sp, chat=args.chat)
         if llm.rank != 0:
             return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 
 from tensorpar.dist.groups import ParallelContext
@@ -83,5 +84,7 @@ def apply_plan(model: nn.Module, plan: dict[str, str], ctx: ParallelContext) -> 
         for name in matched:
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, _build(style, name, modules[name], parent, model, ctx))
+            old = modules[name]
+            with torch.device(next(old.parameters()).device):  # a meta model stays on meta
+                setattr(parent, leaf, _build(style, name, old, parent, model, ctx))
     return model

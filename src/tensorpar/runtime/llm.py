@@ -107,9 +107,10 @@ class LLM:
         seed: int | None = None,
         stop: list[str] | None = None,
         chat: bool = False,
+        ignore_eos: bool = False,
     ):
         """Generate for each prompt (text or token ids); greedy unless ``temperature > 0``."""
-        sp = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop or ()))
+        sp = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop or ()), ignore_eos)
         return self.generate_full(prompts, sp, chat).completions
 
     def score(self, prompts: list) -> list:

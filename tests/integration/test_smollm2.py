@@ -1,0 +1,57 @@
+"""The real SmolLM2-135M-Instruct GGUF (9 query heads, 3 KV heads; Q4_1/Q8_0 dequantized on
+load): greedy tokens at TP 1, 2, 3 (Python API) and 4 (CLI) equal transformers' for 32 tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import cli, hf_reference
+from tensorpar import LLM, SamplingParams
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_gguf):
+    """Prompt ids and greedy continuations from transformers loading the same GGUF."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    model = hf_reference(smollm2_gguf)
+    out = []
+    with torch.no_grad():
+        for p in PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids
+            gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+            out.append((ids[0].tolist(), gen[0, ids.shape[1]:].tolist()))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_greedy_tokens_match_transformers(tp, reference):
+    with LLM("smollm2-135m", tp=tp, progress=False) as llm:
+        result = llm.generate_full(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    for c, (ref_prompt, ref_tokens) in zip(result.completions, reference):
+        assert c.prompt_token_ids == ref_prompt
+        assert c.token_ids == ref_tokens
+    assert len(result.peak_rss_mb) == tp
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_cli_gguf_file_at_tp4(smollm2_gguf, reference):
+    r = cli("generate", "--model", str(smollm2_gguf), "--tp", "4", "--json", "--ignore-eos",
+            "--max-new-tokens", str(NEW_TOKENS), "--prompt", PROMPTS[0])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tp"] == 4 and out["backend"] == "gloo"
+    assert out["prompt_token_ids"] == reference[0][0]
+    assert out["token_ids"] == reference[0][1]
+    assert out["text"].startswith(" Paris")
+    assert len(out["peak_rss_mb"]) == 4

@@ -1,0 +1,45 @@
+"""Beyond one machine: two ``torchrun`` launchers with ``--nnodes 2`` on 127.0.0.1, one rank
+each, form one TP=2 group spanning both "nodes" and produce the tokens of TP=1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import cli
+from tensorpar.dist.launch import free_port
+
+
+@pytest.mark.timeout(180)
+def test_two_node_torchrun_matches_tp1(tiny_chat_checkpoint):
+    args = ["generate", "--model", str(tiny_chat_checkpoint), "--tp", "2", "--json", "--ignore-eos",
+            "--max-new-tokens", "12", "--prompt", "Tensor parallelism splits"]
+    port = str(free_port())
+    launchers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port,
+             "-m", "tensorpar", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        outs = [p.communicate(timeout=150) for p in launchers]
+    finally:
+        for p in launchers:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(launchers, outs):
+        assert p.returncode == 0, err
+    assert outs[1][0].strip() == ""  # only rank 0 prints
+    two_nodes = json.loads(outs[0][0])
+    single = cli(*[a if a != "2" else "1" for a in args])
+    assert single.returncode == 0, single.stderr
+    one = json.loads(single.stdout)
+    assert two_nodes["tp"] == 2 and two_nodes["backend"] == "gloo"
+    assert two_nodes["token_ids"] == one["token_ids"]
+    assert len(two_nodes["peak_rss_mb"]) == 2

@@ -1,0 +1,124 @@
+"""``SamplingParams`` validation and ``sample``: greedy, temperature, top-k and top-p."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorpar.runtime.sampling import SamplingParams, sample
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-3), "max_new_tokens"),
+        (dict(max_new_tokens=2.5), "max_new_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.01), "top_p"),
+        (dict(top_p=-0.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+    ],
+)
+def test_invalid_params_raise(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_valid_params_and_defaults():
+    p = SamplingParams()
+    assert p.greedy and p.max_new_tokens == 32 and p.top_p == 1.0 and p.top_k == 0
+    q = SamplingParams(max_new_tokens=1, temperature=0.7, top_p=1.0, top_k=0)
+    assert not q.greedy
+    assert SamplingParams(top_p=1e-9).top_p == 1e-9
+    assert SamplingParams(stop="\n").stop == ("\n",)
+    assert SamplingParams(stop=("a", "", "b")).stop == ("a", "b")
+
+
+def random_logits(seed: int, vocab: int = 50) -> torch.Tensor:
+    return torch.randn(vocab, generator=gen(seed)) * 3
+
+
+def test_greedy_is_argmax():
+    for seed in range(20):
+        logits = random_logits(seed)
+        assert sample(logits, SamplingParams(), None) == int(logits.argmax())
+        # a generator is irrelevant to greedy decoding
+        assert sample(logits, SamplingParams(top_k=3, top_p=0.5), gen(seed)) == int(logits.argmax())
+    logits = torch.full((10,), -5.0)
+    logits[7] = 4.0
+    assert sample(logits, SamplingParams(), None) == 7
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 0.5, 1.0, 2.0, 100.0, 1e4])
+def test_top_k_one_is_argmax_at_any_temperature(temperature):
+    g = gen(0)
+    for seed in range(25):
+        logits = random_logits(seed)
+        params = SamplingParams(temperature=temperature, top_k=1)
+        assert sample(logits, params, g) == int(logits.argmax())
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 5.0])
+def test_tiny_top_p_is_argmax(temperature):
+    g = gen(1)
+    for seed in range(25):
+        logits = random_logits(seed)
+        assert sample(logits, SamplingParams(temperature=temperature, top_p=1e-6), g) == int(logits.argmax())
+
+
+def test_top_k_restricts_to_the_k_largest():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.8, 0.5])
+    allowed = {1, 2, 4}
+    g = gen(2)
+    draws = {sample(logits, SamplingParams(temperature=5.0, top_k=3), g) for _ in range(300)}
+    assert draws == allowed  # high temperature: all three are drawn, never anything else
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    g = gen(3)
+    # mass before token 1 is 0.5 < 0.7, before token 2 it is 0.8 >= 0.7: tokens {0, 1} remain
+    draws = [sample(logits, SamplingParams(temperature=1.0, top_p=0.7), g) for _ in range(2000)]
+    assert set(draws) == {0, 1}
+    frac0 = draws.count(0) / len(draws)
+    assert abs(frac0 - 0.5 / 0.8) < 0.04
+
+
+def test_same_seed_same_draws():
+    logits = random_logits(4, vocab=30) / 3
+    params = SamplingParams(temperature=1.3, top_p=0.95, top_k=20)
+    a = [sample(logits, params, g) for g in [gen(123)] for _ in range(200)]
+    b = [sample(logits, params, g) for g in [gen(123)] for _ in range(200)]
+    c = [sample(logits, params, g) for g in [gen(124)] for _ in range(200)]
+    assert a == b
+    assert a != c
+    assert len(set(a)) > 5  # it really samples
+
+
+def test_frequencies_match_softmax():
+    logits = torch.tensor([1.0, 0.2, -0.5, 1.5])
+    want = logits.softmax(-1)
+    g = gen(5)
+    n = 4000
+    draws = torch.tensor([sample(logits, SamplingParams(temperature=1.0), g) for _ in range(n)])
+    freq = torch.bincount(draws, minlength=4).float() / n
+    assert (freq - want).abs().max() < 0.03, (freq, want)
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5])
+    n = 3000
+    for t in (0.5, 2.0):
+        want = (logits / t).softmax(-1)
+        g = gen(int(t * 10))
+        draws = torch.tensor([sample(logits, SamplingParams(temperature=t), g) for _ in range(n)])
+        freq = torch.bincount(draws, minlength=4).float() / n
+        assert (freq - want).abs().max() < 0.03, (t, freq, want)
