@@ -176,11 +176,6 @@ def test_unknown_style_raises():
         apply_plan(meta_model(config("llama")), {"model.layers.*.mlp.down_proj": "diagonal"}, ctx(0, 2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="apply_plan builds the sharded layers outside the meta device: torch.empty allocates "
-    "them on the default device (CPU), so a meta model is not kept on meta until materialization",
-)
 def test_apply_plan_keeps_a_meta_model_on_meta():
     model = planned(config("llama"), 0, 2)
     devices = {p.device.type for p in model.parameters()}
