@@ -11,7 +11,7 @@ import torch
 from conftest import cli, hf_reference
 from tensorpar import LLM, SamplingParams
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+PROMPTS = ["Once upon a time", "def fibonacci(n):"]  # neither reaches EOS within 32 tokens
 NEW_TOKENS = 32
 
 
@@ -26,8 +26,9 @@ def reference(smollm2_gguf):
     with torch.no_grad():
         for p in PROMPTS:
             ids = tok(p, return_tensors="pt").input_ids
-            gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+            gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
             out.append((ids[0].tolist(), gen[0, ids.shape[1]:].tolist()))
+            assert len(out[-1][1]) == NEW_TOKENS
     return out
 
 
@@ -36,7 +37,7 @@ def reference(smollm2_gguf):
 @pytest.mark.parametrize("tp", [1, 2, 3])
 def test_greedy_tokens_match_transformers(tp, reference):
     with LLM("smollm2-135m", tp=tp, progress=False) as llm:
-        result = llm.generate_full(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        result = llm.generate_full(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS))
     for c, (ref_prompt, ref_tokens) in zip(result.completions, reference):
         assert c.prompt_token_ids == ref_prompt
         assert c.token_ids == ref_tokens
@@ -46,12 +47,12 @@ def test_greedy_tokens_match_transformers(tp, reference):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_cli_gguf_file_at_tp4(smollm2_gguf, reference):
-    r = cli("generate", "--model", str(smollm2_gguf), "--tp", "4", "--json", "--ignore-eos",
+    r = cli("generate", "--model", str(smollm2_gguf), "--tp", "4", "--json",
             "--max-new-tokens", str(NEW_TOKENS), "--prompt", PROMPTS[0])
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["tp"] == 4 and out["backend"] == "gloo"
     assert out["prompt_token_ids"] == reference[0][0]
     assert out["token_ids"] == reference[0][1]
-    assert out["text"].startswith(" Paris")
+    assert out["text"].startswith(", the city of Nova Haven")
     assert len(out["peak_rss_mb"]) == 4
