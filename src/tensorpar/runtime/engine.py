@@ -84,8 +84,10 @@ class Engine:
         self.spec, self.ctx = spec, ctx
         self.source = open_source(spec.model)
         self.config = self.source.config
-        self.model = build_model(self.source, ctx, spec.torch_dtype(), progress=spec.progress and ctx.is_leader)
+        # The tokenizer first: its transient peak (GGUF vocabulary conversion) then does not stack
+        # on top of the loaded weights.
         self.tokenizer = self.source.tokenizer() if ctx.is_leader else None
+        self.model = build_model(self.source, ctx, spec.torch_dtype(), progress=spec.progress and ctx.is_leader)
         self.cache: KVCache | None = None
         self.eos_ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
