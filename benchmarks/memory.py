@@ -62,15 +62,18 @@ def main() -> None:
     rows = []
     for tp in degrees:
         out = run_tensorpar(args.model, tp)
-        rows.append({"tp": tp, "peak_rss_mb": out["peak_rss_mb"], "load_s": out["timings"]["load_s"]})
+        rows.append({"tp": tp, "peak_rss_mb": out["peak_rss_mb"], "load_s": out["timings"]["load_s"],
+                     "decode_ms_per_token": 1e3 * out["timings"]["decode_s_per_token"]})
     base = max(rows[0]["peak_rss_mb"]) if rows and rows[0]["tp"] == 1 else None
 
     print(f"model {args.model}; transformers (one process) peak RSS {peer_mb:.0f} MiB")
-    print(f"{'tp':>3} | {'peak RSS per rank (MiB)':<32} | {'max rank vs TP=1':>16} | {'max rank vs transformers':>24}")
+    print(f"{'tp':>3} | {'peak RSS per rank (MiB)':<32} | {'max rank vs TP=1':>16} | {'max rank vs transformers':>24}"
+          f" | {'load s':>6} | {'decode ms/token':>15}")
     for r in rows:
         top = max(r["peak_rss_mb"])
         vs1 = f"{top - base:+.0f} MiB" if base else "-"
-        print(f"{r['tp']:>3} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb']):<32} | {vs1:>16} | {top / peer_mb:>23.2f}x")
+        print(f"{r['tp']:>3} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb']):<32} | {vs1:>16} | {top / peer_mb:>23.2f}x"
+              f" | {r['load_s']:>6.1f} | {r['decode_ms_per_token']:>15.1f}")
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -122,31 +122,26 @@ class _ScatterToTP(torch.autograd.Function):
         return all_gather_last(grad, fctx.ctx), None
 
 
-def copy_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    if ctx.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
+def _paired(function, raw, x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """``function`` under autograd, the raw collective otherwise, nothing on a group of one."""
+    if ctx.world_size == 1:
         return x
-    return _CopyToTP.apply(x, ctx)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return function.apply(x, ctx)
+    return raw(x, ctx)
+
+
+def copy_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return _paired(_CopyToTP, lambda t, _: t, x, ctx)
 
 
 def reduce_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    if ctx.world_size == 1:
-        return x
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _ReduceFromTP.apply(x, ctx)
-    return all_reduce(x, ctx)
+    return _paired(_ReduceFromTP, all_reduce, x, ctx)
 
 
 def gather_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    if ctx.world_size == 1:
-        return x
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _GatherFromTP.apply(x, ctx)
-    return all_gather_last(x, ctx)
+    return _paired(_GatherFromTP, all_gather_last, x, ctx)
 
 
 def scatter_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    if ctx.world_size == 1:
-        return x
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _ScatterToTP.apply(x, ctx)
-    return split_last(x, ctx)
+    return _paired(_ScatterToTP, split_last, x, ctx)
