@@ -25,7 +25,7 @@ def test_chat_json_on_hf_directory_at_tp2(tiny_chat_checkpoint, tokenizer):
     want = tokenizer.apply_chat_template([{"role": "user", "content": "Explain tensor parallelism"}],
                                          add_generation_prompt=True, tokenize=True, return_dict=False)
     assert out["prompt_token_ids"] == list(want)
-    assert out["tp"] == 2 and out["backend"] == "gloo" and out["dtype"] == "float32"
+    assert out["tp"] == 2 and out["backend"] == "shm+gloo" and out["dtype"] == "float32"
     assert 1 <= len(out["token_ids"]) <= 8
     assert out["text"] == tokenizer.decode(out["token_ids"], skip_special_tokens=True)
     assert set(out["timings"]) >= {"load_s", "prefill_s", "decode_s_per_token"}

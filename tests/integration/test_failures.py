@@ -38,6 +38,7 @@ def _wait_for_generation(proc: subprocess.Popen, timeout: float = 120) -> None:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killed_rank_fails_fast_with_its_name(victim, tiny_chat_checkpoint):
+    segments_before = set(Path("/dev/shm").glob("tensorpar-*"))
     proc = _start_long_generation(tiny_chat_checkpoint)
     try:
         _wait_for_generation(proc)
@@ -58,6 +59,7 @@ def test_killed_rank_fails_fast_with_its_name(victim, tiny_chat_checkpoint):
     time.sleep(0.5)
     assert not [p for p in rank_processes() if p.pid in {r.pid for r in ranks.values()} and p.is_running()
                 and p.status() != "zombie"]
+    assert set(Path("/dev/shm").glob("tensorpar-*")) <= segments_before  # no shared memory left behind
 
 
 @pytest.mark.timeout(60)

@@ -51,7 +51,7 @@ def test_cli_gguf_file_at_tp4(smollm2_gguf, reference):
             "--max-new-tokens", str(NEW_TOKENS), "--prompt", PROMPTS[0])
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["tp"] == 4 and out["backend"] == "gloo"
+    assert out["tp"] == 4 and out["backend"] == "shm+gloo"
     assert out["prompt_token_ids"] == reference[0][0]
     assert out["token_ids"] == reference[0][1]
     assert out["text"].startswith(", the city of Nova Haven")

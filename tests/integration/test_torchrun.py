@@ -14,9 +14,12 @@ from tensorpar.dist.launch import free_port
 
 
 @pytest.mark.timeout(180)
-def test_two_node_torchrun_matches_tp1(tiny_chat_checkpoint):
+@pytest.mark.parametrize("comm,backend", [("gloo", "gloo"), ("auto", "shm+gloo")])
+def test_two_node_torchrun_matches_tp1(comm, backend, tiny_chat_checkpoint):
+    """``--comm gloo`` takes the path two real machines take; with ``auto`` the two "nodes" are
+    found to share this host and switch to shared memory."""
     args = ["generate", "--model", str(tiny_chat_checkpoint), "--tp", "2", "--json", "--ignore-eos",
-            "--max-new-tokens", "12", "--prompt", "Tensor parallelism splits"]
+            "--max-new-tokens", "12", "--prompt", "Tensor parallelism splits", "--comm", comm]
     port = str(free_port())
     launchers = [
         subprocess.Popen(
@@ -40,6 +43,6 @@ def test_two_node_torchrun_matches_tp1(tiny_chat_checkpoint):
     single = cli(*[a if a != "2" else "1" for a in args])
     assert single.returncode == 0, single.stderr
     one = json.loads(single.stdout)
-    assert two_nodes["tp"] == 2 and two_nodes["backend"] == "gloo"
+    assert two_nodes["tp"] == 2 and two_nodes["backend"] == backend
     assert two_nodes["token_ids"] == one["token_ids"]
     assert len(two_nodes["peak_rss_mb"]) == 2

@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--comm", default="auto", choices=["auto", "gloo"],
+                   help="auto: shared memory between CPU ranks on one host, else gloo/NCCL (default)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -38,7 +40,8 @@ def run(args) -> int:
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
     )
-    with LLM(args.model, tp=args.tp, dtype=args.dtype, device=args.device, progress=not (args.quiet or args.json)) as llm:
+    with LLM(args.model, tp=args.tp, dtype=args.dtype, device=args.device,
+             progress=not (args.quiet or args.json), comm=args.comm) as llm:
         if llm.rank == 0 and not args.quiet:
             print(f"tensorpar: loaded {args.model} at tp={llm.tp} ({llm.backend}) in {llm.load_s:.1f}s; generating",
                   file=sys.stderr, flush=True)

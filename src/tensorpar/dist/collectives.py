@@ -21,8 +21,11 @@ from tensorpar.dist.groups import ParallelContext
 
 def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """Sum ``x`` over the group in place and return it."""
-    if ctx.world_size > 1:
-        dist.all_reduce(x, group=ctx.group)
+    if ctx.world_size == 1:
+        return x
+    if ctx.shm is not None and x.device.type == "cpu":
+        return ctx.shm.all_reduce(x)
+    dist.all_reduce(x, group=ctx.group)
     return x
 
 
@@ -33,6 +36,8 @@ def all_gather_last(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """
     if ctx.world_size == 1:
         return x
+    if ctx.shm is not None and x.device.type == "cpu":
+        return torch.cat(ctx.shm.all_gather(x).unbind(0), dim=-1)
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
     dist.all_gather(parts, x, group=ctx.group)
@@ -48,8 +53,11 @@ def split_last(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 
 def broadcast(x: torch.Tensor, ctx: ParallelContext, src: int = 0) -> torch.Tensor:
     """Overwrite ``x`` on every rank with rank ``src``'s ``x``."""
-    if ctx.world_size > 1:
-        dist.broadcast(x, src=src, group=ctx.group)
+    if ctx.world_size == 1:
+        return x
+    if ctx.shm is not None and x.device.type == "cpu":
+        return ctx.shm.broadcast(x, src)
+    dist.broadcast(x, src=src, group=ctx.group)
     return x
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,9 @@ class ParallelContext:
     """Where this rank stands: its rank and group, and the device its tensors live on.
 
     ``group`` is ``None`` for a single process, where every collective returns at once.
+    ``shm`` is the shared-memory communicator that CPU collectives use when every rank of the
+    group is on this host (``backend`` then reads ``"shm+gloo"``; gloo still carries the rare
+    object collectives).
     """
 
     rank: int
@@ -23,6 +27,7 @@ class ParallelContext:
     device: torch.device
     backend: str
     group: dist.ProcessGroup | None = None
+    shm: object | None = None
 
     @property
     def is_leader(self) -> bool:
@@ -45,8 +50,12 @@ def init_group(
     init_method: str,
     device: torch.device,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    use_shm: bool = True,
 ) -> ParallelContext:
-    """Join the default process group; every collective on it fails after ``timeout_s`` seconds."""
+    """Join the default process group; every collective on it fails after ``timeout_s`` seconds.
+
+    On CPU, when every rank runs on this host, collectives go through shared memory.
+    """
     backend = choose_backend(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -58,11 +67,22 @@ def init_group(
         timeout=datetime.timedelta(seconds=timeout_s),
         **({"device_id": device} if backend == "nccl" else {}),
     )
+    shm = None
+    if backend == "gloo" and use_shm:
+        from tensorpar.dist import shm as shm_module
+
+        hosts = [None] * world_size
+        dist.all_gather_object(hosts, (socket.gethostname(), shm_module.available()))
+        if all(h == hosts[0] for h in hosts) and hosts[0][1]:
+            shm = shm_module.create_group_communicator(rank, world_size, dist.group.WORLD, timeout_s)
+            backend = "shm+gloo"
     return ParallelContext(
-        rank=rank, world_size=world_size, device=device, backend=backend, group=dist.group.WORLD
+        rank=rank, world_size=world_size, device=device, backend=backend, group=dist.group.WORLD, shm=shm
     )
 
 
 def destroy_group(ctx: ParallelContext) -> None:
+    if ctx.shm is not None:
+        ctx.shm.close()
     if ctx.group is not None and dist.is_initialized():
         dist.destroy_process_group()

@@ -57,9 +57,11 @@ def rank_device(device_type: str, local_rank: int) -> torch.device:
     return torch.device(device_type)
 
 
-def join_torchrun(env: TorchrunEnv, device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelContext:
+def join_torchrun(
+    env: TorchrunEnv, device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S, use_shm: bool = True
+) -> ParallelContext:
     device = rank_device(device_type, env.local_rank)
-    return init_group(env.rank, env.world_size, "env://", device, timeout_s)
+    return init_group(env.rank, env.world_size, "env://", device, timeout_s, use_shm)
 
 
 def free_port() -> int:
@@ -88,12 +90,13 @@ def configure_rank_process(rank: int, world_size: int, threads: int | None = Non
         os.sched_setaffinity(0, set(cores[rank * share : (rank + 1) * share]))
 
 
-def _rank_main(rank, world_size, port, device_type, timeout_s, factory, args, inbox, outbox):
+def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, factory, args, inbox, outbox):
     """Body of a spawned rank: join the group, build the worker, serve calls until told to stop."""
     ctx = None
     try:
         configure_rank_process(rank, world_size)
-        ctx = init_group(rank, world_size, f"tcp://127.0.0.1:{port}", rank_device(device_type, rank), timeout_s)
+        device = rank_device(device_type, rank)
+        ctx = init_group(rank, world_size, f"tcp://127.0.0.1:{port}", device, timeout_s, use_shm)
         worker = factory(ctx, *args)
         outbox.put(("ready", rank, None))
         while (msg := inbox.get()) is not None:
@@ -140,6 +143,7 @@ class SpawnedRanks:
         args: tuple = (),
         device_type: str = "cpu",
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        use_shm: bool = True,
     ):
         self.world_size = world_size
         mpc = mp.get_context("spawn")
@@ -149,7 +153,8 @@ class SpawnedRanks:
         self._procs = [
             mpc.Process(
                 target=_rank_main,
-                args=(r, world_size, port, device_type, timeout_s, factory, args, self._inboxes[r], self._outbox),
+                args=(r, world_size, port, device_type, timeout_s, use_shm, factory, args,
+                      self._inboxes[r], self._outbox),
                 name=f"tensorpar-r{r}",
                 daemon=True,
             )

@@ -1,7 +1,13 @@
 """Tensor-parallel building blocks: column/row-parallel linear, vocab-parallel embedding and LM head."""
 
 from tensorpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from tensorpar.layers.linear import ColumnParallelLinear, RowParallelLinear, Segment, ShardReader
+from tensorpar.layers.linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    Segment,
+    ShardReader,
+    use_streaming_layout,
+)
 
 __all__ = [
     "ColumnParallelLinear",
@@ -10,4 +16,5 @@ __all__ = [
     "ShardReader",
     "VocabParallelEmbedding",
     "ParallelLMHead",
+    "use_streaming_layout",
 ]

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from tensorpar.dist.groups import ParallelContext
 from tensorpar.errors import CheckpointError
+from tensorpar.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, use_streaming_layout
 from tensorpar.loading.sources import CheckpointSource
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.llama import LlamaForCausalLM
@@ -78,4 +79,8 @@ def build_model(
     model.to(dtype).to_empty(device=ctx.device)
     with torch.no_grad():
         load_weights(model, source, progress=progress)
+    if ctx.device.type == "cpu":
+        for module in model.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+                use_streaming_layout(module.weight)
     return model.eval().requires_grad_(False)

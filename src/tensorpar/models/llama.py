@@ -26,7 +26,7 @@ def fused_linear(in_features: int, parts: list[tuple[str, int]], bias: bool) -> 
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w, computed in float32."""
+    """y = x / sqrt(mean(x^2) + eps) * w, normalized in float32."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -34,10 +34,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -63,30 +62,31 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] for x = [x1, x2].
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin. x: [B, S, heads, D], cos/sin: [B, S, 1, D]."""
-    return x * cos + rotate_half(x) * sin
+    rotate_half(x) = roll(x, D/2) * [-1..-1, 1..1], so the sign is folded into ``signed_sin``.
+    x: [B, S, heads, D], cos / signed_sin: [B, S, 1, D].
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 @dataclass
 class AttentionBatch:
     """Per-forward attention inputs shared by every layer.
 
-    cos, sin: [B, S, 1, D] rotary tables at each query position.
-    mask:     [B, 1, S, L] True where query s may attend key l.
+    cos, sin: [B, S, 1, D] rotary tables at each query position (sin sign-folded, see apply_rope).
+    mask:     [B, 1, S, L] True where query s may attend key l; None when every query may attend
+              every key (or ``causal``: plain causal attention over exactly the new tokens).
     slots:    cache slot of each sequence, [B]; ``slot_start`` when they are consecutive.
     positions: [B, S] absolute positions (where new keys are written in the cache).
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     positions: torch.Tensor
+    causal: bool = False
     slots: torch.Tensor | None = None
     slot_start: int | None = None
     kv_len: int = 0
@@ -122,10 +122,10 @@ class Attention(nn.Module):
     def forward(self, x, batch: AttentionBatch, cache: tuple[torch.Tensor, torch.Tensor] | None):
         B, S, _ = x.shape
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([h * d, kv * d, kv * d], dim=-1)
-        q = apply_rope(q.view(B, S, h, d), batch.cos, batch.sin)
-        k = apply_rope(k.view(B, S, kv, d), batch.cos, batch.sin)
-        v = v.view(B, S, kv, d)
+        qkv = self.qkv_proj(x)  # [B, S, (h + 2 kv) d]
+        qk = apply_rope(qkv[..., : (h + kv) * d].view(B, S, h + kv, d), batch.cos, batch.sin)
+        q, k = qk[:, :, :h], qk[:, :, h:]
+        v = qkv[..., (h + kv) * d :].view(B, S, kv, d)
         if cache is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, kv, S, d]
         else:
@@ -140,7 +140,7 @@ class Attention(nn.Module):
             else:
                 keys, values = ck[batch.slots, :, :L], cv[batch.slots, :, :L]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=batch.mask, enable_gqa=h != kv
+            q.transpose(1, 2), keys, values, attn_mask=batch.mask, is_causal=batch.causal, enable_gqa=h != kv
         )  # [B, h, S, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, h * d))
 
@@ -156,7 +156,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -169,7 +169,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, batch, cache):
         x = x + self.self_attn(self.input_layernorm(x), batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x.add_(self.mlp(self.post_attention_layernorm(x)))
 
 
 class LlamaModel(nn.Module):
@@ -193,13 +193,14 @@ class LlamaForCausalLM(nn.Module):
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rope_tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, [length, D], grown (doubling) on demand and kept."""
+        """cos and sign-folded sin (see apply_rope), [length, D], grown (doubling) on demand and kept."""
         if self._rope is None or self._rope[0].shape[0] < length or self._rope[0].device != device:
             n = max(length, 2 * (self._rope[0].shape[0] if self._rope else 256))
             inv = rope_inverse_frequencies(self.config).to(device)
             freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv)
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._rope = (emb.cos(), emb.sin())
+            sign = torch.cat((-torch.ones_like(inv), torch.ones_like(inv)))
+            self._rope = (emb.cos(), emb.sin() * sign)
         return self._rope
 
     def attention_batch(
@@ -221,18 +222,30 @@ class LlamaForCausalLM(nn.Module):
             key_pos = positions  # [B, L=S]
         else:
             key_pos = torch.arange(kv_len, device=positions.device).expand(positions.shape[0], kv_len)
-        q = positions.unsqueeze(-1)  # [B, S, 1]
-        kp = key_pos.unsqueeze(1)  # [B, 1, L]
-        mask = kp <= q
-        if self.config.sliding_window is not None:
-            mask &= kp > q - self.config.sliding_window
+        B, S = positions.shape
+        L = key_pos.shape[1]
+        window = self.config.sliding_window
+        within_window = window is None or L <= window
+        causal = False
+        mask = None
+        if S == 1 and within_window and bool((positions[:, 0] == L - 1).all()):
+            pass  # one new token per sequence, after every cached one: attend to all keys
+        elif S == L and within_window and (slots is None or int(positions[0, 0]) == 0) and B == 1:
+            causal = True  # a fresh sequence: plain causal attention over its own tokens
+        else:
+            q = positions.unsqueeze(-1)  # [B, S, 1]
+            kp = key_pos.unsqueeze(1)  # [B, 1, L]
+            mask = kp <= q
+            if window is not None:
+                mask &= kp > q - window
+            mask = mask.unsqueeze(1)
         start = None
         if slots is not None:
             s0 = int(slots[0])
             if torch.equal(slots, torch.arange(s0, s0 + slots.numel(), device=slots.device)):
                 start = s0
         return AttentionBatch(
-            cos=cos, sin=sin, mask=mask.unsqueeze(1), positions=positions,
+            cos=cos, sin=sin, mask=mask, causal=causal, positions=positions,
             slots=slots, slot_start=start, kv_len=kv_len or 0,
         )
 

@@ -93,6 +93,9 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
+    def backend(self) -> str:
+        return self.ctx.backend
+
     # ---- the step protocol -------------------------------------------------------------------
 
     def _send(self, op: int, ids=None, positions=None, slots=None, kv_len: int = 0):

@@ -23,7 +23,8 @@ class LLM:
     >>> llm = LLM("smollm2-135m", tp=2)
     >>> llm.generate(["The capital of France is"], max_new_tokens=8)[0].text
 
-    ``tp=1`` runs in this process. ``tp>1`` spawns that many local ranks, supervised: if one
+    ``tp=1`` runs in this process. ``comm="auto"`` sends CPU collectives between ranks of one
+    host through shared memory; ``comm="gloo"`` forces gloo (for comparison). ``tp>1`` spawns that many local ranks, supervised: if one
     dies, the others are stopped and the call raises ``RankFailure`` naming it. Under ``torchrun``
     the group's ranks are used as they are (``tp`` must equal the world size) and every rank
     must make the same calls; all of them get the same results.
@@ -37,8 +38,12 @@ class LLM:
         device: str = "cpu",
         progress: bool = True,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        comm: str = "auto",
     ):
         t0 = time.perf_counter()
+        if comm not in ("auto", "gloo"):
+            raise ValueError(f"comm must be 'auto' (shared memory between local CPU ranks) or 'gloo', got {comm!r}")
+        use_shm = comm == "auto"
         self.spec = EngineSpec(model=model, dtype=dtype, device=device, progress=progress)
         self.spec.torch_dtype()  # validate before starting anything
         self.config = open_source(model).config
@@ -50,7 +55,7 @@ class LLM:
                 raise TensorparError(f"--tp {tp} does not match torchrun's world size {env.world_size}")
             self.tp = env.world_size
             check_degree(self.tp, self.config.num_heads)
-            self._engine = Engine(self.spec, join_torchrun(env, device.split(":")[0], timeout_s))
+            self._engine = Engine(self.spec, join_torchrun(env, device.split(":")[0], timeout_s, use_shm))
             self.backend = self._engine.ctx.backend
         else:
             check_degree(tp, self.config.num_heads)
@@ -64,8 +69,8 @@ class LLM:
 
                     if torch.cuda.device_count() < tp:
                         raise TensorparError(f"--tp {tp} on CUDA needs {tp} GPUs; {torch.cuda.device_count()} visible")
-                self._ranks = SpawnedRanks(tp, _make_engine, (self.spec,), device.split(":")[0], timeout_s)
-                self.backend = "nccl" if device.startswith("cuda") else "gloo"
+                self._ranks = SpawnedRanks(tp, _make_engine, (self.spec,), device.split(":")[0], timeout_s, use_shm)
+                self.backend = self._ranks.call("backend")
         self.load_s = time.perf_counter() - t0
 
     @property

@@ -1,0 +1,102 @@
+"""Peers measured in the same run, each in fresh processes with a timeout:
+
+- ``transformers`` in one process (default threads, float32, same checkpoint);
+- ``transformers`` with ``tp_plan="auto"`` under ``torchrun`` (gloo on CPU) at a TP degree. Where it
+  fails (SmolLM2's 9 heads do not split over 2 ranks), the failure's one-line reason is the result.
+
+The measuring itself is in ``hf_worker``; this module launches it and reads its answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from tensorpar.bench.hf_worker import ERROR, RESULT
+
+
+def run_with_timeout(cmd: list[str], timeout_s: float) -> tuple[int | None, str, str]:
+    """Run ``cmd`` in its own session; on timeout kill its whole process group.
+    Returns (exit code or None on timeout, stdout, stderr)."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout_s)
+        return p.returncode, out, err
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = p.communicate()
+        return None, out, err
+
+
+def parse_markers(text: str) -> tuple[dict | None, list[dict]]:
+    """The worker's result and error records found in ``text`` (lines of several ranks may run
+    together, so markers are looked for anywhere)."""
+    decoder = json.JSONDecoder()
+    result, errors = None, []
+    for marker in (RESULT, ERROR):
+        start = 0
+        while (i := text.find(marker, start)) >= 0:
+            start = i + len(marker)
+            try:
+                obj, _ = decoder.raw_decode(text[start:].lstrip())
+            except json.JSONDecodeError:
+                continue
+            if marker == RESULT:
+                result = obj
+            else:
+                errors.append(obj)
+    return result, errors
+
+
+def _last_error_line(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln:
+            return ln[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def _worker_args(model, batches, new_tokens, prompt_len, repeats) -> list[str]:
+    return ["-m", "tensorpar.bench.hf_worker", "--model", str(model), "--batch", ",".join(map(str, batches)),
+            "--new-tokens", str(new_tokens), "--prompt-len", str(prompt_len), "--repeats", str(repeats)]
+
+
+def _outcome(name: str, tp: int, code, out: str, err: str, timeout_s: float) -> dict:
+    result, errors = parse_markers(out)
+    row = {"peer": name, "tp": tp}
+    if code == 0 and result is not None:
+        return {**row, "status": "ok", **result}
+    if errors:
+        first = next((e for e in errors if e.get("rank") == 0), errors[0])
+        reason = first["reason"]
+    elif code is None:
+        reason = f"timed out after {timeout_s:.0f} s"
+    else:
+        reason = _last_error_line(err)
+    return {**row, "status": "failed", "reason": reason}
+
+
+def transformers_single(model, batches, new_tokens, prompt_len, repeats=2, timeout_s=600.0) -> dict:
+    """transformers in one fresh process, default threads."""
+    code, out, err = run_with_timeout([sys.executable, *_worker_args(model, batches, new_tokens, prompt_len, repeats)],
+                                      timeout_s)
+    return _outcome("transformers", 1, code, out, err, timeout_s)
+
+
+def transformers_tp_plan(model, tp, batches, new_tokens, prompt_len, repeats=2, timeout_s=600.0) -> dict:
+    """transformers with ``tp_plan="auto"`` on ``tp`` ranks started by ``torchrun --standalone``
+    (gloo on CPU; torchrun sets OMP_NUM_THREADS=1 per rank unless it is set)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
+           *_worker_args(model, batches, new_tokens, prompt_len, repeats), "--tp-plan"]
+    code, out, err = run_with_timeout(cmd, timeout_s)
+    return _outcome("transformers tp_plan=auto", tp, code, out, err, timeout_s)
