@@ -15,27 +15,32 @@ from tensorpar.dist.launch import free_port
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("comm,backend", [("gloo", "gloo"), ("auto", "shm+gloo")])
-def test_two_node_torchrun_matches_tp1(comm, backend, tiny_chat_checkpoint):
+def test_two_node_torchrun_matches_tp1(comm, backend, tiny_chat_checkpoint, tmp_path):
     """``--comm gloo`` takes the path two real machines take; with ``auto`` the two "nodes" are
     found to share this host and switch to shared memory."""
     args = ["generate", "--model", str(tiny_chat_checkpoint), "--tp", "2", "--json", "--ignore-eos",
             "--max-new-tokens", "12", "--prompt", "Tensor parallelism splits", "--comm", comm]
     port = str(free_port())
+    logs = [(tmp_path / f"node{n}.out", tmp_path / f"node{n}.err") for n in (0, 1)]
     launchers = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
              "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port,
              "-m", "tensorpar", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=open(logs[node][0], "w"), stderr=open(logs[node][1], "w"), text=True,
         )
         for node in (0, 1)
     ]
     try:
-        outs = [p.communicate(timeout=150) for p in launchers]
+        for p in launchers:
+            p.wait(timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("torchrun launchers hung:\n" + "\n".join(e.read_text()[-3000:] for _, e in logs))
     finally:
         for p in launchers:
             if p.poll() is None:
                 p.kill()
+    outs = [(o.read_text(), e.read_text()) for o, e in logs]
     for p, (_, err) in zip(launchers, outs):
         assert p.returncode == 0, err
     assert outs[1][0].strip() == ""  # only rank 0 prints

@@ -54,7 +54,19 @@ def load(model: str, tp_plan: bool):
     return AutoModelForCausalLM.from_pretrained(where, **kw).eval()
 
 
+def _die_with_parent() -> None:
+    """SIGKILL this process when its parent (the benchmark, or torchrun) dies."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _die_with_parent()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch", default="1,8")
@@ -65,17 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     warnings.filterwarnings("ignore")
+    stage = {"now": "loading"}
     try:
-        out = run(args)
+        out = run(args, stage)
     except BaseException as e:  # noqa: BLE001 - the failure is the result
-        print(f"{ERROR} {json.dumps({'rank': rank, 'reason': one_line(e)})}", flush=True)
+        prefix = f"while {stage['now']}: "
+        record = {"rank": rank, "stage": stage["now"], "reason": prefix + one_line(e, 300 - len(prefix))}
+        print(f"{ERROR} {json.dumps(record)}", flush=True)
         return 1
     if rank == 0:
         print(f"{RESULT} {json.dumps(out)}", flush=True)
     return 0
 
 
-def run(args) -> dict:
+def run(args, stage: dict) -> dict:
     import torch
     import torch.distributed as dist
     from transformers.utils import logging as hf_logging
@@ -87,6 +102,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     model = load(args.model, args.tp_plan)
     load_s = time.perf_counter() - t0
+    stage["now"] = "generating"
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     vocab = model.config.vocab_size

@@ -23,3 +23,8 @@ def batch_prompts(vocab_size: int, batch: int, length: int = SHORT_PROMPT_TOKENS
 def long_prompt(vocab_size: int, length: int) -> list[int]:
     """One prompt of ``length`` token ids (deterministic), for prefill throughput."""
     return _ids(vocab_size, length, seed=7)
+
+
+def fit_context(max_positions: int, prompt_len: int, new_tokens: int) -> tuple[int, int]:
+    """(prompt_len, new_tokens) cut down to fit the model's context where they do not."""
+    return min(prompt_len, max_positions - 1), min(new_tokens, max_positions - SHORT_PROMPT_TOKENS)

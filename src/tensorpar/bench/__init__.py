@@ -1,0 +1,11 @@
+"""``tensorpar bench``: decode latency, prefill throughput and memory at several TP degrees,
+against Hugging Face ``transformers`` peers, a weight-streaming roofline, and a collective sweep.
+
+Modules: ``run`` (orchestration), ``measure`` (tensorpar itself), ``peers`` and ``hf_worker``
+(transformers in fresh processes), ``roofline``, ``collectives_sweep``, ``prompts``, ``report``
+(tables) and ``plots``.
+"""
+
+from tensorpar.bench.run import BenchConfig, run_bench
+
+__all__ = ["BenchConfig", "run_bench"]

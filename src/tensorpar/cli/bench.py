@@ -1,0 +1,56 @@
+"""``tensorpar bench``: decode latency, prefill throughput and peak memory at several TP degrees,
+against Hugging Face transformers peers, a weight-streaming roofline, and a collective sweep.
+Prints tables; writes DIR/bench.json, DIR/latency_vs_tp.png and DIR/collectives.png."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark latency, throughput, memory and collectives", description=__doc__)
+    p.add_argument("--model", default="smollm2-135m", help="alias, Hugging Face directory, or .gguf file (default: %(default)s)")
+    p.add_argument("--tp", type=_ints, default=[1, 2, 3], help="comma-separated TP degrees (default: 1,2,3)")
+    p.add_argument("--batch", type=_ints, default=[1, 8], help="comma-separated decode batch sizes (default: 1,8)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prefill prompt length in tokens (default: 512; --quick: 64)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per decode run (default: 32; --quick: 4)")
+    p.add_argument("--out", default="bench-out", help="output directory (default: %(default)s)")
+    p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the transformers peers")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the collective sweep")
+    p.add_argument("--sweep-max-bytes", type=int, default=None,
+                   help="largest collective message in bytes (default: 67108864; --quick: 65536)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds allowed to each subprocess or group of ranks (default: 600; --quick: 180)")
+    p.add_argument("--quick", action="store_true", help="small everything (for tests): 4 new tokens, 64-token "
+                   "prompt, sweep to 64 KB, 2 iterations")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from tensorpar.bench import BenchConfig, run_bench
+    from tensorpar.bench.report import render
+    from tensorpar.bench.run import QUICK
+
+    kw = dict(QUICK) if args.quick else {}
+    for name in ("prompt_len", "new_tokens", "sweep_max_bytes"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.timeout is not None:
+        kw["timeout_s"] = args.timeout
+    cfg = BenchConfig(model=args.model, tp=args.tp, batch=args.batch, out=args.out, peers=args.peers,
+                      sweep=args.sweep, quick=args.quick, command=["tensorpar", *sys.argv[1:]], **kw)
+    result = run_bench(cfg)
+    print(render(result))
+    print(f"\nwrote {result['json']}, " + ", ".join(result["plots"]))
+    return 0

@@ -1,0 +1,96 @@
+"""``tensorpar bench`` driven as a user would, kept small with ``--quick`` on a tiny Llama that has
+SmolLM2's tokenizer (6 query heads, 2 KV heads)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_pngs(out):
+    for name in ("latency_vs_tp.png", "collectives.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+
+
+@pytest.mark.timeout(240)
+def test_bench_quick_tp1_tp2_without_peers(tiny_chat_checkpoint, tmp_path):
+    out = tmp_path / "bench"
+    r = cli("bench", "--quick", "--tp", "1,2", "--model", str(tiny_chat_checkpoint), "--out", str(out),
+            "--no-peers", timeout=230)
+    assert r.returncode == 0, r.stderr
+    assert "decode ms/tok" in r.stdout and "all-reduce, 2 ranks" in r.stdout and "roofline" in r.stdout
+    res = json.loads((out / "bench.json").read_text())
+
+    assert res["command"].startswith("tensorpar bench --quick --tp 1,2")
+    assert res["machine"]["cores"] >= 1 and res["machine"]["torch"] and res["date"]
+    assert res["settings"]["new_tokens"] == 4 and res["settings"]["prompt_len"] == 64
+    assert res["peers"] is None
+
+    rows = {row["tp"]: row for row in res["tensorpar"]}
+    assert set(rows) == {1, 2}
+    for tp, row in rows.items():
+        assert row["status"] == "ok", row
+        assert _positive(row["decode_ms_per_token"]["1"]) and _positive(row["decode_ms_per_token"]["8"])
+        assert _positive(row["prefill_tokens_per_s"])
+        assert len(row["peak_rss_mb"]) == tp and all(m > 50 for m in row["peak_rss_mb"])
+
+    # Roofline: the tiny model's float32 weights (untied: embedding and LM head) over a measured bandwidth.
+    roof = res["roofline"]
+    hidden, inter, layers, vocab, heads, kv, hd = 48, 88, 2, 49152, 6, 2, 8
+    per_layer = hidden * (heads * hd) * 2 + hidden * (kv * hd) * 2 + 3 * hidden * inter + 2 * hidden
+    assert roof["weight_bytes"] == 4 * (2 * vocab * hidden + layers * per_layer + hidden)
+    assert _positive(roof["bandwidth_1_thread"]["read_GBps"]) and _positive(roof["bandwidth_1_thread"]["copy_GBps"])
+    assert _positive(roof["roofline_ms_1core"])
+    per_tp = {p["tp"]: p for p in roof["per_tp"]}
+    assert per_tp[1]["roofline_ms"] == pytest.approx(roof["roofline_ms_1core"])
+    for tp, p in per_tp.items():
+        assert p["percent_of_roofline"] == pytest.approx(p["roofline_ms"] / rows[tp]["decode_ms_per_token"]["1"] * 100)
+
+    # Collective sweep on 2 ranks: 4 B .. 64 KB by 4x, all-reduce and all-gather, gloo at least.
+    coll = res["collectives"]
+    gloo_ar = sorted(c["bytes"] for c in coll if c["backend"] == "gloo" and c["collective"] == "all_reduce")
+    assert gloo_ar == [4 ** k for k in range(1, 9)]
+    assert {c["collective"] for c in coll} == {"all_reduce", "all_gather"}
+    for c in coll:
+        assert c["world_size"] == 2 and c["correct"], c
+        assert _positive(c["latency_us"]) and _positive(c["algbw_GBps"])
+        factor = 1.0 if c["collective"] == "all_reduce" else 0.5  # 2(n-1)/n and (n-1)/n at n = 2
+        assert c["busbw_GBps"] == pytest.approx(c["algbw_GBps"] * factor)
+        assert c["algbw_GBps"] == pytest.approx(c["bytes"] / (c["latency_us"] * 1e-6) / 1e9)
+    _check_pngs(out)
+
+
+@pytest.mark.timeout(240)
+def test_bench_records_transformers_tp_plan_failure_as_a_result(tiny_chat_checkpoint, tmp_path):
+    # 2 KV heads do not split over 3 ranks for transformers' tp_plan="auto"; tensorpar runs TP=3.
+    out = tmp_path / "bench"
+    r = cli("bench", "--quick", "--tp", "3", "--model", str(tiny_chat_checkpoint), "--out", str(out),
+            "--no-sweep", timeout=230)
+    assert r.returncode == 0, r.stderr
+    assert "FAILED" in r.stdout
+    res = json.loads((out / "bench.json").read_text())
+    (row,) = res["tensorpar"]
+    assert row["tp"] == 3 and row["status"] == "ok" and len(row["peak_rss_mb"]) == 3
+
+    single = res["peers"]["transformers"]
+    assert single["status"] == "ok", single
+    assert _positive(single["decode_ms_per_token"]["1"]) and _positive(single["decode_ms_per_token"]["8"])
+    assert _positive(single["prefill_tokens_per_s"]) and single["peak_rss_mb"][0] > 50
+
+    (tp_plan,) = res["peers"]["transformers_tp_plan"]
+    assert tp_plan["tp"] == 3 and tp_plan["status"] == "failed"
+    reason = tp_plan["reason"]
+    assert reason and "\n" not in reason and len(reason) <= 300 and "timed out" not in reason
+    assert res["collectives"] is None
+    _check_pngs(out)
