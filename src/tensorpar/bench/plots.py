@@ -23,7 +23,7 @@ def _pyplot():
 
 def plot_latency_vs_tp(result: dict, path: Path) -> Path:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     rows = [r for r in result["tensorpar"] if r.get("status") == "ok"]
     batches = [str(b) for b in result["settings"]["batch"]]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -55,10 +55,12 @@ def plot_latency_vs_tp(result: dict, path: Path) -> Path:
     ax.set_xlabel("TP degree")
     ax.set_ylabel("decode ms / token (per step)")
     ax.set_xticks(degrees or [1])
+    if degrees:
+        ax.set_xlim(min(degrees) - 0.3, max(degrees) + 0.3)
     ax.set_ylim(bottom=0)
     ax.set_title(f"{result['settings']['model']}: decode latency vs TP", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

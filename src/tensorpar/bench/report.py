@@ -45,7 +45,7 @@ def tensorpar_table(result: dict) -> str:
             _f(r["prefill_tokens_per_s"], 0), _rss(r["peak_rss_mb"]), _f(pct.get(r["tp"]), 0), _f(r.get("load_s"), 1),
         ])
     return table(headers, rows, f"tensorpar: {s['model']}, {s['new_tokens']} new tokens, prompts of 16 tokens "
-                                f"(decode) / {s['prompt_len']} tokens (prefill), float32")
+                                f"(decode) / {s['prompt_len']} tokens (prefill), float32, best of {s.get('repeats', 1)}")
 
 
 def peers_table(result: dict) -> str:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 QUICK = dict(new_tokens=4, prompt_len=64, sweep_max_bytes=64 << 10, sweep_iters=2, sweep_warmup=1,
-             peer_repeats=1, bandwidth_repeats=3, timeout_s=180.0)
+             repeats=1, bandwidth_repeats=3, timeout_s=180.0)
 
 
 @dataclass
@@ -33,7 +33,7 @@ class BenchConfig:
     sweep_max_bytes: int = 64 << 20
     sweep_iters: int = 50  # timed calls per size (fewer for large messages)
     sweep_warmup: int = 5
-    peer_repeats: int = 2  # best of, for each transformers timing
+    repeats: int = 2  # each timed run is the best of this many, tensorpar and peers alike
     bandwidth_mb: int = 256
     bandwidth_repeats: int = 7
     timeout_s: float = 600.0  # per subprocess / spawned group
@@ -109,7 +109,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     tensorpar_rows = []
     for tp in cfg.tp:
         _log(f"tensorpar tp={tp}")
-        row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len)
+        row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats)
         if row["status"] != "ok":
             _log(f"tensorpar tp={tp} failed: {row['reason']}")
         tensorpar_rows.append(row)
@@ -140,12 +140,12 @@ def run_bench(cfg: BenchConfig) -> dict:
     peer_result = None
     if cfg.peers:
         _log("peer: transformers, one process")
-        single = peers.transformers_single(cfg.model, cfg.batch, new_tokens, prompt_len, cfg.peer_repeats, cfg.timeout_s)
+        single = peers.transformers_single(cfg.model, cfg.batch, new_tokens, prompt_len, cfg.repeats, cfg.timeout_s)
         tp_plan = []
         for tp in [t for t in cfg.tp if t > 1]:
             _log(f"peer: transformers tp_plan=auto, {tp} ranks (torchrun)")
             tp_plan.append(peers.transformers_tp_plan(cfg.model, tp, cfg.batch, new_tokens, prompt_len,
-                                                      cfg.peer_repeats, cfg.timeout_s))
+                                                      cfg.repeats, cfg.timeout_s))
         peer_result = {"transformers": single, "transformers_tp_plan": tp_plan}
 
     coll_rows, coll_failures = None, []
@@ -186,14 +186,14 @@ def run_bench(cfg: BenchConfig) -> dict:
 METHODS = {
     "tensorpar_decode": "LLM.generate_full on B prompts of 16 token ids, SamplingParams(max_new_tokens=N, "
                         "ignore_eos=True); timings['decode_s_per_token'] (mean over the N-1 decode steps, each "
-                        "making one token per prompt), after a warm-up call with the same prompts",
+                        "making one token per prompt), best of `repeats` calls after a warm-up call with the same prompts",
     "tensorpar_prefill": "prompt_len / timings['prefill_s'] for one prompt_len-token prompt with max_new_tokens=1, "
-                         "after one warm-up call",
+                         "best of `repeats` calls after one warm-up call",
     "peak_rss": "VmHWM of each rank at the end (tensorpar TP=1: the benchmark process itself)",
     "transformers_decode": "(time of generate with min_new_tokens=max_new_tokens=N - time of generate with 1 "
-                           "token) / (N-1), greedy, best of peer_repeats each, after a warm-up",
+                           "token) / (N-1), greedy, best of `repeats` each, after a warm-up",
     "transformers_prefill": "prompt_len / time of generate(max_new_tokens=1) on the long prompt, best of "
-                            "peer_repeats after a warm-up",
+                            "`repeats` after a warm-up",
     "bandwidth": "fresh process, torch.set_num_threads(threads), 256 MB float32: read = a.sum(), "
                  "copy = b.copy_(a) counting read + write bytes; best of several",
     "collectives": "nccl-tests conventions: all-gather size = gathered output; median of back-to-back calls "
