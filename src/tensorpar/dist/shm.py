@@ -79,11 +79,16 @@ class ShmCommunicator:
     # ---- building blocks --------------------------------------------------------------------
 
     def _slot(self, buf: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
-        key = (buf, rank, dtype)
-        view = self._views.get(key)
-        if view is None:
-            view = self._views[key] = self._data[buf, rank].view(dtype)
-        return view
+        return self._slots(dtype)[buf][rank]
+
+    def _slots(self, dtype: torch.dtype) -> list[list[torch.Tensor]]:
+        """Typed views of every slot, [buffer][rank], made once per dtype."""
+        views = self._views.get(dtype)
+        if views is None:
+            views = self._views[dtype] = [
+                [self._data[b, r].view(dtype) for r in range(self.world_size)] for b in range(2)
+            ]
+        return views
 
     def _enter(self, what: str) -> int:
         """Publish this rank's arrival at the next op and wait for every peer's; return the buffer."""
@@ -119,8 +124,31 @@ class ShmCommunicator:
 
     # ---- collectives ---------------------------------------------------------------------------
 
+    def _shaped(self, dtype: torch.dtype, shape: torch.Size) -> list[list[torch.Tensor]]:
+        """Slot views of exactly ``shape``, [buffer][rank], cached: a decode step reuses a few
+        shapes thousands of times, and making a view costs about a microsecond."""
+        key = (dtype, shape)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) > 512:  # many prompt lengths seen: start afresh
+                self._views.clear()
+            n = shape.numel()
+            views = self._views[key] = [[v[:n].view(shape) for v in bufs] for bufs in self._slots(dtype)]
+        return views
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """x <- sum over ranks of x, in place; the sum is taken in rank order on every rank."""
+        if x.is_contiguous() and x.numel() * x.element_size() <= self.capacity:  # one slot: the decode case
+            slots = self._shaped(x.dtype, x.shape)[(self._seq + 1) & 1]
+            slots[self.rank].copy_(x)
+            self._enter("all_reduce")
+            if self.world_size == 2:
+                torch.add(slots[0], slots[1], out=x)
+            else:
+                x.copy_(slots[0])
+                for r in range(1, self.world_size):
+                    x.add_(slots[r])
+            return x
         flat = x.view(-1) if x.is_contiguous() else x.contiguous().view(-1)
         for a, b in self._chunks(flat.numel(), flat.element_size()):
             piece = flat[a:b]
@@ -150,6 +178,14 @@ class ShmCommunicator:
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """x <- rank ``src``'s x, in place."""
+        if x.is_contiguous() and x.numel() * x.element_size() <= self.capacity:  # one slot
+            slot = self._shaped(x.dtype, x.shape)[(self._seq + 1) & 1][src]
+            if self.rank == src:
+                slot.copy_(x)
+            self._enter("broadcast")
+            if self.rank != src:
+                x.copy_(slot)
+            return x
         flat = x.view(-1) if x.is_contiguous() else x.contiguous().view(-1)
         for a, b in self._chunks(flat.numel(), flat.element_size()):
             n = b - a
