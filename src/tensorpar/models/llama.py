@@ -78,7 +78,8 @@ class AttentionBatch:
     cos, sin: [B, S, 1, D] rotary tables at each query position (sin sign-folded, see apply_rope).
     mask:     [B, 1, S, L] True where query s may attend key l; None when every query may attend
               every key (or ``causal``: plain causal attention over exactly the new tokens).
-    slots:    cache slot of each sequence, [B]; ``slot_start`` when they are consecutive.
+    slots:    cache slot of each sequence, [B]; ``slot_start`` when they are consecutive;
+              ``slot_rows`` the slot of each new token, [B, S].
     positions: [B, S] absolute positions (where new keys are written in the cache).
     """
 
@@ -88,6 +89,7 @@ class AttentionBatch:
     positions: torch.Tensor
     causal: bool = False
     slots: torch.Tensor | None = None
+    slot_rows: torch.Tensor | None = None
     slot_start: int | None = None
     kv_len: int = 0
 
@@ -130,9 +132,8 @@ class Attention(nn.Module):
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, kv, S, d]
         else:
             ck, cv = cache
-            seq = batch.slots.unsqueeze(1).expand(B, S)
-            ck[seq, :, batch.positions] = k  # write [B, S, kv, d] at (slot, :, position)
-            cv[seq, :, batch.positions] = v
+            ck[batch.slot_rows, :, batch.positions] = k  # write [B, S, kv, d] at (slot, :, position)
+            cv[batch.slot_rows, :, batch.positions] = v
             L = batch.kv_len
             if batch.slot_start is not None:
                 keys = ck[batch.slot_start : batch.slot_start + B, :, :L]  # [B, kv, L, d]
@@ -246,7 +247,8 @@ class LlamaForCausalLM(nn.Module):
                 start = s0
         return AttentionBatch(
             cos=cos, sin=sin, mask=mask, causal=causal, positions=positions,
-            slots=slots, slot_start=start, kv_len=kv_len or 0,
+            slots=slots, slot_rows=None if slots is None else slots.unsqueeze(1).expand(B, S),
+            slot_start=start, kv_len=kv_len or 0,
         )
 
     def forward(
