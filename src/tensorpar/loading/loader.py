@@ -77,10 +77,10 @@ def build_model(
         model = LlamaForCausalLM(cfg)
     apply_plan(model, plan_for(cfg.architecture), ctx)
     model.to(dtype).to_empty(device=ctx.device)
-    with torch.no_grad():
-        load_weights(model, source, progress=progress)
-    if ctx.device.type == "cpu":
+    if ctx.device.type == "cpu":  # lay out the still-empty weights; loading then writes in place
         for module in model.modules():
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
                 use_streaming_layout(module.weight)
+    with torch.no_grad():
+        load_weights(model, source, progress=progress)
     return model.eval().requires_grad_(False)
