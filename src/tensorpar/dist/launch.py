@@ -77,12 +77,13 @@ def _prctl(option: int, arg) -> None:
         pass
 
 
-def configure_rank_process(rank: int, world_size: int, threads: int | None = None) -> None:
-    """Name the process ``tensorpar-rN`` (seen in ps/top), die with the parent, and set its
-    compute threads: an equal share of the cores, each rank pinned to its own cores when there
-    are at least as many cores as ranks."""
-    _prctl(_PR_SET_NAME, f"tensorpar-r{rank}".encode())
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def configure_rank_process(rank: int, world_size: int, threads: int | None = None, spawned: bool = True) -> None:
+    """Set a rank's compute threads: an equal share of the cores, each rank pinned to its own
+    cores when there are at least as many cores as ranks. A spawned rank also names itself
+    ``tensorpar-rN`` (seen in ps/top) and dies with its parent."""
+    if spawned:
+        _prctl(_PR_SET_NAME, f"tensorpar-r{rank}".encode())
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     share = max(1, len(cores) // world_size)
     torch.set_num_threads(threads or share)
@@ -144,33 +145,56 @@ class SpawnedRanks:
         device_type: str = "cpu",
         timeout_s: float = DEFAULT_TIMEOUT_S,
         use_shm: bool = True,
+        leader_here: bool = False,
     ):
+        """With ``leader_here`` only ranks 1..N-1 are spawned: the caller joins as rank 0 at
+        ``init_method`` (see ``join_as_leader``) and then calls ``wait_ready``."""
         self.world_size = world_size
+        self.first = 1 if leader_here else 0
         mpc = mp.get_context("spawn")
         self._outbox = mpc.Queue()
-        self._inboxes = [mpc.Queue() for _ in range(world_size)]
-        port = free_port()
+        self._inboxes = [mpc.Queue() for _ in range(world_size - self.first)]
+        self.port = free_port()
+        self.init_method = f"tcp://127.0.0.1:{self.port}"
         self._procs = [
             mpc.Process(
                 target=_rank_main,
-                args=(r, world_size, port, device_type, timeout_s, use_shm, factory, args,
-                      self._inboxes[r], self._outbox),
+                args=(r, world_size, self.port, device_type, timeout_s, use_shm, factory, args,
+                      self._inboxes[r - self.first], self._outbox),
                 name=f"tensorpar-r{r}",
                 daemon=True,
             )
-            for r in range(world_size)
+            for r in range(self.first, world_size)
         ]
         for p in self._procs:
             p.start()
         self._closed = False
+        if not leader_here:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every spawned rank has built its worker."""
         ready = set()
-        while len(ready) < world_size:
+        while len(ready) < len(self._procs):
             kind, rank, _ = self._next_message()
             if kind == "ready":
                 ready.add(rank)
 
+    def start(self, method: str, *args, **kwargs) -> None:
+        """Have every spawned rank run ``worker.method(...)`` without waiting for a result."""
+        for box in self._inboxes:
+            box.put((method, args, kwargs))
+
+    def failure(self) -> RankFailure | None:
+        """A RankFailure for the first spawned rank found dead, or None while all are alive."""
+        for i, p in enumerate(self._procs):
+            if p.exitcode is not None:
+                return RankFailure(self.first + i, self.world_size, _describe_exit(p.exitcode))
+        return None
+
     @property
     def pids(self) -> list[int]:
+        """Process ids of the spawned ranks, in rank order."""
         return [p.pid for p in self._procs]
 
     def call(self, method: str, *args, **kwargs):
@@ -194,7 +218,7 @@ class SpawnedRanks:
                 msg = None
             if msg is not None and msg[0] != "error":
                 return msg
-            dead = [r for r, p in enumerate(self._procs) if p.exitcode is not None]
+            dead = [p for p in self._procs if p.exitcode is not None]
             if msg is not None or dead:
                 self._fail(msg)
 
@@ -213,11 +237,12 @@ class SpawnedRanks:
             except queue.Empty:
                 if all(p.exitcode is not None for p in self._procs):
                     break
-        silent = [r for r, p in enumerate(self._procs) if p.exitcode is not None and r not in errors]
+        silent = [self.first + i for i, p in enumerate(self._procs)
+                  if p.exitcode is not None and self.first + i not in errors]
         self.close(force=True)
         if silent:
             rank = silent[0]
-            raise RankFailure(rank, self.world_size, _describe_exit(self._procs[rank].exitcode))
+            raise RankFailure(rank, self.world_size, _describe_exit(self._procs[rank - self.first].exitcode))
         rank = min(errors, key=lambda r: errors[r][0])
         failure = RankFailure(rank, self.world_size, errors[rank][1])
         failure.remote_traceback = errors[rank][2]

@@ -38,6 +38,8 @@ LINE = 64  # bytes per flag: one cache line each, so ranks do not write the same
 DEFAULT_CAPACITY = 4 << 20  # bytes per slot
 SPIN = 200  # busy polls before yielding the core (matters when ranks outnumber cores)
 CHECK_EVERY = 2000  # polls between deadline / peer-liveness checks
+DOZE_AFTER = 50_000  # polls (several ms) after which a waiter is idle and sleeps between polls
+DOZE_S = 0.0005
 
 
 def available() -> bool:
@@ -100,7 +102,9 @@ class ShmCommunicator:
             polls = 0
             while flags[peer] < seq:
                 polls += 1
-                if polls > SPIN:
+                if polls > DOZE_AFTER:
+                    time.sleep(DOZE_S)
+                elif polls > SPIN:
                     os.sched_yield()
                 if polls % CHECK_EVERY == 0:
                     self._check(peer, seq, what, polls)

@@ -95,16 +95,29 @@ class AttentionBatch:
 
 
 class KVCache:
-    """Preallocated keys and values, one [slots, kv_heads_local, max_len, D] pair per layer."""
+    """Preallocated keys and values, one [slots, kv_heads_local, max_len, D] pair per layer.
+
+    Reserved, not touched: a slot's memory is zeroed (and so becomes resident) the first time a
+    sequence starts in it (``start``). Zeroed matters: a batch reads each slot up to the longest
+    sequence's length, masked, and a masked NaN would still poison the attention output.
+    """
 
     def __init__(self, num_layers, slots, kv_heads, max_len, head_dim, dtype, device):
         shape = (slots, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.slots, self.max_len = slots, max_len
+        self._zeroed: set[int] = set()
 
     def fits(self, slots: int, max_len: int) -> bool:
         return slots <= self.slots and max_len <= self.max_len
+
+    def start(self, slot: int) -> None:
+        """A sequence begins in ``slot``: make sure its memory holds finite values."""
+        if slot not in self._zeroed:
+            for t in (*self.k, *self.v):
+                t[slot].zero_()
+            self._zeroed.add(slot)
 
 
 class Attention(nn.Module):

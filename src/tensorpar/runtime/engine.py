@@ -24,7 +24,7 @@ from tensorpar.loading import build_model, open_source
 from tensorpar.models.llama import KVCache
 from tensorpar.runtime.sampling import SamplingParams, sample
 
-OP_END, OP_LAST, OP_ALL, OP_ALLOC = 0, 1, 2, 3
+OP_END, OP_LAST, OP_ALL, OP_ALLOC, OP_NOOP, OP_SHUTDOWN = 0, 1, 2, 3, 4, 5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -136,17 +136,39 @@ class Engine:
         if op == OP_ALL:
             return self.model.logits(self.model(ids, positions))  # [B, S, vocab]
         if op == OP_LAST:
+            for b in (positions[:, 0] == 0).nonzero().flatten().tolist():  # sequences that start here
+                self.cache.start(int(slots[b]))
             hidden = self.model(ids, positions, self.cache, slots, kv_len)
             return self.model.logits(hidden[:, -1])  # [B, vocab]
         return None
 
-    def follow(self) -> None:
-        """Follower: run the leader's plans until it ends the call."""
+    def follow(self, until: tuple[int, ...] = (OP_END,)) -> int:
+        """Follower: run the leader's plans until it sends one of ``until``; return that op."""
         while True:
             op, ids, positions, slots, B, kv_len = self._receive()
-            if op == OP_END:
-                return
+            if op in until:
+                return op
             self._execute(op, ids, positions, slots, B, kv_len)
+
+    def follow_forever(self) -> None:
+        """Follower of a serving leader: run steps until the leader shuts the group down. The
+        leader sends a keep-alive (``OP_NOOP``) while idle, so a dead leader is still noticed."""
+        self.follow(until=(OP_SHUTDOWN,))
+
+    # ---- leader primitives for a scheduler (tensorpar.runtime.serving) ----------------------
+
+    def allocate(self, slots: int, max_len: int) -> None:
+        self._send(OP_ALLOC, slots=slots, kv_len=max_len)
+
+    def step(self, ids: list[list[int]], positions: list[list[int]], slots: list[int], kv_len: int):
+        """One model step over the given sequences; logits of each one's last token, [B, vocab]."""
+        return self._send(OP_LAST, ids, positions, slots, kv_len=kv_len)
+
+    def keepalive(self) -> None:
+        self._send(OP_NOOP)
+
+    def shutdown_followers(self) -> None:
+        self._send(OP_SHUTDOWN)
 
     def _call(self, prepare, run):
         """Run one call on every rank: the leader validates (no communication), then steps;
