@@ -10,7 +10,7 @@ from tensorpar import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tensorpar.cli import bench, generate
+    from tensorpar.cli import bench, generate, serve
 
     parser = argparse.ArgumentParser(
         prog="tensorpar", description="Tensor parallelism for PyTorch transformer models."
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tensorpar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     generate.add_parser(sub)
+    serve.add_parser(sub)
     bench.add_parser(sub)
     return parser
 

@@ -56,6 +56,10 @@ def init_group(
 
     On CPU, when every rank runs on this host, collectives go through shared memory.
     """
+    if dist.is_initialized():
+        from tensorpar.errors import TensorparError
+
+        raise TensorparError("this process already belongs to a process group: one tensor-parallel engine per process")
     backend = choose_backend(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
