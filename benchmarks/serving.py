@@ -1,0 +1,137 @@
+"""Serving throughput and latency at several concurrency levels, like vLLM's benchmark_serving.
+
+    python benchmarks/serving.py [--model smollm2-135m] [--tp 1,2] [--concurrency 1,4,16,32]
+                                 [--requests 64] [--max-tokens 32] [--out bench-out]
+
+For each TP degree, starts ``tensorpar serve`` on a free loopback port, then for each
+concurrency level sends ``--requests`` streaming completions (greedy, ``--max-tokens`` each,
+ignore_eos so every request makes the same number of tokens) from that many client threads at
+once. Reports output tokens/s, time to first token and inter-token latency (p50 / p99), prints a
+table and writes ``serving.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = ["Once upon a time", "The history of the printing press", "def quicksort(xs):",
+           "Tensor parallelism splits", "My favourite recipe is", "In the beginning"]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def start(model: str, tp: int, port: int) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("tensorpar")
+    proc = subprocess.Popen([str(exe), "serve", "--model", model, "--tp", str(tp), "--port", str(port),
+                             "--max-num-seqs", "32"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server failed: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def one_request(base: str, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    t0 = time.perf_counter()
+    stamps = []
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    stamps.append(time.perf_counter())
+    return {"ttft": stamps[0] - t0 if stamps else float("nan"),
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps), "e2e": time.perf_counter() - t0}
+
+
+def run_level(base: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    todo = list(range(requests))
+    lock = threading.Lock()
+    results = []
+
+    def client():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            res = one_request(base, model, PROMPTS[i % len(PROMPTS)], max_tokens)
+            with lock:
+                results.append(res)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttft = [r["ttft"] for r in results]
+    itl = [x for r in results for x in r["itl"]]
+    return {
+        "concurrency": concurrency, "requests": len(results), "wall_s": wall,
+        "output_tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "ttft_ms": {"p50": 1e3 * statistics.median(ttft), "p99": 1e3 * percentile(ttft, 99)},
+        "itl_ms": {"p50": 1e3 * statistics.median(itl), "p99": 1e3 * percentile(itl, 99)},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tp", default="1,2")
+    ap.add_argument("--concurrency", default="1,4,16,32")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--out", default="bench-out")
+    args = ap.parse_args()
+    from tensorpar.dist.launch import free_port
+
+    rows = []
+    for tp in [int(t) for t in args.tp.split(",")]:
+        port = free_port()
+        proc = start(args.model, tp, port)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            run_level(base, args.model, 2, 4, 4)  # warm-up
+            for c in [int(c) for c in args.concurrency.split(",")]:
+                row = {"tp": tp, **run_level(base, args.model, c, max(args.requests, c), args.max_tokens)}
+                rows.append(row)
+                print(f"tp={tp} concurrency={c:>3}: {row['output_tokens_per_s']:7.1f} output tok/s | "
+                      f"TTFT p50 {row['ttft_ms']['p50']:7.1f} p99 {row['ttft_ms']['p99']:7.1f} ms | "
+                      f"ITL p50 {row['itl_ms']['p50']:6.1f} p99 {row['itl_ms']['p99']:6.1f} ms", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serving.json").write_text(json.dumps({
+        "benchmark": "serving", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv), "model": args.model, "max_tokens": args.max_tokens, "rows": rows}, indent=2))
+    print(f"wrote {out / 'serving.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The OpenAI-compatible HTTP API over a ``ServingEngine``: ``create_app(engine, api_key)``.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both streaming as server-sent events
+or not), GET /v1/models, GET /health, GET /metrics. With ``api_key`` set, /v1/* requires
+``Authorization: Bearer <api_key>``; /health and /metrics stay open.
+
+One API request with ``n`` choices is ``n`` engine requests ``{id}-{i}``. Their token events
+reach the handler through a ``RequestStream``; whenever the handler stops early (the client
+went away, an error) it aborts what is still running, so the engine frees those sequences.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tensorpar import __version__
+from tensorpar.serve import params as P
+from tensorpar.serve.bridge import ClientDisconnected, RequestStream
+from tensorpar.serve.errors import APIError, install_error_handlers
+from tensorpar.serve.metrics import CONTENT_TYPE, Metrics, RequestCounter
+from tensorpar.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from tensorpar.serve.responses import ChatFormat, Choice, CompletionFormat, Format, TokenText, usage
+
+
+def _sse(obj) -> str:
+    data = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def _key_checker(api_key: str):
+    expected = f"Bearer {api_key}".encode()
+
+    async def check(request: Request) -> None:
+        got = request.headers.get("authorization")
+        if not got:
+            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(got.encode(), expected):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    return check
+
+
+def _vocab_size(engine) -> int:
+    """Token ids a prompt may hold: the tokenizer's, and no more than the model's embedding rows
+    (``engine.vocab_size`` or ``engine.engine.config.vocab_size`` where the engine has them)."""
+    n = len(engine.tokenizer)
+    model = getattr(engine, "vocab_size", None)
+    if model is None:
+        model = getattr(getattr(getattr(engine, "engine", None), "config", None), "vocab_size", None)
+    return min(n, model) if isinstance(model, int) else n
+
+
+class _Api:
+    """The handlers' shared state: the engine, its metrics, and token texts for logprobs."""
+
+    def __init__(self, engine):
+        self.engine, self.metrics = engine, Metrics(engine)
+        self.token_text = TokenText(engine.tokenizer)
+        self.vocab_size = _vocab_size(engine)
+        self.created = int(time.time())
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.engine.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves "
+                                f"'{self.engine.model_name}'.", param="model", code="model_not_found")
+
+    def check_healthy(self) -> None:
+        try:
+            stats = self.engine.stats()
+        except Exception as e:
+            raise APIError(503, f"the engine is unavailable: {e}", code="engine_unavailable") from None
+        if not stats.get("healthy", True):
+            raise APIError(503, f"the engine is unavailable: {stats.get('error') or 'unhealthy'}",
+                           code="engine_unavailable")
+
+    async def run(self, request: Request, body: SamplingFields, fmt: Format, prompt_ids: list[int],
+                  max_tokens: int, logprobs: int, arrived: float) -> Response:
+        requests = P.serve_requests(body, fmt.id, prompt_ids, max_tokens, logprobs)
+        self.check_healthy()
+        stream = RequestStream(self.engine, requests, self.metrics, arrived)
+        if body.stream:  # submitted once the stream starts: a client gone before then costs nothing
+            return StreamingResponse(self._events(request, stream, fmt, len(prompt_ids), len(requests)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._start(stream)
+        return await self._collect(request, stream, fmt, len(prompt_ids), len(requests))
+
+    @staticmethod
+    def _start(stream: RequestStream) -> None:
+        try:
+            stream.start()
+        except Exception as e:
+            stream.close()
+            raise APIError(503, f"the engine refused the request: {e}", code="engine_unavailable") from None
+
+    async def _collect(self, request, stream: RequestStream, fmt: Format, prompt_tokens: int, n: int):
+        choices = [Choice() for _ in range(n)]
+        stream.watch(request)  # nothing cancels a plain response when its client leaves
+        try:
+            while (item := await stream.next()) is not None:
+                choices[item[0]].add(item[1])
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it
+        finally:
+            stream.close()
+        errors = [c.error or "generation failed" for c in choices if c.finish_reason == "error"]
+        if errors:  # the engine ends requests with "error" when a rank died or it is shutting down
+            raise APIError(503, errors[0], code="engine_error")
+        return JSONResponse(fmt.full(choices, prompt_tokens))
+
+    async def _events(self, request, stream: RequestStream, fmt: Format, prompt_tokens: int, n: int):
+        """Server-sent events; the server cancels this generator when the client disconnects."""
+        spec = tuple(int(x) for x in request.scope.get("asgi", {}).get("spec_version", "2.0").split("."))
+        if spec >= (2, 4):  # such servers do not cancel a stream on disconnect: watch for it
+            stream.watch(request)
+        choices = [Choice() for _ in range(n)]
+        try:
+            try:
+                self._start(stream)
+            except APIError as e:
+                yield _sse(e.body())
+                yield "data: [DONE]\n\n"
+                return
+            for i in range(n):
+                if (chunk := fmt.opening(i)) is not None:
+                    yield _sse(chunk)
+            while (item := await stream.next()) is not None:
+                i, ev = item
+                offset = choices[i].add(ev)
+                if ev.finished and ev.finish_reason == "error":
+                    yield _sse(APIError(503, ev.error or "generation failed", code="engine_error").body())
+                    stream.close()
+                    break
+                for chunk in fmt.piece(i, ev, offset):
+                    yield _sse(chunk)
+            else:
+                if fmt.include_usage:
+                    yield _sse(fmt.chunk([], usage(prompt_tokens, choices)))
+            yield "data: [DONE]\n\n"
+        except ClientDisconnected:
+            return
+        finally:
+            stream.close()
+
+
+def create_app(engine, api_key: str | None = None) -> FastAPI:
+    """An OpenAI-compatible app serving ``engine`` (see the module docstring)."""
+    app = FastAPI(title="tensorpar", version=__version__, strict_content_type=False)
+    api = _Api(engine)
+    app.state.api = api
+    app.add_middleware(RequestCounter, metrics=api.metrics)
+    install_error_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(api_key))] if api_key else [])
+
+    def model_card() -> dict:
+        return {"id": engine.model_name, "object": "model", "created": api.created, "owned_by": "tensorpar",
+                "max_model_len": engine.max_model_len}
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model:path}")
+    async def model(model: str):
+        api.check_model(model)
+        return model_card()
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        arrived = time.perf_counter()
+        api.check_model(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        P.check_top_n(body.logprobs, "logprobs")
+        ids = P.completion_prompt_ids(body, engine.tokenizer, api.vocab_size)
+        max_tokens = P.max_new_tokens(body.max_tokens, P.COMPLETION_DEFAULT_MAX_TOKENS, len(ids),
+                                      engine.max_model_len, "prompt")
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", engine.model_name, api.token_text, body.logprobs,
+                               include_usage)
+        return await api.run(request, body, fmt, ids, max_tokens, body.logprobs or 0, arrived)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        arrived = time.perf_counter()
+        api.check_model(body.model)
+        P.check_top_n(body.top_logprobs, "top_logprobs")
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        ids = P.chat_prompt_ids(body, engine.tokenizer)
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = P.max_new_tokens(asked, None, len(ids), engine.max_model_len, "messages")
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        top_n = (body.top_logprobs or 0) if body.logprobs else None
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", engine.model_name, api.token_text, top_n, include_usage)
+        return await api.run(request, body, fmt, ids, max_tokens, top_n or 0, arrived)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health():
+        try:
+            stats = engine.stats()
+        except Exception as e:
+            stats = {"healthy": False, "error": f"{type(e).__name__}: {e}"}
+        if stats.get("healthy", True):
+            return {"status": "ok"}
+        return JSONResponse({"status": "error", "error": stats.get("error") or "unhealthy"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(api.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+

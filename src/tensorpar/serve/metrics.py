@@ -1,0 +1,80 @@
+"""Prometheus metrics of one server: request counts, token counts, latencies, engine gauges.
+
+Each app has its own registry (so several apps in one process, as in tests, do not collide).
+The engine gauges are read from ``engine.stats()`` when scraped, never cached.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
+                   80.0, 160.0)
+
+
+class _EngineCollector:
+    """Gauges from ``engine.stats()`` at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        try:
+            s = self.engine.stats()
+        except Exception:  # a broken engine must not break the scrape
+            s = {"healthy": False}
+        for name, doc, key in (
+            ("tensorpar_num_requests_running", "Sequences the engine is generating now.", "running"),
+            ("tensorpar_num_requests_waiting", "Sequences queued for a free slot.", "waiting"),
+            ("tensorpar_kv_cache_usage_ratio", "Fraction of the KV cache in use (0 to 1).", "kv_cache_usage"),
+        ):
+            yield GaugeMetricFamily(name, doc, value=float(s.get(key) or 0))
+        yield GaugeMetricFamily("tensorpar_engine_healthy", "1 while every rank is alive, else 0.",
+                                value=1.0 if s.get("healthy") else 0.0)
+
+
+class Metrics:
+    def __init__(self, engine):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("tensorpar_requests", "HTTP requests by endpoint and status code.",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("tensorpar_prompt_tokens", "Prompt tokens submitted.", registry=r)
+        self.generation_tokens = Counter("tensorpar_generation_tokens", "Tokens generated.", registry=r)
+        self.ttft = Histogram("tensorpar_time_to_first_token_seconds",
+                              "From the request's arrival to its first token.", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("tensorpar_inter_token_latency_seconds",
+                             "Between consecutive tokens of one sequence.", buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("tensorpar_e2e_request_latency_seconds",
+                             "From the request's arrival to a sequence's end.", buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """ASGI middleware: counts every HTTP request by endpoint and the status it was answered with
+    (unknown paths count as endpoint "other")."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()

@@ -1,0 +1,59 @@
+"""Request bodies of the OpenAI API, as far as tensorpar serves them.
+
+Fields OpenAI defines that tensorpar does not implement (``presence_penalty``, ``logit_bias``,
+``tools``, ``user``, ...) are accepted and ignored, as clients send them by default; ``top_k`` and
+``ignore_eos`` are extensions (as in vLLM). ``model`` may be left out: it then means the one
+model served.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingFields(_Body):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = False
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions: ``prompt`` is a string or a list of token ids (or a list of one of
+    either: batched prompts are not served; send one request per prompt)."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None  # how many top log-probabilities per token
+    echo: bool | None = False
+
+
+class ChatMessage(BaseModel):
+    """One message; extra keys (``name``, ``tool_calls``, ...) pass through to the chat template."""
+
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = False
+    top_logprobs: int | None = None

@@ -1,0 +1,150 @@
+"""Response bodies and stream chunks in OpenAI's exact shapes, built from ``TokenEvent``.
+
+``CompletionFormat`` (``text_completion``) and ``ChatFormat`` (``chat.completion`` /
+``chat.completion.chunk``) share one interface, so one streaming loop and one collecting loop
+serve both endpoints: ``opening`` (chunk sent per choice before any token: chat's role delta),
+``piece`` (one event's chunk), ``full`` (the non-streaming body).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from tensorpar.runtime.serving import TokenEvent
+
+
+class TokenText:
+    """Token id -> its text as OpenAI shows it in logprobs (``tokenizer.decode([id])``), cached."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self.cache.get(token_id)
+        if s is None:
+            s = self.cache[token_id] = self.tokenizer.decode([token_id])
+        return s
+
+
+def _lp(x: float | None) -> float | None:
+    """JSON has no infinities: -inf (a token masked out by top-p) is reported as -9999.0."""
+    return None if x is None else (float(x) if math.isfinite(x) else -9999.0)
+
+
+@dataclass
+class Choice:
+    """What one sequence has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    scored: list[tuple[TokenEvent, int]] = field(default_factory=list)  # (event, text offset) per token
+    tokens: int = 0
+    chars: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def add(self, ev: TokenEvent) -> int:
+        """Record an event; returns the text offset at which its text starts."""
+        offset = self.chars
+        if ev.token_id is not None:
+            self.tokens += 1
+            self.scored.append((ev, offset))
+        self.text.append(ev.text_delta)
+        self.chars += len(ev.text_delta)
+        if ev.finished:
+            self.finish_reason, self.error = ev.finish_reason or "stop", ev.error
+        return offset
+
+
+def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+class Format:
+    chunk_object = full_object = ""
+
+    def __init__(self, request_id: str, model: str, token_text: TokenText, top_n: int | None, include_usage: bool):
+        self.id, self.model, self.token_text = request_id, model, token_text
+        self.top_n, self.include_usage = top_n, include_usage  # top_n None: no logprobs asked for
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
+
+    def chunk(self, choices: list[dict], usage_: dict | None = None) -> dict:
+        out = {**self._head(self.chunk_object), "choices": choices}
+        if self.include_usage:
+            out["usage"] = usage_
+        return out
+
+    def opening(self, index: int) -> dict | None:
+        return None
+
+
+class CompletionFormat(Format):
+    chunk_object = full_object = "text_completion"
+
+    def _logprobs(self, scored: list[tuple[TokenEvent, int]]) -> dict | None:
+        if self.top_n is None:
+            return None
+        tt = self.token_text
+        return {
+            "tokens": [tt(e.token_id) for e, _ in scored],
+            "token_logprobs": [_lp(e.logprob) for e, _ in scored],
+            "top_logprobs": [{tt(t): _lp(lp) for t, lp in e.top_logprobs[: self.top_n]} for e, _ in scored],
+            "text_offset": [off for _, off in scored],
+        }
+
+    def piece(self, index: int, ev: TokenEvent, offset: int) -> list[dict]:
+        if not ev.text_delta and not ev.finished and (ev.token_id is None or self.top_n is None):
+            return []
+        scored = [(ev, offset)] if ev.token_id is not None else []
+        finish = (ev.finish_reason or "stop") if ev.finished else None
+        return [self.chunk([{"index": index, "text": ev.text_delta, "logprobs": self._logprobs(scored),
+                             "finish_reason": finish}])]
+
+    def full(self, choices: list[Choice], prompt_tokens: int) -> dict:
+        return {**self._head(self.full_object),
+                "choices": [{"index": i, "text": "".join(c.text), "logprobs": self._logprobs(c.scored),
+                             "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+                "usage": usage(prompt_tokens, choices)}
+
+
+class ChatFormat(Format):
+    chunk_object, full_object = "chat.completion.chunk", "chat.completion"
+
+    def _entry(self, token_id: int, logprob: float | None) -> dict:
+        s = self.token_text(token_id)
+        return {"token": s, "logprob": _lp(logprob), "bytes": list(s.encode("utf-8"))}
+
+    def _logprobs(self, events: list[TokenEvent]) -> dict | None:
+        if self.top_n is None:
+            return None
+        content = [{**self._entry(e.token_id, e.logprob),
+                    "top_logprobs": [self._entry(t, lp) for t, lp in e.top_logprobs[: self.top_n]]} for e in events]
+        return {"content": content, "refusal": None}
+
+    def opening(self, index: int) -> dict:
+        return self.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None}])
+
+    def piece(self, index: int, ev: TokenEvent, offset: int) -> list[dict]:
+        out = []
+        if ev.text_delta or (ev.token_id is not None and self.top_n is not None):
+            lp = self._logprobs([ev]) if ev.token_id is not None else None
+            out.append(self.chunk([{"index": index, "delta": {"content": ev.text_delta}, "logprobs": lp,
+                                    "finish_reason": None}]))
+        if ev.finished:
+            out.append(self.chunk([{"index": index, "delta": {}, "logprobs": None,
+                                    "finish_reason": ev.finish_reason or "stop"}]))
+        return out
+
+    def full(self, choices: list[Choice], prompt_tokens: int) -> dict:
+        return {**self._head(self.full_object),
+                "choices": [{"index": i,
+                             "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
+                             "logprobs": self._logprobs([e for e, _ in c.scored]),
+                             "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+                "usage": usage(prompt_tokens, choices)}

@@ -1,0 +1,158 @@
+"""``tensorpar serve`` at TP=2 driven with the official ``openai`` client, as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import cli, rank_processes
+from tensorpar.dist.launch import free_port
+
+openai = pytest.importorskip("openai")
+
+
+def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    exe = Path(sys.executable).with_name("tensorpar")
+    proc = subprocess.Popen([str(exe), "serve", "--model", str(model), "--tp", "2", "--port", str(port), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited early: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    pytest.fail("server did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_checkpoint):
+    segments = set(Path("/dev/shm").glob("tensorpar-*"))
+    proc, base = start_server(tiny_chat_checkpoint, "--max-num-seqs", "8")
+    ranks = [p for p in rank_processes() if p.ppid() == proc.pid]
+    yield base, str(tiny_chat_checkpoint)
+    proc.send_signal(signal.SIGTERM)  # drains and exits cleanly
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    time.sleep(0.5)
+    assert not [p for p in ranks if p.is_running() and p.status() != "zombie"]
+    assert set(Path("/dev/shm").glob("tensorpar-*")) <= segments
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    base, _ = server
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+
+
+def generate(model: str, prompt: str, *extra: str) -> dict:
+    r = cli("generate", "--model", model, "--json", "--max-new-tokens", "12", "--prompt", prompt, *extra)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.timeout(120)
+def test_completion_and_chat_equal_tensorpar_generate(server, client):
+    _, model = server
+    c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0)
+    want = generate(model, "Once upon a time")
+    assert c.choices[0].text == want["text"]
+    assert c.usage.prompt_tokens == len(want["prompt_token_ids"])
+    assert c.usage.completion_tokens == len(want["token_ids"])
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Explain TP"}],
+                                          max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == generate(model, "Explain TP", "--chat")["text"]
+    assert chat.choices[0].message.role == "assistant"
+    assert [m.id for m in client.models.list().data] == [model]
+
+
+@pytest.mark.timeout(120)
+def test_streaming_equals_non_streaming_with_stop_and_seed(server, client):
+    _, model = server
+    full = client.completions.create(model=model, prompt="Tensor parallelism", max_tokens=12, temperature=0)
+    text = full.choices[0].text
+    chunks = list(client.completions.create(model=model, prompt="Tensor parallelism", max_tokens=12,
+                                            temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    cut = client.completions.create(model=model, prompt="Tensor parallelism", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    a, b = (client.completions.create(model=model, prompt="Hello", max_tokens=10, temperature=0.9, seed=7).choices[0].text
+            for _ in range(2))
+    assert a == b
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=8, temperature=0, stream=True)
+    pieces = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
+    assert "".join(pieces) == generate(model, "hi", "--chat", "--max-new-tokens", "8")["text"]
+
+
+@pytest.mark.timeout(240)
+def test_32_concurrent_streams_each_get_their_solo_output(server, client):
+    _, model = server
+    prompts = [f"Story number {i}:" for i in range(32)]
+    with __import__("tensorpar").LLM(model, tp=1, progress=False) as llm:
+        solo = [c.text for c in llm.generate(prompts, max_new_tokens=10)]
+    got = [None] * 32
+
+    def run(i):
+        stream = client.completions.create(model=model, prompt=prompts[i], max_tokens=10, temperature=0, stream=True)
+        got[i] = "".join(ch.choices[0].text for ch in stream if ch.choices)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=200)
+    assert got == solo
+
+
+@pytest.mark.timeout(120)
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
+    base, model = server
+    url = f"{base}/v1/completions"
+    cases = [
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 400),
+        (dict(json={"model": "no-such-model", "prompt": "hi"}), 404),
+        (dict(json={"model": model, "prompt": "hi", "max_tokens": -1}), 400),
+        (dict(json={"model": model, "prompt": "hi", "max_tokens": 10**9}), 400),
+        (dict(json={"model": model, "prompt": ""}), 400),
+    ]
+    for kwargs, status in cases:
+        r = httpx.post(url, timeout=30, **kwargs)
+        assert r.status_code == status, (kwargs, r.text)
+        assert "message" in r.json()["error"]
+    ok = client.completions.create(model=model, prompt="still there?", max_tokens=3, temperature=0)
+    assert ok.choices[0].finish_reason in ("length", "stop")
+    metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    assert "tensorpar" in metrics
+
+
+@pytest.mark.timeout(180)
+def test_killed_worker_turns_health_503_and_exits_naming_the_rank(tiny_chat_checkpoint):
+    proc, base = start_server(tiny_chat_checkpoint)
+    try:
+        (worker,) = [p for p in rank_processes() if p.ppid() == proc.pid]
+        assert worker.info["name"] == "tensorpar-r1"
+        os.kill(worker.pid, signal.SIGKILL)
+        code = proc.wait(timeout=30)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code != 0
+    assert "rank 1 of 2 failed: killed by signal SIGKILL" in err
+    assert "Traceback" not in err

@@ -1,0 +1,656 @@
+"""The OpenAI-compatible HTTP layer (``tensorpar.serve``) against a fake engine.
+
+``FakeEngine`` implements the ``ServingEngine`` interface on its own thread: it "generates" a
+fixed script of real SmolLM2 tokens (shifted by the seed), honours stop strings, max tokens,
+aborts and a queue of ``max_num_seqs``, and can turn unhealthy (all in-flight requests then end
+with an error event, as when a rank dies).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from tensorpar.runtime.serving import TokenEvent
+from tensorpar.serve import create_app, run_server
+
+SCRIPT = " the quick brown fox jumps over the lazy dog and runs far away into the hills."
+MODEL = "fake-smollm2"
+
+
+class FakeEngine:
+    """The ``ServingEngine`` interface, generating deterministic tokens on a loop thread."""
+
+    def __init__(self, tokenizer, max_model_len: int = 256, max_num_seqs: int = 4, delay_s: float = 0.001,
+                 fail_after_tokens: int | None = None):
+        self.tokenizer, self.model_name, self.tp = tokenizer, MODEL, 2
+        self.max_model_len, self.max_num_seqs, self.delay_s = max_model_len, max_num_seqs, delay_s
+        self.fail_after_tokens = fail_after_tokens  # turn unhealthy after this many tokens in all
+        self.script = tokenizer(SCRIPT)["input_ids"]
+        self.lock = threading.Lock()
+        self.waiting: deque = deque()
+        self.running: dict[str, dict] = {}
+        self.submitted, self.aborted, self.to_abort = [], [], set()
+        self.error: str | None = None
+        self.emitted = 0
+        self.shutdown_calls = 0
+        self.refuse = False  # submit raises
+        self.stopping = False  # submit answers at once with an error event (as while shutting down)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    # ---- the interface -----------------------------------------------------------------------
+    def submit(self, req, callback) -> None:
+        if self.refuse:
+            raise RuntimeError("the engine is shutting down")
+        if self.stopping:
+            callback(TokenEvent(req.request_id, None, "", finished=True, finish_reason="error",
+                                error="the server is shutting down"))
+            return
+        with self.lock:
+            self.submitted.append(req)
+            self.waiting.append({"req": req, "cb": callback, "ids": [], "text": ""})
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            self.aborted.append(request_id)
+            self.to_abort.add(request_id)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"running": len(self.running), "waiting": len(self.waiting),
+                    "kv_cache_usage": len(self.running) / self.max_num_seqs, "healthy": self.error is None,
+                    "error": self.error}
+
+    def shutdown(self) -> None:
+        self.shutdown_calls += 1
+        self._stop.set()
+        self.thread.join(timeout=5)
+
+    # ---- test controls -----------------------------------------------------------------------
+    def fail(self, message: str = "rank 1 died (exit code -9)") -> None:
+        with self.lock:
+            self.error = message
+
+    def submitted_ids(self) -> list[str]:
+        with self.lock:
+            return [r.request_id for r in self.submitted]
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _step(self, s: dict) -> TokenEvent:
+        req, k = s["req"], len(s["ids"])
+        tid = self.script[(k + (req.params.seed or 0)) % len(self.script)]
+        s["ids"].append(tid)
+        old = s["text"]
+        s["text"] = self.tokenizer.decode(s["ids"])
+        delta, reason = s["text"][len(old):], None
+        hits = [s["text"].find(x) for x in req.params.stop if x in s["text"]]
+        if hits:
+            delta, reason = s["text"][len(old):max(min(hits), len(old))], "stop"
+        elif len(s["ids"]) >= req.params.max_new_tokens:
+            reason = "length"
+        lp = -0.1 * (k % 5 + 1)
+        top = [(tid, lp)] + [((tid + j) % len(self.tokenizer), lp - j) for j in range(1, req.logprobs)]
+        return TokenEvent(req.request_id, tid, delta, lp, top[: req.logprobs], reason is not None, reason)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            out = []
+            with self.lock:
+                if self.error is not None:
+                    for s in [*self.running.values(), *self.waiting]:
+                        out.append((s["cb"], TokenEvent(s["req"].request_id, None, "", finished=True,
+                                                        finish_reason="error", error=self.error)))
+                    self.running.clear()
+                    self.waiting.clear()
+                while self.waiting and len(self.running) < self.max_num_seqs:
+                    s = self.waiting.popleft()
+                    self.running[s["req"].request_id] = s
+                for rid, s in list(self.running.items()):
+                    if rid in self.to_abort:
+                        ev = TokenEvent(rid, None, "", finished=True, finish_reason="abort")
+                    else:
+                        ev = self._step(s)
+                        self.emitted += 1
+                        if self.fail_after_tokens is not None and self.emitted >= self.fail_after_tokens:
+                            self.error = "rank 1 died (exit code -9)"
+                    if ev.finished:
+                        del self.running[rid]
+                    out.append((s["cb"], ev))
+                self.waiting = deque(s for s in self.waiting if s["req"].request_id not in self.to_abort)
+            for cb, ev in out:
+                cb(ev)
+            time.sleep(self.delay_s)
+        with self.lock:
+            for s in [*self.running.values(), *self.waiting]:
+                s["cb"](TokenEvent(s["req"].request_id, None, "", finished=True, finish_reason="abort"))
+            self.running.clear()
+            self.waiting.clear()
+
+
+# ---- fixtures and helpers ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from conftest import smollm2_path
+
+    p = smollm2_path()
+    return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+
+
+@pytest.fixture
+def engine(tokenizer):
+    e = FakeEngine(tokenizer)
+    yield e
+    e.shutdown()
+
+
+@pytest.fixture
+def client(engine):
+    with TestClient(create_app(engine)) as c:
+        yield c
+
+
+def sse(text: str) -> list[dict]:
+    """The JSON chunks of an event stream, checking its framing and the final [DONE]."""
+    assert text.endswith("\n\n")
+    blocks = text[:-2].split("\n\n")
+    assert all(b.startswith("data: ") for b in blocks), blocks
+    assert blocks[-1] == "data: [DONE]"
+    return [json.loads(b[len("data: "):]) for b in blocks[:-1]]
+
+
+def expected_text(tokenizer, n: int, seed: int = 0) -> str:
+    ids = tokenizer(SCRIPT)["input_ids"]
+    return tokenizer.decode([ids[(k + seed) % len(ids)] for k in range(n)])
+
+
+def assert_error(r, status: int, param=..., code=...):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not ...:
+        assert err["param"] == param
+    if code is not ...:
+        assert err["code"] == code
+    return err
+
+
+def chat_ids(tokenizer, messages) -> list[int]:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+# ---- endpoints ---------------------------------------------------------------------------------
+
+def test_models(client):
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == [MODEL]
+    assert body["data"][0]["object"] == "model" and body["data"][0]["max_model_len"] == 256
+    assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+    assert_error(client.get("/v1/models/other"), 404, code="model_not_found")
+
+
+def test_completion(client, engine, tokenizer):
+    prompt = "Once upon a time"
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == MODEL
+    [choice] = body["choices"]
+    assert choice == {"index": 0, "text": expected_text(tokenizer, 16), "logprobs": None, "finish_reason": "length"}
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 16, "total_tokens": n_prompt + 16}
+    [req] = engine.submitted
+    assert req.request_id == f"{body['id']}-0" and req.prompt_token_ids == tokenizer(prompt)["input_ids"]
+    assert req.params.max_new_tokens == 16 and req.params.temperature == 1.0 and req.params.seed is None
+    assert req.logprobs == 0
+
+
+def test_completion_prompt_forms(client, engine, tokenizer):
+    ids = tokenizer("Hello there")["input_ids"]
+    for prompt in (ids, ["Hello there"], [ids]):
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    assert [r.prompt_token_ids for r in engine.submitted] == [ids] * 3
+    assert_error(client.post("/v1/completions", json={"prompt": ["a", "b"]}), 400, param="prompt")
+
+
+def test_sampling_parameters_pass_through(client, engine):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "temperature": 0, "top_p": 0.5,
+                                             "seed": 3, "stop": "xyz", "top_k": 7, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    p = engine.submitted[-1].params
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.seed, p.stop, p.top_k, p.ignore_eos) == \
+        (5, 0.0, 0.5, 3, ("xyz",), 7, True)
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                                              "stop": ["a", "b"], "temperature": 0.7, "top_p": 0})
+    p = engine.submitted[-1].params
+    assert p.stop == ("a", "b") and p.greedy  # top_p 0: only the likeliest token
+
+
+def test_stop_is_the_engines_job(client, engine, tokenizer):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 20, "stop": ["fox"]}).json()
+    assert engine.submitted[-1].params.stop == ("fox",)
+    assert r["choices"][0]["text"] == " the quick brown " and r["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completion_stream(client, tokenizer):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 6, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = sse(r.text)
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "text_completion" for c in chunks)
+    assert all(set(c) == {"id", "object", "created", "model", "system_fingerprint", "choices"} for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected_text(tokenizer, 6)
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+
+
+def test_stream_include_usage(client):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "stream": True,
+                                             "stream_options": {"include_usage": True}})
+    chunks = sse(r.text)
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_chat(client, engine, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    [choice] = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": expected_text(tokenizer, 5), "refusal": None}
+    assert choice["finish_reason"] == "length" and choice["logprobs"] is None
+    ids = chat_ids(tokenizer, messages)
+    assert engine.submitted[-1].prompt_token_ids == ids
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 5, "total_tokens": len(ids) + 5}
+    # content given as text parts is the same prompt
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, messages[1]]
+    client.post("/v1/chat/completions", json={"messages": parts, "max_tokens": 1})
+    assert engine.submitted[-1].prompt_token_ids == ids
+
+
+def test_chat_default_max_tokens_fills_the_context(client, engine, tokenizer):
+    messages = [{"role": "user", "content": "Hi"}]
+    client.post("/v1/chat/completions", json={"messages": messages, "stop": "."})
+    assert engine.submitted[-1].params.max_new_tokens == 256 - len(chat_ids(tokenizer, messages))
+    client.post("/v1/chat/completions", json={"messages": messages, "max_completion_tokens": 3})
+    assert engine.submitted[-1].params.max_new_tokens == 3
+
+
+def test_chat_stream(client, tokenizer):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                  "max_tokens": 4, "stream": True})
+    chunks = sse(r.text)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
+    assert all(set(d) == {"content"} for d in deltas[1:-1])
+    assert "".join(d["content"] for d in deltas[1:-1]) == expected_text(tokenizer, 4)
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-2:] == [None, "length"]
+
+
+def test_n_choices(client, engine, tokenizer):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "n": 2, "seed": 7}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    assert [c["text"] for c in r["choices"]] == [expected_text(tokenizer, 3, 7), expected_text(tokenizer, 3, 8)]
+    assert [q.request_id for q in engine.submitted] == [f"{r['id']}-0", f"{r['id']}-1"]
+    assert [q.params.seed for q in engine.submitted] == [7, 8]
+    assert r["usage"]["completion_tokens"] == 6
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                  "max_tokens": 3, "n": 2, "stream": True})
+    chunks = sse(r.text)
+    for i in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert mine[0]["delta"]["role"] == "assistant" and mine[-1]["finish_reason"] == "length"
+    assert [q.params.seed for q in engine.submitted[2:]] == [None, None]
+
+
+def test_completion_logprobs(client, engine, tokenizer):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "logprobs": 3}).json()
+    assert engine.submitted[-1].logprobs == 3
+    lp = r["choices"][0]["logprobs"]
+    script = tokenizer(SCRIPT)["input_ids"]
+    assert lp["tokens"] == [tokenizer.decode([t]) for t in script[:4]]
+    assert lp["token_logprobs"] == pytest.approx([-0.1, -0.2, -0.3, -0.4])
+    assert all(len(d) == 3 for d in lp["top_logprobs"])
+    assert lp["text_offset"] == [0, *[len("".join(lp["tokens"][:k])) for k in range(1, 4)]]
+    chunks = sse(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "logprobs": 1,
+                                                      "stream": True}).text)
+    assert [c["choices"][0]["logprobs"]["tokens"] for c in chunks] == [[lp["tokens"][0]], [lp["tokens"][1]]]
+
+
+def test_chat_logprobs(client, engine, tokenizer):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": True, "top_logprobs": 2}
+    r = client.post("/v1/chat/completions", json=body).json()
+    assert engine.submitted[-1].logprobs == 2
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3
+    first = content[0]
+    token = tokenizer.decode([tokenizer(SCRIPT)["input_ids"][0]])
+    assert first["token"] == token and first["bytes"] == list(token.encode()) and first["logprob"] == pytest.approx(-0.1)
+    assert [e["token"] for e in first["top_logprobs"]][0] == token and len(first["top_logprobs"]) == 2
+    chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
+    streamed = [c["choices"][0]["logprobs"]["content"][0]["token"] for c in chunks[1:-1]]
+    assert streamed == [e["token"] for e in content]
+    r = client.post("/v1/chat/completions", json={**body, "top_logprobs": None}).json()
+    assert r["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
+    assert engine.submitted[-1].logprobs == 0
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
+ERRORS = [
+    ("/v1/completions", {"prompt": "Hi", "model": "gpt-4"}, 404, "model", "model_not_found"),
+    ("/v1/chat/completions", {**CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt", ...),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": "many"}, 400, "max_tokens", ...),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens", ...),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": -5}, 400, "max_tokens", ...),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400, "max_tokens", ...),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 300}, 400, "max_tokens", "context_length_exceeded"),
+    ("/v1/completions", {"prompt": list(range(1, 260))}, 400, "prompt", "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 300}]}, 400, "messages",
+     "context_length_exceeded"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", ...),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", ...),
+    ("/v1/completions", {"prompt": [5, 10**9]}, 400, "prompt", ...),
+    ("/v1/completions", {"prompt": "Hi", "n": 0}, 400, "n", ...),
+    ("/v1/completions", {"prompt": "Hi", "n": 1000}, 400, "n", ...),
+    ("/v1/completions", {"prompt": "Hi", "temperature": 5}, 400, "temperature", ...),
+    ("/v1/completions", {"prompt": "Hi", "top_p": 1.5}, 400, "top_p", ...),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 100}, 400, "logprobs", ...),
+    ("/v1/completions", {"prompt": "Hi", "echo": True}, 400, "echo", ...),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", ...),
+    ("/v1/chat/completions", {"messages": "Hi"}, 400, "messages", ...),
+    ("/v1/chat/completions", {"messages": [{"content": "Hi"}]}, 400, "messages.0.role", ...),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs", ...),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs", ...),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages", ...),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,code", ERRORS)
+def test_errors(client, engine, path, body, status, param, code):
+    assert_error(client.post(path, json=body), status, param, code)
+    assert engine.submitted == []
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})  # still serving
+    assert r.status_code == 200
+
+
+def test_context_length_message_gives_the_numbers(client, tokenizer):
+    err = assert_error(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 300}), 400)
+    n = len(tokenizer("Hi")["input_ids"])
+    assert "256" in err["message"] and f"{300 + n}" in err["message"] and f"{n} in the prompt" in err["message"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b'{"prompt": "Hi",}'])
+def test_malformed_json(client, raw):
+    err = assert_error(client.post("/v1/completions", content=raw, headers={"content-type": "application/json"}),
+                       400)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_content_type(client):
+    body = json.dumps({"prompt": "Hi", "max_tokens": 1})
+    assert client.post("/v1/completions", content=body).status_code == 200  # none given: JSON assumed
+    err = assert_error(client.post("/v1/completions", content=body,  # curl -d without -H
+                                   headers={"content-type": "application/x-www-form-urlencoded"}), 400)
+    assert "application/json" in err["message"]
+
+
+def test_unknown_route_and_method(client):
+    assert_error(client.get("/v1/nothing"), 404)
+    assert_error(client.get("/v1/completions"), 405)
+
+
+def test_api_key(engine):
+    with TestClient(create_app(engine, api_key="sekret")) as c:
+        body = {"prompt": "Hi", "max_tokens": 1}
+        assert_error(c.post("/v1/completions", json=body), 401, code="invalid_api_key")
+        assert_error(c.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+        assert_error(c.get("/v1/models", headers={"Authorization": "sekret"}), 401)
+        assert_error(c.post("/v1/completions", json={"bad": 1}), 401)  # auth before validation
+        ok = {"Authorization": "Bearer sekret"}
+        assert c.post("/v1/completions", json=body, headers=ok).status_code == 200
+        assert c.get("/v1/models", headers=ok).status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+
+
+def test_no_api_key_needed_when_unset(client):
+    assert client.get("/v1/models", headers={"Authorization": "Bearer anything"}).status_code == 200
+
+
+# ---- health, metrics, failures -----------------------------------------------------------------
+
+def test_health_and_unhealthy_engine(client, engine):
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    engine.fail("rank 1 died (exit code -9)")
+    r = client.get("/health")
+    assert r.status_code == 503 and "rank 1" in r.json()["error"]
+    err = assert_error(client.post("/v1/completions", json={"prompt": "Hi"}), 503)
+    assert "rank 1" in err["message"] and err["type"] == "server_error"
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "stream": True}), 503)
+    assert engine.submitted == []
+
+
+def test_engine_dies_mid_request(tokenizer):
+    e = FakeEngine(tokenizer, fail_after_tokens=3)
+    try:
+        with TestClient(create_app(e)) as c:
+            err = assert_error(c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 50}), 503)
+            assert "rank 1" in err["message"]
+            e.error, e.emitted = None, 0
+            r = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 50, "stream": True})
+            blocks = r.text.split("\n\n")
+            assert blocks[-2:] == ["data: [DONE]", ""]
+            last = json.loads(blocks[-3][len("data: "):])
+            assert "rank 1" in last["error"]["message"]
+    finally:
+        e.shutdown()
+
+
+def test_engine_refuses_submit(client, engine):
+    engine.refuse = True
+    err = assert_error(client.post("/v1/completions", json={"prompt": "Hi", "n": 2}), 503)
+    assert "shutting down" in err["message"]
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    blocks = r.text.split("\n\n")
+    assert blocks[-2:] == ["data: [DONE]", ""] and "shutting down" in json.loads(blocks[0][6:])["error"]["message"]
+    engine.refuse, engine.stopping = False, True
+    err = assert_error(client.post("/v1/completions", json={"prompt": "Hi", "n": 2}), 503)
+    assert "shutting down" in err["message"]
+
+
+def test_metrics(client, engine):
+    client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
+    client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2, "stream": True})
+    client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 0})
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for line in (
+        'tensorpar_requests_total{endpoint="/v1/completions",status="200"} 1.0',
+        'tensorpar_requests_total{endpoint="/v1/completions",status="400"} 1.0',
+        'tensorpar_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0',
+        "tensorpar_generation_tokens_total 5.0",
+        "tensorpar_time_to_first_token_seconds_count 2.0",
+        "tensorpar_inter_token_latency_seconds_count 3.0",
+        "tensorpar_e2e_request_latency_seconds_count 2.0",
+        "tensorpar_num_requests_running 0.0",
+        "tensorpar_num_requests_waiting 0.0",
+        "tensorpar_kv_cache_usage_ratio 0.0",
+        "tensorpar_engine_healthy 1.0",
+    ):
+        assert line in text, line
+    assert "tensorpar_prompt_tokens_total" in text
+
+
+def test_queue_beyond_max_num_seqs(client, engine):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "n": 9}).json()
+    assert len(r["choices"]) == 9 and all(c["finish_reason"] == "length" for c in r["choices"])
+
+
+def test_disconnect_mid_stream_in_app_aborts(engine, tokenizer):
+    engine.delay_s = 0.02
+    with TestClient(create_app(engine)) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": "Hi", "max_tokens": 200, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+    rid = engine.submitted[0].request_id
+    deadline = time.time() + 5
+    while rid not in engine.aborted and time.time() < deadline:
+        time.sleep(0.02)
+    assert rid in engine.aborted
+
+
+# ---- the real server ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(engine, api_key=None):
+    port, stop = free_port(), threading.Event()
+    t = threading.Thread(target=run_server, args=(engine, "127.0.0.1", port, api_key), kwargs={"stop": stop},
+                         daemon=True)
+    t.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 20
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline and t.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        stop.set()
+        t.join(timeout=15)
+        assert not t.is_alive()
+
+
+def wait_aborted(engine, rid: str, timeout: float = 5.0) -> bool:
+    deadline = time.time() + timeout
+    while rid not in engine.aborted and time.time() < deadline:
+        time.sleep(0.02)
+    return rid in engine.aborted
+
+
+def test_openai_client_against_server(engine, tokenizer, capsys):
+    import openai
+
+    with live_server(engine, api_key="k1") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k1", max_retries=0)
+        assert [m.id for m in client.models.list()] == [MODEL]
+        c = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=5, temperature=0)
+        assert c.choices[0].text == expected_text(tokenizer, 5) and c.usage.completion_tokens == 5
+        chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=4, n=2, seed=1, logprobs=True, top_logprobs=2)
+        assert chat.choices[1].message.content == expected_text(tokenizer, 4, 2)
+        assert len(chat.choices[0].logprobs.content) == 4 and chat.choices[0].finish_reason == "length"
+        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=6, stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == expected_text(tokenizer, 6) and chunks[-1].usage.completion_tokens == 6
+        text = "".join(ch.choices[0].text for ch in client.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=3, stream=True))
+        assert text == expected_text(tokenizer, 3)
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="gpt-4", prompt="Hi")
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=10_000)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="bad", max_retries=0).models.list()
+        port = url.rsplit(":", 1)[1]
+    assert engine.shutdown_calls == 1
+    assert f"tensorpar: serving {MODEL} at http://127.0.0.1:{port} (tp=2)" in capsys.readouterr().err
+
+
+def test_disconnects_abort_on_real_server(engine):
+    engine.delay_s = 0.02
+    with live_server(engine) as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions",
+                          json={**CHAT, "max_tokens": 200, "stream": True}, timeout=10) as r:
+            assert next(r.iter_lines()).startswith("data: ")
+        assert wait_aborted(engine, engine.submitted_ids()[0])
+        with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up
+            httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 200}, timeout=0.3)
+        assert wait_aborted(engine, engine.submitted_ids()[1])
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+SIGTERM_SCRIPT = r"""
+import sys, threading
+from tensorpar.runtime.serving import TokenEvent
+from tensorpar.serve import run_server
+
+class Tok:
+    def __len__(self): return 100
+    def __call__(self, text): return {"input_ids": [1] * len(text.split())}
+    def decode(self, ids, **kw): return "".join("x" for _ in ids)
+
+class Engine:
+    tokenizer, model_name, max_model_len, max_num_seqs = Tok(), "m", 64, 2
+    def submit(self, req, cb):  # a slow request: one token in 1.5 s
+        print("submitted", flush=True)
+        threading.Timer(1.5, cb, [TokenEvent(req.request_id, 5, "x", finished=True, finish_reason="length")]).start()
+    def abort(self, rid): pass
+    def stats(self): return {"running": 0, "waiting": 0, "kv_cache_usage": 0.0, "healthy": True, "error": None}
+    def shutdown(self): print("engine shutdown", flush=True)
+
+run_server(Engine(), "127.0.0.1", int(sys.argv[1]), None, grace_s=5)
+print("returned", flush=True)
+"""
+
+
+def test_sigterm_drains_then_shuts_down(tmp_path):
+    script = tmp_path / "serve.py"
+    script.write_text(SIGTERM_SCRIPT)
+    port = free_port()
+    p = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")})
+    try:
+        assert "tensorpar: serving m at" in p.stderr.readline()
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "a b", "max_tokens": 1}, timeout=10)))
+        t.start()
+        assert p.stdout.readline() == "submitted\n"  # the request is in flight
+        p.send_signal(signal.SIGTERM)
+        t.join(timeout=10)
+        assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["text"] == "x"
+        out, err = p.communicate(timeout=15)
+        assert p.returncode == 0, err
+        assert out.splitlines() == ["engine shutdown", "returned"]  # after the request was answered
+    finally:
+        if p.poll() is None:
+            p.kill()
