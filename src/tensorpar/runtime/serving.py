@@ -251,15 +251,18 @@ class ServingEngine:
 
         from tensorpar.runtime.sampling import sample
 
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logits = logits.float()
+        norm = torch.logsumexp(logits, dim=-1).tolist()  # log-prob = logit - logsumexp(logits)
+        best = logits.argmax(dim=-1).tolist()  # every greedy row at once
         for row, seq in enumerate(seqs):
             p = seq.req.params
-            token = sample(logits[row], p, seq.generator)
+            token = best[row] if p.greedy else sample(logits[row], p, seq.generator)
             seq.out.append(token)
+            logprob = float(logits[row, token]) - norm[row]
             top = []
             if seq.req.logprobs:
-                values, ids = torch.topk(logprobs[row], seq.req.logprobs)
-                top = list(zip(ids.tolist(), values.tolist()))
+                values, ids = torch.topk(logits[row], seq.req.logprobs)
+                top = [(i, v - norm[row]) for i, v in zip(ids.tolist(), values.tolist())]
             reason = None
             if token in self.engine.eos_ids and not p.ignore_eos:
                 reason = "stop"
@@ -279,7 +282,7 @@ class ServingEngine:
                 ready = text
             delta = ready[len(seq.sent):] if ready.startswith(seq.sent) else ""
             seq.sent += delta
-            seq.callback(TokenEvent(seq.req.request_id, token, delta, float(logprobs[row, token]), top))
+            seq.callback(TokenEvent(seq.req.request_id, token, delta, logprob, top))
             if reason is not None:
                 with self._lock:
                     self._finish(seq, reason)
