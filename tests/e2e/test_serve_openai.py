@@ -142,7 +142,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
 
 
 @pytest.mark.timeout(180)
-def test_killed_worker_turns_health_503_and_exits_naming_the_rank(tiny_chat_checkpoint):
+def test_killed_worker_makes_the_server_exit_naming_the_rank(tiny_chat_checkpoint):
     proc, base = start_server(tiny_chat_checkpoint)
     try:
         (worker,) = [p for p in rank_processes() if p.ppid() == proc.pid]

@@ -296,3 +296,8 @@ class Engine:
             completions,
             {"prefill_s": t1 - t0, "decode_s_per_token": (t2 - t1) / steps if steps else 0.0, "decode_steps": steps},
         )
+
+
+def make_engine(ctx: ParallelContext, spec: EngineSpec) -> Engine:
+    """The worker factory for spawned ranks (module level, so it pickles)."""
+    return Engine(spec, ctx)

@@ -9,12 +9,8 @@ from tensorpar.dist.launch import SpawnedRanks, join_torchrun, torchrun_env
 from tensorpar.errors import TensorparError
 from tensorpar.loading import open_source
 from tensorpar.partition import check_degree
-from tensorpar.runtime.engine import Engine, EngineSpec, GenerationResult
+from tensorpar.runtime.engine import Engine, EngineSpec, GenerationResult, make_engine
 from tensorpar.runtime.sampling import SamplingParams
-
-
-def _make_engine(ctx, spec: EngineSpec) -> Engine:
-    return Engine(spec, ctx)
 
 
 class LLM:
@@ -69,7 +65,7 @@ class LLM:
 
                     if torch.cuda.device_count() < tp:
                         raise TensorparError(f"--tp {tp} on CUDA needs {tp} GPUs; {torch.cuda.device_count()} visible")
-                self._ranks = SpawnedRanks(tp, _make_engine, (self.spec,), device.split(":")[0], timeout_s, use_shm)
+                self._ranks = SpawnedRanks(tp, make_engine, (self.spec,), device.split(":")[0], timeout_s, use_shm)
                 self.backend = self._ranks.call("backend")
         self.load_s = time.perf_counter() - t0
 

@@ -9,10 +9,25 @@ thread: they must only hand the event over (``loop.call_soon_threadsafe``), neve
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tensorpar.runtime.sampling import SamplingParams
+import torch
+
+from tensorpar.dist.groups import DEFAULT_TIMEOUT_S, destroy_group, init_group, single_process_context
+from tensorpar.dist.launch import (
+    SpawnedRanks,
+    configure_rank_process,
+    join_torchrun,
+    rank_device,
+    torchrun_env,
+)
+from tensorpar.errors import TensorparError
+from tensorpar.loading import open_source
+from tensorpar.partition import check_degree
+from tensorpar.runtime.engine import Engine, EngineSpec, make_engine
+from tensorpar.runtime.sampling import SamplingParams, sample
 
 
 @dataclass
@@ -75,16 +90,6 @@ class ServingEngine:
         comm: str = "auto",
         progress: bool = True,
     ):
-        import threading
-
-        from tensorpar.dist.groups import DEFAULT_TIMEOUT_S, init_group, single_process_context
-        from tensorpar.dist.launch import SpawnedRanks, configure_rank_process, join_torchrun, torchrun_env
-        from tensorpar.errors import TensorparError
-        from tensorpar.loading import open_source
-        from tensorpar.partition import check_degree
-        from tensorpar.runtime.engine import Engine, EngineSpec
-        from tensorpar.runtime.llm import _make_engine
-
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         timeout_s = timeout_s or DEFAULT_TIMEOUT_S
@@ -107,11 +112,9 @@ class ServingEngine:
             ctx = single_process_context(device)
         else:
             check_degree(tp, config.num_heads)
-            self._ranks = SpawnedRanks(tp, _make_engine, (spec,), device.split(":")[0], timeout_s, use_shm,
+            self._ranks = SpawnedRanks(tp, make_engine, (spec,), device.split(":")[0], timeout_s, use_shm,
                                        leader_here=True)
             configure_rank_process(0, tp, spawned=False)
-            from tensorpar.dist.launch import rank_device
-
             ctx = init_group(0, tp, self._ranks.init_method, rank_device(device.split(":")[0], 0), timeout_s, use_shm)
         check_degree(ctx.world_size, config.num_heads)
         self.tp, self.backend = ctx.world_size, ctx.backend
@@ -171,8 +174,6 @@ class ServingEngine:
         self._thread.join(timeout=30)
         if self._ranks is not None:
             self._ranks.close(force=not self.healthy)
-        from tensorpar.dist.groups import destroy_group
-
         destroy_group(self.engine.ctx)
 
     # ---- the engine thread ---------------------------------------------------------------------
@@ -225,8 +226,6 @@ class ServingEngine:
             self._waiting = []
 
     def _prefill(self, req: ServeRequest, callback: Callback, slot: int) -> None:
-        import torch
-
         gen = None
         if not req.params.greedy:
             gen = torch.Generator().manual_seed(req.params.seed if req.params.seed is not None
@@ -247,10 +246,6 @@ class ServingEngine:
 
     def _advance(self, seqs: list[_Sequence], logits) -> None:
         """Sample one token for each sequence, report it, and retire finished ones."""
-        import torch
-
-        from tensorpar.runtime.sampling import sample
-
         logits = logits.float()
         norm = torch.logsumexp(logits, dim=-1).tolist()  # log-prob = logit - logsumexp(logits)
         best = logits.argmax(dim=-1).tolist()  # every greedy row at once
