@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import time
 
-from tensorpar.dist.groups import DEFAULT_TIMEOUT_S, single_process_context
-from tensorpar.dist.launch import SpawnedRanks, join_torchrun, torchrun_env
+from tensorpar.dist.groups import DEFAULT_TIMEOUT_S
 from tensorpar.errors import TensorparError
-from tensorpar.loading import open_source
-from tensorpar.partition import check_degree
-from tensorpar.runtime.engine import Engine, EngineSpec, GenerationResult, make_engine
+from tensorpar.runtime.engine import Engine, EngineSpec, GenerationResult
+from tensorpar.runtime.ranks import start_ranks
 from tensorpar.runtime.sampling import SamplingParams
 
 
@@ -20,8 +18,8 @@ class LLM:
     >>> llm.generate(["The capital of France is"], max_new_tokens=8)[0].text
 
     ``tp=1`` runs in this process. ``comm="auto"`` sends CPU collectives between ranks of one
-    host through shared memory; ``comm="gloo"`` forces gloo (for comparison). ``tp>1`` spawns that many local ranks, supervised: if one
-    dies, the others are stopped and the call raises ``RankFailure`` naming it. Under ``torchrun``
+    host through shared memory; ``comm="gloo"`` forces gloo (for comparison). ``tp>1`` spawns that many local ranks,
+    supervised: if one dies, the others are stopped and the call raises ``RankFailure`` naming it. Under ``torchrun``
     the group's ranks are used as they are (``tp`` must equal the world size) and every rank
     must make the same calls; all of them get the same results.
     """
@@ -37,36 +35,14 @@ class LLM:
         comm: str = "auto",
     ):
         t0 = time.perf_counter()
-        if comm not in ("auto", "gloo"):
-            raise ValueError(f"comm must be 'auto' (shared memory between local CPU ranks) or 'gloo', got {comm!r}")
-        use_shm = comm == "auto"
         self.spec = EngineSpec(model=model, dtype=dtype, device=device, progress=progress)
-        self.spec.torch_dtype()  # validate before starting anything
-        self.config = open_source(model).config
-        env = torchrun_env()
-        self._ranks: SpawnedRanks | None = None
+        self.config, ctx, self._ranks = start_ranks(self.spec, tp, timeout_s, comm, leader_here=False)
         self._engine: Engine | None = None
-        if env is not None:
-            if tp not in (1, env.world_size):
-                raise TensorparError(f"--tp {tp} does not match torchrun's world size {env.world_size}")
-            self.tp = env.world_size
-            check_degree(self.tp, self.config.num_heads)
-            self._engine = Engine(self.spec, join_torchrun(env, device.split(":")[0], timeout_s, use_shm))
-            self.backend = self._engine.ctx.backend
+        if ctx is not None:
+            self._engine = Engine(self.spec, ctx)
+            self.tp, self.backend = ctx.world_size, ctx.backend
         else:
-            check_degree(tp, self.config.num_heads)
-            self.tp = tp
-            if tp == 1:
-                self._engine = Engine(self.spec, single_process_context(device))
-                self.backend = "none"
-            else:
-                if device.startswith("cuda"):
-                    import torch
-
-                    if torch.cuda.device_count() < tp:
-                        raise TensorparError(f"--tp {tp} on CUDA needs {tp} GPUs; {torch.cuda.device_count()} visible")
-                self._ranks = SpawnedRanks(tp, make_engine, (self.spec,), device.split(":")[0], timeout_s, use_shm)
-                self.backend = self._ranks.call("backend")
+            self.tp, self.backend = tp, self._ranks.call("backend")
         self.load_s = time.perf_counter() - t0
 
     @property

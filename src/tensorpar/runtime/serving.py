@@ -15,18 +15,10 @@ from typing import Callable
 
 import torch
 
-from tensorpar.dist.groups import DEFAULT_TIMEOUT_S, destroy_group, init_group, single_process_context
-from tensorpar.dist.launch import (
-    SpawnedRanks,
-    configure_rank_process,
-    join_torchrun,
-    rank_device,
-    torchrun_env,
-)
+from tensorpar.dist.groups import DEFAULT_TIMEOUT_S, destroy_group
 from tensorpar.errors import TensorparError
-from tensorpar.loading import open_source
-from tensorpar.partition import check_degree
-from tensorpar.runtime.engine import Engine, EngineSpec, make_engine
+from tensorpar.runtime.engine import Engine, EngineSpec
+from tensorpar.runtime.ranks import start_ranks
 from tensorpar.runtime.sampling import SamplingParams, sample
 
 
@@ -94,29 +86,15 @@ class ServingEngine:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         timeout_s = timeout_s or DEFAULT_TIMEOUT_S
         spec = EngineSpec(model=model, dtype=dtype, device=device, progress=progress)
-        spec.torch_dtype()
-        config = open_source(model).config
-        limit = config.max_position_embeddings
-        self.max_model_len = min(max_model_len or min(limit, 2048), limit)
-        if max_model_len is not None and max_model_len > limit:
-            raise ValueError(f"--max-model-len {max_model_len} exceeds the model's context of {limit} tokens")
+
+        def check_length(config) -> None:
+            limit = config.max_position_embeddings
+            if max_model_len is not None and not 1 <= max_model_len <= limit:
+                raise ValueError(f"--max-model-len {max_model_len} must be from 1 to the model's context of {limit} tokens")
+
+        config, ctx, self._ranks = start_ranks(spec, tp, timeout_s, comm, leader_here=True, check=check_length)
+        self.max_model_len = max_model_len or min(config.max_position_embeddings, 2048)
         self.model_name, self.max_num_seqs = model, max_num_seqs
-        self._ranks = None
-        env = torchrun_env()
-        use_shm = comm == "auto"
-        if env is not None:
-            if tp not in (1, env.world_size):
-                raise TensorparError(f"--tp {tp} does not match torchrun's world size {env.world_size}")
-            ctx = join_torchrun(env, device.split(":")[0], timeout_s, use_shm)
-        elif tp == 1:
-            ctx = single_process_context(device)
-        else:
-            check_degree(tp, config.num_heads)
-            self._ranks = SpawnedRanks(tp, make_engine, (spec,), device.split(":")[0], timeout_s, use_shm,
-                                       leader_here=True)
-            configure_rank_process(0, tp, spawned=False)
-            ctx = init_group(0, tp, self._ranks.init_method, rank_device(device.split(":")[0], 0), timeout_s, use_shm)
-        check_degree(ctx.world_size, config.num_heads)
         self.tp, self.backend = ctx.world_size, ctx.backend
         self.engine = Engine(spec, ctx)
         if not ctx.is_leader:
