@@ -1,6 +1,21 @@
-"""Plain single-device model code; parallelism is applied afterwards by ``tensorpar.plans``."""
+"""Plain single-device model code; parallelism is applied afterwards by ``tensorpar.plans``.
+
+``ModelConfig`` is torch-free; the model classes import torch on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from tensorpar.models.config import ModelConfig
-from tensorpar.models.llama import AttentionBatch, KVCache, LlamaForCausalLM
 
-__all__ = ["ModelConfig", "LlamaForCausalLM", "KVCache", "AttentionBatch"]
+_LAZY = {"AttentionBatch": "tensorpar.models.llama", "KVCache": "tensorpar.models.llama",
+         "LlamaForCausalLM": "tensorpar.models.llama"}
+
+__all__ = ["ModelConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tensorpar.models' has no attribute {name!r}")
