@@ -7,6 +7,9 @@ Raw collectives return at once on a group of one. The autograd functions come in
   ``reduce_from_tp`` (forward: all-reduce, backward: identity).
 - ``gather_from_tp`` (forward: all-gather along the last dim, backward: split) pairs with
   ``scatter_to_tp``  (forward: split,                           backward: all-gather).
+- ``gather_seq`` (forward: all-gather along the sequence dim, backward: reduce-scatter) pairs with
+  ``reduce_scatter_seq`` (forward: reduce-scatter,            backward: all-gather): the two
+  sides of a sequence-parallel region (Korthikanti et al. 2022, the g / g-bar operators).
 
 Outside autograd (inference under ``torch.no_grad``) the pairs call the raw collective directly.
 """
@@ -29,26 +32,60 @@ def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     return x
 
 
-def all_gather_last(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """Concatenate equal-shaped ``x`` from every rank along the last dimension.
+def all_reduce_max(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Element-wise maximum of ``x`` over the group, in place."""
+    if ctx.world_size == 1:
+        return x
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=ctx.group)
+    return x
 
-    [..., n] -> [..., world_size * n]
+
+def all_gather_dim(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor:
+    """Concatenate equal-shaped ``x`` from every rank along ``dim``.
+
+    [..., n, ...] -> [..., world_size * n, ...]
     """
     if ctx.world_size == 1:
         return x
     if ctx.shm is not None and x.device.type == "cpu":
-        return torch.cat(ctx.shm.all_gather(x).unbind(0), dim=-1)
+        return torch.cat(ctx.shm.all_gather(x).unbind(0), dim=dim)
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
     dist.all_gather(parts, x, group=ctx.group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=dim)
+
+
+def all_gather_last(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """[..., n] -> [..., world_size * n]: ``all_gather_dim`` along the last dimension."""
+    return all_gather_dim(x, ctx, -1)
+
+
+def split_dim(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor:
+    """This rank's equal slice of ``dim``. [..., world_size * n, ...] -> [..., n, ...]"""
+    if ctx.world_size == 1:
+        return x
+    return x.chunk(ctx.world_size, dim=dim)[ctx.rank].contiguous()
 
 
 def split_last(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """This rank's equal slice of the last dimension. [..., world_size * n] -> [..., n]"""
+    """[..., world_size * n] -> [..., n]: ``split_dim`` along the last dimension."""
+    return split_dim(x, ctx, -1)
+
+
+def reduce_scatter_dim(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor:
+    """Sum ``x`` over the group and keep this rank's equal slice of ``dim``.
+
+    [..., world_size * n, ...] -> [..., n, ...]. NCCL reduce-scatters directly; gloo has no
+    reduce-scatter, so CPU groups all-reduce and slice (twice the traffic of a true one).
+    """
     if ctx.world_size == 1:
         return x
-    return x.chunk(ctx.world_size, dim=-1)[ctx.rank].contiguous()
+    if ctx.backend == "nccl":
+        chunks = list(x.movedim(dim, 0).contiguous().chunk(ctx.world_size, dim=0))
+        out = torch.empty_like(chunks[ctx.rank])
+        dist.reduce_scatter_tensor(out, torch.cat(chunks), group=ctx.group)
+        return out.movedim(0, dim)
+    return split_dim(all_reduce(x.clone(), ctx), ctx, dim)
 
 
 def broadcast(x: torch.Tensor, ctx: ParallelContext, src: int = 0) -> torch.Tensor:
@@ -57,7 +94,7 @@ def broadcast(x: torch.Tensor, ctx: ParallelContext, src: int = 0) -> torch.Tens
         return x
     if ctx.shm is not None and x.device.type == "cpu":
         return ctx.shm.broadcast(x, src)
-    dist.broadcast(x, src=src, group=ctx.group)
+    dist.broadcast(x, src=dist.get_global_rank(ctx.group, src), group=ctx.group)
     return x
 
 
@@ -66,7 +103,7 @@ def broadcast_object(obj, ctx: ParallelContext, src: int = 0):
     if ctx.world_size == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=ctx.group)
+    dist.broadcast_object_list(box, src=dist.get_global_rank(ctx.group, src), group=ctx.group)
     return box[0]
 
 
@@ -130,6 +167,35 @@ class _ScatterToTP(torch.autograd.Function):
         return all_gather_last(grad, fctx.ctx), None
 
 
+SEQ_DIM = 1  # activations are [batch, sequence, hidden]
+
+
+class _GatherSeq(torch.autograd.Function):
+    """Forward all-gather along the sequence dim, backward reduce-scatter. Pair: ``_ReduceScatterSeq``."""
+
+    @staticmethod
+    def forward(fctx, x, ctx):
+        fctx.ctx = ctx
+        return all_gather_dim(x, ctx, SEQ_DIM)
+
+    @staticmethod
+    def backward(fctx, grad):
+        return reduce_scatter_dim(grad, fctx.ctx, SEQ_DIM), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    """Forward reduce-scatter along the sequence dim, backward all-gather. Pair: ``_GatherSeq``."""
+
+    @staticmethod
+    def forward(fctx, x, ctx):
+        fctx.ctx = ctx
+        return reduce_scatter_dim(x, ctx, SEQ_DIM)
+
+    @staticmethod
+    def backward(fctx, grad):
+        return all_gather_dim(grad, fctx.ctx, SEQ_DIM), None
+
+
 def _paired(function, raw, x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """``function`` under autograd, the raw collective otherwise, nothing on a group of one."""
     if ctx.world_size == 1:
@@ -153,3 +219,13 @@ def gather_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 
 def scatter_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     return _paired(_ScatterToTP, split_last, x, ctx)
+
+
+def gather_seq(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """[B, S/p, ...] -> [B, S, ...]; enters a tensor-parallel region from a sequence-parallel one."""
+    return _paired(_GatherSeq, lambda t, c: all_gather_dim(t, c, SEQ_DIM), x, ctx)
+
+
+def reduce_scatter_seq(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """[B, S, ...] partial sums -> [B, S/p, ...] summed; leaves a tensor-parallel region."""
+    return _paired(_ReduceScatterSeq, lambda t, c: reduce_scatter_dim(t, c, SEQ_DIM), x, ctx)

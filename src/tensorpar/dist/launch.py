@@ -12,6 +12,7 @@ import ctypes
 import multiprocessing as mp
 import os
 import queue
+import resource
 import signal
 import socket
 import time
@@ -89,6 +90,22 @@ def configure_rank_process(rank: int, world_size: int, threads: int | None = Non
     torch.set_num_threads(threads or share)
     if world_size <= len(cores) and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(cores[rank * share : (rank + 1) * share]))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB.
+
+    Linux's VmHWM, which starts afresh at ``exec``; ``ru_maxrss`` would carry over the peak of the
+    process that spawned this one.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, factory, args, inbox, outbox):

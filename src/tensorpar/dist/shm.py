@@ -218,7 +218,7 @@ def create_group_communicator(rank: int, world_size: int, group, timeout_s: floa
     import torch.distributed as dist
 
     box = [f"/dev/shm/tensorpar-{uuid.uuid4().hex[:16]}" if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0, group=group)
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     path = box[0]
     if rank == 0:
         comm = ShmCommunicator(path, rank, world_size, capacity, timeout_s, create=True)

@@ -1,5 +1,6 @@
 """Tensor-parallel building blocks: column/row-parallel linear, vocab-parallel embedding and LM head."""
 
+from tensorpar.layers.cross_entropy import vocab_parallel_cross_entropy
 from tensorpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tensorpar.layers.linear import (
     ColumnParallelLinear,
@@ -17,4 +18,5 @@ __all__ = [
     "VocabParallelEmbedding",
     "ParallelLMHead",
     "use_streaming_layout",
+    "vocab_parallel_cross_entropy",
 ]

@@ -9,16 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.dist.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
+from tensorpar.dist.collectives import copy_to_tp, gather_from_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
 from tensorpar.dist.groups import ParallelContext
-from tensorpar.layers.linear import ShardReader
+from tensorpar.layers.linear import ShardReader, load_pieces
+from tensorpar.layers.pieces import Piece
 
 
 class VocabParallelEmbedding(nn.Module):
     """E[ids] with E split by rows: rank i holds rows ``span``; ids outside it contribute zeros.
 
-    out = all-reduce_i( onehot(ids)[:, span_i] E_i ). Local weight: [len(span), dim].
+    out = all-reduce_i( onehot(ids)[:, span_i] E_i ). Local weight: [len(span), dim]. With
+    ``sequence_parallel`` the sum is reduce-scattered along the sequence: [B, S] -> [B, S/p, dim].
     """
+
+    sequence_parallel = False
 
     def __init__(self, span: range, dim: int, ctx: ParallelContext, part: str):
         super().__init__()
@@ -34,10 +38,15 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < self.span.start) | (ids >= self.span.stop)
         local = (ids - self.span.start).masked_fill_(outside, 0)
         out = F.embedding(local, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_seq(out, self.ctx)
         return reduce_from_tp(out, self.ctx)
 
+    def pieces(self) -> dict[str, list[Piece]]:
+        return {"weight": [Piece(self.part, "weight", 0, self.span, range(len(self.span)))]}
+
     def load_shard(self, read: ShardReader) -> None:
-        self.weight.data.copy_(read(self.part, "weight", rows=self.span))
+        load_pieces(self, read)
 
     def extra_repr(self) -> str:
         return f"vocab_span=[{self.span.start}, {self.span.stop}), dim={self.weight.shape[1]}"
@@ -49,8 +58,11 @@ class ParallelLMHead(nn.Module):
     ``shard_sizes[r]`` is rank r's number of vocabulary rows. Each rank pads its logits to
     ``max(shard_sizes)`` columns so that every rank sends an equal share; the gathered
     [..., p * padded] is trimmed back to [..., vocab]. With tied embeddings the weight *is* the
-    embedding's shard (same span).
+    embedding's shard (same span). With ``sequence_parallel`` h arrives split along the sequence
+    and is all-gathered before the product.
     """
+
+    sequence_parallel = False
 
     def __init__(
         self,
@@ -80,8 +92,9 @@ class ParallelLMHead(nn.Module):
         return super().__getattr__(name)
 
     def local_logits(self, h: torch.Tensor) -> torch.Tensor:
-        # h: [..., dim] -> [..., len(span)]
-        return F.linear(copy_to_tp(h, self.ctx), self.weight)
+        # h: [..., dim] or [B, S/p, dim] (sequence-parallel) -> [..., len(span)]
+        h = gather_seq(h, self.ctx) if self.sequence_parallel else copy_to_tp(h, self.ctx)
+        return F.linear(h, self.weight)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # h: [..., dim] -> [..., vocab]
@@ -96,9 +109,13 @@ class ParallelLMHead(nn.Module):
         chunks = full.split(self.padded, dim=-1)
         return torch.cat([c[..., :n] for c, n in zip(chunks, self.shard_sizes)], dim=-1)
 
+    def pieces(self) -> dict[str, list[Piece]]:
+        if self.tied:  # the embedding owns the shared parameter
+            return {}
+        return {"weight": [Piece(self.part, "weight", 0, self.span, range(len(self.span)))]}
+
     def load_shard(self, read: ShardReader) -> None:
-        if not self.tied:
-            self.weight.data.copy_(read(self.part, "weight", rows=self.span))
+        load_pieces(self, read)
 
     def extra_repr(self) -> str:
         return f"vocab_span=[{self.span.start}, {self.span.stop}), tied={self.tied}"

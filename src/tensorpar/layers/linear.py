@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.dist.collectives import copy_to_tp, reduce_from_tp
+from tensorpar.dist.collectives import copy_to_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
 from tensorpar.dist.groups import ParallelContext
+from tensorpar.layers.pieces import Piece, fill_from_pieces, split_pieces
 
 
 @dataclass(frozen=True)
@@ -36,21 +37,6 @@ class ShardReader(Protocol):
     ) -> torch.Tensor: ...
 
 
-def _fill_from_segments(dst: torch.Tensor, segments: list[Segment], read, axis: int) -> None:
-    """Copy each segment's slice into consecutive positions of ``dst`` along ``axis``."""
-    offset = 0
-    for seg in segments:
-        n = len(seg.span)
-        piece = dst.narrow(axis, offset, n)
-        if seg.part is None:
-            piece.zero_()
-        else:
-            piece.copy_(read(seg.part, seg.span))
-        offset += n
-    if offset != dst.shape[axis]:
-        raise AssertionError(f"segments cover {offset} of {dst.shape[axis]} entries")
-
-
 def use_streaming_layout(weight: torch.Tensor) -> None:
     """Store an [out, in] weight as the transpose of a contiguous [in, out] tensor when out > in.
 
@@ -63,12 +49,22 @@ def use_streaming_layout(weight: torch.Tensor) -> None:
         weight.data = weight.data.t().contiguous().t()
 
 
+def load_pieces(module: nn.Module, read: ShardReader) -> None:
+    """Fill each of ``module``'s parameters from the checkpoint, as its ``pieces()`` say."""
+    for name, pieces in module.pieces().items():
+        fill_from_pieces(getattr(module, name).data, pieces, read)
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split along its output dimension: A = [A_1, ..., A_p], b = [b_1, ..., b_p].
 
     Rank i computes Y_i = X A_i + b_i; the output stays sharded (no communication in the forward
     pass; the backward pass all-reduces dX). Local weight: [sum(len(segment)), in_features].
+    With ``sequence_parallel`` X arrives split along the sequence and is all-gathered first
+    (backward: reduce-scatter of dX).
     """
+
+    sequence_parallel = False
 
     def __init__(
         self, in_features: int, segments: list[Segment], bias: bool, ctx: ParallelContext
@@ -82,13 +78,19 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] (replicated) -> [..., out_local]
-        return F.linear(copy_to_tp(x, self.ctx), self.weight, self.bias)
+        # x: [..., in] (replicated) or [B, S/p, in] (sequence-parallel) -> [..., out_local]
+        x = gather_seq(x, self.ctx) if self.sequence_parallel else copy_to_tp(x, self.ctx)
+        return F.linear(x, self.weight, self.bias)
+
+    def pieces(self) -> dict[str, list[Piece]]:
+        spans = [(s.part, s.span) for s in self.segments]
+        out = {"weight": split_pieces(spans, "weight", 0)}
+        if self.bias is not None:
+            out["bias"] = split_pieces(spans, "bias", 0)
+        return out
 
     def load_shard(self, read: ShardReader) -> None:
-        _fill_from_segments(self.weight.data, self.segments, lambda p, s: read(p, "weight", rows=s), 0)
-        if self.bias is not None:
-            _fill_from_segments(self.bias.data, self.segments, lambda p, s: read(p, "bias", rows=s), 0)
+        load_pieces(self, read)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out_local={self.out_features}, bias={self.bias is not None}"
@@ -98,8 +100,12 @@ class RowParallelLinear(nn.Module):
     """Y = X A + b with A split along its input dimension: A = [A_1; ...; A_p], X = [X_1, ..., X_p].
 
     Rank i computes X_i A_i from its shard of X; Y = all-reduce(sum_i X_i A_i) + b, the bias added
-    once, after the reduction. Local weight: [out_features, sum(len(segment))].
+    once, after the reduction. Local weight: [out_features, sum(len(segment))]. With
+    ``sequence_parallel`` the sum is reduce-scattered along the sequence instead (backward:
+    all-gather of dY), and b is added to this rank's sequence shard.
     """
+
+    sequence_parallel = False
 
     def __init__(
         self, segments: list[Segment], out_features: int, bias: bool, ctx: ParallelContext
@@ -113,15 +119,20 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in_local] (sharded) -> [..., out] (replicated)
-        y = reduce_from_tp(F.linear(x, self.weight), self.ctx)
+        # x: [..., in_local] (sharded) -> [..., out] (replicated) or [B, S/p, out] (sequence-parallel)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_seq(y, self.ctx) if self.sequence_parallel else reduce_from_tp(y, self.ctx)
         return y + self.bias if self.bias is not None else y
 
-    def load_shard(self, read: ShardReader) -> None:
-        _fill_from_segments(self.weight.data, self.segments, lambda p, s: read(p, "weight", cols=s), 1)
+    def pieces(self) -> dict[str, list[Piece]]:
+        out = {"weight": split_pieces([(s.part, s.span) for s in self.segments], "weight", 1)}
         if self.bias is not None:
             (part,) = {s.part for s in self.segments if s.part is not None}
-            self.bias.data.copy_(read(part, "bias"))
+            out["bias"] = [Piece(part, "bias")]
+        return out
+
+    def load_shard(self, read: ShardReader) -> None:
+        load_pieces(self, read)
 
     def extra_repr(self) -> str:
         return f"in_local={self.in_features}, out={self.out_features}, bias={self.bias is not None}"

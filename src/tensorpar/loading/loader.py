@@ -14,6 +14,7 @@ from tqdm import tqdm
 from tensorpar.dist.groups import ParallelContext
 from tensorpar.errors import CheckpointError
 from tensorpar.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, use_streaming_layout
+from tensorpar.layers.pieces import ParamPieces, fill_from_pieces, model_pieces
 from tensorpar.loading.sources import CheckpointSource
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.llama import LlamaForCausalLM
@@ -42,45 +43,51 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def fill_parameter(pp: ParamPieces, dst: torch.Tensor, source: CheckpointSource, expected: dict) -> None:
+    """Write the checkpoint slices that ``pp``'s pieces name into ``dst`` (shaped like ``pp.param``)."""
+
+    def read(part, param, rows=None, cols=None):
+        full = f"{pp.prefix}{part}.{param}"
+        return source.read(full, rows, cols, expect=expected.get(full))
+
+    fill_from_pieces(dst, pp.pieces, read)
+
+
 def load_weights(model: nn.Module, source: CheckpointSource, progress: bool = False) -> None:
-    """Fill every local parameter of a planned, materialized model from ``source``."""
+    """Fill every local parameter of a planned, materialized model from ``source``, piece by piece."""
     expected = expected_shapes(model.config)
-    unloaded = {id(p): n for n, p in model.named_parameters()}
-    modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "load_shard") or list(m.parameters(recurse=False))]
-    for name, module in tqdm(modules, desc="loading weights", unit="module", disable=not progress, leave=False):
-        if hasattr(module, "load_shard"):
-            parent = name.rpartition(".")[0]
-            prefix = f"{parent}." if parent else ""
-
-            def read(part, param, rows=None, cols=None, _prefix=prefix):
-                full = f"{_prefix}{part}.{param}"
-                return source.read(full, rows, cols, expect=expected.get(full))
-
-            module.load_shard(read)
-        else:
-            for pname, p in module.named_parameters(recurse=False):
-                full = f"{name}.{pname}"
-                p.data.copy_(source.read(full, expect=expected.get(full)))
-        for p in module.parameters(recurse=False):
-            unloaded.pop(id(p), None)
+    params = model_pieces(model)
+    unloaded = {n for n, _ in model.named_parameters()} - {pp.name for pp in params}
     if unloaded:
-        raise CheckpointError(f"{source.path}: parameters left unloaded: {sorted(unloaded.values())[:5]}")
+        raise CheckpointError(f"{source.path}: parameters with no checkpoint source: {sorted(unloaded)[:5]}")
+    for pp in tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False):
+        fill_parameter(pp, pp.param.data, source, expected)
 
 
 def build_model(
-    source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtype = torch.float32, progress: bool = False
+    source: CheckpointSource,
+    ctx: ParallelContext,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    trainable: bool = False,
 ) -> LlamaForCausalLM:
-    """The model of ``source``, sharded for ``ctx``'s rank, with its weights loaded."""
+    """The model of ``source``, sharded for ``ctx``'s rank, with its weights loaded.
+
+    For inference (default): frozen, in eval mode, wide CPU weights in their streaming layout.
+    ``trainable``: parameters require gradients, train mode, the plain layout.
+    """
     cfg = source.config
     check_degree(ctx.world_size, cfg.num_heads)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     apply_plan(model, plan_for(cfg.architecture), ctx)
     model.to(dtype).to_empty(device=ctx.device)
-    if ctx.device.type == "cpu":  # lay out the still-empty weights; loading then writes in place
+    if ctx.device.type == "cpu" and not trainable:  # lay out the still-empty weights; loading then writes in place
         for module in model.modules():
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
                 use_streaming_layout(module.weight)
     with torch.no_grad():
         load_weights(model, source, progress=progress)
+    if trainable:
+        return model.train().requires_grad_(True)
     return model.eval().requires_grad_(False)

@@ -83,3 +83,39 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos,
         )
+
+    def to_hf(self) -> dict:
+        """A Hugging Face ``config.json`` dictionary that ``from_hf`` (and transformers) read back."""
+        arch = self.architecture
+        cfg = {
+            "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                               "qwen2": "Qwen2ForCausalLM"}[arch]],
+            "model_type": arch,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": (list(self.eos_token_ids) if len(self.eos_token_ids) > 1
+                             else self.eos_token_ids[0] if self.eos_token_ids else None),
+            "torch_dtype": "float32",
+        }
+        if self.rope_scaling is not None:
+            cfg["rope_scaling"] = dict(self.rope_scaling)
+        if arch == "qwen2":
+            cfg["use_sliding_window"] = self.sliding_window is not None
+            cfg["sliding_window"] = self.sliding_window
+        else:
+            cfg["attention_bias"] = self.qkv_bias
+            cfg["mlp_bias"] = self.mlp_bias
+            if arch == "mistral":
+                cfg["sliding_window"] = self.sliding_window
+        return cfg

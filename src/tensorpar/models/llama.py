@@ -135,9 +135,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x, batch: AttentionBatch, cache: tuple[torch.Tensor, torch.Tensor] | None):
-        B, S, _ = x.shape
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)  # [B, S, (h + 2 kv) d]
+        qkv = self.qkv_proj(x)  # [B, S, (h + 2 kv) d]; S is the whole sequence under sequence parallelism
+        B, S, _ = qkv.shape
         qk = apply_rope(qkv[..., : (h + kv) * d].view(B, S, h + kv, d), batch.cos, batch.sin)
         q, k = qk[:, :, :h], qk[:, :, h:]
         v = qkv[..., (h + kv) * d :].view(B, S, kv, d)
@@ -170,6 +170,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        if torch.is_grad_enabled():  # autograd keeps silu's output: no in-place updates
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
@@ -183,7 +185,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, batch, cache):
         x = x + self.self_attn(self.input_layernorm(x), batch, cache)
-        return x.add_(self.mlp(self.post_attention_layernorm(x)))
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + mlp if torch.is_grad_enabled() else x.add_(mlp)  # the norm keeps x for backward
 
 
 class LlamaModel(nn.Module):

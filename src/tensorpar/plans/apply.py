@@ -88,3 +88,17 @@ def apply_plan(model: nn.Module, plan: dict[str, str], ctx: ParallelContext) -> 
             with torch.device(next(old.parameters()).device):  # a meta model stays on meta
                 setattr(parent, leaf, _build(style, name, old, parent, model, ctx))
     return model
+
+
+def set_sequence_parallel(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch the sharded layers between the two data flows of a tensor-parallel region.
+
+    Off: replicated activations enter and leave each region (identity / all-reduce). On: the
+    activations between regions (norms, residuals, the embedding's output) are split along the
+    sequence; regions are entered by an all-gather and left by a reduce-scatter (Korthikanti et
+    al. 2022), which moves the same bytes but stores 1/p of those activations per rank.
+    """
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, ParallelLMHead)):
+            module.sequence_parallel = enabled
+    return model

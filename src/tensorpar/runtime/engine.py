@@ -11,7 +11,6 @@ every rank; under ``torchrun`` the user's program runs on every rank); followers
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ import torch
 
 from tensorpar.dist.collectives import all_gather_object, broadcast, broadcast_object
 from tensorpar.dist.groups import ParallelContext
+from tensorpar.dist.launch import peak_rss_mb
 from tensorpar.errors import TensorparError
 from tensorpar.loading import build_model, open_source
 from tensorpar.models.llama import KVCache
@@ -61,22 +61,6 @@ class GenerationResult:
     completions: list[Completion]
     timings: dict[str, float]
     peak_rss_mb: list[float] = field(default_factory=list)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB.
-
-    Linux's VmHWM, which starts afresh at ``exec``; ``ru_maxrss`` would carry over the peak of the
-    process that spawned this one.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Engine:

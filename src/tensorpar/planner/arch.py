@@ -1,0 +1,248 @@
+"""What the planner needs to know about a model: its shapes, from the same config objects the
+engine builds models from.
+
+The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) goes through ``ModelConfig`` — the class
+``models/`` and ``plans/`` are built from — so the planner's parameter counts, FLOPs and bytes
+cannot drift from the engine's shapes. Two families the engine does not run are described here
+only for planning: Mixtral-style mixture-of-experts (``model_type: mixtral``: the Llama block
+with the MLP replaced by ``E`` SwiGLU experts of which each token uses ``k``) and GPT-2/GPT-3
+(``model_type: gpt2``: multi-head attention, a 2-matrix GELU MLP, LayerNorm with biases,
+learned positions, tied embeddings).
+
+Built-in models are written as the Hugging Face ``config.json`` dictionaries of the published
+checkpoints and go through exactly the same path as a user's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tensorpar.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
+
+LLAMA2 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+              tie_word_embeddings=False)
+LLAMA3 = dict(model_type="llama", vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+              rope_theta=500000.0, tie_word_embeddings=False)
+
+# Hugging Face config.json values of the published checkpoints.
+BUILTIN_MODELS: dict[str, dict] = {
+    "llama-2-7b": dict(LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32),
+    "llama-2-13b": dict(LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40),
+    "llama-2-70b": dict(LLAMA2, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8),
+    "llama-3-8b": dict(LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8),
+    "llama-3-70b": dict(LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8),
+    "llama-3.1-405b": dict(LLAMA3, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+                           num_attention_heads=128, num_key_value_heads=8, max_position_embeddings=131072,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=32768, sliding_window=4096, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False),
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+                         rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen2.5-72b": dict(model_type="qwen2", vocab_size=152064, hidden_size=8192, intermediate_size=29568,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                        max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                        tie_word_embeddings=False, use_sliding_window=False),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True),
+    # GPT-3 175B (Brown et al. 2020, table 2.1): the GPT-2 architecture at 96 layers of width 12288.
+    "gpt3-175b": dict(model_type="gpt2", vocab_size=50257, n_embd=12288, n_layer=96, n_head=96,
+                      n_positions=2048, n_inner=4 * 12288, tie_word_embeddings=True),
+}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The shapes of a decoder-only transformer, as the cost model sees them.
+
+    ``ffn`` is the MLP width (of one expert for MoE). ``gated_mlp``: SwiGLU (gate, up, down: three
+    matrices) rather than a 2-matrix MLP. ``experts`` / ``experts_per_token``: 1 / 1 for a dense
+    model. ``learned_positions``: rows of a learned position table (0 with RoPE). ``layer_norm``:
+    LayerNorm with a bias (2h parameters) rather than RMSNorm (h). ``linear_bias``: every linear
+    has a bias; ``qkv_bias``: only the fused QKV projection has one (Qwen2).
+    """
+
+    name: str
+    family: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    max_context: int
+    gated_mlp: bool = True
+    experts: int = 1
+    experts_per_token: int = 1
+    tied_embeddings: bool = False
+    qkv_bias: bool = False
+    linear_bias: bool = False
+    layer_norm: bool = False
+    learned_positions: int = 0
+    sliding_window: int | None = None
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 1
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def mlp_matrices(self) -> int:
+        return 3 if self.gated_mlp else 2
+
+    # --- parameter counts (each checkpoint tensor once) ---------------------------------------
+
+    def attention_params(self) -> int:
+        """W_qkv [h, q + 2kv], W_o [q, h], plus biases where the architecture has them."""
+        h = self.hidden
+        n = h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h
+        if self.qkv_bias or self.linear_bias:
+            n += self.q_dim + 2 * self.kv_dim
+        if self.linear_bias:
+            n += h
+        return n
+
+    def expert_params(self) -> int:
+        """One MLP (one expert): ``mlp_matrices`` matrices of h x ffn, plus biases if any."""
+        n = self.mlp_matrices * self.hidden * self.ffn
+        if self.linear_bias:
+            n += (self.mlp_matrices - 1) * self.ffn + self.hidden
+        return n
+
+    def norm_params(self) -> int:
+        """One norm: weight (and bias for LayerNorm)."""
+        return self.hidden * (2 if self.layer_norm else 1)
+
+    def layer_params(self) -> int:
+        """One decoder layer: attention, every expert (and the router), two norms."""
+        router = self.hidden * self.experts if self.moe else 0
+        return self.attention_params() + self.experts * self.expert_params() + router + 2 * self.norm_params()
+
+    def embedding_params(self) -> int:
+        """Token embedding (and learned positions); the LM head counts again only if untied."""
+        return self.vocab * self.hidden + self.learned_positions * self.hidden
+
+    def head_params(self) -> int:
+        return 0 if self.tied_embeddings else self.vocab * self.hidden
+
+    def total_params(self) -> int:
+        return self.layers * self.layer_params() + self.embedding_params() + self.head_params() + self.norm_params()
+
+    def active_params_per_token(self) -> int:
+        """Parameters a token's forward pass multiplies by: ``k`` experts of ``E`` for MoE; the
+        embedding is a lookup, the LM head a matmul."""
+        router = self.hidden * self.experts if self.moe else 0
+        per_layer = (self.attention_params() + self.experts_per_token * self.expert_params() + router
+                     + 2 * self.norm_params())
+        return self.layers * per_layer + self.vocab * self.hidden + self.norm_params()
+
+    def kv_elements_per_token(self) -> int:
+        """K and V of one token in every layer: 2 * layers * kv_heads * head_dim."""
+        return 2 * self.layers * self.kv_dim
+
+
+def from_model_config(cfg: ModelConfig, name: str = "") -> ArchSpec:
+    """The Llama-family engine config -> planner shapes (one source of truth for both)."""
+    return ArchSpec(
+        name=name or cfg.architecture,
+        family=cfg.architecture,
+        hidden=cfg.hidden_size,
+        layers=cfg.num_layers,
+        heads=cfg.num_heads,
+        kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        ffn=cfg.intermediate_size,
+        vocab=cfg.vocab_size,
+        max_context=cfg.max_position_embeddings,
+        gated_mlp=True,
+        tied_embeddings=cfg.tie_word_embeddings,
+        qkv_bias=cfg.qkv_bias,
+        linear_bias=False,
+        sliding_window=cfg.sliding_window,
+    )
+
+
+def _require(cfg: dict, *keys: str) -> list:
+    missing = [k for k in keys if k not in cfg]
+    if missing:
+        raise ValueError(f"config.json of model_type {cfg.get('model_type')!r} lacks {', '.join(missing)}")
+    return [cfg[k] for k in keys]
+
+
+def from_hf_config(cfg: dict, name: str = "") -> ArchSpec:
+    """A Hugging Face ``config.json`` dictionary -> ArchSpec.
+
+    Llama-family types go through ``ModelConfig.from_hf``; ``mixtral`` and ``gpt2`` are read here.
+    """
+    kind = cfg.get("model_type")
+    if kind in SUPPORTED_ARCHITECTURES:
+        return from_model_config(ModelConfig.from_hf(cfg), name=name)
+    if kind == "mixtral":
+        h, f, layers, heads, vocab, experts, k = _require(
+            cfg, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+            "num_local_experts", "num_experts_per_tok")
+        kv = cfg.get("num_key_value_heads") or heads
+        if heads % kv:
+            raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
+        if not 1 <= k <= experts:
+            raise ValueError(f"num_experts_per_tok ({k}) must be between 1 and num_local_experts ({experts})")
+        return ArchSpec(name=name or "mixtral", family="mixtral", hidden=h, layers=layers, heads=heads,
+                        kv_heads=kv, head_dim=cfg.get("head_dim") or h // heads, ffn=f, vocab=vocab,
+                        max_context=cfg.get("max_position_embeddings", 32768), experts=experts,
+                        experts_per_token=k, tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                        sliding_window=cfg.get("sliding_window"))
+    if kind == "gpt2":
+        h, layers, heads, vocab = _require(cfg, "n_embd", "n_layer", "n_head", "vocab_size")
+        positions = cfg.get("n_positions", 1024)
+        return ArchSpec(name=name or "gpt2", family="gpt2", hidden=h, layers=layers, heads=heads, kv_heads=heads,
+                        head_dim=h // heads, ffn=cfg.get("n_inner") or 4 * h, vocab=vocab, max_context=positions,
+                        gated_mlp=False, tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+                        linear_bias=True, layer_norm=True, learned_positions=positions)
+    raise ValueError(
+        f"unsupported model_type {kind!r} in config.json; the planner reads "
+        f"{', '.join(SUPPORTED_ARCHITECTURES)}, mixtral and gpt2"
+    )
+
+
+def resolve_model(spec: str) -> ArchSpec:
+    """A built-in name, a ``config.json`` file, or a directory holding one -> ArchSpec."""
+    key = spec.strip().lower()
+    if key in BUILTIN_MODELS:
+        return from_hf_config(BUILTIN_MODELS[key], name=key)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read model config {str(path)!r}: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"model config {str(path)!r} is not a JSON object")
+        name = path.parent.name if path.name == "config.json" else path.stem
+        return from_hf_config(cfg, name=name or "model")
+    raise ValueError(
+        f"unknown model {spec!r}: give a built-in name ({', '.join(BUILTIN_MODELS)}), "
+        f"a Hugging Face config.json file, or a directory that holds one"
+    )

@@ -1,0 +1,235 @@
+"""Devices the planner can place ranks on: a built-in catalog and JSON device files.
+
+Numbers are datasheet peaks (dense, no sparsity) plus achievable-efficiency factors:
+
+- ``matmul_efficiency``: the fraction of peak FLOP/s a large matmul reaches. One H100 measured
+  with PyTorch gave 798 of 989 TFLOP/s on an 8192^3 bf16 matmul (0.81); real layer shapes do
+  less, so GPUs use 0.75.
+- ``memory_efficiency``: the fraction of peak memory bandwidth that streaming weights reaches
+  (0.85; an H100 device-to-device copy measured about 3.0 of 3.35 TB/s).
+- ``gemm_half_rows``: Hockney's n_1/2 for matmuls: a product with M rows (tokens) reaches
+  ``M / (M + n_1/2)`` of the large-matmul rate.
+- ``layer_overhead_us``: fixed time per decoder layer per forward step that no roofline sees
+  (kernel launches, framework bookkeeping).
+- ``intra_node`` / ``inter_node``: links for collectives (see ``comm``). The NVLink latency and
+  ring efficiency of the catalog come from one fit over every >= 1 MiB row of the published
+  DGX-H100 NCCL all-reduce measurements in ``shared/calibration`` (alpha(n) = 24.1 us +
+  0.86 us * (n - 1), bus bandwidth 0.765 x the 450 GB/s NVLink); NVLink SHARP (NVLS) moves
+  each byte once at about 0.6 of link bandwidth (nccl issue 1455: 480 GB/s bus bandwidth at 8
+  H100s). ``docs/planner-validation.md`` checks them against hardware they were not fitted on.
+- ``price_per_hour``: on-demand list price of one GPU-hour (USD, 2024-2025 clouds); override it
+  with a JSON device file.
+
+The ``cpu`` device is this kind of machine (the 2-core development host of PERF_NOTES.md):
+each rank is a process with at least one core; ``tensorpar bench`` results passed to
+``--calibrate`` replace its defaults with measured values.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+DTYPES = tuple(DTYPE_BYTES)
+
+# Ring all-reduce over NVLink, fitted once on vidur_h100_dgx_all_reduce.csv (see module docstring).
+NVLINK_LATENCY_US = 24.1
+NVLINK_LATENCY_PER_RANK_US = 0.86
+RING_EFFICIENCY = 0.765
+SHARP_EFFICIENCY = 0.6
+GIB = float(1 << 30)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A collective's path: ``bandwidth_GBps`` is per GPU and direction for links inside a node,
+    and the node's total for the link between nodes. ``latency_us`` + ``(n - 1) *
+    latency_per_rank_us`` is the fixed cost of one collective over n ranks; ``efficiency`` is the
+    fraction of bandwidth a ring reaches as bus bandwidth; ``sharp``: the switch reduces in place
+    (NVLink SHARP), each byte crossing the link once at ``sharp_efficiency`` of bandwidth."""
+
+    bandwidth_GBps: float
+    latency_us: float
+    latency_per_rank_us: float = 0.0
+    efficiency: float = RING_EFFICIENCY
+    sharp: bool = False
+    sharp_efficiency: float = SHARP_EFFICIENCY
+
+
+@dataclass(frozen=True)
+class MeasuredCollective:
+    """A fitted ``time = alpha + bytes * factor / busbw`` for one op at one world size (from
+    ``tensorpar bench``); it replaces the link model for that op and size."""
+
+    op: str
+    world_size: int
+    alpha_us: float
+    busbw_GBps: float
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    description: str
+    peak_tflops: dict
+    memory_gib: float
+    memory_bandwidth_GBps: float
+    intra_node: Link
+    inter_node: Link | None
+    gpus_per_node: int
+    price_per_hour: float
+    matmul_efficiency: float = 0.75
+    memory_efficiency: float = 0.85
+    gemm_half_rows: float = 32.0
+    layer_overhead_us: float = 30.0
+    runtime_reserve_gib: float = 1.0
+    # CPU ranks: ``cores`` per host, shared by the ranks placed there; ``node_memory_bandwidth``
+    # caps all cores together; kernels with fewer than ``parallel_min_rows`` rows run on one
+    # thread; ``memory_shared``: the ranks of a host share its memory; a collective whose ranks
+    # outnumber the cores waits ``oversubscribed_latency_us`` more for a descheduled rank.
+    cores: int | None = None
+    node_memory_bandwidth_GBps: float | None = None
+    parallel_min_rows: int = 0
+    memory_shared: bool = False
+    oversubscribed_latency_us: float = 0.0
+    measured_collectives: tuple = ()
+    source: str = "built-in catalog"
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.cores is not None
+
+    def compute_dtype(self, weight_dtype: str) -> str:
+        """The dtype matmuls run in: the weights' own when the device has a rate for it, else
+        16-bit (weight-only quantization: 8-bit weights are widened before the matmul)."""
+        if weight_dtype in self.peak_tflops:
+            return weight_dtype
+        for alt in ("bf16", "fp16", "fp32"):
+            if alt in self.peak_tflops:
+                return alt
+        raise ValueError(f"device {self.name!r} lists no peak FLOP/s")
+
+    def peak_flops(self, weight_dtype: str) -> float:
+        return self.peak_tflops[self.compute_dtype(weight_dtype)] * 1e12
+
+
+def _nvlink(bandwidth: float, sharp: bool = False) -> Link:
+    return Link(bandwidth, NVLINK_LATENCY_US, NVLINK_LATENCY_PER_RANK_US, RING_EFFICIENCY, sharp)
+
+
+def _pcie(bandwidth: float, latency_us: float = 30.0) -> Link:
+    return Link(bandwidth, latency_us, 2.0, 0.8)
+
+
+H100_PEAKS = {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "int8": 1979.0}
+
+BUILTIN_DEVICES: dict[str, Device] = {
+    "h100-sxm": Device(
+        "h100-sxm", "NVIDIA H100 SXM 80GB (HBM3 3.35 TB/s, NVLink 4 + NVSwitch, 8 per node, 8x400G InfiniBand)",
+        H100_PEAKS, 79.6, 3350.0, _nvlink(450.0, sharp=True), Link(400.0, 45.0, 0.5, 0.9), 8, 2.99),
+    "h200-sxm": Device(
+        "h200-sxm", "NVIDIA H200 SXM 141GB (HBM3e 4.8 TB/s, NVLink 4 + NVSwitch, 8 per node, 8x400G InfiniBand)",
+        H100_PEAKS, 140.4, 4800.0, _nvlink(450.0, sharp=True), Link(400.0, 45.0, 0.5, 0.9), 8, 3.79),
+    "a100-80gb-sxm": Device(
+        "a100-80gb-sxm", "NVIDIA A100 SXM 80GB (HBM2e 2.04 TB/s, NVLink 3 + NVSwitch, 8 per node, 8x200G InfiniBand)",
+        {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0, "int8": 624.0}, 80.0, 2039.0, _nvlink(300.0),
+        Link(200.0, 45.0, 0.5, 0.9), 8, 1.79),
+    "a100-40gb-sxm": Device(
+        "a100-40gb-sxm", "NVIDIA A100 SXM 40GB (HBM2 1.56 TB/s, NVLink 3 + NVSwitch, 8 per node, 8x200G InfiniBand)",
+        {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0, "int8": 624.0}, 40.0, 1555.0, _nvlink(300.0),
+        Link(200.0, 45.0, 0.5, 0.9), 8, 1.29),
+    "h100-pcie": Device(
+        "h100-pcie", "NVIDIA H100 PCIe 80GB (HBM2e 2.0 TB/s, PCIe Gen5 x16 between GPUs, 8 per node)",
+        {"fp32": 51.0, "bf16": 756.0, "fp16": 756.0, "fp8": 1513.0, "int8": 1513.0}, 79.6, 2000.0,
+        _pcie(64.0), Link(50.0, 45.0, 0.5, 0.9), 8, 2.49),
+    "l40s": Device(
+        "l40s", "NVIDIA L40S 48GB (GDDR6 864 GB/s, PCIe Gen4 x16 only, 8 per node)",
+        {"fp32": 91.6, "bf16": 362.0, "fp16": 362.0, "fp8": 733.0, "int8": 733.0}, 44.99, 864.0,
+        _pcie(32.0), Link(50.0, 45.0, 0.5, 0.9), 8, 1.09),
+    "rtx-4090": Device(
+        "rtx-4090", "NVIDIA GeForce RTX 4090 24GB (GDDR6X 1.0 TB/s, PCIe Gen4 x16, no peer-to-peer, 8 per node)",
+        {"fp32": 82.6, "bf16": 165.2, "fp16": 165.2, "fp8": 330.3, "int8": 660.6}, 23.99, 1008.0,
+        _pcie(32.0, latency_us=40.0), Link(12.5, 60.0, 0.5, 0.9), 8, 0.69),
+    # This kind of machine (PERF_NOTES.md): 2 cores with AVX-512, about 28 GB/s read per core,
+    # 43-53 GB/s for both; the shared-memory all-reduce of tensorpar takes about 4 us and moves
+    # about 2 GB/s of bus bandwidth; a rank per core. Peaks are per core.
+    "cpu": Device(
+        "cpu", "this machine's CPU cores, one rank per core (defaults from PERF_NOTES.md; refine with --calibrate)",
+        {"fp32": 0.1}, 22.0, 28.0, Link(2.1, 4.0, 0.0, 1.0), None, 256, 0.05,
+        matmul_efficiency=0.7, memory_efficiency=0.6, gemm_half_rows=16.0, layer_overhead_us=250.0,
+        runtime_reserve_gib=0.4, cores=2, node_memory_bandwidth_GBps=50.0, parallel_min_rows=64,
+        memory_shared=True, oversubscribed_latency_us=40.0),
+}
+
+REQUIRED_KEYS = ("peak_tflops", "memory_gib", "memory_bandwidth_GBps", "intra_node", "gpus_per_node",
+                 "price_per_hour")
+LINK_KEYS = tuple(f.name for f in fields(Link))
+
+
+def _link(value, where: str) -> Link:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be an object with bandwidth_GBps and latency_us")
+    unknown = sorted(set(value) - set(LINK_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {', '.join(unknown)}; allowed: {', '.join(LINK_KEYS)}")
+    for key in ("bandwidth_GBps", "latency_us"):
+        if key not in value:
+            raise ValueError(f"{where} needs {key}")
+        if not isinstance(value[key], (int, float)) or value[key] < 0 or (key == "bandwidth_GBps" and value[key] == 0):
+            raise ValueError(f"{where}.{key} must be a positive number, got {value[key]!r}")
+    defaults = {"latency_per_rank_us": 0.0, "efficiency": RING_EFFICIENCY, "sharp": False,
+                "sharp_efficiency": SHARP_EFFICIENCY}
+    return Link(**{**defaults, **value})
+
+
+def device_from_dict(d: dict, name: str) -> Device:
+    """A device described in JSON (see README: ``tensorpar plan --gpu FILE.json``)."""
+    allowed = {f.name for f in fields(Device)} - {"measured_collectives", "source"}
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ValueError(f"device file: unknown keys {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    missing = [k for k in REQUIRED_KEYS if k not in d]
+    if missing:
+        raise ValueError(f"device file lacks {', '.join(missing)} (required: {', '.join(REQUIRED_KEYS)})")
+    peaks = d["peak_tflops"]
+    if not isinstance(peaks, dict) or not peaks:
+        raise ValueError('device file: peak_tflops must map dtypes to dense TFLOP/s, e.g. {"bf16": 989}')
+    bad = sorted(set(peaks) - set(DTYPES))
+    if bad:
+        raise ValueError(f"device file: peak_tflops has unknown dtypes {', '.join(bad)}; allowed: {', '.join(DTYPES)}")
+    for key in ("memory_gib", "memory_bandwidth_GBps", "gpus_per_node"):
+        if not isinstance(d[key], (int, float)) or d[key] <= 0:
+            raise ValueError(f"device file: {key} must be a positive number, got {d[key]!r}")
+    if not isinstance(d["price_per_hour"], (int, float)) or d["price_per_hour"] < 0:
+        raise ValueError(f"device file: price_per_hour must be a number >= 0, got {d['price_per_hour']!r}")
+    kw = dict(d)
+    kw["intra_node"] = _link(d["intra_node"], "intra_node")
+    kw["inter_node"] = _link(d["inter_node"], "inter_node") if d.get("inter_node") else None
+    kw["gpus_per_node"] = int(d["gpus_per_node"])
+    kw.setdefault("description", name)
+    kw["name"] = d.get("name", name)
+    kw["peak_tflops"] = {k: float(v) for k, v in peaks.items()}
+    return Device(**kw, source="device file")
+
+
+def resolve_device(spec: str) -> Device:
+    """A built-in device name or a JSON device file -> Device."""
+    key = spec.strip().lower()
+    if key in BUILTIN_DEVICES:
+        return BUILTIN_DEVICES[key]
+    path = Path(spec).expanduser()
+    if path.is_file():
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read device file {str(path)!r}: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"device file {str(path)!r} is not a JSON object")
+        return device_from_dict(d, path.stem)
+    raise ValueError(
+        f"unknown device {spec!r}: choose one of {', '.join(BUILTIN_DEVICES)}, or give a JSON device file "
+        f"(peak_tflops, memory_gib, memory_bandwidth_GBps, intra_node, inter_node, gpus_per_node, price_per_hour)"
+    )
+

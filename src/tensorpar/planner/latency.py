@@ -1,0 +1,213 @@
+"""Time of a forward step, of prefill (time to first token) and of decode (time per output token).
+
+Each operator takes the longer of its compute time and its memory time (a roofline):
+
+    t_op = max(FLOPs / (peak * matmul_efficiency * M / (M + n_1/2)),  bytes / (bandwidth * memory_efficiency))
+
+(``M``: the matmul's rows; memory-bound operators have no FLOP term). A decoder layer adds its
+two TP all-reduces (``comm``) and a fixed ``layer_overhead``. A pipeline stage is its layers,
+plus the embedding on the first stage and the LM head on the last.
+
+Pipeline with ``pp`` stages of times ``t_i`` and a batch cut into ``m = min(batch, pp)``
+micro-batches (``s`` = one stage-to-stage send):
+
+    prefill (time to first token)   sum_i t_i + (pp - 1) s + (m - 1) max_i t_i
+    decode (time per output token)  max(sum_i t_i + pp s, m max_i t_i)
+
+i.e. a micro-batch's token has to pass every stage, and the slowest stage has to serve all ``m``
+micro-batches once per token; with ``m < pp`` stages sit idle (the pipeline bubble,
+``1 - m / pp`` of the time).
+
+CPU ranks: a rank has ``cores // ranks`` threads (at least one); kernels with fewer rows than
+``parallel_min_rows`` run on one of them; the host's memory bandwidth is shared by the cores in
+use. When ranks outnumber cores, ranks that must meet at every collective cannot all run at
+once: each stretch between collectives takes ``ceil(ranks / cores)`` times as long.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tensorpar.partition import even_splits
+from tensorpar.planner import comm
+from tensorpar.planner.arch import ArchSpec
+from tensorpar.planner.costs import (Comm, Op, Precision, Shard, Step, decode_step, embedding_ops, head_ops,
+                                     layer_ops, prefill_step)
+from tensorpar.planner.hardware import Device
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A configuration on hardware: its degrees and how many GPUs (or CPU ranks) a node holds."""
+
+    tp: int
+    pp: int
+    dp: int
+    ep: int
+    gpus_per_node: int
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def ranks_per_node(self) -> int:
+        return min(self.gpus, self.gpus_per_node)
+
+    @property
+    def tp_nodes(self) -> int:
+        return max(1, math.ceil(self.tp / self.gpus_per_node))
+
+    @property
+    def pp_crosses_nodes(self) -> bool:
+        return self.tp * self.pp > self.gpus_per_node
+
+
+@dataclass
+class Breakdown:
+    """Seconds by cause: compute-bound operators, memory-bound operators, collectives, fixed
+    per-layer overhead; and the number of collectives."""
+
+    compute: float = 0.0
+    memory: float = 0.0
+    comm: float = 0.0
+    overhead: float = 0.0
+    collectives: int = 0
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.memory + self.comm + self.overhead
+
+    def add(self, other: "Breakdown", times: int = 1) -> None:
+        self.compute += other.compute * times
+        self.memory += other.memory * times
+        self.comm += other.comm * times
+        self.overhead += other.overhead * times
+        self.collectives += other.collectives * times
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """What one rank gets under a placement: threads, the lockstep factor of oversubscribed CPU
+    ranks, and the peak FLOP/s of one thread (or GPU) in the compute dtype."""
+
+    threads: int
+    lockstep: int
+    oversubscribed: bool
+    peak_flops: float
+    busy_cores: int
+
+
+def rank_speeds(device: Device, place: Placement, weight_dtype: str) -> Speeds:
+    peak = device.peak_flops(weight_dtype)
+    if not device.is_cpu:
+        return Speeds(1, 1, False, peak, 1)
+    ranks = place.ranks_per_node
+    threads = max(1, device.cores // ranks)
+    return Speeds(threads, math.ceil(ranks / device.cores), ranks > device.cores, peak,
+                  min(ranks * threads, device.cores))
+
+
+def op_time(op: Op, tokens: int, device: Device, speeds: Speeds) -> tuple[float, bool]:
+    """(seconds, compute-bound?) of one operator on one rank (module docstring)."""
+    threads = speeds.threads if tokens >= device.parallel_min_rows else 1
+    bandwidth = device.memory_bandwidth_GBps * 1e9 * threads
+    if device.node_memory_bandwidth_GBps is not None:
+        bandwidth = min(bandwidth, device.node_memory_bandwidth_GBps * 1e9 * threads / speeds.busy_cores)
+    t_mem = op.bytes / (bandwidth * device.memory_efficiency)
+    if op.kind == "memory" or op.flops == 0:
+        return t_mem, False
+    rate = speeds.peak_flops * device.matmul_efficiency * threads
+    if op.kind == "matmul":
+        rate *= op.rows / (op.rows + device.gemm_half_rows)
+    t_flop = op.flops / rate
+    return (t_flop, True) if t_flop >= t_mem else (t_mem, False)
+
+
+def ops_time(ops: list[Op], comms: list[Comm], tokens: int, device: Device, speeds: Speeds,
+             place: Placement) -> Breakdown:
+    b = Breakdown()
+    for op in ops:
+        t, compute_bound = op_time(op, tokens, device, speeds)
+        if compute_bound:
+            b.compute += t * speeds.lockstep
+        else:
+            b.memory += t * speeds.lockstep
+    for c in comms:
+        b.comm += comm.collective_time(c.op, c.nbytes, place.tp, device, nodes=place.tp_nodes,
+                                       oversubscribed=speeds.oversubscribed)
+        b.collectives += 1
+    return b
+
+
+@dataclass
+class StepTime:
+    """One forward step of one replica: each stage's time, the sum by cause, the send between
+    stages, and the micro-batches the batch was cut into."""
+
+    stages: list[float]
+    breakdown: Breakdown
+    send: float
+    microbatches: int
+
+    @property
+    def slowest(self) -> float:
+        return max(self.stages)
+
+    @property
+    def through_all(self) -> float:
+        """One micro-batch through every stage."""
+        return sum(self.stages) + (len(self.stages) - 1) * self.send
+
+
+def step_time(arch: ArchSpec, shard: Shard, step: Step, precision: Precision, device: Device,
+              place: Placement, logit_rows: int, microbatches: int = 1) -> StepTime:
+    """Stage times of a forward step over ``step`` (one micro-batch of it)."""
+    speeds = rank_speeds(device, place, precision.weight_dtype)
+    layer = ops_time(*layer_ops(arch, shard, step, precision), step.tokens, device, speeds, place)
+    layer.overhead += device.layer_overhead_us * 1e-6 * speeds.lockstep
+    first = ops_time(*embedding_ops(arch, shard, step, precision), step.tokens, device, speeds, place)
+    last = ops_time(*head_ops(arch, shard, step, precision, logit_rows), step.tokens, device, speeds, place)
+    total, stages = Breakdown(), []
+    for i, layers in enumerate(even_splits(arch.layers, place.pp)):
+        b = Breakdown()
+        b.add(layer, len(layers))
+        if i == 0:
+            b.add(first)
+        if i == place.pp - 1:
+            b.add(last)
+        stages.append(b.total)
+        total.add(b)
+    send = comm.send_time(step.tokens * arch.hidden * precision.act, device, place.pp_crosses_nodes) if place.pp > 1 else 0.0
+    return StepTime(stages, total, send, microbatches)
+
+
+@dataclass(frozen=True)
+class PhaseTimes:
+    """Prefill and decode of one replica."""
+
+    ttft: float
+    tpot: float
+    prefill: StepTime
+    decode: StepTime
+
+    @property
+    def bubble(self) -> float:
+        """Fraction of decode time a stage sits idle."""
+        pp = len(self.decode.stages)
+        return 1.0 - self.decode.microbatches / pp if pp > 1 else 0.0
+
+
+def inference_times(arch: ArchSpec, shard: Shard, precision: Precision, device: Device, place: Placement,
+                    batch: int, prompt: int, output: int) -> PhaseTimes:
+    """Time to first token and time per output token (module docstring). Decode is taken at the
+    mean context of the generation, ``prompt + output / 2``."""
+    m = min(batch, place.pp)
+    mb = math.ceil(batch / m)
+    pre = step_time(arch, shard, prefill_step(mb, prompt), precision, device, place, logit_rows=mb, microbatches=m)
+    ttft = pre.through_all + (m - 1) * pre.slowest
+    context = prompt + max(1, output) // 2
+    dec = step_time(arch, shard, decode_step(mb, context), precision, device, place, logit_rows=mb, microbatches=m)
+    tpot = max(dec.through_all + (place.pp > 1) * dec.send, m * dec.slowest)
+    return PhaseTimes(ttft, tpot, pre, dec)

@@ -1,0 +1,79 @@
+"""Make every rank's local gradient the matching slice of the single-process gradient.
+
+After ``loss.backward()`` on each rank, three kinds of entries still differ from it:
+
+1. **Padding** (query-head slots that hold no head, see ``tensorpar.partition``): their weights are
+   zero and must stay zero, but ``o_proj``'s padding columns receive a gradient. It is zeroed.
+2. **Partial sums.** A KV head that several ranks replicate gets, on each, the gradient through
+   that rank's query heads only; under sequence parallelism a replicated tensor (norm weights,
+   row-parallel biases) gets, on each rank, the gradient from that rank's sequence shard only.
+   The true gradient is the sum over the holders: the partial tensors are scattered into full-size
+   buffers, summed over the tensor-parallel group in one all-reduce, and read back.
+3. **Data parallelism.** Each replica's loss is its share of the global mean (token losses
+   summed, divided by the global token count), so the replicas' gradients are summed over the
+   data-parallel group in one flat all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tensorpar.dist.collectives import all_gather_object, all_reduce
+from tensorpar.dist.mesh import Mesh
+from tensorpar.layers.pieces import model_pieces
+from tensorpar.loading.loader import expected_shapes
+
+
+def _overlaps(spans: list[tuple[int, int]]) -> bool:
+    spans = sorted(spans)
+    return any(b0 < a1 for (_, a1), (b0, _) in zip(spans, spans[1:]))
+
+
+class GradientSync:
+    def __init__(self, model, mesh: Mesh, sequence_parallel: bool):
+        self.mesh = mesh
+        params = model_pieces(model)
+        self.params = [pp.param for pp in params]
+        self.padding = [(pp.param, pc) for pp in params for pc in pp.pieces if pc.part is None]
+        held: dict[str, list[tuple[int, int]]] = {}
+        for pp in params:
+            for pc in pp.pieces:
+                if pc.part is not None and pc.axis is not None:
+                    held.setdefault(pp.full_name(pc), []).append((pc.span.start, pc.span.stop))
+        partial = set()
+        if mesh.tp.world_size > 1:
+            merged: dict[str, list[tuple[int, int]]] = {}
+            for rank_held in all_gather_object(held, mesh.tp):
+                for name, spans in rank_held.items():
+                    merged.setdefault(name, []).extend(spans)
+            partial = {n for n, spans in merged.items() if _overlaps(spans)}
+            if sequence_parallel:
+                partial |= {pp.full_name(pc) for pp in params for pc in pp.pieces if pc.axis is None}
+        shapes = expected_shapes(model.config)
+        self.partial = [
+            (name, shapes[name], [(pp.param, pc) for pp in params for pc in pp.pieces
+                                  if pc.part is not None and pp.full_name(pc) == name])
+            for name in sorted(partial)
+        ]
+
+    def __call__(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for param, pc in self.padding:
+            pc.local_view(param.grad).zero_()
+        if self.partial:
+            buffers = [torch.zeros(shape, device=self.params[0].device) for _, shape, _ in self.partial]
+            for buf, (_, _, holders) in zip(buffers, self.partial):
+                for param, pc in holders:
+                    pc.full_slice(buf).add_(pc.local_view(param.grad))
+            summed = all_reduce(torch.cat([b.flatten() for b in buffers]), self.mesh.tp)
+            for buf, part in zip(buffers, summed.split([b.numel() for b in buffers])):
+                buf.copy_(part.view_as(buf))
+            for buf, (_, _, holders) in zip(buffers, self.partial):
+                for param, pc in holders:
+                    pc.local_view(param.grad).copy_(pc.full_slice(buf))
+        if self.mesh.dp.world_size > 1:
+            flat = all_reduce(torch.cat([p.grad.flatten() for p in self.params]), self.mesh.dp)
+            for p, part in zip(self.params, flat.split([p.numel() for p in self.params])):
+                p.grad.copy_(part.view_as(p.grad))

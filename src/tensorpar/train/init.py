@@ -1,0 +1,89 @@
+"""Where training starts: a checkpoint, or a random model drawn in full from the seed.
+
+A random model is initialized identically at every degree: each full tensor is drawn from one
+generator seeded with ``--seed`` (in sorted name order), then every rank keeps its own slices, as
+it would from a checkpoint on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tensorpar.loading.loader import expected_shapes
+from tensorpar.loading.sources import CheckpointSource, open_source
+from tensorpar.models.config import ModelConfig
+
+DEFAULT_TOKENIZER_MODEL = "smollm2-135m"
+INIT_STD = 0.02
+
+# a few layers, 6 query heads sharing 2 KV heads (so TP=3 and TP=4 replicate KV heads), tied
+# embeddings like the default model, whose tokenizer (and vocabulary) it uses
+RANDOM_MODELS: dict[str, dict] = {
+    "random-llama-tiny": dict(
+        model_type="llama", hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+    ),
+}
+
+
+class TensorSource(CheckpointSource):
+    """Full tensors held in memory, read like a checkpoint. ``tokenizer`` is loaded on first use."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], tokenizer: Callable, name: str):
+        self.config, self._tensors, self._tokenizer = config, tensors, tokenizer
+        self.path = Path(name)
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def file_of(self, name: str) -> str:
+        return str(self.path)
+
+    def _read(self, name, rows, cols) -> torch.Tensor:
+        t = self._tensors[name]
+        if rows is not None:
+            t = t[rows.start : rows.stop]
+        if cols is not None:
+            t = t[:, cols.start : cols.stop]
+        return t
+
+    def tokenizer(self):
+        return self._tokenizer()
+
+
+def random_init(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Full tensors: norm weights 1, biases 0, every other weight N(0, 0.02^2), drawn in name order."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in sorted(expected_shapes(config).items()):
+        if "norm" in name:
+            out[name] = torch.ones(shape)
+        elif name.endswith(".bias"):
+            out[name] = torch.zeros(shape)
+        else:
+            out[name] = torch.randn(shape, generator=g) * INIT_STD
+    return out
+
+
+def random_source(name: str, seed: int) -> TensorSource:
+    """The random model ``name`` (see ``RANDOM_MODELS``) with the default model's tokenizer."""
+    default = open_source(DEFAULT_TOKENIZER_MODEL)  # reads the header only
+    vocab = default.config
+    hf = dict(RANDOM_MODELS[name], vocab_size=vocab.vocab_size, bos_token_id=vocab.bos_token_id,
+              eos_token_id=list(vocab.eos_token_ids) or None)
+    config = ModelConfig.from_hf(hf)
+    return TensorSource(config, random_init(config, seed), default.tokenizer, name)
+
+
+def training_source(model: str, seed: int) -> CheckpointSource:
+    """A random model by name, or any checkpoint ``open_source`` accepts."""
+    if model in RANDOM_MODELS:
+        return random_source(model, seed)
+    return open_source(model)

@@ -1,0 +1,211 @@
+"""One rank of a training run: tensor (+ sequence) parallel inside a replica, data parallel across.
+
+Each step: the step's batch (the same at every degree, see ``data``), this replica's rows of it,
+forward through the sharded model, vocabulary-parallel cross-entropy on this rank's logits,
+backward, gradient synchronization (``grads.GradientSync``), and AdamW on the local shards.
+AdamW is element-wise, so sharded moments updated from exact gradient slices are slices of the
+single-process moments: the optimizer needs no communication.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tensorpar.dist.collectives import all_gather_object, all_reduce, broadcast, broadcast_object
+from tensorpar.dist.groups import ParallelContext
+from tensorpar.dist.launch import peak_rss_mb
+from tensorpar.dist.mesh import build_mesh, destroy_mesh
+from tensorpar.errors import TensorparError
+from tensorpar.layers import vocab_parallel_cross_entropy
+from tensorpar.layers.pieces import model_pieces
+from tensorpar.loading.loader import build_model, expected_shapes, fill_parameter
+from tensorpar.partition import check_degree
+from tensorpar.plans import set_sequence_parallel
+from tensorpar.train.checkpoint import ShardedCheckpointSource, find_checkpoint, save_checkpoint
+from tensorpar.train.data import IGNORE_INDEX, batch_for_step, check_data, pad_sequence, replica_rows, tokenize_file
+from tensorpar.train.grads import GradientSync
+from tensorpar.train.init import training_source
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run is defined by (``tensorpar train``'s flags)."""
+
+    data: str | None = None
+    model: str = "smollm2-135m"
+    tp: int = 1
+    dp: int = 1
+    sp: bool = False
+    steps: int = 10
+    seq_len: int = 128
+    batch: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    label_smoothing: float = 0.0
+    seed: int = 0
+    save: str | None = None
+    save_every: int = 0
+    resume: str | None = None
+    timeout_s: float = 300.0
+
+    def validate(self) -> None:
+        for name in ("tp", "dp", "steps", "seq_len", "batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise TensorparError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.lr <= 0:
+            raise TensorparError(f"--lr must be positive, got {self.lr}")
+        if self.save_every < 0:
+            raise TensorparError(f"--save-every must be >= 0, got {self.save_every}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise TensorparError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        replica_rows(self.batch, self.dp, 0)
+        if self.data is None:
+            raise TensorparError("--data FILE.txt is required")
+
+
+def _load_optimizer_state(optimizer, model, path, step: int, expected) -> None:
+    """AdamW moments from a checkpoint, resharded to this rank's pieces like the weights."""
+    sources = {kind: ShardedCheckpointSource(path, kind) for kind in ("exp_avg", "exp_avg_sq")}
+    for pp in model_pieces(model):
+        state = {"step": torch.tensor(float(step))}
+        for kind, source in sources.items():
+            state[kind] = torch.zeros_like(pp.param)
+            fill_parameter(pp, state[kind], source, expected)
+        optimizer.state[pp.param] = state
+
+
+class Trainer:
+    """The training state of one rank; every method is collective over all ranks."""
+
+    def __init__(self, world: ParallelContext, cfg: TrainConfig, tokens: torch.Tensor | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.mesh = build_mesh(world, cfg.tp, cfg.dp, cfg.timeout_s)
+        self.step_done = 0
+        if cfg.resume:
+            path = find_checkpoint(cfg.resume)
+            source = ShardedCheckpointSource(path)
+            self.step_done = source.step
+        else:
+            source = training_source(cfg.model, cfg.seed)
+        self.config = source.config
+        check_degree(cfg.tp, self.config.num_heads)
+        self.tokenizer = source.tokenizer() if world.rank == 0 else None
+        self.model = build_model(source, self.mesh.tp, trainable=True)
+        set_sequence_parallel(self.model, cfg.sp and cfg.tp > 1)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        if cfg.resume:
+            _load_optimizer_state(self.optimizer, self.model, path, self.step_done, expected_shapes(self.config))
+        self.sync = GradientSync(self.model, self.mesh, cfg.sp and cfg.tp > 1)
+        self.tokens = self._tokens(tokens)
+
+    def _tokens(self, tokens: torch.Tensor | None) -> torch.Tensor:
+        """The training token ids on every rank: given, or tokenized by rank 0 and broadcast."""
+        if tokens is not None:
+            return tokens
+        world = self.mesh.world
+        count: int | TensorparError = 0
+        if world.rank == 0:
+            try:
+                tokens = tokenize_file(self.cfg.data, self.tokenizer)
+                check_data(tokens, self.cfg.seq_len, self.cfg.data)
+                count = tokens.numel()
+            except TensorparError as e:
+                count = e
+        count = broadcast_object(count, world)
+        if isinstance(count, TensorparError):
+            raise count
+        return broadcast(tokens if world.rank == 0 else torch.empty(count, dtype=torch.long), world)
+
+    # ------------------------------------------------------------------ one step
+
+    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This replica's share of the global mean token loss, and the global token count."""
+        if self.model.lm_head.sequence_parallel:
+            inputs, labels = pad_sequence(inputs, labels, self.cfg.tp)
+        hidden = self.model(inputs)  # [B, S, hidden], or [B, S/tp, hidden] under sequence parallelism
+        logits = self.model.lm_head.local_logits(hidden)  # [B, S, vocab_local]
+        losses = vocab_parallel_cross_entropy(
+            logits, labels, self.model.lm_head.span, self.config.vocab_size, self.mesh.tp,
+            ignore_index=IGNORE_INDEX, label_smoothing=self.cfg.label_smoothing,
+        )
+        count = all_reduce((labels != IGNORE_INDEX).sum().float(), self.mesh.dp)
+        return losses.sum() / count, count
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, labels = batch_for_step(self.tokens, self.cfg.seed, step, self.cfg.batch, self.cfg.seq_len)
+        rows = replica_rows(self.cfg.batch, self.cfg.dp, self.mesh.dp.rank)
+        return inputs[rows], labels[rows]
+
+    def backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        """Forward and backward on this replica's rows; leaves synchronized gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, count = self._loss(inputs, labels)
+        loss.backward()
+        self.sync()
+        return float(all_reduce(loss.detach().clone(), self.mesh.dp)), int(count)
+
+    def train_step(self) -> dict:
+        """Run the next optimizer step; returns its global mean loss, tokens and seconds."""
+        step = self.step_done + 1
+        t0 = time.perf_counter()
+        loss, tokens = self.backward(*self.batch(step))
+        self.optimizer.step()
+        self.step_done = step
+        seconds = time.perf_counter() - t0
+        if self.cfg.save and self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.cfg.steps:
+            self.save(self.cfg.save)
+        return {"step": step, "loss": loss, "tokens": tokens, "seconds": seconds}
+
+    def evaluate(self, step: int) -> float:
+        """The global mean loss on step ``step``'s batch at the current weights (no update)."""
+        with torch.no_grad():
+            loss, _ = self._loss(*self.batch(step))
+        return float(all_reduce(loss.clone(), self.mesh.dp))
+
+    # ------------------------------------------------------------------ state
+
+    def save(self, root: str) -> str:
+        extra = {"seed": self.cfg.seed, "model": self.cfg.model, "train_config": asdict(self.cfg)}
+        path = save_checkpoint(root, self.step_done, self.mesh, self.model, self.optimizer, extra, self.tokenizer)
+        return str(path)
+
+    def full_tensors(self, kind: str = "model") -> dict[str, torch.Tensor] | None:
+        """Full tensors (checkpoint names) assembled on rank 0 from every rank's pieces: ``model``
+        (weights), ``grad``, ``exp_avg`` or ``exp_avg_sq``. None on other ranks."""
+        mine = []
+        if self.mesh.dp.rank == 0:
+            for pp in model_pieces(self.model):
+                if kind == "model":
+                    t = pp.param.detach()
+                elif kind == "grad":
+                    t = pp.param.grad
+                else:
+                    t = self.optimizer.state[pp.param][kind]
+                for pc in pp.pieces:
+                    if pc.part is not None:
+                        mine.append((pp.full_name(pc), pc.axis, pc.span, pc.local_view(t).clone()))
+        everyone = all_gather_object(mine, self.mesh.world)
+        if self.mesh.world.rank != 0:
+            return None
+        shapes = expected_shapes(self.config)
+        out = {}
+        for rank_pieces in everyone:
+            for name, axis, span, t in rank_pieces:
+                full = out.setdefault(name, torch.zeros(shapes[name]))
+                (full if axis is None else full.narrow(axis, span.start, len(span))).copy_(t)
+        return out
+
+    def peak_rss_mb(self) -> list[float]:
+        return all_gather_object(peak_rss_mb(), self.mesh.world)
+
+    def close(self) -> None:
+        destroy_mesh(self.mesh)
