@@ -71,3 +71,24 @@ def test_gradients_match_single_process(tp, sp, batch, reference_grads):
     assert set(grads) == set(reference_grads)
     for name, ref in reference_grads.items():
         assert relative_error(grads[name], ref) < 1e-5, name
+
+
+@pytest.fixture(scope="module")
+def single_process_losses():
+    trainer = Trainer(single_process_context(), config(), TOKENS)
+    return [r["loss"] for r in trainer.run_steps(20)]
+
+
+def test_single_process_trainer_learns(single_process_losses):
+    assert len(single_process_losses) == 20
+    assert single_process_losses[-1] < single_process_losses[0] - 0.5
+
+
+@pytest.mark.parametrize("tp,dp,sp", [(2, 1, False), (2, 2, False), (2, 2, True)])
+def test_twenty_steps_match_single_process(tp, dp, sp, single_process_losses):
+    ranks = SpawnedRanks(tp * dp, Trainer, (config(tp=tp, dp=dp, sp=sp), TOKENS), timeout_s=120)
+    try:
+        losses = [r["loss"] for r in ranks.call("run_steps", 20)]
+    finally:
+        ranks.close()
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_process_losses), rtol=1e-4, atol=0)

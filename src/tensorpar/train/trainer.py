@@ -165,6 +165,10 @@ class Trainer:
             self.save(self.cfg.save)
         return {"step": step, "loss": loss, "tokens": tokens, "seconds": seconds}
 
+    def run_steps(self, n: int) -> list[dict]:
+        """``n`` optimizer steps (see ``train_step``)."""
+        return [self.train_step() for _ in range(n)]
+
     def evaluate(self, step: int) -> float:
         """The global mean loss on step ``step``'s batch at the current weights (no update)."""
         with torch.no_grad():

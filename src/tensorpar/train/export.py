@@ -1,0 +1,32 @@
+"""``tensorpar export``: a sharded training checkpoint -> a Hugging Face model directory.
+
+Each full tensor is assembled from its pieces (``ShardedCheckpointSource``) and written, with the
+Hugging Face names the engine loads by, to ``model.safetensors``; ``config.json`` and the
+tokenizer come along, so ``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from tensorpar.errors import TensorparError
+from tensorpar.train.checkpoint import ShardedCheckpointSource
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, progress: bool = False) -> Path:
+    """Write checkpoint ``checkpoint`` (a ``step-*`` directory or a run's root) to ``out``."""
+    source = ShardedCheckpointSource(checkpoint)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise TensorparError(f"{out} exists and is not empty: choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(source.names())
+    tensors = {n: source.read(n).contiguous() for n in tqdm(names, desc="exporting", disable=not progress)}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(source.config.to_hf(), indent=2) + "\n")
+    source.tokenizer().save_pretrained(str(out))
+    return out
