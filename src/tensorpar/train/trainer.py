@@ -51,6 +51,7 @@ class TrainConfig:
     save: str | None = None
     save_every: int = 0
     resume: str | None = None
+    device: str = "cpu"
     timeout_s: float = 300.0
 
     def validate(self) -> None:
@@ -143,7 +144,8 @@ class Trainer:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = batch_for_step(self.tokens, self.cfg.seed, step, self.cfg.batch, self.cfg.seq_len)
         rows = replica_rows(self.cfg.batch, self.cfg.dp, self.mesh.dp.rank)
-        return inputs[rows], labels[rows]
+        device = self.mesh.tp.device
+        return inputs[rows].to(device), labels[rows].to(device)
 
     def backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         """Forward and backward on this replica's rows; leaves synchronized gradients."""
@@ -207,6 +209,10 @@ class Trainer:
                 full = out.setdefault(name, torch.zeros(shapes[name]))
                 (full if axis is None else full.narrow(axis, span.start, len(span))).copy_(t)
         return out
+
+    def position(self) -> int:
+        """The number of optimizer steps done (including those of a resumed checkpoint)."""
+        return self.step_done
 
     def peak_rss_mb(self) -> list[float]:
         return all_gather_object(peak_rss_mb(), self.mesh.world)

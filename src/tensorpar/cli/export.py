@@ -1,0 +1,20 @@
+"""``tensorpar export``: write a sharded training checkpoint as a Hugging Face model directory."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="a training checkpoint -> a Hugging Face directory", description=__doc__)
+    p.add_argument("checkpoint", metavar="DIR", help="a checkpoint (step-N) or a run directory (its latest)")
+    p.add_argument("--hf", required=True, metavar="OUT", help="the new Hugging Face directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from tensorpar.train.export import export_hf
+
+    out = export_hf(args.checkpoint, args.hf, progress=not args.quiet)
+    print(f"wrote {out} (model.safetensors, config.json, tokenizer); load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) or tensorpar generate --model {out}")
+    return 0

@@ -1,0 +1,64 @@
+"""``tensorpar train``: train with tensor (+ sequence) and data parallelism on a text file.
+
+Tokenizes FILE.txt with the model's tokenizer, runs AdamW to step ``--steps`` (the total: a run
+resumed at step 10 with --steps 20 runs steps 11-20), shows loss and tokens/s, writes
+OUT/losses.json and OUT/losses.png, and with ``--save`` a sharded checkpoint that ``--resume``
+loads at any other TP/DP degree.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train with TP (+SP) x DP; sharded, reshardable checkpoints",
+                       description=__doc__)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="alias, Hugging Face directory, .gguf file, or random-llama-tiny (default: %(default)s)")
+    p.add_argument("--data", required=True, help="a UTF-8 text file to train on")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (any value up to the head count)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel degree (divides --batch)")
+    p.add_argument("--sp", action="store_true", help="sequence parallelism inside each tensor-parallel group")
+    p.add_argument("--steps", type=int, default=10, help="total optimizer steps, counting resumed ones")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8, help="global batch, in sequences")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="initialization (random models) and batch order")
+    p.add_argument("--save", default=None, metavar="DIR", help="write a checkpoint DIR/step-N at the end")
+    p.add_argument("--save-every", type=int, default=0, metavar="K", help="also every K steps")
+    p.add_argument("--resume", default=None, metavar="DIR", help="a checkpoint, or a run directory (its latest)")
+    p.add_argument("--out", default="train-out", help="where losses.json and losses.png go (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may wait (default: 300)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from tensorpar.train.run import run_training
+    from tensorpar.train.trainer import TrainConfig
+
+    cfg = TrainConfig(
+        data=args.data, model=args.model, tp=args.tp, dp=args.dp, sp=args.sp, steps=args.steps,
+        seq_len=args.seq_len, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing, seed=args.seed, save=args.save, save_every=args.save_every,
+        resume=args.resume, device=args.device, timeout_s=args.timeout,
+    )
+    result = run_training(cfg, args.out, progress=not (args.quiet or args.json))
+    if result is None:  # a torchrun rank other than 0
+        return 0
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("losses", "steps", "tokens_per_s", "peak_rss_mb", "checkpoint",
+                                                    "loss_curve", "tp", "dp", "sp")}))
+    else:
+        print(f"steps {result['first_step']}-{result['steps'][-1]}: loss {result['losses'][0]:.4f} -> "
+              f"{result['losses'][-1]:.4f}, {result['tokens_per_s']:,.0f} tokens/s, "
+              f"peak RSS per rank (MiB): {', '.join(f'{m:.0f}' for m in result['peak_rss_mb'])}")
+        if result["checkpoint"]:
+            print(f"checkpoint: {result['checkpoint']}")
+        print(f"loss curve: {result['loss_curve']['json']}, {result['loss_curve']['png']}")
+    return 0
