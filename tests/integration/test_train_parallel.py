@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tensorpar.dist.collectives import all_gather_object
 from tensorpar.dist.groups import single_process_context
 from tensorpar.dist.launch import SpawnedRanks
 from tensorpar.layers.pieces import model_pieces
@@ -92,3 +93,36 @@ def test_twenty_steps_match_single_process(tp, dp, sp, single_process_losses):
     finally:
         ranks.close()
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_process_losses), rtol=1e-4, atol=0)
+
+
+class DropoutProbe(Trainer):
+    """Reports what each rank draws from its dropout streams and holds of the residual stream."""
+
+    def draws(self):
+        out = {}
+        for stream in ("replicated", "sharded"):
+            with self.rng.fork(stream):
+                out[stream] = torch.rand(6)
+        return all_gather_object(out, self.mesh.world)
+
+    def hidden(self, inputs):
+        with torch.no_grad():
+            return all_gather_object(self.model(inputs), self.mesh.world)
+
+
+def test_dropout_streams_differ_and_agree_where_they_must(batch):
+    ranks = SpawnedRanks(4, DropoutProbe, (config(tp=2, dp=2, dropout=0.3), TOKENS), timeout_s=120)
+    try:
+        draws = ranks.call("draws")
+        hidden = ranks.call("hidden", batch[0][:2])
+    finally:
+        ranks.close()
+    rep, shd = [d["replicated"] for d in draws], [d["sharded"] for d in draws]
+    # ranks 0,1 form replica 0 and 2,3 replica 1 (tp ranks adjacent)
+    assert torch.equal(rep[0], rep[1]) and torch.equal(rep[2], rep[3]) and not torch.equal(rep[0], rep[2])
+    assert len({tuple(t.tolist()) for t in shd}) == 4
+    # residual dropout draws the same mask on both TP ranks, so their copies of the stream agree
+    assert torch.equal(hidden[0], hidden[1])
+    reference = reference_model()
+    with torch.no_grad():
+        assert not torch.allclose(hidden[0], reference(batch[0][:2]), atol=1e-3)  # dropout is on

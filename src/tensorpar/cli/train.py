@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.0, help="on attention probabilities and residual branches")
     p.add_argument("--seed", type=int, default=0, help="initialization (random models) and batch order")
     p.add_argument("--save", default=None, metavar="DIR", help="write a checkpoint DIR/step-N at the end")
     p.add_argument("--save-every", type=int, default=0, metavar="K", help="also every K steps")
@@ -45,7 +46,7 @@ def run(args) -> int:
     cfg = TrainConfig(
         data=args.data, model=args.model, tp=args.tp, dp=args.dp, sp=args.sp, steps=args.steps,
         seq_len=args.seq_len, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, seed=args.seed, save=args.save, save_every=args.save_every,
+        label_smoothing=args.label_smoothing, dropout=args.dropout, seed=args.seed, save=args.save, save_every=args.save_every,
         resume=args.resume, device=args.device, timeout_s=args.timeout,
     )
     result = run_training(cfg, args.out, progress=not (args.quiet or args.json))

@@ -9,6 +9,7 @@ which a sharding plan may change (see ``tensorpar.partition``).
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,13 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with rotary positions. In training, ``dropout`` applies to the
+    attention probabilities, drawing its mask inside ``dropout_rng()`` (a parallel plan points it
+    at a random stream of its choosing; by default the global one)."""
+
+    dropout = 0.0
+    dropout_rng = staticmethod(nullcontext)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.head_dim
@@ -153,9 +161,12 @@ class Attention(nn.Module):
                 values = cv[batch.slot_start : batch.slot_start + B, :, :L]
             else:
                 keys, values = ck[batch.slots, :, :L], cv[batch.slots, :, :L]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=batch.mask, is_causal=batch.causal, enable_gqa=h != kv
-        )  # [B, h, S, d]
+        p = self.dropout if self.training else 0.0
+        with self.dropout_rng() if p else nullcontext():
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=batch.mask, is_causal=batch.causal,
+                dropout_p=p, enable_gqa=h != kv,
+            )  # [B, h, S, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, h * d))
 
 
@@ -176,6 +187,18 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """x + attn(norm(x)), then + mlp(norm(x)). In training, ``dropout`` applies to each branch
+    before it joins the residual stream, its mask drawn inside ``dropout_rng()``."""
+
+    dropout = 0.0
+    dropout_rng = staticmethod(nullcontext)
+
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.dropout):
+            return h
+        with self.dropout_rng():
+            return F.dropout(h, self.dropout, training=True)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -184,8 +207,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, batch, cache):
-        x = x + self.self_attn(self.input_layernorm(x), batch, cache)
-        mlp = self.mlp(self.post_attention_layernorm(x))
+        x = x + self._dropout(self.self_attn(self.input_layernorm(x), batch, cache))
+        mlp = self._dropout(self.mlp(self.post_attention_layernorm(x)))
         return x + mlp if torch.is_grad_enabled() else x.add_(mlp)  # the norm keeps x for backward
 
 

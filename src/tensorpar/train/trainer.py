@@ -28,6 +28,7 @@ from tensorpar.train.checkpoint import ShardedCheckpointSource, find_checkpoint,
 from tensorpar.train.data import IGNORE_INDEX, batch_for_step, check_data, pad_sequence, replica_rows, tokenize_file
 from tensorpar.train.grads import GradientSync
 from tensorpar.train.init import training_source
+from tensorpar.train.rng import ParallelRNG, set_dropout
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     label_smoothing: float = 0.0
+    dropout: float = 0.0
     seed: int = 0
     save: str | None = None
     save_every: int = 0
@@ -63,6 +65,8 @@ class TrainConfig:
             raise TensorparError(f"--lr must be positive, got {self.lr}")
         if self.save_every < 0:
             raise TensorparError(f"--save-every must be >= 0, got {self.save_every}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TensorparError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise TensorparError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         replica_rows(self.batch, self.dp, 0)
@@ -100,6 +104,8 @@ class Trainer:
         self.tokenizer = source.tokenizer() if world.rank == 0 else None
         self.model = build_model(source, self.mesh.tp, trainable=True)
         set_sequence_parallel(self.model, cfg.sp and cfg.tp > 1)
+        self.rng = ParallelRNG(cfg.seed, self.mesh.tp.rank, self.mesh.dp.rank, self.mesh.tp.device)
+        set_dropout(self.model, cfg.dropout, self.rng, cfg.sp and cfg.tp > 1)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
