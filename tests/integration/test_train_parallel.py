@@ -126,3 +126,39 @@ def test_dropout_streams_differ_and_agree_where_they_must(batch):
     reference = reference_model()
     with torch.no_grad():
         assert not torch.allclose(hidden[0], reference(batch[0][:2]), atol=1e-3)  # dropout is on
+
+
+class CrossEntropyProbe:
+    """Vocabulary-parallel cross-entropy of one rank's slice of full logits."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def run(self, logits, target, smoothing):
+        from tensorpar.layers import vocab_parallel_cross_entropy
+        from tensorpar.partition import vocab_shard
+
+        span = vocab_shard(logits.shape[-1], self.ctx.world_size, self.ctx.rank)
+        local = logits[..., span.start : span.stop].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(local, target, span, logits.shape[-1], self.ctx,
+                                            label_smoothing=smoothing)
+        loss.sum().backward()
+        return loss.detach(), all_gather_object(local.grad, self.ctx)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_vocab_parallel_cross_entropy_on_uneven_shards(smoothing):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 6, 11, generator=g) * 3  # 11 entries on 3 ranks: 4, 4, 3
+    target = torch.randint(0, 11, (4, 6), generator=g)
+    target[1, 3:] = -100
+    ranks = SpawnedRanks(3, CrossEntropyProbe, (), timeout_s=60)
+    try:
+        loss, grads = ranks.call("run", logits, target, smoothing)
+    finally:
+        ranks.close()
+    full = logits.clone().requires_grad_()
+    ref = F.cross_entropy(full.flatten(0, 1), target.flatten(), reduction="none", label_smoothing=smoothing)
+    ref.sum().backward()
+    torch.testing.assert_close(loss.flatten(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.cat(grads, dim=-1), full.grad, rtol=1e-5, atol=1e-7)

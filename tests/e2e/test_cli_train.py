@@ -1,0 +1,93 @@
+"""``tensorpar train`` and ``tensorpar export`` as a user runs them: a TP=2 run saves a checkpoint,
+a TP=3 run resumes it (reporting only the new steps), torchrun gives the losses of the spawned
+run, the export loads with transformers, and bad input gets one clear line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import cli
+from tensorpar.dist.launch import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+TEXT = ("Tensor parallelism splits each weight matrix across devices. " * 4
+        + "The quick brown fox jumps over the lazy dog. " * 3) * 40
+COMMON = ["--model", "random-llama-tiny", "--seq-len", "32", "--batch", "4", "--lr", "3e-3", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    r = cli("train", "--data", str(corpus), "--tp", "2", "--steps", "6", "--save", str(root / "ckpt"),
+            "--out", str(root / "out"), "--json", *COMMON)
+    assert r.returncode == 0, r.stderr
+    return root, json.loads(r.stdout)
+
+
+def test_train_json_loss_curve_and_checkpoint(first_run):
+    root, out = first_run
+    assert out["steps"] == [1, 2, 3, 4, 5, 6] and len(out["losses"]) == 6
+    assert out["losses"][-1] < out["losses"][0]
+    assert out["tokens_per_s"] > 0 and len(out["peak_rss_mb"]) == 2
+    assert out["checkpoint"].endswith("ckpt/step-00000006")
+    assert (root / "out" / "losses.png").stat().st_size > 1000
+    assert json.loads((root / "out" / "losses.json").read_text())["losses"] == out["losses"]
+
+
+def test_resume_at_tp3_runs_the_remaining_steps(first_run, corpus, tmp_path):
+    root, _ = first_run
+    r = cli("train", "--data", str(corpus), "--tp", "3", "--steps", "9", "--resume", str(root / "ckpt"),
+            "--out", str(tmp_path), "--json", *COMMON)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["steps"] == [7, 8, 9] and len(out["losses"]) == 3 and len(out["peak_rss_mb"]) == 3
+
+
+def test_torchrun_matches_spawned_ranks(first_run, corpus, tmp_path):
+    _, spawned = first_run
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         "-m", "tensorpar", "train", "--data", str(corpus), "--tp", "2", "--steps", "6", "--json",
+         "--out", str(tmp_path), *COMMON],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)  # only rank 0 prints
+    assert out["losses"] == pytest.approx(spawned["losses"], rel=1e-5)
+
+
+def test_export_then_generate(first_run, tmp_path):
+    root, _ = first_run
+    r = cli("export", str(root / "ckpt"), "--hf", str(tmp_path / "hf"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    g = cli("generate", "--model", str(tmp_path / "hf"), "--tp", "2", "--prompt", "The quick brown",
+            "--max-new-tokens", "4", "--json", "--ignore-eos")
+    assert g.returncode == 0, g.stderr
+    assert len(json.loads(g.stdout)["token_ids"]) == 4
+    again = cli("export", str(root / "ckpt"), "--hf", str(tmp_path / "hf"), "--quiet")
+    assert again.returncode == 1 and "exists and is not empty" in again.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tp", "7"], "tensor-parallel degree 7 is not valid for a model with 6 query heads"),
+    (["--dp", "3"], "--batch 4 must be a multiple of --dp 3"),
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--resume", "/nonexistent/run"], "no checkpoint at '/nonexistent/run'"),
+])
+def test_bad_input_gets_one_clear_line(corpus, args, message):
+    r = cli("train", "--data", str(corpus), "--quiet", *COMMON, *args)
+    assert r.returncode == 1
+    assert message in r.stderr and "Traceback" not in r.stderr

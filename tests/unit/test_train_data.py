@@ -1,0 +1,50 @@
+"""Training batches depend only on (seed, step); replicas split rows; padding for sequence
+parallelism changes nothing that the loss sees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorpar.errors import TensorparError
+from tensorpar.train.data import IGNORE_INDEX, batch_for_step, check_data, pad_sequence, replica_rows, tokenize_file
+
+TOKENS = torch.arange(1000)
+
+
+def test_batches_are_windows_of_next_tokens_and_depend_only_on_seed_and_step():
+    x, y = batch_for_step(TOKENS, seed=1, step=5, batch=4, seq_len=16)
+    assert x.shape == y.shape == (4, 16)
+    assert torch.equal(y, x + 1)  # TOKENS[i] == i, so each label is the next token
+    x2, _ = batch_for_step(TOKENS, seed=1, step=5, batch=4, seq_len=16)
+    assert torch.equal(x, x2)
+    assert not torch.equal(x, batch_for_step(TOKENS, seed=1, step=6, batch=4, seq_len=16)[0])
+    assert not torch.equal(x, batch_for_step(TOKENS, seed=2, step=5, batch=4, seq_len=16)[0])
+
+
+def test_windows_stay_inside_the_data():
+    x, y = batch_for_step(torch.arange(17), seed=0, step=1, batch=8, seq_len=16)
+    assert torch.equal(x, torch.arange(16).expand(8, 16)) and int(y.max()) == 16
+
+
+def test_replica_rows_tile_the_batch():
+    assert [replica_rows(8, 4, d) for d in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    with pytest.raises(TensorparError, match="--batch 6 must be a multiple of --dp 4"):
+        replica_rows(6, 4, 0)
+
+
+def test_pad_sequence_pads_the_end_with_ignored_labels():
+    x, y = torch.ones(2, 7, dtype=torch.long), torch.ones(2, 7, dtype=torch.long)
+    px, py = pad_sequence(x, y, 3)
+    assert px.shape == (2, 9) and torch.equal(px[:, :7], x) and py[:, 7:].eq(IGNORE_INDEX).all()
+    assert pad_sequence(x, y, 7)[0] is x
+
+
+def test_data_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(TensorparError, match="is not a file"):
+        tokenize_file(tmp_path / "missing.txt", None)
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(TensorparError, match="is empty"):
+        tokenize_file(tmp_path / "empty.txt", None)
+    with pytest.raises(TensorparError, match="fewer than --seq-len \\+ 1 = 65"):
+        check_data(torch.arange(10), 64, "tiny.txt")
