@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.dist.collectives import copy_to_tp, gather_from_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
+from tensorpar.dist.collectives import copy_to_tp, gather_from_tp, reduce_from_tp, reduce_scatter_seq
 from tensorpar.dist.groups import ParallelContext
-from tensorpar.layers.linear import ShardReader, load_pieces
+from tensorpar.layers.linear import ShardReader, gathered_linear, load_pieces
 from tensorpar.layers.pieces import Piece
 
 
@@ -93,8 +93,9 @@ class ParallelLMHead(nn.Module):
 
     def local_logits(self, h: torch.Tensor) -> torch.Tensor:
         # h: [..., dim] or [B, S/p, dim] (sequence-parallel) -> [..., len(span)]
-        h = gather_seq(h, self.ctx) if self.sequence_parallel else copy_to_tp(h, self.ctx)
-        return F.linear(h, self.weight)
+        if self.sequence_parallel:
+            return gathered_linear(h, self.weight, None, self.ctx)
+        return F.linear(copy_to_tp(h, self.ctx), self.weight)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # h: [..., dim] -> [..., vocab]

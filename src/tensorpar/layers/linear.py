@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.dist.collectives import copy_to_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
+from tensorpar.dist.collectives import (
+    SEQ_DIM,
+    all_gather_dim,
+    copy_to_tp,
+    reduce_from_tp,
+    reduce_scatter_dim,
+    reduce_scatter_seq,
+)
 from tensorpar.dist.groups import ParallelContext
 from tensorpar.layers.pieces import Piece, fill_from_pieces, split_pieces
 
@@ -49,6 +56,40 @@ def use_streaming_layout(weight: torch.Tensor) -> None:
         weight.data = weight.data.t().contiguous().t()
 
 
+class _GatheredLinear(torch.autograd.Function):
+    """Y = gather_seq(X) A^T + b that keeps only the local shard of X for the backward pass.
+
+    Backward all-gathers X again for dA = dY^T X and reduce-scatters dX = dY A along the
+    sequence: an all-gather more per layer, but the stored input of the column-parallel linear
+    shrinks from [B, S, in] to [B, S/p, in] (Korthikanti et al. 2022, section 4.2.2).
+    """
+
+    @staticmethod
+    def forward(fctx, x, weight, bias, ctx):
+        fctx.save_for_backward(x, weight)
+        fctx.ctx, fctx.has_bias = ctx, bias is not None
+        return F.linear(all_gather_dim(x, ctx, SEQ_DIM), weight, bias)
+
+    @staticmethod
+    def backward(fctx, grad):
+        x, weight = fctx.saved_tensors
+        full = all_gather_dim(x, fctx.ctx, SEQ_DIM)  # [B, S, in]
+        flat = grad.reshape(-1, grad.shape[-1])  # [B*S, out]
+        grad_weight = flat.t() @ full.reshape(-1, full.shape[-1])
+        grad_bias = flat.sum(0) if fctx.has_bias else None
+        grad_x = reduce_scatter_dim(grad @ weight, fctx.ctx, SEQ_DIM)  # [B, S/p, in]
+        return grad_x, grad_weight, grad_bias, None
+
+
+def gathered_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ctx: ParallelContext):
+    """[B, S/p, in] sequence shards -> [B, S, out_local]: all-gather, then the local product."""
+    if ctx.world_size == 1:
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _GatheredLinear.apply(x, weight, bias, ctx)
+    return F.linear(all_gather_dim(x, ctx, SEQ_DIM), weight, bias)
+
+
 def load_pieces(module: nn.Module, read: ShardReader) -> None:
     """Fill each of ``module``'s parameters from the checkpoint, as its ``pieces()`` say."""
     for name, pieces in module.pieces().items():
@@ -79,8 +120,9 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] (replicated) or [B, S/p, in] (sequence-parallel) -> [..., out_local]
-        x = gather_seq(x, self.ctx) if self.sequence_parallel else copy_to_tp(x, self.ctx)
-        return F.linear(x, self.weight, self.bias)
+        if self.sequence_parallel:
+            return gathered_linear(x, self.weight, self.bias, self.ctx)
+        return F.linear(copy_to_tp(x, self.ctx), self.weight, self.bias)
 
     def pieces(self) -> dict[str, list[Piece]]:
         spans = [(s.part, s.span) for s in self.segments]
