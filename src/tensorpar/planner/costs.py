@@ -7,9 +7,9 @@ them into time with a roofline. Matmuls follow ``Y[T, n] = X[T, k] W[k, n]``:
     FLOPs = 2 T k n,   bytes = k n w  (weights)  +  T (k + n) a  (activations in and out)
 
 with ``w``/``a`` the bytes per weight and per activation element. Attention over an average
-context of ``c`` tokens costs ``4 T c q d`` FLOPs (``Q K^T`` and ``P V``); decode reads the KV
-cache (``batch * c * 2 * kv * d`` elements), prefill reads Q, K, V and writes O once (a fused,
-FlashAttention-style kernel). Norms, RoPE, residual adds, activations and cache writes are
+context of ``c`` tokens costs ``4 T c s d`` FLOPs for ``s`` query-head slots (``Q K^T`` and
+``P V``); decode reads the KV cache (``batch * c * 2 * kv * d`` elements), prefill reads Q, K, V
+and writes O once (a fused, FlashAttention-style kernel). Norms, RoPE, residual adds, activations and cache writes are
 memory-bound elementwise operators.
 
 Shards follow tensorpar's shard arithmetic (``tensorpar.partition``) for any degree: the busiest
@@ -239,12 +239,6 @@ def head_ops(arch: ArchSpec, shard: Shard, step: Step, p: Precision, logit_rows:
     ops = [memory_op("final norm", 2 * T * h * p.act), matmul("lm head", logit_rows, h, shard.vocab, p)]
     comms = [Comm("logits all-gather", "all_gather", logit_rows * arch.vocab * p.act)] if shard.tp > 1 else []
     return ops, comms
-
-
-def forward_flops(arch: ArchSpec, tokens: int, context: float) -> float:
-    """Dense forward FLOPs of ``tokens`` tokens on one device: 2 N_active per token for the matmuls
-    plus 4 * layers * context * q_dim for attention (the LM head on every token)."""
-    return 2.0 * tokens * (arch.active_params_per_token()) + 4.0 * tokens * context * arch.q_dim * arch.layers
 
 
 def weight_bytes_per_layer(arch: ArchSpec, shard: Shard, weight_bytes: float) -> float:

@@ -152,13 +152,16 @@ BUILTIN_DEVICES: dict[str, Device] = {
         "rtx-4090", "NVIDIA GeForce RTX 4090 24GB (GDDR6X 1.0 TB/s, PCIe Gen4 x16, no peer-to-peer, 8 per node)",
         {"fp32": 82.6, "bf16": 165.2, "fp16": 165.2, "fp8": 330.3, "int8": 660.6}, 23.99, 1008.0,
         _pcie(32.0, latency_us=40.0), Link(12.5, 60.0, 0.5, 0.9), 8, 0.69),
-    # This kind of machine (PERF_NOTES.md): 2 cores with AVX-512, about 28 GB/s read per core,
-    # 43-53 GB/s for both; the shared-memory all-reduce of tensorpar takes about 4 us and moves
-    # about 2 GB/s of bus bandwidth; a rank per core. Peaks are per core.
+    # This kind of machine (PERF_NOTES.md, BENCHMARKS.md): 2 AVX-512 cores (peaks per core),
+    # about 28 GB/s read per core and 43-53 GB/s for both; batch-1 matrix-vector products stream
+    # about 18 GB/s (0.6 of read bandwidth) and run on one thread; prefill GEMMs reach about 70
+    # GFLOP/s per core and batch-8 steps about half that (n_1/2 = 8 rows); about 35 small eager
+    # operators per layer cost about 270 us; the shared-memory all-reduce takes about 4 us and
+    # moves about 2 GB/s; a collective over more ranks than cores waits about 40 us more.
     "cpu": Device(
         "cpu", "this machine's CPU cores, one rank per core (defaults from PERF_NOTES.md; refine with --calibrate)",
         {"fp32": 0.1}, 22.0, 28.0, Link(2.1, 4.0, 0.0, 1.0), None, 256, 0.05,
-        matmul_efficiency=0.7, memory_efficiency=0.6, gemm_half_rows=16.0, layer_overhead_us=250.0,
+        matmul_efficiency=0.7, memory_efficiency=0.6, gemm_half_rows=8.0, layer_overhead_us=270.0,
         runtime_reserve_gib=0.4, cores=2, node_memory_bandwidth_GBps=50.0, parallel_min_rows=64,
         memory_shared=True, oversubscribed_latency_us=40.0),
 }

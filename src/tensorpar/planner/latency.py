@@ -20,8 +20,10 @@ micro-batches once per token; with ``m < pp`` stages sit idle (the pipeline bubb
 
 CPU ranks: a rank has ``cores // ranks`` threads (at least one); kernels with fewer rows than
 ``parallel_min_rows`` run on one of them; the host's memory bandwidth is shared by the cores in
-use. When ranks outnumber cores, ranks that must meet at every collective cannot all run at
-once: each stretch between collectives takes ``ceil(ranks / cores)`` times as long.
+use. When ``R`` ranks outnumber the ``C`` cores, they share the cores (each runs ``R / C`` times
+slower), and the ``tp`` ranks of a group, which must meet at every collective, cannot all run at
+once: each stretch between collectives takes ``ceil(tp / C)`` times as long. The slowdown is the
+larger of the two.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class Speeds:
     ranks, and the peak FLOP/s of one thread (or GPU) in the compute dtype."""
 
     threads: int
-    lockstep: int
+    lockstep: float
     oversubscribed: bool
     peak_flops: float
     busy_cores: int
@@ -105,8 +107,8 @@ def rank_speeds(device: Device, place: Placement, weight_dtype: str) -> Speeds:
         return Speeds(1, 1, False, peak, 1)
     ranks = place.ranks_per_node
     threads = max(1, device.cores // ranks)
-    return Speeds(threads, math.ceil(ranks / device.cores), ranks > device.cores, peak,
-                  min(ranks * threads, device.cores))
+    slowdown = max(ranks / device.cores, math.ceil(min(place.tp, ranks) / device.cores))
+    return Speeds(threads, slowdown, ranks > device.cores, peak, min(ranks * threads, device.cores))
 
 
 def op_time(op: Op, tokens: int, device: Device, speeds: Speeds) -> tuple[float, bool]:
@@ -161,25 +163,54 @@ class StepTime:
         return sum(self.stages) + (len(self.stages) - 1) * self.send
 
 
-def step_time(arch: ArchSpec, shard: Shard, step: Step, precision: Precision, device: Device,
-              place: Placement, logit_rows: int, microbatches: int = 1) -> StepTime:
-    """Stage times of a forward step over ``step`` (one micro-batch of it)."""
+@dataclass(frozen=True)
+class StageParts:
+    """One forward step on one rank, by part: a decoder layer, the embedding (first stage), the
+    final norm and LM head (last stage), and how many layers each stage holds."""
+
+    layer: Breakdown
+    first: Breakdown
+    last: Breakdown
+    layers_per_stage: tuple
+
+    def stage(self, i: int) -> Breakdown:
+        b = Breakdown()
+        b.add(self.layer, self.layers_per_stage[i])
+        if i == 0:
+            b.add(self.first)
+        if i == len(self.layers_per_stage) - 1:
+            b.add(self.last)
+        return b
+
+
+def stage_parts(arch: ArchSpec, shard: Shard, step: Step, precision: Precision, device: Device,
+                place: Placement, logit_rows: int) -> StageParts:
     speeds = rank_speeds(device, place, precision.weight_dtype)
     layer = ops_time(*layer_ops(arch, shard, step, precision), step.tokens, device, speeds, place)
     layer.overhead += device.layer_overhead_us * 1e-6 * speeds.lockstep
     first = ops_time(*embedding_ops(arch, shard, step, precision), step.tokens, device, speeds, place)
     last = ops_time(*head_ops(arch, shard, step, precision, logit_rows), step.tokens, device, speeds, place)
+    counts = tuple(len(r) for r in even_splits(arch.layers, place.pp))
+    return StageParts(layer, first, last, counts)
+
+
+def stage_send_time(arch: ArchSpec, tokens: int, precision: Precision, device: Device, place: Placement) -> float:
+    """Activations of ``tokens`` tokens handed from one pipeline stage to the next."""
+    if place.pp == 1:
+        return 0.0
+    return comm.send_time(tokens * arch.hidden * precision.act, device, place.pp_crosses_nodes)
+
+
+def step_time(arch: ArchSpec, shard: Shard, step: Step, precision: Precision, device: Device,
+              place: Placement, logit_rows: int, microbatches: int = 1) -> StepTime:
+    """Stage times of a forward step over ``step`` (one micro-batch of it)."""
+    parts = stage_parts(arch, shard, step, precision, device, place, logit_rows)
     total, stages = Breakdown(), []
-    for i, layers in enumerate(even_splits(arch.layers, place.pp)):
-        b = Breakdown()
-        b.add(layer, len(layers))
-        if i == 0:
-            b.add(first)
-        if i == place.pp - 1:
-            b.add(last)
+    for i in range(place.pp):
+        b = parts.stage(i)
         stages.append(b.total)
         total.add(b)
-    send = comm.send_time(step.tokens * arch.hidden * precision.act, device, place.pp_crosses_nodes) if place.pp > 1 else 0.0
+    send = stage_send_time(arch, step.tokens, precision, device, place)
     return StepTime(stages, total, send, microbatches)
 
 

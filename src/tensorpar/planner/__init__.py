@@ -1,0 +1,187 @@
+"""The planner: which tensor/pipeline/data-parallel configuration to run a model with, on which
+hardware, and why. Pure Python: it imports nothing from ``dist`` or ``layers`` (nor torch) and
+answers in milliseconds.
+
+    from tensorpar.planner import PlanRequest, plan
+    result = plan(PlanRequest(model="llama-2-70b", gpu="h100-sxm", gpus=8))
+    result.recommended.label, result.explanation
+
+Modules: ``arch`` (model shapes), ``hardware`` (device catalog), ``costs`` (FLOPs and bytes per
+operator), ``comm`` (collectives), ``latency`` (roofline, prefill, decode, pipeline), ``memory``
+(weights, KV cache, activations), ``training`` (6ND, step time), ``calibrate`` (fit to
+``tensorpar bench``), ``search`` (enumerate, recommend, explain), ``report`` and ``plot``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tensorpar.errors import TensorparError
+from tensorpar.planner.arch import ArchSpec, resolve_model
+from tensorpar.planner.costs import Precision
+from tensorpar.planner.hardware import DTYPES, GIB, Device, resolve_device
+from tensorpar.planner.memory import RECOMPUTE
+from tensorpar.planner.search import OBJECTIVES, Config, Workload, enumerate_configs, evaluate, recommend
+
+MODES = ("inference", "training")
+
+
+class PlanError(TensorparError):
+    """The request makes no sense, or the model fits no configuration of the given GPUs."""
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What ``tensorpar plan`` asks (see ``cli/plan.py`` for each field's meaning)."""
+
+    model: str
+    gpu: str
+    gpus: int
+    nodes: int | None = None
+    prompt_len: int = 512
+    output_len: int = 128
+    batch: int = 1
+    dtype: str = "bf16"
+    kv_dtype: str | None = None
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    objective: str | None = None
+    mode: str = "inference"
+    global_batch: int = 256
+    seq_len: int = 4096
+    micro_batch: int = 1
+    sequence_parallel: bool = True
+    recompute: str = "selective"
+    distributed_optimizer: bool = False
+    calibrate: str | None = None
+
+
+@dataclass
+class PlanResult:
+    request: PlanRequest
+    arch: ArchSpec
+    device: Device
+    precision: Precision
+    gpus_per_node: int
+    nodes: int
+    objective: str
+    configs: list[Config]
+    recommended: Config | None
+    explanation: str
+    calibration: object = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"configs": [c.to_json() for c in self.configs],
+                "recommended": self.recommended.to_json() if self.recommended else None,
+                "explanation": self.explanation}
+
+
+def _positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or not math.isfinite(value):
+        raise PlanError(f"{name} must be a positive number, got {value!r}")
+
+
+def _validate(r: PlanRequest) -> None:
+    if isinstance(r.gpus, bool) or not isinstance(r.gpus, int) or r.gpus < 1:
+        raise PlanError(f"--gpus must be at least 1 (the total number of GPUs to plan for), got {r.gpus!r}")
+    if r.nodes is not None:
+        if isinstance(r.nodes, bool) or not isinstance(r.nodes, int) or r.nodes < 1:
+            raise PlanError(f"--nodes must be at least 1, got {r.nodes!r}")
+        if r.gpus % r.nodes:
+            raise PlanError(f"--gpus {r.gpus} cannot be spread evenly over --nodes {r.nodes}")
+    if r.mode not in MODES:
+        raise PlanError(f"--mode must be one of {', '.join(MODES)}, got {r.mode!r}")
+    if r.objective is not None and r.objective not in OBJECTIVES:
+        raise PlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {r.objective!r}")
+    if r.dtype not in DTYPES:
+        raise PlanError(f"--dtype must be one of {', '.join(DTYPES)}, got {r.dtype!r}")
+    if r.kv_dtype is not None and r.kv_dtype not in DTYPES:
+        raise PlanError(f"--kv-dtype must be one of {', '.join(DTYPES)}, got {r.kv_dtype!r}")
+    for name, value in (("--prompt-len", r.prompt_len), ("--output-len", r.output_len), ("--batch", r.batch),
+                        ("--global-batch", r.global_batch), ("--seq-len", r.seq_len),
+                        ("--micro-batch", r.micro_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PlanError(f"{name} must be a whole number of at least 1, got {value!r}")
+    _positive("--slo-ttft-ms", r.slo_ttft_ms, allow_none=True)
+    _positive("--slo-tpot-ms", r.slo_tpot_ms, allow_none=True)
+    if r.recompute not in RECOMPUTE:
+        raise PlanError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {r.recompute!r}")
+    if r.mode == "training" and r.dtype in ("fp8", "int8"):
+        raise PlanError("training plans use fp32, bf16 or fp16 weights; --dtype fp8/int8 is for inference")
+
+
+def _layout(r: PlanRequest, device: Device) -> tuple[int, int]:
+    """(GPUs per node, nodes) for the request."""
+    if r.nodes is not None and r.nodes > 1 and device.inter_node is None:
+        raise PlanError(f"{device.name} has no link between nodes; plan for one node (leave out --nodes)")
+    if r.nodes is not None:
+        gpn = r.gpus // r.nodes
+        if gpn > device.gpus_per_node:
+            raise PlanError(f"{gpn} GPUs per node (--gpus {r.gpus} over --nodes {r.nodes}) exceeds the "
+                            f"{device.gpus_per_node} a {device.name} node holds")
+        return gpn, r.nodes
+    if r.gpus <= device.gpus_per_node:
+        return r.gpus, 1
+    if r.gpus % device.gpus_per_node:
+        raise PlanError(f"--gpus {r.gpus} does not fill whole nodes of {device.gpus_per_node} x {device.name}; "
+                        f"pass --nodes to say how they are spread")
+    return device.gpus_per_node, r.gpus // device.gpus_per_node
+
+
+def plan(r: PlanRequest) -> PlanResult:
+    """Evaluate every configuration of ``r.gpus`` GPUs for ``r.model`` and recommend one."""
+    _validate(r)
+    try:
+        arch = resolve_model(r.model)
+        device = resolve_device(r.gpu)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    calibration = None
+    if r.calibrate:
+        from tensorpar.planner.calibrate import calibrate
+
+        try:
+            device, calibration = calibrate(device, r.calibrate)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+    gpn, nodes = _layout(r, device)
+    if r.mode == "inference" and r.prompt_len + r.output_len > arch.max_context:
+        raise PlanError(f"--prompt-len {r.prompt_len} + --output-len {r.output_len} = {r.prompt_len + r.output_len} "
+                        f"tokens exceeds {arch.name}'s context of {arch.max_context}")
+    if r.mode == "training" and r.seq_len > arch.max_context:
+        raise PlanError(f"--seq-len {r.seq_len} exceeds {arch.name}'s context of {arch.max_context}")
+    kv = r.kv_dtype or ("fp32" if r.dtype == "fp32" else "bf16" if r.dtype in ("fp8", "int8") else r.dtype)
+    precision = Precision(r.dtype, kv)
+    objective = r.objective or ("throughput" if r.mode == "training" else "latency")
+    w = Workload(r.mode, r.batch, r.prompt_len, r.output_len, r.seq_len, r.micro_batch, r.global_batch,
+                 r.sequence_parallel, r.recompute, r.distributed_optimizer, r.slo_ttft_ms, r.slo_tpot_ms)
+    configs = [evaluate(arch, device, precision, r.gpus, gpn, w, c) for c in enumerate_configs(arch, r.gpus)]
+    if not any(c.feasible for c in configs):
+        raise PlanError(_fits_nowhere(arch, device, precision, r, configs))
+    best, explanation = recommend(configs, objective, r.mode, r.objective is None,
+                                  "CPU ranks" if device.is_cpu else "GPUs")
+    notes = []
+    if device.compute_dtype(r.dtype) != r.dtype:
+        notes.append(f"{device.name} has no {r.dtype} matmul rate: {r.dtype} weights are widened to "
+                     f"{device.compute_dtype(r.dtype)} for compute (weight-only quantization)")
+    return PlanResult(r, arch, device, precision, gpn, nodes, objective, configs, best, explanation,
+                      calibration, notes)
+
+
+def _fits_nowhere(arch: ArchSpec, device: Device, precision: Precision, r: PlanRequest, configs: list[Config]) -> str:
+    weights = arch.total_params() * precision.weight / GIB
+    sized = [c for c in configs if c.memory is not None]
+    head = (f"{arch.name} ({arch.total_params() / 1e9:.1f}B parameters, {weights:.0f} GiB of {r.dtype} weights) "
+            f"fits no configuration of {r.gpus} x {device.name} ({device.memory_gib:.0f} GiB each)")
+    if not sized:
+        reasons = sorted({c.reason for c in configs if c.reason})
+        return f"{head}: {reasons[0] if reasons else 'no valid configuration'}"
+    closest = min(sized, key=lambda c: c.memory.total / c.memory.capacity)
+    need = max(1, math.ceil(weights / (device.memory_gib * 0.9)))
+    return (f"{head}: the closest, {closest.label}, needs {closest.memory.total / GIB:.1f} GiB per GPU; "
+            f"use more GPUs (the weights alone need at least {need} GPUs), a smaller --dtype (fp8, int8), "
+            f"a smaller --batch or shorter sequences")

@@ -1,0 +1,102 @@
+"""``tensorpar plan`` as a user runs it: the table, the JSON schema, the plot, one-line errors,
+and no torch on the way."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import cli
+
+EXAMPLE = ["plan", "--model", "llama-2-70b", "--gpu", "h100-sxm", "--gpus", "8", "--prompt-len", "512",
+           "--output-len", "128", "--batch", "1"]
+CONFIG_KEYS = {"tp", "pp", "dp", "ep", "feasible", "reason", "memory_gib_per_gpu", "ttft_ms", "tpot_ms",
+               "throughput_tok_s", "usd_per_mtok"}
+MEMORY_KEYS = {"weights", "kv_cache", "activations", "total"}
+
+
+def test_table():
+    r = cli(*EXAMPLE, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "llama-2-70b (69.0B parameters" in out and "8 x h100-sxm" in out
+    assert "TTFT ms" in out and "TPOT ms" in out and "KV capacity tok" in out and "$/Mtok" in out
+    rec = [line for line in out.splitlines() if line.startswith("* |")]
+    assert len(rec) == 1 and "TP=8" in rec[0]
+    assert "does not fit" in out  # TP=1 DP=8
+    assert "Recommended TP=8" in out and "two TP=4 replicas (DP=2)" in out
+
+
+def test_json_schema():
+    r = cli(*EXAMPLE, "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert set(data) == {"configs", "recommended", "explanation"}
+    assert len(data["configs"]) == 10  # every (TP, PP, DP) of 8 GPUs
+    for c in data["configs"]:
+        assert set(c) == CONFIG_KEYS
+        assert set(c["memory_gib_per_gpu"]) == MEMORY_KEYS
+        assert c["tp"] * c["pp"] * c["dp"] == 8
+        if c["feasible"]:
+            assert c["tpot_ms"] > 0 and c["ttft_ms"] > 0 and c["throughput_tok_s"] > 0 and c["usd_per_mtok"] > 0
+        else:
+            assert c["reason"]
+    assert set(data["recommended"]) == CONFIG_KEYS
+    assert (data["recommended"]["tp"], data["recommended"]["pp"], data["recommended"]["dp"]) == (8, 1, 1)
+    assert "TP=4" in data["explanation"]
+
+
+def test_plot(tmp_path):
+    png = tmp_path / "plan.png"
+    r = cli(*EXAMPLE, "--plot", str(png), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {png}" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "0"], "--gpus must be at least 1"),
+    (["--gpu", "h300"], "unknown device 'h300'"),
+    (["--model", "llama-3.1-405b"], "fits no configuration of 8 x h100-sxm"),
+    (["--calibrate", "/nonexistent.json"], "cannot read calibration file"),
+])
+def test_errors_are_one_line(args, message):
+    base = {"--model": "llama-2-70b", "--gpu": "h100-sxm", "--gpus": "8"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    r = cli("plan", *[x for kv in base.items() for x in kv], timeout=60)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tensorpar: error: ") and message in lines[0]
+    assert r.stdout == ""
+
+
+def test_training_and_calibrated_cpu_plans():
+    r = cli("plan", "--model", "llama-3-8b", "--gpu", "h100-sxm", "--gpus", "8", "--mode", "training",
+            "--global-batch", "64", "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)["recommended"]
+    assert rec["step_s"] > 0 and 0 < rec["mfu"] < 1
+    r = cli("plan", "--model", "smollm2-135m", "--gpu", "cpu", "--gpus", "2", "--dtype", "fp32",
+            "--calibrate", "benchmarks/results/2026-11-25-cpu/bench.json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "calibrated from benchmarks/results/2026-11-25-cpu/bench.json" in r.stdout
+
+
+def test_plan_imports_no_torch():
+    code = ("import sys, io, contextlib\n"
+            "from tensorpar.cli.main import main\n"
+            "buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n"
+            "    try:\n"
+            f"        main({EXAMPLE!r})\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0, e.code\n"
+            "assert 'Recommended' in buf.getvalue()\n"
+            "bad = [m for m in ('torch', 'matplotlib', 'numpy') if m in sys.modules]\n"
+            "print('loaded:', bad)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "loaded: []"
