@@ -26,6 +26,29 @@ def fused_linear(in_features: int, parts: list[tuple[str, int]], bias: bool) -> 
     return layer
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x r w with r = 1 / sqrt(mean(x^2) + eps), storing only x and r for backward.
+
+    With x_hat = x r and g = dy * w: dw = sum(dy * x_hat) over all but the last dim, and
+    dx = r (g - x_hat mean(g * x_hat)). (Autograd through the composite would also keep x_hat.)
+    """
+
+    @staticmethod
+    def forward(fctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        fctx.save_for_backward(x, r, weight)
+        return x * r * weight
+
+    @staticmethod
+    def backward(fctx, dy):
+        x, r, weight = fctx.saved_tensors
+        x_hat = x * r
+        dw = (dy * x_hat).reshape(-1, x.shape[-1]).sum(0)
+        g = dy * weight
+        dx = r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+        return dx, dw, None
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * w, normalized in float32."""
 
@@ -36,8 +59,31 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
+            if torch.is_grad_enabled():
+                return _RMSNormFunction.apply(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """[gate, up] -> silu(gate) * up, storing only its input for backward.
+
+    d gate = dy * up * s (1 + gate (1 - s)) with s = sigmoid(gate); d up = dy * silu(gate).
+    (Autograd through the composite would also keep silu(gate).)
+    """
+
+    @staticmethod
+    def forward(fctx, gate_up):
+        fctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(fctx, dy):
+        (gate_up,) = fctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        s = torch.sigmoid(gate)
+        return torch.cat([dy * up * s * (1 + gate * (1 - s)), dy * gate * s], dim=-1)
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -149,8 +195,8 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[..., : (h + kv) * d].view(B, S, h + kv, d), batch.cos, batch.sin)
         q, k = qk[:, :, :h], qk[:, :, h:]
         v = qkv[..., (h + kv) * d :].view(B, S, kv, d)
-        if cache is None:
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, kv, S, d]
+        if cache is None:  # (a copy of v, so that backward does not keep all of qkv alive)
+            keys, values = k.transpose(1, 2), v.transpose(1, 2).contiguous()  # [B, kv, S, d]
         else:
             ck, cv = cache
             ck[batch.slot_rows, :, batch.positions] = k  # write [B, S, kv, d] at (slot, :, position)
@@ -180,9 +226,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        if torch.is_grad_enabled():  # autograd keeps silu's output: no in-place updates
-            return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        if torch.is_grad_enabled():
+            return self.down_proj(_SwiGLUFunction.apply(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
@@ -270,8 +317,11 @@ class LlamaForCausalLM(nn.Module):
         mask = None
         if S == 1 and within_window and bool((positions[:, 0] == L - 1).all()):
             pass  # one new token per sequence, after every cached one: attend to all keys
-        elif S == L and within_window and (slots is None or int(positions[0, 0]) == 0) and B == 1:
-            causal = True  # a fresh sequence: plain causal attention over its own tokens
+        elif S == L and within_window and (
+            (B == 1 and (slots is None or int(positions[0, 0]) == 0))
+            or (slots is None and bool((positions == torch.arange(S, device=positions.device)).all()))
+        ):
+            causal = True  # fresh sequences from position 0: plain causal attention over their own tokens
         else:
             q = positions.unsqueeze(-1)  # [B, S, 1]
             kp = key_pos.unsqueeze(1)  # [B, 1, L]
