@@ -4,8 +4,6 @@ every request with an error naming it."""
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 

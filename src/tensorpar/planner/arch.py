@@ -15,11 +15,11 @@ checkpoints and go through exactly the same path as a user's ``config.json``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from tensorpar.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from tensorpar.planner.jsonfile import read_json_object
 
 LLAMA2 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
               tie_word_embeddings=False)
@@ -234,12 +234,7 @@ def resolve_model(spec: str) -> ArchSpec:
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read model config {str(path)!r}: {e}") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"model config {str(path)!r} is not a JSON object")
+        cfg = read_json_object(path, "model config")
         name = path.parent.name if path.name == "config.json" else path.stem
         return from_hf_config(cfg, name=name or "model")
     raise ValueError(

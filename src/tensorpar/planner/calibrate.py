@@ -22,12 +22,11 @@ against its measurement.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from tensorpar.planner.arch import ArchSpec, resolve_model
+from tensorpar.planner.jsonfile import read_json_object
 from tensorpar.planner.costs import Precision, busiest_shard, decode_step, prefill_step
 from tensorpar.planner.hardware import Device, Link, MeasuredCollective
 from tensorpar.planner.latency import Placement, step_time
@@ -68,13 +67,8 @@ class CalibrationReport:
 
 
 def load_bench(path: str) -> dict:
-    try:
-        data = json.loads(Path(path).expanduser().read_text())
-    except OSError as e:
-        raise ValueError(f"cannot read calibration file {path!r}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"calibration file {path!r} is not JSON: {e}") from None
-    missing = [k for k in ("machine", "settings", "tensorpar") if not isinstance(data, dict) or k not in data]
+    data = read_json_object(path, "calibration file")
+    missing = [k for k in ("machine", "settings", "tensorpar") if k not in data]
     if missing:
         raise ValueError(f"calibration file {path!r} is not a tensorpar bench result (no {', '.join(missing)}); "
                          f"write one with `tensorpar bench`")

@@ -27,9 +27,10 @@ each rank is a process with at least one core; ``tensorpar bench`` results passe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from tensorpar.planner.jsonfile import read_json_object
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 DTYPES = tuple(DTYPE_BYTES)
@@ -224,12 +225,7 @@ def resolve_device(spec: str) -> Device:
         return BUILTIN_DEVICES[key]
     path = Path(spec).expanduser()
     if path.is_file():
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read device file {str(path)!r}: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"device file {str(path)!r} is not a JSON object")
+        d = read_json_object(path, "device file")
         return device_from_dict(d, path.stem)
     raise ValueError(
         f"unknown device {spec!r}: choose one of {', '.join(BUILTIN_DEVICES)}, or give a JSON device file "
