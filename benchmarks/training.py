@@ -21,9 +21,11 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -180,7 +182,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = corpus(out / "training-corpus.txt")
+    scratch = Path(tempfile.mkdtemp(prefix="tensorpar-training-bench-"))
+    data = corpus(scratch / "corpus.txt")
     rows = []
     for tp, sp in CONFIGS:
         rows.append(measure(args, tp, sp, data))
@@ -189,7 +192,8 @@ def main() -> None:
               f"peak RSS {', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} MiB  activations/layer "
               f"{', '.join(f'{a:.1f}' for a in r['activation_mib_per_layer'])} MiB "
               f"(formula {r['formula_mib_per_layer']['this_run_fp32']:.1f})", flush=True)
-    peer = run_peer(args, data, out)
+    peer = run_peer(args, data, scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
     print(f"transformers, one process: {peer['tokens_per_s']:.1f} tokens/s, peak RSS {peer['peak_rss_mb'][0]:.0f} MiB")
     print("\n| config | tokens/s | vs transformers | peak RSS per rank (MiB) | activations/layer/rank (MiB) "
           "| Korthikanti fp32 (MiB) | measured / formula |")
