@@ -11,12 +11,14 @@ After ``loss.backward()`` on each rank, three kinds of entries still differ from
    buffers, summed over the tensor-parallel group in one all-reduce, and read back.
 3. **Data parallelism.** Each replica's loss is its share of the global mean (token losses
    summed, divided by the global token count), so the replicas' gradients are summed over the
-   data-parallel group in one flat all-reduce.
+   data-parallel group. The sums start while backward is still running (``DataParallelBuckets``);
+   all three steps are linear, so their order does not matter.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from tensorpar.dist.collectives import all_gather_object, all_reduce
 from tensorpar.dist.mesh import Mesh
@@ -29,11 +31,63 @@ def _overlaps(spans: list[tuple[int, int]]) -> bool:
     return any(b0 < a1 for (_, a1), (b0, _) in zip(spans, spans[1:]))
 
 
+class DataParallelBuckets:
+    """Sum gradients over the data-parallel group while backward runs.
+
+    Parameters are grouped into buckets of about ``bucket_mib`` in reverse registration order
+    (roughly the order backward produces their gradients). When the last gradient of a bucket has
+    been accumulated, the bucket is flattened and all-reduced asynchronously; ``wait`` completes
+    every bucket (launching any whose gradients did not all arrive) and writes the sums back.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], ctx, bucket_mib: float = 25.0):
+        self.ctx = ctx
+        self.buckets: list[list[torch.nn.Parameter]] = [[]]
+        size = 0
+        for p in reversed(params):
+            if size and size + p.numel() * p.element_size() > bucket_mib * 2**20:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self.ready = [0] * len(self.buckets)
+        self.pending: dict[int, tuple] = {}
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _on_grad(self, p: torch.nn.Parameter) -> None:
+        i = self.bucket_of[id(p)]
+        self.ready[i] += 1
+        if self.ready[i] == len(self.buckets[i]):
+            self._launch(i)
+
+    def _launch(self, i: int) -> None:
+        for p in self.buckets[i]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.flatten() for p in self.buckets[i]])
+        self.pending[i] = (dist.all_reduce(flat, group=self.ctx.group, async_op=True), flat)
+
+    def wait(self) -> None:
+        for i in range(len(self.buckets)):
+            if i not in self.pending:
+                self._launch(i)
+        for i, (work, flat) in self.pending.items():
+            work.wait()
+            bucket = self.buckets[i]
+            for p, part in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.grad.copy_(part.view_as(p.grad))
+        self.pending.clear()
+        self.ready = [0] * len(self.buckets)
+
+
 class GradientSync:
     def __init__(self, model, mesh: Mesh, sequence_parallel: bool):
         self.mesh = mesh
         params = model_pieces(model)
         self.params = [pp.param for pp in params]
+        self.data_parallel = DataParallelBuckets(self.params, mesh.dp) if mesh.dp.world_size > 1 else None
         self.padding = [(pp.param, pc) for pp in params for pc in pp.pieces if pc.part is None]
         held: dict[str, list[tuple[int, int]]] = {}
         for pp in params:
@@ -57,6 +111,9 @@ class GradientSync:
         ]
 
     def __call__(self) -> None:
+        """After ``backward``: every local gradient becomes its slice of the global gradient."""
+        if self.data_parallel is not None:
+            self.data_parallel.wait()
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -73,7 +130,3 @@ class GradientSync:
             for buf, (_, _, holders) in zip(buffers, self.partial):
                 for param, pc in holders:
                     pc.local_view(param.grad).copy_(pc.full_slice(buf))
-        if self.mesh.dp.world_size > 1:
-            flat = all_reduce(torch.cat([p.grad.flatten() for p in self.params]), self.mesh.dp)
-            for p, part in zip(self.params, flat.split([p.numel() for p in self.params])):
-                p.grad.copy_(part.view_as(p.grad))
