@@ -7,6 +7,7 @@ Ranks are spawned on this host (supervised: a dead rank ends the run with its na
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -74,6 +75,11 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
     cfg.validate()
     if not Path(cfg.data).is_file():
         raise TensorparError(f"training data {cfg.data!r} is not a file")
+    if progress and torchrun_env() is None:
+        sp = " with sequence parallelism" if cfg.sp and cfg.tp > 1 else ""
+        source = f"{cfg.resume} (resumed)" if cfg.resume else cfg.model
+        print(f"tensorpar: training {source} at TP={cfg.tp} x DP={cfg.dp}{sp} on {cfg.tp * cfg.dp} rank(s); "
+              f"loading", file=sys.stderr, flush=True)
     ranks, leader = _start(cfg)
     try:
         start = ranks.call("position")
