@@ -32,6 +32,7 @@ from tensorpar.dist.collectives import all_gather_object
 from tensorpar.dist.mesh import Mesh
 from tensorpar.errors import CheckpointError
 from tensorpar.layers.pieces import model_pieces
+from tensorpar.loading.loader import expected_shapes
 from tensorpar.loading.sources import CheckpointSource, read_json
 from tensorpar.models.config import ModelConfig
 
@@ -89,8 +90,6 @@ def save_checkpoint(root: str | Path, step: int, mesh: Mesh, model, optimizer, e
     everyone = all_gather_object(entries, mesh.world)
     if mesh.world.rank == 0:
         config: ModelConfig = model.config
-        from tensorpar.loading.loader import expected_shapes
-
         meta = {
             "format": FORMAT,
             "step": step,

@@ -72,14 +72,26 @@ def random_init(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def random_source(name: str, seed: int) -> TensorSource:
-    """The random model ``name`` (see ``RANDOM_MODELS``) with the default model's tokenizer."""
-    default = open_source(DEFAULT_TOKENIZER_MODEL)  # reads the header only
+def random_config(name: str, default: CheckpointSource) -> ModelConfig:
+    """The config of random model ``name``, with the vocabulary of the default model."""
     vocab = default.config
     hf = dict(RANDOM_MODELS[name], vocab_size=vocab.vocab_size, bos_token_id=vocab.bos_token_id,
               eos_token_id=list(vocab.eos_token_ids) or None)
-    config = ModelConfig.from_hf(hf)
+    return ModelConfig.from_hf(hf)
+
+
+def random_source(name: str, seed: int) -> TensorSource:
+    """The random model ``name`` (see ``RANDOM_MODELS``) with the default model's tokenizer."""
+    default = open_source(DEFAULT_TOKENIZER_MODEL)  # reads the header only
+    config = random_config(name, default)
     return TensorSource(config, random_init(config, seed), default.tokenizer, name)
+
+
+def training_config(model: str) -> ModelConfig:
+    """The config ``training_source(model, ...)`` will have, without drawing or reading weights."""
+    if model in RANDOM_MODELS:
+        return random_config(model, open_source(DEFAULT_TOKENIZER_MODEL))
+    return open_source(model).config
 
 
 def training_source(model: str, seed: int) -> CheckpointSource:

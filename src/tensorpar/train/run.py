@@ -15,6 +15,9 @@ from tqdm import tqdm
 from tensorpar.dist.groups import destroy_group, single_process_context
 from tensorpar.dist.launch import SpawnedRanks, configure_rank_process, join_torchrun, torchrun_env
 from tensorpar.errors import TensorparError
+from tensorpar.partition import check_degree
+from tensorpar.train.checkpoint import ShardedCheckpointSource
+from tensorpar.train.init import training_config
 from tensorpar.train.trainer import TrainConfig, Trainer
 
 
@@ -75,6 +78,8 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
     cfg.validate()
     if not Path(cfg.data).is_file():
         raise TensorparError(f"training data {cfg.data!r} is not a file")
+    config = ShardedCheckpointSource(cfg.resume).config if cfg.resume else training_config(cfg.model)
+    check_degree(cfg.tp, config.num_heads)  # before any rank starts
     if progress and torchrun_env() is None:
         sp = " with sequence parallelism" if cfg.sp and cfg.tp > 1 else ""
         source = f"{cfg.resume} (resumed)" if cfg.resume else cfg.model
