@@ -162,3 +162,55 @@ def test_vocab_parallel_cross_entropy_on_uneven_shards(smoothing):
     ref.sum().backward()
     torch.testing.assert_close(loss.flatten(), ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.cat(grads, dim=-1), full.grad, rtol=1e-5, atol=1e-7)
+
+
+PADDED = dict(  # 9 heads on 3 KV heads: at TP=2 every rank has padded head slots and KV head 1 is
+    # replicated; q/k/v/o and MLP biases; an untied head; a vocabulary that splits unevenly
+    model_type="llama", vocab_size=97, hidden_size=72, intermediate_size=50, num_hidden_layers=2,
+    num_attention_heads=9, num_key_value_heads=3, head_dim=8, max_position_embeddings=128,
+    rms_norm_eps=1e-5, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="module")
+def padded_checkpoint(tmp_path_factory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**PADDED), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("padded")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_gradients_with_padded_slots_biases_and_an_untied_head(sp, padded_checkpoint):
+    from tensorpar.loading import open_source
+    from tensorpar.partition import head_shard
+
+    assert all(head_shard(9, 3, 2, r).padded for r in range(2))
+    tokens = torch.randint(0, 97, (2000,), generator=torch.Generator().manual_seed(1))
+    cfg = config(model=str(padded_checkpoint), tp=2, sp=sp, seq_len=15, batch=3)
+    inputs, labels = Trainer(single_process_context(), config(model=str(padded_checkpoint), seq_len=15, batch=3),
+                             tokens).batch(1)
+    reference = LlamaForCausalLM(open_source(str(padded_checkpoint)).config)
+    load_weights(reference, open_source(str(padded_checkpoint)))
+    F.cross_entropy(reference.logits(reference(inputs)).flatten(0, 1), labels.flatten()).backward()
+    expected = full_grads(reference)
+    ranks = SpawnedRanks(2, Trainer, (cfg, tokens), timeout_s=120)
+    try:
+        ranks.call("backward", inputs, labels)
+        grads = ranks.call("full_tensors", "grad")
+        losses = [r["loss"] for r in ranks.call("run_steps", 4)]  # padded slots must stay zero
+    finally:
+        ranks.close()
+    assert set(grads) == set(expected)
+    assert any(name.endswith("o_proj.bias") for name in grads) and "lm_head.weight" in grads
+    for name, ref in expected.items():
+        assert relative_error(grads[name], ref) < 1e-5, name
+    single = Trainer(single_process_context(), config(model=str(padded_checkpoint), seq_len=15, batch=3), tokens)
+    expected_losses = [r["loss"] for r in single.run_steps(4)]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-4, atol=0)

@@ -47,4 +47,6 @@ def test_data_errors_say_what_is_wrong(tmp_path):
     with pytest.raises(TensorparError, match="is empty"):
         tokenize_file(tmp_path / "empty.txt", None)
     with pytest.raises(TensorparError, match="fewer than --seq-len \\+ 1 = 65"):
-        check_data(torch.arange(10), 64, "tiny.txt")
+        check_data(torch.arange(10), 64, 100, "tiny.txt")
+    with pytest.raises(TensorparError, match="token id 120 is outside the model's vocabulary of 100"):
+        check_data(torch.arange(121), 64, 100, "big.txt")

@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--dropout", type=float, default=0.0, help="on attention probabilities and residual branches")
-    p.add_argument("--seed", type=int, default=0, help="initialization (random models) and batch order")
+    p.add_argument("--seed", type=int, default=None,
+                   help="initialization (random models), batch order and dropout (default: 0, or the checkpoint's)")
     p.add_argument("--save", default=None, metavar="DIR", help="write a checkpoint DIR/step-N at the end")
     p.add_argument("--save-every", type=int, default=0, metavar="K", help="also every K steps")
     p.add_argument("--resume", default=None, metavar="DIR", help="a checkpoint, or a run directory (its latest)")

@@ -81,9 +81,9 @@ def reduce_scatter_dim(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch
     if ctx.world_size == 1:
         return x
     if ctx.backend == "nccl":
-        chunks = list(x.movedim(dim, 0).contiguous().chunk(ctx.world_size, dim=0))
-        out = torch.empty_like(chunks[ctx.rank])
-        dist.reduce_scatter_tensor(out, torch.cat(chunks), group=ctx.group)
+        front = x.movedim(dim, 0).contiguous()  # [world_size * n, ...]
+        out = torch.empty_like(front.chunk(ctx.world_size, dim=0)[ctx.rank])
+        dist.reduce_scatter_tensor(out, front, group=ctx.group)
         return out.movedim(0, dim)
     return split_dim(all_reduce(x.clone(), ctx), ctx, dim)
 

@@ -105,14 +105,18 @@ def save_checkpoint(root: str | Path, step: int, mesh: Mesh, model, optimizer, e
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
-        _fsync(tmp / "metadata.json")
+        for f in tmp.iterdir():
+            _fsync(f)
         _fsync(tmp)
     _barrier(mesh)
     if mesh.world.rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / f".step-{step:08d}.old"
+        if final.exists():  # a step saved again: the old copy stays until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
         commit(tmp, final)
         _fsync(root)
+        shutil.rmtree(old, ignore_errors=True)
     _barrier(mesh)
     return final
 
@@ -177,9 +181,10 @@ class ShardedCheckpointSource(CheckpointSource):
 
     def _read(self, name, rows, cols) -> torch.Tensor:
         shape = self.shape(name)
-        want = [rows or range(shape[0])] + ([cols or range(shape[1])] if len(shape) == 2 else [])
-        out = torch.empty([len(w) for w in want])
-        covered = None
+        want = [range(shape[0]) if rows is None else rows]
+        if len(shape) == 2:
+            want.append(range(shape[1]) if cols is None else cols)
+        out = covered = None
         for e in self._pieces.get(name, []):
             sl = self._slice(e)
             if e["axis"] is None:  # the whole tensor
@@ -194,9 +199,11 @@ class ShardedCheckpointSource(CheckpointSource):
             index[axis] = slice(local.start + lo - span.start, local.start + hi - span.start)
             dst = [slice(None)] * len(want)
             dst[axis] = slice(lo - want[axis].start, hi - want[axis].start)
-            out[tuple(dst)] = sl[tuple(index)]
-            if covered is None:
+            piece = sl[tuple(index)]
+            if out is None:
+                out = torch.empty([len(w) for w in want], dtype=piece.dtype)
                 covered = torch.zeros(len(want[axis]), dtype=torch.bool)
+            out[tuple(dst)] = piece
             covered[lo - want[axis].start : hi - want[axis].start] = True
         if covered is None or not bool(covered.all()):
             raise CheckpointError(f"{self.path}: the saved pieces of {name!r} do not cover the requested slice")

@@ -31,7 +31,13 @@ def tokenize_file(path: str | Path, tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def check_data(tokens: torch.Tensor, seq_len: int, path: str | Path = "data") -> None:
+def check_data(tokens: torch.Tensor, seq_len: int, vocab_size: int, path: str | Path = "data") -> None:
+    """Enough tokens for one window, every one of them inside the model's vocabulary."""
+    if tokens.numel() and int(tokens.max()) >= vocab_size:
+        raise TensorparError(
+            f"{path}: token id {int(tokens.max())} is outside the model's vocabulary of {vocab_size} "
+            f"(the tokenizer does not match the model)"
+        )
     if tokens.numel() < seq_len + 1:
         raise TensorparError(
             f"{path} holds {tokens.numel()} tokens, fewer than --seq-len + 1 = {seq_len + 1}: "

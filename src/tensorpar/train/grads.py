@@ -69,6 +69,13 @@ class DataParallelBuckets:
         flat = torch.cat([p.grad.flatten() for p in self.buckets[i]])
         self.pending[i] = (dist.all_reduce(flat, group=self.ctx.group, async_op=True), flat)
 
+    def reset(self) -> None:
+        """Forget a backward pass that was not followed by ``wait`` (its sums are discarded)."""
+        for work, _ in self.pending.values():
+            work.wait()
+        self.pending.clear()
+        self.ready = [0] * len(self.buckets)
+
     def wait(self) -> None:
         for i in range(len(self.buckets)):
             if i not in self.pending:
@@ -109,6 +116,11 @@ class GradientSync:
                                   if pc.part is not None and pp.full_name(pc) == name])
             for name in sorted(partial)
         ]
+
+    def start(self) -> None:
+        """Before ``backward``: no data-parallel sum of an earlier pass is left in flight."""
+        if self.data_parallel is not None:
+            self.data_parallel.reset()
 
     def __call__(self) -> None:
         """After ``backward``: every local gradient becomes its slice of the global gradient."""

@@ -22,20 +22,26 @@ from tensorpar.models.llama import Attention, DecoderLayer
 STREAMS = ("replicated", "sharded")
 
 
-def stream_seed(seed: int, dp_rank: int, stream: str, tp_rank: int) -> int:
-    """The seed of one stream: a function of the run's seed and this rank's place in the mesh."""
+def stream_seed(seed: int, step: int, dp_rank: int, stream: str, tp_rank: int) -> int:
+    """The seed of one stream at one step: a function of the run's seed, the step and this rank's
+    place in the mesh (so a resumed run draws the masks an uninterrupted one would)."""
     member = 0 if stream == "replicated" else 1 + tp_rank
-    return hash((seed, dp_rank, member)) & (2**63 - 1)
+    return hash((seed, step, dp_rank, member)) & (2**63 - 1)
 
 
 class ParallelRNG:
     def __init__(self, seed: int, tp_rank: int, dp_rank: int, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
-        self._states = {}
+        self.seed, self.tp_rank, self.dp_rank = seed, tp_rank, dp_rank
+        self._states: dict[str, torch.Tensor] = {}
+        self.start_step(0)
+
+    def start_step(self, step: int) -> None:
+        """Reseed both streams for optimizer step ``step``."""
         for stream in STREAMS:
-            g = torch.Generator(device=device).manual_seed(stream_seed(seed, dp_rank, stream, tp_rank))
-            self._states[stream] = g.get_state()
+            seed = stream_seed(self.seed, step, self.dp_rank, stream, self.tp_rank)
+            self._states[stream] = torch.Generator(device=self.device).manual_seed(seed).get_state()
 
     def _get(self) -> torch.Tensor:
         return torch.cuda.get_rng_state(self.device) if self.cuda else torch.get_rng_state()

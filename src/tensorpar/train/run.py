@@ -18,7 +18,7 @@ from tensorpar.errors import TensorparError
 from tensorpar.partition import check_degree
 from tensorpar.train.checkpoint import ShardedCheckpointSource
 from tensorpar.train.init import training_config
-from tensorpar.train.trainer import TrainConfig, Trainer
+from tensorpar.train.trainer import TrainConfig, Trainer, resumed_seed
 
 
 class _Local:
@@ -78,20 +78,28 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
     cfg.validate()
     if not Path(cfg.data).is_file():
         raise TensorparError(f"training data {cfg.data!r} is not a file")
-    config = ShardedCheckpointSource(cfg.resume).config if cfg.resume else training_config(cfg.model)
-    check_degree(cfg.tp, config.num_heads)  # before any rank starts
-    if progress and torchrun_env() is None:
-        sp = " with sequence parallelism" if cfg.sp and cfg.tp > 1 else ""
-        source = f"{cfg.resume} (resumed)" if cfg.resume else cfg.model
-        print(f"tensorpar: training {source} at TP={cfg.tp} x DP={cfg.dp}{sp} on {cfg.tp * cfg.dp} rank(s); "
-              f"loading", file=sys.stderr, flush=True)
-    ranks, leader = _start(cfg)
-    try:
-        start = ranks.call("position")
+    # everything that can be checked before any rank starts
+    if cfg.resume:
+        checkpoint = ShardedCheckpointSource(cfg.resume)
+        config, start, model = checkpoint.config, checkpoint.step, checkpoint.meta.get("model", cfg.resume)
+        resumed_seed(checkpoint.meta, cfg.seed)
         if start >= cfg.steps:
             raise TensorparError(
                 f"the checkpoint is at step {start}: --steps {cfg.steps} (the total) leaves nothing to run"
             )
+    else:
+        config, start, model = training_config(cfg.model), 0, cfg.model
+        if cfg.save and any(Path(cfg.save).glob("step-*")):
+            raise TensorparError(f"{cfg.save} already holds checkpoints of another run: continue it with "
+                                 f"--resume {cfg.save}, or save a new run elsewhere")
+    check_degree(cfg.tp, config.num_heads)
+    sp = cfg.sp and cfg.tp > 1
+    if progress and torchrun_env() is None:
+        what = f"{model} from step {start} of {cfg.resume}" if cfg.resume else model
+        print(f"tensorpar: training {what} at TP={cfg.tp} x DP={cfg.dp}{' with sequence parallelism' if sp else ''} "
+              f"on {cfg.tp * cfg.dp} rank(s); loading", file=sys.stderr, flush=True)
+    ranks, leader = _start(cfg)
+    try:
         losses, steps, tokens, seconds = [], [], 0, 0.0
         bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="training", disable=not (progress and leader))
         for _ in range(start, cfg.steps):
@@ -110,9 +118,9 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
     if not leader:
         return None
     result = {
-        "model": cfg.model if not cfg.resume else f"{cfg.model} (resumed from {cfg.resume})",
-        "tp": cfg.tp, "dp": cfg.dp, "sp": cfg.sp, "seq_len": cfg.seq_len, "batch": cfg.batch,
-        "lr": cfg.lr, "seed": cfg.seed, "first_step": start + 1, "steps": steps, "losses": losses,
+        "model": model, "resumed_from": cfg.resume,
+        "tp": cfg.tp, "dp": cfg.dp, "sp": sp, "seq_len": cfg.seq_len, "batch": cfg.batch,
+        "lr": cfg.lr, "first_step": start + 1, "steps": steps, "losses": losses,
         "tokens": tokens, "train_seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
         "peak_rss_mb": rss, "checkpoint": checkpoint,
     }

@@ -49,7 +49,7 @@ class TrainConfig:
     eps: float = 1e-8
     label_smoothing: float = 0.0
     dropout: float = 0.0
-    seed: int = 0
+    seed: int | None = None  # None: 0 for a new run, the checkpoint's seed when resuming
     save: str | None = None
     save_every: int = 0
     resume: str | None = None
@@ -65,6 +65,10 @@ class TrainConfig:
             raise TensorparError(f"--lr must be positive, got {self.lr}")
         if self.save_every < 0:
             raise TensorparError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.save_every and not self.save:
+            raise TensorparError("--save-every needs --save DIR (where the checkpoints go)")
+        if self.weight_decay < 0 or self.eps <= 0:
+            raise TensorparError(f"--weight-decay must be >= 0 and eps > 0, got {self.weight_decay}, {self.eps}")
         if not 0.0 <= self.dropout < 1.0:
             raise TensorparError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -85,6 +89,16 @@ def _load_optimizer_state(optimizer, model, path, step: int, expected) -> None:
         optimizer.state[pp.param] = state
 
 
+def resumed_seed(meta: dict, seed: int | None) -> int:
+    """The seed a resumed run continues with: the checkpoint's (batch order and dropout masks
+    depend on it); a different ``--seed`` is refused rather than silently changing the data."""
+    saved = meta.get("seed", 0)
+    if seed is not None and seed != saved:
+        raise TensorparError(f"the checkpoint was trained with --seed {saved}; resume it with that seed "
+                             f"(or leave --seed out), not --seed {seed}")
+    return saved
+
+
 class Trainer:
     """The training state of one rank; every method is collective over all ranks."""
 
@@ -97,7 +111,11 @@ class Trainer:
             path = find_checkpoint(cfg.resume)
             source = ShardedCheckpointSource(path)
             self.step_done = source.step
+            self.model_name = source.meta.get("model", str(path))
+            cfg.seed = resumed_seed(source.meta, cfg.seed)
         else:
+            self.model_name = cfg.model
+            cfg.seed = 0 if cfg.seed is None else cfg.seed
             source = training_source(cfg.model, cfg.seed)
         self.config = source.config
         check_degree(cfg.tp, self.config.num_heads)
@@ -123,14 +141,15 @@ class Trainer:
         if world.rank == 0:
             try:
                 tokens = tokenize_file(self.cfg.data, self.tokenizer)
-                check_data(tokens, self.cfg.seq_len, self.cfg.data)
+                check_data(tokens, self.cfg.seq_len, self.config.vocab_size, self.cfg.data)
                 count = tokens.numel()
             except TensorparError as e:
                 count = e
         count = broadcast_object(count, world)
         if isinstance(count, TensorparError):
             raise count
-        return broadcast(tokens if world.rank == 0 else torch.empty(count, dtype=torch.long), world)
+        ids = tokens if world.rank == 0 else torch.empty(count, dtype=torch.long)
+        return broadcast(ids.to(world.device), world).cpu()  # NCCL carries device tensors only
 
     # ------------------------------------------------------------------ one step
 
@@ -156,6 +175,7 @@ class Trainer:
     def backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         """Forward and backward on this replica's rows; leaves synchronized gradients."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.sync.start()
         loss, count = self._loss(inputs, labels)
         loss.backward()
         self.sync()
@@ -164,6 +184,7 @@ class Trainer:
     def train_step(self) -> dict:
         """Run the next optimizer step; returns its global mean loss, tokens and seconds."""
         step = self.step_done + 1
+        self.rng.start_step(step)
         t0 = time.perf_counter()
         loss, tokens = self.backward(*self.batch(step))
         self.optimizer.step()
@@ -177,16 +198,10 @@ class Trainer:
         """``n`` optimizer steps (see ``train_step``)."""
         return [self.train_step() for _ in range(n)]
 
-    def evaluate(self, step: int) -> float:
-        """The global mean loss on step ``step``'s batch at the current weights (no update)."""
-        with torch.no_grad():
-            loss, _ = self._loss(*self.batch(step))
-        return float(all_reduce(loss.clone(), self.mesh.dp))
-
     # ------------------------------------------------------------------ state
 
     def save(self, root: str) -> str:
-        extra = {"seed": self.cfg.seed, "model": self.cfg.model, "train_config": asdict(self.cfg)}
+        extra = {"seed": self.cfg.seed, "model": self.model_name, "train_config": asdict(self.cfg)}
         path = save_checkpoint(root, self.step_done, self.mesh, self.model, self.optimizer, extra, self.tokenizer)
         return str(path)
 
