@@ -91,3 +91,13 @@ def test_bad_input_gets_one_clear_line(corpus, args, message):
     r = cli("train", "--data", str(corpus), "--quiet", *COMMON, *args)
     assert r.returncode == 1
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_run_keeps_its_seed_and_its_directory(first_run, corpus):
+    root, _ = first_run
+    base = [a for a in COMMON if a not in ("--seed", "7")]
+    other_seed = cli("train", "--data", str(corpus), "--steps", "9", "--resume", str(root / "ckpt"), "--seed", "8",
+                     "--quiet", *base)
+    assert other_seed.returncode == 1 and "trained with --seed 7" in other_seed.stderr
+    into_old = cli("train", "--data", str(corpus), "--steps", "2", "--save", str(root / "ckpt"), "--quiet", *COMMON)
+    assert into_old.returncode == 1 and "already holds checkpoints of another run" in into_old.stderr
