@@ -22,39 +22,13 @@ from tensorpar.planner.arch import ArchSpec, resolve_model
 from tensorpar.planner.costs import Precision
 from tensorpar.planner.hardware import DTYPES, GIB, Device, resolve_device
 from tensorpar.planner.memory import RECOMPUTE
-from tensorpar.planner.search import OBJECTIVES, Config, Workload, enumerate_configs, evaluate, recommend
+from tensorpar.planner.search import OBJECTIVES, Config, PlanRequest, enumerate_configs, evaluate, recommend
 
 MODES = ("inference", "training")
 
 
 class PlanError(TensorparError):
     """The request makes no sense, or the model fits no configuration of the given GPUs."""
-
-
-@dataclass(frozen=True)
-class PlanRequest:
-    """What ``tensorpar plan`` asks (see ``cli/plan.py`` for each field's meaning)."""
-
-    model: str
-    gpu: str
-    gpus: int
-    nodes: int | None = None
-    prompt_len: int = 512
-    output_len: int = 128
-    batch: int = 1
-    dtype: str = "bf16"
-    kv_dtype: str | None = None
-    slo_ttft_ms: float | None = None
-    slo_tpot_ms: float | None = None
-    objective: str | None = None
-    mode: str = "inference"
-    global_batch: int = 256
-    seq_len: int = 4096
-    micro_batch: int = 1
-    sequence_parallel: bool = True
-    recompute: str = "selective"
-    distributed_optimizer: bool = False
-    calibrate: str | None = None
 
 
 @dataclass
@@ -157,9 +131,7 @@ def plan(r: PlanRequest) -> PlanResult:
     kv = r.kv_dtype or ("fp32" if r.dtype == "fp32" else "bf16" if r.dtype in ("fp8", "int8") else r.dtype)
     precision = Precision(r.dtype, kv)
     objective = r.objective or ("throughput" if r.mode == "training" else "latency")
-    w = Workload(r.mode, r.batch, r.prompt_len, r.output_len, r.seq_len, r.micro_batch, r.global_batch,
-                 r.sequence_parallel, r.recompute, r.distributed_optimizer, r.slo_ttft_ms, r.slo_tpot_ms)
-    configs = [evaluate(arch, device, precision, r.gpus, gpn, w, c) for c in enumerate_configs(arch, r.gpus)]
+    configs = [evaluate(arch, device, precision, gpn, r, c) for c in enumerate_configs(arch, r.gpus)]
     if not any(c.feasible for c in configs):
         raise PlanError(_fits_nowhere(arch, device, precision, r, configs))
     best, explanation = recommend(configs, objective, r.mode, r.objective is None,

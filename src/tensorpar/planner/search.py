@@ -116,25 +116,35 @@ def enumerate_configs(arch: ArchSpec, gpus: int) -> list[Config]:
 
 
 @dataclass(frozen=True)
-class Workload:
-    mode: str
+class PlanRequest:
+    """What ``tensorpar plan`` asks (see ``cli/plan.py`` for each field's meaning)."""
+
+    model: str
+    gpu: str
+    gpus: int
+    nodes: int | None = None
+    prompt_len: int = 512
+    output_len: int = 128
     batch: int = 1
-    prompt: int = 512
-    output: int = 128
+    dtype: str = "bf16"
+    kv_dtype: str | None = None
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    objective: str | None = None
+    mode: str = "inference"
+    global_batch: int = 256
     seq_len: int = 4096
     micro_batch: int = 1
-    global_batch: int = 256
     sequence_parallel: bool = True
     recompute: str = "selective"
     distributed_optimizer: bool = False
-    slo_ttft_ms: float | None = None
-    slo_tpot_ms: float | None = None
+    calibrate: str | None = None
 
 
-def _structural_reason(arch: ArchSpec, c: Config, gpus_per_node: int, gpus: int, w: Workload) -> str | None:
+def _structural_reason(arch: ArchSpec, c: Config, gpus_per_node: int, w: PlanRequest) -> str | None:
     if c.tp > arch.heads:
         return f"TP={c.tp} exceeds the {arch.heads} query heads (tensorpar splits heads, not head dimensions)"
-    if gpus > gpus_per_node and (c.tp > gpus_per_node or gpus_per_node % c.tp):
+    if w.gpus > gpus_per_node and (c.tp > gpus_per_node or gpus_per_node % c.tp):
         nodes = math.ceil(c.tp / gpus_per_node)
         where = f"spans {nodes} nodes" if c.tp > gpus_per_node else f"straddles nodes of {gpus_per_node} GPUs"
         return f"TP={c.tp} {where}: its per-layer all-reduces would cross the inter-node link"
@@ -158,17 +168,17 @@ def _memory_reason(mem: MemoryUse) -> str:
             f"has {mem.capacity / GIB:.1f} GiB")
 
 
-def evaluate(arch: ArchSpec, device: Device, precision: Precision, gpus: int, gpus_per_node: int,
-             w: Workload, c: Config) -> Config:
+def evaluate(arch: ArchSpec, device: Device, precision: Precision, gpus_per_node: int,
+             w: PlanRequest, c: Config) -> Config:
     """Fill in memory, times, throughput and cost of one configuration (or why it cannot run)."""
-    reason = _structural_reason(arch, c, gpus_per_node, gpus, w)
+    reason = _structural_reason(arch, c, gpus_per_node, w)
     if reason:
         c.feasible, c.reason = False, reason
         return c
     c.note = engines_refuse(arch, c.tp)
     shard = busiest_shard(arch, c.tp, c.ep)
     place = Placement(c.tp, c.pp, c.dp, c.ep, gpus_per_node)
-    dollars_per_s = device.price_per_hour * gpus / 3600.0
+    dollars_per_s = device.price_per_hour * w.gpus / 3600.0
     if w.mode == "training":
         m = w.global_batch // (c.dp * w.micro_batch)
         c.memory = training_memory(arch, shard, c.tp, c.pp, c.dp, device, place.ranks_per_node, w.seq_len,
@@ -177,18 +187,18 @@ def evaluate(arch: ArchSpec, device: Device, precision: Precision, gpus: int, gp
                                    w.global_batch, w.recompute, w.distributed_optimizer)
         tokens = w.global_batch * w.seq_len
         c.throughput_tok_s = tokens / c.training.step
-        c.mfu = model_flops(arch, w.seq_len, tokens) / (c.training.step * gpus * device.peak_flops(precision.weight_dtype))
+        c.mfu = model_flops(arch, w.seq_len, tokens) / (c.training.step * w.gpus * device.peak_flops(precision.weight_dtype))
         c.extra = {"step_s": round(c.training.step, 4), "mfu": round(c.mfu, 4),
                    "pipeline_bubble": round(c.training.bubble, 4)}
     else:
         m = min(w.batch, c.pp)
         c.memory = inference_memory(arch, shard, c.pp, precision, device, place.ranks_per_node,
-                                    math.ceil(w.batch / m), w.batch, w.prompt, w.output)
-        c.phases = inference_times(arch, shard, precision, device, place, w.batch, w.prompt, w.output)
+                                    math.ceil(w.batch / m), w.batch, w.prompt_len, w.output_len)
+        c.phases = inference_times(arch, shard, precision, device, place, w.batch, w.prompt_len, w.output_len)
         c.ttft_ms = c.phases.ttft * 1e3
         c.tpot_ms = c.phases.tpot * 1e3
-        request_s = c.phases.ttft + (w.output - 1) * c.phases.tpot
-        c.throughput_tok_s = c.dp * w.batch * w.output / request_s
+        request_s = c.phases.ttft + (w.output_len - 1) * c.phases.tpot
+        c.throughput_tok_s = c.dp * w.batch * w.output_len / request_s
     c.usd_per_mtok = dollars_per_s / c.throughput_tok_s * 1e6
     if not c.memory.fits:
         c.feasible, c.reason = False, _memory_reason(c.memory)
