@@ -218,8 +218,12 @@ def _pct(a: float, b: float) -> str:
     return f"{100 * (a - b) / b:.0f}%"
 
 
-def _ratio_words(n: int) -> str:
-    return {2: "twice", 3: "three times", 4: "four times"}.get(n, f"{n}x")
+def _ratio_words(larger: int, smaller: int) -> str:
+    """How many times ``smaller`` fits in ``larger``, in words: "twice", "three times", "1.5x"."""
+    ratio = larger / smaller
+    if ratio != int(ratio):
+        return f"{ratio:.1f}x"
+    return {2: "twice", 3: "three times", 4: "four times"}.get(int(ratio), f"{int(ratio)}x")
 
 
 def _replica(c: Config) -> str:
@@ -306,8 +310,7 @@ def recommend(configs: list[Config], objective: str, mode: str, objective_was_de
         lines.append(head)
         if best is not fastest:
             cut = (best.tpot_ms - fastest.tpot_ms) / best.tpot_ms
-            ratio = fastest.gpus_per_replica / best.gpus_per_replica
-            words = _ratio_words(int(ratio)) if ratio == int(ratio) else f"{ratio:.1f}x"
+            words = _ratio_words(fastest.gpus_per_replica, best.gpus_per_replica)
             lines.append(f"{_replica(fastest)} would cut decode time by only {100 * cut:.0f}% "
                          f"({best.tpot_ms:.1f} -> {fastest.tpot_ms:.1f} ms/token) at {words} the {unit} per replica; "
                          f"run {_replicas(best)} instead ({best.throughput_tok_s:,.0f} against "
@@ -317,8 +320,7 @@ def recommend(configs: list[Config], objective: str, mode: str, objective_was_de
             if smaller:
                 alt = min(smaller, key=lambda c: (c.tpot_ms, -c.gpus_per_replica))
                 cut = (alt.tpot_ms - best.tpot_ms) / alt.tpot_ms
-                ratio = best.gpus_per_replica / alt.gpus_per_replica
-                words = _ratio_words(int(ratio)) if ratio == int(ratio) else f"{ratio:.1f}x"
+                words = _ratio_words(best.gpus_per_replica, alt.gpus_per_replica)
                 lines.append(f"It cuts decode time by {100 * cut:.0f}% against {_replica(alt)} "
                              f"({alt.tpot_ms:.1f} -> {best.tpot_ms:.1f} ms/token) with {words} the {unit} per "
                              f"replica; if total throughput matters more than per-request latency, "
