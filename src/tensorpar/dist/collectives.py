@@ -116,84 +116,41 @@ def all_gather_object(obj, ctx: ParallelContext) -> list:
     return out
 
 
-class _CopyToTP(torch.autograd.Function):
-    """Forward identity, backward all-reduce. Pair: ``_ReduceFromTP``."""
-
-    @staticmethod
-    def forward(fctx, x, ctx):
-        fctx.ctx = ctx
-        return x
-
-    @staticmethod
-    def backward(fctx, grad):
-        return all_reduce(grad.contiguous(), fctx.ctx), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """Forward all-reduce, backward identity. Pair: ``_CopyToTP``."""
-
-    @staticmethod
-    def forward(fctx, x, ctx):
-        return all_reduce(x.clone(), ctx)
-
-    @staticmethod
-    def backward(fctx, grad):
-        return grad, None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    """Forward all-gather of the last dim, backward split. Pair: ``_ScatterToTP``."""
-
-    @staticmethod
-    def forward(fctx, x, ctx):
-        fctx.ctx = ctx
-        return all_gather_last(x, ctx)
-
-    @staticmethod
-    def backward(fctx, grad):
-        return split_last(grad, fctx.ctx), None
-
-
-class _ScatterToTP(torch.autograd.Function):
-    """Forward split of the last dim, backward all-gather. Pair: ``_GatherFromTP``."""
-
-    @staticmethod
-    def forward(fctx, x, ctx):
-        fctx.ctx = ctx
-        return split_last(x, ctx)
-
-    @staticmethod
-    def backward(fctx, grad):
-        return all_gather_last(grad, fctx.ctx), None
-
-
 SEQ_DIM = 1  # activations are [batch, sequence, hidden]
 
 
-class _GatherSeq(torch.autograd.Function):
-    """Forward all-gather along the sequence dim, backward reduce-scatter. Pair: ``_ReduceScatterSeq``."""
+def _identity(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x
 
-    @staticmethod
-    def forward(fctx, x, ctx):
+
+def _gather_seq(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return all_gather_dim(x, ctx, SEQ_DIM)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return reduce_scatter_dim(x, ctx, SEQ_DIM)
+
+
+def _conjugate(name: str, forward, backward) -> type:
+    """An autograd function computing ``forward(x, ctx)`` whose gradient is ``backward(grad, ctx)``."""
+
+    def fwd(fctx, x, ctx):
         fctx.ctx = ctx
-        return all_gather_dim(x, ctx, SEQ_DIM)
+        return forward(x, ctx)
 
-    @staticmethod
-    def backward(fctx, grad):
-        return reduce_scatter_dim(grad, fctx.ctx, SEQ_DIM), None
+    def bwd(fctx, grad):
+        return backward(grad, fctx.ctx), None
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _ReduceScatterSeq(torch.autograd.Function):
-    """Forward reduce-scatter along the sequence dim, backward all-gather. Pair: ``_GatherSeq``."""
-
-    @staticmethod
-    def forward(fctx, x, ctx):
-        fctx.ctx = ctx
-        return reduce_scatter_dim(x, ctx, SEQ_DIM)
-
-    @staticmethod
-    def backward(fctx, grad):
-        return all_gather_dim(grad, fctx.ctx, SEQ_DIM), None
+# Each pair's backward is the other's forward (the module docstring lists them).
+_CopyToTP = _conjugate("_CopyToTP", _identity, lambda grad, ctx: all_reduce(grad.contiguous(), ctx))
+_ReduceFromTP = _conjugate("_ReduceFromTP", lambda x, ctx: all_reduce(x.clone(), ctx), _identity)
+_GatherFromTP = _conjugate("_GatherFromTP", all_gather_last, split_last)
+_ScatterToTP = _conjugate("_ScatterToTP", split_last, all_gather_last)
+_GatherSeq = _conjugate("_GatherSeq", _gather_seq, _reduce_scatter_seq)
+_ReduceScatterSeq = _conjugate("_ReduceScatterSeq", _reduce_scatter_seq, _gather_seq)
 
 
 def _paired(function, raw, x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
@@ -206,7 +163,7 @@ def _paired(function, raw, x: torch.Tensor, ctx: ParallelContext) -> torch.Tenso
 
 
 def copy_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    return _paired(_CopyToTP, lambda t, _: t, x, ctx)
+    return _paired(_CopyToTP, _identity, x, ctx)
 
 
 def reduce_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
@@ -223,9 +180,9 @@ def scatter_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 
 def gather_seq(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """[B, S/p, ...] -> [B, S, ...]; enters a tensor-parallel region from a sequence-parallel one."""
-    return _paired(_GatherSeq, lambda t, c: all_gather_dim(t, c, SEQ_DIM), x, ctx)
+    return _paired(_GatherSeq, _gather_seq, x, ctx)
 
 
 def reduce_scatter_seq(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """[B, S, ...] partial sums -> [B, S/p, ...] summed; leaves a tensor-parallel region."""
-    return _paired(_ReduceScatterSeq, lambda t, c: reduce_scatter_dim(t, c, SEQ_DIM), x, ctx)
+    return _paired(_ReduceScatterSeq, _reduce_scatter_seq, x, ctx)
