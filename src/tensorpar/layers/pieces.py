@@ -98,8 +98,9 @@ def model_pieces(model: nn.Module) -> list[ParamPieces]:
     for name, module in model.named_modules():
         parent, _, leaf = name.rpartition(".")
         prefix = f"{parent}." if parent else ""
+        own = dict(module.named_parameters(recurse=False))
         for pname, pcs in module_pieces(module, leaf).items():
-            p = module.get_parameter(pname) if pname in dict(module.named_parameters(recurse=False)) else None
-            if p is not None and id(p) not in by_id:
+            p = own[pname]
+            if id(p) not in by_id:  # a tied parameter keeps its first name
                 by_id[id(p)] = ParamPieces(f"{name}.{pname}" if name else pname, p, pcs, prefix)
     return [by_id[id(p)] for _, p in model.named_parameters() if id(p) in by_id]

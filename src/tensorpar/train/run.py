@@ -93,7 +93,7 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
             raise TensorparError(f"{cfg.save} already holds checkpoints of another run: continue it with "
                                  f"--resume {cfg.save}, or save a new run elsewhere")
     check_degree(cfg.tp, config.num_heads)
-    sp = cfg.sp and cfg.tp > 1
+    sp = cfg.sequence_parallel
     if progress and torchrun_env() is None:
         what = f"{model} from step {start} of {cfg.resume}" if cfg.resume else model
         print(f"tensorpar: training {what} at TP={cfg.tp} x DP={cfg.dp}{' with sequence parallelism' if sp else ''} "

@@ -22,7 +22,6 @@ from tensorpar.errors import TensorparError
 from tensorpar.layers import vocab_parallel_cross_entropy
 from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.loader import build_model, expected_shapes, fill_parameter
-from tensorpar.partition import check_degree
 from tensorpar.plans import set_sequence_parallel
 from tensorpar.train.checkpoint import ShardedCheckpointSource, find_checkpoint, save_checkpoint
 from tensorpar.train.data import IGNORE_INDEX, batch_for_step, check_data, pad_sequence, replica_rows, tokenize_file
@@ -55,6 +54,11 @@ class TrainConfig:
     resume: str | None = None
     device: str = "cpu"
     timeout_s: float = 300.0
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether SP is in effect (it needs more than one tensor-parallel rank)."""
+        return self.sp and self.tp > 1
 
     def validate(self) -> None:
         for name in ("tp", "dp", "steps", "seq_len", "batch"):
@@ -118,18 +122,17 @@ class Trainer:
             cfg.seed = 0 if cfg.seed is None else cfg.seed
             source = training_source(cfg.model, cfg.seed)
         self.config = source.config
-        check_degree(cfg.tp, self.config.num_heads)
         self.tokenizer = source.tokenizer() if world.rank == 0 else None
         self.model = build_model(source, self.mesh.tp, trainable=True)
-        set_sequence_parallel(self.model, cfg.sp and cfg.tp > 1)
+        set_sequence_parallel(self.model, cfg.sequence_parallel)
         self.rng = ParallelRNG(cfg.seed, self.mesh.tp.rank, self.mesh.dp.rank, self.mesh.tp.device)
-        set_dropout(self.model, cfg.dropout, self.rng, cfg.sp and cfg.tp > 1)
+        set_dropout(self.model, cfg.dropout, self.rng, cfg.sequence_parallel)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
         if cfg.resume:
             _load_optimizer_state(self.optimizer, self.model, path, self.step_done, expected_shapes(self.config))
-        self.sync = GradientSync(self.model, self.mesh, cfg.sp and cfg.tp > 1)
+        self.sync = GradientSync(self.model, self.mesh, cfg.sequence_parallel)
         self.tokens = self._tokens(tokens)
 
     def _tokens(self, tokens: torch.Tensor | None) -> torch.Tensor:
