@@ -18,6 +18,8 @@ from torch import nn
 
 from tensorpar.models.config import ModelConfig
 
+_NO_DROPOUT = nullcontext()  # reusable: entered on every inference step
+
 
 def fused_linear(in_features: int, parts: list[tuple[str, int]], bias: bool) -> nn.Linear:
     """One nn.Linear whose output rows stack the checkpoint tensors ``parts`` [(name, rows)]."""
@@ -208,7 +210,7 @@ class Attention(nn.Module):
             else:
                 keys, values = ck[batch.slots, :, :L], cv[batch.slots, :, :L]
         p = self.dropout if self.training else 0.0
-        with self.dropout_rng() if p else nullcontext():
+        with self.dropout_rng() if p else _NO_DROPOUT:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), keys, values, attn_mask=batch.mask, is_causal=batch.causal,
                 dropout_p=p, enable_gqa=h != kv,
