@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args()
-    from tensorpar.dist.launch import free_port
+    from tensorpar.distributed.launch import free_port
 
     rows = []
     for tp in [int(t) for t in args.tp.split(",")]:

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from tensorpar.dist.collectives import all_gather_object
-from tensorpar.dist.launch import SpawnedRanks
+from tensorpar.distributed.collectives import all_gather_object
+from tensorpar.distributed.launch import SpawnedRanks
 from tensorpar.models.llama import DecoderLayer
 from tensorpar.planner.arch import from_model_config
 from tensorpar.planner.memory import activation_bytes_per_layer
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER = r"""
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM
-from tensorpar.dist.launch import peak_rss_mb
+from tensorpar.distributed.launch import peak_rss_mb
 from tensorpar.loading import resolve_model
 from tensorpar.train.data import batch_for_step
 torch.set_num_threads(int(sys.argv[5]))

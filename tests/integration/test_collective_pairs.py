@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tensorpar.dist.launch import SpawnedRanks
+from tensorpar.distributed.launch import SpawnedRanks
 
 pytestmark = pytest.mark.timeout(120)
 WORLD = 3
@@ -22,8 +22,8 @@ class PairProbe:
         self.ctx = ctx
 
     def run(self, name: str, in_shape, out_shape):
-        from tensorpar.dist import collectives
-        from tensorpar.dist.collectives import all_gather_object
+        from tensorpar.distributed import collectives
+        from tensorpar.distributed.collectives import all_gather_object
 
         x, _ = rank_tensors(self.ctx.rank, in_shape)
         _, g = rank_tensors(self.ctx.rank, out_shape)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tensorpar.dist import shm as shm_module
-from tensorpar.dist.launch import SpawnedRanks
+from tensorpar.distributed import shm as shm_module
+from tensorpar.distributed.launch import SpawnedRanks
 
 pytestmark = pytest.mark.skipif(not shm_module.available(), reason="shared-memory collectives need x86-64 and /dev/shm")
 

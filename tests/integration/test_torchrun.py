@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import cli
-from tensorpar.dist.launch import free_port
+from tensorpar.distributed.launch import free_port
 
 
 @pytest.mark.timeout(180)

@@ -10,8 +10,8 @@ import signal
 import pytest
 import torch
 
-from tensorpar.dist.groups import single_process_context
-from tensorpar.dist.launch import SpawnedRanks
+from tensorpar.distributed.groups import single_process_context
+from tensorpar.distributed.launch import SpawnedRanks
 from tensorpar.errors import RankFailure
 from tensorpar.loading.loader import load_weights
 from tensorpar.models.llama import LlamaForCausalLM

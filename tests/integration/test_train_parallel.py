@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tensorpar.dist.collectives import all_gather_object
-from tensorpar.dist.groups import single_process_context
-from tensorpar.dist.launch import SpawnedRanks
+from tensorpar.distributed.collectives import all_gather_object
+from tensorpar.distributed.groups import single_process_context
+from tensorpar.distributed.launch import SpawnedRanks
 from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.loader import load_weights
 from tensorpar.models.llama import LlamaForCausalLM

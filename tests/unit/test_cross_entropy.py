@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tensorpar.dist.groups import single_process_context
+from tensorpar.distributed.groups import single_process_context
 from tensorpar.layers import vocab_parallel_cross_entropy
 
 

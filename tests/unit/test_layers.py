@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tensorpar.layers.embedding as embedding_mod
-from tensorpar.dist.groups import ParallelContext
+from tensorpar.distributed.groups import ParallelContext
 from tensorpar.layers import (
     ColumnParallelLinear,
     ParallelLMHead,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tensorpar.dist import single_process_context
+from tensorpar.distributed import single_process_context
 from tensorpar.errors import CheckpointError
 from tensorpar.loading import build_model, expected_shapes, open_source, resolve_model
 from tensorpar.loading.gguf_source import GGUFSource, hf_name, unpermute_rows

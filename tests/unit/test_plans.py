@@ -8,7 +8,7 @@ from torch import nn
 
 import tensorpar.layers.embedding as embedding_mod
 import tensorpar.layers.linear as linear_mod
-from tensorpar.dist.groups import ParallelContext
+from tensorpar.distributed.groups import ParallelContext
 from tensorpar.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from tensorpar.loading import build_model
 from tensorpar.loading.safetensors_source import SafetensorsSource
@@ -192,7 +192,7 @@ def sources(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def full_models(sources):
-    from tensorpar.dist import single_process_context
+    from tensorpar.distributed import single_process_context
 
     return {arch: build_model(src, single_process_context()) for arch, src in sources.items()}
 

@@ -96,7 +96,7 @@ def run(args, stage: dict) -> dict:
     from transformers.utils import logging as hf_logging
 
     from tensorpar.bench.prompts import batch_prompts, long_prompt
-    from tensorpar.dist.launch import peak_rss_mb
+    from tensorpar.distributed.launch import peak_rss_mb
 
     hf_logging.set_verbosity_error()
     t0 = time.perf_counter()

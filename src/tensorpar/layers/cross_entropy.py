@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from tensorpar.dist.collectives import all_reduce, all_reduce_max
-from tensorpar.dist.groups import ParallelContext
+from tensorpar.distributed.collectives import all_reduce, all_reduce_max
+from tensorpar.distributed.groups import ParallelContext
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

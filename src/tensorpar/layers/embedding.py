@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.dist.collectives import copy_to_tp, gather_from_tp, reduce_from_tp, reduce_scatter_seq
-from tensorpar.dist.groups import ParallelContext
+from tensorpar.distributed.collectives import copy_to_tp, gather_from_tp, reduce_from_tp, reduce_scatter_seq
+from tensorpar.distributed.groups import ParallelContext
 from tensorpar.layers.linear import ShardReader, gathered_linear, load_pieces
 from tensorpar.layers.pieces import Piece
 

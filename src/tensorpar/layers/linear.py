@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.dist.collectives import (
+from tensorpar.distributed.collectives import (
     SEQ_DIM,
     all_gather_dim,
     copy_to_tp,
@@ -24,7 +24,7 @@ from tensorpar.dist.collectives import (
     reduce_scatter_dim,
     reduce_scatter_seq,
 )
-from tensorpar.dist.groups import ParallelContext
+from tensorpar.distributed.groups import ParallelContext
 from tensorpar.layers.pieces import Piece, fill_from_pieces, split_pieces
 
 

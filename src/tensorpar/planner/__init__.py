@@ -1,5 +1,5 @@
 """The planner: which tensor/pipeline/data-parallel configuration to run a model with, on which
-hardware, and why. Pure Python: it imports nothing from ``dist`` or ``layers`` (nor torch) and
+hardware, and why. Pure Python: it imports nothing from ``distributed`` or ``layers`` (nor torch) and
 answers in milliseconds.
 
     from tensorpar.planner import PlanRequest, plan

@@ -21,7 +21,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from tensorpar.dist.groups import ParallelContext
+from tensorpar.distributed.groups import ParallelContext
 from tensorpar.layers import (
     ColumnParallelLinear,
     ParallelLMHead,

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensorpar.dist.collectives import all_gather_object, broadcast, broadcast_object
-from tensorpar.dist.groups import ParallelContext
-from tensorpar.dist.launch import peak_rss_mb
+from tensorpar.distributed.collectives import all_gather_object, broadcast, broadcast_object
+from tensorpar.distributed.groups import ParallelContext
+from tensorpar.distributed.launch import peak_rss_mb
 from tensorpar.errors import TensorparError
 from tensorpar.loading import build_model, open_source
 from tensorpar.models.llama import KVCache

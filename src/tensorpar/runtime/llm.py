@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tensorpar.dist.groups import DEFAULT_TIMEOUT_S
+from tensorpar.distributed.groups import DEFAULT_TIMEOUT_S
 from tensorpar.errors import TensorparError
 from tensorpar.runtime.engine import Engine, EngineSpec, GenerationResult
 from tensorpar.runtime.ranks import start_ranks

@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from tensorpar.dist.groups import ParallelContext, init_group, single_process_context
-from tensorpar.dist.launch import (
+from tensorpar.distributed.groups import ParallelContext, init_group, single_process_context
+from tensorpar.distributed.launch import (
     SpawnedRanks,
     configure_rank_process,
     join_torchrun,

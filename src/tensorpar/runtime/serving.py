@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from tensorpar.dist.groups import DEFAULT_TIMEOUT_S, destroy_group
+from tensorpar.distributed.groups import DEFAULT_TIMEOUT_S, destroy_group
 from tensorpar.errors import TensorparError
 from tensorpar.runtime.engine import Engine, EngineSpec
 from tensorpar.runtime.ranks import start_ranks

@@ -28,8 +28,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tensorpar.dist.collectives import all_gather_object
-from tensorpar.dist.mesh import Mesh
+from tensorpar.distributed.collectives import all_gather_object
+from tensorpar.distributed.mesh import Mesh
 from tensorpar.errors import CheckpointError
 from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.loader import expected_shapes

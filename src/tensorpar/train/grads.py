@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tensorpar.dist.collectives import all_gather_object, all_reduce
-from tensorpar.dist.mesh import Mesh
+from tensorpar.distributed.collectives import all_gather_object, all_reduce
+from tensorpar.distributed.mesh import Mesh
 from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.loader import expected_shapes
 

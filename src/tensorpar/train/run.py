@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tensorpar.dist.groups import destroy_group, single_process_context
-from tensorpar.dist.launch import SpawnedRanks, configure_rank_process, join_torchrun, torchrun_env
+from tensorpar.distributed.groups import destroy_group, single_process_context
+from tensorpar.distributed.launch import SpawnedRanks, configure_rank_process, join_torchrun, torchrun_env
 from tensorpar.errors import TensorparError
 from tensorpar.partition import check_degree
 from tensorpar.train.checkpoint import ShardedCheckpointSource

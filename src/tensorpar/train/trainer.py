@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tensorpar.dist.collectives import all_gather_object, all_reduce, broadcast, broadcast_object
-from tensorpar.dist.groups import ParallelContext
-from tensorpar.dist.launch import peak_rss_mb
-from tensorpar.dist.mesh import build_mesh, destroy_mesh
+from tensorpar.distributed.collectives import all_gather_object, all_reduce, broadcast, broadcast_object
+from tensorpar.distributed.groups import ParallelContext
+from tensorpar.distributed.launch import peak_rss_mb
+from tensorpar.distributed.mesh import build_mesh, destroy_mesh
 from tensorpar.errors import TensorparError
 from tensorpar.layers import vocab_parallel_cross_entropy
 from tensorpar.layers.pieces import model_pieces

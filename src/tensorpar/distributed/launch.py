@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from tensorpar.dist.groups import DEFAULT_TIMEOUT_S, ParallelContext, destroy_group, init_group
+from tensorpar.distributed.groups import DEFAULT_TIMEOUT_S, ParallelContext, destroy_group, init_group
 from tensorpar.errors import RankFailure, TensorparError
 
 _PR_SET_NAME, _PR_SET_PDEATHSIG = 15, 1

@@ -73,7 +73,7 @@ def init_group(
     )
     shm = None
     if backend == "gloo" and use_shm:
-        from tensorpar.dist import shm as shm_module
+        from tensorpar.distributed import shm as shm_module
 
         hosts = [None] * world_size
         dist.all_gather_object(hosts, (socket.gethostname(), shm_module.available()))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tensorpar.dist.groups import ParallelContext
+from tensorpar.distributed.groups import ParallelContext
 
 
 def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from tensorpar.dist.groups import DEFAULT_TIMEOUT_S, ParallelContext, single_process_context
+from tensorpar.distributed.groups import DEFAULT_TIMEOUT_S, ParallelContext, single_process_context
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def build_mesh(world: ParallelContext, tp: int, dp: int, timeout_s: float = DEFA
         group, _ = mine[kind]
         shm = None
         if world.shm is not None:
-            from tensorpar.dist.shm import create_group_communicator
+            from tensorpar.distributed.shm import create_group_communicator
 
             shm = create_group_communicator(rank, size, group, timeout_s)
         return ParallelContext(rank=rank, world_size=size, device=world.device, backend=world.backend,
