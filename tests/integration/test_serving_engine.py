@@ -10,7 +10,8 @@ import time
 import pytest
 
 from tensorpar import LLM, SamplingParams
-from tensorpar.runtime.serving import ServeRequest, ServingEngine, TokenEvent
+from tensorpar.runtime.request import Request, TokenEvent
+from tensorpar.runtime.serving import ServingEngine
 
 
 class Collector:
@@ -63,7 +64,7 @@ def test_busy_batch_gives_each_request_its_solo_output(engine, solo):
         p = PROMPTS[i % len(PROMPTS)]
         rid = f"r{i}"
         ids.append((rid, p))
-        engine.submit(ServeRequest(rid, tok(p)["input_ids"], SamplingParams(max_new_tokens=12, ignore_eos=True)), got)
+        engine.submit(Request(rid, tok(p)["input_ids"], SamplingParams(max_new_tokens=12, ignore_eos=True)), got)
         if i % 5 == 0:
             time.sleep(0.05)  # arrivals spread over running steps
     got.wait([r for r, _ in ids])
@@ -82,8 +83,8 @@ def test_stop_strings_hold_back_text_and_cut_it(engine, solo):
     full = solo[PROMPTS[0]].text
     stop = full[len(full) // 2: len(full) // 2 + 4]
     got = Collector()
-    engine.submit(ServeRequest("s", tok(PROMPTS[0])["input_ids"],
-                               SamplingParams(max_new_tokens=12, ignore_eos=True, stop=(stop,)), logprobs=3), got)
+    engine.submit(Request("s", tok(PROMPTS[0])["input_ids"],
+                               SamplingParams(max_new_tokens=12, ignore_eos=True, stop=(stop,), logprobs=3)), got)
     got.wait(["s"])
     assert got.text("s") == full[: full.find(stop)]
     assert got.events["s"][-1].finish_reason == "stop"
@@ -94,7 +95,7 @@ def test_stop_strings_hold_back_text_and_cut_it(engine, solo):
 def test_abort_frees_the_slot(engine):
     tok = engine.tokenizer
     got = Collector()
-    engine.submit(ServeRequest("long", tok("x")["input_ids"], SamplingParams(max_new_tokens=2000, ignore_eos=True)), got)
+    engine.submit(Request("long", tok("x")["input_ids"], SamplingParams(max_new_tokens=2000, ignore_eos=True)), got)
     time.sleep(0.5)
     assert engine.stats()["running"] == 1
     engine.abort("long")

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from tensorpar import SamplingParams
-from tensorpar.runtime.serving import ServeRequest, ServingEngine
+from tensorpar.runtime.request import Request
+from tensorpar.runtime.serving import ServingEngine
 from test_serving_engine import Collector
 
 
@@ -20,7 +21,7 @@ def test_dead_rank_makes_the_engine_unhealthy_and_names_it(tiny_chat_checkpoint)
     eng = ServingEngine(str(tiny_chat_checkpoint), tp=2, max_num_seqs=2, progress=False)
     try:
         got = Collector()
-        eng.submit(ServeRequest("a", eng.tokenizer("x")["input_ids"],
+        eng.submit(Request("a", eng.tokenizer("x")["input_ids"],
                                 SamplingParams(max_new_tokens=4000, ignore_eos=True)), got)
         time.sleep(0.5)
         os.kill(eng._ranks.pids[0], signal.SIGKILL)  # rank 1
@@ -30,7 +31,7 @@ def test_dead_rank_makes_the_engine_unhealthy_and_names_it(tiny_chat_checkpoint)
         stats = eng.stats()
         assert not stats["healthy"] and "rank 1 of 2 failed: killed by signal SIGKILL" in stats["error"]
         late = Collector()
-        eng.submit(ServeRequest("b", [1, 2, 3], SamplingParams()), late)
+        eng.submit(Request("b", [1, 2, 3], SamplingParams()), late)
         assert late.events["b"][-1].finish_reason == "error"
     finally:
         eng.shutdown()

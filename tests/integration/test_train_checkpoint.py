@@ -15,10 +15,10 @@ from tensorpar.distributed.launch import SpawnedRanks
 from tensorpar.errors import RankFailure
 from tensorpar.loading.loader import load_weights
 from tensorpar.models.llama import LlamaForCausalLM
-from tensorpar.train import ShardedCheckpointSource, find_checkpoint
+from tensorpar.loading import ShardedCheckpointSource, find_checkpoint
 from tensorpar.train.export import export_hf
 from tensorpar.train.trainer import Trainer
-from test_train_parallel import TOKENS, config
+from test_train_parallel import TOKENS, spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -43,7 +43,7 @@ class DiesDuringSave(Trainer):
 def saved_at_tp2(tmp_path_factory):
     """Three steps at TP=2 with SP, saved; the full state then; the loss of step 4 when the run goes on."""
     root = tmp_path_factory.mktemp("run")
-    ranks = SpawnedRanks(2, Trainer, (config(tp=2, sp=True), TOKENS), timeout_s=120)
+    ranks = SpawnedRanks(2, Trainer, (spec(tp=2, sp=True), TOKENS), timeout_s=120)
     try:
         ranks.call("run_steps", 3)
         path = ranks.call("save", str(root))
@@ -70,7 +70,7 @@ def test_checkpoint_layout(saved_at_tp2):
 @pytest.mark.parametrize("tp", [3, 1])
 def test_resume_at_another_degree(tp, saved_at_tp2):
     root, _, state, next_loss = saved_at_tp2
-    ranks = SpawnedRanks(tp, Trainer, (config(tp=tp, resume=str(root)), TOKENS), timeout_s=120)
+    ranks = SpawnedRanks(tp, Trainer, (spec(tp=tp, resume=str(root)), TOKENS), timeout_s=120)
     try:
         resumed = {kind: ranks.call("full_tensors", kind) for kind in KINDS}
         step = ranks.call("train_step")
@@ -85,7 +85,7 @@ def test_resume_at_another_degree(tp, saved_at_tp2):
 
 
 def test_killed_during_save_leaves_previous_checkpoint(tmp_path):
-    ranks = SpawnedRanks(2, DiesDuringSave, (config(tp=2), TOKENS), timeout_s=120)
+    ranks = SpawnedRanks(2, DiesDuringSave, (spec(tp=2), TOKENS), timeout_s=120)
     try:
         ranks.call("run_steps", 1)
         ranks.call("save", str(tmp_path))
@@ -97,7 +97,7 @@ def test_killed_during_save_leaves_previous_checkpoint(tmp_path):
         ranks.close()
     assert (tmp_path / ".step-00000002.tmp" / "metadata.json").is_file()  # written, never committed
     assert find_checkpoint(tmp_path) == tmp_path / "step-00000001"
-    resumed = Trainer(single_process_context(), config(resume=str(tmp_path)), TOKENS)
+    resumed = Trainer(single_process_context(), spec(resume=str(tmp_path)), TOKENS)
     assert resumed.step_done == 1
     state = resumed.full_tensors("model")
     assert all(torch.equal(state[n], saved[n]) for n in saved)

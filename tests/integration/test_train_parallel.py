@@ -17,7 +17,7 @@ from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.loader import load_weights
 from tensorpar.models.llama import LlamaForCausalLM
 from tensorpar.train.init import random_source
-from tensorpar.train.trainer import TrainConfig, Trainer
+from tensorpar.train.trainer import TrainConfig, Trainer, TrainSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -25,10 +25,12 @@ SEED = 3
 TOKENS = torch.randint(0, 49152, (4000,), generator=torch.Generator().manual_seed(0))
 
 
-def config(**kw) -> TrainConfig:
-    base = dict(data="unused.txt", model="random-llama-tiny", steps=20, seq_len=32, batch=4, lr=3e-3,
+def spec(**kw) -> TrainSpec:
+    """A run resolved as ``tensorpar train`` resolves it (the tokens are given, so ``data`` need
+    only be an existing file)."""
+    base = dict(data=__file__, model="random-llama-tiny", steps=20, seq_len=32, batch=4, lr=3e-3,
                 seed=SEED, timeout_s=120.0)
-    return TrainConfig(**{**base, **kw})
+    return TrainSpec.resolve(TrainConfig(**{**base, **kw}))
 
 
 def reference_model() -> LlamaForCausalLM:
@@ -48,7 +50,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def batch():
-    trainer = Trainer(single_process_context(), config(), TOKENS)
+    trainer = Trainer(single_process_context(), spec(), TOKENS)
     return trainer.batch(1)
 
 
@@ -63,7 +65,7 @@ def reference_grads(batch):
 
 @pytest.mark.parametrize("tp,sp", [(2, False), (2, True), (3, False), (3, True)])
 def test_gradients_match_single_process(tp, sp, batch, reference_grads):
-    ranks = SpawnedRanks(tp, Trainer, (config(tp=tp, sp=sp), TOKENS), timeout_s=120)
+    ranks = SpawnedRanks(tp, Trainer, (spec(tp=tp, sp=sp), TOKENS), timeout_s=120)
     try:
         ranks.call("backward", *batch)
         grads = ranks.call("full_tensors", "grad")
@@ -76,7 +78,7 @@ def test_gradients_match_single_process(tp, sp, batch, reference_grads):
 
 @pytest.fixture(scope="module")
 def single_process_losses():
-    trainer = Trainer(single_process_context(), config(), TOKENS)
+    trainer = Trainer(single_process_context(), spec(), TOKENS)
     return [r["loss"] for r in trainer.run_steps(20)]
 
 
@@ -87,7 +89,7 @@ def test_single_process_trainer_learns(single_process_losses):
 
 @pytest.mark.parametrize("tp,dp,sp", [(2, 1, False), (2, 2, False), (2, 2, True)])
 def test_twenty_steps_match_single_process(tp, dp, sp, single_process_losses):
-    ranks = SpawnedRanks(tp * dp, Trainer, (config(tp=tp, dp=dp, sp=sp), TOKENS), timeout_s=120)
+    ranks = SpawnedRanks(tp * dp, Trainer, (spec(tp=tp, dp=dp, sp=sp), TOKENS), timeout_s=120)
     try:
         losses = [r["loss"] for r in ranks.call("run_steps", 20)]
     finally:
@@ -111,7 +113,7 @@ class DropoutProbe(Trainer):
 
 
 def test_dropout_streams_differ_and_agree_where_they_must(batch):
-    ranks = SpawnedRanks(4, DropoutProbe, (config(tp=2, dp=2, dropout=0.3), TOKENS), timeout_s=120)
+    ranks = SpawnedRanks(4, DropoutProbe, (spec(tp=2, dp=2, dropout=0.3), TOKENS), timeout_s=120)
     try:
         draws = ranks.call("draws")
         hidden = ranks.call("hidden", batch[0][:2])
@@ -193,8 +195,8 @@ def test_gradients_with_padded_slots_biases_and_an_untied_head(sp, padded_checkp
 
     assert all(head_shard(9, 3, 2, r).padded for r in range(2))
     tokens = torch.randint(0, 97, (2000,), generator=torch.Generator().manual_seed(1))
-    cfg = config(model=str(padded_checkpoint), tp=2, sp=sp, seq_len=15, batch=3)
-    inputs, labels = Trainer(single_process_context(), config(model=str(padded_checkpoint), seq_len=15, batch=3),
+    cfg = spec(model=str(padded_checkpoint), tp=2, sp=sp, seq_len=15, batch=3)
+    inputs, labels = Trainer(single_process_context(), spec(model=str(padded_checkpoint), seq_len=15, batch=3),
                              tokens).batch(1)
     reference = LlamaForCausalLM(open_source(str(padded_checkpoint)).config)
     load_weights(reference, open_source(str(padded_checkpoint)))
@@ -211,6 +213,6 @@ def test_gradients_with_padded_slots_biases_and_an_untied_head(sp, padded_checkp
     assert any(name.endswith("o_proj.bias") for name in grads) and "lm_head.weight" in grads
     for name, ref in expected.items():
         assert relative_error(grads[name], ref) < 1e-5, name
-    single = Trainer(single_process_context(), config(model=str(padded_checkpoint), seq_len=15, batch=3), tokens)
+    single = Trainer(single_process_context(), spec(model=str(padded_checkpoint), seq_len=15, batch=3), tokens)
     expected_losses = [r["loss"] for r in single.run_steps(4)]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-4, atol=0)

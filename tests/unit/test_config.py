@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from tensorpar.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from tensorpar.models.config import ModelConfig
+from tensorpar.models.registry import MODEL_TYPES
 from tensorpar.models.llama import rope_inverse_frequencies
 
 from conftest import TINY_CONFIGS
@@ -104,9 +105,9 @@ def test_unsupported_model_type(model_type):
         ModelConfig.from_hf(hf(model_type))
     msg = str(e.value)
     assert repr(model_type) in msg
-    for arch in SUPPORTED_ARCHITECTURES:
+    for arch in MODEL_TYPES:
         assert arch in msg
-    assert set(SUPPORTED_ARCHITECTURES) == {"llama", "mistral", "qwen2"}
+    assert set(MODEL_TYPES) == {"llama", "mistral", "qwen2"}
 
 
 def test_heads_not_a_multiple_of_kv_heads():

@@ -18,6 +18,7 @@ from tensorpar.layers import (
     Segment,
     VocabParallelEmbedding,
 )
+from tensorpar.layers.pieces import fill_from_pieces, model_pieces
 from tensorpar.partition import even_split, even_splits, head_rows, head_shard, slot_segments, vocab_shard
 
 CPU = torch.device("cpu")
@@ -28,7 +29,7 @@ def ctx(rank: int, world_size: int) -> ParallelContext:
 
 
 def make_reader(tensors: dict[str, torch.Tensor], log: list | None = None):
-    """A ShardReader over full tensors named ``<part>.<param>``; logs each request."""
+    """A reader (``fill_from_pieces``) over full tensors named ``<part>.<param>``; logs each request."""
 
     def read(part, param, rows=None, cols=None):
         if log is not None:
@@ -41,6 +42,12 @@ def make_reader(tensors: dict[str, torch.Tensor], log: list | None = None):
         return t.clone()
 
     return read
+
+
+def load(layer: nn.Module, read) -> None:
+    """Fill each of ``layer``'s parameters as its ``pieces()`` say (what the loader does)."""
+    for name, pieces in layer.pieces().items():
+        fill_from_pieces(getattr(layer, name).data, pieces, read)
 
 
 def head_segments(num_heads, num_kv, head_dim, tp, rank, part):
@@ -68,7 +75,7 @@ def test_column_parallel_plain_concatenates_to_full(tp):
     ys = []
     for r in range(tp):
         layer = ColumnParallelLinear(inp, [Segment("proj", even_split(out, tp, r))], True, ctx(r, tp))
-        layer.load_shard(read)
+        load(layer, read)
         span = even_split(out, tp, r)
         assert layer.weight.shape == (len(span), inp) and layer.bias.shape == (len(span),)
         torch.testing.assert_close(layer.weight.data, w[span.start : span.stop], rtol=0, atol=0)
@@ -89,7 +96,7 @@ def test_column_parallel_fused_parts(tp):
     for r in range(tp):
         span = even_split(n, tp, r)
         layer = ColumnParallelLinear(inp, [Segment("gate_proj", span), Segment("up_proj", span)], True, ctx(r, tp))
-        layer.load_shard(read)
+        load(layer, read)
         assert layer.out_features == 2 * len(span)
         y = F.linear(x, layer.weight, layer.bias)
         gate, up = y.split([len(span), len(span)], dim=-1)
@@ -122,10 +129,10 @@ def test_column_parallel_qkv_with_head_padding(num_heads, num_kv, tp):
         kv = head_rows(shard.kv_heads, d)
         segs = head_segments(num_heads, num_kv, d, tp, r, "q_proj") + [Segment("k_proj", kv), Segment("v_proj", kv)]
         layer = ColumnParallelLinear(hidden, segs, True, ctx(r, tp))
-        layer.weight.data.fill_(float("nan"))  # every row must be written by load_shard
+        layer.weight.data.fill_(float("nan"))  # every row must be written by loading
         layer.bias.data.fill_(float("nan"))
         log = []
-        layer.load_shard(make_reader(tensors, log))
+        load(layer, make_reader(tensors, log))
         assert all(rows is not None and cols is None for _, _, rows, cols in log)  # only slices are read
         assert not layer.weight.isnan().any() and not layer.bias.isnan().any()
         h, k = shard.num_slots, shard.num_kv
@@ -161,7 +168,7 @@ def test_row_parallel_sums_to_full(tp, bias):
     for r in range(tp):
         span = even_split(inp, tp, r)
         layer = RowParallelLinear([Segment("down_proj", span)], out, bias, ctx(r, tp))
-        layer.load_shard(read)
+        load(layer, read)
         assert layer.weight.shape == (out, len(span))
         torch.testing.assert_close(layer.weight.data, w[:, span.start : span.stop], rtol=0, atol=0)
         if bias:
@@ -187,7 +194,7 @@ def test_row_parallel_over_head_slots_ignores_padding_inputs(num_heads, num_kv, 
         shard = head_shard(num_heads, num_kv, tp, r)
         layer = RowParallelLinear(head_segments(num_heads, num_kv, d, tp, r, "o_proj"), hidden, True, ctx(r, tp))
         layer.weight.data.fill_(float("nan"))
-        layer.load_shard(read)
+        load(layer, read)
         assert layer.weight.shape == (hidden, shard.num_slots * d)
         local = torch.empty(5, shard.num_slots, d)
         for slot, head in enumerate(shard.q_slots):
@@ -214,11 +221,11 @@ def test_world_size_one_forward_matches_nn_linear_and_embedding():
     tensors = {"p.weight": lin.weight.detach(), "p.bias": lin.bias.detach()}
 
     col = ColumnParallelLinear(6, [Segment("p", range(9))], True, c)
-    col.load_shard(make_reader(tensors))
+    load(col, make_reader(tensors))
     assert torch.equal(col(x), lin(x))
 
     row = RowParallelLinear([Segment("p", range(6))], 9, True, c)
-    row.load_shard(make_reader(tensors))
+    load(row, make_reader(tensors))
     assert torch.equal(row(x), lin(x))
 
     emb = nn.Embedding(17, 5)
@@ -226,14 +233,15 @@ def test_world_size_one_forward_matches_nn_linear_and_embedding():
         emb.weight.copy_(torch.randn(17, 5, generator=g))
     ids = torch.randint(0, 17, (3, 6), generator=g)
     vemb = VocabParallelEmbedding(range(17), 5, c, "embed_tokens")
-    vemb.load_shard(make_reader({"embed_tokens.weight": emb.weight.detach()}))
+    load(vemb, make_reader({"embed_tokens.weight": emb.weight.detach()}))
     assert torch.equal(vemb(ids), emb(ids))
 
     h = torch.randn(3, 5, generator=g)
     head = ParallelLMHead(range(17), [17], 5, c, "lm_head")
-    head.load_shard(make_reader({"lm_head.weight": emb.weight.detach() * 2}))
+    load(head, make_reader({"lm_head.weight": emb.weight.detach() * 2}))
     assert torch.equal(head(h), F.linear(h, emb.weight * 2))
-    tied = ParallelLMHead(range(17), [17], 5, c, "lm_head", tied=vemb)
+    tied = ParallelLMHead(range(17), [17], 5, c, "lm_head")
+    tied.tie(vemb)
     assert torch.equal(tied(h), F.linear(h, emb.weight))
 
 
@@ -242,7 +250,7 @@ def test_world_size_one_forward_backward_matches_nn_linear():
     c = ctx(0, 1)
     w, b = torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
     col = ColumnParallelLinear(3, [Segment("p", range(4))], True, c)
-    col.load_shard(make_reader({"p.weight": w, "p.bias": b}))
+    load(col, make_reader({"p.weight": w, "p.bias": b}))
     x = torch.randn(5, 3, generator=g, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     col(x).square().sum().backward()
@@ -267,7 +275,7 @@ def test_vocab_parallel_embedding_shards_and_sum(vocab, tp, monkeypatch):
     for r in range(tp):
         span = vocab_shard(vocab, tp, r)
         emb = VocabParallelEmbedding(span, dim, ctx(r, tp), "embed_tokens")
-        emb.load_shard(read)
+        load(emb, read)
         assert emb.weight.shape == (len(span), dim)
         assert torch.equal(emb.weight.data, table[span.start : span.stop])
         with torch.no_grad():
@@ -290,7 +298,7 @@ def test_lm_head_gathers_full_vocabulary(vocab, tp, monkeypatch):
     heads = []
     for r in range(tp):
         head = ParallelLMHead(vocab_shard(vocab, tp, r), sizes, dim, ctx(r, tp), "lm_head")
-        head.load_shard(make_reader({"lm_head.weight": w}))
+        load(head, make_reader({"lm_head.weight": w}))
         heads.append(head)
     with torch.no_grad():
         locals_ = [hd.local_logits(h) for hd in heads]
@@ -321,32 +329,30 @@ def test_tied_lm_head_shares_the_embedding_parameter():
             super().__init__()
             span = vocab_shard(vocab, tp, r)
             self.embed_tokens = VocabParallelEmbedding(span, dim, ctx(r, tp), "embed_tokens")
-            self.lm_head = ParallelLMHead(span, sizes, dim, ctx(r, tp), "lm_head", tied=self.embed_tokens)
+            self.lm_head = ParallelLMHead(span, sizes, dim, ctx(r, tp), "lm_head")
 
     for r in range(tp):
-        m = Parent(r)
-        assert m.lm_head.tied
-        assert m.lm_head.weight is m.embed_tokens.weight
-        names = [n for n, _ in m.named_parameters(remove_duplicate=False)]
-        assert names == ["embed_tokens.weight"]
-        assert list(m.state_dict()) == ["embed_tokens.weight"]
-        assert list(m.lm_head.parameters()) == []
-        assert "_embedding" not in dict(m.named_modules())  # not registered as a submodule
+        with torch.device("meta"):
+            m = Parent(r)
+        m.to_empty(device=CPU)  # materialized first: moving between devices would not keep a tie
+        m.lm_head.tie(m.embed_tokens)
+        assert m.lm_head.tied and m.lm_head.weight is m.embed_tokens.weight
+        assert [n for n, _ in m.named_parameters()] == ["embed_tokens.weight"]
+        assert [pp.name for pp in model_pieces(m)] == ["embed_tokens.weight"]  # loaded and saved once
+        assert m.lm_head.pieces() == {}
         log = []
-        m.embed_tokens.load_shard(make_reader({"embed_tokens.weight": table}, log))
-        m.lm_head.load_shard(make_reader({}, log))  # tied: reads nothing
+        load(m.embed_tokens, make_reader({"embed_tokens.weight": table}, log))
+        load(m.lm_head, make_reader({}, log))  # tied: reads nothing
         assert [p for p, *_ in log] == ["embed_tokens"]
         span = vocab_shard(vocab, tp, r)
         assert torch.equal(m.lm_head.weight, table[span.start : span.stop])
-        # Materialization / dtype conversion replaces the embedding's parameter; the head follows.
-        m.to(torch.float64)
+        m.to(torch.float64)  # a dtype change keeps the parameter, so the head follows
         assert m.lm_head.weight is m.embed_tokens.weight and m.lm_head.weight.dtype == torch.float64
-        with torch.device("meta"):
-            mm = Parent(r)
-        mm.to_empty(device=CPU)
-        assert mm.lm_head.weight is mm.embed_tokens.weight and mm.lm_head.weight.device == CPU
         h = torch.randn(2, dim, dtype=torch.float64, generator=gen(r))
         torch.testing.assert_close(m.lm_head.local_logits(h), F.linear(h, table[span.start : span.stop].double()))
+    with pytest.raises(ValueError, match="cannot tie"):
+        ParallelLMHead(range(5), [5, 5], dim, ctx(0, 2), "lm_head").tie(
+            VocabParallelEmbedding(range(5, 10), dim, ctx(1, 2), "embed_tokens"))
 
 
 def test_padding_segments_are_zero_even_over_garbage():
@@ -356,7 +362,44 @@ def test_padding_segments_are_zero_even_over_garbage():
     layer = ColumnParallelLinear(2, segs, True, ctx(0, 2))
     layer.weight.data.fill_(7.0)
     layer.bias.data.fill_(7.0)
-    layer.load_shard(make_reader({"p.weight": w, "p.bias": torch.arange(6.0)}))
+    load(layer, make_reader({"p.weight": w, "p.bias": torch.arange(6.0)}))
     expected = torch.cat([w[0:2], torch.zeros(3, 2), w[4:5]])
     assert torch.equal(layer.weight.data, expected)
     assert torch.equal(layer.bias.data, torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 4.0]))
+
+
+@pytest.mark.parametrize("vocab, tp", [(17, 1), (17, 3), (16, 4), (301, 4)])
+def test_only_the_leader_gets_logits_in_full_or_as_argmax_and_log_probability(vocab, tp, monkeypatch):
+    g = gen(vocab * tp)
+    dim = 6
+    w = torch.randn(vocab, dim, generator=g)
+    h = torch.randn(4, dim, generator=g)
+    w[5] = w[vocab - 1] = w[3]  # ties across ranks: the first index wins, as argmax of the full row
+    full = F.linear(h, w)
+    sizes = [len(s) for s in even_splits(vocab, tp)]
+    heads = []
+    for r in range(tp):
+        head = ParallelLMHead(vocab_shard(vocab, tp, r), sizes, dim, ctx(r, tp), "lm_head")
+        load(head, make_reader({"lm_head.weight": w}))
+        heads.append(head)
+    sent = {}
+
+    def fake_gather(x, c):  # followers send their share; rank 0 (run last) receives all of them
+        sent[c.rank] = x.clone()
+        return torch.stack([sent[r] for r in range(c.world_size)]) if c.rank == 0 else None
+
+    with torch.no_grad():
+        local = torch.cat([hd.local_logits(h) for hd in heads], dim=-1)  # what the ranks compute
+    torch.testing.assert_close(local, full)
+    monkeypatch.setattr(embedding_mod, "gather", fake_gather)
+    for method in ("logits_to_leader", "greedy_to_leader"):
+        outs = [getattr(heads[r], method)(h) for r in [*range(1, tp), 0]]
+        assert all(o is None for o in outs[:-1])
+        if method == "logits_to_leader":
+            torch.testing.assert_close(outs[-1], local, rtol=0, atol=0)
+            assert all(s.shape[-1] == max(sizes) for s in sent.values())  # equal shares, padded
+        else:
+            ids, logprobs = outs[-1]
+            assert torch.equal(ids, local.argmax(-1))
+            torch.testing.assert_close(logprobs, local.log_softmax(-1).max(-1).values, rtol=1e-6, atol=1e-6)
+            assert all(s.shape == (4, 3) for s in sent.values())  # three numbers per row, whatever the vocabulary

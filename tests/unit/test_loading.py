@@ -12,11 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tensorpar.distributed import single_process_context
+from tensorpar.distributed.groups import single_process_context
 from tensorpar.errors import CheckpointError
-from tensorpar.loading import build_model, expected_shapes, open_source, resolve_model
-from tensorpar.loading.gguf_source import GGUFSource, hf_name, unpermute_rows
+from tensorpar.loading import build_model, open_source, resolve_model
+from tensorpar.loading.gguf_source import GGUFSource
 from tensorpar.loading.safetensors_source import SafetensorsSource
+from tensorpar.models.llama import gguf_tensor_name, unpermute_rows
+from tensorpar.models.registry import checkpoint_shapes
 
 from conftest import TINY_CONFIGS, hf_reference
 
@@ -69,7 +71,8 @@ def test_gguf_config(gguf_source):
 def test_gguf_tensor_types_are_what_the_slice_tests_assume(gguf_source):
     import gguf
 
-    types = {name: t.tensor_type for name, t in gguf_source._tensors.items()}
+    gguf_name = {hf: g for g in gguf_source.file.tensors if (hf := gguf_tensor_name(g))}
+    types = {hf: gguf_source.file.tensors[g].ggml_type for hf, g in gguf_name.items()}
     assert types[DOWN] == gguf.GGMLQuantizationType.Q4_1
     assert types[EMBED] == gguf.GGMLQuantizationType.Q8_0
     assert gguf_source.shape(DOWN) == (576, 1536)
@@ -79,7 +82,7 @@ def test_gguf_tensor_types_are_what_the_slice_tests_assume(gguf_source):
 def test_gguf_full_read_matches_gguf_dequantize(gguf_source, full_down):
     import gguf
 
-    t = gguf_source._tensors[DOWN]
+    t = next(t for t in gguf.GGUFReader(str(gguf_source.path)).tensors if gguf_tensor_name(t.name) == DOWN)
     ref = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
     assert full_down.dtype == torch.float32 and full_down.shape == (576, 1536)
     exact(full_down, torch.from_numpy(np.array(ref, dtype=np.float32)))
@@ -137,7 +140,7 @@ def test_gguf_head_aligned_row_slices_equal_transformers(gguf_source, gguf_refer
 
 
 def test_gguf_expected_shapes_match_the_file(gguf_source):
-    shapes = expected_shapes(gguf_source.config)
+    shapes = checkpoint_shapes(gguf_source.config)
     assert "lm_head.weight" not in shapes  # tied
     assert set(shapes) == gguf_source.names()
     for name, shape in shapes.items():
@@ -145,10 +148,10 @@ def test_gguf_expected_shapes_match_the_file(gguf_source):
 
 
 def test_gguf_name_mapping_and_unpermute():
-    assert hf_name("token_embd.weight") == EMBED
-    assert hf_name("blk.12.attn_q.weight") == "model.layers.12.self_attn.q_proj.weight"
-    assert hf_name("blk.3.ffn_down.weight") == "model.layers.3.mlp.down_proj.weight"
-    assert hf_name("rope_freqs.weight") is None
+    assert gguf_tensor_name("token_embd.weight") == EMBED
+    assert gguf_tensor_name("blk.12.attn_q.weight") == "model.layers.12.self_attn.q_proj.weight"
+    assert gguf_tensor_name("blk.3.ffn_down.weight") == "model.layers.3.mlp.down_proj.weight"
+    assert gguf_tensor_name("rope_freqs.weight") is None
     # unpermute_rows inverts llama.cpp's permute (reshape(h, 2, d/2).swapaxes(1, 2)).
     heads, d, cols = 3, 8, 5
     w = torch.randn(heads * d, cols)
@@ -202,7 +205,7 @@ def test_safetensors_slices_equal_load_file(arch, tiny_checkpoints, st_sources):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_safetensors_expected_shapes_match(arch, st_sources):
     src = st_sources[arch]
-    shapes = expected_shapes(src.config)
+    shapes = checkpoint_shapes(src.config)
     assert set(shapes) <= src.names()
     tied = src.config.tie_word_embeddings
     assert tied == TINY_CONFIGS[arch]["tie_word_embeddings"]

@@ -68,16 +68,16 @@ def test_parameter_count_formulas_by_hand():
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_planner_counts_match_the_engine_model(arch):
     """Principle 9: the planner reads the same ModelConfig the engine builds its model from."""
-    from tensorpar.loading import expected_shapes
+    from tensorpar.models.registry import checkpoint_shapes
     from tensorpar.models.config import ModelConfig
 
     from conftest import TINY_CONFIGS
 
     cfg = ModelConfig.from_hf(TINY_CONFIGS[arch])
-    engine = sum(math.prod(s) for s in expected_shapes(cfg).values())
+    engine = sum(math.prod(s) for s in checkpoint_shapes(cfg).values())
     assert from_model_config(cfg).total_params() == engine
     smol = ModelConfig.from_hf(BUILTIN_MODELS["smollm2-135m"])
-    assert from_model_config(smol).total_params() == sum(math.prod(s) for s in expected_shapes(smol).values())
+    assert from_model_config(smol).total_params() == sum(math.prod(s) for s in checkpoint_shapes(smol).values())
 
 
 def test_config_json_files(tmp_path):
@@ -341,7 +341,8 @@ def test_device_json(tmp_path):
     (dict(model="llama-3.1-405b"), "llama-3.1-405b .* fits no configuration of 8 x h100-sxm .* needs"),
     (dict(gpus=12), "--gpus 12 does not fill whole nodes of 8"),
     (dict(gpus=8, nodes=3), "cannot be spread evenly over --nodes 3"),
-    (dict(dtype="fp4"), "--dtype must be one of"),
+    (dict(dtype="fp4"), r"unknown --dtype 'fp4'; choose one of: fp32 \(float32/f32\), bf16"),
+    (dict(kv_dtype="float64"), "unknown --kv-dtype 'float64'"),
     (dict(batch=0), "--batch must be"),
     (dict(prompt_len=4000, output_len=200), "exceeds llama-2-70b's context of 4096"),
     (dict(slo_tpot_ms=-1.0), "--slo-tpot-ms must be a positive number"),

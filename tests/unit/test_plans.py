@@ -12,10 +12,12 @@ from tensorpar.distributed.groups import ParallelContext
 from tensorpar.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from tensorpar.loading import build_model
 from tensorpar.loading.safetensors_source import SafetensorsSource
+from tensorpar.layers.attention import AttentionBatch
 from tensorpar.models.config import ModelConfig
-from tensorpar.models.llama import LlamaForCausalLM, RMSNorm
+from tensorpar.models.llama import PLAN, LlamaForCausalLM, RMSNorm
+from tensorpar.models.registry import ARCHITECTURES, MODEL_TYPES, model_module
 from tensorpar.partition import even_split, head_shard, vocab_shard
-from tensorpar.plans import PLANS, STYLES, apply_plan, plan_for
+from tensorpar.plans import STYLES, apply_plan, tie_embeddings
 
 from conftest import TINY_CONFIGS
 
@@ -38,8 +40,8 @@ def meta_model(cfg: ModelConfig) -> LlamaForCausalLM:
 
 
 def planned(cfg: ModelConfig, rank: int, tp: int) -> LlamaForCausalLM:
-    model = meta_model(cfg)
-    return apply_plan(model, plan_for(cfg.architecture), ctx(rank, tp))
+    model = apply_plan(meta_model(cfg), model_module(cfg).PLAN, ctx(rank, tp))
+    return tie_embeddings(model) if cfg.tie_word_embeddings else model
 
 
 def degrees(arch):
@@ -50,14 +52,13 @@ def degrees(arch):
 ALL_DEGREES = [c for arch in ARCHS for c in degrees(arch)]
 
 
-def test_plans_known_for_every_supported_architecture():
-    for arch in ("llama", "mistral", "qwen2"):
-        plan = plan_for(arch)
+def test_every_architecture_module_has_a_plan_of_known_styles():
+    for arch in ARCHITECTURES:
+        plan = arch.load().PLAN
         assert set(plan.values()) <= set(STYLES)
-        assert list(plan)[0] == "model.embed_tokens"  # embedding before the head that ties to it
-    assert set(PLANS) == {"llama", "mistral", "qwen2"}
-    with pytest.raises(ValueError, match="gpt2"):
-        plan_for("gpt2")
+        assert list(plan.values()).count("vocab_embedding") == 1 and list(plan.values()).count("vocab_head") == 1
+    assert set(MODEL_TYPES) == {"llama", "mistral", "qwen2"}
+    assert model_module(config("qwen2")).PLAN is PLAN
 
 
 @pytest.mark.parametrize("arch, tp", ALL_DEGREES)
@@ -78,7 +79,7 @@ def test_apply_plan_replaces_modules_and_shapes(arch, tp):
         assert head.tied == cfg.tie_word_embeddings
         if cfg.tie_word_embeddings:
             assert head.weight is emb.weight
-            assert "lm_head.weight" not in dict(model.named_parameters(remove_duplicate=False))
+            assert "lm_head.weight" not in dict(model.named_parameters())  # one parameter, named once
         else:
             assert head.weight is not emb.weight and head.weight.shape == (len(emb.span), hidden)
         assert type(model.model.norm) is RMSNorm and model.model.norm.weight.shape == (hidden,)
@@ -165,7 +166,7 @@ def test_unmatched_pattern_raises():
     cfg = config("llama")
     with pytest.raises(ValueError, match=r"model\.layers\.\*\.self_attn\.nothing"):
         apply_plan(meta_model(cfg), {"model.layers.*.self_attn.nothing": "colwise"}, ctx(0, 2))
-    plan = dict(plan_for("llama"))
+    plan = dict(PLAN)
     plan["model.layers.*.mlp.gate_proj"] = "colwise"  # unfused names do not exist in this model
     with pytest.raises(ValueError, match="matches no module"):
         apply_plan(meta_model(cfg), plan, ctx(0, 2))
@@ -192,7 +193,7 @@ def sources(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def full_models(sources):
-    from tensorpar.distributed import single_process_context
+    from tensorpar.distributed.groups import single_process_context
 
     return {arch: build_model(src, single_process_context()) for arch, src in sources.items()}
 
@@ -211,10 +212,10 @@ def test_sharded_blocks_recombine_to_the_full_blocks(arch, tp, sources, full_mod
     B, S = 2, 12  # longer than mistral's sliding window of 8
     x = torch.randn(B, S, cfg.hidden_size, generator=g)
     ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
-    positions = torch.arange(S).expand(B, S)
+    batch = AttentionBatch.fresh(B, S, CPU)
     with torch.no_grad():
-        batch = full.attention_batch(positions)
-        want_attn = [layer.self_attn(x, batch, None) for layer in full.model.layers]
+        rope = full.rotary(batch, x.dtype)
+        want_attn = [layer.self_attn(x, batch, rope, None) for layer in full.model.layers]
         want_mlp = [layer.mlp(x) for layer in full.model.layers]
         want_emb = full.model.embed_tokens(ids)
         want_logits = full.logits(x)
@@ -224,9 +225,8 @@ def test_sharded_blocks_recombine_to_the_full_blocks(arch, tp, sources, full_mod
         got_logits = []
         for rank in range(tp):
             model = build_model(sources[arch], ctx(rank, tp))
-            b = model.attention_batch(positions)
             for i, layer in enumerate(model.model.layers):
-                got_attn[i] += layer.self_attn(x, b, None)
+                got_attn[i] += layer.self_attn(x, batch, rope, None)
                 got_mlp[i] += layer.mlp(x)
             got_emb += model.model.embed_tokens(ids)
             got_logits.append(model.lm_head.local_logits(x))

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP layer (``tensorpar.serve``) against a fake engine.
 
-``FakeEngine`` implements the ``ServingEngine`` interface on its own thread: it "generates" a
+``FakeEngine`` implements the ``ServingBackend`` protocol on its own thread: it "generates" a
 fixed script of real SmolLM2 tokens (shifted by the seed), honours stop strings, max tokens,
 aborts and a queue of ``max_num_seqs``, and can turn unhealthy (all in-flight requests then end
 with an error event, as when a rank dies).
@@ -24,7 +24,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tensorpar.runtime.serving import TokenEvent
+from tensorpar.runtime.inputs import InputProcessor
+from tensorpar.runtime.request import TokenEvent
 from tensorpar.serve import create_app, run_server
 
 SCRIPT = " the quick brown fox jumps over the lazy dog and runs far away into the hills."
@@ -32,12 +33,13 @@ MODEL = "fake-smollm2"
 
 
 class FakeEngine:
-    """The ``ServingEngine`` interface, generating deterministic tokens on a loop thread."""
+    """A ``ServingBackend``, generating deterministic tokens on a loop thread."""
 
     def __init__(self, tokenizer, max_model_len: int = 256, max_num_seqs: int = 4, delay_s: float = 0.001,
                  fail_after_tokens: int | None = None):
         self.tokenizer, self.model_name, self.tp = tokenizer, MODEL, 2
         self.max_model_len, self.max_num_seqs, self.delay_s = max_model_len, max_num_seqs, delay_s
+        self.inputs = InputProcessor(tokenizer, len(tokenizer), max_model_len)
         self.fail_after_tokens = fail_after_tokens  # turn unhealthy after this many tokens in all
         self.script = tokenizer(SCRIPT)["input_ids"]
         self.lock = threading.Lock()
@@ -104,8 +106,8 @@ class FakeEngine:
         elif len(s["ids"]) >= req.params.max_new_tokens:
             reason = "length"
         lp = -0.1 * (k % 5 + 1)
-        top = [(tid, lp)] + [((tid + j) % len(self.tokenizer), lp - j) for j in range(1, req.logprobs)]
-        return TokenEvent(req.request_id, tid, delta, lp, top[: req.logprobs], reason is not None, reason)
+        top = [(tid, lp)] + [((tid + j) % len(self.tokenizer), lp - j) for j in range(1, req.params.logprobs)]
+        return TokenEvent(req.request_id, tid, delta, lp, top[: req.params.logprobs], reason is not None, reason)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -146,12 +148,9 @@ class FakeEngine:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
+    from tensorpar.loading import open_source
 
-    from conftest import smollm2_path
-
-    p = smollm2_path()
-    return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    return open_source("smollm2-135m").tokenizer()
 
 
 @pytest.fixture
@@ -221,7 +220,7 @@ def test_completion(client, engine, tokenizer):
     [req] = engine.submitted
     assert req.request_id == f"{body['id']}-0" and req.prompt_token_ids == tokenizer(prompt)["input_ids"]
     assert req.params.max_new_tokens == 16 and req.params.temperature == 1.0 and req.params.seed is None
-    assert req.logprobs == 0
+    assert req.params.logprobs == 0
 
 
 def test_completion_prompt_forms(client, engine, tokenizer):
@@ -326,7 +325,7 @@ def test_n_choices(client, engine, tokenizer):
 
 def test_completion_logprobs(client, engine, tokenizer):
     r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "logprobs": 3}).json()
-    assert engine.submitted[-1].logprobs == 3
+    assert engine.submitted[-1].params.logprobs == 3
     lp = r["choices"][0]["logprobs"]
     script = tokenizer(SCRIPT)["input_ids"]
     assert lp["tokens"] == [tokenizer.decode([t]) for t in script[:4]]
@@ -341,7 +340,7 @@ def test_completion_logprobs(client, engine, tokenizer):
 def test_chat_logprobs(client, engine, tokenizer):
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": True, "top_logprobs": 2}
     r = client.post("/v1/chat/completions", json=body).json()
-    assert engine.submitted[-1].logprobs == 2
+    assert engine.submitted[-1].params.logprobs == 2
     content = r["choices"][0]["logprobs"]["content"]
     assert len(content) == 3
     first = content[0]
@@ -353,7 +352,7 @@ def test_chat_logprobs(client, engine, tokenizer):
     assert streamed == [e["token"] for e in content]
     r = client.post("/v1/chat/completions", json={**body, "top_logprobs": None}).json()
     assert r["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
-    assert engine.submitted[-1].logprobs == 0
+    assert engine.submitted[-1].params.logprobs == 0
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -610,7 +609,8 @@ def test_disconnects_abort_on_real_server(engine):
 
 SIGTERM_SCRIPT = r"""
 import sys, threading
-from tensorpar.runtime.serving import TokenEvent
+from tensorpar.runtime.inputs import InputProcessor
+from tensorpar.runtime.request import TokenEvent
 from tensorpar.serve import run_server
 
 class Tok:
@@ -619,7 +619,8 @@ class Tok:
     def decode(self, ids, **kw): return "".join("x" for _ in ids)
 
 class Engine:
-    tokenizer, model_name, max_model_len, max_num_seqs = Tok(), "m", 64, 2
+    tokenizer, model_name, max_model_len, max_num_seqs, tp = Tok(), "m", 64, 2, 1
+    inputs = InputProcessor(tokenizer, 100, max_model_len)
     def submit(self, req, cb):  # a slow request: one token in 1.5 s
         print("submitted", flush=True)
         threading.Timer(1.5, cb, [TokenEvent(req.request_id, 5, "x", finished=True, finish_reason="length")]).start()

@@ -27,14 +27,9 @@ import sys
 import time
 import warnings
 
+from tensorpar.errors import one_line
+
 RESULT, ERROR = "TENSORPAR_BENCH_RESULT", "TENSORPAR_BENCH_ERROR"
-
-
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message``, at most ``limit`` characters."""
-    msg = str(e).strip().splitlines()
-    text = f"{type(e).__name__}: {msg[0] if msg else ''}".strip().rstrip(":")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load(model: str, tp_plan: bool):
@@ -96,7 +91,7 @@ def run(args, stage: dict) -> dict:
     from transformers.utils import logging as hf_logging
 
     from tensorpar.bench.prompts import batch_prompts, long_prompt
-    from tensorpar.distributed.launch import peak_rss_mb
+    from tensorpar.memory import peak_rss_mb
 
     hf_logging.set_verbosity_error()
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import time
 
-from tensorpar.bench.hf_worker import one_line
+from tensorpar.errors import one_line
 from tensorpar.bench.prompts import batch_prompts, fit_context, long_prompt
 
 

@@ -2,7 +2,7 @@
 
 A batch-1 decode step reads every weight once, so no implementation can beat
 ``weight_bytes / read_bandwidth``. Weight bytes are the model's parameters at float32 as its
-config implies (``expected_shapes``; a tied embedding / LM head counts once, since the LM head
+config implies (``checkpoint_shapes``; a tied embedding / LM head counts once, since the LM head
 streams all of it). Bandwidth is measured here, in a fresh process with one thread:
 
 - read: ``a.sum()`` over a 256 MB float32 tensor, bytes = 256 MB;
@@ -29,9 +29,9 @@ from tensorpar.models.config import ModelConfig
 
 def weight_bytes(config: ModelConfig, bytes_per_param: int = 4) -> int:
     """Bytes of every checkpoint tensor the config implies, each counted once."""
-    from tensorpar.loading import expected_shapes
+    from tensorpar.models.registry import checkpoint_shapes
 
-    return sum(math.prod(shape) for shape in expected_shapes(config).values()) * bytes_per_param
+    return sum(math.prod(shape) for shape in checkpoint_shapes(config).values()) * bytes_per_param
 
 
 def measure_bandwidth(mb: int = 256, repeats: int = 7, threads: int = 1) -> dict:

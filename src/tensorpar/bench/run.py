@@ -94,7 +94,7 @@ def _log(msg: str) -> None:
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure everything, write ``bench.json`` and the plots under ``cfg.out``; return the result."""
     from tensorpar.bench import collectives_sweep, peers, plots, roofline
-    from tensorpar.bench.hf_worker import one_line
+    from tensorpar.errors import one_line
     from tensorpar.bench.measure import measure_tensorpar
     from tensorpar.bench.prompts import SHORT_PROMPT_TOKENS, fit_context
     from tensorpar.loading import open_source, resolve_model

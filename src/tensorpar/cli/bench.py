@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tensorpar.cli.common import add_model
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -20,7 +22,7 @@ def _ints(text: str) -> list[int]:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark latency, throughput, memory and collectives", description=__doc__)
-    p.add_argument("--model", default="smollm2-135m", help="alias, Hugging Face directory, or .gguf file (default: %(default)s)")
+    add_model(p)
     p.add_argument("--tp", type=_ints, default=[1, 2, 3], help="comma-separated TP degrees (default: 1,2,3)")
     p.add_argument("--batch", type=_ints, default=[1, 8], help="comma-separated decode batch sizes (default: 1,8)")
     p.add_argument("--prompt-len", type=int, default=None, help="prefill prompt length in tokens (default: 512; --quick: 64)")

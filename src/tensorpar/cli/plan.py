@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per sequence (default: %(default)s)")
     p.add_argument("--batch", type=int, default=1, help="concurrent sequences per replica (default: %(default)s)")
-    p.add_argument("--dtype", default="bf16", help="weights: fp32, bf16, fp16, fp8 or int8 (default: %(default)s)")
+    p.add_argument("--dtype", default="bf16", help="weights: fp32/float32, bf16/bfloat16, fp16/float16, fp8 or int8 "
+                                                    "(default: %(default)s)")
     p.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: the weights' 16/32-bit dtype)")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="time-to-first-token goal")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token goal")
@@ -53,8 +54,7 @@ def run(args) -> int:
 
     request = PlanRequest(
         model=args.model, gpu=args.gpu, gpus=args.gpus, nodes=args.nodes, prompt_len=args.prompt_len,
-        output_len=args.output_len, batch=args.batch, dtype=args.dtype.lower(),
-        kv_dtype=args.kv_dtype.lower() if args.kv_dtype else None, slo_ttft_ms=args.slo_ttft_ms,
+        output_len=args.output_len, batch=args.batch, dtype=args.dtype, kv_dtype=args.kv_dtype, slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms, objective=args.objective, mode=args.mode, global_batch=args.global_batch,
         seq_len=args.seq_len, micro_batch=args.micro_batch, sequence_parallel=args.sequence_parallel,
         recompute=args.recompute, distributed_optimizer=args.distributed_optimizer, calibrate=args.calibrate)

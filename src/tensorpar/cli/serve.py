@@ -7,20 +7,16 @@ import signal
 import sys
 import threading
 
+from tensorpar.cli.common import add_engine, engine_args
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI API (completions, chat) over HTTP", description=__doc__)
-    p.add_argument("--model", default="smollm2-135m", help="alias, Hugging Face directory, or .gguf file")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (1 to the number of query heads)")
+    add_engine(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences that run at once; more wait")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + completion in tokens (default: min(model context, 2048))")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--comm", default="auto", choices=["auto", "gloo"])
     p.set_defaults(run=run)
 
 
@@ -34,15 +30,18 @@ def _watch(engine, stop: threading.Event) -> None:
 
 
 def run(args) -> int:
-    from tensorpar.runtime.serving import ServingEngine
+    from tensorpar.runtime.serving import DEFAULT_MAX_MODEL_LEN, ServingEngine, launch_engine
 
-    engine = ServingEngine(
-        args.model, tp=args.tp, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, comm=args.comm,
-    )
-    if not engine.engine.ctx.is_leader:  # a follower rank under torchrun
-        engine.engine.follow_forever()
+    if args.max_num_seqs < 1:
+        raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    ranks = launch_engine(engine_args(args).resolve(DEFAULT_MAX_MODEL_LEN), args.max_num_seqs)
+    if not ranks.is_leader:  # another rank under torchrun: follow the leader's steps
+        try:
+            ranks.local.follow_forever()
+        finally:
+            ranks.close()
         return 0
+    engine = ServingEngine.on(ranks, args.max_num_seqs)
     from tensorpar.serve.server import run_server
 
     stop = threading.Event()

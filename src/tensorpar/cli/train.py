@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 
+from tensorpar.cli.common import add_device, add_model, add_tp
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train with TP (+SP) x DP; sharded, reshardable checkpoints",
                        description=__doc__)
-    p.add_argument("--model", default="smollm2-135m",
-                   help="alias, Hugging Face directory, .gguf file, or random-llama-tiny (default: %(default)s)")
+    add_model(p, extra=", or random-llama-tiny")
     p.add_argument("--data", required=True, help="a UTF-8 text file to train on")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (any value up to the head count)")
+    add_tp(p)
     p.add_argument("--dp", type=int, default=1, help="data-parallel degree (divides --batch)")
     p.add_argument("--sp", action="store_true", help="sequence parallelism inside each tensor-parallel group")
     p.add_argument("--steps", type=int, default=10, help="total optimizer steps, counting resumed ones")
@@ -33,7 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--save-every", type=int, default=0, metavar="K", help="also every K steps")
     p.add_argument("--resume", default=None, metavar="DIR", help="a checkpoint, or a run directory (its latest)")
     p.add_argument("--out", default="train-out", help="where losses.json and losses.png go (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    add_device(p)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may wait (default: 300)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,5 +1,2 @@
-"""Distributed plumbing: launching ranks, process groups, and named collectives."""
-
-from tensorpar.distributed.groups import ParallelContext, single_process_context
-
-__all__ = ["ParallelContext", "single_process_context"]
+"""Distributed plumbing: the parallel layout, launching ranks, process groups, named collectives
+and the shared-memory backend. Torch is imported by the modules that need it, not here."""

@@ -60,6 +60,18 @@ def all_gather_last(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     return all_gather_dim(x, ctx, -1)
 
 
+def gather(x: torch.Tensor, ctx: ParallelContext, dst: int = 0) -> torch.Tensor | None:
+    """Equal-shaped ``x`` of every rank stacked on rank ``dst``: [world_size, *x.shape]; None elsewhere."""
+    if ctx.world_size == 1:
+        return x.unsqueeze(0)
+    if ctx.shm is not None and x.device.type == "cpu":
+        return ctx.shm.gather(x, dst)
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)] if ctx.rank == dst else None
+    dist.gather(x, parts, dst=dist.get_global_rank(ctx.group, dst), group=ctx.group)
+    return None if parts is None else torch.stack(parts)
+
+
 def split_dim(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch.Tensor:
     """This rank's equal slice of ``dim``. [..., world_size * n, ...] -> [..., n, ...]"""
     if ctx.world_size == 1:

@@ -1,4 +1,9 @@
-"""Starting ranks: spawn N local processes, or join the group ``torchrun`` set up.
+"""Starting ranks, one way for every command: ``launch`` joins the group ``torchrun`` set up, stays
+in this process for one rank, or spawns N local processes.
+
+Each rank runs one *worker*, ``factory(ctx, *args)``; ``Ranks.call(method, ...)`` runs
+``worker.method(...)`` on every rank and returns rank 0's result. Under torchrun the user's
+program runs on every rank, so ``call`` runs the method here and every rank makes the same calls.
 
 This is the only module that reads the launcher's environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``; ``MASTER_ADDR``/``MASTER_PORT`` are read by ``env://``). Spawned ranks are
@@ -12,7 +17,6 @@ import ctypes
 import multiprocessing as mp
 import os
 import queue
-import resource
 import signal
 import socket
 import time
@@ -22,7 +26,13 @@ from typing import Any, Callable
 
 import torch
 
-from tensorpar.distributed.groups import DEFAULT_TIMEOUT_S, ParallelContext, destroy_group, init_group
+from tensorpar.distributed.groups import (
+    DEFAULT_TIMEOUT_S,
+    ParallelContext,
+    destroy_group,
+    init_group,
+    single_process_context,
+)
 from tensorpar.errors import RankFailure, TensorparError
 
 _PR_SET_NAME, _PR_SET_PDEATHSIG = 15, 1
@@ -92,31 +102,18 @@ def configure_rank_process(rank: int, world_size: int, threads: int | None = Non
         os.sched_setaffinity(0, set(cores[rank * share : (rank + 1) * share]))
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB.
-
-    Linux's VmHWM, which starts afresh at ``exec``; ``ru_maxrss`` would carry over the peak of the
-    process that spawned this one.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, factory, args, inbox, outbox):
+def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, factory, args, inbox, outbox, spawned_at):
     """Body of a spawned rank: join the group, build the worker, serve calls until told to stop."""
     ctx = None
+    started = {"process_s": time.time() - spawned_at}  # interpreter start and imports
     try:
         configure_rank_process(rank, world_size)
         device = rank_device(device_type, rank)
+        t = time.perf_counter()
         ctx = init_group(rank, world_size, f"tcp://127.0.0.1:{port}", device, timeout_s, use_shm)
+        started["group_s"] = time.perf_counter() - t
         worker = factory(ctx, *args)
-        outbox.put(("ready", rank, None))
+        outbox.put(("ready", rank, {**started, **getattr(worker, "info", {})}))
         while (msg := inbox.get()) is not None:
             method, a, kw = msg
             try:
@@ -173,11 +170,15 @@ class SpawnedRanks:
         self._inboxes = [mpc.Queue() for _ in range(world_size - self.first)]
         self.port = free_port()
         self.init_method = f"tcp://127.0.0.1:{self.port}"
+        self.local = None  # rank 0's worker, when it runs in this process
+        self.ctx: ParallelContext | None = None
+        self.ready_info: dict[int, dict] = {}  # what each spawned rank said when its worker was built
+        spawned_at = time.time()
         self._procs = [
             mpc.Process(
                 target=_rank_main,
                 args=(r, world_size, self.port, device_type, timeout_s, use_shm, factory, args,
-                      self._inboxes[r - self.first], self._outbox),
+                      self._inboxes[r - self.first], self._outbox, spawned_at),
                 name=f"tensorpar-r{r}",
                 daemon=True,
             )
@@ -189,13 +190,14 @@ class SpawnedRanks:
         if not leader_here:
             self.wait_ready()
 
+    is_leader = True  # this process is rank 0 (``leader_here``) or drives them all: it speaks for rank 0
+
     def wait_ready(self) -> None:
         """Block until every spawned rank has built its worker."""
-        ready = set()
-        while len(ready) < len(self._procs):
-            kind, rank, _ = self._next_message()
+        while len(self.ready_info) < len(self._procs):
+            kind, rank, info = self._next_message()
             if kind == "ready":
-                ready.add(rank)
+                self.ready_info[rank] = info or {}
 
     def start(self, method: str, *args, **kwargs) -> None:
         """Have every spawned rank run ``worker.method(...)`` without waiting for a result."""
@@ -269,6 +271,7 @@ class SpawnedRanks:
         if self._closed:
             return
         self._closed = True
+        _close_local(self.local, self.ctx)
         if not force:
             for box in self._inboxes:
                 box.put(None)
@@ -282,3 +285,97 @@ class SpawnedRanks:
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def _close_local(worker, ctx: ParallelContext | None) -> None:
+    if worker is not None and hasattr(worker, "close"):
+        worker.close()
+    if ctx is not None:
+        destroy_group(ctx)
+
+
+class InProcessRanks:
+    """This process is the only rank, or one of torchrun's: ``call`` runs the method on the worker
+    here (under torchrun every rank's program makes the same calls)."""
+
+    def __init__(self, worker, ctx: ParallelContext, owns_group: bool):
+        self.local, self.ctx, self._owns_group = worker, ctx, owns_group
+        self.world_size = ctx.world_size
+        self.ready_info = {0: getattr(worker, "info", {})} if ctx.is_leader else {}
+        self.pids: list[int] = []
+        self._closed = False
+
+    @property
+    def is_leader(self) -> bool:
+        return self.ctx.is_leader
+
+    def call(self, method: str, *args, **kwargs):
+        if self._closed:
+            raise TensorparError("the ranks have been shut down")
+        return getattr(self.local, method)(*args, **kwargs)
+
+    def start(self, method: str, *args, **kwargs) -> None:
+        """Nothing to start: no other rank runs in a process of ours."""
+
+    def wait_ready(self) -> None:
+        pass
+
+    def failure(self) -> RankFailure | None:
+        return None
+
+    def close(self, force: bool = False) -> None:
+        if not self._closed:
+            self._closed = True
+            _close_local(self.local, self.ctx if self._owns_group else None)
+
+
+Ranks = SpawnedRanks | InProcessRanks
+
+
+def launch(
+    world_size: int,
+    factory: Callable[..., Any],
+    args: tuple = (),
+    device: str = "cpu",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    use_shm: bool = True,
+    leader_here: bool = False,
+) -> Ranks:
+    """Bring up ``world_size`` ranks, each running ``factory(ctx, *args)``.
+
+    Under torchrun this process joins its group (``world_size`` must be torchrun's; the caller
+    has checked) and builds its own worker. One rank runs in this process. Otherwise the ranks
+    are spawned; with ``leader_here`` this process is rank 0 (its worker is ``ranks.local``) and
+    only ranks 1..N-1 are spawned, building their workers while this one builds its own.
+    """
+    device_type = device.split(":")[0]
+    env = torchrun_env()
+    if env is not None:
+        if env.world_size != world_size:
+            raise TensorparError(f"{world_size} ranks were asked for, but torchrun started {env.world_size}")
+        ctx = join_torchrun(env, device_type, timeout_s, use_shm)
+        try:
+            return InProcessRanks(factory(ctx, *args), ctx, owns_group=True)
+        except BaseException:
+            destroy_group(ctx)
+            raise
+    if world_size == 1:
+        ctx = single_process_context(device)
+        return InProcessRanks(factory(ctx, *args), ctx, owns_group=False)
+    if device_type == "cuda" and torch.cuda.device_count() < world_size:
+        raise TensorparError(f"{world_size} ranks on CUDA need {world_size} GPUs; {torch.cuda.device_count()} visible")
+    ranks = SpawnedRanks(world_size, factory, args, device_type, timeout_s, use_shm, leader_here=leader_here)
+    if not leader_here:
+        return ranks
+    try:
+        configure_rank_process(0, world_size, spawned=False)
+        ranks.ctx = init_group(0, world_size, ranks.init_method, rank_device(device_type, 0), timeout_s, use_shm)
+        ranks.local = factory(ranks.ctx, *args)
+        ranks.wait_ready()
+    except BaseException:
+        failure = ranks.failure()
+        ranks.close(force=True)
+        if failure is not None:
+            raise failure from None
+        raise
+    return ranks

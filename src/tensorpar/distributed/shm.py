@@ -169,16 +169,25 @@ class ShmCommunicator:
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's equal-sized ``x`` stacked: [world_size, *x.shape]."""
+        return self._gather(x, "all_gather", read=True)
+
+    def gather(self, x: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        """Every rank's equal-sized ``x`` stacked on rank ``dst``, [world_size, *x.shape]; None on
+        the others, which only write their slot and leave."""
+        return self._gather(x, "gather", read=self.rank == dst)
+
+    def _gather(self, x: torch.Tensor, what: str, read: bool) -> torch.Tensor | None:
         flat = x.reshape(-1)
-        out = torch.empty(self.world_size, flat.numel(), dtype=x.dtype)
+        out = torch.empty(self.world_size, flat.numel(), dtype=x.dtype) if read else None
         for a, b in self._chunks(flat.numel(), flat.element_size()):
             n = b - a
             buf = (self._seq + 1) & 1
             self._slot(buf, self.rank, flat.dtype)[:n].copy_(flat[a:b])
-            self._enter("all_gather")
-            for r in range(self.world_size):
-                out[r, a:b].copy_(self._slot(buf, r, flat.dtype)[:n])
-        return out.view(self.world_size, *x.shape)
+            self._enter(what)
+            if out is not None:
+                for r in range(self.world_size):
+                    out[r, a:b].copy_(self._slot(buf, r, flat.dtype)[:n])
+        return None if out is None else out.view(self.world_size, *x.shape)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """x <- rank ``src``'s x, in place."""

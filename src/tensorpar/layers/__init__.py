@@ -6,7 +6,6 @@ from tensorpar.layers.linear import (
     ColumnParallelLinear,
     RowParallelLinear,
     Segment,
-    ShardReader,
     use_streaming_layout,
 )
 
@@ -14,7 +13,6 @@ __all__ = [
     "ColumnParallelLinear",
     "RowParallelLinear",
     "Segment",
-    "ShardReader",
     "VocabParallelEmbedding",
     "ParallelLMHead",
     "use_streaming_layout",

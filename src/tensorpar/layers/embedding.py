@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.distributed.collectives import copy_to_tp, gather_from_tp, reduce_from_tp, reduce_scatter_seq
+from tensorpar.distributed.collectives import copy_to_tp, gather, gather_from_tp, reduce_from_tp, reduce_scatter_seq
 from tensorpar.distributed.groups import ParallelContext
-from tensorpar.layers.linear import ShardReader, gathered_linear, load_pieces
+from tensorpar.layers.linear import gathered_linear
 from tensorpar.layers.pieces import Piece
 
 
@@ -45,51 +45,45 @@ class VocabParallelEmbedding(nn.Module):
     def pieces(self) -> dict[str, list[Piece]]:
         return {"weight": [Piece(self.part, "weight", 0, self.span, range(len(self.span)))]}
 
-    def load_shard(self, read: ShardReader) -> None:
-        load_pieces(self, read)
-
     def extra_repr(self) -> str:
         return f"vocab_span=[{self.span.start}, {self.span.stop}), dim={self.weight.shape[1]}"
 
 
 class ParallelLMHead(nn.Module):
-    """logits = h W^T with W split by vocabulary rows; ``forward`` gathers the full vocabulary.
+    """logits = h W^T with W split by vocabulary rows: rank i computes z_i = h W_i^T, its span.
 
-    ``shard_sizes[r]`` is rank r's number of vocabulary rows. Each rank pads its logits to
-    ``max(shard_sizes)`` columns so that every rank sends an equal share; the gathered
-    [..., p * padded] is trimmed back to [..., vocab]. With tied embeddings the weight *is* the
-    embedding's shard (same span). With ``sequence_parallel`` h arrives split along the sequence
-    and is all-gathered before the product.
+    ``shard_sizes[r]`` is rank r's number of vocabulary rows. Three ways out of the shards:
+
+    - ``forward``: every rank gets the full [..., vocab] (all-gather);
+    - ``logits_to_leader``: only rank 0 gets it (gather); the others get None;
+    - ``greedy_to_leader``: only rank 0 gets each row's argmax and log-probability, from three
+      numbers per row and rank: max_i, argmax_i and logsumexp_i of z_i. The argmax of the rank
+      with the largest max wins (the lowest rank on ties, so the first index, as ``argmax`` of
+      the full row), and logsumexp(z) = logsumexp_i(logsumexp_i z_i).
+
+    Shards are padded to ``max(shard_sizes)`` columns so that every rank sends an equal share, and
+    trimmed after. ``tie`` makes the weight *the* embedding's shard (same span). With
+    ``sequence_parallel`` h arrives split along the sequence and is all-gathered before the product.
     """
 
     sequence_parallel = False
 
-    def __init__(
-        self,
-        span: range,
-        shard_sizes: list[int],
-        dim: int,
-        ctx: ParallelContext,
-        part: str,
-        tied: VocabParallelEmbedding | None = None,
-    ):
+    def __init__(self, span: range, shard_sizes: list[int], dim: int, ctx: ParallelContext, part: str):
         super().__init__()
         self.ctx = ctx
         self.span = span
         self.shard_sizes = shard_sizes
         self.padded = max(shard_sizes)
         self.part = part
-        self.tied = tied is not None
-        if tied is None:
-            self.weight = nn.Parameter(torch.empty(len(span), dim))
-        else:  # share the embedding's parameter without registering it twice
-            object.__setattr__(self, "_embedding", tied)
-        self.even = min(shard_sizes) == self.padded
+        self.tied = False
+        self.weight = nn.Parameter(torch.empty(len(span), dim))
 
-    def __getattr__(self, name: str):
-        if name == "weight" and "_embedding" in self.__dict__:
-            return self.__dict__["_embedding"].weight
-        return super().__getattr__(name)
+    def tie(self, embedding: VocabParallelEmbedding) -> None:
+        """Use ``embedding``'s weight (which owns it in ``pieces``) instead of a weight of its own."""
+        if embedding.span != self.span:
+            raise ValueError(f"cannot tie a head over {self.span} to an embedding over {embedding.span}")
+        self.weight = embedding.weight
+        self.tied = True
 
     def local_logits(self, h: torch.Tensor) -> torch.Tensor:
         # h: [..., dim] or [B, S/p, dim] (sequence-parallel) -> [..., len(span)]
@@ -97,26 +91,47 @@ class ParallelLMHead(nn.Module):
             return gathered_linear(h, self.weight, None, self.ctx)
         return F.linear(copy_to_tp(h, self.ctx), self.weight)
 
+    def _padded(self, local: torch.Tensor) -> torch.Tensor:
+        return local if local.shape[-1] == self.padded else F.pad(local, (0, self.padded - local.shape[-1]))
+
+    def _trimmed(self, chunks) -> torch.Tensor:
+        return torch.cat([c[..., :n] for c, n in zip(chunks, self.shard_sizes)], dim=-1)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # h: [..., dim] -> [..., vocab]
+        # h: [..., dim] -> [..., vocab] on every rank
         local = self.local_logits(h)
         if self.ctx.world_size == 1:
             return local
-        if not self.even:
-            local = F.pad(local, (0, self.padded - local.shape[-1]))
-        full = gather_from_tp(local, self.ctx)  # [..., p * padded]
-        if self.even:
-            return full
-        chunks = full.split(self.padded, dim=-1)
-        return torch.cat([c[..., :n] for c, n in zip(chunks, self.shard_sizes)], dim=-1)
+        full = gather_from_tp(self._padded(local), self.ctx)  # [..., p * padded]
+        return full if min(self.shard_sizes) == self.padded else self._trimmed(full.split(self.padded, dim=-1))
+
+    @torch.no_grad()
+    def logits_to_leader(self, h: torch.Tensor) -> torch.Tensor | None:
+        # h: [..., dim] -> [..., vocab] on rank 0, None on the others
+        local = self.local_logits(h)
+        if self.ctx.world_size == 1:
+            return local
+        parts = gather(self._padded(local), self.ctx)  # [p, ..., padded] on rank 0
+        return None if parts is None else self._trimmed(parts.unbind(0))
+
+    @torch.no_grad()
+    def greedy_to_leader(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # h: [B, dim] -> (token ids [B], log-probabilities [B]) on rank 0, None on the others
+        local = self.local_logits(h).float()  # [B, len(span)]
+        best, index = local.max(dim=-1)
+        stats = torch.stack([best, (index + self.span.start).float(), torch.logsumexp(local, dim=-1)], dim=-1)
+        parts = gather(stats, self.ctx)  # [p, B, 3] on rank 0 (ids below 2^24 are exact in float32)
+        if parts is None:
+            return None
+        winner = parts[..., 0].argmax(dim=0, keepdim=True)  # [1, B]
+        best = parts[..., 0].gather(0, winner)[0]
+        ids = parts[..., 1].gather(0, winner)[0].long()
+        return ids, best - torch.logsumexp(parts[..., 2], dim=0)
 
     def pieces(self) -> dict[str, list[Piece]]:
         if self.tied:  # the embedding owns the shared parameter
             return {}
         return {"weight": [Piece(self.part, "weight", 0, self.span, range(len(self.span)))]}
-
-    def load_shard(self, read: ShardReader) -> None:
-        load_pieces(self, read)
 
     def extra_repr(self) -> str:
         return f"vocab_span=[{self.span.start}, {self.span.stop}), tied={self.tied}"

@@ -10,7 +10,6 @@ themselves know no model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ from tensorpar.distributed.collectives import (
     reduce_scatter_seq,
 )
 from tensorpar.distributed.groups import ParallelContext
-from tensorpar.layers.pieces import Piece, fill_from_pieces, split_pieces
+from tensorpar.layers.pieces import Piece, split_pieces
 
 
 @dataclass(frozen=True)
@@ -36,21 +35,13 @@ class Segment:
     span: range
 
 
-class ShardReader(Protocol):
-    """Reads a slice of one checkpoint tensor, ``<module>.<part>.<param>``, as a torch tensor."""
-
-    def __call__(
-        self, part: str, param: str, rows: range | None = None, cols: range | None = None
-    ) -> torch.Tensor: ...
-
-
 def use_streaming_layout(weight: torch.Tensor) -> None:
     """Store an [out, in] weight as the transpose of a contiguous [in, out] tensor when out > in.
 
     The values and the logical shape are unchanged (``F.linear`` sees the same matrix); only the
     memory order changes. For batch-1 decode on CPU, a matrix-vector product over a wide
-    [out, in] matrix streams about twice as fast from the [in, out] order (measured:
-    benchmarks/weight_layout.py), while tall or square ones prefer [out, in].
+    [out, in] matrix streams about 1.5-2x as fast from the [in, out] order, while tall or square
+    ones prefer [out, in] (BENCHMARKS.md, "Weight layout").
     """
     if weight.dim() == 2 and weight.shape[0] > weight.shape[1] and weight.is_contiguous():
         weight.data = weight.data.t().contiguous().t()
@@ -90,12 +81,6 @@ def gathered_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return F.linear(all_gather_dim(x, ctx, SEQ_DIM), weight, bias)
 
 
-def load_pieces(module: nn.Module, read: ShardReader) -> None:
-    """Fill each of ``module``'s parameters from the checkpoint, as its ``pieces()`` say."""
-    for name, pieces in module.pieces().items():
-        fill_from_pieces(getattr(module, name).data, pieces, read)
-
-
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split along its output dimension: A = [A_1, ..., A_p], b = [b_1, ..., b_p].
 
@@ -130,9 +115,6 @@ class ColumnParallelLinear(nn.Module):
         if self.bias is not None:
             out["bias"] = split_pieces(spans, "bias", 0)
         return out
-
-    def load_shard(self, read: ShardReader) -> None:
-        load_pieces(self, read)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out_local={self.out_features}, bias={self.bias is not None}"
@@ -172,9 +154,6 @@ class RowParallelLinear(nn.Module):
             (part,) = {s.part for s in self.segments if s.part is not None}
             out["bias"] = [Piece(part, "bias")]
         return out
-
-    def load_shard(self, read: ShardReader) -> None:
-        load_pieces(self, read)
 
     def extra_repr(self) -> str:
         return f"in_local={self.in_features}, out={self.out_features}, bias={self.bias is not None}"

@@ -1,6 +1,23 @@
-"""Checkpoint sources (Hugging Face safetensors directories, GGUF files) and sharded loading."""
+"""Every checkpoint format (Hugging Face safetensors, GGUF, tensorpar training checkpoints, tensors
+in memory) behind one ``CheckpointSource``, and the sharded loader that builds a model from one.
 
-from tensorpar.loading.loader import build_model, expected_shapes, load_weights
-from tensorpar.loading.sources import CheckpointSource, open_source, resolve_model
+Names are imported on first use (``open`` itself is torch-free, for the command line)."""
 
-__all__ = ["CheckpointSource", "open_source", "resolve_model", "build_model", "load_weights", "expected_shapes"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ALIASES": "open", "DEFAULT_MODEL": "open", "open_source": "open", "resolve_model": "open",
+    "CheckpointSource": "sources", "TensorSource": "memory_source",
+    "ShardedCheckpointSource": "tensorpar_checkpoint", "find_checkpoint": "tensorpar_checkpoint",
+    "build_model": "loader", "load_weights": "loader",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"tensorpar.loading.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'tensorpar.loading' has no attribute {name!r}")

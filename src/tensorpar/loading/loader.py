@@ -1,8 +1,9 @@
 """Build a sharded model on each rank and stream its slices in from a checkpoint.
 
-The model is built on the ``meta`` device, rewritten by its plan, materialized (each rank
-allocates only its shards), then every local parameter is filled from exactly the checkpoint
-slices it owns. No rank ever holds a full weight matrix of another rank.
+The model (its architecture module's ``MODEL``) is built on the ``meta`` device, rewritten by
+its plan (``PLAN``), materialized (each rank allocates only its shards), then every local
+parameter is filled from exactly the checkpoint slices it owns. No rank ever holds a full weight
+matrix of another rank.
 """
 
 from __future__ import annotations
@@ -16,31 +17,8 @@ from tensorpar.errors import CheckpointError
 from tensorpar.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, use_streaming_layout
 from tensorpar.layers.pieces import ParamPieces, fill_from_pieces, model_pieces
 from tensorpar.loading.sources import CheckpointSource
-from tensorpar.models.config import ModelConfig
-from tensorpar.models.llama import LlamaForCausalLM
-from tensorpar.partition import check_degree
-from tensorpar.plans import apply_plan, plan_for
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor name -> full shape, as the config implies (fused layers split by part)."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, module in model.named_modules():
-        parent = name.rpartition(".")[0]
-        parts = getattr(module, "fused_parts", None)
-        if parts:
-            for part, n in parts:
-                shapes[f"{parent}.{part}.weight"] = (n, module.in_features)
-                if module.bias is not None:
-                    shapes[f"{parent}.{part}.bias"] = (n,)
-            continue
-        for pname, p in module.named_parameters(recurse=False):
-            shapes[f"{name}.{pname}"] = tuple(p.shape)
-    if cfg.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
+from tensorpar.models.registry import checkpoint_shapes, model_module
+from tensorpar.plans import apply_plan, tie_embeddings
 
 
 def fill_parameter(pp: ParamPieces, dst: torch.Tensor, source: CheckpointSource, expected: dict) -> None:
@@ -55,7 +33,7 @@ def fill_parameter(pp: ParamPieces, dst: torch.Tensor, source: CheckpointSource,
 
 def load_weights(model: nn.Module, source: CheckpointSource, progress: bool = False) -> None:
     """Fill every local parameter of a planned, materialized model from ``source``, piece by piece."""
-    expected = expected_shapes(model.config)
+    expected = checkpoint_shapes(model.config)
     params = model_pieces(model)
     unloaded = {n for n, _ in model.named_parameters()} - {pp.name for pp in params}
     if unloaded:
@@ -70,18 +48,21 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     trainable: bool = False,
-) -> LlamaForCausalLM:
+) -> nn.Module:
     """The model of ``source``, sharded for ``ctx``'s rank, with its weights loaded.
 
     For inference (default): frozen, in eval mode, wide CPU weights in their streaming layout.
-    ``trainable``: parameters require gradients, train mode, the plain layout.
+    ``trainable``: parameters require gradients, train mode, the plain layout. The degree is the
+    caller's to have checked (``tensorpar.distributed.dims.ParallelDims``).
     """
     cfg = source.config
-    check_degree(ctx.world_size, cfg.num_heads)
+    arch = model_module(cfg)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    apply_plan(model, plan_for(cfg.architecture), ctx)
+        model = arch.MODEL(cfg)
+    apply_plan(model, arch.PLAN, ctx)
     model.to(dtype).to_empty(device=ctx.device)
+    if cfg.tie_word_embeddings:
+        tie_embeddings(model)
     if ctx.device.type == "cpu" and not trainable:  # lay out the still-empty weights; loading then writes in place
         for module in model.modules():
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):

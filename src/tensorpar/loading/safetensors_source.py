@@ -27,10 +27,9 @@ class SafetensorsSource(CheckpointSource):
             self._files = {k: single for k in self._handle(single).keys()}
         else:
             raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-        self._handles: dict[Path, object] = {}
 
     def _handle(self, file: Path):
-        handles = self.__dict__.setdefault("_handles", {})
+        handles = self.__dict__.setdefault("_handles", {})  # reopened after unpickling
         if file not in handles:
             if not file.exists():
                 raise CheckpointError(f"{file}: checkpoint file is missing (named by the index)")
@@ -56,10 +55,7 @@ class SafetensorsSource(CheckpointSource):
             return sl[r]
         return sl[r, cols.start : cols.stop]
 
-    def tokenizer(self):
-        """The directory's Hugging Face tokenizer, or None when it ships none (token ids only)."""
-        if not any((self.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            return None
-        from transformers import AutoTokenizer
+    def tokenizer(self, cache: bool = True):
+        from tensorpar.loading.tokenizer_cache import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.path))
+        return load_tokenizer(self.path, cache=cache)

@@ -1,10 +1,16 @@
-"""Architecture configuration shared by the models, the plans, the loader and the planner."""
+"""Architecture configuration shared by the models, the plans, the loader and the planner.
+
+``ModelConfig`` is read from a Hugging Face ``config.json`` (``from_hf``) or a GGUF file's
+metadata (``from_gguf``); ``architecture`` is the Hugging Face ``model_type``, which names the
+architecture module (``tensorpar.models.registry``). Torch-free.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+from tensorpar.models.registry import MODEL_TYPES, for_gguf, for_model_type
 
 
 @dataclass(frozen=True)
@@ -32,11 +38,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {self.architecture!r}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        for_model_type(self.architecture)  # an unsupported one fails here
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -47,11 +49,8 @@ class ModelConfig:
     def from_hf(cls, cfg: dict) -> "ModelConfig":
         """Build from a Hugging Face ``config.json`` dictionary."""
         arch = cfg.get("model_type")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported model_type {arch!r} in config.json; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        if arch not in MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {arch!r} in config.json; supported: {', '.join(MODEL_TYPES)}")
         heads = cfg["num_attention_heads"]
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
@@ -82,6 +81,44 @@ class ModelConfig:
             sliding_window=window,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos,
+        )
+
+    @classmethod
+    def from_gguf(cls, meta: Mapping[str, object], tensors: Collection[str]) -> "ModelConfig":
+        """Build from a GGUF file's metadata and the Hugging Face names of its tensors.
+
+        Keys are llama.cpp's: ``{arch}.embedding_length``, ``{arch}.attention.head_count``, ...
+        with ``arch`` = ``general.architecture``.
+        """
+        arch = meta.get("general.architecture")
+        for_gguf(arch)
+        if "rope_freqs.weight" in tensors:
+            raise ValueError("GGUF rope frequency factors (rope_freqs) are not supported yet")
+        a = lambda k, d=None: meta.get(f"{arch}.{k}", d)  # noqa: E731
+        heads = int(a("attention.head_count"))
+        hidden = int(a("embedding_length"))
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        scaling = None
+        if a("rope.scaling.type") == "linear":
+            scaling = {"rope_type": "linear", "factor": float(a("rope.scaling.factor"))}
+        return cls(
+            architecture=arch,
+            vocab_size=int(a("vocab_size") or len(meta["tokenizer.ggml.tokens"])),
+            hidden_size=hidden,
+            intermediate_size=int(a("feed_forward_length")),
+            num_layers=int(a("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(a("attention.head_count_kv", heads)),
+            head_dim=int(a("attention.key_length", hidden // heads)),
+            rms_norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(a("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=int(a("context_length", 4096)),
+            tie_word_embeddings="lm_head.weight" not in tensors,
+            qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
+            o_bias="model.layers.0.self_attn.o_proj.bias" in tensors,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=() if eos is None else (int(eos),),
         )
 
     def to_hf(self) -> dict:

@@ -1,7 +1,8 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) as plain single-device PyTorch.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM): the architecture module.
 
-Module and parameter names follow Hugging Face, except that Q/K/V and gate/up are fused into
-``qkv_proj`` and ``gate_up_proj``; each fused linear lists its checkpoint parts in
+Plain single-device PyTorch (``MODEL``), its sharding plan (``PLAN``) and the names of its tensors
+in GGUF files. Module and parameter names follow Hugging Face, except that Q/K/V and gate/up are
+fused into ``qkv_proj`` and ``gate_up_proj``; each fused linear lists its checkpoint parts in
 ``fused_parts``. Attention reads its local head counts from ``num_heads`` / ``num_kv_heads``,
 which a sharding plan may change (see ``tensorpar.partition``).
 """
@@ -9,13 +10,14 @@ which a sharding plan may change (see ``tensorpar.partition``).
 from __future__ import annotations
 
 import math
+import re
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorpar.layers.attention import AttentionBatch
 from tensorpar.models.config import ModelConfig
 
 _NO_DROPOUT = nullcontext()  # reusable: entered on every inference step
@@ -120,60 +122,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-@dataclass
-class AttentionBatch:
-    """Per-forward attention inputs shared by every layer.
-
-    cos, sin: [B, S, 1, D] rotary tables at each query position (sin sign-folded, see apply_rope).
-    mask:     [B, 1, S, L] True where query s may attend key l; None when every query may attend
-              every key (or ``causal``: plain causal attention over exactly the new tokens).
-    slots:    cache slot of each sequence, [B]; ``slot_start`` when they are consecutive;
-              ``slot_rows`` the slot of each new token, [B, S].
-    positions: [B, S] absolute positions (where new keys are written in the cache).
-    """
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    mask: torch.Tensor | None
-    positions: torch.Tensor
-    causal: bool = False
-    slots: torch.Tensor | None = None
-    slot_rows: torch.Tensor | None = None
-    slot_start: int | None = None
-    kv_len: int = 0
-
-
-class KVCache:
-    """Preallocated keys and values, one [slots, kv_heads_local, max_len, D] pair per layer.
-
-    Reserved, not touched: a slot's memory is zeroed (and so becomes resident) the first time a
-    sequence starts in it (``start``). Zeroed matters: a batch reads each slot up to the longest
-    sequence's length, masked, and a masked NaN would still poison the attention output.
-    """
-
-    def __init__(self, num_layers, slots, kv_heads, max_len, head_dim, dtype, device):
-        shape = (slots, kv_heads, max_len, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.slots, self.max_len = slots, max_len
-        self._zeroed: set[int] = set()
-
-    def fits(self, slots: int, max_len: int) -> bool:
-        return slots <= self.slots and max_len <= self.max_len
-
-    def start(self, slot: int) -> None:
-        """A sequence begins in ``slot``: make sure its memory holds finite values."""
-        if slot not in self._zeroed:
-            for t in (*self.k, *self.v):
-                t[slot].zero_()
-            self._zeroed.add(slot)
-
-
 class Attention(nn.Module):
     """Grouped-query attention with rotary positions. In training, ``dropout`` applies to the
     attention probabilities, drawing its mask inside ``dropout_rng()`` (a parallel plan points it
     at a random stream of its choosing; by default the global one)."""
 
+    dropout_site = "attention"
     dropout = 0.0
     dropout_rng = staticmethod(nullcontext)
 
@@ -183,6 +137,7 @@ class Attention(nn.Module):
         self.head_dim = d
         self.num_heads = cfg.num_heads  # local query slots after sharding
         self.num_kv_heads = cfg.num_kv_heads  # local KV heads after sharding
+        self.sliding_window = cfg.sliding_window
         self.qkv_proj = fused_linear(
             cfg.hidden_size,
             [("q_proj", cfg.num_heads * d), ("k_proj", cfg.num_kv_heads * d), ("v_proj", cfg.num_kv_heads * d)],
@@ -190,30 +145,20 @@ class Attention(nn.Module):
         )
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, batch: AttentionBatch, cache: tuple[torch.Tensor, torch.Tensor] | None):
+    def forward(self, x, batch: AttentionBatch, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: tuple[torch.Tensor, torch.Tensor] | None):
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [B, S, (h + 2 kv) d]; S is the whole sequence under sequence parallelism
         B, S, _ = qkv.shape
-        qk = apply_rope(qkv[..., : (h + kv) * d].view(B, S, h + kv, d), batch.cos, batch.sin)
+        qk = apply_rope(qkv[..., : (h + kv) * d].view(B, S, h + kv, d), *rope)
         q, k = qk[:, :, :h], qk[:, :, h:]
         v = qkv[..., (h + kv) * d :].view(B, S, kv, d)
-        if cache is None:  # (a copy of v, so that backward does not keep all of qkv alive)
-            keys, values = k.transpose(1, 2), v.transpose(1, 2).contiguous()  # [B, kv, S, d]
-        else:
-            ck, cv = cache
-            ck[batch.slot_rows, :, batch.positions] = k  # write [B, S, kv, d] at (slot, :, position)
-            cv[batch.slot_rows, :, batch.positions] = v
-            L = batch.kv_len
-            if batch.slot_start is not None:
-                keys = ck[batch.slot_start : batch.slot_start + B, :, :L]  # [B, kv, L, d]
-                values = cv[batch.slot_start : batch.slot_start + B, :, :L]
-            else:
-                keys, values = ck[batch.slots, :, :L], cv[batch.slots, :, :L]
+        keys, values = batch.keys_values(k, v, cache)  # [B, kv, L, d]
+        mask, causal = batch.mask(self.sliding_window)
         p = self.dropout if self.training else 0.0
         with self.dropout_rng() if p else _NO_DROPOUT:
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=batch.mask, is_causal=batch.causal,
-                dropout_p=p, enable_gqa=h != kv,
+                q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, dropout_p=p, enable_gqa=h != kv,
             )  # [B, h, S, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, h * d))
 
@@ -239,6 +184,7 @@ class DecoderLayer(nn.Module):
     """x + attn(norm(x)), then + mlp(norm(x)). In training, ``dropout`` applies to each branch
     before it joins the residual stream, its mask drawn inside ``dropout_rng()``."""
 
+    dropout_site = "residual"
     dropout = 0.0
     dropout_rng = staticmethod(nullcontext)
 
@@ -255,8 +201,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, batch, cache):
-        x = x + self._dropout(self.self_attn(self.input_layernorm(x), batch, cache))
+    def forward(self, x, batch, rope, cache):
+        x = x + self._dropout(self.self_attn(self.input_layernorm(x), batch, rope, cache))
         mlp = self._dropout(self.mlp(self.post_attention_layernorm(x)))
         return x + mlp if torch.is_grad_enabled() else x.add_(mlp)  # the norm keeps x for backward
 
@@ -292,73 +238,96 @@ class LlamaForCausalLM(nn.Module):
             self._rope = (emb.cos(), emb.sin() * sign)
         return self._rope
 
-    def attention_batch(
-        self,
-        positions: torch.Tensor,
-        slots: torch.Tensor | None = None,
-        kv_len: int | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> AttentionBatch:
-        """Rotary tables and the causal (optionally sliding-window) mask for one forward.
-
-        positions: [B, S]. Without a cache (``slots=None``) the keys are the queries' own tokens;
-        with one, the keys are cache positions 0..kv_len-1 of each sequence's slot.
-        """
-        cos, sin = self.rope_tables(int(positions.max()) + 1, positions.device)
-        cos = cos[positions].unsqueeze(2).to(dtype)  # [B, S, 1, D]
-        sin = sin[positions].unsqueeze(2).to(dtype)
-        if slots is None:
-            key_pos = positions  # [B, L=S]
-        else:
-            key_pos = torch.arange(kv_len, device=positions.device).expand(positions.shape[0], kv_len)
-        B, S = positions.shape
-        L = key_pos.shape[1]
-        window = self.config.sliding_window
-        within_window = window is None or L <= window
-        causal = False
-        mask = None
-        if S == 1 and within_window and bool((positions[:, 0] == L - 1).all()):
-            pass  # one new token per sequence, after every cached one: attend to all keys
-        elif S == L and within_window and (
-            (B == 1 and (slots is None or int(positions[0, 0]) == 0))
-            or (slots is None and bool((positions == torch.arange(S, device=positions.device)).all()))
-        ):
-            causal = True  # fresh sequences from position 0: plain causal attention over their own tokens
-        else:
-            q = positions.unsqueeze(-1)  # [B, S, 1]
-            kp = key_pos.unsqueeze(1)  # [B, 1, L]
-            mask = kp <= q
-            if window is not None:
-                mask &= kp > q - window
-            mask = mask.unsqueeze(1)
-        start = None
-        if slots is not None:
-            s0 = int(slots[0])
-            if torch.equal(slots, torch.arange(s0, s0 + slots.numel(), device=slots.device)):
-                start = s0
-        return AttentionBatch(
-            cos=cos, sin=sin, mask=mask, causal=causal, positions=positions,
-            slots=slots, slot_rows=None if slots is None else slots.unsqueeze(1).expand(B, S),
-            slot_start=start, kv_len=kv_len or 0,
-        )
+    def rotary(self, batch: AttentionBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin at the batch's positions, [B, S, 1, D] each."""
+        cos, sin = self.rope_tables(batch.max_position + 1, batch.positions.device)
+        return cos[batch.positions].unsqueeze(2).to(dtype), sin[batch.positions].unsqueeze(2).to(dtype)
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        slots: torch.Tensor | None = None,
-        kv_len: int | None = None,
+        batch: AttentionBatch | None = None,
+        cache=None,
     ) -> torch.Tensor:
-        """input_ids: [B, S] -> final-normed hidden states [B, S, hidden]."""
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        """input_ids: [B, S] -> final-normed hidden states [B, S, hidden].
+
+        ``batch`` says where the tokens are and what they attend to (default: every row a fresh
+        sequence from position 0); ``cache`` is a ``KVCache`` whose slots ``batch`` names.
+        """
+        if batch is None:
+            batch = AttentionBatch.fresh(*input_ids.shape, input_ids.device)
         x = self.model.embed_tokens(input_ids)
-        batch = self.attention_batch(positions, slots if cache is not None else None, kv_len, x.dtype)
+        rope = self.rotary(batch, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, batch, None if cache is None else (cache.k[i], cache.v[i]))
+            x = layer(x, batch, rope, None if cache is None else cache.layer(i))
         return self.model.norm(x)
+
+    def kv_cache_shape(self) -> list[tuple[int, int]]:
+        """(local KV heads, head dim) of every layer's cache."""
+        return [(layer.self_attn.num_kv_heads, layer.self_attn.head_dim) for layer in self.model.layers]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> [..., vocab] (gathered over ranks when the head is vocab-parallel)."""
         return self.lm_head(hidden)
+
+
+MODEL = LlamaForCausalLM
+
+# Data flow per layer: the replicated hidden state enters column-parallel QKV and gate/up
+# ("all-to-sharded"), attention and the activation run on local heads / local intermediate
+# columns, and row-parallel o_proj / down_proj all-reduce back to a replicated hidden state
+# ("sharded-to-all"). Two all-reduces per layer. Norms are replicated.
+PLAN: dict[str, str] = {
+    "model.embed_tokens": "vocab_embedding",
+    "model.layers.*.self_attn.qkv_proj": "colwise_heads",
+    "model.layers.*.self_attn.o_proj": "rowwise_heads",
+    "model.layers.*.mlp.gate_up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "rowwise",
+    "lm_head": "vocab_head",
+}
+
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def gguf_tensor_name(name: str) -> str | None:
+    """The Hugging Face name of GGUF tensor ``name``, or None for tensors the model does not use."""
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    m = _GGUF_BLOCK.fullmatch(name)
+    if m and m.group(2) in _GGUF_LAYER:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K permutation for ``heads`` whole heads of rows (weight or bias).
+
+    llama.cpp interleaves each head's rotary pairs: its row order within a head is
+    (0, D/2, 1, D/2 + 1, ...); Hugging Face's is (0, 1, ..., D-1).
+    """
+    d = w.shape[0] // heads
+    return w.reshape(heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def from_gguf_layout(name: str, tensor: torch.Tensor, config: ModelConfig, gguf_architecture: str) -> torch.Tensor:
+    """A slice of GGUF tensor (Hugging Face name ``name``) in Hugging Face's layout. llama.cpp
+    permutes the rows of Q and K within each head for ``llama`` files; the slice's rows hold whole heads."""
+    if gguf_architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
+        return unpermute_rows(tensor, tensor.shape[0] // config.head_dim)
+    return tensor

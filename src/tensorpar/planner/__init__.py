@@ -15,8 +15,9 @@ operator), ``comm`` (collectives), ``latency`` (roofline, prefill, decode, pipel
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from tensorpar.dtypes import short_name
 from tensorpar.errors import TensorparError
 from tensorpar.planner.arch import ArchSpec, resolve_model
 from tensorpar.planner.costs import Precision
@@ -71,10 +72,6 @@ def _validate(r: PlanRequest) -> None:
         raise PlanError(f"--mode must be one of {', '.join(MODES)}, got {r.mode!r}")
     if r.objective is not None and r.objective not in OBJECTIVES:
         raise PlanError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {r.objective!r}")
-    if r.dtype not in DTYPES:
-        raise PlanError(f"--dtype must be one of {', '.join(DTYPES)}, got {r.dtype!r}")
-    if r.kv_dtype is not None and r.kv_dtype not in DTYPES:
-        raise PlanError(f"--kv-dtype must be one of {', '.join(DTYPES)}, got {r.kv_dtype!r}")
     for name, value in (("--prompt-len", r.prompt_len), ("--output-len", r.output_len), ("--batch", r.batch),
                         ("--global-batch", r.global_batch), ("--seq-len", r.seq_len),
                         ("--micro-batch", r.micro_batch)):
@@ -106,8 +103,19 @@ def _layout(r: PlanRequest, device: Device) -> tuple[int, int]:
     return device.gpus_per_node, r.gpus // device.gpus_per_node
 
 
+def _dtypes(r: PlanRequest) -> PlanRequest:
+    """``r`` with its dtypes by their short names (any alias of ``tensorpar.dtypes`` is accepted)."""
+    try:
+        dtype = short_name(r.dtype, DTYPES, "--dtype")
+        kv = None if r.kv_dtype is None else short_name(r.kv_dtype, DTYPES, "--kv-dtype")
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    return replace(r, dtype=dtype, kv_dtype=kv)
+
+
 def plan(r: PlanRequest) -> PlanResult:
     """Evaluate every configuration of ``r.gpus`` GPUs for ``r.model`` and recommend one."""
+    r = _dtypes(r)
     _validate(r)
     try:
         arch = resolve_model(r.model)

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tensorpar.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from tensorpar.models.config import ModelConfig
+from tensorpar.models.registry import MODEL_TYPES
 from tensorpar.planner.jsonfile import read_json_object
 
 LLAMA2 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -196,7 +197,7 @@ def from_hf_config(cfg: dict, name: str = "") -> ArchSpec:
     Llama-family types go through ``ModelConfig.from_hf``; ``mixtral`` and ``gpt2`` are read here.
     """
     kind = cfg.get("model_type")
-    if kind in SUPPORTED_ARCHITECTURES:
+    if kind in MODEL_TYPES:
         return from_model_config(ModelConfig.from_hf(cfg), name=name)
     if kind == "mixtral":
         h, f, layers, heads, vocab, experts, k = _require(
@@ -221,7 +222,7 @@ def from_hf_config(cfg: dict, name: str = "") -> ArchSpec:
                         linear_bias=True, layer_norm=True, learned_positions=positions)
     raise ValueError(
         f"unsupported model_type {kind!r} in config.json; the planner reads "
-        f"{', '.join(SUPPORTED_ARCHITECTURES)}, mixtral and gpt2"
+        f"{', '.join(MODEL_TYPES)}, mixtral and gpt2"
     )
 
 

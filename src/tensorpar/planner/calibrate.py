@@ -25,13 +25,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from tensorpar.dtypes import ENGINE_DTYPES, short_name
 from tensorpar.planner.arch import ArchSpec, resolve_model
 from tensorpar.planner.jsonfile import read_json_object
 from tensorpar.planner.costs import Precision, busiest_shard, decode_step, prefill_step
 from tensorpar.planner.hardware import Device, Link, MeasuredCollective
 from tensorpar.planner.latency import Placement, step_time
 
-BENCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 FITTED = ("memory_efficiency", "matmul_efficiency", "gemm_half_rows", "layer_overhead_us")
 BOUNDS = {"memory_efficiency": (0.02, 1.0), "matmul_efficiency": (0.02, 1.0), "gemm_half_rows": (0.5, 4096.0),
           "layer_overhead_us": (0.1, 20000.0)}
@@ -186,7 +186,7 @@ def calibrate(base: Device, path: str) -> tuple[Device, CalibrationReport]:
         arch = resolve_model(str(settings.get("model", "")))
     except ValueError as e:
         raise ValueError(f"calibration file {path!r}: its model cannot be read ({e})") from None
-    dtype = BENCH_DTYPES.get(str(settings.get("dtype", "float32")), "fp32")
+    dtype = short_name(str(settings.get("dtype", "fp32")), ENGINE_DTYPES, "bench dtype")
     precision = Precision(dtype, dtype)
     device = base
     if base.is_cpu:

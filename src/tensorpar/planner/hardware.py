@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tensorpar.planner.jsonfile import read_json_object
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}  # by short name (tensorpar.dtypes)
 DTYPES = tuple(DTYPE_BYTES)
 
 # Ring all-reduce over NVLink, fitted once on vidur_h100_dgx_all_reduce.csv (see module docstring).

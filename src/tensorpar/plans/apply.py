@@ -4,14 +4,15 @@ Styles (the whole vocabulary of plans):
 
 - ``colwise``         column-parallel linear; each fused part (``fused_parts``) split evenly.
 - ``rowwise``         row-parallel linear; input features split evenly.
-- ``colwise_heads``   column-parallel fused QKV, split by attention heads (``partition.head_shard``);
-                      also sets the parent attention's local ``num_heads`` / ``num_kv_heads``.
+- ``colwise_heads``   column-parallel fused QKV (its ``fused_parts`` are query, key, value), split
+                      by attention heads (``partition.head_shard``); also sets the parent
+                      attention's local ``num_heads`` / ``num_kv_heads``.
 - ``rowwise_heads``   row-parallel output projection over the same head slots.
 - ``vocab_embedding`` vocabulary-parallel embedding.
-- ``vocab_head``      vocabulary-parallel LM head, sharing the embedding shard when tied.
+- ``vocab_head``      vocabulary-parallel LM head (``tie_embeddings`` shares the embedding's shard).
 
 Modules that no pattern names are replicated. Apply a plan to a model on the ``meta`` device,
-then materialize: each rank allocates only its shards.
+then materialize (each rank allocates only its shards), then tie.
 """
 
 from __future__ import annotations
@@ -31,50 +32,64 @@ from tensorpar.layers import (
 )
 from tensorpar.partition import even_split, even_splits, head_rows, head_shard, slot_segments, vocab_shard
 
-STYLES = ("colwise", "rowwise", "colwise_heads", "rowwise_heads", "vocab_embedding", "vocab_head")
+
+def _colwise(name, module, parent, cfg, ctx: ParallelContext):
+    parts = getattr(module, "fused_parts", ((name.rsplit(".", 1)[-1], module.out_features),))
+    segs = [Segment(p, even_split(n, ctx.world_size, ctx.rank)) for p, n in parts]
+    return ColumnParallelLinear(module.in_features, segs, module.bias is not None, ctx)
 
 
-def _head_segments(cfg, ctx: ParallelContext, part: str) -> list[Segment]:
+def _rowwise(name, module, parent, cfg, ctx: ParallelContext):
+    seg = Segment(name.rsplit(".", 1)[-1], even_split(module.in_features, ctx.world_size, ctx.rank))
+    return RowParallelLinear([seg], module.out_features, module.bias is not None, ctx)
+
+
+def _head_segments(part: str, shard, head_dim: int) -> list[Segment]:
+    """One segment per run of the shard's query slots: rows of ``part``, or padding."""
+    return [Segment(part, s) if s is not None else Segment(None, range(head_dim)) for s in slot_segments(shard, head_dim)]
+
+
+def _colwise_heads(name, module, parent, cfg, ctx: ParallelContext):
+    (q, _), (k, _), (v, _) = module.fused_parts  # query, key and value parts, in that order
     shard = head_shard(cfg.num_heads, cfg.num_kv_heads, ctx.world_size, ctx.rank)
-    d = cfg.head_dim
-    return [Segment(part, s) if s is not None else Segment(None, range(d)) for s in slot_segments(shard, d)]
+    kv = head_rows(shard.kv_heads, cfg.head_dim)
+    segs = _head_segments(q, shard, cfg.head_dim) + [Segment(k, kv), Segment(v, kv)]
+    parent.num_heads, parent.num_kv_heads = shard.num_slots, shard.num_kv
+    return ColumnParallelLinear(module.in_features, segs, module.bias is not None, ctx)
 
 
-def _build(style: str, name: str, module: nn.Module, parent: nn.Module, model, ctx: ParallelContext):
-    cfg = model.config
-    leaf = name.rsplit(".", 1)[-1]
-    tp, rank = ctx.world_size, ctx.rank
-    bias = getattr(module, "bias", None) is not None
-    if style == "colwise":
-        parts = getattr(module, "fused_parts", ((leaf, module.out_features),))
-        segs = [Segment(p, even_split(n, tp, rank)) for p, n in parts]
-        return ColumnParallelLinear(module.in_features, segs, bias, ctx)
-    if style == "rowwise":
-        return RowParallelLinear([Segment(leaf, even_split(module.in_features, tp, rank))], module.out_features, bias, ctx)
-    if style == "colwise_heads":
-        shard = head_shard(cfg.num_heads, cfg.num_kv_heads, tp, rank)
-        kv = head_rows(shard.kv_heads, cfg.head_dim)
-        segs = _head_segments(cfg, ctx, "q_proj") + [Segment("k_proj", kv), Segment("v_proj", kv)]
-        parent.num_heads, parent.num_kv_heads = shard.num_slots, shard.num_kv
-        return ColumnParallelLinear(module.in_features, segs, bias, ctx)
-    if style == "rowwise_heads":
-        return RowParallelLinear(_head_segments(cfg, ctx, leaf), module.out_features, bias, ctx)
-    if style == "vocab_embedding":
-        return VocabParallelEmbedding(vocab_shard(cfg.vocab_size, tp, rank), module.embedding_dim, ctx, leaf)
-    if style == "vocab_head":
-        tied = None
-        if cfg.tie_word_embeddings:
-            tied = next(m for m in model.modules() if isinstance(m, VocabParallelEmbedding))
-        sizes = [len(s) for s in even_splits(cfg.vocab_size, tp)]
-        return ParallelLMHead(vocab_shard(cfg.vocab_size, tp, rank), sizes, module.in_features, ctx, leaf, tied)
-    raise ValueError(f"unknown plan style {style!r} for {name}; styles: {', '.join(STYLES)}")
+def _rowwise_heads(name, module, parent, cfg, ctx: ParallelContext):
+    shard = head_shard(cfg.num_heads, cfg.num_kv_heads, ctx.world_size, ctx.rank)
+    segs = _head_segments(name.rsplit(".", 1)[-1], shard, cfg.head_dim)
+    return RowParallelLinear(segs, module.out_features, module.bias is not None, ctx)
+
+
+def _vocab_embedding(name, module, parent, cfg, ctx: ParallelContext):
+    span = vocab_shard(cfg.vocab_size, ctx.world_size, ctx.rank)
+    return VocabParallelEmbedding(span, module.embedding_dim, ctx, name.rsplit(".", 1)[-1])
+
+
+def _vocab_head(name, module, parent, cfg, ctx: ParallelContext):
+    sizes = [len(s) for s in even_splits(cfg.vocab_size, ctx.world_size)]
+    span = vocab_shard(cfg.vocab_size, ctx.world_size, ctx.rank)
+    return ParallelLMHead(span, sizes, module.in_features, ctx, name.rsplit(".", 1)[-1])
+
+
+BUILDERS = {
+    "colwise": _colwise,
+    "rowwise": _rowwise,
+    "colwise_heads": _colwise_heads,
+    "rowwise_heads": _rowwise_heads,
+    "vocab_embedding": _vocab_embedding,
+    "vocab_head": _vocab_head,
+}
+STYLES = tuple(BUILDERS)
 
 
 def apply_plan(model: nn.Module, plan: dict[str, str], ctx: ParallelContext) -> nn.Module:
     """Replace every module whose path matches a plan pattern by its sharded counterpart.
 
-    Patterns are matched in plan order (``*`` matches one or more path components' characters),
-    so the vocabulary embedding is built before a head that ties to it.
+    ``*`` matches any characters, dots included; a pattern that matches nothing is an error.
     """
     modules = dict(model.named_modules())
     for pattern, style in plan.items():
@@ -86,7 +101,18 @@ def apply_plan(model: nn.Module, plan: dict[str, str], ctx: ParallelContext) -> 
             parent = model.get_submodule(parent_name) if parent_name else model
             old = modules[name]
             with torch.device(next(old.parameters()).device):  # a meta model stays on meta
-                setattr(parent, leaf, _build(style, name, old, parent, model, ctx))
+                if style not in BUILDERS:
+                    raise ValueError(f"unknown plan style {style!r} for {name}; styles: {', '.join(STYLES)}")
+                setattr(parent, leaf, BUILDERS[style](name, old, parent, model.config, ctx))
+    return model
+
+
+def tie_embeddings(model: nn.Module) -> nn.Module:
+    """Make the vocabulary-parallel head use the vocabulary-parallel embedding's weight (call it
+    after materializing: moving a model between devices does not keep two modules' parameter shared)."""
+    (embedding,) = [m for m in model.modules() if isinstance(m, VocabParallelEmbedding)]
+    (head,) = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
+    head.tie(embedding)
     return model
 
 

@@ -1,14 +1,15 @@
-"""``LLM``: the Python API. Spawns the ranks (or joins ``torchrun``'s) and drives generation."""
+"""``LLM``: the Python API. Launches the ranks (or joins ``torchrun``'s) and generates through the
+same scheduler as the server."""
 
 from __future__ import annotations
 
 import time
 
-from tensorpar.distributed.groups import DEFAULT_TIMEOUT_S
+from tensorpar.distributed.launch import launch
 from tensorpar.errors import TensorparError
-from tensorpar.runtime.engine import Engine, EngineSpec, GenerationResult
-from tensorpar.runtime.ranks import start_ranks
 from tensorpar.runtime.sampling import SamplingParams
+from tensorpar.runtime.spec import EngineArgs
+from tensorpar.runtime.worker import DEFAULT_MAX_NUM_SEQS, GenerationResult, Worker
 
 
 class LLM:
@@ -17,48 +18,42 @@ class LLM:
     >>> llm = LLM("smollm2-135m", tp=2)
     >>> llm.generate(["The capital of France is"], max_new_tokens=8)[0].text
 
-    ``tp=1`` runs in this process. ``comm="auto"`` sends CPU collectives between ranks of one
-    host through shared memory; ``comm="gloo"`` forces gloo (for comparison). ``tp>1`` spawns that many local ranks,
-    supervised: if one dies, the others are stopped and the call raises ``RankFailure`` naming it. Under ``torchrun``
-    the group's ranks are used as they are (``tp`` must equal the world size) and every rank
-    must make the same calls; all of them get the same results.
+    ``options`` are ``EngineArgs``' (``tp``, ``dtype``, ``device``, ``comm``, ``timeout_s``,
+    ``max_model_len``, ``progress``, ``tokenizer_cache``). One rank runs in this process; more are
+    spawned, supervised: if one dies, the others are stopped and the call raises ``RankFailure``
+    naming it. Under ``torchrun`` the group's ranks are used as they are (``tp`` defaults to the
+    world size) and every rank must make the same calls; all of them get the same results.
+    Prompts are scheduled as concurrent requests, at most ``max_num_seqs`` at a time.
     """
 
-    def __init__(
-        self,
-        model: str = "smollm2-135m",
-        tp: int = 1,
-        dtype: str = "auto",
-        device: str = "cpu",
-        progress: bool = True,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        comm: str = "auto",
-    ):
+    def __init__(self, model: str | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, **options):
         t0 = time.perf_counter()
-        self.spec = EngineSpec(model=model, dtype=dtype, device=device, progress=progress)
-        self.config, ctx, self._ranks = start_ranks(self.spec, tp, timeout_s, comm, leader_here=False)
-        self._engine: Engine | None = None
-        if ctx is not None:
-            self._engine = Engine(self.spec, ctx)
-            self.tp, self.backend = ctx.world_size, ctx.backend
-        else:
-            self.tp, self.backend = tp, self._ranks.call("backend")
+        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.spec = EngineArgs(**({"model": model} if model is not None else {}), **options).resolve()
+        self.config = self.spec.config
+        t1 = time.perf_counter()
+        self._ranks = launch(self.spec.dims.world_size, Worker, (self.spec, max_num_seqs), self.spec.device,
+                             self.spec.timeout_s, self.spec.use_shm)
         self.load_s = time.perf_counter() - t0
+        leader = self._ranks.ready_info.get(0, {})
+        self.tp = self.spec.dims.tp
+        self.backend = leader.get("backend") or self._ranks.local.ctx.backend
+        self.startup = {**self.spec.startup, "launch_s": time.perf_counter() - t1,
+                        **{k: v for k, v in leader.items() if k.endswith("_s")}, "total_s": self.load_s}
 
     @property
     def rank(self) -> int:
-        return self._engine.ctx.rank if self._engine is not None else 0
+        return self._ranks.ctx.rank if self._ranks is not None and self._ranks.ctx is not None else 0
 
     @property
     def worker_pids(self) -> list[int]:
         return self._ranks.pids if self._ranks is not None else []
 
-    def _call(self, method: str, *args, **kwargs):
-        if self._engine is not None:
-            return getattr(self._engine, method)(*args, **kwargs)
+    def _call(self, method: str, *args):
         if self._ranks is None:
             raise TensorparError("this LLM has been closed")
-        return self._ranks.call(method, *args, **kwargs)
+        return self._ranks.call(method, *args)
 
     def generate_full(
         self,
@@ -66,7 +61,7 @@ class LLM:
         sampling: SamplingParams | list[SamplingParams] | None = None,
         chat: bool = False,
     ) -> GenerationResult:
-        """Completions plus timings and per-rank peak memory."""
+        """Completions (``params.n`` per prompt, prompt-major), plus timings and per-rank peak memory."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -85,9 +80,13 @@ class LLM:
         stop: list[str] | None = None,
         chat: bool = False,
         ignore_eos: bool = False,
+        n: int = 1,
     ):
-        """Generate for each prompt (text or token ids); greedy unless ``temperature > 0``."""
-        sp = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop or ()), ignore_eos)
+        """Generate for each prompt (text or token ids); greedy unless ``temperature > 0``.
+
+        Returns ``n`` completions per prompt, prompt-major; choice i samples with ``seed + i``.
+        """
+        sp = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop or ()), ignore_eos, n)
         return self.generate_full(prompts, sp, chat).completions
 
     def score(self, prompts: list) -> list:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to generate one sequence. ``temperature=0`` is greedy (the default)."""
+    """How to generate from one prompt. ``temperature=0`` is greedy (the default).
+
+    ``n`` completions are generated, choice i sampling with ``seed + i`` when a seed is given.
+    ``logprobs``: how many of the most likely tokens to report with each generated one (the
+    chosen token's own log-probability is always reported).
+    """
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -18,10 +23,16 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    n: int = 1
+    logprobs: int = 0
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be a positive integer, got {self.n!r}")
+        if not isinstance(self.logprobs, int) or self.logprobs < 0:
+            raise ValueError(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -35,6 +46,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def choices(self) -> list["SamplingParams"]:
+        """One ``n=1`` copy per choice; choice i samples with ``seed + i`` when a seed is given."""
+        return [replace(self, n=1, seed=None if self.seed is None else self.seed + i) for i in range(self.n)]
+
+    def generator(self) -> torch.Generator | None:
+        """The random stream of one choice: seeded, or from fresh entropy; None when greedy."""
+        if self.greedy:
+            return None
+        return torch.Generator().manual_seed(self.seed if self.seed is not None else int(torch.seed() % 2**63))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -20,7 +20,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tensorpar import __version__
-from tensorpar.serve import params as P
+from tensorpar.runtime.serving import ServingBackend
+from tensorpar.serve import params
 from tensorpar.serve.bridge import ClientDisconnected, RequestStream
 from tensorpar.serve.errors import APIError, install_error_handlers
 from tensorpar.serve.metrics import CONTENT_TYPE, Metrics, RequestCounter
@@ -47,23 +48,12 @@ def _key_checker(api_key: str):
     return check
 
 
-def _vocab_size(engine) -> int:
-    """Token ids a prompt may hold: the tokenizer's, and no more than the model's embedding rows
-    (``engine.vocab_size`` or ``engine.engine.config.vocab_size`` where the engine has them)."""
-    n = len(engine.tokenizer)
-    model = getattr(engine, "vocab_size", None)
-    if model is None:
-        model = getattr(getattr(getattr(engine, "engine", None), "config", None), "vocab_size", None)
-    return min(n, model) if isinstance(model, int) else n
-
-
-class _Api:
+class Handlers:
     """The handlers' shared state: the engine, its metrics, and token texts for logprobs."""
 
-    def __init__(self, engine):
+    def __init__(self, engine: ServingBackend):
         self.engine, self.metrics = engine, Metrics(engine)
         self.token_text = TokenText(engine.tokenizer)
-        self.vocab_size = _vocab_size(engine)
         self.created = int(time.time())
 
     def check_model(self, model: str | None) -> None:
@@ -82,7 +72,7 @@ class _Api:
 
     async def run(self, request: Request, body: SamplingFields, fmt: Format, prompt_ids: list[int],
                   max_tokens: int, logprobs: int, arrived: float) -> Response:
-        requests = P.serve_requests(body, fmt.id, prompt_ids, max_tokens, logprobs)
+        requests = params.serve_requests(body, fmt.id, prompt_ids, max_tokens, logprobs)
         self.check_healthy()
         stream = RequestStream(self.engine, requests, self.metrics, arrived)
         if body.stream:  # submitted once the stream starts: a client gone before then costs nothing
@@ -149,10 +139,10 @@ class _Api:
             stream.close()
 
 
-def create_app(engine, api_key: str | None = None) -> FastAPI:
+def create_app(engine: ServingBackend, api_key: str | None = None) -> FastAPI:
     """An OpenAI-compatible app serving ``engine`` (see the module docstring)."""
     app = FastAPI(title="tensorpar", version=__version__, strict_content_type=False)
-    api = _Api(engine)
+    api = Handlers(engine)
     app.state.api = api
     app.add_middleware(RequestCounter, metrics=api.metrics)
     install_error_handlers(app)
@@ -177,10 +167,10 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
         api.check_model(body.model)
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
-        P.check_top_n(body.logprobs, "logprobs")
-        ids = P.completion_prompt_ids(body, engine.tokenizer, api.vocab_size)
-        max_tokens = P.max_new_tokens(body.max_tokens, P.COMPLETION_DEFAULT_MAX_TOKENS, len(ids),
-                                      engine.max_model_len, "prompt")
+        params.check_top_n(body.logprobs, "logprobs")
+        ids = params.completion_prompt_ids(body, engine.inputs)
+        max_tokens = params.max_new_tokens(body.max_tokens, params.COMPLETION_DEFAULT_MAX_TOKENS, len(ids),
+                                           engine.inputs, "prompt")
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", engine.model_name, api.token_text, body.logprobs,
                                include_usage)
@@ -190,12 +180,12 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         arrived = time.perf_counter()
         api.check_model(body.model)
-        P.check_top_n(body.top_logprobs, "top_logprobs")
+        params.check_top_n(body.top_logprobs, "top_logprobs")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        ids = P.chat_prompt_ids(body, engine.tokenizer)
+        ids = params.chat_prompt_ids(body, engine.inputs)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = P.max_new_tokens(asked, None, len(ids), engine.max_model_len, "messages")
+        max_tokens = params.max_new_tokens(asked, None, len(ids), engine.inputs, "messages")
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", engine.model_name, api.token_text, top_n, include_usage)

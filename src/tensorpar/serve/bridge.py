@@ -1,6 +1,6 @@
 """From the engine thread to the event loop: the token events of one API request.
 
-One API request becomes ``n`` ``ServeRequest``; their callbacks run on the engine's thread and
+One API request becomes ``n`` ``Request``s; their sinks run on the engine's thread and
 only hand each event to this request's ``asyncio.Queue`` (``loop.call_soon_threadsafe``). The
 handler reads them with ``next()``. ``close()`` aborts whatever has not finished: handlers call
 it in ``finally``, so a client that goes away (its stream cancelled, or a watcher seeing the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tensorpar.runtime.serving import ServeRequest, TokenEvent
+from tensorpar.runtime.request import Request, TokenEvent
 from tensorpar.serve.metrics import Metrics
 
 _DISCONNECTED = object()
@@ -23,7 +23,7 @@ class ClientDisconnected(Exception):
 
 
 class RequestStream:
-    def __init__(self, engine, requests: list[ServeRequest], metrics: Metrics, arrived: float):
+    def __init__(self, engine, requests: list[Request], metrics: Metrics, arrived: float):
         self.engine, self.metrics, self.arrived = engine, metrics, arrived
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from tensorpar.runtime.serving import TokenEvent
+from tensorpar.runtime.request import TokenEvent
 
 
 class TokenText:

@@ -15,6 +15,7 @@ import threading
 import uvicorn
 
 from tensorpar.errors import TensorparError
+from tensorpar.runtime.serving import ServingBackend
 from tensorpar.serve.app import create_app
 
 
@@ -46,15 +47,14 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def run_server(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
+def run_server(engine: ServingBackend, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
                grace_s: float = 5.0, stop: threading.Event | None = None) -> None:
     """Serve ``engine`` at ``host:port`` until SIGINT/SIGTERM or until ``stop`` is set, then shut
     the engine down. ``port=0`` picks a free port (the banner line on stderr names it)."""
     app = create_app(engine, api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
     shown_host = f"[{host}]" if ":" in host else host
-    tp = getattr(engine, "tp", 1)
-    server = _Server(config, lambda p: f"tensorpar: serving {engine.model_name} at http://{shown_host}:{p} (tp={tp})")
+    server = _Server(config, lambda p: f"tensorpar: serving {engine.model_name} at http://{shown_host}:{p} (tp={engine.tp})")
     done = threading.Event()
     if stop is not None:
         def watch():

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from tensorpar.errors import TensorparError
-from tensorpar.train.checkpoint import ShardedCheckpointSource
+from tensorpar.loading.tensorpar_checkpoint import ShardedCheckpointSource
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, progress: bool = False) -> Path:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tensorpar.distributed.collectives import all_gather_object, all_reduce
 from tensorpar.distributed.mesh import Mesh
 from tensorpar.layers.pieces import model_pieces
-from tensorpar.loading.loader import expected_shapes
+from tensorpar.models.registry import checkpoint_shapes
 
 
 def _overlaps(spans: list[tuple[int, int]]) -> bool:
@@ -110,7 +110,7 @@ class GradientSync:
             partial = {n for n, spans in merged.items() if _overlaps(spans)}
             if sequence_parallel:
                 partial |= {pp.full_name(pc) for pp in params for pc in pp.pieces if pc.axis is None}
-        shapes = expected_shapes(model.config)
+        shapes = checkpoint_shapes(model.config)
         self.partial = [
             (name, shapes[name], [(pp.param, pc) for pp in params for pc in pp.pieces
                                   if pc.part is not None and pp.full_name(pc) == name])

@@ -7,14 +7,11 @@ it would from a checkpoint on disk.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable
-
 import torch
 
-from tensorpar.loading.loader import expected_shapes
-from tensorpar.loading.sources import CheckpointSource, open_source
+from tensorpar.loading import CheckpointSource, TensorSource, open_source
 from tensorpar.models.config import ModelConfig
+from tensorpar.models.registry import checkpoint_shapes
 
 DEFAULT_TOKENIZER_MODEL = "smollm2-135m"
 INIT_STD = 0.02
@@ -30,39 +27,11 @@ RANDOM_MODELS: dict[str, dict] = {
 }
 
 
-class TensorSource(CheckpointSource):
-    """Full tensors held in memory, read like a checkpoint. ``tokenizer`` is loaded on first use."""
-
-    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], tokenizer: Callable, name: str):
-        self.config, self._tensors, self._tokenizer = config, tensors, tokenizer
-        self.path = Path(name)
-
-    def names(self) -> set[str]:
-        return set(self._tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensors[name].shape)
-
-    def file_of(self, name: str) -> str:
-        return str(self.path)
-
-    def _read(self, name, rows, cols) -> torch.Tensor:
-        t = self._tensors[name]
-        if rows is not None:
-            t = t[rows.start : rows.stop]
-        if cols is not None:
-            t = t[:, cols.start : cols.stop]
-        return t
-
-    def tokenizer(self):
-        return self._tokenizer()
-
-
 def random_init(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     """Full tensors: norm weights 1, biases 0, every other weight N(0, 0.02^2), drawn in name order."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, shape in sorted(expected_shapes(config).items()):
+    for name, shape in sorted(checkpoint_shapes(config).items()):
         if "norm" in name:
             out[name] = torch.ones(shape)
         elif name.endswith(".bias"):

@@ -17,8 +17,6 @@ from contextlib import contextmanager
 
 import torch
 
-from tensorpar.models.llama import Attention, DecoderLayer
-
 STREAMS = ("replicated", "sharded")
 
 
@@ -65,11 +63,12 @@ class ParallelRNG:
 
 
 def set_dropout(model: torch.nn.Module, p: float, rng: ParallelRNG, sequence_parallel: bool) -> None:
-    """Dropout ``p`` on attention probabilities (sharded stream) and on the residual branches
-    (replicated stream, or sharded under sequence parallelism)."""
-    residual = "sharded" if sequence_parallel else "replicated"
+    """Dropout ``p`` at every module that declares a ``dropout_site``: on attention probabilities
+    (``"attention"``: the sharded stream) and on residual branches (``"residual"``: the replicated
+    stream, or the sharded one under sequence parallelism)."""
+    streams = {"attention": "sharded", "residual": "sharded" if sequence_parallel else "replicated"}
     for module in model.modules():
-        if isinstance(module, Attention):
-            module.dropout, module.dropout_rng = p, lambda: rng.fork("sharded")
-        elif isinstance(module, DecoderLayer):
-            module.dropout, module.dropout_rng = p, lambda: rng.fork(residual)
+        site = getattr(module, "dropout_site", None)
+        if site is not None:
+            stream = streams[site]
+            module.dropout, module.dropout_rng = p, lambda stream=stream: rng.fork(stream)

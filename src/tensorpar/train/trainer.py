@@ -10,23 +10,28 @@ single-process moments: the optimizer needs no communication.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
 from tensorpar.distributed.collectives import all_gather_object, all_reduce, broadcast, broadcast_object
-from tensorpar.distributed.groups import ParallelContext
-from tensorpar.distributed.launch import peak_rss_mb
+from tensorpar.distributed.dims import ParallelDims
+from tensorpar.distributed.groups import DEFAULT_TIMEOUT_S, ParallelContext
 from tensorpar.distributed.mesh import build_mesh, destroy_mesh
 from tensorpar.errors import TensorparError
 from tensorpar.layers import vocab_parallel_cross_entropy
 from tensorpar.layers.pieces import model_pieces
-from tensorpar.loading.loader import build_model, expected_shapes, fill_parameter
+from tensorpar.loading.loader import build_model, fill_parameter
+from tensorpar.loading.tensorpar_checkpoint import ShardedCheckpointSource, find_checkpoint
+from tensorpar.memory import peak_rss_mb
+from tensorpar.models.config import ModelConfig
+from tensorpar.models.registry import checkpoint_shapes
 from tensorpar.plans import set_sequence_parallel
-from tensorpar.train.checkpoint import ShardedCheckpointSource, find_checkpoint, save_checkpoint
+from tensorpar.train.checkpoint import save_checkpoint
 from tensorpar.train.data import IGNORE_INDEX, batch_for_step, check_data, pad_sequence, replica_rows, tokenize_file
 from tensorpar.train.grads import GradientSync
-from tensorpar.train.init import training_source
+from tensorpar.train.init import training_config, training_source
 from tensorpar.train.rng import ParallelRNG, set_dropout
 
 
@@ -36,7 +41,7 @@ class TrainConfig:
 
     data: str | None = None
     model: str = "smollm2-135m"
-    tp: int = 1
+    tp: int | None = None  # None: 1, or torchrun's world size / dp
     dp: int = 1
     sp: bool = False
     steps: int = 10
@@ -53,15 +58,10 @@ class TrainConfig:
     save_every: int = 0
     resume: str | None = None
     device: str = "cpu"
-    timeout_s: float = 300.0
-
-    @property
-    def sequence_parallel(self) -> bool:
-        """Whether SP is in effect (it needs more than one tensor-parallel rank)."""
-        return self.sp and self.tp > 1
+    timeout_s: float = 5 * DEFAULT_TIMEOUT_S
 
     def validate(self) -> None:
-        for name in ("tp", "dp", "steps", "seq_len", "batch"):
+        for name in ("dp", "steps", "seq_len", "batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise TensorparError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -80,6 +80,47 @@ class TrainConfig:
         replica_rows(self.batch, self.dp, 0)
         if self.data is None:
             raise TensorparError("--data FILE.txt is required")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """A training run resolved once, before any rank starts: the degrees and the seed settled
+    (``cfg.tp`` and ``cfg.seed`` are then set), the checkpoint found, the model's config read.
+    Ranks trust it."""
+
+    cfg: TrainConfig
+    dims: ParallelDims
+    config: ModelConfig
+    model_name: str
+    start_step: int = 0
+    checkpoint: Path | None = None  # the checkpoint resumed from
+
+    @classmethod
+    def resolve(cls, cfg: TrainConfig, torchrun_world_size: int | None = None) -> "TrainSpec":
+        cfg.validate()
+        if not Path(cfg.data).is_file():
+            raise TensorparError(f"training data {cfg.data!r} is not a file")
+        checkpoint = None
+        if cfg.resume:
+            checkpoint = find_checkpoint(cfg.resume)
+            source = ShardedCheckpointSource(checkpoint)
+            config, start, model = source.config, source.step, source.meta.get("model", str(checkpoint))
+            seed = resumed_seed(source.meta, cfg.seed)
+            if start >= cfg.steps:
+                raise TensorparError(
+                    f"the checkpoint is at step {start}: --steps {cfg.steps} (the total) leaves nothing to run")
+        else:
+            config, start, model, seed = training_config(cfg.model), 0, cfg.model, 0 if cfg.seed is None else cfg.seed
+            if cfg.save and any(Path(cfg.save).glob("step-*")):
+                raise TensorparError(f"{cfg.save} already holds checkpoints of another run: continue it with "
+                                     f"--resume {cfg.save}, or save a new run elsewhere")
+        dims = ParallelDims.resolve(config.num_heads, cfg.tp, cfg.dp, torchrun_world_size, supported=("tp", "dp"))
+        return cls(replace(cfg, tp=dims.tp, seed=seed), dims, config, model, start, checkpoint)
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether SP is in effect (it needs more than one tensor-parallel rank)."""
+        return self.cfg.sp and self.dims.tp > 1
 
 
 def _load_optimizer_state(optimizer, model, path, step: int, expected) -> None:
@@ -106,33 +147,24 @@ def resumed_seed(meta: dict, seed: int | None) -> int:
 class Trainer:
     """The training state of one rank; every method is collective over all ranks."""
 
-    def __init__(self, world: ParallelContext, cfg: TrainConfig, tokens: torch.Tensor | None = None):
-        cfg.validate()
-        self.cfg = cfg
-        self.mesh = build_mesh(world, cfg.tp, cfg.dp, cfg.timeout_s)
-        self.step_done = 0
-        if cfg.resume:
-            path = find_checkpoint(cfg.resume)
-            source = ShardedCheckpointSource(path)
-            self.step_done = source.step
-            self.model_name = source.meta.get("model", str(path))
-            cfg.seed = resumed_seed(source.meta, cfg.seed)
-        else:
-            self.model_name = cfg.model
-            cfg.seed = 0 if cfg.seed is None else cfg.seed
-            source = training_source(cfg.model, cfg.seed)
-        self.config = source.config
+    def __init__(self, world: ParallelContext, spec: TrainSpec, tokens: torch.Tensor | None = None):
+        cfg = self.cfg = spec.cfg
+        self.spec, self.config, self.model_name = spec, spec.config, spec.model_name
+        self.mesh = build_mesh(world, spec.dims.tp, spec.dims.dp, cfg.timeout_s)
+        self.step_done = spec.start_step
+        source = ShardedCheckpointSource(spec.checkpoint) if spec.checkpoint else training_source(cfg.model, cfg.seed)
         self.tokenizer = source.tokenizer() if world.rank == 0 else None
         self.model = build_model(source, self.mesh.tp, trainable=True)
-        set_sequence_parallel(self.model, cfg.sequence_parallel)
+        set_sequence_parallel(self.model, spec.sequence_parallel)
         self.rng = ParallelRNG(cfg.seed, self.mesh.tp.rank, self.mesh.dp.rank, self.mesh.tp.device)
-        set_dropout(self.model, cfg.dropout, self.rng, cfg.sequence_parallel)
+        set_dropout(self.model, cfg.dropout, self.rng, spec.sequence_parallel)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
-        if cfg.resume:
-            _load_optimizer_state(self.optimizer, self.model, path, self.step_done, expected_shapes(self.config))
-        self.sync = GradientSync(self.model, self.mesh, cfg.sequence_parallel)
+        if spec.checkpoint:
+            _load_optimizer_state(self.optimizer, self.model, spec.checkpoint, self.step_done,
+                                  checkpoint_shapes(self.config))
+        self.sync = GradientSync(self.model, self.mesh, spec.sequence_parallel)
         self.tokens = self._tokens(tokens)
 
     def _tokens(self, tokens: torch.Tensor | None) -> torch.Tensor:
@@ -159,7 +191,7 @@ class Trainer:
     def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This replica's share of the global mean token loss, and the global token count."""
         if self.model.lm_head.sequence_parallel:
-            inputs, labels = pad_sequence(inputs, labels, self.cfg.tp)
+            inputs, labels = pad_sequence(inputs, labels, self.mesh.tp.world_size)
         hidden = self.model(inputs)  # [B, S, hidden], or [B, S/tp, hidden] under sequence parallelism
         logits = self.model.lm_head.local_logits(hidden)  # [B, S, vocab_local]
         losses = vocab_parallel_cross_entropy(
@@ -171,7 +203,7 @@ class Trainer:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = batch_for_step(self.tokens, self.cfg.seed, step, self.cfg.batch, self.cfg.seq_len)
-        rows = replica_rows(self.cfg.batch, self.cfg.dp, self.mesh.dp.rank)
+        rows = replica_rows(self.cfg.batch, self.mesh.dp.world_size, self.mesh.dp.rank)
         device = self.mesh.tp.device
         return inputs[rows].to(device), labels[rows].to(device)
 
@@ -226,17 +258,13 @@ class Trainer:
         everyone = all_gather_object(mine, self.mesh.world)
         if self.mesh.world.rank != 0:
             return None
-        shapes = expected_shapes(self.config)
+        shapes = checkpoint_shapes(self.config)
         out = {}
         for rank_pieces in everyone:
             for name, axis, span, t in rank_pieces:
                 full = out.setdefault(name, torch.zeros(shapes[name]))
                 (full if axis is None else full.narrow(axis, span.start, len(span))).copy_(t)
         return out
-
-    def position(self) -> int:
-        """The number of optimizer steps done (including those of a resumed checkpoint)."""
-        return self.step_done
 
     def peak_rss_mb(self) -> list[float]:
         return all_gather_object(peak_rss_mb(), self.mesh.world)

@@ -1,0 +1,54 @@
+"""The flags that several commands share, each defined once."""
+
+from __future__ import annotations
+
+import argparse
+
+from tensorpar.dtypes import ALIASES, ENGINE_DTYPES
+from tensorpar.loading.open import ALIASES as MODEL_ALIASES
+from tensorpar.loading.open import DEFAULT_MODEL
+
+MODEL_HELP = (f"an alias ({', '.join(MODEL_ALIASES)}), a Hugging Face directory, a .gguf file, or a tensorpar "
+              "training checkpoint")
+
+
+def add_model(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP}{extra} (default: %(default)s)")
+
+
+def add_tp(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel degree: any value from 1 to the number of query heads "
+                        "(default: 1, or torchrun's world size)")
+
+
+def add_engine(p: argparse.ArgumentParser) -> None:
+    """--model, --tp and the options of ``tensorpar.runtime.EngineArgs``."""
+    add_model(p)
+    add_tp(p)
+    names = ", ".join("/".join(ALIASES[d]) for d in ENGINE_DTYPES)
+    p.add_argument("--dtype", default="auto", help=f"weights: auto (bf16 on CUDA, fp32 elsewhere), {names}")
+    add_device(p)
+    p.add_argument("--comm", default="auto", choices=["auto", "gloo"],
+                   help="auto: shared memory between CPU ranks on one host, else gloo/NCCL (default); gloo: always gloo")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + completion in tokens (default: the model's context; serve: at most 2048)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds any collective may wait (default: 60)")
+    p.add_argument("--no-tokenizer-cache", dest="tokenizer_cache", action="store_false",
+                   help="convert a GGUF file's tokenizer afresh instead of keeping it in ~/.cache/tensorpar "
+                        "(or $TENSORPAR_CACHE_DIR)")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+
+
+def engine_args(args: argparse.Namespace, progress: bool = True):
+    """The ``EngineArgs`` of the flags ``add_engine`` defined."""
+    from tensorpar.runtime.spec import EngineArgs
+
+    options = dict(model=args.model, tp=args.tp, dtype=args.dtype, device=args.device, comm=args.comm,
+                   max_model_len=args.max_model_len, progress=progress, tokenizer_cache=args.tokenizer_cache)
+    if args.timeout is not None:
+        options["timeout_s"] = args.timeout
+    return EngineArgs(**options)

@@ -1,0 +1,63 @@
+"""The parallel layout of one run, resolved and checked once, before any rank starts.
+
+``ParallelDims`` is built in the process that launches (from the model's config and the user's
+flags, or from ``torchrun``'s world size), carried to every rank inside the run's spec, and
+trusted there. The world is ``tp * pp * dp`` ranks; ``ep`` (experts) splits inside it.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tensorpar.errors import TensorparError
+from tensorpar.partition import check_degree
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "dp", "ep"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TensorparError(f"--{name} must be a positive integer, got {value!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @classmethod
+    def resolve(
+        cls,
+        num_heads: int,
+        tp: int | None = None,
+        dp: int = 1,
+        torchrun_world_size: int | None = None,
+        supported: tuple[str, ...] = ("tp",),
+    ) -> "ParallelDims":
+        """The layout for a model with ``num_heads`` query heads.
+
+        ``tp=None`` means one rank, or under torchrun (``torchrun_world_size`` given) as many as
+        torchrun started; an explicit ``tp`` (x ``dp``) must then equal that world size.
+        ``supported`` names the dimensions the command can run; any other above 1 is refused.
+        """
+        if tp is None:
+            world = torchrun_world_size or 1
+            tp = world // dp if isinstance(dp, int) and dp >= 1 and world % dp == 0 else world
+        dims = cls(tp=tp, dp=dp)
+        for name in ("pp", "dp", "ep"):
+            if getattr(dims, name) > 1 and name not in supported:
+                raise TensorparError(f"--{name} {getattr(dims, name)} is not supported by this command")
+        try:
+            check_degree(dims.tp, num_heads)
+        except ValueError as e:
+            raise TensorparError(str(e)) from None
+        if torchrun_world_size is not None and dims.world_size != torchrun_world_size:
+            what = f"--tp {dims.tp}" + (f" x --dp {dims.dp}" if dims.dp > 1 else "")
+            raise TensorparError(f"{what} does not match torchrun's world size {torchrun_world_size}")
+        return dims

@@ -1,0 +1,96 @@
+"""What one forward's attention needs, for every layer: positions, keys, masks and cache slots.
+
+A batch is B rows of S new tokens. Without a cache every row is a fresh sequence and its keys are
+its own tokens. With a cache (one slot of ``[kv_heads, max_len, head_dim]`` per sequence, see
+``tensorpar.runtime.kv_cache``) the new keys and values are written at their positions in the
+row's slot, and the queries attend to positions ``0..kv_len-1`` of it.
+
+Which keys a query may see is stated by ``kind``, decided by whoever knows the step (the
+runtime's leader, from Python lists), so that a layer never inspects tensor values:
+
+- ``ALL_KEYS``: every query sees every key (decode: each row's one new token comes after all of
+  its cached ones, and every row has the same length).
+- ``CAUSAL``: fresh sequences from position 0; plain causal attention over their own tokens.
+- ``BY_POSITION``: key at position l is visible to a query at position q iff l <= q.
+
+A sliding window w adds l > q - w; a layer with a window asks ``mask(w)``, which falls back to an
+explicit mask only when the keys reach further back than w.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+ALL_KEYS, CAUSAL, BY_POSITION = 0, 1, 2
+
+
+@dataclass
+class AttentionBatch:
+    """positions: [B, S] absolute positions of the new tokens (where their keys go in the cache).
+
+    max_position: the largest of them (a Python int: the rotary table's length is known without
+    a device sync). kv_len: cached keys each row attends to (0 without a cache). slots: [B] cache
+    slot of each row; slot_start: the first of them when they are consecutive (a view instead of
+    a gather), else None.
+    """
+
+    positions: torch.Tensor
+    kind: int
+    max_position: int
+    kv_len: int = 0
+    slots: torch.Tensor | None = None
+    slot_start: int | None = None
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def fresh(cls, batch: int, length: int, device: torch.device) -> "AttentionBatch":
+        """Rows that are whole sequences from position 0, attended without a cache."""
+        positions = torch.arange(length, device=device).expand(batch, length)
+        return cls(positions, CAUSAL, length - 1)
+
+    @property
+    def num_keys(self) -> int:
+        return self.kv_len or self.positions.shape[1]
+
+    def mask(self, window: int | None = None) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for ``F.scaled_dot_product_attention``: the mask is [B, 1, S, L]
+        (True: visible), or None when ``kind`` alone says it."""
+        kind = self.kind
+        if window is not None and self.num_keys > window:
+            kind = BY_POSITION
+        if kind == ALL_KEYS:
+            return None, False
+        if kind == CAUSAL:
+            return None, True
+        if window not in self._masks:
+            q = self.positions.unsqueeze(-1)  # [B, S, 1]
+            if self.kv_len:
+                keys = torch.arange(self.kv_len, device=q.device).view(1, 1, -1)  # [1, 1, L]
+            else:
+                keys = self.positions.unsqueeze(1)  # [B, 1, L = S]
+            visible = keys <= q
+            if window is not None:
+                visible &= keys > q - window
+            self._masks[window] = visible.unsqueeze(1)
+        return self._masks[window], False
+
+    @cached_property
+    def _slot_rows(self) -> torch.Tensor:
+        return self.slots.unsqueeze(1).expand(self.positions.shape)  # [B, S]
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None):
+        """The keys and values to attend to, [B, kv_heads, L, D], from the new ones [B, S, kv_heads, D]
+        (written into ``cache``, one layer's [slots, kv_heads, max_len, D] pair, when there is one)."""
+        if cache is None:  # (a copy of v, so that backward does not keep the whole fused projection alive)
+            return k.transpose(1, 2), v.transpose(1, 2).contiguous()
+        ck, cv = cache
+        ck[self._slot_rows, :, self.positions] = k  # write [B, S, kv, D] at (slot, :, position)
+        cv[self._slot_rows, :, self.positions] = v
+        L = self.kv_len
+        if self.slot_start is not None:
+            rows = slice(self.slot_start, self.slot_start + self.positions.shape[0])
+            return ck[rows, :, :L], cv[rows, :, :L]
+        return ck[self.slots, :, :L], cv[self.slots, :, :L]

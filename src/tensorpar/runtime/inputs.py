@@ -1,0 +1,61 @@
+"""Prompts to token ids, and the checks every prompt passes before it is scheduled.
+
+One place for ``LLM.generate``, ``tensorpar generate`` and the HTTP server: text is tokenized as
+the model's Hugging Face tokenizer does by default, chat messages go through its chat template,
+token ids must lie in the model's vocabulary, and prompt + completion must fit the context.
+"""
+
+from __future__ import annotations
+
+
+class ContextLengthError(ValueError):
+    """A prompt, with the completion asked for, does not fit in ``limit`` tokens."""
+
+    def __init__(self, limit: int, prompt: int, asked: int | None):
+        self.limit, self.prompt, self.asked = limit, prompt, asked
+        if asked is None:
+            msg = f"the prompt has {prompt} tokens, which leaves no room for a completion in the context of {limit}"
+        else:
+            msg = (f"the prompt has {prompt} tokens; with max_new_tokens={asked} that is {prompt + asked}, more "
+                   f"than the context of {limit} tokens")
+        super().__init__(msg)
+
+
+class InputProcessor:
+    """``tokenizer`` may be None (a checkpoint without one): prompts must then be token ids."""
+
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, model: str = "the model"):
+        self.tokenizer, self.vocab_size, self.max_model_len, self.model = tokenizer, vocab_size, max_model_len, model
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model} ships no tokenizer: give prompts as lists of token ids")
+        return self.tokenizer
+
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        """Token ids of a text prompt (as one user message with ``chat``) or a list of token ids."""
+        if not isinstance(prompt, str):
+            return self.check_ids([int(t) for t in prompt])
+        if chat:
+            return self.encode_messages([{"role": "user", "content": prompt}])
+        return self.check_ids(list(self._tokenizer()(prompt)["input_ids"]) if prompt else [])
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """The chat template applied to ``messages``, with the assistant's turn opened."""
+        ids = self._tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False)
+        return self.check_ids(list(ids))
+
+    def check_ids(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        return ids
+
+    def check_length(self, prompt_len: int, max_new_tokens: int | None) -> None:
+        """``ContextLengthError`` unless the prompt and ``max_new_tokens`` (None: at least one) fit."""
+        room = self.max_model_len - prompt_len
+        if room < 1 or (max_new_tokens is not None and max_new_tokens > room):
+            raise ContextLengthError(self.max_model_len, prompt_len, max_new_tokens)

@@ -1,0 +1,85 @@
+"""What goes into the scheduler (``Request``) and what comes out (``TokenEvent``, ``Completion``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tensorpar.runtime.sampling import SamplingParams
+
+
+@dataclass
+class Request:
+    """One sequence to generate: its prompt and how to sample (``params.n`` is 1: the choices of
+    a prompt are separate requests, see ``requests_for``)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+def requests_for(request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Request]:
+    """The ``params.n`` requests ``{request_id}-{i}`` of one prompt (``SamplingParams.choices``)."""
+    return [Request(f"{request_id}-{i}", list(prompt_token_ids), p) for i, p in enumerate(params.choices())]
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of a request, or (``finished``) its end.
+
+    Every token gets an event; the text it adds may be held back (an unfinished character, or
+    what may begin a stop string) and arrive with a later one. The last token's event carries
+    all remaining text; a final event with ``finished=True`` and no token follows it (and is the
+    only event of a request that is aborted or fails before its first token).
+    """
+
+    request_id: str
+    token_id: int | None  # None on the final event
+    text_delta: str  # text added by this token (stop strings already cut off); "" when none
+    logprob: float | None = None  # log-probability of token_id under the logits it was drawn from
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # [(token id, logprob)], best first
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" when finished
+    error: str | None = None  # the message when finish_reason == "error"
+
+
+Sink = Callable[[TokenEvent], None]
+
+
+@dataclass
+class Completion:
+    """One generated sequence: choice ``index`` of prompt ``prompt_index``."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    index: int = 0
+    prompt_index: int = 0
+
+
+class Collector:
+    """A sink that keeps the events of each request and assembles its ``Completion``."""
+
+    def __init__(self):
+        self.tokens: dict[str, list[int]] = {}
+        self.text: dict[str, list[str]] = {}
+        self.finish: dict[str, TokenEvent] = {}
+
+    def __call__(self, event: TokenEvent) -> None:
+        rid = event.request_id
+        if event.token_id is not None:
+            self.tokens.setdefault(rid, []).append(event.token_id)
+        self.text.setdefault(rid, []).append(event.text_delta)
+        if event.finished:
+            self.finish[rid] = event
+
+    def completion(self, request: Request, index: int, prompt_index: int) -> Completion:
+        rid = request.request_id
+        end = self.finish[rid]
+        if end.finish_reason == "error":
+            from tensorpar.errors import TensorparError
+
+            raise TensorparError(end.error or "generation failed")
+        return Completion(request.prompt_token_ids, self.tokens.get(rid, []), "".join(self.text.get(rid, [])),
+                          end.finish_reason, index, prompt_index)

@@ -1,0 +1,167 @@
+"""Continuous batching on the leader: the one generation loop of ``LLM``, ``tensorpar generate``
+and ``tensorpar serve``.
+
+Requests wait in arrival order for a free KV-cache slot. Each ``step`` admits what fits,
+prefills each admitted prompt (one model step each, which also yields its first token), then
+advances every running sequence by one token in one decode step. A request joins and leaves the
+running batch at token granularity; its tokens, text and end are its ``Sequence``'s business,
+reported through its sink as ``TokenEvent``s.
+
+``add``, ``abort`` and ``stats`` may be called from any thread; ``step`` runs on one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import torch
+
+from tensorpar.runtime import step as S
+from tensorpar.runtime.model_runner import ModelRunner
+from tensorpar.runtime.request import Request, Sink
+from tensorpar.runtime.sampling import sample
+from tensorpar.runtime.sequence import Sequence, final_event
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, tokenizer, eos_ids: set[int], max_num_seqs: int, max_model_len: int):
+        self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self.lock = threading.Condition()
+        self.waiting: deque[tuple[Request, Sink]] = deque()
+        self.running: dict[str, Sequence] = {}
+        self.aborts: set[str] = set()
+        self.free: list[int] = []
+        self.closed: str | None = None  # why requests are refused, once ``close`` has run
+        self.timings = {"prefill_s": 0.0, "prefill_steps": 0, "decode_s": 0.0, "decode_steps": 0}
+
+    # ---- any thread ----------------------------------------------------------------------------
+
+    def add(self, request: Request, sink: Sink) -> None:
+        with self.lock:
+            if self.closed is not None:
+                sink(final_event(request.request_id, "error", self.closed))
+                return
+            self.waiting.append((request, sink))
+            self.lock.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            self.aborts.add(request_id)
+            self.lock.notify()
+
+    def stats(self) -> dict:
+        with self.lock:
+            used = sum(s.length for s in self.running.values())
+            capacity = self.runner.cache.slots * self.runner.cache.max_len if self.runner.cache else 0
+            return {"running": len(self.running), "waiting": len(self.waiting),
+                    "kv_cache_usage": used / capacity if capacity else 0.0}
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Block until there is something to do (or ``timeout_s`` passes); whether there is."""
+        with self.lock:
+            if not self.has_work():
+                self.lock.wait(timeout_s)
+            return self.has_work()
+
+    # ---- the stepping thread -------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.aborts)
+
+    def reserve(self, slots: int, max_len: int) -> None:
+        """A KV cache of at least ``slots`` x ``max_len`` (grown only while nothing runs)."""
+        slots = min(slots, self.max_num_seqs)
+        max_len = min(max_len, self.max_model_len)
+        cache = self.runner.cache
+        if cache is not None and cache.fits(slots, max_len):
+            return
+        if self.running:
+            raise RuntimeError("the KV cache cannot grow while sequences run")
+        if cache is not None:
+            slots, max_len = max(slots, cache.slots), max(max_len, cache.max_len)
+        self.runner.allocate(slots, max_len)
+        self.free = list(range(slots - 1, -1, -1))
+
+    def step(self) -> None:
+        """Aborts, admissions and their prefills, then one decode step over all that runs."""
+        admitted = []
+        with self.lock:
+            aborts, self.aborts = self.aborts, set()
+            for req, sink in [(r, s) for r, s in self.waiting if r.request_id in aborts]:
+                sink(final_event(req.request_id, "abort"))
+            self.waiting = deque((r, s) for r, s in self.waiting if r.request_id not in aborts)
+            for rid in aborts:
+                if rid in self.running:
+                    self._retire(self.running[rid], "abort")
+            while self.waiting and self.free:
+                req, sink = self.waiting.popleft()
+                seq = Sequence(req, sink, self.free.pop(), self.tokenizer, self.eos_ids, self.max_model_len)
+                self.running[req.request_id] = seq
+                admitted.append(seq)
+        for seq in admitted:
+            t = time.perf_counter()
+            message = S.prefill(seq.request.prompt_token_ids, seq.slot, self._logits_mode([seq]))
+            self._advance([seq], self.runner.send(message))
+            self.timings["prefill_s"] += time.perf_counter() - t
+            self.timings["prefill_steps"] += 1
+        seqs = [s for s in self.running.values() if s.out]  # every one that has its first token
+        if seqs:
+            t = time.perf_counter()
+            message = S.decode([s.last_token for s in seqs], [s.length - 1 for s in seqs], [s.slot for s in seqs],
+                               self._logits_mode(seqs))
+            self._advance(seqs, self.runner.send(message))
+            self.timings["decode_s"] += time.perf_counter() - t
+            self.timings["decode_steps"] += 1
+
+    def close(self, reason: str, error: str | None = None) -> None:
+        """End every request, running or waiting, and refuse new ones (shutdown, or a failure no
+        step can survive)."""
+        with self.lock:
+            self.closed = error or "the engine is shut down"
+            for seq in list(self.running.values()):
+                self._retire(seq, reason, error)
+            for req, sink in self.waiting:
+                sink(final_event(req.request_id, reason, error))
+            self.waiting.clear()
+
+    # ---- inside a step -------------------------------------------------------------------------
+
+    @staticmethod
+    def _logits_mode(seqs: list[Sequence]) -> int:
+        """Greedy rows that report no top log-probabilities need only their argmax and its log-probability."""
+        return S.GREEDY if all(s.params.greedy and not s.params.logprobs for s in seqs) else S.FULL
+
+    def _advance(self, seqs: list[Sequence], out) -> None:
+        """Give each sequence its next token (from the step's output on the leader), retire finished ones."""
+        if isinstance(out, tuple):  # GREEDY: (ids [B], logprobs [B])
+            ids, logprobs = out[0].tolist(), out[1].tolist()
+            for seq, token, logprob in zip(seqs, ids, logprobs):
+                self._take(seq, token, logprob, [])
+            return
+        logits = out.float()  # [B, vocab]
+        norm = torch.logsumexp(logits, dim=-1).tolist()  # log-prob = logit - logsumexp(logits)
+        best = logits.argmax(dim=-1).tolist()  # every greedy row at once
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            token = best[row] if p.greedy else sample(logits[row], p, seq.generator)
+            top = []
+            if p.logprobs:
+                values, ids = torch.topk(logits[row], p.logprobs)
+                top = [(i, v - norm[row]) for i, v in zip(ids.tolist(), values.tolist())]
+            self._take(seq, token, float(logits[row, token]) - norm[row], top)
+
+    def _take(self, seq: Sequence, token: int, logprob: float, top: list) -> None:
+        seq.append(token, logprob, top)
+        if seq.finish_reason is not None:
+            with self.lock:
+                self._retire(seq, seq.finish_reason)
+
+    def _retire(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """Free ``seq``'s slot and send its final event (lock held)."""
+        if self.running.pop(seq.request_id, None) is None:
+            return
+        self.free.append(seq.slot)
+        seq.end(reason, error)

@@ -1,0 +1,93 @@
+"""What a user asks an engine for (``EngineArgs``), and what every rank is built from (``EngineSpec``).
+
+``EngineArgs.resolve`` makes every check once, in the process that launches, before any rank
+starts: the model is opened (its config and tensor index; no weights), the dtype named, the
+parallel layout resolved against the model's heads and torchrun's world, the context bounded.
+Ranks receive the ``EngineSpec`` (the opened checkpoint travels inside it, without its file
+handles) and trust it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tensorpar.distributed.dims import ParallelDims
+from tensorpar.distributed.groups import DEFAULT_TIMEOUT_S
+from tensorpar.dtypes import engine_dtype, torch_name
+from tensorpar.errors import TensorparError
+from tensorpar.loading import DEFAULT_MODEL, CheckpointSource, open_source
+
+COMMS = ("auto", "gloo")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    model: str  # as the user named it (the served model's name)
+    source: CheckpointSource
+    dims: ParallelDims
+    dtype: str  # short name (``tensorpar.dtypes``)
+    device: str
+    comm: str
+    timeout_s: float
+    max_model_len: int
+    progress: bool
+    tokenizer_cache: bool
+    startup: dict = field(default_factory=dict, compare=False)  # seconds, by phase
+
+    @property
+    def config(self):
+        return self.source.config
+
+    @property
+    def use_shm(self) -> bool:
+        return self.comm == "auto"
+
+    @property
+    def dtype_name(self) -> str:
+        return torch_name(self.dtype)
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """The options of ``LLM``, ``ServingEngine`` and the engine commands.
+
+    ``tp=None``: one rank, or under torchrun its world size. ``dtype``: any name of
+    ``tensorpar.dtypes`` or ``auto``. ``comm``: ``auto`` sends CPU collectives between ranks of
+    one host through shared memory, ``gloo`` forces gloo. ``max_model_len``: the longest prompt
+    plus completion (default: the model's context). ``tokenizer_cache``: keep a GGUF file's
+    converted tokenizer in the user's cache directory.
+    """
+
+    model: str = DEFAULT_MODEL
+    tp: int | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    comm: str = "auto"
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_model_len: int | None = None
+    progress: bool = True
+    tokenizer_cache: bool = True
+
+    def resolve(self, default_max_model_len: int | None = None) -> EngineSpec:
+        """Check everything, open the model; ``default_max_model_len`` caps the context when
+        ``max_model_len`` is not given."""
+        from tensorpar.distributed.launch import torchrun_env
+
+        if self.comm not in COMMS:
+            raise TensorparError(f"comm must be 'auto' (shared memory between local CPU ranks) or 'gloo', got {self.comm!r}")
+        if not self.timeout_s or self.timeout_s <= 0:
+            raise TensorparError(f"timeout must be positive, got {self.timeout_s!r}")
+        dtype = engine_dtype(self.dtype, self.device)
+        t = time.perf_counter()
+        source = open_source(self.model)
+        metadata_s = time.perf_counter() - t
+        config = source.config
+        env = torchrun_env()
+        dims = ParallelDims.resolve(config.num_heads, self.tp, torchrun_world_size=env.world_size if env else None)
+        limit = config.max_position_embeddings
+        if self.max_model_len is not None and not (isinstance(self.max_model_len, int) and 1 <= self.max_model_len <= limit):
+            raise TensorparError(f"--max-model-len {self.max_model_len} must be from 1 to the model's context of {limit} tokens")
+        max_model_len = self.max_model_len or min(limit, default_max_model_len or limit)
+        return EngineSpec(self.model, source, dims, dtype, self.device, self.comm, float(self.timeout_s),
+                          max_model_len, self.progress, self.tokenizer_cache, {"metadata_s": metadata_s})

@@ -1,0 +1,125 @@
+"""One rank of an engine: its ``ModelRunner``, and on the leader the tokenizer, the input processor
+and the ``Scheduler``.
+
+``generate`` and ``score`` are collective: every rank calls them (a spawned rank because ``LLM``
+sends the call to all; under torchrun because every rank's program makes it). The leader checks
+the call (with no communication, so a bad call fails alike everywhere), schedules it to the end
+and sends ``END``; followers follow its steps until then; every rank returns the same result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tensorpar.distributed.collectives import all_gather_object, broadcast_object
+from tensorpar.distributed.groups import ParallelContext
+from tensorpar.errors import TensorparError
+from tensorpar.memory import peak_rss_mb
+from tensorpar.runtime import step as S
+from tensorpar.runtime.inputs import InputProcessor
+from tensorpar.runtime.model_runner import ModelRunner
+from tensorpar.runtime.request import Collector, Completion, requests_for
+from tensorpar.runtime.sampling import SamplingParams
+from tensorpar.runtime.scheduler import Scheduler
+from tensorpar.runtime.spec import EngineSpec
+
+DEFAULT_MAX_NUM_SEQS = 256
+
+
+@dataclass
+class GenerationResult:
+    completions: list[Completion]
+    timings: dict[str, float]
+    peak_rss_mb: list[float] = field(default_factory=list)
+
+
+class Worker:
+    def __init__(self, ctx: ParallelContext, spec: EngineSpec, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS):
+        self.ctx, self.spec = ctx, spec
+        config = spec.config
+        self.tokenizer = self.inputs = self.scheduler = None
+        t = time.perf_counter()
+        if ctx.is_leader:  # the tokenizer first: a conversion's transient memory then does not stack on the weights
+            self.tokenizer = spec.source.tokenizer(cache=spec.tokenizer_cache)
+        tokenizer_s = time.perf_counter() - t
+        self.runner = ModelRunner(spec, ctx)
+        self.info = {"backend": ctx.backend, "tokenizer_s": tokenizer_s, "weights_s": self.runner.load_s}
+        if ctx.is_leader:
+            eos = set(config.eos_token_ids)
+            if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+                eos.add(self.tokenizer.eos_token_id)
+            self.inputs = InputProcessor(self.tokenizer, config.vocab_size, spec.max_model_len, spec.model)
+            self.scheduler = Scheduler(self.runner, self.tokenizer, eos, max_num_seqs, spec.max_model_len)
+
+    # ---- collective calls ------------------------------------------------------------------------
+
+    def _call(self, prepare, run):
+        """Every rank returns (or raises) what the leader's ``run(prepare())`` gave."""
+        if self.ctx.is_leader:
+            try:
+                plan = prepare()
+            except (ValueError, TensorparError) as e:
+                plan = e
+            result = plan if isinstance(plan, Exception) else run(plan)
+            self.runner.send(S.Message(S.END))
+        else:
+            self.runner.follow()
+            result = None
+        rss = all_gather_object(peak_rss_mb(), self.ctx)
+        result = broadcast_object(result, self.ctx)
+        if isinstance(result, Exception):
+            raise result
+        if isinstance(result, GenerationResult):
+            result.peak_rss_mb = rss
+        return result
+
+    def generate(self, prompts: list, params: list[SamplingParams], chat: bool = False) -> GenerationResult:
+        """Completions of every prompt (text or token ids), ``params[i].n`` of prompt i, in order."""
+
+        def prepare():
+            if len(prompts) != len(params):
+                raise ValueError("one SamplingParams per prompt is needed")
+            if not prompts:
+                raise ValueError("no prompts given")
+            requests = []
+            for i, (prompt, sp) in enumerate(zip(prompts, params)):
+                ids = self.inputs.encode(prompt, chat)
+                try:
+                    self.inputs.check_length(len(ids), sp.max_new_tokens)
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}") from None
+                requests.append(requests_for(f"p{i}", ids, sp))
+            return requests
+
+        def run(requests):
+            flat = [r for choices in requests for r in choices]
+            sched = self.scheduler
+            sched.reserve(len(flat), max(len(r.prompt_token_ids) + r.params.max_new_tokens for r in flat))
+            before = dict(sched.timings)
+            collect = Collector()
+            for r in flat:
+                sched.add(r, collect)
+            while sched.has_work():
+                sched.step()
+            t = {k: sched.timings[k] - before[k] for k in before}
+            completions = [collect.completion(r, j, i) for i, choices in enumerate(requests)
+                           for j, r in enumerate(choices)]
+            steps = t["decode_steps"]
+            return GenerationResult(completions, {"prefill_s": t["prefill_s"], "decode_steps": steps,
+                                                  "decode_s_per_token": t["decode_s"] / steps if steps else 0.0})
+
+        return self._call(prepare, run)
+
+    def score(self, prompts: list) -> list:
+        """Full-vocabulary logits at every position of each prompt: [len(prompt), vocab] each."""
+
+        def run(ids):
+            return [self.runner.send(S.score(p)).float().cpu() for p in ids]
+
+        return self._call(lambda: [self.inputs.encode(p) for p in prompts], run)
+
+    def follow_forever(self) -> None:
+        """Follower of a serving leader: run its steps until it shuts the group down. The leader
+        sends a keep-alive while idle, so a dead leader is still noticed."""
+        self.runner.follow(until=(S.SHUTDOWN,))

@@ -1,0 +1,269 @@
+"""The runtime's parts without processes: the parallel layout, dtype names, step messages, attention
+batches, the per-sequence rules, the input checks, and the scheduler over a fake model runner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorpar.distributed.dims import ParallelDims
+from tensorpar.dtypes import engine_dtype, short_name, torch_dtype
+from tensorpar.errors import TensorparError
+from tensorpar.layers.attention import ALL_KEYS, BY_POSITION, CAUSAL, AttentionBatch
+from tensorpar.runtime import step as S
+from tensorpar.runtime.inputs import ContextLengthError, InputProcessor
+from tensorpar.runtime.kv_cache import KVCache
+from tensorpar.runtime.request import Collector, Request, requests_for
+from tensorpar.runtime.sampling import SamplingParams
+from tensorpar.runtime.scheduler import Scheduler
+from tensorpar.runtime.sequence import Detokenizer, Sequence
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tensorpar.loading import open_source
+
+    return open_source("smollm2-135m").tokenizer()
+
+
+# ---------------------------------------------------------------- layout and dtypes
+
+
+def test_parallel_dims_resolve_once_with_one_clear_error_each():
+    assert ParallelDims.resolve(9).tp == 1
+    assert ParallelDims.resolve(9, 4).world_size == 4
+    assert ParallelDims.resolve(9, None, torchrun_world_size=3).tp == 3  # no flag: torchrun's size
+    assert ParallelDims.resolve(6, None, dp=2, torchrun_world_size=4, supported=("tp", "dp")) == ParallelDims(2, dp=2)
+    with pytest.raises(TensorparError, match="tensor-parallel degree 10 is not valid .* from 1 to 9"):
+        ParallelDims.resolve(9, 10)
+    with pytest.raises(TensorparError, match="--tp 1 does not match torchrun's world size 2"):
+        ParallelDims.resolve(9, 1, torchrun_world_size=2)  # an explicit 1 is not "whatever torchrun says"
+    with pytest.raises(TensorparError, match="--tp must be a positive integer, got 0"):
+        ParallelDims.resolve(9, 0)
+    with pytest.raises(TensorparError, match="--dp 2 is not supported"):
+        ParallelDims.resolve(9, 1, dp=2)
+
+
+def test_every_dtype_alias_is_accepted_everywhere():
+    for names, short in ((("fp32", "float32", "FP32", "f32"), "fp32"), (("bf16", "bfloat16"), "bf16"),
+                         (("fp16", "float16", "half"), "fp16")):
+        for name in names:
+            assert short_name(name) == short and engine_dtype(name) == short
+    assert engine_dtype("auto", "cpu") == "fp32" and engine_dtype("auto", "cuda:0") == "bf16"
+    assert torch_dtype("bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'; choose one of: fp32 .* or auto"):
+        engine_dtype("fp8")  # a planner dtype, not one weights load as
+
+
+# ---------------------------------------------------------------- step messages and attention batches
+
+
+def test_messages_carry_what_the_ranks_need_in_the_header():
+    m = S.prefill([5, 6, 7], slot=4)
+    assert m.header() == [S.STEP, 1, 3, 3, 2, 4, CAUSAL, S.FULL] and m.payload() == [5, 6, 7, 0, 1, 2, 4]
+    m = S.decode([9, 8], [6, 6], [2, 3], S.GREEDY)  # equal lengths, consecutive slots
+    assert m.header() == [S.STEP, 2, 1, 7, 6, 2, ALL_KEYS, S.GREEDY]
+    m = S.decode([9, 8, 7], [6, 3, 4], [5, 1, 2])  # mixed lengths, scattered slots
+    assert m.header()[3:7] == [7, 6, -1, BY_POSITION]
+    assert S.allocate(8, 128).header()[:4] == [S.ALLOC, 8, 0, 128]
+    for message in (S.prefill([1, 2], 0), S.decode([3, 4], [5, 2], [1, 0]), S.score([7, 8, 9])):
+        header = message.header()
+        payload = torch.tensor(message.payload())
+        assert len(payload) == S.Message.payload_size(header)
+        batch = S.to_batch(header, payload)
+        assert batch.ids.tolist() == [list(r) for r in message.ids]
+        assert batch.attention.positions.tolist() == [list(r) for r in message.positions]
+        assert batch.attention.max_position == max(max(r) for r in message.positions)
+
+
+def _visible(mask, causal, S_, L):
+    if mask is not None:
+        return mask[:, 0]
+    return torch.ones(S_, L, dtype=torch.bool).tril(L - S_) if causal else torch.ones(S_, L, dtype=torch.bool)
+
+
+def test_attention_masks_follow_positions_and_windows():
+    fresh = AttentionBatch.fresh(2, 6, torch.device("cpu"))
+    assert fresh.mask() == (None, True)
+    mask, causal = fresh.mask(window=3)  # keys reach further back than the window: explicit
+    q, k = torch.arange(6).view(-1, 1), torch.arange(6).view(1, -1)
+    assert not causal and torch.equal(mask[0, 0], (k <= q) & (k > q - 3))
+    decode = AttentionBatch(torch.tensor([[4], [4]]), ALL_KEYS, 4, kv_len=5, slots=torch.tensor([0, 1]), slot_start=0)
+    assert decode.mask() == (None, False) and decode.mask(window=5) == (None, False)
+    assert torch.equal(decode.mask(window=2)[0][:, 0, 0], torch.tensor([[False, False, False, True, True]] * 2))
+    mixed = AttentionBatch(torch.tensor([[4], [1]]), BY_POSITION, 4, kv_len=5, slots=torch.tensor([3, 0]))
+    assert torch.equal(mixed.mask()[0][:, 0, 0], torch.tensor([[True] * 5, [True, True, False, False, False]]))
+
+
+def test_keys_values_write_the_new_tokens_into_their_slots_then_read_the_prefix():
+    cache = KVCache([(2, 4)], slots=3, max_len=8, dtype=torch.float32, device=torch.device("cpu"))
+    for s in range(3):
+        cache.start(s)
+    k, v = torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4)
+    batch = AttentionBatch(torch.tensor([[5], [2]]), BY_POSITION, 5, kv_len=6, slots=torch.tensor([2, 0]))
+    keys, values = batch.keys_values(k, v, cache.layer(0))
+    assert keys.shape == values.shape == (2, 2, 6, 4)
+    assert torch.equal(cache.k[0][2, :, 5], k[0, 0]) and torch.equal(cache.v[0][0, :, 2], v[1, 0])
+    assert torch.equal(keys[0, :, 5], k[0, 0]) and torch.count_nonzero(cache.k[0][1]) == 0
+    consecutive = AttentionBatch(torch.tensor([[0], [0]]), ALL_KEYS, 0, kv_len=1, slots=torch.tensor([1, 2]),
+                                 slot_start=1)
+    keys, _ = consecutive.keys_values(k, v, cache.layer(0))
+    assert keys.data_ptr() == cache.k[0][1].data_ptr()  # a view of the cache, no gather
+
+
+# ---------------------------------------------------------------- a sequence's rules
+
+
+def run(tokenizer, ids, max_model_len=4096, **params) -> tuple[list, Sequence]:
+    """Feed ``ids`` to a sequence after a fixed prompt until a rule ends it; its events and itself."""
+    events = []
+    prompt = tokenizer("Once upon a time")["input_ids"]
+    seq = Sequence(Request("r", prompt, SamplingParams(**params)), events.append, 0, tokenizer, {2}, max_model_len)
+    for t in ids:
+        seq.append(t)
+        if seq.finish_reason:
+            break
+    return events, seq
+
+
+def test_text_deltas_add_up_to_the_decoded_text(tokenizer):
+    ids = tokenizer(" there was a café 🎉 in 東京, run by a fox.")["input_ids"]
+    events, seq = run(tokenizer, ids, max_new_tokens=len(ids))
+    assert seq.finish_reason == "length" and len(events) == len(ids)
+    assert "".join(e.text_delta for e in events) == tokenizer.decode(ids, skip_special_tokens=True)
+    # the emoji's bytes span several tokens: the pieces before it are held back until it is whole
+    assert all("\ufffd" not in e.text_delta for e in events)
+
+
+def test_an_unfinished_character_at_the_end_is_decoded_as_it_stands(tokenizer):
+    ids = tokenizer(" 🎉")["input_ids"]
+    assert len(ids) > 1
+    events, seq = run(tokenizer, ids[:-1], max_new_tokens=len(ids) - 1)
+    assert "".join(e.text_delta for e in events) == tokenizer.decode(ids[:-1], skip_special_tokens=True)
+
+
+def test_stop_strings_cut_the_text_and_are_held_back_until_they_cannot_begin(tokenizer):
+    ids = tokenizer(" the quick brown fox jumps over the lazy dog")["input_ids"]
+    events, seq = run(tokenizer, ids, max_new_tokens=50, stop=("fox jumps", "zebra"))
+    text = "".join(e.text_delta for e in events)
+    assert seq.finish_reason == "stop" and text == " the quick brown "
+    streamed = ""
+    for i, e in enumerate(events[:-1]):  # while running: all but the last 8 characters (len("fox jumps") - 1)
+        streamed += e.text_delta
+        decoded = tokenizer.decode(ids[: i + 1])
+        assert streamed == decoded[: max(0, len(decoded) - 8)]
+
+
+def test_eos_and_the_context_limit_end_a_sequence(tokenizer):
+    events, seq = run(tokenizer, [100, 2, 101], max_new_tokens=10)
+    assert seq.finish_reason == "stop" and seq.out == [100, 2]
+    events, seq = run(tokenizer, [100, 2, 101], max_new_tokens=10, ignore_eos=True)
+    assert seq.finish_reason is None and seq.out == [100, 2, 101]
+    prompt_len = len(tokenizer("Once upon a time")["input_ids"])
+    events, seq = run(tokenizer, [100] * 10, max_new_tokens=10, max_model_len=prompt_len + 3)
+    assert seq.finish_reason == "length" and len(seq.out) == 3
+
+
+def test_detokenizer_flush_matches_decode_for_special_and_partial_tokens(tokenizer):
+    d = Detokenizer(tokenizer)
+    ids = [1, 504, 2] + tokenizer("é🎉")["input_ids"][:-1]
+    text = "".join(d.step(t) for t in ids) + d.flush()
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_choices_get_consecutive_seeds():
+    reqs = requests_for("x", [1, 2], SamplingParams(temperature=0.7, seed=10, n=3))
+    assert [r.request_id for r in reqs] == ["x-0", "x-1", "x-2"]
+    assert [r.params.seed for r in reqs] == [10, 11, 12] and all(r.params.n == 1 for r in reqs)
+    assert [r.params.seed for r in requests_for("y", [1], SamplingParams(n=2))] == [None, None]
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def test_inputs_encode_and_check_like_every_front_end(tokenizer):
+    inputs = InputProcessor(tokenizer, 49152, max_model_len=32)
+    assert inputs.encode("Hello there") == tokenizer("Hello there")["input_ids"]
+    assert inputs.encode([5, 6]) == [5, 6]
+    chat = inputs.encode("Hi", chat=True)
+    assert chat == list(tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                      add_generation_prompt=True, tokenize=True, return_dict=False))
+    with pytest.raises(ValueError, match="empty prompt"):
+        inputs.encode("")
+    with pytest.raises(ValueError, match=r"token ids out of range \[0, 49152\): \[49152\]"):
+        inputs.encode([1, 49152])
+    inputs.check_length(30, 2)
+    with pytest.raises(ContextLengthError) as e:
+        inputs.check_length(30, 3)
+    assert (e.value.limit, e.value.prompt, e.value.asked) == (32, 30, 3) and "33" in str(e.value)
+    with pytest.raises(ContextLengthError, match="no room"):
+        inputs.check_length(32, None)
+    with pytest.raises(ValueError, match="ships no tokenizer"):
+        InputProcessor(None, 10, 8, "m").encode("text")
+
+
+# ---------------------------------------------------------------- the scheduler
+
+
+class FakeRunner:
+    """A model whose next token is (last token + 1) % vocab, as full logits or greedy ids."""
+
+    vocab = 50
+
+    def __init__(self):
+        self.cache, self.sent = None, []
+
+    def allocate(self, slots, max_len):
+        self.cache = KVCache([], slots, max_len, torch.float32, torch.device("cpu"))
+
+    def send(self, m: S.Message):
+        self.sent.append(m)
+        last = [row[-1] for row in m.ids]
+        if m.logits == S.GREEDY:
+            return torch.tensor([(t + 1) % self.vocab for t in last]), torch.zeros(len(last))
+        logits = torch.zeros(len(last), self.vocab)
+        for i, t in enumerate(last):
+            logits[i, (t + 1) % self.vocab] = 5.0
+        return logits
+
+
+def test_scheduler_queues_beyond_its_slots_and_each_request_gets_its_own_tokens():
+    runner = FakeRunner()
+    sched = Scheduler(runner, None, set(), max_num_seqs=2, max_model_len=64)
+    sched.reserve(2, 64)
+    collect = Collector()
+    reqs = [Request(f"r{i}", [i], SamplingParams(max_new_tokens=3 + i, logprobs=1 if i == 2 else 0))
+            for i in range(4)]
+    for r in reqs:
+        sched.add(r, collect)
+    first = True
+    while sched.has_work():
+        sched.step()
+        if first:
+            assert sched.stats()["running"] == 2 and sched.stats()["waiting"] == 2
+            first = False
+    for i, r in enumerate(reqs):
+        c = collect.completion(r, 0, i)
+        assert c.token_ids == [(i + k) % 50 for k in range(1, 4 + i)] and c.finish_reason == "length"
+    steps = [m for m in runner.sent if m.op == S.STEP]
+    assert max(len(m.ids) for m in steps) == 2  # never more than the slots
+    assert {m.logits for m in steps if any(row[-1] in (2, 3, 4) for row in m.ids)} >= {S.FULL}  # top-1 asked
+    assert {m.logits for m in steps if len(m.ids) == 1 and m.ids[0][0] == 0} == {S.GREEDY}
+
+
+def test_scheduler_aborts_waiting_and_running_requests_and_refuses_after_close():
+    runner = FakeRunner()
+    sched = Scheduler(runner, None, set(), max_num_seqs=1, max_model_len=64)
+    sched.reserve(1, 64)
+    collect = Collector()
+    sched.add(Request("a", [1], SamplingParams(max_new_tokens=50)), collect)
+    sched.add(Request("b", [1], SamplingParams(max_new_tokens=50)), collect)
+    sched.step()
+    sched.abort("a")
+    sched.abort("b")
+    sched.step()
+    assert collect.finish["a"].finish_reason == "abort" and collect.finish["b"].finish_reason == "abort"
+    assert "b" not in collect.tokens and not sched.has_work() and sched.free == [0]
+    sched.close("error", "rank 1 of 2 failed")
+    sched.add(Request("c", [1], SamplingParams()), collect)
+    assert collect.finish["c"].finish_reason == "error" and collect.finish["c"].error == "rank 1 of 2 failed"
