@@ -21,7 +21,7 @@ PEER = r"""
 import sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from tensorpar.loading import resolve_model
-from tensorpar.memory import peak_rss_mb
+from tensorpar.process import peak_rss_mb
 path = resolve_model(sys.argv[1])
 kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
 where = path.parent if path.suffix == ".gguf" else path

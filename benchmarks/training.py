@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER = r"""
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM
-from tensorpar.memory import peak_rss_mb
+from tensorpar.process import peak_rss_mb
 from tensorpar.loading import resolve_model
 from tensorpar.train.data import batch_for_step
 torch.set_num_threads(int(sys.argv[5]))

@@ -91,7 +91,7 @@ def run(args, stage: dict) -> dict:
     from transformers.utils import logging as hf_logging
 
     from tensorpar.bench.prompts import batch_prompts, long_prompt
-    from tensorpar.memory import peak_rss_mb
+    from tensorpar.process import peak_rss_mb
 
     hf_logging.set_verbosity_error()
     t0 = time.perf_counter()

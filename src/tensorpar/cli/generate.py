@@ -28,7 +28,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from tensorpar.process import age_s
     from tensorpar.runtime import LLM, SamplingParams
+
+    imported_s = age_s()  # the interpreter and the imports, before anything starts
 
     sp = SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -62,7 +65,8 @@ def run(args) -> int:
                 "finish_reason": first.finish_reason,
                 "completions": [vars(c) for c in result.completions],
                 "timings": timings,
-                "startup_s": {k: round(v, 4) for k, v in llm.startup.items()},
+                "startup_s": {k: round(v, 4) for k, v in {"import_s": imported_s, **llm.startup}.items()
+                              if v is not None},
                 "peak_rss_mb": [round(m, 1) for m in result.peak_rss_mb],
             }
             print(json.dumps(out))

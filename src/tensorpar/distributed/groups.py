@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT_S = 60.0
+from tensorpar.distributed import DEFAULT_TIMEOUT_S
 
 
 @dataclass(frozen=True)

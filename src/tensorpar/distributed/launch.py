@@ -19,21 +19,29 @@ import os
 import queue
 import signal
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from importlib import import_module
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
-from tensorpar.distributed.groups import (
-    DEFAULT_TIMEOUT_S,
-    ParallelContext,
-    destroy_group,
-    init_group,
-    single_process_context,
-)
+from tensorpar.distributed import DEFAULT_TIMEOUT_S
 from tensorpar.errors import RankFailure, TensorparError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tensorpar.distributed.groups import ParallelContext
+
+Factory = Callable[..., Any] | str  # a worker factory, or its "module:name" (imported by the ranks themselves)
+
+
+def _factory(factory: Factory) -> Callable[..., Any]:
+    if isinstance(factory, str):
+        module, _, name = factory.partition(":")
+        return getattr(import_module(module), name)
+    return factory
 
 _PR_SET_NAME, _PR_SET_PDEATHSIG = 15, 1
 
@@ -56,8 +64,10 @@ def torchrun_env() -> TorchrunEnv | None:
     )
 
 
-def rank_device(device_type: str, local_rank: int) -> torch.device:
+def rank_device(device_type: str, local_rank: int) -> "torch.device":
     """Each rank drives its own CUDA device; CPU ranks share the host."""
+    import torch
+
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise TensorparError(
@@ -70,7 +80,9 @@ def rank_device(device_type: str, local_rank: int) -> torch.device:
 
 def join_torchrun(
     env: TorchrunEnv, device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S, use_shm: bool = True
-) -> ParallelContext:
+) -> "ParallelContext":
+    from tensorpar.distributed.groups import init_group
+
     device = rank_device(device_type, env.local_rank)
     return init_group(env.rank, env.world_size, "env://", device, timeout_s, use_shm)
 
@@ -95,6 +107,11 @@ def configure_rank_process(rank: int, world_size: int, threads: int | None = Non
     if spawned:
         _prctl(_PR_SET_NAME, f"tensorpar-r{rank}".encode())
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        from tqdm import tqdm
+
+        tqdm.set_lock(threading.RLock())  # a rank's bars are its own: no semaphore left to a process that exits at once
+    import torch
+
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     share = max(1, len(cores) // world_size)
     torch.set_num_threads(threads or share)
@@ -105,8 +122,13 @@ def configure_rank_process(rank: int, world_size: int, threads: int | None = Non
 def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, factory, args, inbox, outbox, spawned_at):
     """Body of a spawned rank: join the group, build the worker, serve calls until told to stop."""
     ctx = None
-    started = {"process_s": time.time() - spawned_at}  # interpreter start and imports
+    started = {"process_s": time.time() - spawned_at}  # the interpreter's start
     try:
+        t = time.perf_counter()
+        from tensorpar.distributed.groups import init_group
+
+        factory = _factory(factory)
+        started["import_s"] = time.perf_counter() - t  # torch and the worker's code
         configure_rank_process(rank, world_size)
         device = rank_device(device_type, rank)
         t = time.perf_counter()
@@ -122,15 +144,15 @@ def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, factory,
                 result = e
             if rank == 0:
                 outbox.put(("result", rank, result))
+        _close_local(worker, ctx)
+        code = 0
     except BaseException as e:  # noqa: BLE001 - report everything, then die
         brief = "".join(traceback.format_exception_only(type(e), e)).strip()
         outbox.put(("error", rank, (time.time(), brief, traceback.format_exc())))
-        outbox.close()
-        outbox.join_thread()
-        os._exit(1)
-    finally:
-        if ctx is not None:
-            destroy_group(ctx)
+        code = 1
+    outbox.close()
+    outbox.join_thread()
+    os._exit(code)  # nothing is left to tear down: skip the interpreter's (slow) module finalization
 
 
 def _describe_exit(code: int) -> str:
@@ -154,7 +176,7 @@ class SpawnedRanks:
     def __init__(
         self,
         world_size: int,
-        factory: Callable[..., Any],
+        factory: Factory,
         args: tuple = (),
         device_type: str = "cpu",
         timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -287,10 +309,12 @@ class SpawnedRanks:
                 p.join()
 
 
-def _close_local(worker, ctx: ParallelContext | None) -> None:
+def _close_local(worker, ctx: "ParallelContext | None") -> None:
     if worker is not None and hasattr(worker, "close"):
         worker.close()
     if ctx is not None:
+        from tensorpar.distributed.groups import destroy_group
+
         destroy_group(ctx)
 
 
@@ -298,7 +322,7 @@ class InProcessRanks:
     """This process is the only rank, or one of torchrun's: ``call`` runs the method on the worker
     here (under torchrun every rank's program makes the same calls)."""
 
-    def __init__(self, worker, ctx: ParallelContext, owns_group: bool):
+    def __init__(self, worker, ctx: "ParallelContext", owns_group: bool):
         self.local, self.ctx, self._owns_group = worker, ctx, owns_group
         self.world_size = ctx.world_size
         self.ready_info = {0: getattr(worker, "info", {})} if ctx.is_leader else {}
@@ -334,7 +358,7 @@ Ranks = SpawnedRanks | InProcessRanks
 
 def launch(
     world_size: int,
-    factory: Callable[..., Any],
+    factory: Factory,
     args: tuple = (),
     device: str = "cpu",
     timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -351,26 +375,48 @@ def launch(
     device_type = device.split(":")[0]
     env = torchrun_env()
     if env is not None:
+        from tensorpar.distributed import groups  # (torch: imported by the processes that are ranks, once they are)
+
         if env.world_size != world_size:
             raise TensorparError(f"{world_size} ranks were asked for, but torchrun started {env.world_size}")
         ctx = join_torchrun(env, device_type, timeout_s, use_shm)
         try:
-            return InProcessRanks(factory(ctx, *args), ctx, owns_group=True)
+            return InProcessRanks(_factory(factory)(ctx, *args), ctx, owns_group=True)
         except BaseException:
-            destroy_group(ctx)
+            groups.destroy_group(ctx)
             raise
     if world_size == 1:
-        ctx = single_process_context(device)
-        return InProcessRanks(factory(ctx, *args), ctx, owns_group=False)
-    if device_type == "cuda" and torch.cuda.device_count() < world_size:
-        raise TensorparError(f"{world_size} ranks on CUDA need {world_size} GPUs; {torch.cuda.device_count()} visible")
+        from tensorpar.distributed import groups
+
+        ctx = groups.single_process_context(device)
+        return InProcessRanks(_factory(factory)(ctx, *args), ctx, owns_group=False)
+    if device_type == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < world_size:
+            raise TensorparError(f"{world_size} ranks on CUDA need {world_size} GPUs; "
+                                 f"{torch.cuda.device_count()} visible")
     ranks = SpawnedRanks(world_size, factory, args, device_type, timeout_s, use_shm, leader_here=leader_here)
     if not leader_here:
         return ranks
     try:
+        from tensorpar.distributed import groups
+
+        configure_rank_process(0, world_size, spawned=False)
+        ranks.ctx = groups.init_group(0, world_size, ranks.init_method, rank_device(device_type, 0), timeout_s, use_shm)
+        ranks.local = _factory(factory)(ranks.ctx, *args)
+        ranks.wait_ready()
+    except BaseException:
+        failure = ranks.failure()
+        ranks.close(force=True)
+        if failure is not None:
+            raise failure from None
+        raise
+    return ranks
+    try:
         configure_rank_process(0, world_size, spawned=False)
         ranks.ctx = init_group(0, world_size, ranks.init_method, rank_device(device_type, 0), timeout_s, use_shm)
-        ranks.local = factory(ranks.ctx, *args)
+        ranks.local = _factory(factory)(ranks.ctx, *args)
         ranks.wait_ready()
     except BaseException:
         failure = ranks.failure()

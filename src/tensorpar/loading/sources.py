@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tensorpar.errors import CheckpointError
 from tensorpar.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 class CheckpointSource(ABC):
@@ -35,7 +37,7 @@ class CheckpointSource(ABC):
     def file_of(self, name: str) -> str: ...
 
     @abstractmethod
-    def _read(self, name: str, rows: range | None, cols: range | None) -> torch.Tensor: ...
+    def _read(self, name: str, rows: range | None, cols: range | None) -> "torch.Tensor": ...
 
     @abstractmethod
     def tokenizer(self, cache: bool = True):
@@ -51,7 +53,7 @@ class CheckpointSource(ABC):
         rows: range | None = None,
         cols: range | None = None,
         expect: tuple[int, ...] | None = None,
-    ) -> torch.Tensor:
+    ) -> "torch.Tensor":
         """``tensor[rows, cols]`` of checkpoint tensor ``name``; checks its full shape is ``expect``."""
         if name not in self.names():
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")

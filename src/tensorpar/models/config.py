@@ -85,7 +85,7 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, meta: Mapping[str, object], tensors: Collection[str]) -> "ModelConfig":
-        """Build from a GGUF file's metadata and the Hugging Face names of its tensors.
+        """Build from a GGUF file's metadata and the names of its tensors (llama.cpp's names).
 
         Keys are llama.cpp's: ``{arch}.embedding_length``, ``{arch}.attention.head_count``, ...
         with ``arch`` = ``general.architecture``.
@@ -114,9 +114,9 @@ class ModelConfig:
             rope_theta=float(a("rope.freq_base", 10000.0)),
             rope_scaling=scaling,
             max_position_embeddings=int(a("context_length", 4096)),
-            tie_word_embeddings="lm_head.weight" not in tensors,
-            qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
-            o_bias="model.layers.0.self_attn.o_proj.bias" in tensors,
+            tie_word_embeddings="output.weight" not in tensors,
+            qkv_bias="blk.0.attn_q.bias" in tensors,
+            o_bias="blk.0.attn_output.bias" in tensors,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (int(eos),),
         )

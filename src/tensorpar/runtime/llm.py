@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import time
 
+from typing import TYPE_CHECKING
+
 from tensorpar.distributed.launch import launch
 from tensorpar.errors import TensorparError
 from tensorpar.runtime.sampling import SamplingParams
-from tensorpar.runtime.spec import EngineArgs
-from tensorpar.runtime.worker import DEFAULT_MAX_NUM_SEQS, GenerationResult, Worker
+from tensorpar.runtime.spec import DEFAULT_MAX_NUM_SEQS, EngineArgs
+
+if TYPE_CHECKING:
+    from tensorpar.runtime.request import GenerationResult
+
+WORKER = "tensorpar.runtime.worker:Worker"  # imported by the ranks; this process stays free of torch until needed
 
 
 class LLM:
@@ -33,14 +39,14 @@ class LLM:
         self.spec = EngineArgs(**({"model": model} if model is not None else {}), **options).resolve()
         self.config = self.spec.config
         t1 = time.perf_counter()
-        self._ranks = launch(self.spec.dims.world_size, Worker, (self.spec, max_num_seqs), self.spec.device,
+        self._ranks = launch(self.spec.dims.world_size, WORKER, (self.spec, max_num_seqs), self.spec.device,
                              self.spec.timeout_s, self.spec.use_shm)
         self.load_s = time.perf_counter() - t0
         leader = self._ranks.ready_info.get(0, {})
         self.tp = self.spec.dims.tp
         self.backend = leader.get("backend") or self._ranks.local.ctx.backend
-        self.startup = {**self.spec.startup, "launch_s": time.perf_counter() - t1,
-                        **{k: v for k, v in leader.items() if k.endswith("_s")}, "total_s": self.load_s}
+        rank0 = {f"rank0_{k}": v for k, v in leader.items() if k.endswith("_s")}
+        self.startup = {**self.spec.startup, "launch_s": time.perf_counter() - t1, **rank0, "total_s": self.load_s}
 
     @property
     def rank(self) -> int:
@@ -60,7 +66,7 @@ class LLM:
         prompts: str | list,
         sampling: SamplingParams | list[SamplingParams] | None = None,
         chat: bool = False,
-    ) -> GenerationResult:
+    ) -> "GenerationResult":
         """Completions (``params.n`` per prompt, prompt-major), plus timings and per-rank peak memory."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]

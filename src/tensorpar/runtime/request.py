@@ -58,6 +58,15 @@ class Completion:
     prompt_index: int = 0
 
 
+@dataclass
+class GenerationResult:
+    """What one ``generate`` call gives back: its completions, step timings, and each rank's peak memory."""
+
+    completions: list[Completion]
+    timings: dict[str, float]
+    peak_rss_mb: list[float] = field(default_factory=list)
+
+
 class Collector:
     """A sink that keeps the events of each request and assembles its ``Completion``."""
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -51,19 +53,23 @@ class SamplingParams:
         """One ``n=1`` copy per choice; choice i samples with ``seed + i`` when a seed is given."""
         return [replace(self, n=1, seed=None if self.seed is None else self.seed + i) for i in range(self.n)]
 
-    def generator(self) -> torch.Generator | None:
+    def generator(self) -> "torch.Generator | None":
         """The random stream of one choice: seeded, or from fresh entropy; None when greedy."""
         if self.greedy:
             return None
+        import torch
+
         return torch.Generator().manual_seed(self.seed if self.seed is not None else int(torch.seed() % 2**63))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+def sample(logits: "torch.Tensor", params: SamplingParams, generator: "torch.Generator | None") -> int:
     """One token id from one row of logits [vocab].
 
     Sampling draws from softmax(logits / T) restricted to the ``top_k`` largest logits and to the
     smallest set of tokens whose probability mass reaches ``top_p``.
     """
+    import torch
+
     if params.greedy:
         return int(torch.argmax(logits))
     logits = logits.float() / params.temperature

@@ -12,19 +12,25 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
+from tensorpar.distributed import DEFAULT_TIMEOUT_S
 from tensorpar.distributed.dims import ParallelDims
-from tensorpar.distributed.groups import DEFAULT_TIMEOUT_S
 from tensorpar.dtypes import engine_dtype, torch_name
 from tensorpar.errors import TensorparError
-from tensorpar.loading import DEFAULT_MODEL, CheckpointSource, open_source
+from tensorpar.loading.open import DEFAULT_MODEL, open_source
+
+if TYPE_CHECKING:
+    from tensorpar.loading.sources import CheckpointSource
 
 COMMS = ("auto", "gloo")
+DEFAULT_MAX_NUM_SEQS = 256  # sequences a scheduler runs at once; more wait for a slot
 
 
 @dataclass(frozen=True)
 class EngineSpec:
     model: str  # as the user named it (the served model's name)
-    source: CheckpointSource
+    source: "CheckpointSource"
     dims: ParallelDims
     dtype: str  # short name (``tensorpar.dtypes``)
     device: str

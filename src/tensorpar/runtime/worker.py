@@ -10,28 +10,18 @@ and sends ``END``; followers follow its steps until then; every rank returns the
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from tensorpar.distributed.collectives import all_gather_object, broadcast_object
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.errors import TensorparError
-from tensorpar.memory import peak_rss_mb
+from tensorpar.process import peak_rss_mb
 from tensorpar.runtime import step as S
 from tensorpar.runtime.inputs import InputProcessor
 from tensorpar.runtime.model_runner import ModelRunner
-from tensorpar.runtime.request import Collector, Completion, requests_for
+from tensorpar.runtime.request import Collector, GenerationResult, requests_for
 from tensorpar.runtime.sampling import SamplingParams
 from tensorpar.runtime.scheduler import Scheduler
-from tensorpar.runtime.spec import EngineSpec
-
-DEFAULT_MAX_NUM_SEQS = 256
-
-
-@dataclass
-class GenerationResult:
-    completions: list[Completion]
-    timings: dict[str, float]
-    peak_rss_mb: list[float] = field(default_factory=list)
+from tensorpar.runtime.spec import DEFAULT_MAX_NUM_SEQS, EngineSpec
 
 
 class Worker:

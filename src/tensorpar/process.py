@@ -1,7 +1,8 @@
-"""Process memory, as tensorpar reports it."""
+"""What tensorpar reports about its own process: peak memory and age."""
 
 from __future__ import annotations
 
+import os
 import resource
 
 
@@ -19,3 +20,15 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def age_s() -> float | None:
+    """Seconds since this process started (None where /proc does not say)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
