@@ -18,8 +18,13 @@ from pathlib import Path
 from tensorpar.planner.arch import from_hf_config, resolve_model
 from tensorpar.planner.comm import collective_time
 from tensorpar.planner.costs import Precision, busiest_shard
-from tensorpar.planner.hardware import (BUILTIN_DEVICES, NVLINK_LATENCY_PER_RANK_US, NVLINK_LATENCY_US,
-                                        RING_EFFICIENCY, Link)
+from tensorpar.planner.hardware import (
+    BUILTIN_DEVICES,
+    NVLINK_LATENCY_PER_RANK_US,
+    NVLINK_LATENCY_US,
+    RING_EFFICIENCY,
+    Link,
+)
 from tensorpar.planner.latency import Placement, inference_times
 from tensorpar.planner.training import model_flops, training_time
 

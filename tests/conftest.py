@@ -106,7 +106,7 @@ def tiny_chat_checkpoint(tmp_path_factory) -> Path:
     return write_chat_checkpoint(tmp_path_factory.mktemp("tiny") / "llama-chat")
 
 
-def cli(*args: str, timeout: float = 240, **kw) -> "subprocess.CompletedProcess":
+def cli(*args: str, timeout: float = 240, **kw):
     """Run the installed ``tensorpar`` command as a user would; fail the test if it hangs."""
     import subprocess
     import sys

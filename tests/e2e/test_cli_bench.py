@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-
 from conftest import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import cli
 
 EXAMPLE = ["plan", "--model", "llama-2-70b", "--gpu", "h100-sxm", "--gpus", "8", "--prompt-len", "512",

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import cli
+
 from tensorpar.distributed.launch import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]

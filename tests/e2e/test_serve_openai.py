@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import cli, rank_processes
+
 from tensorpar.distributed.launch import free_port
 
 openai = pytest.importorskip("openai")

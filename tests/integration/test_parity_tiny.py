@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_CONFIGS, hf_reference
+
 from tensorpar import LLM, SamplingParams
 
 ARCHS = ["llama", "mistral", "qwen2"]

@@ -9,11 +9,11 @@ import signal
 import time
 
 import pytest
+from test_serving_engine import Collector
 
 from tensorpar import SamplingParams
 from tensorpar.runtime.request import Request
 from tensorpar.runtime.serving import ServingEngine
-from test_serving_engine import Collector
 
 
 @pytest.mark.timeout(120)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import cli, hf_reference
+
 from tensorpar import LLM, SamplingParams
 
 PROMPTS = ["Once upon a time", "def fibonacci(n):"]  # neither reaches EOS within 32 tokens

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import cli
+
 from tensorpar.distributed.launch import free_port
 
 

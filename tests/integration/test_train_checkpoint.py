@@ -9,16 +9,16 @@ import signal
 
 import pytest
 import torch
+from test_train_parallel import TOKENS, spec
 
 from tensorpar.distributed.groups import single_process_context
 from tensorpar.distributed.launch import SpawnedRanks
 from tensorpar.errors import RankFailure
+from tensorpar.loading import ShardedCheckpointSource, find_checkpoint
 from tensorpar.loading.loader import load_weights
 from tensorpar.models.llama import LlamaForCausalLM
-from tensorpar.loading import ShardedCheckpointSource, find_checkpoint
 from tensorpar.train.export import export_hf
 from tensorpar.train.trainer import Trainer
-from test_train_parallel import TOKENS, spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

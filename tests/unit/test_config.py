@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_CONFIGS
 
 from tensorpar.models.config import ModelConfig
-from tensorpar.models.registry import MODEL_TYPES
 from tensorpar.models.llama import rope_inverse_frequencies
-
-from conftest import TINY_CONFIGS
+from tensorpar.models.registry import MODEL_TYPES
 
 BASE = dict(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIGS, hf_reference
 from safetensors.torch import load_file, save_file
 
 from tensorpar.distributed.groups import single_process_context
@@ -19,8 +20,6 @@ from tensorpar.loading.gguf_source import GGUFSource
 from tensorpar.loading.safetensors_source import SafetensorsSource
 from tensorpar.models.llama import gguf_tensor_name, unpermute_rows
 from tensorpar.models.registry import checkpoint_shapes
-
-from conftest import TINY_CONFIGS, hf_reference
 
 ARCHS = ("llama", "mistral", "qwen2")  # the tiny checkpoints (conftest may add more to TINY_CONFIGS)
 

@@ -10,14 +10,33 @@ import pytest
 
 from tensorpar.planner import PlanError, PlanRequest, plan
 from tensorpar.planner.arch import BUILTIN_MODELS, from_hf_config, from_model_config, resolve_model
-from tensorpar.planner.comm import (collective_time, p2p_time, ring_all_gather_time, ring_all_reduce_time,
-                                    sharp_all_reduce_time)
-from tensorpar.planner.costs import (Precision, busiest_shard, decode_step, engines_refuse, expert_load, kv_bytes_per_token,
-                                     layer_ops, matmul, prefill_step, weight_bytes_per_layer)
+from tensorpar.planner.comm import (
+    collective_time,
+    p2p_time,
+    ring_all_gather_time,
+    ring_all_reduce_time,
+    sharp_all_reduce_time,
+)
+from tensorpar.planner.costs import (
+    Precision,
+    busiest_shard,
+    decode_step,
+    engines_refuse,
+    expert_load,
+    kv_bytes_per_token,
+    layer_ops,
+    matmul,
+    prefill_step,
+    weight_bytes_per_layer,
+)
 from tensorpar.planner.hardware import BUILTIN_DEVICES, device_from_dict, resolve_device
 from tensorpar.planner.latency import Placement, inference_times, op_time, rank_speeds
-from tensorpar.planner.memory import (activation_bytes_per_layer, korthikanti_no_parallelism,
-                                      korthikanti_sequence_parallel, korthikanti_tensor_parallel)
+from tensorpar.planner.memory import (
+    activation_bytes_per_layer,
+    korthikanti_no_parallelism,
+    korthikanti_sequence_parallel,
+    korthikanti_tensor_parallel,
+)
 from tensorpar.planner.search import Config, recommend
 from tensorpar.planner.training import model_flops, pipeline_bubble, training_flops
 
@@ -68,10 +87,10 @@ def test_parameter_count_formulas_by_hand():
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_planner_counts_match_the_engine_model(arch):
     """Principle 9: the planner reads the same ModelConfig the engine builds its model from."""
-    from tensorpar.models.registry import checkpoint_shapes
-    from tensorpar.models.config import ModelConfig
-
     from conftest import TINY_CONFIGS
+
+    from tensorpar.models.config import ModelConfig
+    from tensorpar.models.registry import checkpoint_shapes
 
     cfg = ModelConfig.from_hf(TINY_CONFIGS[arch])
     engine = sum(math.prod(s) for s in checkpoint_shapes(cfg).values())

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_CONFIGS
 from torch import nn
 
 import tensorpar.layers.embedding as embedding_mod
 import tensorpar.layers.linear as linear_mod
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from tensorpar.layers.attention import AttentionBatch
 from tensorpar.loading import build_model
 from tensorpar.loading.safetensors_source import SafetensorsSource
-from tensorpar.layers.attention import AttentionBatch
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.llama import PLAN, LlamaForCausalLM, RMSNorm
 from tensorpar.models.registry import ARCHITECTURES, MODEL_TYPES, model_module
 from tensorpar.partition import even_split, head_shard, vocab_shard
 from tensorpar.plans import STYLES, apply_plan, tie_embeddings
-
-from conftest import TINY_CONFIGS
 
 ARCHS = ("llama", "mistral", "qwen2")  # the tiny checkpoints (conftest may add more to TINY_CONFIGS)
 

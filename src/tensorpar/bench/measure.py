@@ -18,8 +18,8 @@ from __future__ import annotations
 import gc
 import time
 
-from tensorpar.errors import one_line
 from tensorpar.bench.prompts import batch_prompts, fit_context, long_prompt
+from tensorpar.errors import one_line
 
 
 def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, prompt_len: int,

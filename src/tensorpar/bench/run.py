@@ -94,9 +94,9 @@ def _log(msg: str) -> None:
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure everything, write ``bench.json`` and the plots under ``cfg.out``; return the result."""
     from tensorpar.bench import collectives_sweep, peers, plots, roofline
-    from tensorpar.errors import one_line
     from tensorpar.bench.measure import measure_tensorpar
     from tensorpar.bench.prompts import SHORT_PROMPT_TOKENS, fit_context
+    from tensorpar.errors import one_line
     from tensorpar.loading import open_source, resolve_model
 
     resolve_model(cfg.model)  # a wrong path fails here, before anything runs

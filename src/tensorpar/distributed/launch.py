@@ -413,15 +413,3 @@ def launch(
             raise failure from None
         raise
     return ranks
-    try:
-        configure_rank_process(0, world_size, spawned=False)
-        ranks.ctx = init_group(0, world_size, ranks.init_method, rank_device(device_type, 0), timeout_s, use_shm)
-        ranks.local = _factory(factory)(ranks.ctx, *args)
-        ranks.wait_ready()
-    except BaseException:
-        failure = ranks.failure()
-        ranks.close(force=True)
-        if failure is not None:
-            raise failure from None
-        raise
-    return ranks

@@ -27,9 +27,9 @@ from dataclasses import dataclass, replace
 
 from tensorpar.dtypes import ENGINE_DTYPES, short_name
 from tensorpar.planner.arch import ArchSpec, resolve_model
-from tensorpar.planner.jsonfile import read_json_object
 from tensorpar.planner.costs import Precision, busiest_shard, decode_step, prefill_step
 from tensorpar.planner.hardware import Device, Link, MeasuredCollective
+from tensorpar.planner.jsonfile import read_json_object
 from tensorpar.planner.latency import Placement, step_time
 
 FITTED = ("memory_efficiency", "matmul_efficiency", "gemm_half_rows", "layer_overhead_us")

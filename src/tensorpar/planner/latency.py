@@ -34,8 +34,18 @@ from dataclasses import dataclass
 from tensorpar.partition import even_splits
 from tensorpar.planner import comm
 from tensorpar.planner.arch import ArchSpec
-from tensorpar.planner.costs import (Comm, Op, Precision, Shard, Step, decode_step, embedding_ops, head_ops,
-                                     layer_ops, prefill_step)
+from tensorpar.planner.costs import (
+    Comm,
+    Op,
+    Precision,
+    Shard,
+    Step,
+    decode_step,
+    embedding_ops,
+    head_ops,
+    layer_ops,
+    prefill_step,
+)
 from tensorpar.planner.hardware import Device
 
 

@@ -4,7 +4,6 @@ same scheduler as the server."""
 from __future__ import annotations
 
 import time
-
 from typing import TYPE_CHECKING
 
 from tensorpar.distributed.launch import launch

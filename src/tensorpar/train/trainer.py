@@ -24,10 +24,10 @@ from tensorpar.layers import vocab_parallel_cross_entropy
 from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.loader import build_model, fill_parameter
 from tensorpar.loading.tensorpar_checkpoint import ShardedCheckpointSource, find_checkpoint
-from tensorpar.process import peak_rss_mb
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.registry import checkpoint_shapes
 from tensorpar.plans import set_sequence_parallel
+from tensorpar.process import peak_rss_mb
 from tensorpar.train.checkpoint import save_checkpoint
 from tensorpar.train.data import IGNORE_INDEX, batch_for_step, check_data, pad_sequence, replica_rows, tokenize_file
 from tensorpar.train.grads import GradientSync
