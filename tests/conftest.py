@@ -124,3 +124,21 @@ def rank_processes() -> list:
         if (p.info["name"] or "").startswith("tensorpar-r"):
             out.append(p)
     return out
+
+
+@pytest.fixture(scope="module")
+def rank_pool():
+    """Ranks shared by a module's tests: ``rank_pool(n)`` is a group of ``n`` ranks, launched on
+    first use and given a new worker by each test (``LLM(..., ranks=)``, ``ranks.rebuild``)."""
+    from tensorpar.distributed.launch import launch
+
+    pools = {}
+
+    def get(n: int):
+        if n not in pools:
+            pools[n] = launch(n, timeout_s=120)
+        return pools[n]
+
+    yield get
+    for ranks in pools.values():
+        ranks.close()

@@ -49,10 +49,10 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("tp", [1, 2, 3, 4])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_logits_and_greedy_tokens_match_transformers(arch, tp, tiny_checkpoints, references):
+def test_logits_and_greedy_tokens_match_transformers(arch, tp, tiny_checkpoints, references, rank_pool):
     ref_logits, ref_greedy = references[arch]
     prompts = prompts_for(arch)
-    with LLM(str(tiny_checkpoints[arch]), tp=tp, progress=False) as llm:
+    with LLM(str(tiny_checkpoints[arch]), tp=tp, progress=False, ranks=rank_pool(tp)) as llm:
         assert llm.tp == tp
         logits = llm.score(prompts)
         result = llm.generate_full(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
@@ -65,27 +65,27 @@ def test_logits_and_greedy_tokens_match_transformers(arch, tp, tiny_checkpoints,
 
 
 @pytest.mark.timeout(120)
-def test_seeded_sampling_is_reproducible_and_agrees_across_degrees(tiny_checkpoints):
+def test_seeded_sampling_is_reproducible_and_agrees_across_degrees(tiny_checkpoints, rank_pool):
     path = str(tiny_checkpoints["qwen2"])
     prompt = prompts_for("qwen2")[:1]
     sp = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
     runs = {}
     for tp in (1, 2):
-        with LLM(path, tp=tp, progress=False) as llm:
+        with LLM(path, tp=tp, progress=False, ranks=rank_pool(tp)) as llm:
             runs[tp] = [llm.generate_full(prompt, sp).completions[0].token_ids for _ in range(2)]
     assert runs[1][0] == runs[1][1]  # same seed, same draws
     assert runs[2][0] == runs[1][0]  # every rank follows the leader's draw; same as one process
-    with LLM(path, tp=1, progress=False) as llm:
+    with LLM(path, tp=1, progress=False, ranks=rank_pool(1)) as llm:
         other = llm.generate_full(prompt, SamplingParams(max_new_tokens=12, temperature=0.8, seed=99, ignore_eos=True))
     assert other.completions[0].token_ids != runs[1][0]
 
 
 @pytest.mark.timeout(120)
-def test_batch_of_different_lengths_equals_each_prompt_alone(tiny_checkpoints):
+def test_batch_of_different_lengths_equals_each_prompt_alone(tiny_checkpoints, rank_pool):
     path = str(tiny_checkpoints["llama"])
     prompts = prompts_for("llama") + [[5, 6, 7]]
     sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    with LLM(path, tp=2, progress=False) as llm:
+    with LLM(path, tp=2, progress=False, ranks=rank_pool(2)) as llm:
         batch = [c.token_ids for c in llm.generate_full(prompts, sp).completions]
         alone = [llm.generate_full([p], sp).completions[0].token_ids for p in prompts]
     assert batch == alone

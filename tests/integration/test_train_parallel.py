@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from tensorpar.distributed.collectives import all_gather_object
 from tensorpar.distributed.groups import single_process_context
-from tensorpar.distributed.launch import SpawnedRanks
 from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.loader import load_weights
 from tensorpar.models.llama import LlamaForCausalLM
@@ -44,6 +43,13 @@ def full_grads(model) -> dict[str, torch.Tensor]:
     return {pp.full_name(pc): pc.local_view(pp.param.grad) for pp in model_pieces(model) for pc in pp.pieces}
 
 
+def on_ranks(rank_pool, n: int, *args, worker=Trainer):
+    """The module's group of ``n`` ranks, each given a new ``worker(ctx, *args)``."""
+    ranks = rank_pool(n)
+    ranks.rebuild(worker, args)
+    return ranks
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
@@ -64,13 +70,10 @@ def reference_grads(batch):
 
 
 @pytest.mark.parametrize("tp,sp", [(2, False), (2, True), (3, False), (3, True)])
-def test_gradients_match_single_process(tp, sp, batch, reference_grads):
-    ranks = SpawnedRanks(tp, Trainer, (spec(tp=tp, sp=sp), TOKENS), timeout_s=120)
-    try:
-        ranks.call("backward", *batch)
-        grads = ranks.call("full_tensors", "grad")
-    finally:
-        ranks.close()
+def test_gradients_match_single_process(tp, sp, batch, reference_grads, rank_pool):
+    ranks = on_ranks(rank_pool, tp, spec(tp=tp, sp=sp), TOKENS)
+    ranks.call("backward", *batch)
+    grads = ranks.call("full_tensors", "grad")
     assert set(grads) == set(reference_grads)
     for name, ref in reference_grads.items():
         assert relative_error(grads[name], ref) < 1e-5, name
@@ -88,12 +91,9 @@ def test_single_process_trainer_learns(single_process_losses):
 
 
 @pytest.mark.parametrize("tp,dp,sp", [(2, 1, False), (2, 2, False), (2, 2, True)])
-def test_twenty_steps_match_single_process(tp, dp, sp, single_process_losses):
-    ranks = SpawnedRanks(tp * dp, Trainer, (spec(tp=tp, dp=dp, sp=sp), TOKENS), timeout_s=120)
-    try:
-        losses = [r["loss"] for r in ranks.call("run_steps", 20)]
-    finally:
-        ranks.close()
+def test_twenty_steps_match_single_process(tp, dp, sp, single_process_losses, rank_pool):
+    ranks = on_ranks(rank_pool, tp * dp, spec(tp=tp, dp=dp, sp=sp), TOKENS)
+    losses = [r["loss"] for r in ranks.call("run_steps", 20)]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_process_losses), rtol=1e-4, atol=0)
 
 
@@ -112,13 +112,10 @@ class DropoutProbe(Trainer):
             return all_gather_object(self.model(inputs), self.mesh.world)
 
 
-def test_dropout_streams_differ_and_agree_where_they_must(batch):
-    ranks = SpawnedRanks(4, DropoutProbe, (spec(tp=2, dp=2, dropout=0.3), TOKENS), timeout_s=120)
-    try:
-        draws = ranks.call("draws")
-        hidden = ranks.call("hidden", batch[0][:2])
-    finally:
-        ranks.close()
+def test_dropout_streams_differ_and_agree_where_they_must(batch, rank_pool):
+    ranks = on_ranks(rank_pool, 4, spec(tp=2, dp=2, dropout=0.3), TOKENS, worker=DropoutProbe)
+    draws = ranks.call("draws")
+    hidden = ranks.call("hidden", batch[0][:2])
     rep, shd = [d["replicated"] for d in draws], [d["sharded"] for d in draws]
     # ranks 0,1 form replica 0 and 2,3 replica 1 (tp ranks adjacent)
     assert torch.equal(rep[0], rep[1]) and torch.equal(rep[2], rep[3]) and not torch.equal(rep[0], rep[2])
@@ -149,16 +146,12 @@ class CrossEntropyProbe:
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_vocab_parallel_cross_entropy_on_uneven_shards(smoothing):
+def test_vocab_parallel_cross_entropy_on_uneven_shards(smoothing, rank_pool):
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 6, 11, generator=g) * 3  # 11 entries on 3 ranks: 4, 4, 3
     target = torch.randint(0, 11, (4, 6), generator=g)
     target[1, 3:] = -100
-    ranks = SpawnedRanks(3, CrossEntropyProbe, (), timeout_s=60)
-    try:
-        loss, grads = ranks.call("run", logits, target, smoothing)
-    finally:
-        ranks.close()
+    loss, grads = on_ranks(rank_pool, 3, worker=CrossEntropyProbe).call("run", logits, target, smoothing)
     full = logits.clone().requires_grad_()
     ref = F.cross_entropy(full.flatten(0, 1), target.flatten(), reduction="none", label_smoothing=smoothing)
     ref.sum().backward()
@@ -189,7 +182,7 @@ def padded_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sp", [False, True])
-def test_gradients_with_padded_slots_biases_and_an_untied_head(sp, padded_checkpoint):
+def test_gradients_with_padded_slots_biases_and_an_untied_head(sp, padded_checkpoint, rank_pool):
     from tensorpar.loading import open_source
     from tensorpar.partition import head_shard
 
@@ -202,13 +195,10 @@ def test_gradients_with_padded_slots_biases_and_an_untied_head(sp, padded_checkp
     load_weights(reference, open_source(str(padded_checkpoint)))
     F.cross_entropy(reference.logits(reference(inputs)).flatten(0, 1), labels.flatten()).backward()
     expected = full_grads(reference)
-    ranks = SpawnedRanks(2, Trainer, (cfg, tokens), timeout_s=120)
-    try:
-        ranks.call("backward", inputs, labels)
-        grads = ranks.call("full_tensors", "grad")
-        losses = [r["loss"] for r in ranks.call("run_steps", 4)]  # padded slots must stay zero
-    finally:
-        ranks.close()
+    ranks = on_ranks(rank_pool, 2, cfg, tokens)
+    ranks.call("backward", inputs, labels)
+    grads = ranks.call("full_tensors", "grad")
+    losses = [r["loss"] for r in ranks.call("run_steps", 4)]  # padded slots must stay zero
     assert set(grads) == set(expected)
     assert any(name.endswith("o_proj.bias") for name in grads) and "lm_head.weight" in grads
     for name, ref in expected.items():

@@ -37,7 +37,10 @@ if TYPE_CHECKING:
 Factory = Callable[..., Any] | str  # a worker factory, or its "module:name" (imported by the ranks themselves)
 
 
-def _factory(factory: Factory) -> Callable[..., Any]:
+BUILD = "__build__"  # the call that replaces a rank's worker by factory(ctx, *args)
+
+
+def _factory(factory: Factory | None) -> Callable[..., Any] | None:
     if isinstance(factory, str):
         module, _, name = factory.partition(":")
         return getattr(import_module(module), name)
@@ -119,27 +122,40 @@ def configure_rank_process(rank: int, world_size: int, threads: int | None = Non
         os.sched_setaffinity(0, set(cores[rank * share : (rank + 1) * share]))
 
 
+def _build(factory: Factory | None, ctx, args: tuple, old=None):
+    """A new worker for ``ctx`` (None without a factory); the old one is closed first."""
+    if old is not None and hasattr(old, "close"):
+        old.close()
+    factory = _factory(factory)
+    return None if factory is None else factory(ctx, *args)
+
+
 def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, factory, args, inbox, outbox, spawned_at):
-    """Body of a spawned rank: join the group, build the worker, serve calls until told to stop."""
+    """Body of a spawned rank: join the group, build the worker, serve calls (``BUILD``: a new
+    worker on the same group) until told to stop."""
     ctx = None
     started = {"process_s": time.time() - spawned_at}  # the interpreter's start
     try:
         t = time.perf_counter()
         from tensorpar.distributed.groups import init_group
 
-        factory = _factory(factory)
+        _factory(factory)
         started["import_s"] = time.perf_counter() - t  # torch and the worker's code
         configure_rank_process(rank, world_size)
         device = rank_device(device_type, rank)
         t = time.perf_counter()
         ctx = init_group(rank, world_size, f"tcp://127.0.0.1:{port}", device, timeout_s, use_shm)
         started["group_s"] = time.perf_counter() - t
-        worker = factory(ctx, *args)
+        worker = _build(factory, ctx, args)
         outbox.put(("ready", rank, {**started, **getattr(worker, "info", {})}))
         while (msg := inbox.get()) is not None:
             method, a, kw = msg
             try:
-                result = getattr(worker, method)(*a, **kw)
+                if method == BUILD:
+                    worker = _build(a[0], ctx, a[1], worker)
+                    result = getattr(worker, "info", {})
+                else:
+                    result = getattr(worker, method)(*a, **kw)
             except (TensorparError, ValueError) as e:  # the caller's mistake, raised alike on every rank
                 result = e
             if rank == 0:
@@ -237,6 +253,13 @@ class SpawnedRanks:
     def pids(self) -> list[int]:
         """Process ids of the spawned ranks, in rank order."""
         return [p.pid for p in self._procs]
+
+    def rebuild(self, factory: Factory | None, args: tuple = ()) -> dict:
+        """Replace every rank's worker by ``factory(ctx, *args)`` on the same group (None: no worker)."""
+        if self.first:
+            raise TensorparError("ranks whose leader runs in this process keep their workers")
+        self.ready_info[0] = info = self.call(BUILD, factory, args)
+        return info
 
     def call(self, method: str, *args, **kwargs):
         if self._closed:
@@ -338,6 +361,13 @@ class InProcessRanks:
             raise TensorparError("the ranks have been shut down")
         return getattr(self.local, method)(*args, **kwargs)
 
+    def rebuild(self, factory: Factory | None, args: tuple = ()) -> dict:
+        self.local = _build(factory, self.ctx, args, self.local)
+        info = getattr(self.local, "info", {})
+        if self.ctx.is_leader:
+            self.ready_info[0] = info
+        return info
+
     def start(self, method: str, *args, **kwargs) -> None:
         """Nothing to start: no other rank runs in a process of ours."""
 
@@ -358,14 +388,15 @@ Ranks = SpawnedRanks | InProcessRanks
 
 def launch(
     world_size: int,
-    factory: Factory,
+    factory: Factory | None = None,
     args: tuple = (),
     device: str = "cpu",
     timeout_s: float = DEFAULT_TIMEOUT_S,
     use_shm: bool = True,
     leader_here: bool = False,
 ) -> Ranks:
-    """Bring up ``world_size`` ranks, each running ``factory(ctx, *args)``.
+    """Bring up ``world_size`` ranks, each running ``factory(ctx, *args)`` (or no worker yet, for
+    ``rebuild`` to give them one: ranks kept for one model after another).
 
     Under torchrun this process joins its group (``world_size`` must be torchrun's; the caller
     has checked) and builds its own worker. One rank runs in this process. Otherwise the ranks
@@ -381,7 +412,7 @@ def launch(
             raise TensorparError(f"{world_size} ranks were asked for, but torchrun started {env.world_size}")
         ctx = join_torchrun(env, device_type, timeout_s, use_shm)
         try:
-            return InProcessRanks(_factory(factory)(ctx, *args), ctx, owns_group=True)
+            return InProcessRanks(_build(factory, ctx, args), ctx, owns_group=True)
         except BaseException:
             groups.destroy_group(ctx)
             raise
@@ -389,7 +420,7 @@ def launch(
         from tensorpar.distributed import groups
 
         ctx = groups.single_process_context(device)
-        return InProcessRanks(_factory(factory)(ctx, *args), ctx, owns_group=False)
+        return InProcessRanks(_build(factory, ctx, args), ctx, owns_group=False)
     if device_type == "cuda":
         import torch
 
@@ -404,7 +435,7 @@ def launch(
 
         configure_rank_process(0, world_size, spawned=False)
         ranks.ctx = groups.init_group(0, world_size, ranks.init_method, rank_device(device_type, 0), timeout_s, use_shm)
-        ranks.local = _factory(factory)(ranks.ctx, *args)
+        ranks.local = _build(factory, ranks.ctx, args)
         ranks.wait_ready()
     except BaseException:
         failure = ranks.failure()

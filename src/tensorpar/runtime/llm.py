@@ -29,17 +29,28 @@ class LLM:
     naming it. Under ``torchrun`` the group's ranks are used as they are (``tp`` defaults to the
     world size) and every rank must make the same calls; all of them get the same results.
     Prompts are scheduled as concurrent requests, at most ``max_num_seqs`` at a time.
+
+    ``ranks``: run on ranks already launched (``tensorpar.distributed.launch.launch(tp)``), to load
+    one model after another without starting processes again; they stay up when this LLM closes.
     """
 
-    def __init__(self, model: str | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, **options):
+    def __init__(self, model: str | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, ranks=None, **options):
         t0 = time.perf_counter()
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         self.spec = EngineArgs(**({"model": model} if model is not None else {}), **options).resolve()
         self.config = self.spec.config
         t1 = time.perf_counter()
-        self._ranks = launch(self.spec.dims.world_size, WORKER, (self.spec, max_num_seqs), self.spec.device,
-                             self.spec.timeout_s, self.spec.use_shm)
+        self._owns_ranks = ranks is None
+        if ranks is None:
+            ranks = launch(self.spec.dims.world_size, WORKER, (self.spec, max_num_seqs), self.spec.device,
+                           self.spec.timeout_s, self.spec.use_shm)
+        elif ranks.world_size != self.spec.dims.world_size:
+            raise TensorparError(f"--tp {self.spec.dims.tp} needs {self.spec.dims.world_size} ranks; "
+                                 f"the ranks given are {ranks.world_size}")
+        else:
+            ranks.rebuild(WORKER, (self.spec, max_num_seqs))
+        self._ranks = ranks
         self.load_s = time.perf_counter() - t0
         leader = self._ranks.ready_info.get(0, {})
         self.tp = self.spec.dims.tp
@@ -100,7 +111,10 @@ class LLM:
 
     def close(self) -> None:
         if self._ranks is not None:
-            self._ranks.close()
+            if self._owns_ranks:
+                self._ranks.close()
+            else:  # borrowed: left up, without this model
+                self._ranks.rebuild(None)
             self._ranks = None
 
     def __enter__(self):
