@@ -68,7 +68,7 @@ def test_torchrun_matches_spawned_ranks(first_run, corpus, tmp_path):
     assert out["losses"] == pytest.approx(spawned["losses"], rel=1e-5)
 
 
-def test_export_then_generate(first_run, tmp_path):
+def test_export_then_generate_and_generate_from_the_checkpoint(first_run, tmp_path):
     root, _ = first_run
     r = cli("export", str(root / "ckpt"), "--hf", str(tmp_path / "hf"), "--quiet")
     assert r.returncode == 0, r.stderr
@@ -76,7 +76,13 @@ def test_export_then_generate(first_run, tmp_path):
     g = cli("generate", "--model", str(tmp_path / "hf"), "--tp", "2", "--prompt", "The quick brown",
             "--max-new-tokens", "4", "--json", "--ignore-eos")
     assert g.returncode == 0, g.stderr
-    assert len(json.loads(g.stdout)["token_ids"]) == 4
+    exported = json.loads(g.stdout)["token_ids"]
+    assert len(exported) == 4
+    # the checkpoint itself generates, at another degree, the same tokens as its export
+    direct = cli("generate", "--model", str(root / "ckpt"), "--tp", "3", "--prompt", "The quick brown",
+                 "--max-new-tokens", "4", "--json", "--ignore-eos")
+    assert direct.returncode == 0, direct.stderr
+    assert json.loads(direct.stdout)["tp"] == 3 and json.loads(direct.stdout)["token_ids"] == exported
     again = cli("export", str(root / "ckpt"), "--hf", str(tmp_path / "hf"), "--quiet")
     assert again.returncode == 1 and "exists and is not empty" in again.stderr
 
