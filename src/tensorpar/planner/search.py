@@ -141,17 +141,17 @@ class PlanRequest:
     calibrate: str | None = None
 
 
-def _structural_reason(arch: ArchSpec, c: Config, gpus_per_node: int, w: PlanRequest) -> str | None:
+def _structural_reason(arch: ArchSpec, c: Config, gpus_per_node: int, r: PlanRequest) -> str | None:
     if c.tp > arch.heads:
         return f"TP={c.tp} exceeds the {arch.heads} query heads (tensorpar splits heads, not head dimensions)"
-    if w.gpus > gpus_per_node and (c.tp > gpus_per_node or gpus_per_node % c.tp):
+    if r.gpus > gpus_per_node and (c.tp > gpus_per_node or gpus_per_node % c.tp):
         nodes = math.ceil(c.tp / gpus_per_node)
         where = f"spans {nodes} nodes" if c.tp > gpus_per_node else f"straddles nodes of {gpus_per_node} GPUs"
         return f"TP={c.tp} {where}: its per-layer all-reduces would cross the inter-node link"
-    if w.mode == "training":
-        per_step = c.dp * w.micro_batch
-        if w.global_batch % per_step:
-            return (f"global batch {w.global_batch} does not split into micro-batches of {w.micro_batch} "
+    if r.mode == "training":
+        per_step = c.dp * r.micro_batch
+        if r.global_batch % per_step:
+            return (f"global batch {r.global_batch} does not split into micro-batches of {r.micro_batch} "
                     f"over {c.dp} replicas")
     return None
 
@@ -169,36 +169,36 @@ def _memory_reason(mem: MemoryUse) -> str:
 
 
 def evaluate(arch: ArchSpec, device: Device, precision: Precision, gpus_per_node: int,
-             w: PlanRequest, c: Config) -> Config:
+             r: PlanRequest, c: Config) -> Config:
     """Fill in memory, times, throughput and cost of one configuration (or why it cannot run)."""
-    reason = _structural_reason(arch, c, gpus_per_node, w)
+    reason = _structural_reason(arch, c, gpus_per_node, r)
     if reason:
         c.feasible, c.reason = False, reason
         return c
     c.note = engines_refuse(arch, c.tp)
     shard = busiest_shard(arch, c.tp, c.ep)
     place = Placement(c.tp, c.pp, c.dp, c.ep, gpus_per_node)
-    dollars_per_s = device.price_per_hour * w.gpus / 3600.0
-    if w.mode == "training":
-        m = w.global_batch // (c.dp * w.micro_batch)
-        c.memory = training_memory(arch, shard, c.tp, c.pp, c.dp, device, place.ranks_per_node, w.seq_len,
-                                   w.micro_batch, m, w.sequence_parallel, w.recompute, w.distributed_optimizer)
-        c.training = training_time(arch, shard, precision, device, place, w.seq_len, w.micro_batch,
-                                   w.global_batch, w.recompute, w.distributed_optimizer)
-        tokens = w.global_batch * w.seq_len
+    dollars_per_s = device.price_per_hour * r.gpus / 3600.0
+    if r.mode == "training":
+        m = r.global_batch // (c.dp * r.micro_batch)
+        c.memory = training_memory(arch, shard, c.tp, c.pp, c.dp, device, place.ranks_per_node, r.seq_len,
+                                   r.micro_batch, m, r.sequence_parallel, r.recompute, r.distributed_optimizer)
+        c.training = training_time(arch, shard, precision, device, place, r.seq_len, r.micro_batch,
+                                   r.global_batch, r.recompute, r.distributed_optimizer)
+        tokens = r.global_batch * r.seq_len
         c.throughput_tok_s = tokens / c.training.step
-        c.mfu = model_flops(arch, w.seq_len, tokens) / (c.training.step * w.gpus * device.peak_flops(precision.weight_dtype))
+        c.mfu = model_flops(arch, r.seq_len, tokens) / (c.training.step * r.gpus * device.peak_flops(precision.weight_dtype))
         c.extra = {"step_s": round(c.training.step, 4), "mfu": round(c.mfu, 4),
                    "pipeline_bubble": round(c.training.bubble, 4)}
     else:
-        m = min(w.batch, c.pp)
+        m = min(r.batch, c.pp)
         c.memory = inference_memory(arch, shard, c.pp, precision, device, place.ranks_per_node,
-                                    math.ceil(w.batch / m), w.batch, w.prompt_len, w.output_len)
-        c.phases = inference_times(arch, shard, precision, device, place, w.batch, w.prompt_len, w.output_len)
+                                    math.ceil(r.batch / m), r.batch, r.prompt_len, r.output_len)
+        c.phases = inference_times(arch, shard, precision, device, place, r.batch, r.prompt_len, r.output_len)
         c.ttft_ms = c.phases.ttft * 1e3
         c.tpot_ms = c.phases.tpot * 1e3
-        request_s = c.phases.ttft + (w.output_len - 1) * c.phases.tpot
-        c.throughput_tok_s = c.dp * w.batch * w.output_len / request_s
+        request_s = c.phases.ttft + (r.output_len - 1) * c.phases.tpot
+        c.throughput_tok_s = c.dp * r.batch * r.output_len / request_s
     c.usd_per_mtok = dollars_per_s / c.throughput_tok_s * 1e6
     if not c.memory.fits:
         c.feasible, c.reason = False, _memory_reason(c.memory)
@@ -206,10 +206,10 @@ def evaluate(arch: ArchSpec, device: Device, precision: Precision, gpus_per_node
         c.phases, c.training, c.extra = None, None, {}
         return c
     misses = []
-    if w.slo_ttft_ms is not None and c.ttft_ms is not None and c.ttft_ms > w.slo_ttft_ms:
-        misses.append(f"TTFT {c.ttft_ms:.0f} > {w.slo_ttft_ms:g} ms")
-    if w.slo_tpot_ms is not None and c.tpot_ms is not None and c.tpot_ms > w.slo_tpot_ms:
-        misses.append(f"TPOT {c.tpot_ms:.1f} > {w.slo_tpot_ms:g} ms")
+    if r.slo_ttft_ms is not None and c.ttft_ms is not None and c.ttft_ms > r.slo_ttft_ms:
+        misses.append(f"TTFT {c.ttft_ms:.0f} > {r.slo_ttft_ms:g} ms")
+    if r.slo_tpot_ms is not None and c.tpot_ms is not None and c.tpot_ms > r.slo_tpot_ms:
+        misses.append(f"TPOT {c.tpot_ms:.1f} > {r.slo_tpot_ms:g} ms")
     c.slo_miss = "misses SLO: " + ", ".join(misses) if misses else None
     return c
 
