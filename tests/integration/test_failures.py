@@ -80,3 +80,23 @@ def test_unknown_model_gets_one_clear_line(model, needle):
     r = cli("generate", "--model", model, "--tp", "2", "--prompt", "hi")
     assert r.returncode == 1
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+NO_MAIN_GUARD = """
+import sys
+from tensorpar.distributed.launch import launch
+# no `if __name__ == "__main__":`, so every spawned rank re-runs this and dies at start-up; the
+# arguments are larger than a pipe holds, so a parent that wrote them to a dead rank would block
+launch(2, "builtins:dict", (b"x" * 300_000,))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_ranks_that_die_at_start_up_fail_the_launch_instead_of_hanging(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(NO_MAIN_GUARD)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert r.returncode != 0
+    assert "RankFailure" in r.stderr and "of 2 failed" in r.stderr
+    assert time.monotonic() - t0 < 60

@@ -130,18 +130,21 @@ def _build(factory: Factory | None, ctx, args: tuple, old=None):
     return None if factory is None else factory(ctx, *args)
 
 
-def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, factory, args, inbox, outbox, spawned_at):
-    """Body of a spawned rank: join the group, build the worker, serve calls (``BUILD``: a new
-    worker on the same group) until told to stop."""
+def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, inbox, outbox, spawned_at):
+    """Body of a spawned rank: take its worker's factory and arguments (the first message: a
+    spawned process's own arguments must stay small, or a process that dies before reading them
+    leaves its parent blocked on the pipe), join the group, build the worker, serve calls
+    (``BUILD``: a new worker on the same group) until told to stop."""
     ctx = None
     started = {"process_s": time.time() - spawned_at}  # the interpreter's start
     try:
         t = time.perf_counter()
+        configure_rank_process(rank, world_size)
+        factory, args = inbox.get()
         from tensorpar.distributed.groups import init_group
 
         _factory(factory)
         started["import_s"] = time.perf_counter() - t  # torch and the worker's code
-        configure_rank_process(rank, world_size)
         device = rank_device(device_type, rank)
         t = time.perf_counter()
         ctx = init_group(rank, world_size, f"tcp://127.0.0.1:{port}", device, timeout_s, use_shm)
@@ -215,15 +218,16 @@ class SpawnedRanks:
         self._procs = [
             mpc.Process(
                 target=_rank_main,
-                args=(r, world_size, self.port, device_type, timeout_s, use_shm, factory, args,
-                      self._inboxes[r - self.first], self._outbox, spawned_at),
+                args=(r, world_size, self.port, device_type, timeout_s, use_shm, self._inboxes[r - self.first],
+                      self._outbox, spawned_at),
                 name=f"tensorpar-r{r}",
                 daemon=True,
             )
             for r in range(self.first, world_size)
         ]
-        for p in self._procs:
+        for p, box in zip(self._procs, self._inboxes):
             p.start()
+            box.put((factory, args))
         self._closed = False
         if not leader_here:
             self.wait_ready()
@@ -330,6 +334,9 @@ class SpawnedRanks:
             if p.is_alive():
                 p.kill()
                 p.join()
+        for box in self._inboxes:  # what a dead rank never read must not hold up this process's exit
+            box.cancel_join_thread()
+            box.close()
 
 
 def _close_local(worker, ctx: "ParallelContext | None") -> None:

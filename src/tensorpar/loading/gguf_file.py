@@ -15,10 +15,11 @@ a row, so a row of ``n`` values is ``n / B`` blocks and a tensor of ``N`` values
 ``N * S / B`` bytes.
 
 ``gguf.GGUFReader`` builds a numpy view of every field, each element of each array included (the
-vocabulary and the merges, 10^5 strings: seconds). ``GGUFFile`` keeps the scalars and the numeric
-arrays as Python values and steps over string arrays by their lengths, keeping only their
-counts, so the parent parses the header in milliseconds and hands each rank a small picklable
-object. Tensor bytes are read through a memory map opened on first read: a row slice reads those
+vocabulary and the merges, 10^5 strings: seconds). ``GGUFFile`` keeps the scalars and the short
+numeric arrays (at most ``SHORT_ARRAY`` entries) as Python values and steps over string arrays and
+long ones (the vocabulary's scores and token types), keeping only their counts, so the parent
+parses the header in milliseconds and hands each rank a small picklable object
+(``arrays=True`` decodes every array). Tensor bytes are read through a memory map opened on first read: a row slice reads those
 rows; a column slice of a quantized tensor reads the blocks that cover it, then trims.
 """
 
@@ -56,9 +57,12 @@ _Q = GGMLQuantizationType
 _UNQUANTIZED = {_Q.F32: np.dtype("<f4"), _Q.F16: np.dtype("<f2"), _Q.F64: np.dtype("<f8")}
 
 
+SHORT_ARRAY = 64  # numeric arrays longer than this are stepped over unless ``arrays=True``
+
+
 @dataclass(frozen=True)
-class StringArray:
-    """A metadata array of strings that was stepped over: only its length is known."""
+class SkippedArray:
+    """A metadata array that was stepped over (strings, or a long numeric one): only its length is known."""
 
     length: int
 
@@ -88,8 +92,8 @@ def _skip_strings(buf: mmap.mmap, pos: int, count: int) -> int:
 
 
 class _Cursor:
-    def __init__(self, buf: mmap.mmap, strings: bool):
-        self.buf, self.pos, self.strings = buf, 0, strings
+    def __init__(self, buf: mmap.mmap, arrays: bool):
+        self.buf, self.pos, self.arrays = buf, 0, arrays
 
     def unpack(self, s: struct.Struct) -> Any:
         (v,) = s.unpack_from(self.buf, self.pos)
@@ -115,18 +119,21 @@ class _Cursor:
             raise ValueError(f"unknown value type {vtype} at offset {self.pos}")
         return self.unpack(s)
 
-    def array(self) -> list | StringArray:
+    def array(self) -> list | SkippedArray:
         itype, n = self.unpack(_U32), self.unpack(_U64)
         dtype = _ARRAY_DTYPES.get(itype)
         if dtype is not None:
-            values = np.frombuffer(self.buf, dtype, n, self.pos).tolist()
-            self.pos += n * dtype.itemsize
-            return values
-        if itype == _V.STRING and not self.strings:
+            start, self.pos = self.pos, self.pos + n * dtype.itemsize
+            if n > SHORT_ARRAY and not self.arrays:
+                if self.pos > len(self.buf):
+                    raise ValueError("an array runs past the end")
+                return SkippedArray(n)
+            return np.frombuffer(self.buf, dtype, n, start).tolist()
+        if itype == _V.STRING and not self.arrays:
             self.pos = _skip_strings(self.buf, self.pos, n)
             if self.pos > len(self.buf):
                 raise ValueError("a string array runs past the end")
-            return StringArray(n)
+            return SkippedArray(n)
         return [self.value(itype) for _ in range(n)]
 
 
@@ -141,7 +148,7 @@ class GGUFFile:
     metadata: dict[str, Any]
     tensors: dict[str, TensorInfo]
 
-    def __init__(self, path: str | os.PathLike[str], strings: bool = False):
+    def __init__(self, path: str | os.PathLike[str], arrays: bool = False):
         self.path = Path(path)
         self._map: np.memmap | None = None
         self._sha256: str | None = None
@@ -151,14 +158,14 @@ class GGUFFile:
                 if size < 24:
                     raise CheckpointError(f"{self.path}: truncated GGUF header ({size} bytes)")
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                    self._parse(buf, size, strings)
+                    self._parse(buf, size, arrays)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read GGUF file: {e.strerror or e}") from e
 
-    def _parse(self, buf: mmap.mmap, size: int, strings: bool) -> None:
+    def _parse(self, buf: mmap.mmap, size: int, arrays: bool) -> None:
         if buf[:4] != _MAGIC:
             raise CheckpointError(f"{self.path}: not a GGUF file (magic {buf[:4]!r}, expected {_MAGIC!r})")
-        c = _Cursor(buf, strings)
+        c = _Cursor(buf, arrays)
         c.pos = 4
         self.version = c.unpack(_U32)
         if self.version not in _VERSIONS and self.version & 0xFFFF == 0:
