@@ -41,7 +41,7 @@ def run(args) -> int:
         finally:
             ranks.close()
         return 0
-    engine = ServingEngine.on(ranks, args.max_num_seqs)
+    engine = ServingEngine(max_num_seqs=args.max_num_seqs, ranks=ranks)
     from tensorpar.serve.server import run_server
 
     stop = threading.Event()

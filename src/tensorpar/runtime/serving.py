@@ -55,26 +55,21 @@ class ServingEngine:
     ``Worker.follow_forever``. An idle leader sends followers a keep-alive every ``IDLE_WAIT_S``.
 
     ``ServingEngine(model, max_num_seqs=32, **options)``: ``options`` are ``EngineArgs``'.
-    ``ServingEngine.on(ranks, max_num_seqs)`` serves ranks already launched (``launch_engine``).
+    ``ServingEngine(ranks=..., max_num_seqs=...)`` serves ranks already launched (``launch_engine``).
     """
 
     IDLE_WAIT_S = 0.5
 
-    def __init__(self, model: str | None = None, max_num_seqs: int = 32, **options):
+    def __init__(self, model: str | None = None, max_num_seqs: int = 32, ranks: Ranks | None = None, **options):
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        args = EngineArgs(**({"model": model} if model is not None else {}), **options)
-        ranks = launch_engine(args.resolve(DEFAULT_MAX_MODEL_LEN), max_num_seqs)
+        if ranks is None:
+            args = EngineArgs(**({"model": model} if model is not None else {}), **options)
+            ranks = launch_engine(args.resolve(DEFAULT_MAX_MODEL_LEN), max_num_seqs)
         if not ranks.is_leader:
             ranks.close()
             raise TensorparError("a serving engine runs on rank 0; other torchrun ranks run Worker.follow_forever")
         self._serve(ranks, max_num_seqs)
-
-    @classmethod
-    def on(cls, ranks: Ranks, max_num_seqs: int) -> "ServingEngine":
-        engine = cls.__new__(cls)
-        engine._serve(ranks, max_num_seqs)
-        return engine
 
     def _serve(self, ranks: Ranks, max_num_seqs: int) -> None:
         self._ranks = ranks
