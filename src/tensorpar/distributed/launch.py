@@ -186,8 +186,9 @@ def _describe_exit(code: int) -> str:
 class SpawnedRanks:
     """N local rank processes on 127.0.0.1, each running ``factory(ctx, *args)``.
 
-    ``call(method, ...)`` runs ``worker.method(...)`` on every rank and returns rank 0's result.
-    Any rank that dies or raises brings all of them down with a ``RankFailure``.
+    ``call(method, ...)`` runs ``worker.method(...)`` on every rank and returns rank 0's result;
+    ``rebuild`` gives every rank a new worker on the same group. Any rank that dies or raises
+    brings all of them down with a ``RankFailure``.
     """
 
     GRACE_S = 1.0
@@ -203,7 +204,7 @@ class SpawnedRanks:
         leader_here: bool = False,
     ):
         """With ``leader_here`` only ranks 1..N-1 are spawned: the caller joins as rank 0 at
-        ``init_method`` (see ``join_as_leader``) and then calls ``wait_ready``."""
+        ``init_method`` and then calls ``wait_ready`` (``launch(..., leader_here=True)`` does both)."""
         self.world_size = world_size
         self.first = 1 if leader_here else 0
         mpc = mp.get_context("spawn")
