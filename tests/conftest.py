@@ -20,7 +20,10 @@ if "TENSORPAR_CACHE_DIR" not in os.environ:  # converted tokenizers: shared by t
 # Tiny configs chosen to exercise the shard arithmetic: uneven head splits, KV-head replication
 # (MQA on 4 ranks), uneven vocabulary and intermediate splits, biases, tied and untied heads,
 # llama3 RoPE scaling, a sliding window shorter than the test sequences, and a checkpoint sharded
-# over several files.
+# over several files; and one of each other architecture: Qwen3 (q/k norms, head_dim of its own),
+# Gemma 3 (local layers with a window of 8 and their own base, a global layer with linear
+# scaling, query_pre_attn_scalar), Phi-3 (fused checkpoint tensors, LongRoPE switching at 16
+# positions) and GPT-2 (Conv1D, learned positions, LayerNorm, biases).
 TINY_CONFIGS = {
     "llama": dict(
         model_type="llama", vocab_size=250, hidden_size=48, intermediate_size=88, num_hidden_layers=2,
@@ -39,6 +42,32 @@ TINY_CONFIGS = {
         num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=256, rms_norm_eps=1e-6,
         tie_word_embeddings=False, use_sliding_window=False,
     ),
+    "qwen3": dict(
+        model_type="qwen3", vocab_size=211, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+        num_attention_heads=5, num_key_value_heads=1, head_dim=12, max_position_embeddings=256,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    ),
+    "gemma3": dict(
+        model_type="gemma3_text", vocab_size=230, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+        rms_norm_eps=1e-6, sliding_window=8, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    ),
+    "phi3": dict(
+        model_type="phi3", vocab_size=199, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+        original_max_position_embeddings=16, tie_word_embeddings=False,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(4)],
+                      "long_factor": [2.0 + 0.5 * i for i in range(4)]},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ),
+    "gpt2": dict(
+        model_type="gpt2", vocab_size=190, n_embd=36, n_layer=2, n_head=6, n_positions=128,
+        bos_token_id=None, eos_token_id=None,
+    ),
 }
 SHARDED = {"qwen2"}  # written over several safetensors files with an index
 
@@ -53,8 +82,8 @@ def write_tiny_checkpoint(arch: str, path: Path, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger-than-default weights make logits differ clearly between tokens
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
+            if "norm" in name or ".ln_" in name:  # Gemma's norms scale by 1 + w
+                p.copy_((0 if arch == "gemma3" else 1) + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.2)
     model.save_pretrained(path, max_shard_size="40KB" if arch in SHARDED else "1GB")
@@ -76,6 +105,11 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     return smollm2_path()
+
+
+def num_heads(arch: str) -> int:
+    cfg = TINY_CONFIGS[arch]
+    return cfg.get("num_attention_heads") or cfg["n_head"]
 
 
 def hf_reference(path: Path):

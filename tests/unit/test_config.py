@@ -98,7 +98,7 @@ def test_tiny_configs():
     assert qwen.qkv_bias and not qwen.o_bias and qwen.head_dim == 8 and qwen.sliding_window is None
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "phi3", None, "Llama"])
+@pytest.mark.parametrize("model_type", ["mixtral", "bert", None, "Llama", "gemma3"])
 def test_unsupported_model_type(model_type):
     with pytest.raises(ValueError) as e:
         ModelConfig.from_hf(hf(model_type))
@@ -106,7 +106,44 @@ def test_unsupported_model_type(model_type):
     assert repr(model_type) in msg
     for arch in MODEL_TYPES:
         assert arch in msg
-    assert set(MODEL_TYPES) == {"llama", "mistral", "qwen2"}
+    assert set(MODEL_TYPES) == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2"}
+
+
+def test_missing_key_names_it():
+    with pytest.raises(ValueError, match="lacks 'n_embd'"):
+        ModelConfig.from_hf(hf("gpt2"))
+
+
+@pytest.mark.parametrize("method", ["fp8", "awq", "gptq", "bitsandbytes"])
+def test_quantized_checkpoints_are_refused_naming_the_method(method):
+    with pytest.raises(ValueError, match=f"{method}.*not supported yet"):
+        ModelConfig.from_hf(hf("llama", quantization_config={"quant_method": method, "bits": 4}))
+
+
+def test_partial_rotary_and_softcapping_are_refused():
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.75"):
+        ModelConfig.from_hf(hf("phi3", partial_rotary_factor=0.75))
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        ModelConfig.from_hf(hf("gemma3_text", head_dim=16, final_logit_softcapping=30.0))
+
+
+def test_qwen3_gemma3_phi3_gpt2_choices():
+    q = ModelConfig.from_hf(hf("qwen3", head_dim=32, attention_bias=False))
+    assert q.qk_norm and q.head_dim == 32 and not q.qkv_bias and q.window(0) is None
+    g = ModelConfig.from_hf(hf("gemma3_text", head_dim=16, num_hidden_layers=7, sliding_window=512,
+                               query_pre_attn_scalar=24, rope_theta=1e6, rope_local_base_freq=1e4))
+    assert g.qk_norm and g.sandwich_norms and g.norm_offset == 1.0 and g.hidden_act == "gelu_pytorch_tanh"
+    assert g.tie_word_embeddings and g.embed_scale == 8.0 and g.attn_scale == 24 ** -0.5
+    assert [g.window(i) for i in range(7)] == [512] * 5 + [None, 512]  # every 6th layer global
+    assert g.rope(0) == (1e4, None) and g.rope(5) == (1e6, None)
+    p = ModelConfig.from_hf(hf("phi3", original_max_position_embeddings=1024,
+                               rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}))
+    assert p.rope_scaling["rope_type"] == "longrope" and p.rope_scaling["original_max_position_embeddings"] == 1024
+    assert p.rope_scaling["factor"] == 4.0
+    gpt = ModelConfig.from_hf({"model_type": "gpt2", "vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12,
+                               "n_positions": 1024, "eos_token_id": 50256})
+    assert gpt.layer_norm and gpt.learned_positions and not gpt.gated_mlp and gpt.intermediate_size == 3072
+    assert gpt.qkv_bias and gpt.o_bias and gpt.mlp_bias and gpt.num_kv_heads == 12 and gpt.tie_word_embeddings
 
 
 def test_heads_not_a_multiple_of_kv_heads():
@@ -168,7 +205,26 @@ def test_linear_and_default_rope_match_transformers():
     assert math.isclose(float(rope_inverse_frequencies(plain)[1]), 50000.0 ** (-2 / 32), rel_tol=1e-6)
 
 
-def test_unsupported_rope_scaling_raises():
-    cfg = ModelConfig.from_hf(hf("llama", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}))
+def test_unsupported_rope_scaling_is_refused_with_the_config():
     with pytest.raises(ValueError, match="yarn"):
-        rope_inverse_frequencies(cfg)
+        ModelConfig.from_hf(hf("llama", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}))
+
+
+def test_longrope_matches_transformers():
+    from transformers import Phi3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tensorpar.models.blocks import Rotary, inverse_frequencies
+
+    scaling = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+               "long_factor": [2.0 + 0.5 * i for i in range(8)]}
+    kw = dict(hidden_size=64, num_attention_heads=4, max_position_embeddings=4096, original_max_position_embeddings=1024)
+    ours = ModelConfig.from_hf(hf("phi3", **kw, rope_scaling=dict(scaling)))
+    theirs = Phi3Config(**kw, rope_scaling=dict(scaling))
+    short, long = inverse_frequencies(ours.head_dim, ours.rope_theta, ours.rope_scaling)
+    want_short, factor = ROPE_INIT_FUNCTIONS["longrope"](theirs, "cpu")
+    want_long, _ = ROPE_INIT_FUNCTIONS["longrope"](theirs, "cpu", seq_len=1025)
+    torch.testing.assert_close(short, want_short, rtol=1e-6, atol=0)
+    torch.testing.assert_close(long, want_long, rtol=1e-6, atol=0)
+    assert Rotary(ours.head_dim, ours.rope_theta, ours.rope_scaling).factor == pytest.approx(factor)
+    assert factor > 1

@@ -18,10 +18,11 @@ from tensorpar.errors import CheckpointError
 from tensorpar.loading import build_model, open_source, resolve_model
 from tensorpar.loading.gguf_source import GGUFSource
 from tensorpar.loading.safetensors_source import SafetensorsSource
-from tensorpar.models.llama import gguf_tensor_name, unpermute_rows
+from tensorpar.models.llama import gguf_tensor, unpermute_rows
 from tensorpar.models.registry import checkpoint_shapes
 
-ARCHS = ("llama", "mistral", "qwen2")  # the tiny checkpoints (conftest may add more to TINY_CONFIGS)
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")  # checkpoints that store the model's own names
+ALL_ARCHS = (*ARCHS, "phi3", "gpt2")
 
 DOWN = "model.layers.0.mlp.down_proj.weight"
 EMBED = "model.embed_tokens.weight"
@@ -70,8 +71,8 @@ def test_gguf_config(gguf_source):
 def test_gguf_tensor_types_are_what_the_slice_tests_assume(gguf_source):
     import gguf
 
-    gguf_name = {hf: g for g in gguf_source.file.tensors if (hf := gguf_tensor_name(g))}
-    types = {hf: gguf_source.file.tensors[g].ggml_type for hf, g in gguf_name.items()}
+    types = {n: gguf_source.file.tensors[gguf_tensor(n, gguf_source.config, "llama").name].ggml_type
+             for n in (DOWN, EMBED)}
     assert types[DOWN] == gguf.GGMLQuantizationType.Q4_1
     assert types[EMBED] == gguf.GGMLQuantizationType.Q8_0
     assert gguf_source.shape(DOWN) == (576, 1536)
@@ -81,7 +82,7 @@ def test_gguf_tensor_types_are_what_the_slice_tests_assume(gguf_source):
 def test_gguf_full_read_matches_gguf_dequantize(gguf_source, full_down):
     import gguf
 
-    t = next(t for t in gguf.GGUFReader(str(gguf_source.path)).tensors if gguf_tensor_name(t.name) == DOWN)
+    t = next(t for t in gguf.GGUFReader(str(gguf_source.path)).tensors if t.name == "blk.0.ffn_down.weight")
     ref = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
     assert full_down.dtype == torch.float32 and full_down.shape == (576, 1536)
     exact(full_down, torch.from_numpy(np.array(ref, dtype=np.float32)))
@@ -146,11 +147,12 @@ def test_gguf_expected_shapes_match_the_file(gguf_source):
         assert gguf_source.shape(name) == shape, name
 
 
-def test_gguf_name_mapping_and_unpermute():
-    assert gguf_tensor_name("token_embd.weight") == EMBED
-    assert gguf_tensor_name("blk.12.attn_q.weight") == "model.layers.12.self_attn.q_proj.weight"
-    assert gguf_tensor_name("blk.3.ffn_down.weight") == "model.layers.3.mlp.down_proj.weight"
-    assert gguf_tensor_name("rope_freqs.weight") is None
+def test_gguf_name_mapping_and_unpermute(gguf_source):
+    where = lambda name: gguf_tensor(name, gguf_source.config, "llama").name  # noqa: E731
+    assert where(EMBED) == "token_embd.weight"
+    assert where("model.layers.12.self_attn.q_proj.weight") == "blk.12.attn_q.weight"
+    assert where("model.layers.3.mlp.down_proj.weight") == "blk.3.ffn_down.weight"
+    assert where("lm_head.weight") == "output.weight"
     # unpermute_rows inverts llama.cpp's permute (reshape(h, 2, d/2).swapaxes(1, 2)).
     heads, d, cols = 3, 8, 5
     w = torch.randn(heads * d, cols)
@@ -207,11 +209,38 @@ def test_safetensors_expected_shapes_match(arch, st_sources):
     shapes = checkpoint_shapes(src.config)
     assert set(shapes) <= src.names()
     tied = src.config.tie_word_embeddings
-    assert tied == TINY_CONFIGS[arch]["tie_word_embeddings"]
+    assert tied == TINY_CONFIGS[arch].get("tie_word_embeddings", arch == "gemma3")
     assert ("lm_head.weight" in shapes) == (not tied)
     assert set(shapes) == src.names() - ({"lm_head.weight"} if tied else set())
     for name, shape in shapes.items():
         assert src.shape(name) == shape, name
+
+
+def test_fused_and_transposed_checkpoint_tensors_read_as_the_model_names_them(tiny_checkpoints):
+    """Phi-3 stores q/k/v in qkv_proj and gate/up in gate_up_proj; GPT-2 stores Conv1D weights
+    [in, out] and q/k/v in c_attn. Slices of the model's tensors are slices of those."""
+    phi = SafetensorsSource(tiny_checkpoints["phi3"])
+    full = load_all(tiny_checkpoints["phi3"])
+    qkv = full["model.layers.1.self_attn.qkv_proj.weight"]  # [(6 + 2 + 2) * 8, 48]
+    exact(phi.read("model.layers.1.self_attn.k_proj.weight"), qkv[48:64])
+    exact(phi.read("model.layers.1.self_attn.v_proj.weight", rows=range(3, 9), cols=range(5, 40)), qkv[67:73, 5:40])
+    assert phi.shape("model.layers.1.self_attn.q_proj.weight") == (48, 48)
+    up = full["model.layers.0.mlp.gate_up_proj.weight"][80:]
+    exact(phi.read("model.layers.0.mlp.up_proj.weight", rows=range(10, 20)), up[10:20])
+    assert "model.layers.0.mlp.gate_up_proj.weight" not in phi.names()
+
+    gpt = SafetensorsSource(tiny_checkpoints["gpt2"])
+    full = load_all(tiny_checkpoints["gpt2"])
+    prefix = "transformer." if "transformer.wte.weight" in full else ""
+    c_attn = full[f"{prefix}h.0.attn.c_attn.weight"]  # [36, 3 * 36], Conv1D: [in, out]
+    exact(gpt.read("model.layers.0.self_attn.v_proj.weight"), c_attn[:, 72:].T)
+    exact(gpt.read("model.layers.0.self_attn.q_proj.weight", rows=range(6, 18), cols=range(1, 30)),
+          c_attn[1:30, 6:18].T)
+    exact(gpt.read("model.layers.0.self_attn.k_proj.bias"), full[f"{prefix}h.0.attn.c_attn.bias"][36:72])
+    fc = full[f"{prefix}h.1.mlp.c_fc.weight"]  # [36, 144]
+    assert gpt.shape("model.layers.1.mlp.up_proj.weight") == (144, 36)
+    exact(gpt.read("model.layers.1.mlp.up_proj.weight", rows=range(100, 144)), fc[:, 100:].T)
+    exact(gpt.read("model.embed_positions.weight"), full[f"{prefix}wpe.weight"])
 
 
 def test_sharded_checkpoint_reads_from_several_files(tiny_checkpoints, st_sources):
@@ -348,7 +377,7 @@ def test_alias_resolves_to_the_packaged_gguf(smollm2_gguf):
 # ---------------------------------------------------------------- build_model vs transformers
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_build_model_matches_transformers(arch, tiny_checkpoints):
     path = tiny_checkpoints[arch]
     model = build_model(open_source(str(path)), single_process_context())
@@ -365,6 +394,8 @@ def test_build_model_matches_transformers(arch, tiny_checkpoints):
     assert err < 1e-4, f"relative error {err:.2e}"
     # Parameters equal the checkpoint exactly (fused parts included).
     full = load_all(path)
+    if arch not in ARCHS:
+        return
     layer = model.model.layers[0]
     q, k, v = (full[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
     exact(layer.self_attn.qkv_proj.weight, torch.cat([q, k, v]))

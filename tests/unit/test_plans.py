@@ -20,7 +20,7 @@ from tensorpar.models.registry import ARCHITECTURES, MODEL_TYPES, model_module
 from tensorpar.partition import even_split, head_shard, vocab_shard
 from tensorpar.plans import STYLES, apply_plan, tie_embeddings
 
-ARCHS = ("llama", "mistral", "qwen2")  # the tiny checkpoints (conftest may add more to TINY_CONFIGS)
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")  # the gated-MLP tiny checkpoints without biases
 
 CPU = torch.device("cpu")
 
@@ -56,8 +56,9 @@ def test_every_architecture_module_has_a_plan_of_known_styles():
         plan = arch.load().PLAN
         assert set(plan.values()) <= set(STYLES)
         assert list(plan.values()).count("vocab_embedding") == 1 and list(plan.values()).count("vocab_head") == 1
-    assert set(MODEL_TYPES) == {"llama", "mistral", "qwen2"}
+    assert set(MODEL_TYPES) == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2"}
     assert model_module(config("qwen2")).PLAN is PLAN
+    assert model_module(config("gpt2")).PLAN is not PLAN  # its MLP has no gate
 
 
 @pytest.mark.parametrize("arch, tp", ALL_DEGREES)
@@ -208,13 +209,13 @@ def test_sharded_blocks_recombine_to_the_full_blocks(arch, tp, sources, full_mod
     cfg = full.config
     assert not cfg.o_bias and not cfg.mlp_bias  # the bias would otherwise be added once per rank
     g = torch.Generator().manual_seed(tp)
-    B, S = 2, 12  # longer than mistral's sliding window of 8
+    B, S = 2, 18  # longer than the sliding windows of 8 and Phi-3's pretrained 16 positions
     x = torch.randn(B, S, cfg.hidden_size, generator=g)
     ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
     batch = AttentionBatch.fresh(B, S, CPU)
     with torch.no_grad():
-        rope = full.rotary(batch, x.dtype)
-        want_attn = [layer.self_attn(x, batch, rope, None) for layer in full.model.layers]
+        ropes = [full.rotary(batch, x.dtype, i) for i in range(cfg.num_layers)]
+        want_attn = [layer.self_attn(x, batch, ropes[i], None) for i, layer in enumerate(full.model.layers)]
         want_mlp = [layer.mlp(x) for layer in full.model.layers]
         want_emb = full.model.embed_tokens(ids)
         want_logits = full.logits(x)
@@ -225,7 +226,7 @@ def test_sharded_blocks_recombine_to_the_full_blocks(arch, tp, sources, full_mod
         for rank in range(tp):
             model = build_model(sources[arch], ctx(rank, tp))
             for i, layer in enumerate(model.model.layers):
-                got_attn[i] += layer.self_attn(x, batch, rope, None)
+                got_attn[i] += layer.self_attn(x, batch, ropes[i], None)
                 got_mlp[i] += layer.mlp(x)
             got_emb += model.model.embed_tokens(ids)
             got_logits.append(model.lm_head.local_logits(x))

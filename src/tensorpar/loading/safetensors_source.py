@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from tensorpar.errors import CheckpointError
-from tensorpar.loading.sources import CheckpointSource, read_json
+from tensorpar.loading.sources import StoredTensorsSource, read_json
 from tensorpar.models.config import ModelConfig
+from tensorpar.models.registry import model_module
 
 
-class SafetensorsSource(CheckpointSource):
+class SafetensorsSource(StoredTensorsSource):
     def __init__(self, path: Path):
         self.path = path
         try:
-            self.config = ModelConfig.from_hf(read_json(path / "config.json"))
+            config = ModelConfig.from_hf(read_json(path / "config.json"))
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+        generation = path / "generation_config.json"
+        if generation.exists():  # its EOS ids join the config's (Llama 3 lists several there)
+            eos = read_json(generation).get("eos_token_id")
+            eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+            config = replace(config, eos_token_ids=tuple(dict.fromkeys([*config.eos_token_ids, *eos])))
+        self.config = config
         index = path / "model.safetensors.index.json"
         single = path / "model.safetensors"
         if index.exists():
@@ -39,16 +47,20 @@ class SafetensorsSource(CheckpointSource):
                 raise CheckpointError(f"{file}: not a readable safetensors file (truncated?): {e}") from e
         return handles[file]
 
-    def names(self) -> set[str]:
-        return set(self._files)
+    def _stored_names(self):
+        return self._files.keys()
+
+    def _locate(self, name: str):
+        return model_module(self.config).hf_tensor(name, self.config, self._files)
 
     def file_of(self, name: str) -> str:
-        return str(self._files.get(name, self.path))
+        ref = self._refs.get(name)
+        return str(self._files.get(ref.name, self.path) if ref else self.path)
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self._files[name]).get_slice(name).get_shape())
 
-    def _read(self, name, rows, cols) -> torch.Tensor:
+    def _read_stored(self, name, rows, cols) -> torch.Tensor:
         sl = self._handle(self._files[name]).get_slice(name)
         r = slice(None) if rows is None else slice(rows.start, rows.stop)
         if cols is None:

@@ -1,5 +1,5 @@
-"""Where weights come from: a checkpoint source reads any slice of any tensor by its Hugging Face
-name, touching only that slice's bytes (safetensors are memory-mapped and sliced lazily; GGUF rows
+"""Where weights come from: a checkpoint source reads any slice of any tensor by its name in the
+model (``tensorpar.models.names``), touching only that slice's bytes (safetensors are memory-mapped and sliced lazily; GGUF rows
 and quantization blocks are cut out of the memory map before dequantization).
 
 A source is opened once, in the process that resolves the model, and sent to the ranks: it
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Collection
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,8 @@ from tensorpar.models.config import ModelConfig
 
 if TYPE_CHECKING:
     import torch
+
+    from tensorpar.models.names import TensorRef
 
 
 class CheckpointSource(ABC):
@@ -69,6 +73,51 @@ class CheckpointSource(ABC):
             raise
         except Exception as e:  # truncated files surface here as OS or decoding errors
             raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r}: {e}") from e
+
+
+class StoredTensorsSource(CheckpointSource):
+    """A file format whose stored tensors the architecture module locates (``hf_tensor``,
+    ``gguf_tensor``): a model tensor is a stored one, a run of its rows, or its transpose."""
+
+    @abstractmethod
+    def _stored_names(self) -> Collection[str]: ...
+
+    @abstractmethod
+    def _stored_shape(self, stored: str) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def _read_stored(self, stored: str, rows: range | None, cols: range | None) -> "torch.Tensor": ...
+
+    @abstractmethod
+    def _locate(self, name: str) -> "TensorRef | None": ...
+
+    @cached_property
+    def _refs(self) -> dict[str, "TensorRef"]:
+        """Model tensor name -> where it is stored, for the tensors this checkpoint has."""
+        from tensorpar.models.registry import checkpoint_shapes
+
+        stored = set(self._stored_names())
+        wanted = [*checkpoint_shapes(self.config), "lm_head.weight"]  # a tied head may be stored too
+        return {n: ref for n in dict.fromkeys(wanted) if (ref := self._locate(n)) is not None and ref.name in stored}
+
+    def names(self) -> set[str]:
+        return set(self._refs)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        ref = self._refs[name]
+        shape = tuple(self._stored_shape(ref.name))
+        if ref.transposed:
+            shape = shape[::-1]
+        return shape if ref.rows is None else (len(ref.rows), *shape[1:])
+
+    def _read(self, name, rows, cols):
+        ref = self._refs[name]
+        if ref.rows is not None:
+            start = ref.rows.start
+            rows = ref.rows if rows is None else range(start + rows.start, start + rows.stop)
+        if ref.transposed:
+            return self._read_stored(ref.name, cols, rows).T
+        return self._read_stored(ref.name, rows, cols)
 
 
 def read_json(path: Path) -> dict:

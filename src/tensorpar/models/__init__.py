@@ -9,8 +9,8 @@ import importlib
 
 from tensorpar.models.config import ModelConfig
 
-_LAZY = {"AttentionBatch": "tensorpar.models.llama", "KVCache": "tensorpar.models.llama",
-         "LlamaForCausalLM": "tensorpar.models.llama"}
+_LAZY = {"AttentionBatch": "tensorpar.layers.attention", "KVCache": "tensorpar.runtime.kv_cache",
+         "CausalLM": "tensorpar.models.blocks", "LlamaForCausalLM": "tensorpar.models.llama"}
 
 __all__ = ["ModelConfig", *_LAZY]
 

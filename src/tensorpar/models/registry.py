@@ -4,14 +4,18 @@ An architecture module (``tensorpar.models.llama`` is the example) holds everyth
 particular to the architecture:
 
 - ``MODEL``: the plain single-device ``nn.Module`` class, built as ``MODEL(config)`` on the
-  ``meta`` device. ``forward(input_ids, batch=None, cache=None)`` returns final hidden states
-  [B, S, hidden]; ``lm_head`` maps them to the vocabulary; ``kv_cache_shape()`` gives the
-  (local KV heads, head dim) each layer caches. Fused linears list their checkpoint parts in
-  ``fused_parts``.
+  ``meta`` device (most assemble ``tensorpar.models.blocks.CausalLM``, which the config's
+  choices shape). ``forward(input_ids, batch=None, cache=None)`` returns final hidden states
+  [B, S, hidden]; ``logits`` maps them to the vocabulary; ``kv_cache_shape()`` gives the
+  (local KV heads, head dim) each layer caches. Fused linears list their parts in ``fused_parts``.
 - ``PLAN``: module path pattern -> sharding style (``tensorpar.plans``).
-- ``gguf_tensor_name(name)``: the Hugging Face name of a GGUF tensor, or None when unused; and
-  ``from_gguf_layout(name, tensor, config, gguf_architecture)``: undo what llama.cpp's converter
+- ``hf_tensor(name, config, stored)`` and ``gguf_tensor(name, config, stored)``: where the
+  model's tensor ``name`` (a parameter path, fused linears split into their parts) is stored in
+  a safetensors checkpoint or a GGUF file whose tensor names are ``stored``: a
+  ``tensorpar.models.names.TensorRef`` (stored name, rows of a fused tensor, transposed), or None.
+- ``from_gguf_layout(name, tensor, config, gguf_architecture)``: undo what llama.cpp's converter
   did to a tensor (given a slice whose rows hold whole attention heads).
+- optionally ``CHAT_TEMPLATE`` and ``EOS_TOKENS``: for tokenizers (GGUF files) that lack them.
 
 The row says which Hugging Face ``model_type`` values and GGUF ``general.architecture`` values
 the module reads. Reading their configs is ``ModelConfig.from_hf`` / ``from_gguf``. Nothing in
@@ -39,6 +43,10 @@ class Architecture:
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("llama", "tensorpar.models.llama", ("llama", "mistral", "qwen2"), ("llama", "qwen2")),
+    Architecture("qwen3", "tensorpar.models.qwen3", ("qwen3",), ("qwen3",)),
+    Architecture("gemma3", "tensorpar.models.gemma3", ("gemma3_text",), ("gemma3",)),
+    Architecture("phi3", "tensorpar.models.phi3", ("phi3",)),
+    Architecture("gpt2", "tensorpar.models.gpt2", ("gpt2",), ("gpt2",)),
 )
 
 MODEL_TYPES: tuple[str, ...] = tuple(t for a in ARCHITECTURES for t in a.hf_model_types)

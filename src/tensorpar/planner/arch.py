@@ -1,13 +1,12 @@
 """What the planner needs to know about a model: its shapes, from the same config objects the
 engine builds models from.
 
-The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) goes through ``ModelConfig`` — the class
-``models/`` and ``plans/`` are built from — so the planner's parameter counts, FLOPs and bytes
-cannot drift from the engine's shapes. Two families the engine does not run are described here
-only for planning: Mixtral-style mixture-of-experts (``model_type: mixtral``: the Llama block
-with the MLP replaced by ``E`` SwiGLU experts of which each token uses ``k``) and GPT-2/GPT-3
-(``model_type: gpt2``: multi-head attention, a 2-matrix GELU MLP, LayerNorm with biases,
-learned positions, tied embeddings).
+Every architecture the engine runs (Llama 2/3, Mistral, Qwen2/3, Gemma 3, Phi-3, GPT-2/GPT-3)
+goes through ``ModelConfig`` — the class ``models/`` and ``plans/`` are built from — so the
+planner's parameter counts, FLOPs and bytes cannot drift from the engine's shapes. One family the
+engine does not run yet is described here only for planning: Mixtral-style mixture-of-experts
+(``model_type: mixtral``: the Llama block with the MLP replaced by ``E`` SwiGLU experts of which
+each token uses ``k``).
 
 Built-in models are written as the Hugging Face ``config.json`` dictionaries of the published
 checkpoints and go through exactly the same path as a user's ``config.json``.
@@ -164,7 +163,9 @@ class ArchSpec:
 
 
 def from_model_config(cfg: ModelConfig, name: str = "") -> ArchSpec:
-    """The Llama-family engine config -> planner shapes (one source of truth for both)."""
+    """The engine's config -> planner shapes (one source of truth for both). A window counts only
+    when every layer has it (Gemma's global layers keep the whole context)."""
+    windows = {cfg.window(i) for i in range(cfg.num_layers)}
     return ArchSpec(
         name=name or cfg.architecture,
         family=cfg.architecture,
@@ -176,11 +177,13 @@ def from_model_config(cfg: ModelConfig, name: str = "") -> ArchSpec:
         ffn=cfg.intermediate_size,
         vocab=cfg.vocab_size,
         max_context=cfg.max_position_embeddings,
-        gated_mlp=True,
+        gated_mlp=cfg.gated_mlp,
         tied_embeddings=cfg.tie_word_embeddings,
         qkv_bias=cfg.qkv_bias,
-        linear_bias=False,
-        sliding_window=cfg.sliding_window,
+        linear_bias=cfg.o_bias and cfg.mlp_bias,
+        layer_norm=cfg.layer_norm,
+        learned_positions=cfg.max_position_embeddings if cfg.learned_positions else 0,
+        sliding_window=windows.pop() if len(windows) == 1 else None,
     )
 
 
@@ -194,7 +197,7 @@ def _require(cfg: dict, *keys: str) -> list:
 def from_hf_config(cfg: dict, name: str = "") -> ArchSpec:
     """A Hugging Face ``config.json`` dictionary -> ArchSpec.
 
-    Llama-family types go through ``ModelConfig.from_hf``; ``mixtral`` and ``gpt2`` are read here.
+    The engine's types go through ``ModelConfig.from_hf``; ``mixtral`` is read here.
     """
     kind = cfg.get("model_type")
     if kind in MODEL_TYPES:
@@ -213,16 +216,9 @@ def from_hf_config(cfg: dict, name: str = "") -> ArchSpec:
                         max_context=cfg.get("max_position_embeddings", 32768), experts=experts,
                         experts_per_token=k, tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                         sliding_window=cfg.get("sliding_window"))
-    if kind == "gpt2":
-        h, layers, heads, vocab = _require(cfg, "n_embd", "n_layer", "n_head", "vocab_size")
-        positions = cfg.get("n_positions", 1024)
-        return ArchSpec(name=name or "gpt2", family="gpt2", hidden=h, layers=layers, heads=heads, kv_heads=heads,
-                        head_dim=h // heads, ffn=cfg.get("n_inner") or 4 * h, vocab=vocab, max_context=positions,
-                        gated_mlp=False, tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-                        linear_bias=True, layer_norm=True, learned_positions=positions)
     raise ValueError(
         f"unsupported model_type {kind!r} in config.json; the planner reads "
-        f"{', '.join(MODEL_TYPES)}, mixtral and gpt2"
+        f"{', '.join(MODEL_TYPES)} and mixtral"
     )
 
 

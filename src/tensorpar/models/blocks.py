@@ -1,0 +1,421 @@
+"""The blocks every architecture module assembles: norms, rotary embeddings, attention, MLPs, the
+decoder layer and the causal LM around them, shaped by a ``ModelConfig``'s choices.
+
+Plain single-device PyTorch; parallelism is applied afterwards by a plan. Module and parameter
+names follow Hugging Face's Llama, except that Q/K/V and gate/up are fused into ``qkv_proj`` and
+``gate_up_proj``; each fused linear lists its checkpoint parts in ``fused_parts`` (where an
+architecture stores tensors differently, its module says where: ``hf_tensor``). Attention reads
+its local head counts from ``num_heads`` / ``num_kv_heads``, which a sharding plan may change.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorpar.layers.attention import AttentionBatch
+from tensorpar.models.config import ModelConfig
+
+_NO_DROPOUT = nullcontext()  # reusable: entered on every inference step
+
+
+def fused_linear(in_features: int, parts: list[tuple[str, int]], bias: bool) -> nn.Linear:
+    """One nn.Linear whose output rows stack the checkpoint tensors ``parts`` [(name, rows)]."""
+    layer = nn.Linear(in_features, sum(n for _, n in parts), bias=bias)
+    layer.fused_parts = tuple(parts)
+    return layer
+
+
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding left uninitialized: weights come from a checkpoint (random init on the meta
+    device costs a second of imports)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
+# --- norms ------------------------------------------------------------------------------------
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x r w with r = 1 / sqrt(mean(x^2) + eps), storing only x and r for backward.
+
+    With x_hat = x r and g = dy * w: dw = sum(dy * x_hat) over all but the last dim, and
+    dx = r (g - x_hat mean(g * x_hat)). (Autograd through the composite would also keep x_hat.)
+    """
+
+    @staticmethod
+    def forward(fctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        fctx.save_for_backward(x, r, weight)
+        return x * r * weight
+
+    @staticmethod
+    def backward(fctx, dy):
+        x, r, weight = fctx.saved_tensors
+        x_hat = x * r
+        dw = (dy * x_hat).reshape(-1, x.shape[-1]).sum(0)
+        g = dy * weight
+        dx = r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+        return dx, dw, None
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * (offset + w), normalized in float32 (Gemma: offset 1)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.eps = eps
+        self.offset = offset
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if not self.offset else self.weight.float() + self.offset
+        if x.dtype == torch.float32:
+            if torch.is_grad_enabled() and not self.offset:
+                return _RMSNormFunction.apply(x, w, self.eps)
+            return F.rms_norm(x, w.shape, w, self.eps)
+        return (w * F.rms_norm(x.float(), w.shape, None, self.eps)).to(x.dtype)
+
+
+def norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The architecture's norm over ``dim`` (default: hidden) features."""
+    if cfg.layer_norm:
+        return nn.LayerNorm(dim or cfg.hidden_size, eps=cfg.rms_norm_eps)
+    return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+
+
+# --- activations and MLPs ---------------------------------------------------------------------
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """[gate, up] -> silu(gate) * up, storing only its input for backward.
+
+    d gate = dy * up * s (1 + gate (1 - s)) with s = sigmoid(gate); d up = dy * silu(gate).
+    (Autograd through the composite would also keep silu(gate).)
+    """
+
+    @staticmethod
+    def forward(fctx, gate_up):
+        fctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(fctx, dy):
+        (gate_up,) = fctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        s = torch.sigmoid(gate)
+        return torch.cat([dy * up * s * (1 + gate * (1 - s)), dy * gate * s], dim=-1)
+
+
+def activation(name: str, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """silu(x) = x sigmoid(x); gelu_new / gelu_pytorch_tanh = 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)));
+    gelu = x Phi(x)."""
+    if name == "silu":
+        return F.silu(x, inplace=inplace)
+    return F.gelu(x, approximate="none" if name == "gelu" else "tanh")
+
+
+class MLP(nn.Module):
+    """Gated: down(act(gate(x)) * up(x)), gate and up fused. Plain (GPT-2): down(act(up(x)))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        i, h = cfg.intermediate_size, cfg.hidden_size
+        self.act, self.gated = cfg.hidden_act, cfg.gated_mlp
+        if self.gated:
+            self.gate_up_proj = fused_linear(h, [("gate_proj", i), ("up_proj", i)], cfg.mlp_bias)
+        else:
+            self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        if not self.gated:
+            return self.down_proj(activation(self.act, self.up_proj(x), inplace=not torch.is_grad_enabled()))
+        gate_up = self.gate_up_proj(x)
+        if torch.is_grad_enabled():
+            if self.act == "silu":
+                return self.down_proj(_SwiGLUFunction.apply(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.down_proj(activation(self.act, gate) * up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(activation(self.act, gate, inplace=True).mul_(up))
+
+
+# --- rotary positions -------------------------------------------------------------------------
+
+
+def inverse_frequencies(head_dim: int, base: float, scaling: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """theta_i = base^(-2i/d), scaled as ``scaling`` says: (inverse frequencies [d/2], and for
+    LongRoPE the long-context ones, else None).
+
+    linear: theta_i / factor. llama3: low frequencies / factor, high ones kept, a smooth ramp
+    between. longrope: theta_i / short_factor_i (long_factor_i beyond the pretrained length).
+    factors (llama.cpp's rope_freqs): theta_i / factors_i.
+    """
+    d = head_dim
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv.float(), None
+    if kind == "linear":
+        return (inv / scaling["factor"]).float(), None
+    if kind == "factors":
+        return (inv / torch.tensor(scaling["factors"], dtype=torch.float64)).float(), None
+    if kind == "longrope":  # transformers computes these in float32: so do we
+        shape = torch.arange(0, d, 2, dtype=torch.int64).float() / d
+        short, long = (1.0 / (torch.tensor(scaling[k], dtype=torch.float32) * base ** shape)
+                       for k in ("short_factor", "long_factor"))
+        return short, long
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled).float(), None
+    raise ValueError(f"unsupported rope scaling type {kind!r}")
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """The (global layers', short-context) inverse frequencies of ``cfg``."""
+    return inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)[0]
+
+
+def longrope_attention_factor(scaling: dict) -> float:
+    """LongRoPE scales cos and sin by sqrt(1 + ln(factor) / ln(original length)) (1 when factor <= 1)."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+class Rotary:
+    """cos and sign-folded sin tables (see ``apply_rope``) for one (base, scaling), grown on demand.
+
+    LongRoPE: a row whose largest position is at or beyond the pretrained length uses the long
+    factors for all its tokens, as transformers does for a forward whose positions reach so far
+    (keys already cached keep the rotation they were written with).
+    """
+
+    def __init__(self, head_dim: int, base: float, scaling: dict | None):
+        self.head_dim, self.base, self.scaling = head_dim, base, scaling
+        longrope = (scaling or {}).get("rope_type") == "longrope"
+        self.switch_at = scaling["original_max_position_embeddings"] if longrope else None
+        self.factor = longrope_attention_factor(scaling) if longrope else 1.0
+        self._tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _table(self, long: bool, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self._tables.get(long)
+        if t is None or t[0].shape[0] < length or t[0].device != device:
+            n = max(length, 2 * (t[0].shape[0] if t else 256))
+            with torch.device("cpu"):  # (the model may have been built under the meta device)
+                short_inv, long_inv = inverse_frequencies(self.head_dim, self.base, self.scaling)
+            inv = (long_inv if long else short_inv).to(device)
+            freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            sign = torch.cat((-torch.ones_like(inv), torch.ones_like(inv)))
+            t = self._tables[long] = (emb.cos() * self.factor, emb.sin() * self.factor * sign)
+        return t
+
+    def __call__(self, batch: AttentionBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin at the batch's positions, [B, S, 1, D] each."""
+        pos, n = batch.positions, batch.max_position + 1
+        cos, sin = self._table(False, n, pos.device)
+        cos, sin = cos[pos], sin[pos]
+        if self.switch_at is not None and n > self.switch_at:
+            long = (pos.amax(dim=1) + 1 > self.switch_at).view(-1, 1, 1)  # [B, 1, 1]
+            lcos, lsin = self._table(True, n, pos.device)
+            cos, sin = torch.where(long, lcos[pos], cos), torch.where(long, lsin[pos], sin)
+        return cos.unsqueeze(2).to(dtype), sin.unsqueeze(2).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] for x = [x1, x2].
+
+    rotate_half(x) = roll(x, D/2) * [-1..-1, 1..1], so the sign is folded into ``signed_sin``.
+    x: [B, S, heads, D], cos / signed_sin: [B, S, 1, D].
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+# --- attention and the decoder layer -----------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: softmax(q k^T * scale) v over the keys the batch lets each query
+    see (causal, within the layer's sliding window if it has one), with rotary positions and
+    optional per-head RMSNorm of q and k before them. In training, ``dropout`` applies to the
+    attention probabilities, drawing its mask inside ``dropout_rng()`` (a parallel plan points it
+    at a random stream of its choosing; by default the global one)."""
+
+    dropout_site = "attention"
+    dropout = 0.0
+    dropout_rng = staticmethod(nullcontext)
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d = cfg.head_dim
+        self.head_dim = d
+        self.num_heads = cfg.num_heads  # local query slots after sharding
+        self.num_kv_heads = cfg.num_kv_heads  # local KV heads after sharding
+        self.sliding_window = cfg.window(layer)
+        self.scale = cfg.attn_scale
+        self.qkv_proj = fused_linear(
+            cfg.hidden_size,
+            [("q_proj", cfg.num_heads * d), ("k_proj", cfg.num_kv_heads * d), ("v_proj", cfg.num_kv_heads * d)],
+            bias=cfg.qkv_bias,
+        )
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
+        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, batch: AttentionBatch, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None):
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [B, S, (h + 2 kv) d]; S is the whole sequence under sequence parallelism
+        B, S, _ = qkv.shape
+        qk = qkv[..., : (h + kv) * d].view(B, S, h + kv, d)
+        if hasattr(self, "q_norm"):
+            qk = torch.cat([self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])], dim=2)
+        if rope is not None:
+            qk = apply_rope(qk, *rope)
+        q, k = qk[:, :, :h], qk[:, :, h:]
+        v = qkv[..., (h + kv) * d :].view(B, S, kv, d)
+        keys, values = batch.keys_values(k, v, cache)  # [B, kv, L, d]
+        mask, causal = batch.mask(self.sliding_window)
+        p = self.dropout if self.training else 0.0
+        with self.dropout_rng() if p else _NO_DROPOUT:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, dropout_p=p,
+                enable_gqa=h != kv, scale=self.scale,
+            )  # [B, h, S, d]
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, h * d))
+
+
+class DecoderLayer(nn.Module):
+    """x + attn(norm(x)), then + mlp(norm(x)); with ``sandwich_norms`` each branch's output is
+    normed too before it joins (Gemma: x + post_attention_norm(attn(input_norm(x))), then
+    x + post_feedforward_norm(mlp(pre_feedforward_norm(x)))). In training, ``dropout`` applies
+    to each branch before it joins the residual stream, its mask drawn inside ``dropout_rng()``."""
+
+    dropout_site = "residual"
+    dropout = 0.0
+    dropout_rng = staticmethod(nullcontext)
+
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.dropout):
+            return h
+        with self.dropout_rng():
+            return F.dropout(h, self.dropout, training=True)
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
+        super().__init__()
+        self.sandwich = cfg.sandwich_norms
+        self.input_layernorm = norm(cfg)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = norm(cfg)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm(cfg)
+            self.post_feedforward_layernorm = norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, batch, rope, cache):
+        attn = self.self_attn(self.input_layernorm(x), batch, rope, cache)
+        if self.sandwich:
+            attn = self.post_attention_layernorm(attn)
+            x = x + self._dropout(attn)
+            mlp = self._dropout(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
+        else:
+            x = x + self._dropout(attn)
+            mlp = self._dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x + mlp if torch.is_grad_enabled() else x.add_(mlp)  # the norm keeps x for backward
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.learned_positions:
+            self.embed_positions = embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = norm(cfg)
+
+
+class CausalLM(nn.Module):
+    """Token ids -> final hidden states (``forward``) -> vocabulary logits (``logits``).
+
+    h_0 = embed(ids) * embed_scale (+ position embeddings), h_l = layer_l(h_{l-1}), out = norm(h_L).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rotaries: dict[tuple, Rotary] = {}
+        self._layer_rope: list[tuple | None] = []  # per layer: its key into the rotaries
+        for i in range(cfg.num_layers):
+            base, scaling = cfg.rope(i)
+            key = None if cfg.learned_positions else (base, repr(scaling))
+            if key is not None and key not in self._rotaries:
+                self._rotaries[key] = Rotary(cfg.head_dim, base, scaling)
+            self._layer_rope.append(key)
+
+    def rotary(self, batch: AttentionBatch, dtype: torch.dtype, layer: int = 0):
+        """Layer ``layer``'s cos and sign-folded sin at the batch's positions ([B, S, 1, D] each),
+        or None for a model with learned positions."""
+        key = self._layer_rope[layer]
+        return None if key is None else self._rotaries[key](batch, dtype)
+
+    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch | None = None, cache=None) -> torch.Tensor:
+        """input_ids: [B, S] -> final-normed hidden states [B, S, hidden].
+
+        ``batch`` says where the tokens are and what they attend to (default: every row a fresh
+        sequence from position 0); ``cache`` is a ``KVCache`` whose slots ``batch`` names.
+        """
+        if batch is None:
+            batch = AttentionBatch.fresh(*input_ids.shape, input_ids.device)
+        x = self.model.embed_tokens(input_ids)  # [B, S, hidden]
+        cfg = self.config
+        if cfg.embed_scale is not None:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)  # scaled in the weights' dtype, as transformers does
+        if cfg.learned_positions:
+            x = x + self.model.embed_positions(batch.positions)
+        ropes = {key: rot(batch, x.dtype) for key, rot in self._rotaries.items()}
+        for i, layer in enumerate(self.model.layers):
+            key = self._layer_rope[i]
+            x = layer(x, batch, None if key is None else ropes[key], None if cache is None else cache.layer(i))
+        return self.model.norm(x)
+
+    def kv_cache_shape(self) -> list[tuple[int, int]]:
+        """(local KV heads, head dim) of every layer's cache."""
+        return [(layer.self_attn.num_kv_heads, layer.self_attn.head_dim) for layer in self.model.layers]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] -> [..., vocab] (gathered over ranks when the head is vocab-parallel)."""
+        return self.lm_head(hidden)
+
+
+# Data flow per layer: the replicated hidden state enters column-parallel QKV and gate/up
+# ("all-to-sharded"), attention and the activation run on local heads / local intermediate
+# columns, and row-parallel o_proj / down_proj all-reduce back to a replicated hidden state
+# ("sharded-to-all"). Two all-reduces per layer. Norms (q/k norms included: they act within a
+# head) and position embeddings are replicated.
+PLAN: dict[str, str] = {
+    "model.embed_tokens": "vocab_embedding",
+    "model.layers.*.self_attn.qkv_proj": "colwise_heads",
+    "model.layers.*.self_attn.o_proj": "rowwise_heads",
+    "model.layers.*.mlp.gate_up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "rowwise",
+    "lm_head": "vocab_head",
+}
