@@ -243,6 +243,14 @@ def test_fused_and_transposed_checkpoint_tensors_read_as_the_model_names_them(ti
     exact(gpt.read("model.embed_positions.weight"), full[f"{prefix}wpe.weight"])
 
 
+def test_generation_config_eos_ids_join_the_configs(tiny_checkpoints, tmp_path):
+    path = tmp_path / "llama"
+    shutil.copytree(tiny_checkpoints["llama"], path)
+    (path / "config.json").write_text(json.dumps({**TINY_CONFIGS["llama"], "eos_token_id": 3}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 128001, 128009]}))
+    assert SafetensorsSource(path).config.eos_token_ids == (3, 128001, 128009)
+
+
 def test_sharded_checkpoint_reads_from_several_files(tiny_checkpoints, st_sources):
     path, src = tiny_checkpoints["qwen2"], st_sources["qwen2"]
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
