@@ -84,7 +84,7 @@ def test_parameter_count_formulas_by_hand():
     assert mix.active_params_per_token() == mix.total_params() - 32 * 6 * expert - 32000 * 4096
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "gpt2"])
 def test_planner_counts_match_the_engine_model(arch):
     """Principle 9: the planner reads the same ModelConfig the engine builds its model from."""
     from conftest import TINY_CONFIGS
@@ -97,6 +97,16 @@ def test_planner_counts_match_the_engine_model(arch):
     assert from_model_config(cfg).total_params() == engine
     smol = ModelConfig.from_hf(BUILTIN_MODELS["smollm2-135m"])
     assert from_model_config(smol).total_params() == sum(math.prod(s) for s in checkpoint_shapes(smol).values())
+
+
+@pytest.mark.parametrize("name, params", [("qwen3-32b", 32.8e9), ("gemma-3-27b", 27.0e9)])
+def test_published_qwen3_and_gemma3_configs_plan(name, params, tmp_path):
+    """A Qwen3 or Gemma 3 config.json goes through the engine's ModelConfig: sizes as published."""
+    (tmp_path / "config.json").write_text(json.dumps(BUILTIN_MODELS[name]))
+    arch = resolve_model(str(tmp_path))
+    assert arch.head_norms and arch.total_params() == pytest.approx(params, rel=0.02)
+    assert arch.norms_per_layer == (4 if name.startswith("gemma") else 2)
+    assert arch.sliding_window is None  # Gemma's global layers keep the whole context
 
 
 def test_config_json_files(tmp_path):

@@ -58,6 +58,14 @@ BUILTIN_MODELS: dict[str, dict] = {
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
                          tie_word_embeddings=True),
+    "qwen3-32b": dict(model_type="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=25600,
+                      num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                      max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "gemma-3-27b": dict(model_type="gemma3_text", vocab_size=262208, hidden_size=5376, intermediate_size=21504,
+                        num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                        query_pre_attn_scalar=168, sliding_window=1024, max_position_embeddings=131072,
+                        rope_theta=1e6, rope_local_base_freq=1e4, rms_norm_eps=1e-6,
+                        rope_scaling={"rope_type": "linear", "factor": 8.0}),
     # GPT-3 175B (Brown et al. 2020, table 2.1): the GPT-2 architecture at 96 layers of width 12288.
     "gpt3-175b": dict(model_type="gpt2", vocab_size=50257, n_embd=12288, n_layer=96, n_head=96,
                       n_positions=2048, n_inner=4 * 12288, tie_word_embeddings=True),
@@ -94,6 +102,8 @@ class ArchSpec:
     layer_norm: bool = False
     learned_positions: int = 0
     sliding_window: int | None = None
+    norms_per_layer: int = 2  # Gemma's sandwich: 4
+    head_norms: bool = False  # RMSNorm of each q and k head (Qwen3, Gemma 3): 2 head_dim weights
 
     @property
     def moe(self) -> bool:
@@ -134,10 +144,14 @@ class ArchSpec:
         """One norm: weight (and bias for LayerNorm)."""
         return self.hidden * (2 if self.layer_norm else 1)
 
+    def layer_norm_params(self) -> int:
+        """A layer's norms: ``norms_per_layer`` over the hidden state, and the q/k head norms."""
+        return self.norms_per_layer * self.norm_params() + (2 * self.head_dim if self.head_norms else 0)
+
     def layer_params(self) -> int:
-        """One decoder layer: attention, every expert (and the router), two norms."""
+        """One decoder layer: attention, every expert (and the router), its norms."""
         router = self.hidden * self.experts if self.moe else 0
-        return self.attention_params() + self.experts * self.expert_params() + router + 2 * self.norm_params()
+        return self.attention_params() + self.experts * self.expert_params() + router + self.layer_norm_params()
 
     def embedding_params(self) -> int:
         """Token embedding (and learned positions); the LM head counts again only if untied."""
@@ -154,7 +168,7 @@ class ArchSpec:
         embedding is a lookup, the LM head a matmul."""
         router = self.hidden * self.experts if self.moe else 0
         per_layer = (self.attention_params() + self.experts_per_token * self.expert_params() + router
-                     + 2 * self.norm_params())
+                     + self.layer_norm_params())
         return self.layers * per_layer + self.vocab * self.hidden + self.norm_params()
 
     def kv_elements_per_token(self) -> int:
@@ -184,6 +198,8 @@ def from_model_config(cfg: ModelConfig, name: str = "") -> ArchSpec:
         layer_norm=cfg.layer_norm,
         learned_positions=cfg.max_position_embeddings if cfg.learned_positions else 0,
         sliding_window=windows.pop() if len(windows) == 1 else None,
+        norms_per_layer=4 if cfg.sandwich_norms else 2,
+        head_norms=cfg.qk_norm,
     )
 
 

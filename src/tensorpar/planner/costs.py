@@ -251,7 +251,7 @@ def weight_bytes_per_layer(arch: ArchSpec, shard: Shard, weight_bytes: float) ->
     mlp = arch.mlp_matrices * h * shard.ffn * shard.experts
     if arch.moe:
         mlp += h * arch.experts
-    norms = 2 * arch.norm_params()
+    norms = arch.layer_norm_params()
     return (attn + mlp + norms) * weight_bytes
 
 
