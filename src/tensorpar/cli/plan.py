@@ -15,9 +15,8 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.add_argument("--model", required=True,
                    help="built-in name (llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, llama-3-70b, "
-                        "llama-3.1-405b, mistral-7b, mixtral-8x7b, qwen2.5-72b, qwen3-32b, gemma-3-27b, smollm2-135m, "
-                        "gpt3-175b), "
-                        "a Hugging Face config.json, or a directory holding one")
+                        "llama-3.1-405b, mistral-7b, mixtral-8x7b, qwen2.5-72b, qwen3-32b, gemma-3-27b, "
+                        "smollm2-135m, gpt3-175b), a Hugging Face config.json, or a directory holding one")
     p.add_argument("--gpu", required=True,
                    help="built-in device (h100-sxm, h200-sxm, a100-80gb-sxm, a100-40gb-sxm, h100-pcie, l40s, "
                         "rtx-4090, cpu) or a JSON device file")
