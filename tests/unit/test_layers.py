@@ -403,3 +403,28 @@ def test_only_the_leader_gets_logits_in_full_or_as_argmax_and_log_probability(vo
             assert torch.equal(ids, local.argmax(-1))
             torch.testing.assert_close(logprobs, local.log_softmax(-1).max(-1).values, rtol=1e-6, atol=1e-6)
             assert all(s.shape == (4, 3) for s in sent.values())  # three numbers per row, whatever the vocabulary
+
+
+def test_large_pieces_are_read_in_head_aligned_row_chunks(monkeypatch):
+    """A piece larger than CHUNK_VALUES is read a run of rows at a time, each run starting on a
+    multiple of ``chunk_align`` rows of the full tensor; the result equals one whole read."""
+    import tensorpar.layers.pieces as pieces_mod
+    from tensorpar.layers.pieces import Piece, split_pieces
+
+    monkeypatch.setattr(pieces_mod, "CHUNK_VALUES", 40)
+    full = {"q.weight": torch.randn(48, 7), "e.weight": torch.randn(30, 5)}
+    log: list = []
+    read = make_reader(full, log)
+    q = torch.empty(24, 7)
+    fill_from_pieces(q, split_pieces([("q", range(16, 40))], "weight", 0), read, chunk_align=4)
+    torch.testing.assert_close(q, full["q.weight"][16:40], rtol=0, atol=0)
+    assert [r for _, _, r, _ in log] == [range(16, 20), range(20, 24), range(24, 28), range(28, 32),
+                                         range(32, 36), range(36, 40)]  # 40 values: 4 rows of 7 (aligned)
+    log.clear()
+    e = torch.empty(30, 5)
+    fill_from_pieces(e, [Piece("e", "weight")], read, chunk_align=1)
+    torch.testing.assert_close(e, full["e.weight"], rtol=0, atol=0)
+    assert [len(r) for _, _, r, _ in log] == [8, 8, 8, 6]
+    log.clear()
+    fill_from_pieces(e, [Piece("e", "weight")], read)  # no chunk_align: one read
+    assert log == [("e", "weight", None, None)]

@@ -45,13 +45,31 @@ def split_pieces(spans: list[tuple[str | None, range]], param: str, axis: int) -
 Reader = Callable[..., torch.Tensor]  # read(part, param, rows=None, cols=None) -> tensor
 
 
-def fill_from_pieces(dst: torch.Tensor, pieces: list[Piece], read: Reader) -> None:
-    """Write every piece of ``dst`` from ``read`` (padding pieces with zeros)."""
+CHUNK_VALUES = 1 << 22  # a large piece is read this many values (16 MB of float32) at a time
+
+
+def _row_chunks(n_rows: int, row_len: int, align: int) -> list[range]:
+    """Consecutive row ranges of about CHUNK_VALUES values each, ``align`` rows apart."""
+    step = max(align, CHUNK_VALUES // max(row_len, 1) // align * align)
+    return [range(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+def fill_from_pieces(dst: torch.Tensor, pieces: list[Piece], read: Reader, chunk_align: int | None = None) -> None:
+    """Write every piece of ``dst`` from ``read`` (padding pieces with zeros).
+
+    ``chunk_align``: read 2-D pieces in row chunks whose boundaries fall every that many rows of
+    the full tensor (whole attention heads, for readers that reorder rows within a head), so that
+    reading a large tensor (a quantized embedding's dequantization) never holds a second copy of it.
+    """
     covered = 0
     for pc in pieces:
         view = pc.local_view(dst)
         if pc.part is None:
             view.zero_()
+        elif chunk_align is not None and view.dim() == 2 and view.numel() > CHUNK_VALUES and pc.axis != 1:
+            start = 0 if pc.axis is None else pc.span.start  # (a span of rows starts on a head)
+            for r in _row_chunks(view.shape[0], view.shape[1], chunk_align):
+                view[r.start : r.stop].copy_(read(pc.part, pc.param, rows=range(start + r.start, start + r.stop)))
         elif pc.axis is None:
             view.copy_(read(pc.part, pc.param))
         else:

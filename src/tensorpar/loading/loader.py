@@ -28,7 +28,7 @@ def fill_parameter(pp: ParamPieces, dst: torch.Tensor, source: CheckpointSource,
         full = f"{pp.prefix}{part}.{param}"
         return source.read(full, rows, cols, expect=expected.get(full))
 
-    fill_from_pieces(dst, pp.pieces, read)
+    fill_from_pieces(dst, pp.pieces, read, chunk_align=source.config.head_dim)
 
 
 def load_weights(model: nn.Module, source: CheckpointSource, progress: bool = False) -> None:
