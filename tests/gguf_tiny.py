@@ -40,7 +40,8 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_dir: Path, out: Path) -> Path:
+def write_gguf(hf_dir: Path, out: Path, raw_types: dict | None = None) -> Path:
+    """``raw_types``: GGUF tensor name -> ggml type written instead, as zero bytes of that type."""
     import gguf
     from safetensors.torch import load_file
 
@@ -86,6 +87,11 @@ def write_gguf(hf_dir: Path, out: Path) -> Path:
             t = t.T
         if arch == "gemma3" and name.endswith("norm.weight"):
             t = t + 1
+        if raw_types and new in raw_types:
+            block, nbytes = gguf.GGML_QUANT_SIZES[raw_types[new]]
+            w.add_tensor(new, np.zeros(t.numel() // block * nbytes, dtype=np.uint8), raw_shape=tuple(t.shape),
+                         raw_dtype=raw_types[new])
+            continue
         w.add_tensor(new, np.ascontiguousarray(t.float().numpy()))
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if rope.get("rope_type") == "llama3":

@@ -49,6 +49,18 @@ def test_llama3_rope_freqs_become_the_configs_scaling(gguf_files):
     torch.testing.assert_close(rope_inverse_frequencies(source.config), rope_inverse_frequencies(hf), rtol=1e-6, atol=0)
 
 
+def test_a_type_without_a_dequantizer_is_refused_naming_it(tiny_checkpoints, tmp_path):
+    import gguf
+
+    from tensorpar.errors import CheckpointError
+    from tensorpar.loading import open_source
+
+    path = write_gguf(tiny_checkpoints["qwen3"], tmp_path / "q8_1.gguf",
+                      raw_types={"blk.1.ffn_up.weight": gguf.GGMLQuantizationType.Q8_1})
+    with pytest.raises(CheckpointError, match="'blk.1.ffn_up.weight' is stored as Q8_1, which the gguf package"):
+        open_source(str(path))
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("tp", [1, 2, 3])
 @pytest.mark.parametrize("arch", ARCHS)

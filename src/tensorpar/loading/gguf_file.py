@@ -57,6 +57,21 @@ _Q = GGMLQuantizationType
 _UNQUANTIZED = {_Q.F32: np.dtype("<f4"), _Q.F16: np.dtype("<f2"), _Q.F64: np.dtype("<f8")}
 
 
+def can_read(ggml_type: int) -> bool:
+    """Whether tensors of this type can be read: unquantized, or the ``gguf`` package dequantizes
+    it (probed on one block of zeros, once per type)."""
+    if ggml_type not in _READABLE:
+        q = _Q(ggml_type)
+        try:
+            _READABLE[ggml_type] = q in _UNQUANTIZED or dequantize(
+                np.zeros(GGML_QUANT_SIZES[q][1], dtype=np.uint8), q).size > 0
+        except NotImplementedError:
+            _READABLE[ggml_type] = False
+    return _READABLE[ggml_type]
+
+
+_READABLE: dict[int, bool] = {}
+
 SHORT_ARRAY = 64  # numeric arrays longer than this are stepped over unless ``arrays=True``
 
 

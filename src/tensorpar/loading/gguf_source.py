@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tensorpar.errors import CheckpointError
-from tensorpar.loading.gguf_file import GGUFFile
+from gguf import GGMLQuantizationType
+
+from tensorpar.loading.gguf_file import GGUFFile, can_read
 from tensorpar.loading.sources import StoredTensorsSource
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.registry import for_gguf
@@ -34,6 +36,12 @@ class GGUFSource(StoredTensorsSource):
             self.config = ModelConfig.from_gguf(self.file.metadata, set(self.file.tensors), factors)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: unsupported or incomplete GGUF metadata: {e}") from e
+        for ref in self._refs.values():  # refused here, before any rank starts
+            info = self.file.tensors[ref.name]
+            if not can_read(info.ggml_type):
+                raise CheckpointError(
+                    f"{path}: tensor {ref.name!r} is stored as {GGMLQuantizationType(info.ggml_type).name}, "
+                    f"which the gguf package cannot dequantize")
 
     def _stored_names(self):
         return self.file.tensors.keys()
