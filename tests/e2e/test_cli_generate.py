@@ -81,3 +81,28 @@ def test_usage_and_version():
     assert r.returncode == 0 and r.stdout.startswith("tensorpar ")
     r = cli("generate", "--help")
     assert r.returncode == 0 and "--tp" in r.stdout and "--json" in r.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", ["generate", "serve", "bench"])
+def test_an_fp8_checkpoint_is_refused_before_any_rank_starts(command, tiny_checkpoints, tmp_path):
+    """A config.json with a quantization_config: one line naming the method, from the launching
+    process (``EngineArgs.resolve`` opens the model before ``launch``), never weights loaded as plain."""
+    import json
+    import shutil
+
+    from tensorpar.errors import CheckpointError
+    from tensorpar.runtime.spec import EngineArgs
+
+    path = tmp_path / "fp8"
+    shutil.copytree(tiny_checkpoints["llama"], path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quantized checkpoints \\(fp8, from quantization_config\\) are not supported"):
+        EngineArgs(model=str(path), tp=2).resolve()
+    args = {"generate": ["--prompt", "hi"], "serve": ["--port", "0"], "bench": ["--quick", "--no-peers"]}[command]
+    r = cli(command, "--model", str(path), "--tp", "2", *args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "fp8, from quantization_config) are not supported yet" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -243,12 +243,16 @@ def test_fused_and_transposed_checkpoint_tensors_read_as_the_model_names_them(ti
     exact(gpt.read("model.embed_positions.weight"), full[f"{prefix}wpe.weight"])
 
 
-def test_generation_config_eos_ids_join_the_configs(tiny_checkpoints, tmp_path):
+def test_generation_config_eos_ids_and_sampling_defaults(tiny_checkpoints, tmp_path):
     path = tmp_path / "llama"
     shutil.copytree(tiny_checkpoints["llama"], path)
     (path / "config.json").write_text(json.dumps({**TINY_CONFIGS["llama"], "eos_token_id": 3}))
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 128001, 128009]}))
-    assert SafetensorsSource(path).config.eos_token_ids == (3, 128001, 128009)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 128001, 128009], "do_sample": True,
+                                                             "temperature": 0.6, "top_p": 0.9}))
+    src = SafetensorsSource(path)
+    assert src.config.eos_token_ids == (3, 128001, 128009)
+    assert src.sampling_defaults == {"temperature": 0.6, "top_p": 0.9}
+    assert SafetensorsSource(tiny_checkpoints["llama"]).sampling_defaults == {}
 
 
 def test_sharded_checkpoint_reads_from_several_files(tiny_checkpoints, st_sources):

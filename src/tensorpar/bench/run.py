@@ -97,9 +97,9 @@ def run_bench(cfg: BenchConfig) -> dict:
     from tensorpar.bench.measure import measure_tensorpar
     from tensorpar.bench.prompts import SHORT_PROMPT_TOKENS, fit_context
     from tensorpar.errors import one_line
-    from tensorpar.loading import open_source, resolve_model
+    from tensorpar.loading import open_source
 
-    resolve_model(cfg.model)  # a wrong path fails here, before anything runs
+    config = open_source(cfg.model).config  # a wrong path or an unsupported model fails here, before anything runs
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now().astimezone()
@@ -114,7 +114,6 @@ def run_bench(cfg: BenchConfig) -> dict:
             _log(f"tensorpar tp={tp} failed: {row['reason']}")
         tensorpar_rows.append(row)
 
-    config = open_source(cfg.model).config
     prompt_len, new_tokens = fit_context(config.max_position_embeddings, cfg.prompt_len, cfg.new_tokens)
     if (prompt_len, new_tokens) != (cfg.prompt_len, cfg.new_tokens):
         _log(f"cut to the model's context of {config.max_position_embeddings}: prompt length {prompt_len}, "

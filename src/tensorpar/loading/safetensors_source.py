@@ -23,9 +23,12 @@ class SafetensorsSource(StoredTensorsSource):
             raise CheckpointError(f"{path / 'config.json'}: {e}") from e
         generation = path / "generation_config.json"
         if generation.exists():  # its EOS ids join the config's (Llama 3 lists several there)
-            eos = read_json(generation).get("eos_token_id")
+            gen = read_json(generation)
+            eos = gen.get("eos_token_id")
             eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
             config = replace(config, eos_token_ids=tuple(dict.fromkeys([*config.eos_token_ids, *eos])))
+            if gen.get("do_sample"):
+                self.sampling_defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k") if gen.get(k) is not None}
         self.config = config
         index = path / "model.safetensors.index.json"
         single = path / "model.safetensors"

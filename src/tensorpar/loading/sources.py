@@ -29,6 +29,7 @@ class CheckpointSource(ABC):
 
     path: Path
     config: ModelConfig
+    sampling_defaults: dict = {}  # SamplingParams fields the checkpoint recommends (generation_config.json)
     _handles: dict  # open files, dropped when pickled
 
     @abstractmethod

@@ -58,6 +58,11 @@ class LLM:
         rank0 = {f"rank0_{k}": v for k, v in leader.items() if k.endswith("_s")}
         self.startup = {**self.spec.startup, "launch_s": time.perf_counter() - t1, **rank0, "total_s": self.load_s}
 
+    def get_default_sampling_params(self, **overrides) -> SamplingParams:
+        """The model's own sampling defaults (``generation_config.json``: temperature, top-p, top-k
+        when it samples), with ``overrides``; tensorpar itself is greedy unless asked."""
+        return SamplingParams(**{**self.spec.source.sampling_defaults, **overrides})
+
     @property
     def rank(self) -> int:
         return self._ranks.ctx.rank if self._ranks is not None and self._ranks.ctx is not None else 0
