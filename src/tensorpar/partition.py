@@ -45,6 +45,15 @@ def even_splits(n: int, parts: int) -> list[range]:
     return [even_split(n, parts, i) for i in range(parts)]
 
 
+def stage_layers(num_layers: int, pp: int, stage: int) -> range:
+    """The contiguous layers pipeline stage ``stage`` of ``pp`` runs: an even split, the first
+    stages taking one more when ``pp`` does not divide ``num_layers`` (the planner splits so too).
+    The first stage also holds the embedding, the last the final norm and the head."""
+    if pp > num_layers:
+        raise ValueError(f"{pp} pipeline stages for {num_layers} layers: at most one stage per layer")
+    return even_split(num_layers, pp, stage)
+
+
 def padded_shard_size(n: int, parts: int) -> int:
     """``ceil(n / parts)``: the size every shard is padded to when shards must be equal (all-gather)."""
     return ceil(n / parts)

@@ -37,7 +37,7 @@ class FakeEngine:
 
     def __init__(self, tokenizer, max_model_len: int = 256, max_num_seqs: int = 4, delay_s: float = 0.001,
                  fail_after_tokens: int | None = None):
-        self.tokenizer, self.model_name, self.tp = tokenizer, MODEL, 2
+        self.tokenizer, self.model_name, self.tp, self.layout = tokenizer, MODEL, 2, "tp=2"
         self.max_model_len, self.max_num_seqs, self.delay_s = max_model_len, max_num_seqs, delay_s
         self.inputs = InputProcessor(tokenizer, len(tokenizer), max_model_len)
         self.fail_after_tokens = fail_after_tokens  # turn unhealthy after this many tokens in all
@@ -619,7 +619,7 @@ class Tok:
     def decode(self, ids, **kw): return "".join("x" for _ in ids)
 
 class Engine:
-    tokenizer, model_name, max_model_len, max_num_seqs, tp = Tok(), "m", 64, 2, 1
+    tokenizer, model_name, max_model_len, max_num_seqs, tp, layout = Tok(), "m", 64, 2, 1, "tp=1"
     inputs = InputProcessor(tokenizer, 100, max_model_len)
     def submit(self, req, cb):  # a slow request: one token in 1.5 s
         print("submitted", flush=True)

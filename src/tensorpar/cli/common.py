@@ -22,10 +22,17 @@ def add_tp(p: argparse.ArgumentParser) -> None:
                         "(default: 1, or torchrun's world size)")
 
 
+def add_pp(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline stages, each a tensor-parallel group of --tp ranks, holding contiguous "
+                        "layers (default: 1)")
+
+
 def add_engine(p: argparse.ArgumentParser) -> None:
-    """--model, --tp and the options of ``tensorpar.runtime.EngineArgs``."""
+    """--model, --tp, --pp and the options of ``tensorpar.runtime.EngineArgs``."""
     add_model(p)
     add_tp(p)
+    add_pp(p)
     names = ", ".join("/".join(ALIASES[d]) for d in ENGINE_DTYPES)
     p.add_argument("--dtype", default="auto", help=f"weights: auto (bf16 on CUDA, fp32 elsewhere), {names}")
     add_device(p)
@@ -47,7 +54,7 @@ def engine_args(args: argparse.Namespace, progress: bool = True):
     """The ``EngineArgs`` of the flags ``add_engine`` defined."""
     from tensorpar.runtime.spec import EngineArgs
 
-    options = dict(model=args.model, tp=args.tp, dtype=args.dtype, device=args.device, comm=args.comm,
+    options = dict(model=args.model, tp=args.tp, pp=args.pp, dtype=args.dtype, device=args.device, comm=args.comm,
                    max_model_len=args.max_model_len, progress=progress, tokenizer_cache=args.tokenizer_cache)
     if args.timeout is not None:
         options["timeout_s"] = args.timeout

@@ -45,7 +45,7 @@ def run(args) -> int:
     )
     with LLM(**asdict(engine_args(args, progress=not (args.quiet or args.json)))) as llm:
         if llm.rank == 0 and not args.quiet:
-            print(f"tensorpar: loaded {args.model} at tp={llm.tp} ({llm.backend}) in {llm.load_s:.1f}s; generating",
+            print(f"tensorpar: loaded {args.model} at {llm.layout} ({llm.backend}) in {llm.load_s:.1f}s; generating",
                   file=sys.stderr, flush=True)
         result = llm.generate_full(args.prompt, sp, chat=args.chat)
         if llm.rank != 0:
@@ -56,6 +56,7 @@ def run(args) -> int:
             out = {
                 "model": args.model,
                 "tp": llm.tp,
+                "pp": llm.pp,
                 "backend": llm.backend,
                 "device": args.device,
                 "dtype": llm.spec.dtype_name,
@@ -78,7 +79,7 @@ def run(args) -> int:
                 if many:
                     print("-" * 40)
             print(
-                f"[tp={llm.tp} backend={llm.backend} load {timings['load_s']:.1f}s "
+                f"[{llm.layout} backend={llm.backend} load {timings['load_s']:.1f}s "
                 f"prefill {timings['prefill_s'] * 1e3:.0f} ms "
                 f"decode {timings['decode_s_per_token'] * 1e3:.1f} ms/token "
                 f"peak RSS per rank (MiB): {', '.join(f'{m:.0f}' for m in result.peak_rss_mb)}]",

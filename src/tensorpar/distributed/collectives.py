@@ -110,6 +110,17 @@ def broadcast(x: torch.Tensor, ctx: ParallelContext, src: int = 0) -> torch.Tens
     return x
 
 
+def send(x: torch.Tensor, ctx: ParallelContext, dst: int) -> None:
+    """Point-to-point: ``x`` to rank ``dst`` of ``ctx``'s group (pipeline stages pass activations so)."""
+    dist.send(x.contiguous(), dst=dist.get_global_rank(ctx.group, dst), group=ctx.group)
+
+
+def recv(x: torch.Tensor, ctx: ParallelContext, src: int) -> torch.Tensor:
+    """Point-to-point: fill ``x`` from rank ``src`` of ``ctx``'s group."""
+    dist.recv(x, src=dist.get_global_rank(ctx.group, src), group=ctx.group)
+    return x
+
+
 def broadcast_object(obj, ctx: ParallelContext, src: int = 0):
     """Rank ``src``'s picklable ``obj`` on every rank."""
     if ctx.world_size == 1:

@@ -31,6 +31,14 @@ class ParallelDims:
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
+    def describe(self) -> str:
+        """``tp=2``, ``tp=2 pp=2``: the dimensions above 1 beside tp."""
+        return " ".join([f"tp={self.tp}"] + [f"{n}={getattr(self, n)}" for n in ("pp", "dp", "ep") if getattr(self, n) > 1])
+
+    def coordinates(self, rank: int) -> tuple[int, int]:
+        """(pipeline stage, tensor-parallel index) of ``rank``: a stage's ranks are adjacent."""
+        return divmod(rank, self.tp)
+
     @classmethod
     def resolve(
         cls,
@@ -39,17 +47,21 @@ class ParallelDims:
         dp: int = 1,
         torchrun_world_size: int | None = None,
         supported: tuple[str, ...] = ("tp",),
+        pp: int = 1,
+        num_layers: int | None = None,
     ) -> "ParallelDims":
-        """The layout for a model with ``num_heads`` query heads.
+        """The layout for a model with ``num_heads`` query heads (and ``num_layers`` layers).
 
-        ``tp=None`` means one rank, or under torchrun (``torchrun_world_size`` given) as many as
-        torchrun started; an explicit ``tp`` (x ``dp``) must then equal that world size.
-        ``supported`` names the dimensions the command can run; any other above 1 is refused.
+        ``tp=None`` means one rank per stage, or under torchrun (``torchrun_world_size`` given)
+        as many as torchrun started over ``pp`` x ``dp``; an explicit layout must then equal that
+        world size. ``supported`` names the dimensions the command can run; any other above 1 is
+        refused.
         """
         if tp is None:
             world = torchrun_world_size or 1
-            tp = world // dp if isinstance(dp, int) and dp >= 1 and world % dp == 0 else world
-        dims = cls(tp=tp, dp=dp)
+            other = dp * pp if all(isinstance(v, int) and v >= 1 for v in (dp, pp)) else 1
+            tp = world // other if world % other == 0 else world
+        dims = cls(tp=tp, pp=pp, dp=dp)
         for name in ("pp", "dp", "ep"):
             if getattr(dims, name) > 1 and name not in supported:
                 raise TensorparError(f"--{name} {getattr(dims, name)} is not supported by this command")
@@ -57,7 +69,10 @@ class ParallelDims:
             check_degree(dims.tp, num_heads)
         except ValueError as e:
             raise TensorparError(str(e)) from None
+        if num_layers is not None and dims.pp > num_layers:
+            raise TensorparError(f"--pp {dims.pp} is more pipeline stages than the model's {num_layers} layers")
         if torchrun_world_size is not None and dims.world_size != torchrun_world_size:
-            what = f"--tp {dims.tp}" + (f" x --dp {dims.dp}" if dims.dp > 1 else "")
+            what = (f"--tp {dims.tp}" + (f" x --pp {dims.pp}" if dims.pp > 1 else "")
+                    + (f" x --dp {dims.dp}" if dims.dp > 1 else ""))
             raise TensorparError(f"{what} does not match torchrun's world size {torchrun_world_size}")
         return dims

@@ -48,8 +48,10 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     trainable: bool = False,
+    layers: range | None = None,
 ) -> nn.Module:
-    """The model of ``source``, sharded for ``ctx``'s rank, with its weights loaded.
+    """The model of ``source``, sharded for ``ctx``'s rank (of its tensor-parallel group), with
+    its weights loaded; ``layers``: only this pipeline stage's (``partition.stage_layers``).
 
     For inference (default): frozen, in eval mode, wide CPU weights in their streaming layout.
     ``trainable``: parameters require gradients, train mode, the plain layout. The degree is the
@@ -57,12 +59,16 @@ def build_model(
     """
     cfg = source.config
     arch = model_module(cfg)
+    stage = layers is not None and len(layers) < cfg.num_layers
     with torch.device("meta"):
-        model = arch.MODEL(cfg)
-    apply_plan(model, arch.PLAN, ctx)
+        model = arch.MODEL(cfg, layers=layers) if stage else arch.MODEL(cfg)
+    apply_plan(model, arch.PLAN, ctx, stage=stage)
     model.to(dtype).to_empty(device=ctx.device)
     if cfg.tie_word_embeddings:
-        tie_embeddings(model)
+        if not stage:
+            tie_embeddings(model)
+        elif isinstance(model.lm_head, ParallelLMHead):  # a last stage's tied head reads the embedding's rows
+            model.lm_head.part = "model.embed_tokens"
     if ctx.device.type == "cpu" and not trainable:  # lay out the still-empty weights; loading then writes in place
         for module in model.modules():
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):

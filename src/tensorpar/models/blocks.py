@@ -340,27 +340,38 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Embeddings, layers and the final norm; a pipeline stage keeps only its ``layers`` (the
+    others are empty placeholders, so that parameter names keep the checkpoint's layer numbers),
+    the embeddings only if it is the first stage and the norm only if the last."""
+
+    def __init__(self, cfg: ModelConfig, layers: range):
         super().__init__()
-        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
-        if cfg.learned_positions:
+        first, last = layers.start == 0, layers.stop == cfg.num_layers
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size) if first else None
+        if cfg.learned_positions and first:
             self.embed_positions = embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = norm(cfg)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) if i in layers else nn.Module() for i in range(cfg.num_layers))
+        self.norm = norm(cfg) if last else None
 
 
 class CausalLM(nn.Module):
     """Token ids -> final hidden states (``forward``) -> vocabulary logits (``logits``).
 
     h_0 = embed(ids) * embed_scale (+ position embeddings), h_l = layer_l(h_{l-1}), out = norm(h_L).
+
+    ``layers``: build only this pipeline stage's layers (default: all). A stage after the first
+    takes the previous stage's hidden states instead of token ids; a stage before the last returns
+    its last layer's output, un-normed, and has no head.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layers: range | None = None):
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.layer_ids = range(cfg.num_layers) if layers is None else layers
+        self.is_first, self.is_last = self.layer_ids.start == 0, self.layer_ids.stop == cfg.num_layers
+        self.model = DecoderModel(cfg, self.layer_ids)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
+        if cfg.tie_word_embeddings and self.is_first and self.is_last:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rotaries: dict[tuple, Rotary] = {}
         self._layer_rope: list[tuple | None] = []  # per layer: its key into the rotaries
@@ -377,29 +388,36 @@ class CausalLM(nn.Module):
         key = self._layer_rope[layer]
         return None if key is None else self._rotaries[key](batch, dtype)
 
-    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch | None = None, cache=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch | None = None, cache=None,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [B, S] -> final-normed hidden states [B, S, hidden].
 
         ``batch`` says where the tokens are and what they attend to (default: every row a fresh
-        sequence from position 0); ``cache`` is a ``KVCache`` whose slots ``batch`` names.
+        sequence from position 0); ``cache`` is a ``KVCache`` of this model's layers, whose slots
+        ``batch`` names. A later pipeline stage starts from the previous one's ``hidden`` [B, S, hidden].
         """
         if batch is None:
             batch = AttentionBatch.fresh(*input_ids.shape, input_ids.device)
-        x = self.model.embed_tokens(input_ids)  # [B, S, hidden]
         cfg = self.config
-        if cfg.embed_scale is not None:
-            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)  # scaled in the weights' dtype, as transformers does
-        if cfg.learned_positions:
-            x = x + self.model.embed_positions(batch.positions)
+        if self.is_first:
+            x = self.model.embed_tokens(input_ids)  # [B, S, hidden]
+            if cfg.embed_scale is not None:
+                x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)  # in the weights' dtype, as transformers does
+            if cfg.learned_positions:
+                x = x + self.model.embed_positions(batch.positions)
+        else:
+            x = hidden
         ropes = {key: rot(batch, x.dtype) for key, rot in self._rotaries.items()}
-        for i, layer in enumerate(self.model.layers):
+        for j, i in enumerate(self.layer_ids):
             key = self._layer_rope[i]
-            x = layer(x, batch, None if key is None else ropes[key], None if cache is None else cache.layer(i))
-        return self.model.norm(x)
+            x = self.model.layers[i](x, batch, None if key is None else ropes[key],
+                                     None if cache is None else cache.layer(j))
+        return self.model.norm(x) if self.is_last else x
 
     def kv_cache_shape(self) -> list[tuple[int, int]]:
-        """(local KV heads, head dim) of every layer's cache."""
-        return [(layer.self_attn.num_kv_heads, layer.self_attn.head_dim) for layer in self.model.layers]
+        """(local KV heads, head dim) of the cache of every layer this model runs."""
+        return [(self.model.layers[i].self_attn.num_kv_heads, self.model.layers[i].self_attn.head_dim)
+                for i in self.layer_ids]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> [..., vocab] (gathered over ranks when the head is vocab-parallel)."""

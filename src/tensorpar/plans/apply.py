@@ -86,15 +86,16 @@ BUILDERS = {
 STYLES = tuple(BUILDERS)
 
 
-def apply_plan(model: nn.Module, plan: dict[str, str], ctx: ParallelContext) -> nn.Module:
+def apply_plan(model: nn.Module, plan: dict[str, str], ctx: ParallelContext, stage: bool = False) -> nn.Module:
     """Replace every module whose path matches a plan pattern by its sharded counterpart.
 
-    ``*`` matches any characters, dots included; a pattern that matches nothing is an error.
+    ``*`` matches any characters, dots included; a pattern that matches nothing is an error,
+    except in a pipeline ``stage`` (which lacks the embedding or the head).
     """
     modules = dict(model.named_modules())
     for pattern, style in plan.items():
         matched = [n for n in modules if n and fnmatchcase(n, pattern)]
-        if not matched:
+        if not matched and not stage:
             raise ValueError(f"plan pattern {pattern!r} matches no module of {type(model).__name__}")
         for name in matched:
             parent_name, _, leaf = name.rpartition(".")

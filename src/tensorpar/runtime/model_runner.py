@@ -1,9 +1,17 @@
 """The per-rank model runner: the model shard, its KV cache, and the step protocol.
 
 Rank 0 (the *leader*) decides every step: it broadcasts a ``step.Message`` (header, then payload)
-and runs the step itself; every other rank (a *follower*) receives it and runs the same step on
-its shards (``follow``). Only the leader gets logits: the vocabulary-parallel head gathers them
-to rank 0 alone, in full, or for greedy steps as each row's argmax and log-probability.
+to every rank and runs the step itself; every other rank (a *follower*) receives it and runs the
+same step on its shards (``follow``). Only the leader gets logits: the vocabulary-parallel head
+gathers them to the first rank of its tensor-parallel group, in full, or for greedy steps as each
+row's argmax and log-probability.
+
+With pipeline stages (``dims.pp > 1``; rank r is tensor-parallel rank r % tp of stage r // tp)
+each stage holds its layers and their KV cache. A stage receives its input hidden states
+[rows, tokens, hidden] from the rank of the same tensor-parallel index in the stage before, runs
+its layers and sends their output on the same way: every rank of a stage holds the replicated
+activations after its all-reduce, so each sends its own copy and no stage needs a broadcast
+inside it. The last stage's first rank sends the step's result to the leader.
 """
 
 from __future__ import annotations
@@ -12,11 +20,13 @@ import time
 
 import torch
 
-from tensorpar.distributed.collectives import broadcast
+from tensorpar.distributed.collectives import broadcast, recv, send
 from tensorpar.distributed.groups import ParallelContext
+from tensorpar.distributed.mesh import build_mesh
 from tensorpar.dtypes import torch_dtype
 from tensorpar.layers.attention import CAUSAL
 from tensorpar.loading import build_model
+from tensorpar.partition import stage_layers
 from tensorpar.runtime import step as S
 from tensorpar.runtime.kv_cache import KVCache
 
@@ -26,8 +36,17 @@ class ModelRunner:
         self.spec, self.ctx = spec, ctx
         self.config = spec.config
         self.dtype = torch_dtype(spec.dtype)
+        dims = spec.dims
+        self.pp, self.tp = dims.pp, dims.tp
+        self.stage, self.tp_rank = dims.coordinates(ctx.rank)
+        self.tp_ctx = ctx
+        layers = None
+        if self.pp > 1:  # tensor-parallel groups of adjacent ranks, one per stage
+            self.tp_ctx = build_mesh(ctx, self.tp, self.pp, spec.timeout_s).tp
+            layers = stage_layers(self.config.num_layers, self.pp, self.stage)
         t = time.perf_counter()
-        self.model = build_model(spec.source, ctx, self.dtype, progress=spec.progress and ctx.is_leader)
+        self.model = build_model(spec.source, self.tp_ctx, self.dtype, progress=spec.progress and ctx.is_leader,
+                                 layers=layers)
         self.load_s = time.perf_counter() - t
         self.cache: KVCache | None = None
 
@@ -64,20 +83,46 @@ class ModelRunner:
             self.cache = KVCache(self.model.kv_cache_shape(), batch.alloc_slots, batch.kv_len, self.dtype,
                                  self.ctx.device)
             return None
-        head = self.model.lm_head
-        if batch.op == S.SCORE:
-            logits = head.logits_to_leader(self.model(batch.ids, batch.attention))
-            return None if logits is None else logits[0]  # [S, vocab] on the leader
-        if batch.op != S.STEP:
+        if batch.op not in (S.SCORE, S.STEP):
             return None
         attn = batch.attention
-        if attn.kind == CAUSAL:  # new sequences start in these slots
+        if batch.op == S.STEP and attn.kind == CAUSAL:  # new sequences start in these slots
             for slot in range(attn.slot_start, attn.slot_start + batch.ids.shape[0]):
                 self.cache.start(slot)
-        last = self.model(batch.ids, attn, self.cache)[:, -1]  # [B, hidden]
-        if batch.logits == S.GREEDY:
-            return head.greedy_to_leader(last)  # (ids [B], logprobs [B]) on the leader
-        return head.logits_to_leader(last)  # [B, vocab] on the leader
+        hidden = None
+        if self.stage > 0:  # [B, S, hidden] from the stage before
+            hidden = recv(torch.empty(*batch.ids.shape, self.config.hidden_size, dtype=self.dtype,
+                                      device=self.ctx.device), self.ctx, self.ctx.rank - self.tp)
+        out = self.model(batch.ids, attn, self.cache if batch.op == S.STEP else None, hidden=hidden)
+        if self.stage < self.pp - 1:
+            send(out, self.ctx, self.ctx.rank + self.tp)
+            return self._result_from_last_stage(batch)
+        head = self.model.lm_head
+        if batch.op == S.SCORE:
+            logits = head.logits_to_leader(out)
+            result = None if logits is None else logits[0]  # [S, vocab] on the stage's first rank
+        elif batch.logits == S.GREEDY:
+            result = head.greedy_to_leader(out[:, -1])  # (ids [B], logprobs [B])
+        else:
+            result = head.logits_to_leader(out[:, -1])  # [B, vocab]
+        if self.pp > 1 and self.tp_rank == 0:
+            send(_packed(result, batch), self.ctx, 0)
+        return result if self.ctx.is_leader else None
+
+    def _result_from_last_stage(self, batch: S.Batch):
+        """On the leader, the step's result as the last stage's first rank sent it; None elsewhere."""
+        if not self.ctx.is_leader:
+            return None
+        rows, tokens = batch.ids.shape
+        greedy = batch.op == S.STEP and batch.logits == S.GREEDY
+        shape = (2, rows) if greedy else ((tokens if batch.op == S.SCORE else rows), self.config.vocab_size)
+        got = recv(torch.empty(shape, dtype=torch.float32, device=self.ctx.device), self.ctx, (self.pp - 1) * self.tp)
+        return (got[0].long(), got[1]) if greedy else got
+
+    @property
+    def layout(self) -> str:
+        """This rank's place: ``stage s of p, tp rank t of n``."""
+        return f"stage {self.stage} of {self.pp}, tp rank {self.tp_rank} of {self.tp}"
 
     def follow(self, until: tuple[int, ...] = (S.END,)) -> int:
         """Follower: run the leader's messages until it sends one of ``until``; return that op."""
@@ -86,3 +131,12 @@ class ModelRunner:
             if batch.op in until:
                 return batch.op
             self._execute(batch)
+
+
+def _packed(result, batch: S.Batch) -> torch.Tensor:
+    """A step's result as one float32 tensor for the trip to the leader: greedy (ids, logprobs)
+    as [2, B] (token ids below 2^24 are exact in float32), logits as they are."""
+    if batch.op == S.STEP and batch.logits == S.GREEDY:
+        ids, logprobs = result
+        return torch.stack([ids.float(), logprobs.float()])
+    return result.float()

@@ -32,6 +32,7 @@ class ServingBackend(Protocol):
     inputs: InputProcessor  # prompt encoding and the context check
     max_model_len: int
     tp: int
+    layout: str  # "tp=2 pp=2"
 
     def submit(self, request: Request, sink: Sink) -> None: ...
 
@@ -78,6 +79,7 @@ class ServingEngine:
         self.worker, self.scheduler = worker, worker.scheduler
         self.model_name, self.max_num_seqs, self.max_model_len = spec.model, max_num_seqs, spec.max_model_len
         self.tp, self.backend = spec.dims.tp, worker.ctx.backend
+        self.layout = spec.dims.describe()
         self.tokenizer, self.inputs = worker.tokenizer, worker.inputs
         if self.tokenizer is None:
             ranks.close(force=True)
