@@ -42,6 +42,11 @@ TINY_CONFIGS = {
         num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=256, rms_norm_eps=1e-6,
         tie_word_embeddings=False, use_sliding_window=False,
     ),
+    "llama7": dict(  # 7 layers: uneven pipeline stages (2 + 2 + 2 + 1, 2 + 2 + 1 + 1 + 1)
+        model_type="llama", vocab_size=199, hidden_size=48, intermediate_size=64, num_hidden_layers=7,
+        num_attention_heads=6, num_key_value_heads=3, head_dim=8, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=True, bos_token_id=None, eos_token_id=None,
+    ),
     "qwen3": dict(
         model_type="qwen3", vocab_size=211, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
         num_attention_heads=5, num_key_value_heads=1, head_dim=12, max_position_embeddings=256,

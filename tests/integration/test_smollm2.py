@@ -56,3 +56,15 @@ def test_cli_gguf_file_at_tp4(smollm2_gguf, reference):
     assert out["token_ids"] == reference[0][1]
     assert out["text"].startswith(", the city of Nova Haven")
     assert len(out["peak_rss_mb"]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("tp, pp", [(1, 2), (1, 3), (2, 2), (3, 2), (1, 5)])
+def test_pipeline_stages_give_the_greedy_tokens_of_transformers(tp, pp, reference, rank_pool):
+    """30 layers on 2, 3 and 5 stages (of 1, 2 or 3 ranks each)."""
+    with LLM("smollm2-135m", tp=tp, pp=pp, progress=False, ranks=rank_pool(tp * pp)) as llm:
+        result = llm.generate_full(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS))
+    for c, (ref_prompt, ref_tokens) in zip(result.completions, reference):
+        assert c.prompt_token_ids == ref_prompt
+        assert c.token_ids == ref_tokens
