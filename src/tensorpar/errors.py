@@ -12,9 +12,16 @@ class CheckpointError(TensorparError):
 class RankFailure(TensorparError):
     """A rank of the tensor-parallel group died or raised; the others were stopped."""
 
-    def __init__(self, rank: int, world_size: int, reason: str):
-        self.rank, self.world_size, self.reason = rank, world_size, reason
-        super().__init__(f"rank {rank} of {world_size} failed: {reason}")
+    def __init__(self, rank: int, world_size: int, reason: str, place: str = ""):
+        self.rank, self.world_size, self.reason, self.place = rank, world_size, reason, place
+        where = f" ({place})" if place else ""
+        super().__init__(f"rank {rank} of {world_size}{where} failed: {reason}")
+
+    def placed(self, describe) -> "RankFailure":
+        """The same failure, naming the rank's place in the layout (``describe(rank)``)."""
+        out = RankFailure(self.rank, self.world_size, self.reason, describe(self.rank))
+        out.remote_traceback = getattr(self, "remote_traceback", None)
+        return out
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:

@@ -219,3 +219,47 @@ def test_the_same_request_gives_the_same_text_through_llm_cli_and_http(server, c
     http = client.completions.create(model=model, prompt="Hello", max_tokens=10, temperature=0.9, seed=7, n=3)
     assert [c.text for c in sorted(http.choices, key=lambda c: c.index)] == sampled
     assert cli_texts("Hello", "--max-new-tokens", "10", "--temperature", "0.9", "--seed", "7", "-n", "3") == sampled
+
+
+@pytest.mark.timeout(240)
+def test_pipeline_server_answers_then_a_dead_stage_rank_is_named(tiny_chat_checkpoint):
+    """tp=2 x pp=2 (4 ranks, a layer per stage): concurrent requests through the openai client
+    give one rank's text; a rank of the second stage SIGKILLed mid-decode stops the server with
+    one line naming it and its place, every rank gone and no shared-memory segment left."""
+    segments = set(Path("/dev/shm").glob("tensorpar-*"))
+    proc, base = start_server(tiny_chat_checkpoint, "--pp", "2", "--max-num-seqs", "4")
+    ranks = [p for p in rank_processes() if p.ppid() == proc.pid]
+    try:
+        assert sorted(p.info["name"] for p in ranks) == ["tensorpar-r1", "tensorpar-r2", "tensorpar-r3"]
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        prompts = [f"Pipeline request {i}:" for i in range(6)]
+        with __import__("tensorpar").LLM(str(tiny_chat_checkpoint), tp=1, progress=False) as llm:
+            solo = [c.text for c in llm.generate(prompts, max_new_tokens=10)]
+        got = [None] * len(prompts)
+
+        def run(i):
+            got[i] = client.completions.create(model=str(tiny_chat_checkpoint), prompt=prompts[i], max_tokens=10,
+                                               temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert got == solo
+
+        stream = client.completions.create(model=str(tiny_chat_checkpoint), prompt="A long story:", max_tokens=2000,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))  # decoding has begun
+        (victim,) = [p for p in ranks if p.info["name"] == "tensorpar-r3"]
+        os.kill(victim.pid, signal.SIGKILL)
+        code = proc.wait(timeout=60)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code != 0 and "Traceback" not in err
+    assert "rank 3 of 4 (stage 1 of 2, tp rank 1 of 2) failed: killed by signal SIGKILL" in err
+    time.sleep(0.5)
+    assert not [p for p in ranks if p.is_running() and p.status() != "zombie"]
+    assert set(Path("/dev/shm").glob("tensorpar-*")) <= segments

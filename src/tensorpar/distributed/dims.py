@@ -35,6 +35,13 @@ class ParallelDims:
         """``tp=2``, ``tp=2 pp=2``: the dimensions above 1 beside tp."""
         return " ".join([f"tp={self.tp}"] + [f"{n}={getattr(self, n)}" for n in ("pp", "dp", "ep") if getattr(self, n) > 1])
 
+    def place(self, rank: int) -> str:
+        """Where ``rank`` sits, for messages: ``stage 1 of 2, tp rank 0 of 2`` ("" without stages)."""
+        if self.pp == 1:
+            return ""
+        stage, t = self.coordinates(rank)
+        return f"stage {stage} of {self.pp}, tp rank {t} of {self.tp}"
+
     def coordinates(self, rank: int) -> tuple[int, int]:
         """(pipeline stage, tensor-parallel index) of ``rank``: a stage's ranks are adjacent."""
         return divmod(rank, self.tp)

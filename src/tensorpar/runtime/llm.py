@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from tensorpar.distributed.launch import launch
-from tensorpar.errors import TensorparError
+from tensorpar.errors import RankFailure, TensorparError
 from tensorpar.runtime.sampling import SamplingParams
 from tensorpar.runtime.spec import DEFAULT_MAX_NUM_SEQS, EngineArgs
 
@@ -75,7 +75,10 @@ class LLM:
     def _call(self, method: str, *args):
         if self._ranks is None:
             raise TensorparError("this LLM has been closed")
-        return self._ranks.call(method, *args)
+        try:
+            return self._ranks.call(method, *args)
+        except RankFailure as e:
+            raise e.placed(self.spec.dims.place) from None
 
     def generate_full(
         self,

@@ -126,6 +126,8 @@ class ServingEngine:
             self.worker.runner.send(S.Message(S.SHUTDOWN))
         except Exception as e:  # a rank died or a collective failed: nothing more can run
             failure = self._ranks.failure()
+            if failure is not None:
+                failure = failure.placed(self.worker.spec.dims.place)
             self.error = str(failure) if failure is not None else f"{type(e).__name__}: {e}"
             self.healthy = False
             self.scheduler.close("error", self.error)
