@@ -13,7 +13,7 @@ from conftest import cli
 EXAMPLE = ["plan", "--model", "llama-2-70b", "--gpu", "h100-sxm", "--gpus", "8", "--prompt-len", "512",
            "--output-len", "128", "--batch", "1"]
 CONFIG_KEYS = {"tp", "pp", "dp", "ep", "feasible", "reason", "memory_gib_per_gpu", "ttft_ms", "tpot_ms",
-               "throughput_tok_s", "usd_per_mtok"}
+               "throughput_tok_s", "usd_per_mtok", "runnable_by_tensorpar", "tensorpar_flags"}
 MEMORY_KEYS = {"weights", "kv_cache", "activations", "total"}
 
 
@@ -99,3 +99,30 @@ def test_plan_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "loaded: []"
+
+
+def test_json_marks_what_tensorpar_runs_and_serve_takes_the_recommendation(tmp_path):
+    """TP x PP of a dense model is runnable (one replica); DP replicas and MoE are not yet."""
+    import argparse
+
+    from tensorpar.cli.serve import apply_plan_file
+    from tensorpar.errors import TensorparError
+
+    r = cli("plan", "--model", "smollm2-135m", "--gpu", "cpu", "--gpus", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    flags = {(c["tp"], c["pp"], c["dp"]): (c["runnable_by_tensorpar"], c["tensorpar_flags"]) for c in plan["configs"]}
+    assert flags == {(1, 1, 2): (False, None), (1, 2, 1): (True, "--tp 1 --pp 2"), (2, 1, 1): (True, "--tp 2 --pp 1")}
+    path = tmp_path / "plan.json"
+    path.write_text(r.stdout)
+    args = argparse.Namespace(plan=str(path), tp=None, pp=1)
+    apply_plan_file(args)
+    assert (args.tp, args.pp) == (plan["recommended"]["tp"], plan["recommended"]["pp"])
+    plan["recommended"] = next(c for c in plan["configs"] if c["dp"] == 2)
+    path.write_text(json.dumps(plan))
+    with pytest.raises(TensorparError, match="cannot run the recommended TP=1 PP=1 DP=2 EP=1 yet"):
+        apply_plan_file(args)
+    moe = cli("plan", "--model", "mixtral-8x7b", "--gpu", "h100-sxm", "--gpus", "8", "--json")
+    assert not any(c["runnable_by_tensorpar"] for c in json.loads(moe.stdout)["configs"])
+    bad = cli("serve", "--plan", str(tmp_path / "missing.json"))
+    assert bad.returncode == 1 and "not the output of `tensorpar plan --json`" in bad.stderr

@@ -46,6 +46,10 @@ def test_stage_split_is_the_planners():
     dims = ParallelDims.resolve(6, None, pp=2, torchrun_world_size=6, supported=("tp", "pp"))
     assert (dims.tp, dims.pp, dims.world_size) == (3, 2, 6) and dims.describe() == "tp=3 pp=2"
     assert [dims.coordinates(r) for r in (0, 2, 3, 5)] == [(0, 0), (0, 2), (1, 0), (1, 2)]
+    assert dims.place(4) == "stage 1 of 2, tp rank 1 of 3"
+    assert dims.describe_nodes(3) == "tp=3 within each node, pp=2 across 2 nodes"
+    assert dims.describe_nodes(6) == dims.describe_nodes(None) == "tp=3 pp=2"
+    assert ParallelDims(tp=4).describe_nodes(2) == "tp=4 across 2 nodes"
 
 
 @pytest.mark.timeout(180)

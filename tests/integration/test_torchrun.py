@@ -55,3 +55,5 @@ def test_two_node_torchrun_matches_tp1(comm, backend, per_node, layout, tiny_cha
     assert two_nodes["tp"] == 2 and two_nodes["pp"] == len(layout) // 2 and two_nodes["backend"] == backend
     assert two_nodes["token_ids"] == one["token_ids"]
     assert len(two_nodes["peak_rss_mb"]) == 2 * per_node
+    shown = "tp=2 within each node, pp=2 across 2 nodes" if per_node == 2 else "tp=2 across 2 nodes"
+    assert f"at {shown} (" in outs[0][1]

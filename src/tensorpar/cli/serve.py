@@ -17,7 +17,28 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences that run at once; more wait")
+    p.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help="take --tp and --pp from the recommended configuration of `tensorpar plan --json`")
     p.set_defaults(run=run)
+
+
+def apply_plan_file(args) -> None:
+    """Set ``args.tp`` / ``args.pp`` from a plan's recommendation; refuse one tensorpar cannot run."""
+    import json
+
+    from tensorpar.errors import TensorparError
+
+    try:
+        plan = json.loads(open(args.plan).read())
+        best = plan["recommended"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TensorparError(f"--plan {args.plan}: not the output of `tensorpar plan --json` ({e})") from None
+    if not best:
+        raise TensorparError(f"--plan {args.plan}: the plan recommends no configuration")
+    if not best.get("runnable_by_tensorpar"):
+        raise TensorparError(f"--plan {args.plan}: tensorpar cannot run the recommended TP={best.get('tp')} "
+                             f"PP={best.get('pp')} DP={best.get('dp')} EP={best.get('ep')} yet")
+    args.tp, args.pp = best["tp"], best["pp"]
 
 
 def _watch(engine, stop: threading.Event) -> None:
@@ -34,6 +55,8 @@ def run(args) -> int:
 
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    if args.plan:
+        apply_plan_file(args)
     ranks = launch_engine(engine_args(args).resolve(DEFAULT_MAX_MODEL_LEN), args.max_num_seqs)
     if not ranks.is_leader:  # another rank under torchrun: follow the leader's steps
         try:

@@ -115,6 +115,11 @@ def send(x: torch.Tensor, ctx: ParallelContext, dst: int) -> None:
     dist.send(x.contiguous(), dst=dist.get_global_rank(ctx.group, dst), group=ctx.group)
 
 
+def isend(x: torch.Tensor, ctx: ParallelContext, dst: int):
+    """``send`` without waiting: returns the work to ``wait()`` on (keep ``x`` alive until then)."""
+    return dist.isend(x, dst=dist.get_global_rank(ctx.group, dst), group=ctx.group)
+
+
 def recv(x: torch.Tensor, ctx: ParallelContext, src: int) -> torch.Tensor:
     """Point-to-point: fill ``x`` from rank ``src`` of ``ctx``'s group."""
     dist.recv(x, src=dist.get_global_rank(ctx.group, src), group=ctx.group)

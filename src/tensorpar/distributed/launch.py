@@ -54,6 +54,7 @@ class TorchrunEnv:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int = 1
 
 
 def torchrun_env() -> TorchrunEnv | None:
@@ -64,6 +65,7 @@ def torchrun_env() -> TorchrunEnv | None:
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     )
 
 

@@ -51,6 +51,12 @@ class AttentionBatch:
         positions = torch.arange(length, device=device).expand(batch, length)
         return cls(positions, CAUSAL, length - 1)
 
+    def rows(self, start: int, stop: int) -> "AttentionBatch":
+        """Rows ``start:stop`` of this batch (a micro-batch): same keys to attend, same table length."""
+        return AttentionBatch(self.positions[start:stop], self.kind, self.max_position, self.kv_len,
+                              None if self.slots is None else self.slots[start:stop],
+                              None if self.slot_start is None else self.slot_start + start)
+
     @property
     def num_keys(self) -> int:
         return self.kv_len or self.positions.shape[1]

@@ -57,6 +57,7 @@ class Config:
     phases: PhaseTimes | None = None
     training: TrainingTime | None = None
     mfu: float | None = None
+    runnable: bool = False  # tensorpar's engine runs this layout for this model
     extra: dict = field(default_factory=dict)
 
     @property
@@ -90,7 +91,9 @@ class Config:
         out = {"tp": self.tp, "pp": self.pp, "dp": self.dp, "ep": self.ep, "feasible": self.feasible,
                "reason": reason, "memory_gib_per_gpu": memory,
                "ttft_ms": _round(self.ttft_ms), "tpot_ms": _round(self.tpot_ms),
-               "throughput_tok_s": _round(self.throughput_tok_s), "usd_per_mtok": _round(self.usd_per_mtok, 4)}
+               "throughput_tok_s": _round(self.throughput_tok_s), "usd_per_mtok": _round(self.usd_per_mtok, 4),
+               "runnable_by_tensorpar": self.runnable,
+               "tensorpar_flags": f"--tp {self.tp} --pp {self.pp}" if self.runnable else None}
         out.update(self.extra)
         return out
 
@@ -168,9 +171,22 @@ def _memory_reason(mem: MemoryUse) -> str:
             f"has {mem.capacity / GIB:.1f} GiB")
 
 
+def runnable_by_tensorpar(arch: ArchSpec, c: Config, mode: str) -> bool:
+    """Whether tensorpar's engine runs ``c`` for ``arch``: dense architectures it has a module for,
+    TP x PP for inference (one replica; DP serving is not there yet), TP x DP for training."""
+    from tensorpar.models.registry import MODEL_TYPES
+
+    if arch.moe or c.ep > 1 or arch.family not in MODEL_TYPES or c.tp > arch.heads:
+        return False
+    if mode == "training":
+        return c.pp == 1 and arch.family in ("llama", "mistral", "qwen2")
+    return c.dp == 1 and c.pp <= arch.layers
+
+
 def evaluate(arch: ArchSpec, device: Device, precision: Precision, gpus_per_node: int,
              r: PlanRequest, c: Config) -> Config:
     """Fill in memory, times, throughput and cost of one configuration (or why it cannot run)."""
+    c.runnable = runnable_by_tensorpar(arch, c, r.mode)
     reason = _structural_reason(arch, c, gpus_per_node, r)
     if reason:
         c.feasible, c.reason = False, reason

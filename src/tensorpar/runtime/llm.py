@@ -54,7 +54,7 @@ class LLM:
         self.load_s = time.perf_counter() - t0
         leader = self._ranks.ready_info.get(0, {})
         self.tp, self.pp = self.spec.dims.tp, self.spec.dims.pp
-        self.layout = self.spec.dims.describe()
+        self.layout = self.spec.layout
         self.backend = leader.get("backend") or self._ranks.local.ctx.backend
         rank0 = {f"rank0_{k}": v for k, v in leader.items() if k.endswith("_s")}
         self.startup = {**self.spec.startup, "launch_s": time.perf_counter() - t1, **rank0, "total_s": self.load_s}

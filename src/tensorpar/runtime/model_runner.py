@@ -12,6 +12,10 @@ each stage holds its layers and their KV cache. A stage receives its input hidde
 its layers and sends their output on the same way: every rank of a stage holds the replicated
 activations after its all-reduce, so each sends its own copy and no stage needs a broadcast
 inside it. The last stage's first rank sends the step's result to the leader.
+
+A decode step of several rows runs as ``pp`` micro-batches of rows: a stage sends one
+micro-batch on without waiting and starts the next, so that the stages work at once (the first
+and last micro-batches still leave ``pp - 1`` stages idle: the bubble).
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ import time
 
 import torch
 
-from tensorpar.distributed.collectives import broadcast, recv, send
+from tensorpar.distributed.collectives import broadcast, isend, recv, send
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.distributed.mesh import build_mesh
 from tensorpar.dtypes import torch_dtype
 from tensorpar.layers.attention import CAUSAL
 from tensorpar.loading import build_model
-from tensorpar.partition import stage_layers
+from tensorpar.partition import even_splits, stage_layers
 from tensorpar.runtime import step as S
 from tensorpar.runtime.kv_cache import KVCache
 
@@ -49,6 +53,7 @@ class ModelRunner:
                                  layers=layers)
         self.load_s = time.perf_counter() - t
         self.cache: KVCache | None = None
+        self.busy_s = 0.0  # seconds spent computing steps (not waiting for another stage)
 
     # ---- the leader's side ----------------------------------------------------------------------
 
@@ -89,25 +94,46 @@ class ModelRunner:
         if batch.op == S.STEP and attn.kind == CAUSAL:  # new sequences start in these slots
             for slot in range(attn.slot_start, attn.slot_start + batch.ids.shape[0]):
                 self.cache.start(slot)
-        hidden = None
-        if self.stage > 0:  # [B, S, hidden] from the stage before
-            hidden = recv(torch.empty(*batch.ids.shape, self.config.hidden_size, dtype=self.dtype,
-                                      device=self.ctx.device), self.ctx, self.ctx.rank - self.tp)
-        out = self.model(batch.ids, attn, self.cache if batch.op == S.STEP else None, hidden=hidden)
+        if self.pp == 1:
+            return self._head(batch, self.model(batch.ids, attn, self.cache if batch.op == S.STEP else None))
+        sent, results = [], []
+        for start, stop in self._micro_batches(batch):
+            ids, part = batch.ids[start:stop], attn.rows(start, stop)
+            hidden = None
+            if self.stage > 0:  # [b, S, hidden] from the stage before
+                hidden = recv(torch.empty(*ids.shape, self.config.hidden_size, dtype=self.dtype,
+                                          device=self.ctx.device), self.ctx, self.ctx.rank - self.tp)
+            t = time.perf_counter()
+            out = self.model(ids, part, self.cache if batch.op == S.STEP else None, hidden=hidden)
+            if self.stage < self.pp - 1:
+                sent.append((isend(out, self.ctx, self.ctx.rank + self.tp), out))
+            else:
+                results.append(self._head(batch, out))
+            self.busy_s += time.perf_counter() - t
+        for work, _ in sent:
+            work.wait()
         if self.stage < self.pp - 1:
-            send(out, self.ctx, self.ctx.rank + self.tp)
             return self._result_from_last_stage(batch)
+        if self.tp_rank == 0:
+            send(_packed(_joined(results, batch), batch), self.ctx, 0)
+        return None
+
+    def _micro_batches(self, batch: S.Batch) -> list[tuple[int, int]]:
+        """Row spans: ``pp`` of them for a decode step of at least ``pp`` rows, else one."""
+        rows, tokens = batch.ids.shape
+        if batch.op != S.STEP or tokens != 1 or rows < 2:
+            return [(0, rows)]
+        return [(r.start, r.stop) for r in even_splits(rows, min(self.pp, rows))]
+
+    def _head(self, batch: S.Batch, out: torch.Tensor):
+        """The step's result from the final hidden states, on the first rank of the (last) stage."""
         head = self.model.lm_head
         if batch.op == S.SCORE:
             logits = head.logits_to_leader(out)
-            result = None if logits is None else logits[0]  # [S, vocab] on the stage's first rank
-        elif batch.logits == S.GREEDY:
-            result = head.greedy_to_leader(out[:, -1])  # (ids [B], logprobs [B])
-        else:
-            result = head.logits_to_leader(out[:, -1])  # [B, vocab]
-        if self.pp > 1 and self.tp_rank == 0:
-            send(_packed(result, batch), self.ctx, 0)
-        return result if self.ctx.is_leader else None
+            return None if logits is None else logits[0]  # [S, vocab]
+        if batch.logits == S.GREEDY:
+            return head.greedy_to_leader(out[:, -1])  # (ids [B], logprobs [B])
+        return head.logits_to_leader(out[:, -1])  # [B, vocab]
 
     def _result_from_last_stage(self, batch: S.Batch):
         """On the leader, the step's result as the last stage's first rank sent it; None elsewhere."""
@@ -118,11 +144,6 @@ class ModelRunner:
         shape = (2, rows) if greedy else ((tokens if batch.op == S.SCORE else rows), self.config.vocab_size)
         got = recv(torch.empty(shape, dtype=torch.float32, device=self.ctx.device), self.ctx, (self.pp - 1) * self.tp)
         return (got[0].long(), got[1]) if greedy else got
-
-    @property
-    def layout(self) -> str:
-        """This rank's place: ``stage s of p, tp rank t of n``."""
-        return f"stage {self.stage} of {self.pp}, tp rank {self.tp_rank} of {self.tp}"
 
     def follow(self, until: tuple[int, ...] = (S.END,)) -> int:
         """Follower: run the leader's messages until it sends one of ``until``; return that op."""
@@ -140,3 +161,12 @@ def _packed(result, batch: S.Batch) -> torch.Tensor:
         ids, logprobs = result
         return torch.stack([ids.float(), logprobs.float()])
     return result.float()
+
+
+def _joined(results: list, batch: S.Batch):
+    """Micro-batches' results as one step's."""
+    if len(results) == 1:
+        return results[0]
+    if batch.op == S.STEP and batch.logits == S.GREEDY:
+        return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+    return torch.cat(results)

@@ -65,6 +65,7 @@ class GenerationResult:
     completions: list[Completion]
     timings: dict[str, float]
     peak_rss_mb: list[float] = field(default_factory=list)
+    stage_busy: list[float] = field(default_factory=list)  # per pipeline stage: fraction of the call spent computing
 
 
 class Collector:

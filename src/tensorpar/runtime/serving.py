@@ -79,7 +79,7 @@ class ServingEngine:
         self.worker, self.scheduler = worker, worker.scheduler
         self.model_name, self.max_num_seqs, self.max_model_len = spec.model, max_num_seqs, spec.max_model_len
         self.tp, self.backend = spec.dims.tp, worker.ctx.backend
-        self.layout = spec.dims.describe()
+        self.layout = spec.layout
         self.tokenizer, self.inputs = worker.tokenizer, worker.inputs
         if self.tokenizer is None:
             ranks.close(force=True)

@@ -39,6 +39,7 @@ class EngineSpec:
     progress: bool
     tokenizer_cache: bool
     startup: dict = field(default_factory=dict, compare=False)  # seconds, by phase
+    layout: str = ""  # "tp=2 pp=2", or over torchrun's nodes "tp=2 within each node, pp=2 across 2 nodes"
 
     @property
     def config(self):
@@ -98,4 +99,5 @@ class EngineArgs:
             raise TensorparError(f"--max-model-len {self.max_model_len} must be from 1 to the model's context of {limit} tokens")
         max_model_len = self.max_model_len or min(limit, default_max_model_len or limit)
         return EngineSpec(self.model, source, dims, dtype, self.device, self.comm, float(self.timeout_s),
-                          max_model_len, self.progress, self.tokenizer_cache, {"metadata_s": metadata_s})
+                          max_model_len, self.progress, self.tokenizer_cache, {"metadata_s": metadata_s},
+                          dims.describe_nodes(env.local_world_size if env else None))

@@ -61,6 +61,7 @@ class Worker:
 
     def _call(self, prepare, run):
         """Every rank returns (or raises) what the leader's ``run(prepare())`` gave."""
+        start, busy = time.perf_counter(), self.runner.busy_s
         if self.ctx.is_leader:
             try:
                 plan = prepare()
@@ -71,12 +72,15 @@ class Worker:
         else:
             self.runner.follow()
             result = None
-        rss = all_gather_object(peak_rss_mb(), self.ctx)
+        wall = time.perf_counter() - start
+        stats = all_gather_object((peak_rss_mb(), (self.runner.busy_s - busy) / wall if wall else 0.0), self.ctx)
         result = broadcast_object(result, self.ctx)
         if isinstance(result, Exception):
             raise result
         if isinstance(result, GenerationResult):
-            result.peak_rss_mb = rss
+            result.peak_rss_mb = [rss for rss, _ in stats]
+            if self.spec.dims.pp > 1:
+                result.stage_busy = [stats[s * self.spec.dims.tp][1] for s in range(self.spec.dims.pp)]
         return result
 
     def generate(self, prompts: list, params: list[SamplingParams], chat: bool = False) -> GenerationResult:
