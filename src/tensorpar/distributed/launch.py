@@ -250,11 +250,14 @@ class SpawnedRanks:
             box.put((method, args, kwargs))
 
     def failure(self) -> RankFailure | None:
-        """A RankFailure for the first spawned rank found dead, or None while all are alive."""
-        for i, p in enumerate(self._procs):
-            if p.exitcode is not None:
-                return RankFailure(self.first + i, self.world_size, _describe_exit(p.exitcode))
-        return None
+        """A RankFailure for a spawned rank found dead, or None while all are alive: one killed by
+        a signal first (the others of its group then fail in their collectives and exit), else
+        the lowest."""
+        dead = [(i, p.exitcode) for i, p in enumerate(self._procs) if p.exitcode is not None]
+        if not dead:
+            return None
+        i, code = min(dead, key=lambda d: (d[1] >= 0, d[0]))
+        return RankFailure(self.first + i, self.world_size, _describe_exit(code))
 
     @property
     def pids(self) -> list[int]:
