@@ -1,9 +1,9 @@
 """Serving throughput and latency at several concurrency levels, like vLLM's benchmark_serving.
 
-    python benchmarks/serving.py [--model smollm2-135m] [--tp 1,2] [--concurrency 1,4,16,32]
+    python benchmarks/serving.py [--model smollm2-135m] [--tp 1,2,1x2] [--concurrency 1,4,16,32]
                                  [--requests 64] [--max-tokens 32] [--out bench-out]
 
-For each TP degree, starts ``tensorpar serve`` on a free loopback port, then for each
+For each layout (a TP degree, or ``TxP``: tp x pp pipeline stages), starts ``tensorpar serve`` on a free loopback port, then for each
 concurrency level sends ``--requests`` streaming completions (greedy, ``--max-tokens`` each,
 ignore_eos so every request makes the same number of tokens) from that many client threads at
 once. Reports output tokens/s, time to first token and inter-token latency (p50 / p99), prints a
@@ -33,9 +33,9 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
-def start(model: str, tp: int, port: int) -> subprocess.Popen:
+def start(model: str, tp: int, pp: int, port: int) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("tensorpar")
-    proc = subprocess.Popen([str(exe), "serve", "--model", model, "--tp", str(tp), "--port", str(port),
+    proc = subprocess.Popen([str(exe), "serve", "--model", model, "--tp", str(tp), "--pp", str(pp), "--port", str(port),
                              "--max-num-seqs", "32"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -110,16 +110,18 @@ def main() -> None:
     from tensorpar.distributed.launch import free_port
 
     rows = []
-    for tp in [int(t) for t in args.tp.split(",")]:
+    for layout in args.tp.split(","):
+        tp, _, pp = layout.partition("x")
+        tp, pp = int(tp), int(pp or 1)
         port = free_port()
-        proc = start(args.model, tp, port)
+        proc = start(args.model, tp, pp, port)
         base = f"http://127.0.0.1:{port}"
         try:
             run_level(base, args.model, 2, 4, 4)  # warm-up
             for c in [int(c) for c in args.concurrency.split(",")]:
-                row = {"tp": tp, **run_level(base, args.model, c, max(args.requests, c), args.max_tokens)}
+                row = {"tp": tp, "pp": pp, **run_level(base, args.model, c, max(args.requests, c), args.max_tokens)}
                 rows.append(row)
-                print(f"tp={tp} concurrency={c:>3}: {row['output_tokens_per_s']:7.1f} output tok/s | "
+                print(f"tp={tp} pp={pp} concurrency={c:>3}: {row['output_tokens_per_s']:7.1f} output tok/s | "
                       f"TTFT p50 {row['ttft_ms']['p50']:7.1f} p99 {row['ttft_ms']['p99']:7.1f} ms | "
                       f"ITL p50 {row['itl_ms']['p50']:6.1f} p99 {row['itl_ms']['p99']:6.1f} ms", flush=True)
         finally:
