@@ -1,4 +1,5 @@
-"""A 2-D device mesh: ``tp`` x ``dp`` ranks, tensor-parallel groups inside data-parallel replicas.
+"""A 2-D device mesh: ``tp`` x ``dp`` ranks, tensor-parallel groups inside data-parallel replicas
+(training), or inside pipeline stages (inference: the second axis is then the stage).
 
 Global rank ``r`` sits at ``dp_rank = r // tp``, ``tp_rank = r % tp``: the ranks of one
 tensor-parallel group are adjacent (on one host first, where their frequent collectives are
