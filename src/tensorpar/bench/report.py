@@ -35,11 +35,12 @@ def tensorpar_table(result: dict) -> str:
                f"prefill tok/s ({s['prompt_len']})", "peak RSS MiB per rank", "% roofline b=1", "load s"]
     rows = []
     for r in result["tensorpar"]:
+        tp = r["tp"] if r.get("pp", 1) == 1 else f"{r['tp']} x pp {r['pp']}"
         if r.get("status") != "ok":
-            rows.append([r["tp"], "FAILED: " + r.get("reason", "?")] + [None] * (len(headers) - 2))
+            rows.append([tp, "FAILED: " + r.get("reason", "?")] + [None] * (len(headers) - 2))
             continue
         rows.append([
-            r["tp"], r.get("backend"),
+            tp, r.get("backend"),
             *[_f(r["decode_ms_per_token"].get(b), 2) for b in batches],
             *[_f(r["decode_tokens_per_s"].get(b), 0) for b in batches if b != "1"],
             _f(r["prefill_tokens_per_s"], 0), _rss(r["peak_rss_mb"]), _f(pct.get(r["tp"]), 0), _f(r.get("load_s"), 1),
@@ -71,8 +72,8 @@ def peers_table(result: dict) -> str:
 
 def roofline_table(result: dict) -> str:
     roof = result.get("roofline")
-    if not roof:
-        return "roofline: not measured"
+    if not roof or roof.get("status") == "failed":
+        return f"roofline: not measured{': ' + roof['reason'] if roof else ''}"
     bw, bw_all = roof["bandwidth_1_thread"], roof.get("bandwidth_all_cores") or {}
     head = (f"roofline: {roof['weight_bytes'] / 1e6:.1f} MB of float32 weights per decoded token; "
             f"1 thread read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s"

@@ -24,6 +24,7 @@ QUICK = dict(new_tokens=4, prompt_len=64, sweep_max_bytes=64 << 10, sweep_iters=
 class BenchConfig:
     model: str = "smollm2-135m"
     tp: list[int] = field(default_factory=lambda: [1, 2, 3])
+    pp: int = 1  # pipeline stages of each measured TP degree (tp x pp ranks)
     batch: list[int] = field(default_factory=lambda: [1, 8])
     prompt_len: int = 512
     new_tokens: int = 32
@@ -43,6 +44,8 @@ class BenchConfig:
     def __post_init__(self):
         if not self.tp or min(self.tp) < 1:
             raise ValueError(f"--tp needs degrees >= 1, got {self.tp}")
+        if not isinstance(self.pp, int) or self.pp < 1:
+            raise ValueError(f"--pp must be a positive integer, got {self.pp!r}")
         if not self.batch or min(self.batch) < 1:
             raise ValueError(f"--batch needs sizes >= 1, got {self.batch}")
         if self.new_tokens < 2:
@@ -108,10 +111,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     # tensorpar first: TP=1 runs in this process, whose peak RSS is then its figure.
     tensorpar_rows = []
     for tp in cfg.tp:
-        _log(f"tensorpar tp={tp}")
-        row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats)
+        layout = f"tp={tp}" + (f" pp={cfg.pp}" if cfg.pp > 1 else "")
+        _log(f"tensorpar {layout}")
+        row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats, pp=cfg.pp)
         if row["status"] != "ok":
-            _log(f"tensorpar tp={tp} failed: {row['reason']}")
+            _log(f"tensorpar {layout} failed: {row['reason']}")
         tensorpar_rows.append(row)
 
     prompt_len, new_tokens = fit_context(config.max_position_embeddings, cfg.prompt_len, cfg.new_tokens)
@@ -121,20 +125,21 @@ def run_bench(cfg: BenchConfig) -> dict:
     settings = {**{k: v for k, v in asdict(cfg).items() if k != "command"}, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "short_prompt_tokens": SHORT_PROMPT_TOKENS, "dtype": "float32"}
 
-    _log("memory bandwidth")
-    roof = None
-    try:
-        bw1 = roofline.measure_in_subprocess(cfg.bandwidth_mb, cfg.bandwidth_repeats, 1, cfg.timeout_s)
-        bw_all = (roofline.measure_in_subprocess(cfg.bandwidth_mb, cfg.bandwidth_repeats, cores(), cfg.timeout_s)
-                  if cores() > 1 else None)
-        wbytes = roofline.weight_bytes(config)
-        b1 = {r["tp"]: (r["decode_ms_per_token"].get("1") if r["status"] == "ok" else None) for r in tensorpar_rows}
-        roof = {"weight_bytes": wbytes, "bandwidth_1_thread": bw1, "bandwidth_all_cores": bw_all,
-                **roofline.roofline(wbytes, bw1["read_GBps"], cores(), b1),
-                "note": "roofline = weight bytes / 1-thread read bandwidth; TP>1 divided by min(tp, cores)"}
-    except Exception as e:  # noqa: BLE001
-        _log(f"bandwidth test failed: {one_line(e)}")
-        roof = {"status": "failed", "reason": one_line(e)}
+    roof = None  # the roofline is drawn per TP degree: not with --pp
+    if cfg.pp == 1:
+        _log("memory bandwidth")
+        try:
+            bw1 = roofline.measure_in_subprocess(cfg.bandwidth_mb, cfg.bandwidth_repeats, 1, cfg.timeout_s)
+            bw_all = (roofline.measure_in_subprocess(cfg.bandwidth_mb, cfg.bandwidth_repeats, cores(), cfg.timeout_s)
+                      if cores() > 1 else None)
+            wbytes = roofline.weight_bytes(config)
+            b1 = {r["tp"]: (r["decode_ms_per_token"].get("1") if r["status"] == "ok" else None) for r in tensorpar_rows}
+            roof = {"weight_bytes": wbytes, "bandwidth_1_thread": bw1, "bandwidth_all_cores": bw_all,
+                    **roofline.roofline(wbytes, bw1["read_GBps"], cores(), b1),
+                    "note": "roofline = weight bytes / 1-thread read bandwidth; TP>1 divided by min(tp, cores)"}
+        except Exception as e:  # noqa: BLE001
+            _log(f"bandwidth test failed: {one_line(e)}")
+            roof = {"status": "failed", "reason": one_line(e)}
 
     peer_result = None
     if cfg.peers:

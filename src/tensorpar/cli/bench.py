@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tensorpar.cli.common import add_model
+from tensorpar.cli.common import add_model, add_pp
 
 
 def _ints(text: str) -> list[int]:
@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark latency, throughput, memory and collectives", description=__doc__)
     add_model(p)
     p.add_argument("--tp", type=_ints, default=[1, 2, 3], help="comma-separated TP degrees (default: 1,2,3)")
+    add_pp(p)
     p.add_argument("--batch", type=_ints, default=[1, 8], help="comma-separated decode batch sizes (default: 1,8)")
     p.add_argument("--prompt-len", type=int, default=None, help="prefill prompt length in tokens (default: 512; --quick: 64)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per decode run (default: 32; --quick: 4)")
@@ -50,7 +51,7 @@ def run(args) -> int:
             kw[name] = getattr(args, name)
     if args.timeout is not None:
         kw["timeout_s"] = args.timeout
-    cfg = BenchConfig(model=args.model, tp=args.tp, batch=args.batch, out=args.out, peers=args.peers,
+    cfg = BenchConfig(model=args.model, tp=args.tp, pp=args.pp, batch=args.batch, out=args.out, peers=args.peers,
                       sweep=args.sweep, quick=args.quick, command=["tensorpar", *sys.argv[1:]], **kw)
     result = run_bench(cfg)
     print(render(result))
