@@ -142,6 +142,23 @@ def hf_reference(path: Path):
     return model.eval()
 
 
+def greedy_reference(gguf: Path, prompts: list[str], new_tokens: int):
+    """transformers on a GGUF file: its model, and per prompt (prompt ids, ``new_tokens`` greedy
+    tokens); no prompt may reach EOS sooner."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = hf_reference(gguf)
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt").input_ids
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+            out.append((ids[0].tolist(), gen[0, ids.shape[1]:].tolist()))
+            assert len(out[-1][1]) == new_tokens, f"{p!r} reaches EOS within {new_tokens} tokens"
+    return model, out
+
+
 def write_chat_checkpoint(path: Path) -> Path:
     """A tiny random Llama with SmolLM2's real tokenizer and chat template (vocabulary 49152)."""
     from transformers import AutoTokenizer

@@ -40,6 +40,12 @@ def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     pytest.fail("server did not become healthy")
 
 
+def kill_rank(proc: subprocess.Popen, rank, timeout: float) -> tuple[int, str]:
+    """SIGKILL one rank process of the server ``proc``; the server's exit code and stderr."""
+    os.kill(rank.pid, signal.SIGKILL)
+    return proc.wait(timeout=timeout), proc.stderr.read()
+
+
 @pytest.fixture(scope="module")
 def server(tiny_chat_checkpoint):
     segments = set(Path("/dev/shm").glob("tensorpar-*"))
@@ -147,9 +153,7 @@ def test_killed_worker_makes_the_server_exit_naming_the_rank(tiny_chat_checkpoin
     try:
         (worker,) = [p for p in rank_processes() if p.ppid() == proc.pid]
         assert worker.info["name"] == "tensorpar-r1"
-        os.kill(worker.pid, signal.SIGKILL)
-        code = proc.wait(timeout=30)
-        err = proc.stderr.read()
+        code, err = kill_rank(proc, worker, 30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -252,9 +256,7 @@ def test_pipeline_server_answers_then_a_dead_stage_rank_is_named(tiny_chat_check
                                            temperature=0, stream=True, extra_body={"ignore_eos": True})
         next(iter(stream))  # decoding has begun
         (victim,) = [p for p in ranks if p.info["name"] == "tensorpar-r3"]
-        os.kill(victim.pid, signal.SIGKILL)
-        code = proc.wait(timeout=60)
-        err = proc.stderr.read()
+        code, err = kill_rank(proc, victim, 60)
     finally:
         if proc.poll() is None:
             proc.kill()

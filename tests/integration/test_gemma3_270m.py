@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import cli, hf_reference
+from conftest import cli, greedy_reference
 
 from tensorpar import LLM, SamplingParams
 
@@ -21,19 +21,8 @@ pytestmark = [pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def reference(gemma3_gguf):
-    """Prompt ids and greedy continuations from transformers loading the same GGUF."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name)
-    model = hf_reference(gemma3_gguf)
-    out = []
-    with torch.no_grad():
-        for p in PROMPTS:
-            ids = tok(p, return_tensors="pt").input_ids
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, do_sample=False)
-            out.append((ids[0].tolist(), gen[0, ids.shape[1]:].tolist()))
-    return model, out
+    """transformers on the same GGUF: its model, prompt ids and greedy continuations."""
+    return greedy_reference(gemma3_gguf, PROMPTS, NEW_TOKENS)
 
 
 @pytest.mark.timeout(300)

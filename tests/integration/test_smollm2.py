@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from conftest import cli, hf_reference
+from conftest import cli, greedy_reference
 
 from tensorpar import LLM, SamplingParams
 
@@ -18,18 +17,7 @@ NEW_TOKENS = 32
 @pytest.fixture(scope="module")
 def reference(smollm2_gguf):
     """Prompt ids and greedy continuations from transformers loading the same GGUF."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    model = hf_reference(smollm2_gguf)
-    out = []
-    with torch.no_grad():
-        for p in PROMPTS:
-            ids = tok(p, return_tensors="pt").input_ids
-            gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-            out.append((ids[0].tolist(), gen[0, ids.shape[1]:].tolist()))
-            assert len(out[-1][1]) == NEW_TOKENS
-    return out
+    return greedy_reference(smollm2_gguf, PROMPTS, NEW_TOKENS)[1]
 
 
 @pytest.mark.slow

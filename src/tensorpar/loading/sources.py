@@ -1,6 +1,7 @@
 """Where weights come from: a checkpoint source reads any slice of any tensor by its name in the
-model (``tensorpar.models.names``), touching only that slice's bytes (safetensors are memory-mapped and sliced lazily; GGUF rows
-and quantization blocks are cut out of the memory map before dequantization).
+model (``tensorpar.models.names``), touching only that slice's bytes (safetensors are
+memory-mapped and sliced lazily; GGUF rows and quantization blocks are cut out of the memory map
+before dequantization).
 
 A source is opened once, in the process that resolves the model, and sent to the ranks: it
 pickles without its open file handles, which each rank reopens on first read.
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class CheckpointSource(ABC):
-    """A checkpoint that reads slices of tensors by their Hugging Face names."""
+    """A checkpoint that reads slices of tensors by their names in the model."""
 
     path: Path
     config: ModelConfig

@@ -272,6 +272,7 @@ class Attention(nn.Module):
             [("q_proj", cfg.num_heads * d), ("k_proj", cfg.num_kv_heads * d), ("v_proj", cfg.num_kv_heads * d)],
             bias=cfg.qkv_bias,
         )
+        self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
@@ -283,7 +284,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [B, S, (h + 2 kv) d]; S is the whole sequence under sequence parallelism
         B, S, _ = qkv.shape
         qk = qkv[..., : (h + kv) * d].view(B, S, h + kv, d)
-        if hasattr(self, "q_norm"):
+        if self.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])], dim=2)
         if rope is not None:
             qk = apply_rope(qk, *rope)

@@ -14,10 +14,10 @@ import time
 from tensorpar.distributed.collectives import all_gather_object, broadcast_object
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.errors import TensorparError
+from tensorpar.models.registry import model_module
 from tensorpar.process import peak_rss_mb
 from tensorpar.runtime import step as S
 from tensorpar.runtime.inputs import InputProcessor
-from tensorpar.models.registry import model_module
 from tensorpar.runtime.model_runner import ModelRunner
 from tensorpar.runtime.request import Collector, GenerationResult, requests_for
 from tensorpar.runtime.sampling import SamplingParams
@@ -25,18 +25,17 @@ from tensorpar.runtime.scheduler import Scheduler
 from tensorpar.runtime.spec import DEFAULT_MAX_NUM_SEQS, EngineSpec
 
 
-def with_model_defaults(tokenizer, config):
-    """The tokenizer, given the architecture's chat template when it has none (GGUF files of
-    Gemma carry none) and, as ``model_eos_token_ids``, the ids of the architecture's end tokens
-    (``EOS_TOKENS``: Gemma's turns end with ``<end_of_turn>``)."""
+def architecture_defaults(tokenizer, config) -> set[int]:
+    """Give ``tokenizer`` the architecture's chat template when it has none (GGUF files of Gemma
+    carry none); return the ids of the architecture's end tokens it knows (``EOS_TOKENS``:
+    Gemma's turns end with ``<end_of_turn>``)."""
     if tokenizer is None:
-        return None
+        return set()
     arch = model_module(config)
     if getattr(tokenizer, "chat_template", None) is None and hasattr(arch, "CHAT_TEMPLATE"):
         tokenizer.chat_template = arch.CHAT_TEMPLATE
-    vocab = tokenizer.get_vocab()
-    tokenizer.model_eos_token_ids = tuple(vocab[t] for t in getattr(arch, "EOS_TOKENS", ()) if t in vocab)
-    return tokenizer
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in getattr(arch, "EOS_TOKENS", ())}
+    return {i for i in ids if i is not None and i != tokenizer.unk_token_id}
 
 
 class Worker:
@@ -46,12 +45,12 @@ class Worker:
         self.tokenizer = self.inputs = self.scheduler = None
         t = time.perf_counter()
         if ctx.is_leader:  # the tokenizer first: a conversion's transient memory then does not stack on the weights
-            self.tokenizer = with_model_defaults(spec.source.tokenizer(cache=spec.tokenizer_cache), config)
+            self.tokenizer = spec.source.tokenizer(cache=spec.tokenizer_cache)
         tokenizer_s = time.perf_counter() - t
         self.runner = ModelRunner(spec, ctx)
         self.info = {"backend": ctx.backend, "tokenizer_s": tokenizer_s, "weights_s": self.runner.load_s}
         if ctx.is_leader:
-            eos = set(config.eos_token_ids) | set(getattr(self.tokenizer, "model_eos_token_ids", ()))
+            eos = set(config.eos_token_ids) | architecture_defaults(self.tokenizer, config)
             if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
                 eos.add(self.tokenizer.eos_token_id)
             self.inputs = InputProcessor(self.tokenizer, config.vocab_size, spec.max_model_len, spec.model)
