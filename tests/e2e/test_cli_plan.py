@@ -102,7 +102,7 @@ def test_plan_imports_no_torch():
 
 
 def test_json_marks_what_tensorpar_runs_and_serve_takes_the_recommendation(tmp_path):
-    """TP x PP of a dense model is runnable (one replica); DP replicas and MoE are not yet."""
+    """TP x PP x DP of a dense model is runnable (DP through serve's replicas); MoE is not yet."""
     import argparse
 
     from tensorpar.cli.serve import apply_plan_file
@@ -112,15 +112,17 @@ def test_json_marks_what_tensorpar_runs_and_serve_takes_the_recommendation(tmp_p
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     flags = {(c["tp"], c["pp"], c["dp"]): (c["runnable_by_tensorpar"], c["tensorpar_flags"]) for c in plan["configs"]}
-    assert flags == {(1, 1, 2): (False, None), (1, 2, 1): (True, "--tp 1 --pp 2"), (2, 1, 1): (True, "--tp 2 --pp 1")}
+    assert flags == {(1, 1, 2): (True, "--tp 1 --pp 1 --dp 2"), (1, 2, 1): (True, "--tp 1 --pp 2"),
+                     (2, 1, 1): (True, "--tp 2 --pp 1")}
     path = tmp_path / "plan.json"
     path.write_text(r.stdout)
-    args = argparse.Namespace(plan=str(path), tp=None, pp=1)
+    args = argparse.Namespace(plan=str(path), tp=None, pp=1, dp=1)
     apply_plan_file(args)
-    assert (args.tp, args.pp) == (plan["recommended"]["tp"], plan["recommended"]["pp"])
-    plan["recommended"] = next(c for c in plan["configs"] if c["dp"] == 2)
+    best = plan["recommended"]
+    assert (args.tp, args.pp, args.dp) == (best["tp"], best["pp"], best["dp"])
+    plan["recommended"] = {**next(c for c in plan["configs"] if c["dp"] == 2), "ep": 2, "runnable_by_tensorpar": False}
     path.write_text(json.dumps(plan))
-    with pytest.raises(TensorparError, match="cannot run the recommended TP=1 PP=1 DP=2 EP=1 yet"):
+    with pytest.raises(TensorparError, match="cannot run the recommended TP=1 PP=1 DP=2 EP=2 yet"):
         apply_plan_file(args)
     moe = cli("plan", "--model", "mixtral-8x7b", "--gpu", "h100-sxm", "--gpus", "8", "--json")
     assert not any(c["runnable_by_tensorpar"] for c in json.loads(moe.stdout)["configs"])

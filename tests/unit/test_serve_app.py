@@ -497,9 +497,10 @@ def test_metrics(client, engine):
         "tensorpar_time_to_first_token_seconds_count 2.0",
         "tensorpar_inter_token_latency_seconds_count 3.0",
         "tensorpar_e2e_request_latency_seconds_count 2.0",
-        "tensorpar_num_requests_running 0.0",
-        "tensorpar_num_requests_waiting 0.0",
-        "tensorpar_kv_cache_usage_ratio 0.0",
+        'tensorpar_num_requests_running{replica="0"} 0.0',
+        'tensorpar_num_requests_waiting{replica="0"} 0.0',
+        'tensorpar_kv_cache_usage_ratio{replica="0"} 0.0',
+        'tensorpar_replica_healthy{replica="0"} 1.0',
         "tensorpar_engine_healthy 1.0",
     ):
         assert line in text, line

@@ -50,11 +50,11 @@ def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
 
 
-def engine_args(args: argparse.Namespace, progress: bool = True):
-    """The ``EngineArgs`` of the flags ``add_engine`` defined."""
+def engine_args(args: argparse.Namespace, progress: bool = True, dp: int = 1):
+    """The ``EngineArgs`` of the flags ``add_engine`` defined (and ``dp`` replicas, for serving)."""
     from tensorpar.runtime.spec import EngineArgs
 
-    options = dict(model=args.model, tp=args.tp, pp=args.pp, dtype=args.dtype, device=args.device, comm=args.comm,
+    options = dict(model=args.model, tp=args.tp, pp=args.pp, dp=dp, dtype=args.dtype, device=args.device, comm=args.comm,
                    max_model_len=args.max_model_len, progress=progress, tokenizer_cache=args.tokenizer_cache)
     if args.timeout is not None:
         options["timeout_s"] = args.timeout

@@ -1,4 +1,5 @@
-"""``tensorpar serve``: an OpenAI-compatible HTTP server over a model sharded on ``--tp`` ranks."""
+"""``tensorpar serve``: an OpenAI-compatible HTTP server over a model sharded on ``--tp`` x ``--pp``
+ranks, or over ``--dp`` replicas of that layout (each request to the least busy replica)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,17 @@ def add_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences that run at once; more wait")
+    p.add_argument("--dp", type=int, default=1,
+                   help="independent replicas of the --tp x --pp layout behind the one endpoint; a request goes "
+                        "to the replica with the fewest outstanding requests, and the others serve on when one fails")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences that run at once (per replica); more wait")
     p.add_argument("--plan", default=None, metavar="PLAN.json",
-                   help="take --tp and --pp from the recommended configuration of `tensorpar plan --json`")
+                   help="take --tp, --pp and --dp from the recommended configuration of `tensorpar plan --json`")
     p.set_defaults(run=run)
 
 
 def apply_plan_file(args) -> None:
-    """Set ``args.tp`` / ``args.pp`` from a plan's recommendation; refuse one tensorpar cannot run."""
+    """Set ``args.tp`` / ``args.pp`` / ``args.dp`` from a plan's recommendation; refuse one tensorpar cannot run."""
     import json
 
     from tensorpar.errors import TensorparError
@@ -38,33 +42,36 @@ def apply_plan_file(args) -> None:
     if not best.get("runnable_by_tensorpar"):
         raise TensorparError(f"--plan {args.plan}: tensorpar cannot run the recommended TP={best.get('tp')} "
                              f"PP={best.get('pp')} DP={best.get('dp')} EP={best.get('ep')} yet")
-    args.tp, args.pp = best["tp"], best["pp"]
+    args.tp, args.pp, args.dp = best["tp"], best["pp"], best.get("dp", 1)
 
 
 def _watch(engine, stop: threading.Event) -> None:
-    """When a rank dies, say which and stop the server (it then exits non-zero)."""
+    """Say when a replica goes down; when none is left, say why and stop the server (it then
+    exits non-zero)."""
+    said = None
     while not stop.wait(0.2):
-        if not engine.stats()["healthy"]:
-            print(f"tensorpar: error: {engine.stats()['error']}", file=sys.stderr, flush=True)
+        stats = engine.stats()
+        if stats["error"] and stats["error"] != said and stats["healthy"]:
+            live = sum(r["healthy"] for r in stats.get("replicas", []))
+            print(f"tensorpar: error: {stats['error']}; serving on {live} replica(s)", file=sys.stderr, flush=True)
+            said = stats["error"]
+        if not stats["healthy"]:
+            print(f"tensorpar: error: {stats['error']}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
             return
 
 
 def run(args) -> int:
-    from tensorpar.runtime.serving import DEFAULT_MAX_MODEL_LEN, ServingEngine, launch_engine
+    from tensorpar.runtime.replicas import start_serving
+    from tensorpar.runtime.serving import DEFAULT_MAX_MODEL_LEN
 
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
     if args.plan:
         apply_plan_file(args)
-    ranks = launch_engine(engine_args(args).resolve(DEFAULT_MAX_MODEL_LEN), args.max_num_seqs)
-    if not ranks.is_leader:  # another rank under torchrun: follow the leader's steps
-        try:
-            ranks.local.follow_forever()
-        finally:
-            ranks.close()
+    engine = start_serving(engine_args(args, dp=args.dp).resolve(DEFAULT_MAX_MODEL_LEN), args.max_num_seqs)
+    if engine is None:  # another rank under torchrun: it has followed its leader to the end
         return 0
-    engine = ServingEngine(max_num_seqs=args.max_num_seqs, ranks=ranks)
     from tensorpar.serve.server import run_server
 
     stop = threading.Event()

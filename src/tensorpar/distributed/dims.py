@@ -31,24 +31,33 @@ class ParallelDims:
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
+    @property
+    def replica_size(self) -> int:
+        """Ranks of one replica: ``tp * pp`` (each data-parallel replica is its own process group)."""
+        return self.tp * self.pp
+
     def describe(self) -> str:
         """``tp=2``, ``tp=2 pp=2``: the dimensions above 1 beside tp."""
         return " ".join([f"tp={self.tp}"] + [f"{n}={getattr(self, n)}" for n in ("pp", "dp", "ep") if getattr(self, n) > 1])
 
     def describe_nodes(self, per_node: int | None) -> str:
         """``describe`` for ranks spread over nodes of ``per_node`` ranks (adjacent ranks share a
-        node, as torchrun numbers them): ``tp=2 within each node, pp=2 across 2 nodes``."""
+        node, as torchrun numbers them; tp varies fastest, then pp, then dp):
+        ``tp=2 within each node, pp=2 across 2 nodes``."""
         nodes = self.world_size // per_node if per_node else 1
         if nodes <= 1:
             return self.describe()
-        tp = f"tp={self.tp} " + ("within each node" if per_node % self.tp == 0 else f"across {nodes} nodes")
-        if self.pp == 1:
-            return tp
-        spread = "within each node" if per_node % (self.tp * self.pp) == 0 else f"across {nodes} nodes"
-        return f"{tp}, pp={self.pp} {spread}"
+        parts, span = [], 1
+        for name in ("tp", "pp", "dp"):
+            value = getattr(self, name)
+            span *= value
+            if value > 1 or name == "tp":
+                where = "within each node" if per_node % span == 0 else f"across {nodes} nodes"
+                parts.append(f"{name}={value} {where}")
+        return ", ".join(parts)
 
     def place(self, rank: int) -> str:
-        """Where ``rank`` sits, for messages: ``stage 1 of 2, tp rank 0 of 2`` ("" without stages)."""
+        """Where ``rank`` (of one replica) sits, for messages: ``stage 1 of 2, tp rank 0 of 2`` ("" without stages)."""
         if self.pp == 1:
             return ""
         stage, t = self.coordinates(rank)

@@ -47,12 +47,14 @@ def choose_backend(device: torch.device) -> str:
 def init_group(
     rank: int,
     world_size: int,
-    init_method: str,
+    init_method: str | None,
     device: torch.device,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     use_shm: bool = True,
+    store=None,
 ) -> ParallelContext:
-    """Join the default process group; every collective on it fails after ``timeout_s`` seconds.
+    """Join the default process group (at ``init_method``, or on ``store``); every collective on
+    it fails after ``timeout_s`` seconds.
 
     On CPU, when every rank runs on this host, collectives go through shared memory.
     """
@@ -66,6 +68,7 @@ def init_group(
     dist.init_process_group(
         backend=backend,
         init_method=init_method,
+        store=store,
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),

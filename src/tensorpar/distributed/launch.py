@@ -84,12 +84,33 @@ def rank_device(device_type: str, local_rank: int) -> "torch.device":
 
 
 def join_torchrun(
-    env: TorchrunEnv, device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S, use_shm: bool = True
+    env: TorchrunEnv, device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S, use_shm: bool = True,
+    group_size: int | None = None,
 ) -> "ParallelContext":
+    """Join this rank's group: torchrun's whole world, or (``group_size`` smaller than it) the
+    ``group_size`` adjacent ranks of this one, as a process group of their own on torchrun's store."""
     from tensorpar.distributed.groups import init_group
 
     device = rank_device(device_type, env.local_rank)
-    return init_group(env.rank, env.world_size, "env://", device, timeout_s, use_shm)
+    if not group_size or group_size == env.world_size:
+        return init_group(env.rank, env.world_size, "env://", device, timeout_s, use_shm)
+    import torch.distributed as dist
+
+    store = dist.PrefixStore(f"tensorpar/group{env.rank // group_size}/", torchrun_store(env, timeout_s))
+    return init_group(env.rank % group_size, group_size, None, device, timeout_s, use_shm, store=store)
+
+
+def torchrun_store(env: TorchrunEnv, timeout_s: float = DEFAULT_TIMEOUT_S):
+    """A client of the key-value store torchrun's ranks share (``MASTER_ADDR:MASTER_PORT``): the
+    agent's store, or, when torchrun does not host one, the one rank 0 hosts."""
+    import datetime
+
+    import torch.distributed as dist
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         is_master=env.rank == 0 and not agent_store, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
 
 
 def free_port() -> int:
@@ -132,7 +153,7 @@ def _build(factory: Factory | None, ctx, args: tuple, old=None):
     return None if factory is None else factory(ctx, *args)
 
 
-def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, inbox, outbox, spawned_at):
+def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, inbox, outbox, spawned_at, cores):
     """Body of a spawned rank: take its worker's factory and arguments (the first message: a
     spawned process's own arguments must stay small, or a process that dies before reading them
     leaves its parent blocked on the pipe), join the group, build the worker, serve calls
@@ -141,7 +162,7 @@ def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, inbox, o
     started = {"process_s": time.time() - spawned_at}  # the interpreter's start
     try:
         t = time.perf_counter()
-        configure_rank_process(rank, world_size)
+        configure_rank_process(cores[0] + rank, cores[1] or world_size)
         factory, args = inbox.get()
         from tensorpar.distributed.groups import init_group
 
@@ -204,9 +225,12 @@ class SpawnedRanks:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         use_shm: bool = True,
         leader_here: bool = False,
+        cores: tuple[int, int | None] = (0, None),
     ):
         """With ``leader_here`` only ranks 1..N-1 are spawned: the caller joins as rank 0 at
-        ``init_method`` and then calls ``wait_ready`` (``launch(..., leader_here=True)`` does both)."""
+        ``init_method`` and then calls ``wait_ready`` (``launch(..., leader_here=True)`` does both).
+        ``cores``: (this group's first rank, ranks on this host) when several groups share the host,
+        so that each rank gets cores of its own (``configure_rank_process``)."""
         self.world_size = world_size
         self.first = 1 if leader_here else 0
         mpc = mp.get_context("spawn")
@@ -222,7 +246,7 @@ class SpawnedRanks:
             mpc.Process(
                 target=_rank_main,
                 args=(r, world_size, self.port, device_type, timeout_s, use_shm, self._inboxes[r - self.first],
-                      self._outbox, spawned_at),
+                      self._outbox, spawned_at, cores),
                 name=f"tensorpar-r{r}",
                 daemon=True,
             )
@@ -236,6 +260,7 @@ class SpawnedRanks:
             self.wait_ready()
 
     is_leader = True  # this process is rank 0 (``leader_here``) or drives them all: it speaks for rank 0
+    replica = 0  # spawned ranks are one group (several replicas on one host are launched one by one)
 
     def wait_ready(self) -> None:
         """Block until every spawned rank has built its worker."""
@@ -358,8 +383,8 @@ class InProcessRanks:
     """This process is the only rank, or one of torchrun's: ``call`` runs the method on the worker
     here (under torchrun every rank's program makes the same calls)."""
 
-    def __init__(self, worker, ctx: "ParallelContext", owns_group: bool):
-        self.local, self.ctx, self._owns_group = worker, ctx, owns_group
+    def __init__(self, worker, ctx: "ParallelContext", owns_group: bool, replica: int = 0):
+        self.local, self.ctx, self._owns_group, self.replica = worker, ctx, owns_group, replica
         self.world_size = ctx.world_size
         self.ready_info = {0: getattr(worker, "info", {})} if ctx.is_leader else {}
         self.pids: list[int] = []
@@ -407,6 +432,8 @@ def launch(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     use_shm: bool = True,
     leader_here: bool = False,
+    replicas: int = 1,
+    cores: tuple[int, int | None] = (0, None),
 ) -> Ranks:
     """Bring up ``world_size`` ranks, each running ``factory(ctx, *args)`` (or no worker yet, for
     ``rebuild`` to give them one: ranks kept for one model after another).
@@ -415,23 +442,30 @@ def launch(
     has checked) and builds its own worker. One rank runs in this process. Otherwise the ranks
     are spawned; with ``leader_here`` this process is rank 0 (its worker is ``ranks.local``) and
     only ranks 1..N-1 are spawned, building their workers while this one builds its own.
+
+    ``replicas``: under torchrun, its world holds that many independent groups of ``world_size``
+    ranks (data-parallel replicas; replica ``d`` is ranks ``d * world_size ...``), and this process
+    joins its replica's group (``ranks.replica`` says which); elsewhere it is ignored (each replica
+    on this host is launched by its own leader). ``cores``: see ``SpawnedRanks``.
     """
     device_type = device.split(":")[0]
     env = torchrun_env()
     if env is not None:
         from tensorpar.distributed import groups  # (torch: imported by the processes that are ranks, once they are)
 
-        if env.world_size != world_size:
-            raise TensorparError(f"{world_size} ranks were asked for, but torchrun started {env.world_size}")
-        ctx = join_torchrun(env, device_type, timeout_s, use_shm)
+        if env.world_size != world_size * replicas:
+            raise TensorparError(f"{world_size * replicas} ranks were asked for, but torchrun started {env.world_size}")
+        ctx = join_torchrun(env, device_type, timeout_s, use_shm, world_size)
         try:
-            return InProcessRanks(_build(factory, ctx, args), ctx, owns_group=True)
+            return InProcessRanks(_build(factory, ctx, args), ctx, owns_group=True, replica=env.rank // world_size)
         except BaseException:
             groups.destroy_group(ctx)
             raise
     if world_size == 1:
         from tensorpar.distributed import groups
 
+        if cores[1]:  # one of several single-rank groups on this host
+            configure_rank_process(cores[0], cores[1], spawned=False)
         ctx = groups.single_process_context(device)
         return InProcessRanks(_build(factory, ctx, args), ctx, owns_group=False)
     if device_type == "cuda":
@@ -440,13 +474,14 @@ def launch(
         if torch.cuda.device_count() < world_size:
             raise TensorparError(f"{world_size} ranks on CUDA need {world_size} GPUs; "
                                  f"{torch.cuda.device_count()} visible")
-    ranks = SpawnedRanks(world_size, factory, args, device_type, timeout_s, use_shm, leader_here=leader_here)
+    ranks = SpawnedRanks(world_size, factory, args, device_type, timeout_s, use_shm, leader_here=leader_here,
+                         cores=cores)
     if not leader_here:
         return ranks
     try:
         from tensorpar.distributed import groups
 
-        configure_rank_process(0, world_size, spawned=False)
+        configure_rank_process(cores[0], cores[1] or world_size, spawned=False)
         ranks.ctx = groups.init_group(0, world_size, ranks.init_method, rank_device(device_type, 0), timeout_s, use_shm)
         ranks.local = _build(factory, ranks.ctx, args)
         ranks.wait_ready()

@@ -79,6 +79,10 @@ class Config:
     def eligible(self) -> bool:
         return self.feasible and self.slo_miss is None
 
+    def flags(self) -> str:
+        """The command-line flags of this layout: ``--tp 2 --pp 1`` (and ``--dp N`` above one replica)."""
+        return f"--tp {self.tp} --pp {self.pp}" + (f" --dp {self.dp}" if self.dp > 1 else "")
+
     def to_json(self) -> dict:
         mem = self.memory
         memory = None if mem is None else {
@@ -93,7 +97,7 @@ class Config:
                "ttft_ms": _round(self.ttft_ms), "tpot_ms": _round(self.tpot_ms),
                "throughput_tok_s": _round(self.throughput_tok_s), "usd_per_mtok": _round(self.usd_per_mtok, 4),
                "runnable_by_tensorpar": self.runnable,
-               "tensorpar_flags": f"--tp {self.tp} --pp {self.pp}" if self.runnable else None}
+               "tensorpar_flags": self.flags() if self.runnable else None}
         out.update(self.extra)
         return out
 
@@ -173,14 +177,14 @@ def _memory_reason(mem: MemoryUse) -> str:
 
 def runnable_by_tensorpar(arch: ArchSpec, c: Config, mode: str) -> bool:
     """Whether tensorpar's engine runs ``c`` for ``arch``: dense architectures it has a module for,
-    TP x PP for inference (one replica; DP serving is not there yet), TP x DP for training."""
+    TP x PP x DP for inference (replicas through ``serve --dp``), TP x DP for training."""
     from tensorpar.models.registry import MODEL_TYPES
 
     if arch.moe or c.ep > 1 or arch.family not in MODEL_TYPES or c.tp > arch.heads:
         return False
     if mode == "training":
         return c.pp == 1 and arch.family in ("llama", "mistral", "qwen2")
-    return c.dp == 1 and c.pp <= arch.layers
+    return c.pp <= arch.layers
 
 
 def evaluate(arch: ArchSpec, device: Device, precision: Precision, gpus_per_node: int,

@@ -38,6 +38,8 @@ class LLM:
         t0 = time.perf_counter()
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if options.get("dp", 1) != 1:
+            raise TensorparError("LLM runs one replica of tp x pp ranks; `tensorpar serve --dp N` serves N replicas")
         self.spec = EngineArgs(**({"model": model} if model is not None else {}), **options).resolve()
         self.config = self.spec.config
         t1 = time.perf_counter()

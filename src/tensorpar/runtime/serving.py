@@ -39,15 +39,17 @@ class ServingBackend(Protocol):
     def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> dict:
-        """``running``, ``waiting``, ``kv_cache_usage`` (0 to 1), ``healthy``, ``error``."""
+        """``running``, ``waiting``, ``kv_cache_usage`` (0 to 1), ``healthy``, ``error``,
+        ``requests`` (submitted so far); with replicas also ``replicas``, each one's."""
 
     def shutdown(self) -> None: ...
 
 
-def launch_engine(spec: EngineSpec, max_num_seqs: int) -> Ranks:
-    """The ranks of a serving engine, rank 0 (the scheduler's) in this process."""
-    return launch(spec.dims.world_size, Worker, (spec, max_num_seqs), spec.device, spec.timeout_s, spec.use_shm,
-                  leader_here=True)
+def launch_engine(spec: EngineSpec, max_num_seqs: int, cores: tuple[int, int | None] = (0, None)) -> Ranks:
+    """The ranks of one serving replica, its rank 0 (the scheduler's) in this process; under
+    torchrun, those of this rank's replica (``cores``: see ``launch``)."""
+    return launch(spec.dims.replica_size, Worker, (spec, max_num_seqs), spec.device, spec.timeout_s, spec.use_shm,
+                  leader_here=True, replicas=spec.dims.dp, cores=cores)
 
 
 class ServingEngine:
@@ -64,6 +66,9 @@ class ServingEngine:
     def __init__(self, model: str | None = None, max_num_seqs: int = 32, ranks: Ranks | None = None, **options):
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if options.get("dp", 1) != 1:
+            raise TensorparError("a ServingEngine is one replica; `tensorpar serve --dp N` "
+                                 "(tensorpar.runtime.replicas.start_serving) serves N")
         if ranks is None:
             args = EngineArgs(**({"model": model} if model is not None else {}), **options)
             ranks = launch_engine(args.resolve(DEFAULT_MAX_MODEL_LEN), max_num_seqs)
@@ -87,7 +92,7 @@ class ServingEngine:
         ranks.start("follow_forever")
         self.scheduler.reserve(max_num_seqs, self.max_model_len)
         self._stopping = False
-        self.healthy, self.error = True, None
+        self.healthy, self.error, self.submitted = True, None, 0
         self._thread = threading.Thread(target=self._loop, name="tensorpar-engine", daemon=True)
         self._thread.start()
 
@@ -97,13 +102,14 @@ class ServingEngine:
         if self._stopping:
             sink(final_event(request.request_id, "error", "the server is shutting down"))
             return
+        self.submitted += 1
         self.scheduler.add(request, sink)
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
 
     def stats(self) -> dict:
-        return {**self.scheduler.stats(), "healthy": self.healthy, "error": self.error}
+        return {**self.scheduler.stats(), "healthy": self.healthy, "error": self.error, "requests": self.submitted}
 
     def shutdown(self) -> None:
         """Stop admitting, end what runs with "abort", stop the follower ranks."""

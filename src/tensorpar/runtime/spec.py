@@ -59,7 +59,8 @@ class EngineArgs:
     """The options of ``LLM``, ``ServingEngine`` and the engine commands.
 
     ``tp=None``: one rank per pipeline stage, or under torchrun its world size over ``pp``.
-    ``pp``: pipeline stages, each a tensor-parallel group of ``tp`` ranks. ``dtype``: any name of
+    ``pp``: pipeline stages, each a tensor-parallel group of ``tp`` ranks. ``dp``: independent
+    replicas of that layout (serving only: ``ServingEngine`` and ``LLM`` run one). ``dtype``: any name of
     ``tensorpar.dtypes`` or ``auto``. ``comm``: ``auto`` sends CPU collectives between ranks of
     one host through shared memory, ``gloo`` forces gloo. ``max_model_len``: the longest prompt
     plus completion (default: the model's context). ``tokenizer_cache``: keep a GGUF file's
@@ -69,6 +70,7 @@ class EngineArgs:
     model: str = DEFAULT_MODEL
     tp: int | None = None
     pp: int = 1
+    dp: int = 1
     dtype: str = "auto"
     device: str = "cpu"
     comm: str = "auto"
@@ -93,7 +95,7 @@ class EngineArgs:
         config = source.config
         env = torchrun_env()
         dims = ParallelDims.resolve(config.num_heads, self.tp, torchrun_world_size=env.world_size if env else None,
-                                    supported=("tp", "pp"), pp=self.pp, num_layers=config.num_layers)
+                                    supported=("tp", "pp", "dp"), pp=self.pp, dp=self.dp, num_layers=config.num_layers)
         limit = config.max_position_embeddings
         if self.max_model_len is not None and not (isinstance(self.max_model_len, int) and 1 <= self.max_model_len <= limit):
             raise TensorparError(f"--max-model-len {self.max_model_len} must be from 1 to the model's context of {limit} tokens")

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over a ``ServingEngine``: ``create_app(engine, api_key)``.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming as server-sent events
-or not), GET /v1/models, GET /health, GET /metrics. With ``api_key`` set, /v1/* requires
+or not), GET /v1/models, GET /health (200 "ok", or "degraded" naming the replicas that are down
+while others serve; 503 when none can), GET /metrics. With ``api_key`` set, /v1/* requires
 ``Authorization: Bearer <api_key>``; /health and /metrics stay open.
 
 One API request with ``n`` choices is ``n`` engine requests ``{id}-{i}``. Their token events
@@ -199,9 +200,14 @@ def create_app(engine: ServingBackend, api_key: str | None = None) -> FastAPI:
             stats = engine.stats()
         except Exception as e:
             stats = {"healthy": False, "error": f"{type(e).__name__}: {e}"}
-        if stats.get("healthy", True):
-            return {"status": "ok"}
-        return JSONResponse({"status": "error", "error": stats.get("error") or "unhealthy"}, status_code=503)
+        replicas = [{"replica": i, "healthy": r["healthy"], "error": r.get("error"),
+                     "outstanding_requests": r.get("outstanding", 0)} for i, r in enumerate(stats.get("replicas", []))]
+        each = {"replicas": replicas} if replicas else {}
+        if not stats.get("healthy", True):
+            return JSONResponse({"status": "error", "error": stats.get("error") or "unhealthy", **each}, status_code=503)
+        if stats.get("error"):  # some replicas are down; the others serve
+            return {"status": "degraded", "error": stats["error"], **each}
+        return {"status": "ok", **each}
 
     @app.get("/metrics")
     async def metrics():

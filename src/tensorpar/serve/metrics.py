@@ -7,7 +7,7 @@ The engine gauges are read from ``engine.stats()`` when scraped, never cached.
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -16,7 +16,17 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 
 
 class _EngineCollector:
-    """Gauges from ``engine.stats()`` at scrape time."""
+    """Gauges from ``engine.stats()`` at scrape time, one series per replica (label ``replica``;
+    a server of one replica has replica "0")."""
+
+    GAUGES = (
+        ("tensorpar_num_requests_running", "Sequences the engine is generating now.", "running"),
+        ("tensorpar_num_requests_waiting", "Sequences queued for a free slot.", "waiting"),
+        ("tensorpar_kv_cache_usage_ratio", "Fraction of the KV cache in use (0 to 1).", "kv_cache_usage"),
+        ("tensorpar_replica_outstanding_requests", "Requests sent to the replica and not yet finished.",
+         "outstanding"),
+        ("tensorpar_replica_healthy", "1 while every rank of the replica is alive, else 0.", "healthy"),
+    )
 
     def __init__(self, engine):
         self.engine = engine
@@ -26,14 +36,18 @@ class _EngineCollector:
             s = self.engine.stats()
         except Exception:  # a broken engine must not break the scrape
             s = {"healthy": False}
-        for name, doc, key in (
-            ("tensorpar_num_requests_running", "Sequences the engine is generating now.", "running"),
-            ("tensorpar_num_requests_waiting", "Sequences queued for a free slot.", "waiting"),
-            ("tensorpar_kv_cache_usage_ratio", "Fraction of the KV cache in use (0 to 1).", "kv_cache_usage"),
-        ):
-            yield GaugeMetricFamily(name, doc, value=float(s.get(key) or 0))
-        yield GaugeMetricFamily("tensorpar_engine_healthy", "1 while every rank is alive, else 0.",
-                                value=1.0 if s.get("healthy") else 0.0)
+        replicas = s.get("replicas") or [{**s, "outstanding": s.get("running", 0) + s.get("waiting", 0)}]
+        for name, doc, key in self.GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["replica"])
+            for i, r in enumerate(replicas):
+                family.add_metric([str(i)], float(r.get(key) or 0))
+            yield family
+        requests = CounterMetricFamily("tensorpar_replica_requests", "Requests sent to the replica.", labels=["replica"])
+        for i, r in enumerate(replicas):
+            requests.add_metric([str(i)], float(r.get("requests") or 0))
+        yield requests
+        yield GaugeMetricFamily("tensorpar_engine_healthy", "1 while the server can serve (any replica is healthy), "
+                                "else 0.", value=1.0 if s.get("healthy") else 0.0)
 
 
 class Metrics:
