@@ -109,3 +109,19 @@ def test_bench_pipeline_stages(tiny_chat_checkpoint, tmp_path):
     for (tp, pp), row in rows.items():
         assert row["status"] == "ok" and len(row["peak_rss_mb"]) == tp * pp
         assert all(_positive(v) for v in row["decode_ms_per_token"].values())
+
+
+@pytest.mark.timeout(240)
+def test_bench_serving_replicas(tiny_chat_checkpoint, tmp_path):
+    """``--dp 2``: two serving replicas of TP=1 take the batch's requests between them."""
+    out = tmp_path / "bench-dp"
+    r = cli("bench", "--quick", "--tp", "1", "--dp", "2", "--batch", "1,4", "--model", str(tiny_chat_checkpoint),
+            "--out", str(out), "--no-peers", "--no-sweep", timeout=230)
+    assert r.returncode == 0, r.stderr
+    assert "1 x dp 2" in r.stdout and "roofline: not measured" in r.stdout
+    res = json.loads((out / "bench.json").read_text())
+    (row,) = res["tensorpar"]
+    assert row["status"] == "ok" and (row["tp"], row["pp"], row["dp"]) == (1, 1, 2) and res["settings"]["dp"] == 2
+    assert set(row["decode_ms_per_token"]) == {"1", "4"} and all(_positive(v) for v in row["decode_ms_per_token"].values())
+    assert row["decode_tokens_per_s"]["4"] == pytest.approx(4e3 / row["decode_ms_per_token"]["4"])
+    assert _positive(row["prefill_tokens_per_s"])

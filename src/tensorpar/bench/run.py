@@ -25,6 +25,7 @@ class BenchConfig:
     model: str = "smollm2-135m"
     tp: list[int] = field(default_factory=lambda: [1, 2, 3])
     pp: int = 1  # pipeline stages of each measured TP degree (tp x pp ranks)
+    dp: int = 1  # serving replicas of each layout (measured through the serving engines)
     batch: list[int] = field(default_factory=lambda: [1, 8])
     prompt_len: int = 512
     new_tokens: int = 32
@@ -46,6 +47,8 @@ class BenchConfig:
             raise ValueError(f"--tp needs degrees >= 1, got {self.tp}")
         if not isinstance(self.pp, int) or self.pp < 1:
             raise ValueError(f"--pp must be a positive integer, got {self.pp!r}")
+        if not isinstance(self.dp, int) or self.dp < 1:
+            raise ValueError(f"--dp must be a positive integer, got {self.dp!r}")
         if not self.batch or min(self.batch) < 1:
             raise ValueError(f"--batch needs sizes >= 1, got {self.batch}")
         if self.new_tokens < 2:
@@ -97,7 +100,7 @@ def _log(msg: str) -> None:
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure everything, write ``bench.json`` and the plots under ``cfg.out``; return the result."""
     from tensorpar.bench import collectives_sweep, peers, plots, roofline
-    from tensorpar.bench.measure import measure_tensorpar
+    from tensorpar.bench.measure import measure_replicas, measure_tensorpar
     from tensorpar.bench.prompts import SHORT_PROMPT_TOKENS, fit_context
     from tensorpar.errors import one_line
     from tensorpar.loading import open_source
@@ -111,9 +114,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     # tensorpar first: TP=1 runs in this process, whose peak RSS is then its figure.
     tensorpar_rows = []
     for tp in cfg.tp:
-        layout = f"tp={tp}" + (f" pp={cfg.pp}" if cfg.pp > 1 else "")
+        layout = f"tp={tp}" + (f" pp={cfg.pp}" if cfg.pp > 1 else "") + (f" dp={cfg.dp}" if cfg.dp > 1 else "")
         _log(f"tensorpar {layout}")
-        row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats, pp=cfg.pp)
+        if cfg.dp > 1:
+            row = measure_replicas(cfg.model, tp, cfg.pp, cfg.dp, cfg.batch, cfg.new_tokens, cfg.prompt_len,
+                                   cfg.repeats)
+        else:
+            row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats, pp=cfg.pp)
         if row["status"] != "ok":
             _log(f"tensorpar {layout} failed: {row['reason']}")
         tensorpar_rows.append(row)
@@ -125,8 +132,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     settings = {**{k: v for k, v in asdict(cfg).items() if k != "command"}, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "short_prompt_tokens": SHORT_PROMPT_TOKENS, "dtype": "float32"}
 
-    roof = None  # the roofline is drawn per TP degree: not with --pp
-    if cfg.pp == 1:
+    roof = None  # the roofline is drawn per TP degree: not with --pp or --dp
+    if cfg.pp == 1 and cfg.dp == 1:
         _log("memory bandwidth")
         try:
             bw1 = roofline.measure_in_subprocess(cfg.bandwidth_mb, cfg.bandwidth_repeats, 1, cfg.timeout_s)
@@ -193,6 +200,9 @@ METHODS = {
                         "making one token per prompt), best of `repeats` calls after a warm-up call with the same prompts",
     "tensorpar_prefill": "prompt_len / timings['prefill_s'] for one prompt_len-token prompt with max_new_tokens=1, "
                          "best of `repeats` calls after one warm-up call",
+    "tensorpar_replicas": "with --dp: the same prompts as requests to the serving replicas (least outstanding "
+                          "first); decode = mean over requests of (last token time - first) / (N-1), prefill = "
+                          "time to the first token of the long prompt; best of `repeats` after a warm-up",
     "peak_rss": "VmHWM of each rank at the end (tensorpar TP=1: the benchmark process itself)",
     "transformers_decode": "(time of generate with min_new_tokens=max_new_tokens=N - time of generate with 1 "
                            "token) / (N-1), greedy, best of `repeats` each, after a warm-up",
