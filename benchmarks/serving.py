@@ -1,9 +1,10 @@
 """Serving throughput and latency at several concurrency levels, like vLLM's benchmark_serving.
 
-    python benchmarks/serving.py [--model smollm2-135m] [--tp 1,2,1x2] [--concurrency 1,4,16,32]
+    python benchmarks/serving.py [--model smollm2-135m] [--tp 1,2,1x2,1x1x2] [--concurrency 1,4,16,32]
                                  [--requests 64] [--max-tokens 32] [--out bench-out]
 
-For each layout (a TP degree, or ``TxP``: tp x pp pipeline stages), starts ``tensorpar serve`` on a free loopback port, then for each
+For each layout (a TP degree, ``TxP``: tp x pp pipeline stages, or ``TxPxD``: D replicas of that
+behind one endpoint, ``--dp D``), starts ``tensorpar serve`` on a free loopback port, then for each
 concurrency level sends ``--requests`` streaming completions (greedy, ``--max-tokens`` each,
 ignore_eos so every request makes the same number of tokens) from that many client threads at
 once. Reports output tokens/s, time to first token and inter-token latency (p50 / p99), prints a
@@ -33,10 +34,11 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
-def start(model: str, tp: int, pp: int, port: int) -> subprocess.Popen:
+def start(model: str, tp: int, pp: int, dp: int, port: int) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("tensorpar")
-    proc = subprocess.Popen([str(exe), "serve", "--model", model, "--tp", str(tp), "--pp", str(pp), "--port", str(port),
-                             "--max-num-seqs", "32"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(exe), "serve", "--model", model, "--tp", str(tp), "--pp", str(pp), "--dp", str(dp),
+                             "--port", str(port), "--max-num-seqs", "32"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -107,21 +109,21 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args()
+    from tensorpar.bench.run import machine_info
     from tensorpar.distributed.launch import free_port
 
     rows = []
     for layout in args.tp.split(","):
-        tp, _, pp = layout.partition("x")
-        tp, pp = int(tp), int(pp or 1)
+        tp, pp, dp = [int(v) for v in layout.split("x")] + [1] * (3 - len(layout.split("x")))
         port = free_port()
-        proc = start(args.model, tp, pp, port)
+        proc = start(args.model, tp, pp, dp, port)
         base = f"http://127.0.0.1:{port}"
         try:
             run_level(base, args.model, 2, 4, 4)  # warm-up
             for c in [int(c) for c in args.concurrency.split(",")]:
-                row = {"tp": tp, "pp": pp, **run_level(base, args.model, c, max(args.requests, c), args.max_tokens)}
+                row = {"tp": tp, "pp": pp, "dp": dp, **run_level(base, args.model, c, max(args.requests, c), args.max_tokens)}
                 rows.append(row)
-                print(f"tp={tp} pp={pp} concurrency={c:>3}: {row['output_tokens_per_s']:7.1f} output tok/s | "
+                print(f"tp={tp} pp={pp} dp={dp} concurrency={c:>3}: {row['output_tokens_per_s']:7.1f} output tok/s | "
                       f"TTFT p50 {row['ttft_ms']['p50']:7.1f} p99 {row['ttft_ms']['p99']:7.1f} ms | "
                       f"ITL p50 {row['itl_ms']['p50']:6.1f} p99 {row['itl_ms']['p99']:6.1f} ms", flush=True)
         finally:
@@ -131,7 +133,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps({
         "benchmark": "serving", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv), "model": args.model, "max_tokens": args.max_tokens, "rows": rows}, indent=2))
+        "command": " ".join(sys.argv), "machine": machine_info(), "model": args.model, "max_tokens": args.max_tokens, "rows": rows}, indent=2))
     print(f"wrote {out / 'serving.json'}")
 
 
