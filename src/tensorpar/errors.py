@@ -19,7 +19,7 @@ class RankFailure(TensorparError):
 
     def placed(self, describe) -> "RankFailure":
         """The same failure, naming the rank's place in the layout (``describe(rank)``)."""
-        out = RankFailure(self.rank, self.world_size, self.reason, describe(self.rank))
+        out = type(self)(self.rank, self.world_size, self.reason, describe(self.rank))
         out.remote_traceback = getattr(self, "remote_traceback", None)
         return out
 

@@ -337,3 +337,33 @@ def test_two_replicas_share_the_load_and_one_killed_leaves_the_other_serving(tin
     time.sleep(0.5)
     assert not [p for p in ranks if p.is_running() and p.status() != "zombie"]
     assert set(Path("/dev/shm").glob("tensorpar-*")) <= segments
+
+
+@pytest.mark.timeout(120)
+def test_a_stage_that_stops_answering_is_named_within_the_timeout(tiny_chat_checkpoint):
+    """tp=1 x pp=2 with --timeout 5: the second stage SIGSTOPped mid-decode (alive, silent) stops
+    the server within the timeout and its shutdown, naming the rank and its stage; no rank is left."""
+    proc, base = start_server(tiny_chat_checkpoint, "--tp", "1", "--pp", "2", "--timeout", "5")
+    ranks = [p for p in rank_processes() if p.ppid() == proc.pid]
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        stream = client.completions.create(model=str(tiny_chat_checkpoint), prompt="A long story:", max_tokens=2000,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        (victim,) = ranks
+        t0 = time.monotonic()
+        os.kill(victim.pid, signal.SIGSTOP)
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - t0
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in ranks:
+            if p.is_running():
+                p.kill()
+    assert code != 0 and "Traceback" not in err
+    assert "rank 1 of 2 (stage 1 of 2, tp rank 0 of 1) failed: did not answer" in err
+    assert took < 30
+    time.sleep(0.5)
+    assert not [p for p in ranks if p.is_running() and p.status() != "zombie"]

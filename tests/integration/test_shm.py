@@ -15,6 +15,7 @@ import torch
 
 from tensorpar.distributed import shm as shm_module
 from tensorpar.distributed.launch import SpawnedRanks
+from tensorpar.errors import RankFailure
 
 pytestmark = pytest.mark.skipif(not shm_module.available(), reason="shared-memory collectives need x86-64 and /dev/shm")
 
@@ -130,7 +131,7 @@ def test_dead_or_silent_peer_raises_instead_of_spinning(behaviour):
         assert torch.equal(comm.all_reduce(torch.ones(4)), torch.full((4,), 2.0))
         os.unlink(path)
         t0 = time.monotonic()
-        error = RuntimeError if behaviour == "die" else TimeoutError
+        error = RuntimeError if behaviour == "die" else RankFailure
         with pytest.raises(error, match="rank 1"):
             comm.all_reduce(torch.ones(4))
         assert time.monotonic() - t0 < (1.0 if behaviour == "die" else 10.0)

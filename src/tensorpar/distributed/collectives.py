@@ -121,8 +121,16 @@ def isend(x: torch.Tensor, ctx: ParallelContext, dst: int):
 
 
 def recv(x: torch.Tensor, ctx: ParallelContext, src: int) -> torch.Tensor:
-    """Point-to-point: fill ``x`` from rank ``src`` of ``ctx``'s group."""
-    dist.recv(x, src=dist.get_global_rank(ctx.group, src), group=ctx.group)
+    """Point-to-point: fill ``x`` from rank ``src`` of ``ctx``'s group. A peer that sends nothing
+    within the group's timeout is a ``RankFailure`` naming it (a stage that stopped answering)."""
+    try:
+        dist.recv(x, src=dist.get_global_rank(ctx.group, src), group=ctx.group)
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower():
+            raise
+        from tensorpar.errors import RankFailure
+
+        raise RankFailure(src, ctx.world_size, "did not answer: receiving from it timed out") from None
     return x
 
 

@@ -117,9 +117,11 @@ class ShmCommunicator:
         if pid and not _alive(pid):
             raise RuntimeError(f"rank {peer} (pid {pid}) died; rank {self.rank} was waiting for it in shared-memory {what}")
         if time.monotonic() > self._deadline[1]:
-            raise TimeoutError(
-                f"shared-memory {what} timed out after {self.timeout_s:.0f}s on rank {self.rank} waiting for rank {peer}"
-            )
+            from tensorpar.errors import RankFailure
+
+            ranks, world = getattr(self, "group_ranks", None), getattr(self, "group_world", self.world_size)
+            raise RankFailure(ranks[peer] if ranks else peer, world,
+                              f"did not answer within {self.timeout_s:.0f} s (shared-memory {what})")
 
     def _chunks(self, n: int, itemsize: int):
         step = self.capacity // itemsize
@@ -238,4 +240,6 @@ def create_group_communicator(rank: int, world_size: int, group, timeout_s: floa
         dist.barrier(group=group)
         comm = ShmCommunicator(path, rank, world_size, capacity, timeout_s, create=False)
         dist.barrier(group=group)
+    comm.group_ranks = [dist.get_global_rank(group, i) for i in range(world_size)]  # to name a silent peer
+    comm.group_world = dist.get_world_size()
     return comm

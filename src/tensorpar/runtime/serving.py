@@ -13,7 +13,7 @@ import threading
 from typing import Protocol
 
 from tensorpar.distributed.launch import Ranks, launch
-from tensorpar.errors import TensorparError
+from tensorpar.errors import RankFailure, TensorparError
 from tensorpar.runtime import step as S
 from tensorpar.runtime.inputs import InputProcessor
 from tensorpar.runtime.request import Request, Sink
@@ -131,7 +131,7 @@ class ServingEngine:
             self.scheduler.close("abort")
             self.worker.runner.send(S.Message(S.SHUTDOWN))
         except Exception as e:  # a rank died or a collective failed: nothing more can run
-            failure = self._ranks.failure()
+            failure = self._ranks.failure() or (e if isinstance(e, RankFailure) else None)
             if failure is not None:
                 failure = failure.placed(self.worker.spec.dims.place)
             self.error = str(failure) if failure is not None else f"{type(e).__name__}: {e}"
