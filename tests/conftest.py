@@ -73,6 +73,23 @@ TINY_CONFIGS = {
         model_type="gpt2", vocab_size=190, n_embd=36, n_layer=2, n_head=6, n_positions=128,
         bos_token_id=None, eos_token_id=None,
     ),
+    # Mixtures of experts: 8 and 6 experts, so that 3 and 4 expert sets are uneven.
+    "mixtral": dict(
+        model_type="mixtral", vocab_size=240, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False, sliding_window=None,
+    ),
+    "qwen2_moe": dict(
+        model_type="qwen2_moe", vocab_size=240, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        max_position_embeddings=256, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False,
+        tie_word_embeddings=False,
+    ),
+    "qwen3_moe": dict(  # layer 1 keeps a dense MLP (mlp_only_layers)
+        model_type="qwen3_moe", vocab_size=240, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+        num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=True,
+    ),
 }
 SHARDED = {"qwen2"}  # written over several safetensors files with an index
 

@@ -28,11 +28,18 @@ def add_pp(p: argparse.ArgumentParser) -> None:
                         "layers (default: 1)")
 
 
+def add_ep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert parallelism (mixture-of-experts models): each stage's ranks hold the experts in this "
+                        "many sets; --tp is then 1 (attention replicated) or a multiple of --ep (default: 1)")
+
+
 def add_engine(p: argparse.ArgumentParser) -> None:
-    """--model, --tp, --pp and the options of ``tensorpar.runtime.EngineArgs``."""
+    """--model, --tp, --pp, --ep and the options of ``tensorpar.runtime.EngineArgs``."""
     add_model(p)
     add_tp(p)
     add_pp(p)
+    add_ep(p)
     names = ", ".join("/".join(ALIASES[d]) for d in ENGINE_DTYPES)
     p.add_argument("--dtype", default="auto", help=f"weights: auto (bf16 on CUDA, fp32 elsewhere), {names}")
     add_device(p)
@@ -54,7 +61,7 @@ def engine_args(args: argparse.Namespace, progress: bool = True, dp: int = 1):
     """The ``EngineArgs`` of the flags ``add_engine`` defined (and ``dp`` replicas, for serving)."""
     from tensorpar.runtime.spec import EngineArgs
 
-    options = dict(model=args.model, tp=args.tp, pp=args.pp, dp=dp, dtype=args.dtype, device=args.device, comm=args.comm,
+    options = dict(model=args.model, tp=args.tp, pp=args.pp, dp=dp, ep=args.ep, dtype=args.dtype, device=args.device, comm=args.comm,
                    max_model_len=args.max_model_len, progress=progress, tokenizer_cache=args.tokenizer_cache)
     if args.timeout is not None:
         options["timeout_s"] = args.timeout

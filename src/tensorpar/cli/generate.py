@@ -57,6 +57,7 @@ def run(args) -> int:
                 "model": args.model,
                 "tp": llm.tp,
                 "pp": llm.pp,
+                "ep": llm.spec.dims.ep,
                 "backend": llm.backend,
                 "device": args.device,
                 "dtype": llm.spec.dtype_name,

@@ -2,7 +2,10 @@
 
 ``ParallelDims`` is built in the process that launches (from the model's config and the user's
 flags, or from ``torchrun``'s world size), carried to every rank inside the run's spec, and
-trusted there. The world is ``tp * pp * dp`` ranks; ``ep`` (experts) splits inside it.
+trusted there. A pipeline stage is a group of ``width`` ranks: ``tp`` of them split attention
+(and the dense parts), and a mixture of experts is placed over the same ranks in ``ep`` sets
+(``tp`` a multiple of ``ep``: each expert split over ``tp / ep`` ranks; or ``tp=1``: attention
+replicated on the ``ep`` ranks). The world is ``width * pp * dp`` ranks.
 Torch-free.
 """
 
@@ -28,13 +31,18 @@ class ParallelDims:
                 raise TensorparError(f"--{name} must be a positive integer, got {value!r}")
 
     @property
+    def width(self) -> int:
+        """Ranks of one pipeline stage: ``tp``, or ``ep`` where attention is replicated (tp=1)."""
+        return max(self.tp, self.ep)
+
+    @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.width * self.pp * self.dp
 
     @property
     def replica_size(self) -> int:
-        """Ranks of one replica: ``tp * pp`` (each data-parallel replica is its own process group)."""
-        return self.tp * self.pp
+        """Ranks of one replica: ``width * pp`` (each data-parallel replica is its own process group)."""
+        return self.width * self.pp
 
     def describe(self) -> str:
         """``tp=2``, ``tp=2 pp=2``: the dimensions above 1 beside tp."""
@@ -49,23 +57,30 @@ class ParallelDims:
             return self.describe()
         parts, span = [], 1
         for name in ("tp", "pp", "dp"):
-            value = getattr(self, name)
+            value = self.width if name == "tp" else getattr(self, name)
             span *= value
+            value = getattr(self, name)
             if value > 1 or name == "tp":
                 where = "within each node" if per_node % span == 0 else f"across {nodes} nodes"
                 parts.append(f"{name}={value} {where}")
         return ", ".join(parts)
 
     def place(self, rank: int) -> str:
-        """Where ``rank`` (of one replica) sits, for messages: ``stage 1 of 2, tp rank 0 of 2`` ("" without stages)."""
-        if self.pp == 1:
+        """Where ``rank`` (of one replica) sits, for messages: ``stage 1 of 2, tp rank 0 of 2``,
+        ``tp rank 1 of 2, expert set 1 of 2`` ("" without stages or experts)."""
+        if self.pp == 1 and self.ep == 1:
             return ""
         stage, t = self.coordinates(rank)
-        return f"stage {stage} of {self.pp}, tp rank {t} of {self.tp}"
+        parts = [f"stage {stage} of {self.pp}"] if self.pp > 1 else []
+        if self.tp > 1 or self.ep == 1:
+            parts.append(f"tp rank {t} of {self.tp}")
+        if self.ep > 1:
+            parts.append(f"expert set {t // (self.width // self.ep)} of {self.ep}")
+        return ", ".join(parts)
 
     def coordinates(self, rank: int) -> tuple[int, int]:
-        """(pipeline stage, tensor-parallel index) of ``rank``: a stage's ranks are adjacent."""
-        return divmod(rank, self.tp)
+        """(pipeline stage, index within the stage) of ``rank``: a stage's ranks are adjacent."""
+        return divmod(rank, self.width)
 
     @classmethod
     def resolve(
@@ -77,19 +92,33 @@ class ParallelDims:
         supported: tuple[str, ...] = ("tp",),
         pp: int = 1,
         num_layers: int | None = None,
+        ep: int = 1,
+        num_experts: int = 0,
     ) -> "ParallelDims":
         """The layout for a model with ``num_heads`` query heads (and ``num_layers`` layers).
 
         ``tp=None`` means one rank per stage, or under torchrun (``torchrun_world_size`` given)
         as many as torchrun started over ``pp`` x ``dp``; an explicit layout must then equal that
         world size. ``supported`` names the dimensions the command can run; any other above 1 is
-        refused.
+        refused. With ``ep`` (a model of ``num_experts`` experts), ``tp=None`` means attention
+        split over the stage's ranks under torchrun, else replicated (tp=1).
         """
         if tp is None:
             world = torchrun_world_size or 1
             other = dp * pp if all(isinstance(v, int) and v >= 1 for v in (dp, pp)) else 1
             tp = world // other if world % other == 0 else world
-        dims = cls(tp=tp, pp=pp, dp=dp)
+            if torchrun_world_size is None and isinstance(ep, int) and ep > 1:
+                tp = 1
+        dims = cls(tp=tp, pp=pp, dp=dp, ep=ep)
+        if dims.ep > 1:
+            if not num_experts:
+                raise TensorparError(f"--ep {dims.ep}: the model has no experts (expert parallelism is for "
+                                     "mixture-of-experts models)")
+            if dims.ep > num_experts:
+                raise TensorparError(f"--ep {dims.ep} is more expert sets than the model's {num_experts} experts")
+            if dims.tp > 1 and dims.tp % dims.ep:
+                raise TensorparError(f"--tp {dims.tp} must be 1 (attention replicated) or a multiple of --ep "
+                                     f"{dims.ep} (each expert split over tp / ep ranks)")
         for name in ("pp", "dp", "ep"):
             if getattr(dims, name) > 1 and name not in supported:
                 raise TensorparError(f"--{name} {getattr(dims, name)} is not supported by this command")

@@ -19,7 +19,8 @@ class ParallelContext:
     ``group`` is ``None`` for a single process, where every collective returns at once.
     ``shm`` is the shared-memory communicator that CPU collectives use when every rank of the
     group is on this host (``backend`` then reads ``"shm+gloo"``; gloo still carries the rare
-    object collectives).
+    object collectives). ``ep`` says how a mixture of experts is laid out over the group's ranks
+    (``tensorpar.plans``' ``experts`` style).
     """
 
     rank: int
@@ -28,6 +29,7 @@ class ParallelContext:
     backend: str
     group: dist.ProcessGroup | None = None
     shm: object | None = None
+    ep: int = 1  # expert-parallel degree within the group: experts are placed over ep sets of its ranks
 
     @property
     def is_leader(self) -> bool:

@@ -49,6 +49,8 @@ def build_model(
     progress: bool = False,
     trainable: bool = False,
     layers: range | None = None,
+    ep: int = 1,
+    attention_tp: int | None = None,
 ) -> nn.Module:
     """The model of ``source``, sharded for ``ctx``'s rank (of its tensor-parallel group), with
     its weights loaded; ``layers``: only this pipeline stage's (``partition.stage_layers``).
@@ -56,13 +58,26 @@ def build_model(
     For inference (default): frozen, in eval mode, wide CPU weights in their streaming layout.
     ``trainable``: parameters require gradients, train mode, the plain layout. The degree is the
     caller's to have checked (``tensorpar.distributed.dims.ParallelDims``).
+
+    A mixture of experts places its experts over ``ctx``'s ranks in ``ep`` sets; the rest of the
+    model is split over them too, or (``attention_tp=1`` on several ranks) replicated on each.
     """
     cfg = source.config
     arch = model_module(cfg)
     stage = layers is not None and len(layers) < cfg.num_layers
     with torch.device("meta"):
         model = arch.MODEL(cfg, layers=layers) if stage else arch.MODEL(cfg)
-    apply_plan(model, arch.PLAN, ctx, stage=stage)
+    dense_ctx = ctx
+    if attention_tp == 1 and ctx.world_size > 1:
+        from tensorpar.distributed.groups import single_process_context
+
+        dense_ctx = single_process_context(ctx.device)
+    moe = cfg.num_experts > 0  # (its dense-MLP patterns match only the layers that have one, if any)
+    apply_plan(model, arch.PLAN, dense_ctx, stage=stage or moe)
+    if moe:
+        import dataclasses
+
+        apply_plan(model, arch.EXPERT_PLAN, dataclasses.replace(ctx, ep=ep), stage=True)
     model.to(dtype).to_empty(device=ctx.device)
     if cfg.tie_word_embeddings:
         if not stage:

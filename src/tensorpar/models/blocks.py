@@ -120,11 +120,12 @@ def activation(name: str, x: torch.Tensor, inplace: bool = False) -> torch.Tenso
 
 
 class MLP(nn.Module):
-    """Gated: down(act(gate(x)) * up(x)), gate and up fused. Plain (GPT-2): down(act(up(x)))."""
+    """Gated: down(act(gate(x)) * up(x)), gate and up fused. Plain (GPT-2): down(act(up(x))).
+    ``size``: the intermediate size (default the config's; an expert's is its own)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, size: int | None = None):
         super().__init__()
-        i, h = cfg.intermediate_size, cfg.hidden_size
+        i, h = size or cfg.intermediate_size, cfg.hidden_size
         self.act, self.gated = cfg.hidden_act, cfg.gated_mlp
         if self.gated:
             self.gate_up_proj = fused_linear(h, [("gate_proj", i), ("up_proj", i)], cfg.mlp_bias)
@@ -143,6 +144,60 @@ class MLP(nn.Module):
             return self.down_proj(activation(self.act, gate) * up)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(activation(self.act, gate, inplace=True).mul_(up))
+
+
+class MoE(nn.Module):
+    """A mixture of experts in place of the MLP (Mixtral, Qwen2-MoE, Qwen3-MoE), as transformers
+    computes it: for each token x, p = softmax(gate(x)) over the experts (in float32), its top-k
+    (i_1..i_k, torch.topk's order: ties to the lower index) with weights w = p[i] (divided by
+    their sum when ``norm_topk_prob``), and y = sum_j w_j * expert_{i_j}(x); a shared expert adds
+    sigmoid(shared_expert_gate(x)) * shared_expert(x).
+
+    Sharded (the ``experts`` plan style), a rank holds some experts (``local``) and possibly a slice
+    of each one's intermediate rows; it sums what its experts give its tokens, and the partial sums
+    of the group's ranks are all-reduced (``ctx``). ``counts``: tokens routed to each expert in the
+    last forward pass (all experts, local or not), for load-balance figures.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, e = cfg.hidden_size, cfg.num_experts
+        self.top_k, self.norm_topk = cfg.experts_per_token, cfg.norm_topk_prob
+        self.gate = nn.Linear(h, e, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg, cfg.moe_intermediate_size) for _ in range(e))
+        self.local: list[int] = list(range(e))
+        self.ctx = None  # the group whose partial sums add up to y (None: all experts are here, whole)
+        self.shared = cfg.shared_expert_size > 0
+        if self.shared:
+            self.shared_expert = MLP(cfg, cfg.shared_expert_size)
+            self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+        self.counts: torch.Tensor | None = None
+
+    def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] in t's dtype, expert indices [T, k]) of tokens ``t`` [T, hidden]."""
+        probs = torch.softmax(self.gate(t).float(), dim=-1)
+        weights, index = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(t.dtype), index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        t = x.reshape(-1, shape[-1])  # [T, hidden]
+        weights, index = self.route(t)
+        self.counts = torch.bincount(index.flatten(), minlength=len(self.experts))
+        out = torch.zeros_like(t)
+        for e in self.local:
+            tokens, k = torch.where(index == e)
+            if tokens.numel():
+                out.index_add_(0, tokens, self.experts[e](t[tokens]) * weights[tokens, k, None])
+        if self.ctx is not None:
+            from tensorpar.distributed.collectives import reduce_from_tp
+
+            out = reduce_from_tp(out, self.ctx)
+        if self.shared:
+            out = out + torch.sigmoid(self.shared_expert_gate(t)) * self.shared_expert(t)
+        return out.view(shape)
 
 
 # --- rotary positions -------------------------------------------------------------------------
@@ -326,7 +381,7 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = norm(cfg)
             self.post_feedforward_layernorm = norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg)
 
     def forward(self, x, batch, rope, cache):
         attn = self.self_attn(self.input_layernorm(x), batch, rope, cache)
@@ -438,3 +493,14 @@ PLAN: dict[str, str] = {
     "model.layers.*.mlp.down_proj": "rowwise",
     "lm_head": "vocab_head",
 }
+
+# Mixture-of-experts models: the dense plan (whose MLP rows a model of MoE layers alone does not
+# use), a shared expert split like a dense MLP, and the experts, placed over the group's ranks by
+# ``ep`` (the ``experts`` style), applied with the group's context even where the dense parts
+# are replicated (attention tp=1 beside ep > 1).
+MOE_PLAN: dict[str, str] = {
+    **PLAN,
+    "model.layers.*.mlp.shared_expert.gate_up_proj": "colwise",
+    "model.layers.*.mlp.shared_expert.down_proj": "rowwise",
+}
+EXPERT_PLAN: dict[str, str] = {"model.layers.*.mlp.experts": "experts"}

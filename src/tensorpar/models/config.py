@@ -18,6 +18,7 @@ from tensorpar.models.registry import MODEL_TYPES, for_gguf, for_model_type
 ROPE_TYPES = ("default", "linear", "llama3", "longrope", "factors")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "gelu")
 FULL, SLIDING = "full_attention", "sliding_attention"
+QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class ModelConfig:
     learned_positions: bool = False  # absolute position embeddings (GPT-2), no RoPE
     layer_types: tuple[str, ...] | None = None
     rope_local_theta: float | None = None
+    num_experts: int = 0  # mixture of experts: experts per MoE layer (0: dense)
+    experts_per_token: int = 0  # top-k
+    moe_intermediate_size: int = 0  # each expert's intermediate size
+    shared_expert_size: int = 0  # Qwen2-MoE's shared expert (sigmoid-gated); 0: none
+    norm_topk_prob: bool = True  # renormalise the top-k softmax probabilities to sum to 1
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP instead
     hf_config: dict | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -74,8 +81,15 @@ class ModelConfig:
         kind = (self.rope_scaling or {}).get("rope_type", "default")
         if kind not in ROPE_TYPES:
             raise ValueError(f"unsupported rope scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+        if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.experts_per_token}) must be from 1 to num_experts "
+                             f"({self.num_experts})")
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types lists {len(self.layer_types)} layers, the model has {self.num_layers}")
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer ``layer``'s MLP is a mixture of experts."""
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     def window(self, layer: int) -> int | None:
         """The sliding window of layer ``layer`` (None: full attention)."""
@@ -224,7 +238,7 @@ def _layer_types(cfg: dict, n: int) -> tuple[str, ...] | None:
     types = cfg.get("layer_types")
     if types is not None:
         return tuple(types)
-    if cfg.get("model_type") in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+    if cfg.get("model_type") in QWEN and cfg.get("use_sliding_window"):
         first_full = cfg.get("max_window_layers", n)  # layers below it are full, as transformers reads it
         return tuple(SLIDING if i >= first_full else FULL for i in range(n))
     return None
@@ -244,7 +258,7 @@ def _read_llama_like(cfg: dict) -> dict:
     attention_bias = bool(cfg.get("attention_bias", False))
     layer_types = _layer_types(cfg, n)
     window = cfg.get("sliding_window")
-    if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    if arch in QWEN and not cfg.get("use_sliding_window", False):
         window, layer_types = None, None
     out = dict(
         architecture=arch,
@@ -260,15 +274,15 @@ def _read_llama_like(cfg: dict) -> dict:
         rope_scaling=scaling,
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=True if arch == "qwen2" else attention_bias,
-        o_bias=False if arch == "qwen2" else attention_bias,
+        qkv_bias=True if arch in ("qwen2", "qwen2_moe") else attention_bias,
+        o_bias=False if arch in ("qwen2", "qwen2_moe") else attention_bias,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         sliding_window=window,
         layer_types=layer_types,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg),
         hidden_act=cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu",
-        qk_norm=arch in ("qwen3", "gemma3_text"),
+        qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3_text"),
     )
     if arch == "gemma3_text":
         for key in ("final_logit_softcapping", "attn_logit_softcapping"):
@@ -290,6 +304,25 @@ def _read_llama_like(cfg: dict) -> dict:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         )
     return out
+
+
+def _read_moe(cfg: dict) -> dict:
+    """Mixtral, Qwen2-MoE and Qwen3-MoE: the Llama-like layer with a mixture of experts for MLP
+    (softmax router, top-k; Qwen2-MoE adds a sigmoid-gated shared expert)."""
+    arch = cfg["model_type"]
+    out = _read_llama_like(cfg)
+    n = out["num_layers"]
+    if arch == "mixtral":
+        experts, size, norm, shared, dense = cfg["num_local_experts"], cfg["intermediate_size"], True, 0, ()
+    else:
+        experts = cfg["num_experts"] if "num_experts" in cfg else cfg["num_local_experts"]  # (transformers 5)
+        size = cfg["moe_intermediate_size"]
+        norm = bool(cfg.get("norm_topk_prob", arch == "qwen3_moe"))
+        shared = int(cfg.get("shared_expert_intermediate_size") or 0) if arch == "qwen2_moe" else 0
+        step, only = int(cfg.get("decoder_sparse_step", 1) or 1), set(cfg.get("mlp_only_layers") or ())
+        dense = tuple(i for i in range(n) if i in only or (i + 1) % step != 0)
+    return dict(out, num_experts=int(experts), experts_per_token=int(cfg["num_experts_per_tok"]),
+                moe_intermediate_size=int(size), shared_expert_size=shared, norm_topk_prob=norm, dense_layers=dense)
 
 
 def _read_gpt2(cfg: dict) -> dict:
@@ -323,6 +356,7 @@ def _read_gpt2(cfg: dict) -> dict:
 
 _HF_READERS = {t: _read_llama_like for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")}
 _HF_READERS["gpt2"] = _read_gpt2
+_HF_READERS.update({t: _read_moe for t in ("mixtral", "qwen2_moe", "qwen3_moe")})
 
 
 # --- GGUF metadata: what differs from the Llama keys, per GGUF architecture --------------------

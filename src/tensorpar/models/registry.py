@@ -8,7 +8,8 @@ particular to the architecture:
   choices shape). ``forward(input_ids, batch=None, cache=None)`` returns final hidden states
   [B, S, hidden]; ``logits`` maps them to the vocabulary; ``kv_cache_shape()`` gives the
   (local KV heads, head dim) each layer caches. Fused linears list their parts in ``fused_parts``.
-- ``PLAN``: module path pattern -> sharding style (``tensorpar.plans``).
+- ``PLAN``: module path pattern -> sharding style (``tensorpar.plans``); a mixture-of-experts
+  model also ``EXPERT_PLAN`` (its experts, placed by the expert-parallel degree).
 - ``hf_tensor(name, config, stored)`` and ``gguf_tensor(name, config, stored)``: where the
   model's tensor ``name`` (a parameter path, fused linears split into their parts) is stored in
   a safetensors checkpoint or a GGUF file whose tensor names are ``stored``: a
@@ -47,6 +48,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("gemma3", "tensorpar.models.gemma3", ("gemma3_text",), ("gemma3",)),
     Architecture("phi3", "tensorpar.models.phi3", ("phi3",)),
     Architecture("gpt2", "tensorpar.models.gpt2", ("gpt2",), ("gpt2",)),
+    Architecture("mixtral", "tensorpar.models.mixtral", ("mixtral",)),
+    Architecture("qwen_moe", "tensorpar.models.qwen_moe", ("qwen2_moe", "qwen3_moe")),
 )
 
 MODEL_TYPES: tuple[str, ...] = tuple(t for a in ARCHITECTURES for t in a.hf_model_types)

@@ -10,6 +10,12 @@ Styles (the whole vocabulary of plans):
 - ``rowwise_heads``   row-parallel output projection over the same head slots.
 - ``vocab_embedding`` vocabulary-parallel embedding.
 - ``vocab_head``      vocabulary-parallel LM head (``tie_embeddings`` shares the embedding's shard).
+- ``experts``         the experts of an MoE layer (a ``ModuleList`` of gated MLPs) over the group's
+                      ``ctx.ep`` expert sets: set g of ep (ranks g*t .. g*t + t - 1, t = size / ep)
+                      holds experts ``even_split(E, ep, g)`` whole, each split by intermediate rows
+                      over its t ranks (expert TP); the others become empty placeholders, so that
+                      names keep the checkpoint's expert numbers. The parent sums its partial
+                      outputs with one all-reduce over the group.
 
 Modules that no pattern names are replicated. Apply a plan to a model on the ``meta`` device,
 then materialize (each rank allocates only its shards), then tie.
@@ -75,6 +81,32 @@ def _vocab_head(name, module, parent, cfg, ctx: ParallelContext):
     return ParallelLMHead(span, sizes, module.in_features, ctx, name.rsplit(".", 1)[-1])
 
 
+def _experts(name, module, parent, cfg, ctx: ParallelContext):
+    from tensorpar.distributed.groups import single_process_context
+
+    n, ep = ctx.world_size, ctx.ep
+    if n % ep:
+        raise ValueError(f"ep={ep} must divide the {n} ranks the experts are placed over")
+    width = n // ep  # ranks sharing each expert (expert tensor parallelism)
+    group, j = divmod(ctx.rank, width)
+    local = list(even_split(len(module), ep, group))
+    rows = even_split(cfg.moe_intermediate_size, width, j)
+    alone = single_process_context(ctx.device)  # an expert's slices: no reduction of their own
+    out = nn.ModuleList()
+    for e, expert in enumerate(module):
+        if e not in local:
+            out.append(nn.Module())
+            continue
+        gate_up, down = expert.gate_up_proj, expert.down_proj
+        expert.gate_up_proj = ColumnParallelLinear(
+            gate_up.in_features, [Segment(p, rows) for p, _ in gate_up.fused_parts], gate_up.bias is not None, alone)
+        expert.down_proj = RowParallelLinear([Segment("down_proj", rows)], down.out_features, down.bias is not None,
+                                             alone)
+        out.append(expert)
+    parent.local, parent.ctx = local, ctx if n > 1 else None
+    return out
+
+
 BUILDERS = {
     "colwise": _colwise,
     "rowwise": _rowwise,
@@ -82,6 +114,7 @@ BUILDERS = {
     "rowwise_heads": _rowwise_heads,
     "vocab_embedding": _vocab_embedding,
     "vocab_head": _vocab_head,
+    "experts": _experts,
 }
 STYLES = tuple(BUILDERS)
 

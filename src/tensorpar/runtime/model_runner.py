@@ -41,7 +41,7 @@ class ModelRunner:
         self.config = spec.config
         self.dtype = torch_dtype(spec.dtype)
         dims = spec.dims
-        self.pp, self.tp = dims.pp, dims.tp
+        self.pp, self.tp = dims.pp, dims.width  # (tp: the ranks of a stage)
         self.stage, self.tp_rank = dims.coordinates(ctx.rank)
         self.tp_ctx = ctx
         layers = None
@@ -50,7 +50,7 @@ class ModelRunner:
             layers = stage_layers(self.config.num_layers, self.pp, self.stage)
         t = time.perf_counter()
         self.model = build_model(spec.source, self.tp_ctx, self.dtype, progress=spec.progress and ctx.is_leader,
-                                 layers=layers)
+                                 layers=layers, ep=dims.ep, attention_tp=dims.tp)
         self.load_s = time.perf_counter() - t
         self.cache: KVCache | None = None
         self.busy_s = 0.0  # seconds spent computing steps (not waiting for another stage)

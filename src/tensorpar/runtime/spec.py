@@ -60,7 +60,8 @@ class EngineArgs:
 
     ``tp=None``: one rank per pipeline stage, or under torchrun its world size over ``pp``.
     ``pp``: pipeline stages, each a tensor-parallel group of ``tp`` ranks. ``dp``: independent
-    replicas of that layout (serving only: ``ServingEngine`` and ``LLM`` run one). ``dtype``: any name of
+    replicas of that layout (serving only: ``ServingEngine`` and ``LLM`` run one). ``ep``: a
+    mixture of experts' experts in that many sets over each stage's ranks (``ParallelDims``). ``dtype``: any name of
     ``tensorpar.dtypes`` or ``auto``. ``comm``: ``auto`` sends CPU collectives between ranks of
     one host through shared memory, ``gloo`` forces gloo. ``max_model_len``: the longest prompt
     plus completion (default: the model's context). ``tokenizer_cache``: keep a GGUF file's
@@ -71,6 +72,7 @@ class EngineArgs:
     tp: int | None = None
     pp: int = 1
     dp: int = 1
+    ep: int = 1
     dtype: str = "auto"
     device: str = "cpu"
     comm: str = "auto"
@@ -95,7 +97,8 @@ class EngineArgs:
         config = source.config
         env = torchrun_env()
         dims = ParallelDims.resolve(config.num_heads, self.tp, torchrun_world_size=env.world_size if env else None,
-                                    supported=("tp", "pp", "dp"), pp=self.pp, dp=self.dp, num_layers=config.num_layers)
+                                    supported=("tp", "pp", "dp", "ep"), pp=self.pp, dp=self.dp,
+                                    ep=self.ep, num_experts=config.num_experts, num_layers=config.num_layers)
         limit = config.max_position_embeddings
         if self.max_model_len is not None and not (isinstance(self.max_model_len, int) and 1 <= self.max_model_len <= limit):
             raise TensorparError(f"--max-model-len {self.max_model_len} must be from 1 to the model's context of {limit} tokens")

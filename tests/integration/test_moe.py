@@ -1,0 +1,55 @@
+"""Mixtures of experts against transformers on tiny random checkpoints (Mixtral with 8 experts,
+Qwen2-MoE with 6 and a shared expert, Qwen3-MoE with 6 and a dense layer), over real process
+groups, at (tp, ep) = (1, 1), (1, 2) (attention replicated on the two ranks), (2, 2) (attention
+TP = expert sets), (1, 4) and (3, 3) (uneven: 6 experts as 2+2+1+1, 8 as 3+3+2) and (4, 2)
+(each expert split over 2 ranks, in 2 sets)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS, hf_reference
+
+from tensorpar import LLM, SamplingParams
+
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+LAYOUTS = [(1, 1), (1, 2), (2, 2), (1, 4), (3, 3), (4, 2)]
+NEW_TOKENS = 8
+
+
+def prompts_for(arch: str) -> list[list[int]]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, TINY_CONFIGS[arch]["vocab_size"], (n,), generator=g).tolist() for n in (17, 5)]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_checkpoints):
+    out = {}
+    for arch in ARCHS:
+        model = hf_reference(tiny_checkpoints[arch])
+        logits, greedy = [], []
+        with torch.no_grad():
+            for p in prompts_for(arch):
+                ids = torch.tensor([p])
+                logits.append(model(ids).logits[0])
+                new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                     min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+                greedy.append(new[0, len(p):].tolist())
+        out[arch] = (logits, greedy)
+    return out
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("tp, ep", LAYOUTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_and_greedy_tokens_match_transformers(arch, tp, ep, tiny_checkpoints, references, rank_pool):
+    ref_logits, ref_greedy = references[arch]
+    prompts = prompts_for(arch)
+    width = max(tp, ep)
+    with LLM(str(tiny_checkpoints[arch]), tp=tp, ep=ep, progress=False, ranks=rank_pool(width)) as llm:
+        logits = llm.score(prompts)
+        result = llm.generate_full(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    for got, want in zip(logits, ref_logits):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    assert [c.token_ids for c in result.completions] == ref_greedy
+    assert len(result.peak_rss_mb) == width
