@@ -176,13 +176,13 @@ def greedy_reference(gguf: Path, prompts: list[str], new_tokens: int):
     return model, out
 
 
-def write_chat_checkpoint(path: Path) -> Path:
-    """A tiny random Llama with SmolLM2's real tokenizer and chat template (vocabulary 49152)."""
+def write_chat_checkpoint(path: Path, arch: str = "llama") -> Path:
+    """A tiny random ``arch`` model with SmolLM2's real tokenizer and chat template (vocabulary 49152)."""
     from transformers import AutoTokenizer
 
-    cfg = dict(TINY_CONFIGS["llama"], vocab_size=49152, bos_token_id=1, eos_token_id=2, max_position_embeddings=8192)
-    TINY_CONFIGS.setdefault("llama-chat", cfg)
-    write_tiny_checkpoint("llama-chat", path)
+    cfg = dict(TINY_CONFIGS[arch], vocab_size=49152, bos_token_id=1, eos_token_id=2, max_position_embeddings=8192)
+    TINY_CONFIGS.setdefault(f"{arch}-chat", cfg)
+    write_tiny_checkpoint(f"{arch}-chat", path)
     gguf = smollm2_path()
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
     return path
@@ -191,6 +191,12 @@ def write_chat_checkpoint(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_chat_checkpoint(tmp_path_factory) -> Path:
     return write_chat_checkpoint(tmp_path_factory.mktemp("tiny") / "llama-chat")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_chat_checkpoint(tmp_path_factory) -> Path:
+    """Qwen2-MoE (6 experts and a shared one) with SmolLM2's tokenizer."""
+    return write_chat_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen2-moe-chat", "qwen2_moe")
 
 
 def cli(*args: str, timeout: float = 240, **kw):

@@ -367,3 +367,52 @@ def test_a_stage_that_stops_answering_is_named_within_the_timeout(tiny_chat_chec
     assert took < 30
     time.sleep(0.5)
     assert not [p for p in ranks if p.is_running() and p.status() != "zombie"]
+
+
+@pytest.mark.timeout(240)
+def test_experts_over_two_ranks_serve_16_streams_and_a_dead_expert_rank_is_named(tiny_moe_chat_checkpoint):
+    """Qwen2-MoE at --ep 2 (attention replicated, 3 experts per rank): 16 concurrent requests
+    through the openai client each give their solo greedy text; /metrics counts tokens per expert
+    and the load imbalance; SIGKILL of the rank holding experts 3-5 mid-decode stops the server
+    within 30 s naming the rank and its expert set."""
+    model = str(tiny_moe_chat_checkpoint)
+    proc, base = start_server(tiny_moe_chat_checkpoint, "--tp", "1", "--ep", "2", "--max-num-seqs", "16")
+    ranks = [p for p in rank_processes() if p.ppid() == proc.pid]
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        prompts = [f"Expert request {i}:" for i in range(16)]
+        with __import__("tensorpar").LLM(model, tp=1, progress=False) as llm:
+            solo = [c.text for c in llm.generate(prompts, max_new_tokens=8)]
+        got = [None] * len(prompts)
+
+        def run(i):
+            got[i] = client.completions.create(model=model, prompt=prompts[i], max_tokens=8,
+                                               temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert got == solo
+        metrics = httpx.get(f"{base}/metrics").text
+        routed = [float(ln.split()[-1]) for ln in metrics.splitlines()
+                  if ln.startswith('tensorpar_expert_tokens_total{replica="0",layer="0"')]
+        assert len(routed) == 6 and sum(routed) > 0 and sum(routed) % 2 == 0  # top-2 of 6, every token
+        imbalance = [float(ln.split()[-1]) for ln in metrics.splitlines()
+                     if ln.startswith('tensorpar_expert_load_imbalance{replica="0",layer="0"}')]
+        assert len(imbalance) == 1 and 1.0 <= imbalance[0] <= 2.0
+
+        stream = client.completions.create(model=model, prompt="A long story:", max_tokens=2000, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        t0 = time.monotonic()
+        code, err = kill_rank(proc, ranks[0], 60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code != 0 and "Traceback" not in err and took < 30
+    assert "rank 1 of 2 (expert set 1 of 2) failed: killed by signal SIGKILL" in err
+    time.sleep(0.5)
+    assert not [p for p in ranks if p.is_running() and p.status() != "zombie"]

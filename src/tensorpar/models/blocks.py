@@ -156,7 +156,8 @@ class MoE(nn.Module):
     Sharded (the ``experts`` plan style), a rank holds some experts (``local``) and possibly a slice
     of each one's intermediate rows; it sums what its experts give its tokens, and the partial sums
     of the group's ranks are all-reduced (``ctx``). ``counts``: tokens routed to each expert in the
-    last forward pass (all experts, local or not), for load-balance figures.
+    forward passes so far (all experts, local or not: every rank routes every token), for
+    load-balance figures.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -171,7 +172,7 @@ class MoE(nn.Module):
         if self.shared:
             self.shared_expert = MLP(cfg, cfg.shared_expert_size)
             self.shared_expert_gate = nn.Linear(h, 1, bias=False)
-        self.counts: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None  # [num_experts] tokens routed so far
 
     def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] in t's dtype, expert indices [T, k]) of tokens ``t`` [T, hidden]."""
@@ -185,7 +186,8 @@ class MoE(nn.Module):
         shape = x.shape
         t = x.reshape(-1, shape[-1])  # [T, hidden]
         weights, index = self.route(t)
-        self.counts = torch.bincount(index.flatten(), minlength=len(self.experts))
+        routed = torch.bincount(index.flatten(), minlength=len(self.experts))
+        self.counts = routed if self.counts is None else self.counts + routed
         out = torch.zeros_like(t)
         for e in self.local:
             tokens, k = torch.where(index == e)

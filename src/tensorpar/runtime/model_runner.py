@@ -55,6 +55,23 @@ class ModelRunner:
         self.cache: KVCache | None = None
         self.busy_s = 0.0  # seconds spent computing steps (not waiting for another stage)
 
+    def expert_load(self) -> dict:
+        """Per MoE layer of this rank's stage: ``tokens`` routed to each expert so far, and the
+        ``imbalance`` of the expert sets' loads (the busiest set's tokens over the mean; 1 is even)."""
+        from tensorpar.models.blocks import MoE
+        from tensorpar.partition import even_split
+
+        tokens, imbalance = {}, {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, MoE) and module.counts is not None:
+                layer = int(name.split(".")[2])  # model.layers.<i>.mlp
+                counts = module.counts.tolist()
+                ep = self.spec.dims.ep
+                loads = [sum(counts[e] for e in even_split(len(counts), ep, g)) for g in range(ep)]
+                tokens[layer] = counts
+                imbalance[layer] = max(loads) * ep / sum(loads) if sum(loads) else 1.0
+        return {"tokens": tokens, "imbalance": imbalance} if tokens else {}
+
     # ---- the leader's side ----------------------------------------------------------------------
 
     def send(self, message: S.Message):

@@ -46,6 +46,18 @@ class _EngineCollector:
         for i, r in enumerate(replicas):
             requests.add_metric([str(i)], float(r.get("requests") or 0))
         yield requests
+        tokens = CounterMetricFamily("tensorpar_expert_tokens", "Tokens routed to each expert of each MoE layer "
+                                     "(the leader's pipeline stage).", labels=["replica", "layer", "expert"])
+        imbalance = GaugeMetricFamily("tensorpar_expert_load_imbalance", "Per MoE layer: the busiest expert set's "
+                                      "tokens over the mean (1 is even).", labels=["replica", "layer"])
+        for i, r in enumerate(replicas):
+            experts = r.get("experts") or {}
+            for layer, counts in (experts.get("tokens") or {}).items():
+                for e, n in enumerate(counts):
+                    tokens.add_metric([str(i), str(layer), str(e)], float(n))
+                imbalance.add_metric([str(i), str(layer)], float(experts["imbalance"][layer]))
+        yield tokens
+        yield imbalance
         yield GaugeMetricFamily("tensorpar_engine_healthy", "1 while the server can serve (any replica is healthy), "
                                 "else 0.", value=1.0 if s.get("healthy") else 0.0)
 
