@@ -397,10 +397,10 @@ def test_experts_over_two_ranks_serve_16_streams_and_a_dead_expert_rank_is_named
         assert got == solo
         metrics = httpx.get(f"{base}/metrics").text
         routed = [float(ln.split()[-1]) for ln in metrics.splitlines()
-                  if ln.startswith('tensorpar_expert_tokens_total{replica="0",layer="0"')]
+                  if ln.startswith("tensorpar_expert_tokens_total{") and 'layer="0",replica="0"}' in ln]
         assert len(routed) == 6 and sum(routed) > 0 and sum(routed) % 2 == 0  # top-2 of 6, every token
         imbalance = [float(ln.split()[-1]) for ln in metrics.splitlines()
-                     if ln.startswith('tensorpar_expert_load_imbalance{replica="0",layer="0"}')]
+                     if ln.startswith('tensorpar_expert_load_imbalance{layer="0",replica="0"}')]
         assert len(imbalance) == 1 and 1.0 <= imbalance[0] <= 2.0
 
         stream = client.completions.create(model=model, prompt="A long story:", max_tokens=2000, temperature=0,

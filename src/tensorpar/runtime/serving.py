@@ -10,6 +10,7 @@ on abort or error). Sinks run on the engine thread: they must only hand the even
 from __future__ import annotations
 
 import threading
+import time
 from typing import Protocol
 
 from tensorpar.distributed.launch import Ranks, launch
@@ -62,6 +63,7 @@ class ServingEngine:
     """
 
     IDLE_WAIT_S = 0.5
+    REAP_S = 2.0  # how long a failed step waits to learn which rank died and how
 
     def __init__(self, model: str | None = None, max_num_seqs: int = 32, ranks: Ranks | None = None, **options):
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
@@ -131,7 +133,12 @@ class ServingEngine:
             self.scheduler.close("abort")
             self.worker.runner.send(S.Message(S.SHUTDOWN))
         except Exception as e:  # a rank died or a collective failed: nothing more can run
-            failure = self._ranks.failure() or (e if isinstance(e, RankFailure) else None)
+            failure = self._ranks.failure()
+            deadline = time.monotonic() + self.REAP_S
+            while failure is None and not isinstance(e, RankFailure) and time.monotonic() < deadline:
+                time.sleep(0.05)  # a peer seen dead in a collective may not have been reaped yet
+                failure = self._ranks.failure()
+            failure = failure or (e if isinstance(e, RankFailure) else None)
             if failure is not None:
                 failure = failure.placed(self.worker.spec.dims.place)
             self.error = str(failure) if failure is not None else f"{type(e).__name__}: {e}"
