@@ -102,7 +102,8 @@ def test_plan_imports_no_torch():
 
 
 def test_json_marks_what_tensorpar_runs_and_serve_takes_the_recommendation(tmp_path):
-    """TP x PP x DP of a dense model is runnable (DP through serve's replicas); MoE is not yet."""
+    """TP x PP x DP of a dense model is runnable (DP through serve's replicas), and a mixture of
+    experts with EP dividing TP."""
     import argparse
 
     from tensorpar.cli.serve import apply_plan_file
@@ -125,6 +126,9 @@ def test_json_marks_what_tensorpar_runs_and_serve_takes_the_recommendation(tmp_p
     with pytest.raises(TensorparError, match="cannot run the recommended TP=1 PP=1 DP=2 EP=2 yet"):
         apply_plan_file(args)
     moe = cli("plan", "--model", "mixtral-8x7b", "--gpu", "h100-sxm", "--gpus", "8", "--json")
-    assert not any(c["runnable_by_tensorpar"] for c in json.loads(moe.stdout)["configs"])
+    configs = json.loads(moe.stdout)["configs"]
+    ep = [c for c in configs if c["ep"] > 1]
+    assert ep and all(c["runnable_by_tensorpar"] == (c["tp"] % c["ep"] == 0) for c in ep)
+    assert all(f"--ep {c['ep']}" in c["tensorpar_flags"] for c in ep if c["runnable_by_tensorpar"])
     bad = cli("serve", "--plan", str(tmp_path / "missing.json"))
     assert bad.returncode == 1 and "not the output of `tensorpar plan --json`" in bad.stderr

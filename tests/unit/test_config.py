@@ -98,7 +98,7 @@ def test_tiny_configs():
     assert qwen.qkv_bias and not qwen.o_bias and qwen.head_dim == 8 and qwen.sliding_window is None
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "bert", None, "Llama", "gemma3"])
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "bert", None, "Llama", "gemma3"])
 def test_unsupported_model_type(model_type):
     with pytest.raises(ValueError) as e:
         ModelConfig.from_hf(hf(model_type))
@@ -106,7 +106,23 @@ def test_unsupported_model_type(model_type):
     assert repr(model_type) in msg
     for arch in MODEL_TYPES:
         assert arch in msg
-    assert set(MODEL_TYPES) == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2"}
+    assert set(MODEL_TYPES) == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2", "mixtral",
+                                "qwen2_moe", "qwen3_moe"}
+
+
+def test_moe_configs_are_read_as_transformers_reads_them():
+    mixtral = ModelConfig.from_hf(TINY_CONFIGS["mixtral"])
+    assert (mixtral.num_experts, mixtral.experts_per_token, mixtral.moe_intermediate_size) == (8, 2, 40)
+    assert mixtral.norm_topk_prob and not mixtral.shared_expert_size and mixtral.is_moe(0) and mixtral.is_moe(1)
+    q2 = ModelConfig.from_hf(TINY_CONFIGS["qwen2_moe"])
+    assert (q2.num_experts, q2.moe_intermediate_size, q2.shared_expert_size, q2.norm_topk_prob) == (6, 24, 40, False)
+    assert q2.qkv_bias
+    q3 = ModelConfig.from_hf({**TINY_CONFIGS["qwen3_moe"], "num_local_experts": 6})  # transformers 5's key
+    assert q3.qk_norm and q3.norm_topk_prob and q3.is_moe(0) and not q3.is_moe(1) and q3.dense_layers == (1,)
+    sparse = ModelConfig.from_hf({**TINY_CONFIGS["qwen2_moe"], "num_hidden_layers": 4, "decoder_sparse_step": 2})
+    assert sparse.dense_layers == (0, 2)  # every second layer is sparse, counting from 1
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        ModelConfig.from_hf({**TINY_CONFIGS["mixtral"], "num_experts_per_tok": 9})
 
 
 def test_missing_key_names_it():

@@ -56,7 +56,9 @@ def test_every_architecture_module_has_a_plan_of_known_styles():
         plan = arch.load().PLAN
         assert set(plan.values()) <= set(STYLES)
         assert list(plan.values()).count("vocab_embedding") == 1 and list(plan.values()).count("vocab_head") == 1
-    assert set(MODEL_TYPES) == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2"}
+        assert set(getattr(arch.load(), "EXPERT_PLAN", {}).values()) <= {"experts"}
+    assert set(MODEL_TYPES) == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt2", "mixtral",
+                                "qwen2_moe", "qwen3_moe"}
     assert model_module(config("qwen2")).PLAN is PLAN
     assert model_module(config("gpt2")).PLAN is not PLAN  # its MLP has no gate
 

@@ -213,6 +213,9 @@ class FakeRunner:
     def __init__(self):
         self.cache, self.sent = None, []
 
+    def expert_load(self):
+        return {}
+
     def allocate(self, slots, max_len):
         self.cache = KVCache([], slots, max_len, torch.float32, torch.device("cpu"))
 

@@ -178,8 +178,11 @@ class ArchSpec:
 
 def from_model_config(cfg: ModelConfig, name: str = "") -> ArchSpec:
     """The engine's config -> planner shapes (one source of truth for both). A window counts only
-    when every layer has it (Gemma's global layers keep the whole context)."""
+    when every layer has it (Gemma's global layers keep the whole context). A mixture of experts
+    is modelled by its routed experts (``ffn`` one expert's width); a shared expert and dense
+    layers beside them are not counted."""
     windows = {cfg.window(i) for i in range(cfg.num_layers)}
+    moe = cfg.num_experts > 0
     return ArchSpec(
         name=name or cfg.architecture,
         family=cfg.architecture,
@@ -188,7 +191,9 @@ def from_model_config(cfg: ModelConfig, name: str = "") -> ArchSpec:
         heads=cfg.num_heads,
         kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim,
-        ffn=cfg.intermediate_size,
+        ffn=cfg.moe_intermediate_size if moe else cfg.intermediate_size,
+        experts=cfg.num_experts if moe else 1,
+        experts_per_token=cfg.experts_per_token if moe else 1,
         vocab=cfg.vocab_size,
         max_context=cfg.max_position_embeddings,
         gated_mlp=cfg.gated_mlp,
@@ -203,38 +208,17 @@ def from_model_config(cfg: ModelConfig, name: str = "") -> ArchSpec:
     )
 
 
-def _require(cfg: dict, *keys: str) -> list:
-    missing = [k for k in keys if k not in cfg]
-    if missing:
-        raise ValueError(f"config.json of model_type {cfg.get('model_type')!r} lacks {', '.join(missing)}")
-    return [cfg[k] for k in keys]
-
-
 def from_hf_config(cfg: dict, name: str = "") -> ArchSpec:
     """A Hugging Face ``config.json`` dictionary -> ArchSpec.
 
-    The engine's types go through ``ModelConfig.from_hf``; ``mixtral`` is read here.
+    Every type the engine reads goes through ``ModelConfig.from_hf``.
     """
     kind = cfg.get("model_type")
     if kind in MODEL_TYPES:
         return from_model_config(ModelConfig.from_hf(cfg), name=name)
-    if kind == "mixtral":
-        h, f, layers, heads, vocab, experts, k = _require(
-            cfg, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-            "num_local_experts", "num_experts_per_tok")
-        kv = cfg.get("num_key_value_heads") or heads
-        if heads % kv:
-            raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
-        if not 1 <= k <= experts:
-            raise ValueError(f"num_experts_per_tok ({k}) must be between 1 and num_local_experts ({experts})")
-        return ArchSpec(name=name or "mixtral", family="mixtral", hidden=h, layers=layers, heads=heads,
-                        kv_heads=kv, head_dim=cfg.get("head_dim") or h // heads, ffn=f, vocab=vocab,
-                        max_context=cfg.get("max_position_embeddings", 32768), experts=experts,
-                        experts_per_token=k, tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                        sliding_window=cfg.get("sliding_window"))
     raise ValueError(
         f"unsupported model_type {kind!r} in config.json; the planner reads "
-        f"{', '.join(MODEL_TYPES)} and mixtral"
+        f"{', '.join(MODEL_TYPES)}"
     )
 
 

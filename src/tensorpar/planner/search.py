@@ -81,7 +81,8 @@ class Config:
 
     def flags(self) -> str:
         """The command-line flags of this layout: ``--tp 2 --pp 1`` (and ``--dp N`` above one replica)."""
-        return f"--tp {self.tp} --pp {self.pp}" + (f" --dp {self.dp}" if self.dp > 1 else "")
+        return (f"--tp {self.tp} --pp {self.pp}" + (f" --dp {self.dp}" if self.dp > 1 else "")
+                + (f" --ep {self.ep}" if self.ep > 1 else ""))
 
     def to_json(self) -> dict:
         mem = self.memory
@@ -177,13 +178,16 @@ def _memory_reason(mem: MemoryUse) -> str:
 
 def runnable_by_tensorpar(arch: ArchSpec, c: Config, mode: str) -> bool:
     """Whether tensorpar's engine runs ``c`` for ``arch``: dense architectures it has a module for,
-    TP x PP x DP for inference (replicas through ``serve --dp``), TP x DP for training."""
+    TP x PP x DP for inference (replicas through ``serve --dp``; a mixture of experts also with
+    EP dividing TP), TP x DP for training."""
     from tensorpar.models.registry import MODEL_TYPES
 
-    if arch.moe or c.ep > 1 or arch.family not in MODEL_TYPES or c.tp > arch.heads:
+    if arch.family not in MODEL_TYPES or c.tp > arch.heads:
         return False
     if mode == "training":
-        return c.pp == 1 and arch.family in ("llama", "mistral", "qwen2")
+        return c.pp == 1 and c.ep == 1 and arch.family in ("llama", "mistral", "qwen2")
+    if c.ep > 1 and (c.tp % c.ep or c.ep > arch.experts):
+        return False
     return c.pp <= arch.layers
 
 
