@@ -30,15 +30,15 @@ from tensorpar.errors import one_line
 
 
 def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, prompt_len: int,
-                      repeats: int = 1, pp: int = 1) -> dict:
+                      repeats: int = 1, pp: int = 1, ep: int = 1) -> dict:
     """Measure one layout; a failure is recorded as the result (``status: failed``)."""
     from tensorpar import LLM, SamplingParams
 
-    row: dict = {"tp": tp, "pp": pp}
+    row: dict = {"tp": tp, "pp": pp, "ep": ep}
     llm = None
     try:
         t0 = time.perf_counter()
-        llm = LLM(model, tp=tp, pp=pp, progress=False)
+        llm = LLM(model, tp=tp, pp=pp, ep=ep, progress=False)
         row["load_s"] = time.perf_counter() - t0
         row["backend"] = getattr(llm, "backend", None)
         vocab = llm.config.vocab_size

@@ -38,6 +38,8 @@ def tensorpar_table(result: dict) -> str:
         tp = r["tp"] if r.get("pp", 1) == 1 else f"{r['tp']} x pp {r['pp']}"
         if r.get("dp", 1) > 1:
             tp = f"{tp} x dp {r['dp']}"
+        if r.get("ep", 1) > 1:
+            tp = f"{tp}, ep {r['ep']}"
         if r.get("status") != "ok":
             rows.append([tp, "FAILED: " + r.get("reason", "?")] + [None] * (len(headers) - 2))
             continue

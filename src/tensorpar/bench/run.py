@@ -26,6 +26,7 @@ class BenchConfig:
     tp: list[int] = field(default_factory=lambda: [1, 2, 3])
     pp: int = 1  # pipeline stages of each measured TP degree (tp x pp ranks)
     dp: int = 1  # serving replicas of each layout (measured through the serving engines)
+    ep: int = 1  # expert sets of a mixture of experts over each layout's ranks
     batch: list[int] = field(default_factory=lambda: [1, 8])
     prompt_len: int = 512
     new_tokens: int = 32
@@ -47,6 +48,8 @@ class BenchConfig:
             raise ValueError(f"--tp needs degrees >= 1, got {self.tp}")
         if not isinstance(self.pp, int) or self.pp < 1:
             raise ValueError(f"--pp must be a positive integer, got {self.pp!r}")
+        if not isinstance(self.ep, int) or self.ep < 1:
+            raise ValueError(f"--ep must be a positive integer, got {self.ep!r}")
         if not isinstance(self.dp, int) or self.dp < 1:
             raise ValueError(f"--dp must be a positive integer, got {self.dp!r}")
         if not self.batch or min(self.batch) < 1:
@@ -114,13 +117,15 @@ def run_bench(cfg: BenchConfig) -> dict:
     # tensorpar first: TP=1 runs in this process, whose peak RSS is then its figure.
     tensorpar_rows = []
     for tp in cfg.tp:
-        layout = f"tp={tp}" + (f" pp={cfg.pp}" if cfg.pp > 1 else "") + (f" dp={cfg.dp}" if cfg.dp > 1 else "")
+        layout = (f"tp={tp}" + (f" pp={cfg.pp}" if cfg.pp > 1 else "") + (f" dp={cfg.dp}" if cfg.dp > 1 else "")
+                  + (f" ep={cfg.ep}" if cfg.ep > 1 else ""))
         _log(f"tensorpar {layout}")
         if cfg.dp > 1:
             row = measure_replicas(cfg.model, tp, cfg.pp, cfg.dp, cfg.batch, cfg.new_tokens, cfg.prompt_len,
                                    cfg.repeats)
         else:
-            row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats, pp=cfg.pp)
+            row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats, pp=cfg.pp,
+                                    ep=cfg.ep)
         if row["status"] != "ok":
             _log(f"tensorpar {layout} failed: {row['reason']}")
         tensorpar_rows.append(row)
@@ -132,8 +137,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     settings = {**{k: v for k, v in asdict(cfg).items() if k != "command"}, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "short_prompt_tokens": SHORT_PROMPT_TOKENS, "dtype": "float32"}
 
-    roof = None  # the roofline is drawn per TP degree: not with --pp or --dp
-    if cfg.pp == 1 and cfg.dp == 1:
+    roof = None  # the roofline is drawn per TP degree: not with --pp, --dp or --ep
+    if cfg.pp == 1 and cfg.dp == 1 and cfg.ep == 1:
         _log("memory bandwidth")
         try:
             bw1 = roofline.measure_in_subprocess(cfg.bandwidth_mb, cfg.bandwidth_repeats, 1, cfg.timeout_s)

@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     add_pp(p)
     p.add_argument("--dp", type=int, default=1, help="serving replicas of each layout, measured through the "
                    "engines `tensorpar serve --dp` runs (requests to the least busy replica)")
+    p.add_argument("--ep", type=int, default=1, help="expert sets of a mixture of experts over each layout's ranks "
+                   "(with --tp 1: one rank per set, attention replicated)")
     p.add_argument("--batch", type=_ints, default=[1, 8], help="comma-separated decode batch sizes (default: 1,8)")
     p.add_argument("--prompt-len", type=int, default=None, help="prefill prompt length in tokens (default: 512; --quick: 64)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per decode run (default: 32; --quick: 4)")
@@ -53,7 +55,7 @@ def run(args) -> int:
             kw[name] = getattr(args, name)
     if args.timeout is not None:
         kw["timeout_s"] = args.timeout
-    cfg = BenchConfig(model=args.model, tp=args.tp, pp=args.pp, dp=args.dp, batch=args.batch, out=args.out, peers=args.peers,
+    cfg = BenchConfig(model=args.model, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, batch=args.batch, out=args.out, peers=args.peers,
                       sweep=args.sweep, quick=args.quick, command=["tensorpar", *sys.argv[1:]], **kw)
     result = run_bench(cfg)
     print(render(result))

@@ -125,7 +125,7 @@ def bench_rows(data: dict) -> list[Row]:
     prompt = int(s.get("prompt_len", 512))
     rows = []
     for r in data["tensorpar"]:
-        if r.get("status", "ok") != "ok" or int(r.get("pp", 1)) > 1 or int(r.get("dp", 1)) > 1:  # (the fit is of TP degrees)
+        if r.get("status", "ok") != "ok" or int(r.get("pp", 1)) > 1 or int(r.get("dp", 1)) > 1 or int(r.get("ep", 1)) > 1:  # (the fit is of TP degrees)
             continue
         tp = int(r["tp"])
         for b, ms in sorted((r.get("decode_ms_per_token") or {}).items(), key=lambda kv: int(kv[0])):
