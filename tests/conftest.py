@@ -159,6 +159,21 @@ def hf_reference(path: Path):
     return model.eval()
 
 
+def hf_logits_and_greedy(path: Path, prompts: list[list[int]], new_tokens: int):
+    """transformers on ``path``: per prompt its logits [len, vocab] and ``new_tokens`` greedy
+    tokens (generated with transformers' KV cache, as a user would)."""
+    model = hf_reference(path)
+    logits, greedy = [], []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            logits.append(model(ids).logits[0])
+            new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            greedy.append(new[0, len(p):].tolist())
+    return logits, greedy
+
+
 def greedy_reference(gguf: Path, prompts: list[str], new_tokens: int):
     """transformers on a GGUF file: its model, and per prompt (prompt ids, ``new_tokens`` greedy
     tokens); no prompt may reach EOS sooner."""

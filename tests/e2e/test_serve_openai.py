@@ -46,6 +46,27 @@ def kill_rank(proc: subprocess.Popen, rank, timeout: float) -> tuple[int, str]:
     return proc.wait(timeout=timeout), proc.stderr.read()
 
 
+def solo_and_concurrent(client, model: str, prompts: list[str], max_tokens: int) -> tuple[list[str], list[str]]:
+    """Each prompt's greedy text from a one-rank ``LLM``, and the same prompts sent at once
+    through ``client``."""
+    import tensorpar
+
+    with tensorpar.LLM(model, tp=1, progress=False) as llm:
+        solo = [c.text for c in llm.generate(prompts, max_new_tokens=max_tokens)]
+    got = [None] * len(prompts)
+
+    def run(i):
+        got[i] = client.completions.create(model=model, prompt=prompts[i], max_tokens=max_tokens,
+                                           temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return solo, got
+
+
 @pytest.fixture(scope="module")
 def server(tiny_chat_checkpoint):
     segments = set(Path("/dev/shm").glob("tensorpar-*"))
@@ -237,19 +258,7 @@ def test_pipeline_server_answers_then_a_dead_stage_rank_is_named(tiny_chat_check
         assert sorted(p.info["name"] for p in ranks) == ["tensorpar-r1", "tensorpar-r2", "tensorpar-r3"]
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         prompts = [f"Pipeline request {i}:" for i in range(6)]
-        with __import__("tensorpar").LLM(str(tiny_chat_checkpoint), tp=1, progress=False) as llm:
-            solo = [c.text for c in llm.generate(prompts, max_new_tokens=10)]
-        got = [None] * len(prompts)
-
-        def run(i):
-            got[i] = client.completions.create(model=str(tiny_chat_checkpoint), prompt=prompts[i], max_tokens=10,
-                                               temperature=0).choices[0].text
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        solo, got = solo_and_concurrent(client, str(tiny_chat_checkpoint), prompts, 10)
         assert got == solo
 
         stream = client.completions.create(model=str(tiny_chat_checkpoint), prompt="A long story:", max_tokens=2000,
@@ -281,19 +290,7 @@ def test_two_replicas_share_the_load_and_one_killed_leaves_the_other_serving(tin
         assert [p.info["name"] for p in ranks] == ["tensorpar-r1"]  # replica 1's leader; replica 0 is the server's
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         prompts = [f"Replica request {i}:" for i in range(6)]
-        with __import__("tensorpar").LLM(model, tp=1, progress=False) as llm:
-            solo = [c.text for c in llm.generate(prompts, max_new_tokens=10)]
-        got = [None] * len(prompts)
-
-        def run(i):
-            got[i] = client.completions.create(model=model, prompt=prompts[i], max_tokens=10,
-                                               temperature=0).choices[0].text
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        solo, got = solo_and_concurrent(client, model, prompts, 10)
         assert got == solo
         metrics = httpx.get(f"{base}/metrics").text
         served = {r: float(next(ln.split()[-1] for ln in metrics.splitlines()
@@ -381,19 +378,7 @@ def test_experts_over_two_ranks_serve_16_streams_and_a_dead_expert_rank_is_named
     try:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         prompts = [f"Expert request {i}:" for i in range(16)]
-        with __import__("tensorpar").LLM(model, tp=1, progress=False) as llm:
-            solo = [c.text for c in llm.generate(prompts, max_new_tokens=8)]
-        got = [None] * len(prompts)
-
-        def run(i):
-            got[i] = client.completions.create(model=model, prompt=prompts[i], max_tokens=8,
-                                               temperature=0).choices[0].text
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        solo, got = solo_and_concurrent(client, model, prompts, 8)
         assert got == solo
         metrics = httpx.get(f"{base}/metrics").text
         routed = [float(ln.split()[-1]) for ln in metrics.splitlines()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, hf_reference
+from conftest import TINY_CONFIGS, hf_logits_and_greedy
 
 from tensorpar import LLM, SamplingParams
 
@@ -24,19 +24,7 @@ def prompts_for(arch: str) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def references(tiny_checkpoints):
-    out = {}
-    for arch in ARCHS:
-        model = hf_reference(tiny_checkpoints[arch])
-        logits, greedy = [], []
-        with torch.no_grad():
-            for p in prompts_for(arch):
-                ids = torch.tensor([p])
-                logits.append(model(ids).logits[0])
-                new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                     min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-                greedy.append(new[0, len(p):].tolist())
-        out[arch] = (logits, greedy)
-    return out
+    return {arch: hf_logits_and_greedy(tiny_checkpoints[arch], prompts_for(arch), NEW_TOKENS) for arch in ARCHS}
 
 
 @pytest.mark.timeout(180)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, hf_reference, num_heads
+from conftest import TINY_CONFIGS, hf_logits_and_greedy, num_heads
 
 from tensorpar import LLM, SamplingParams
 
@@ -29,21 +29,8 @@ def prompts_for(arch: str) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def references(tiny_checkpoints):
-    """Per architecture: transformers logits of each prompt and its greedy continuation (generated
-    with transformers' KV cache, as a user would)."""
-    out = {}
-    for arch in ARCHS:
-        model = hf_reference(tiny_checkpoints[arch])
-        logits, greedy = [], []
-        with torch.no_grad():
-            for p in prompts_for(arch):
-                ids = torch.tensor([p])
-                logits.append(model(ids).logits[0])
-                new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                     pad_token_id=0)
-                greedy.append(new[0, len(p):].tolist())
-        out[arch] = (logits, greedy)
-    return out
+    """Per architecture: transformers logits of each prompt and its greedy continuation."""
+    return {arch: hf_logits_and_greedy(tiny_checkpoints[arch], prompts_for(arch), NEW_TOKENS) for arch in ARCHS}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
