@@ -68,3 +68,14 @@ def test_table_aligns_columns_and_shows_missing_values():
     assert lines[1] == "  a | bb"
     assert lines[3] == "  1 |  -"
     assert lines[4] == "123 |  x"
+
+
+def test_weight_bytes_of_a_mixture_of_experts_count_the_chosen_experts_only():
+    from conftest import TINY_CONFIGS
+
+
+    cfg = ModelConfig.from_hf(TINY_CONFIGS["mixtral"])  # 8 experts, top-2, 2 layers
+    dense = ModelConfig.from_hf({**TINY_CONFIGS["mixtral"], "num_local_experts": 2})
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+    assert weight_bytes(cfg) == weight_bytes(dense) + 2 * cfg.hidden_size * 6 * 4  # 2 layers: the router's 6 more rows
+    assert weight_bytes(dense) > 2 * 2 * expert

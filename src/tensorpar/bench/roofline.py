@@ -28,10 +28,19 @@ from tensorpar.models.config import ModelConfig
 
 
 def weight_bytes(config: ModelConfig, bytes_per_param: int = 4) -> int:
-    """Bytes of every checkpoint tensor the config implies, each counted once."""
+    """Bytes of the checkpoint tensors one decoded token (batch 1) reads, each counted once: all of
+    them, except that an MoE layer reads only its ``experts_per_token`` chosen experts."""
+    import re
+
     from tensorpar.models.registry import checkpoint_shapes
 
-    return sum(math.prod(shape) for shape in checkpoint_shapes(config).values()) * bytes_per_param
+    expert = re.compile(r"\.mlp\.experts\.(\d+)\.")
+    total = 0
+    for name, shape in checkpoint_shapes(config).items():
+        m = expert.search(name)
+        if m is None or int(m.group(1)) < config.experts_per_token:  # (any k experts: they are alike in size)
+            total += math.prod(shape)
+    return total * bytes_per_param
 
 
 def measure_bandwidth(mb: int = 256, repeats: int = 7, threads: int = 1) -> dict:

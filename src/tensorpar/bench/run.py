@@ -148,7 +148,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             b1 = {r["tp"]: (r["decode_ms_per_token"].get("1") if r["status"] == "ok" else None) for r in tensorpar_rows}
             roof = {"weight_bytes": wbytes, "bandwidth_1_thread": bw1, "bandwidth_all_cores": bw_all,
                     **roofline.roofline(wbytes, bw1["read_GBps"], cores(), b1),
-                    "note": "roofline = weight bytes / 1-thread read bandwidth; TP>1 divided by min(tp, cores)"}
+                    "note": "roofline = weight bytes one token reads (an MoE layer: its top-k experts) / 1-thread read "
+                            "bandwidth; TP>1 divided by min(tp, cores)"}
         except Exception as e:  # noqa: BLE001
             _log(f"bandwidth test failed: {one_line(e)}")
             roof = {"status": "failed", "reason": one_line(e)}
