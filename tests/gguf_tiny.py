@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
-             "gpt2": "gpt2"}
+             "gpt2": "gpt2", "mixtral": "llama", "qwen3_moe": "qwen3moe"}
+EXPERT_PARTS = {"mixtral": ("block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}),
+                "qwen3_moe": ("mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})}
 
 
 def llama3_rope_factors(cfg: dict) -> list[float]:
@@ -76,6 +78,18 @@ def write_gguf(hf_dir: Path, out: Path, raw_types: dict | None = None) -> Path:
         w.add_float32(f"{arch}.rope.freq_base", rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     if arch == "gemma3":
         u32("attention.sliding_window", cfg["sliding_window"])
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if experts:  # llama.cpp stacks each layer's experts: ffn_{gate,up,down}_exps [experts, out, in]
+        u32("expert_count", experts)
+        u32("expert_used_count", cfg["num_experts_per_tok"])
+        if cfg.get("moe_intermediate_size"):
+            u32("expert_feed_forward_length", cfg["moe_intermediate_size"])
+        block, parts = EXPERT_PARTS[cfg["model_type"]]
+        for layer in range(layers):
+            for kind, part in parts.items():
+                stacked = torch.stack([state[f"model.layers.{layer}.{block}.experts.{e}.{part}.weight"]
+                                       for e in range(experts)])
+                w.add_tensor(f"blk.{layer}.ffn_{kind}_exps.weight", np.ascontiguousarray(stacked.float().numpy()))
     names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], layers)
     for name, t in state.items():
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))

@@ -41,3 +41,39 @@ def test_logits_and_greedy_tokens_match_transformers(arch, tp, ep, tiny_checkpoi
         assert float((got - want).abs().max() / want.abs().max()) < 1e-4
     assert [c.token_ids for c in result.completions] == ref_greedy
     assert len(result.peak_rss_mb) == width
+
+
+@pytest.fixture(scope="module")
+def gguf_moe(tiny_checkpoints, tmp_path_factory):
+    """llama.cpp-style GGUF files (experts stacked per layer) of the tiny Mixtral and of a
+    Qwen3-MoE whose layers are all sparse (GGUF has no dense layers beside experts), each with
+    transformers' logits and greedy tokens on the safetensors weights it was written from."""
+    from conftest import write_tiny_checkpoint
+    from gguf_tiny import write_gguf
+
+    root = tmp_path_factory.mktemp("gguf-moe")
+    TINY_CONFIGS.setdefault("qwen3_moe-sparse", {**TINY_CONFIGS["qwen3_moe"], "mlp_only_layers": []})
+    sources = {"mixtral": tiny_checkpoints["mixtral"],
+               "qwen3_moe": write_tiny_checkpoint("qwen3_moe-sparse", root / "qwen3_moe")}
+    out = {}
+    for arch, hf_dir in sources.items():
+        prompts = prompts_for(arch)
+        out[arch] = (write_gguf(hf_dir, root / f"{arch}.gguf"), prompts, hf_logits_and_greedy(hf_dir, prompts, NEW_TOKENS))
+    return out
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("tp, ep", [(1, 1), (2, 2), (1, 4)])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_gguf_files_with_stacked_experts_match_transformers(arch, tp, ep, gguf_moe, rank_pool):
+    from tensorpar.loading import open_source
+
+    path, prompts, (ref_logits, ref_greedy) = gguf_moe[arch]
+    config = open_source(str(path)).config
+    assert config.architecture == arch and config.num_experts == (8 if arch == "mixtral" else 6)
+    with LLM(str(path), tp=tp, ep=ep, progress=False, ranks=rank_pool(max(tp, ep))) as llm:
+        logits = llm.score(prompts)
+        result = llm.generate_full(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    for got, want in zip(logits, ref_logits):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    assert [c.token_ids for c in result.completions] == ref_greedy

@@ -242,7 +242,9 @@ class GGUFFile:
     def read(self, name: str, rows: range | None = None, cols: range | None = None) -> np.ndarray:
         """``tensor[rows, cols]`` as float32, reading only the bytes that hold it.
 
-        For a 1-D tensor ``rows`` selects entries. Tensors of more dims are read whole only.
+        For a 1-D tensor ``rows`` selects entries. A tensor of more dims is read as its 2-D view
+        [prod(shape[:-1]), shape[-1]] (a run of rows of a stacked [experts, out, in] tensor is
+        one expert's matrix, or part of it), and returned in that shape when sliced.
         """
         t = self.tensors.get(name)
         if t is None:
@@ -254,7 +256,7 @@ class GGUFFile:
         if len(t.shape) == 2:
             return self._read_2d(t, t.shape[0], t.shape[1], rows, cols)
         if rows is not None or cols is not None:
-            raise ValueError(f"{name} has {len(t.shape)} dims: only 1-D and 2-D tensors are sliced")
+            return self._read_2d(t, prod(t.shape[:-1]), t.shape[-1], rows, cols)
         return self._read_2d(t, prod(t.shape[:-1]), t.shape[-1], None, None).reshape(t.shape)
 
     def _read_2d(self, t: TensorInfo, n_rows: int, n_cols: int, rows: range | None, cols: range | None) -> np.ndarray:

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType
 from tensorpar.loading.gguf_file import GGUFFile, can_read
 from tensorpar.loading.sources import StoredTensorsSource
 from tensorpar.models.config import ModelConfig
-from tensorpar.models.registry import for_gguf
+from tensorpar.models.registry import for_gguf, for_model_type
 
 ROPE_FACTORS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors (Llama 3.x's rope scaling)
 
@@ -34,6 +34,7 @@ class GGUFSource(StoredTensorsSource):
             if ROPE_FACTORS in self.file.tensors:
                 factors = self.file.read(ROPE_FACTORS).tolist()
             self.config = ModelConfig.from_gguf(self.file.metadata, set(self.file.tensors), factors)
+            self._arch = for_model_type(self.config.architecture)  # (a llama file with experts is Mixtral)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: unsupported or incomplete GGUF metadata: {e}") from e
         for ref in self._refs.values():  # refused here, before any rank starts

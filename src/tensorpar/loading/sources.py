@@ -110,7 +110,9 @@ class StoredTensorsSource(CheckpointSource):
         shape = tuple(self._stored_shape(ref.name))
         if ref.transposed:
             shape = shape[::-1]
-        return shape if ref.rows is None else (len(ref.rows), *shape[1:])
+        if ref.rows is None:
+            return shape
+        return (len(ref.rows), *shape[1:]) if len(shape) <= 2 else (len(ref.rows), shape[-1])  # (rows of a 2-D view)
 
     def _read(self, name, rows, cols):
         ref = self._refs[name]

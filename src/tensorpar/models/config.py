@@ -141,8 +141,10 @@ class ModelConfig:
             if scaling is not None:
                 raise ValueError("GGUF has both rope_freqs and rope.scaling.type; only one is supported")
             scaling = {"rope_type": "factors", "factors": tuple(float(f) for f in rope_factors)}
+        experts = int(a("expert_count", 0) or 0)
         common = dict(
-            architecture={"gemma3": "gemma3_text"}.get(arch, arch),
+            architecture=("mixtral" if arch == "llama" and experts else
+                          {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}.get(arch, arch)),
             vocab_size=int(a("vocab_size") or len(meta["tokenizer.ggml.tokens"])),
             hidden_size=hidden,
             intermediate_size=int(a("feed_forward_length")),
@@ -161,6 +163,10 @@ class ModelConfig:
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
         )
+        if experts:  # llama.cpp's Mixtral (``llama``) and Qwen3-MoE (``qwen3moe``)
+            common.update(num_experts=experts, experts_per_token=int(a("expert_used_count")),
+                          moe_intermediate_size=int(a("expert_feed_forward_length", 0) or common["intermediate_size"]),
+                          norm_topk_prob=True)
         return cls(**_GGUF_READERS.get(arch, lambda m, a, c: c)(meta, a, common))
 
     def to_hf(self) -> dict:
@@ -389,4 +395,4 @@ def _gguf_gpt2(meta, a, c: dict) -> dict:
     )
 
 
-_GGUF_READERS = {"gemma3": _gguf_gemma3, "qwen3": _gguf_qwen3, "gpt2": _gguf_gpt2}
+_GGUF_READERS = {"gemma3": _gguf_gemma3, "qwen3": _gguf_qwen3, "qwen3moe": _gguf_qwen3, "gpt2": _gguf_gpt2}

@@ -10,6 +10,7 @@ or store a linear as [in, out] (GPT-2's ``Conv1D``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
@@ -64,3 +65,22 @@ def gguf_from_hf(hf_tensor):
         return None if stored is None else TensorRef(stored, ref.rows)
 
     return gguf_tensor
+
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_STACKED = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def gguf_experts(gguf_tensor):
+    """``gguf_tensor`` that also finds expert e's matrix in llama.cpp's stacked tensors
+    ``blk.L.ffn_{gate,up,down}_exps`` ([experts, out, in]): rows e*out .. (e+1)*out of their 2-D view."""
+
+    def find(name: str, config, gguf_architecture: str) -> TensorRef | None:
+        m = _EXPERT.match(name)
+        if m is None:
+            return gguf_tensor(name, config, gguf_architecture)
+        layer, expert, part = int(m[1]), int(m[2]), m[3]
+        out = config.hidden_size if part == "down_proj" else config.moe_intermediate_size
+        return TensorRef(f"blk.{layer}.{_STACKED[part]}.weight", range(expert * out, (expert + 1) * out))
+
+    return find

@@ -48,8 +48,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("gemma3", "tensorpar.models.gemma3", ("gemma3_text",), ("gemma3",)),
     Architecture("phi3", "tensorpar.models.phi3", ("phi3",)),
     Architecture("gpt2", "tensorpar.models.gpt2", ("gpt2",), ("gpt2",)),
-    Architecture("mixtral", "tensorpar.models.mixtral", ("mixtral",)),
-    Architecture("qwen_moe", "tensorpar.models.qwen_moe", ("qwen2_moe", "qwen3_moe")),
+    Architecture("mixtral", "tensorpar.models.mixtral", ("mixtral",)),  # (GGUF: a ``llama`` file with experts)
+    Architecture("qwen_moe", "tensorpar.models.qwen_moe", ("qwen2_moe", "qwen3_moe"), ("qwen3moe",)),
 )
 
 MODEL_TYPES: tuple[str, ...] = tuple(t for a in ARCHITECTURES for t in a.hf_model_types)
