@@ -256,11 +256,13 @@ def test_synthetic_reads_match_reader(synthetic, name):
     check_reads(f, reader, name)
 
 
-def test_read_of_more_dims_is_whole_only(synthetic):
+def test_read_of_more_dims_slices_their_2d_view(synthetic):
+    """A stacked [2, 3, 4] tensor is sliced as its [6, 4] view (an expert is a run of its rows)."""
     _, f, reader = synthetic
-    assert np.array_equal(f.read("cube.f32"), reference(reader, "cube.f32"))
-    with pytest.raises(ValueError, match="only 1-D and 2-D"):
-        f.read("cube.f32", range(0, 1))
+    whole = reference(reader, "cube.f32")
+    assert np.array_equal(f.read("cube.f32"), whole)
+    assert np.array_equal(f.read("cube.f32", range(3, 6)), whole[1])
+    assert np.array_equal(f.read("cube.f32", range(3, 6), range(1, 3)), whole[1][:, 1:3])
     with pytest.raises(ValueError, match="1-D"):
         f.read("vec.f32", range(0, 1), range(0, 1))
 
