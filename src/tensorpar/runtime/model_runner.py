@@ -52,24 +52,26 @@ class ModelRunner:
         self.model = build_model(spec.source, self.tp_ctx, self.dtype, progress=spec.progress and ctx.is_leader,
                                  layers=layers, ep=dims.ep, attention_tp=dims.tp)
         self.load_s = time.perf_counter() - t
+        from tensorpar.models.blocks import MoE
+
+        self.moe_layers = [(int(name.split(".")[2]), m)  # (name: model.layers.<i>.mlp)
+                           for name, m in self.model.named_modules() if isinstance(m, MoE)]
         self.cache: KVCache | None = None
         self.busy_s = 0.0  # seconds spent computing steps (not waiting for another stage)
 
     def expert_load(self) -> dict:
         """Per MoE layer of this rank's stage: ``tokens`` routed to each expert so far, and the
         ``imbalance`` of the expert sets' loads (the busiest set's tokens over the mean; 1 is even)."""
-        from tensorpar.models.blocks import MoE
         from tensorpar.partition import even_split
 
-        tokens, imbalance = {}, {}
-        for name, module in self.model.named_modules():
-            if isinstance(module, MoE) and module.counts is not None:
-                layer = int(name.split(".")[2])  # model.layers.<i>.mlp
-                counts = module.counts.tolist()
-                ep = self.spec.dims.ep
-                loads = [sum(counts[e] for e in even_split(len(counts), ep, g)) for g in range(ep)]
-                tokens[layer] = counts
-                imbalance[layer] = max(loads) * ep / sum(loads) if sum(loads) else 1.0
+        tokens, imbalance, ep = {}, {}, self.spec.dims.ep
+        for layer, moe in self.moe_layers:
+            if moe.counts is None:
+                continue
+            counts = moe.counts.tolist()
+            loads = [sum(counts[e] for e in even_split(len(counts), ep, g)) for g in range(ep)]
+            tokens[layer] = counts
+            imbalance[layer] = max(loads) * ep / sum(loads) if sum(loads) else 1.0
         return {"tokens": tokens, "imbalance": imbalance} if tokens else {}
 
     # ---- the leader's side ----------------------------------------------------------------------

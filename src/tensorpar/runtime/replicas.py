@@ -238,16 +238,18 @@ def serve_replica(conn: Connection, engine: ServingEngine) -> None:
         conn.close()
 
 
-def _start_replica(ranks, max_num_seqs: int, conn: Connection) -> ServingEngine | None:
-    """A replica leader's engine on ``ranks``, or None after telling the server why it failed."""
+def _lead_replica(ranks, max_num_seqs: int, conn: Connection) -> bool:
+    """Lead a replica for the server at ``conn``: say whether its engine started, serve until told
+    to stop; whether it ended healthy."""
     try:
         engine = ServingEngine(ranks=ranks, max_num_seqs=max_num_seqs)
     except BaseException as e:  # noqa: BLE001 - the server reports it
         conn.send(("failed", one_line(e)))
         conn.close()
-        return None
+        return False
     conn.send(("ready", None))
-    return engine
+    serve_replica(conn, engine)
+    return engine.healthy
 
 
 def _replica_main(index: int, spec: EngineSpec, max_num_seqs: int, address, authkey: bytes) -> None:
@@ -262,10 +264,7 @@ def _replica_main(index: int, spec: EngineSpec, max_num_seqs: int, address, auth
         conn.send(("failed", one_line(e)))
         conn.close()
         os._exit(1)
-    engine = _start_replica(ranks, max_num_seqs, conn)
-    if engine is not None:
-        serve_replica(conn, engine)
-    os._exit(0 if engine is not None and engine.healthy else 1)
+    os._exit(0 if _lead_replica(ranks, max_num_seqs, conn) else 1)
 
 
 def _accept(listener: Listener, procs: list, deadline: float) -> list[RemoteReplica]:
@@ -371,7 +370,5 @@ def _torchrun_serving(spec: EngineSpec, max_num_seqs: int, env):
     where = json.loads(store.get(ROUTER_KEY))
     conn = Client((where["host"], where["port"]), authkey=bytes.fromhex(where["authkey"]))
     conn.send(ranks.replica)
-    engine = _start_replica(ranks, max_num_seqs, conn)
-    if engine is not None:
-        serve_replica(conn, engine)
+    _lead_replica(ranks, max_num_seqs, conn)
     return None

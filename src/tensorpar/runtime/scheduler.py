@@ -56,8 +56,9 @@ class Scheduler:
         with self.lock:
             used = sum(s.length for s in self.running.values())
             capacity = self.runner.cache.slots * self.runner.cache.max_len if self.runner.cache else 0
-            return {"running": len(self.running), "waiting": len(self.waiting),
-                    "kv_cache_usage": used / capacity if capacity else 0.0, "experts": self.runner.expert_load()}
+            counts = {"running": len(self.running), "waiting": len(self.waiting),
+                      "kv_cache_usage": used / capacity if capacity else 0.0}
+        return {**counts, "experts": self.runner.expert_load()}  # (read without holding up the engine)
 
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block until there is something to do (or ``timeout_s`` passes); whether there is."""
