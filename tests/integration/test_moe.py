@@ -77,3 +77,28 @@ def test_gguf_files_with_stacked_experts_match_transformers(arch, tp, ep, gguf_m
     for got, want in zip(logits, ref_logits):
         assert float((got - want).abs().max() / want.abs().max()) < 1e-4
     assert [c.token_ids for c in result.completions] == ref_greedy
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("tp, ep", [(1, 2), (2, 2), (3, 3), (1, 4)])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_to_all_dispatch_matches_transformers(arch, tp, ep, tiny_checkpoints, references, rank_pool):
+    """Each rank routing its slice of the tokens (decode steps of 2 tokens leave the others none)
+    and sending the rows to their experts' ranks and back; the same routing counts as ``reduce``."""
+    ref_logits, ref_greedy = references[arch]
+    prompts = prompts_for(arch)
+    loads = {}
+    for dispatch in ("all_to_all", "reduce"):
+        with LLM(str(tiny_checkpoints[arch]), tp=tp, ep=ep, moe_dispatch=dispatch, progress=False,
+                 ranks=rank_pool(max(tp, ep))) as llm:
+            if dispatch == "all_to_all":
+                logits = llm.score(prompts)
+            result = llm.generate_full(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+            loads[dispatch] = result.experts
+            assert [c.token_ids for c in result.completions] == ref_greedy
+    for got, want in zip(logits, ref_logits):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    assert loads["all_to_all"] == loads["reduce"]
+    tokens = sum(len(p) for p in prompts) + len(prompts) * (NEW_TOKENS - 1)  # the last token is never fed back
+    k = TINY_CONFIGS[arch]["num_experts_per_tok"]
+    assert all(sum(counts) == tokens * k for counts in loads["reduce"]["tokens"].values())

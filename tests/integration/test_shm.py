@@ -31,6 +31,18 @@ def inputs(rank: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randint(-1000, 1000, (n,), generator=g, dtype=dtype)
 
 
+def a2a_rows(world: int, width: int) -> torch.Tensor:
+    """[world, world] rows rank p sends rank q: some none, and (wide rows) several slots' worth."""
+    g = torch.Generator().manual_seed(7 + world + width)
+    rows = torch.randint(0, 6 if width < 1000 else 900, (world, world), generator=g)
+    rows[0, world - 1] = 0
+    return rows
+
+
+def a2a_inputs(rank: int, rows: torch.Tensor, width: int) -> torch.Tensor:
+    return inputs(rank, int(rows[rank].sum()) * width, torch.float32).view(-1, width)
+
+
 class CollectiveProbe:
     """Runs collectives on one rank and reports what every rank got."""
 
@@ -56,6 +68,14 @@ class CollectiveProbe:
                 got.append(out)
         elif op == "all_gather":
             got = [self.ctx.shm.all_gather(x) for _ in range(2)]
+        elif op == "all_to_all":  # n: the widest row; over shared memory, then over gloo alone
+            import dataclasses
+
+            from tensorpar.distributed.collectives import all_to_all
+
+            rows = a2a_rows(self.ctx.world_size, n)
+            x = a2a_inputs(self.ctx.rank, rows, n)
+            got = [all_to_all(x, rows, self.ctx), all_to_all(x, rows, dataclasses.replace(self.ctx, shm=None))]
         else:
             got = [self.ctx.shm.broadcast(x.clone(), src=self.ctx.world_size - 1) for _ in range(2)]
         everyone = [None] * self.ctx.world_size
@@ -112,6 +132,19 @@ def test_all_gather_and_broadcast(ranks, n):
             assert torch.equal(got, inputs(world - 1, n, torch.float32))
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("width", [3, 2048])  # 2048-wide float rows: a 4 MiB slot holds 512 of them
+def test_all_to_all_of_variable_sizes(ranks, width):
+    world = ranks.world_size
+    rows = a2a_rows(world, width)
+    sent = [a2a_inputs(p, rows, width).split(rows[p].tolist()) for p in range(world)]
+    assert int(rows.sum(1).max()) * width * 4 > (4 << 20) or width < 1000
+    for q, results in enumerate(ranks.call("run", "all_to_all", width, torch.float32)):
+        want = torch.cat([sent[p][q] for p in range(world)])
+        for got in results:
+            assert torch.equal(got, want)
+
+
 def _peer(path: str, behaviour: str) -> None:
     comm = shm_module.ShmCommunicator(path, 1, 2, 1 << 16, timeout_s=30, create=False)
     comm.all_reduce(torch.ones(4))
@@ -124,11 +157,12 @@ def _peer(path: str, behaviour: str) -> None:
 @pytest.mark.parametrize("behaviour", ["die", "hang"])
 def test_dead_or_silent_peer_raises_instead_of_spinning(behaviour):
     path = f"/dev/shm/tensorpar-test-{uuid.uuid4().hex[:8]}"
-    comm = shm_module.ShmCommunicator(path, 0, 2, 1 << 16, timeout_s=2.0, create=True)
+    comm = shm_module.ShmCommunicator(path, 0, 2, 1 << 16, timeout_s=30, create=True)  # (the peer imports torch)
     peer = mp.get_context("spawn").Process(target=_peer, args=(path, behaviour), daemon=True)
     peer.start()
     try:
         assert torch.equal(comm.all_reduce(torch.ones(4)), torch.full((4,), 2.0))
+        comm.timeout_s = 2.0
         os.unlink(path)
         t0 = time.monotonic()
         error = RuntimeError if behaviour == "die" else RankFailure

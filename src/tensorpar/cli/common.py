@@ -32,6 +32,10 @@ def add_ep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=int, default=1,
                    help="expert parallelism (mixture-of-experts models): each stage's ranks hold the experts in this "
                         "many sets; --tp is then 1 (attention replicated) or a multiple of --ep (default: 1)")
+    p.add_argument("--moe-dispatch", default="auto", choices=["auto", "reduce", "all_to_all"],
+                   help="how tokens reach their experts' ranks: reduce (every rank routes every token, partial sums "
+                        "all-reduced), all_to_all (each rank routes its slice, rows sent to the experts and back), "
+                        "auto (all_to_all from 64 tokens a step, when each expert is whole on one rank; default)")
 
 
 def add_engine(p: argparse.ArgumentParser) -> None:
@@ -61,7 +65,8 @@ def engine_args(args: argparse.Namespace, progress: bool = True, dp: int = 1):
     """The ``EngineArgs`` of the flags ``add_engine`` defined (and ``dp`` replicas, for serving)."""
     from tensorpar.runtime.spec import EngineArgs
 
-    options = dict(model=args.model, tp=args.tp, pp=args.pp, dp=dp, ep=args.ep, dtype=args.dtype, device=args.device, comm=args.comm,
+    options = dict(model=args.model, tp=args.tp, pp=args.pp, dp=dp, ep=args.ep,
+                   moe_dispatch=args.moe_dispatch, dtype=args.dtype, device=args.device, comm=args.comm,
                    max_model_len=args.max_model_len, progress=progress, tokenizer_cache=args.tokenizer_cache)
     if args.timeout is not None:
         options["timeout_s"] = args.timeout

@@ -100,6 +100,23 @@ def reduce_scatter_dim(x: torch.Tensor, ctx: ParallelContext, dim: int) -> torch
     return split_dim(all_reduce(x.clone(), ctx), ctx, dim)
 
 
+def all_to_all(x: torch.Tensor, rows: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Variable-sized all-to-all of rows: ``rows`` [world, world] (known to every rank) says how
+    many rows rank p sends rank q; ``x`` [sum_q rows[rank, q], ...] holds this rank's rows grouped
+    by destination, in rank order. Returns [sum_p rows[p, rank], ...]: the rows sent here, grouped
+    by sender in rank order.
+    """
+    if ctx.world_size == 1:
+        return x
+    x = x.contiguous()
+    if ctx.shm is not None and x.device.type == "cpu":
+        return ctx.shm.all_to_all(x, rows)
+    send, recv = rows[ctx.rank].tolist(), rows[:, ctx.rank].tolist()
+    out = x.new_empty(sum(recv), *x.shape[1:])
+    dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=ctx.group)
+    return out
+
+
 def broadcast(x: torch.Tensor, ctx: ParallelContext, src: int = 0) -> torch.Tensor:
     """Overwrite ``x`` on every rank with rank ``src``'s ``x``."""
     if ctx.world_size == 1:

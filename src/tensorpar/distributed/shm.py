@@ -191,6 +191,41 @@ class ShmCommunicator:
                     out[r, a:b].copy_(self._slot(buf, r, flat.dtype)[:n])
         return None if out is None else out.view(self.world_size, *x.shape)
 
+    def all_to_all(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x`` [N, ...] sent by destination: ``rows`` [world, world] (the same on every
+        rank) says how many rows rank p sends rank q, and this rank's ``x`` holds its rows for rank
+        0, then for rank 1, and so on. Returns the rows every rank sent here, in rank order,
+        [sum_p rows[p, rank], ...].
+
+        Each rank's flat buffer goes through its slot in slot-sized rounds (as many as the largest
+        buffer needs); in each round a rank copies out of every peer's slot the part of that peer's
+        buffer addressed to it. Its own rows it copies directly.
+        """
+        width = x[0].numel() if x.shape[0] else int(np.prod(x.shape[1:]))
+        counts = rows.tolist()
+        me = self.rank
+        flat = x.reshape(-1)
+        out = torch.empty(sum(c[me] for c in counts) * width, dtype=x.dtype)
+        src = [sum(c[:me]) * width for c in counts]  # where each rank's rows for me start in its buffer
+        dst = [sum(counts[p][me] for p in range(q)) * width for q in range(self.world_size)]
+        n_me = counts[me][me] * width
+        out[dst[me]:dst[me] + n_me].copy_(flat[src[me]:src[me] + n_me])
+        step = self.capacity // x.element_size()
+        longest = max(sum(c) for c in counts) * width
+        for a in range(0, longest, step):
+            b = a + step
+            buf = (self._seq + 1) & 1
+            mine = flat[a:b]
+            if mine.numel():
+                self._slot(buf, me, x.dtype)[: mine.numel()].copy_(mine)
+            self._enter("all_to_all")
+            for p in self._peers:
+                lo, hi = max(a, src[p]), min(b, src[p] + counts[p][me] * width)
+                if lo < hi:
+                    at = dst[p] + lo - src[p]
+                    out[at:at + hi - lo].copy_(self._slot(buf, p, x.dtype)[lo - a:hi - a])
+        return out.view(-1, *x.shape[1:])
+
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """x <- rank ``src``'s x, in place."""
         if x.is_contiguous() and x.numel() * x.element_size() <= self.capacity:  # one slot

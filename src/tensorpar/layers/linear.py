@@ -130,6 +130,7 @@ class RowParallelLinear(nn.Module):
     """
 
     sequence_parallel = False
+    reduce = True  # False: return the partial sum X_i A_i, for the caller to reduce (no bias then)
 
     def __init__(
         self, segments: list[Segment], out_features: int, bias: bool, ctx: ParallelContext
@@ -145,6 +146,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_local] (sharded) -> [..., out] (replicated) or [B, S/p, out] (sequence-parallel)
         y = F.linear(x, self.weight)
+        if not self.reduce:
+            return y
         y = reduce_scatter_seq(y, self.ctx) if self.sequence_parallel else reduce_from_tp(y, self.ctx)
         return y + self.bias if self.bias is not None else y
 

@@ -153,12 +153,25 @@ class MoE(nn.Module):
     their sum when ``norm_topk_prob``), and y = sum_j w_j * expert_{i_j}(x); a shared expert adds
     sigmoid(shared_expert_gate(x)) * shared_expert(x).
 
-    Sharded (the ``experts`` plan style), a rank holds some experts (``local``) and possibly a slice
-    of each one's intermediate rows; it sums what its experts give its tokens, and the partial sums
-    of the group's ranks are all-reduced (``ctx``). ``counts``: tokens routed to each expert in the
-    forward passes so far (all experts, local or not: every rank routes every token), for
-    load-balance figures.
+    Sharded (``place``), the group's ranks form expert sets, each holding some experts whole or
+    split by intermediate rows over the set's ranks. The tokens enter replicated on every rank and
+    leave so, by one of two dispatches:
+
+    - ``reduce``: every rank routes every token, runs its experts on the tokens routed to them, and
+      the partial sums are all-reduced (one all-reduce of [T, hidden]; the shared expert's partial
+      sum joins the same one).
+    - ``all_to_all`` (experts whole, one rank per set): rank r routes only its slice of the tokens
+      (T / ranks), sends each (token, choice) row to the rank holding the chosen expert (a
+      variable-sized all-to-all), gets the expert outputs back the same way, weights and adds them,
+      and the slices are all-gathered. Traffic per rank: about 2 T k / ranks rows plus the
+      gather's T rows, against the all-reduce's 2 T rows, and the routing is split too.
+
+    ``dispatch``: one of the two, or ``auto`` (``all_to_all`` from ``A2A_MIN_TOKENS`` tokens a step).
+    ``counts``: tokens routed to each expert in the forward passes so far (all experts, local or
+    not), for load-balance figures.
     """
+
+    A2A_MIN_TOKENS = 64
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -167,12 +180,26 @@ class MoE(nn.Module):
         self.gate = nn.Linear(h, e, bias=False)
         self.experts = nn.ModuleList(MLP(cfg, cfg.moe_intermediate_size) for _ in range(e))
         self.local: list[int] = list(range(e))
+        self.sets: list[list[int]] = [self.local]  # the experts of each expert set
         self.ctx = None  # the group whose partial sums add up to y (None: all experts are here, whole)
+        self.whole = True  # each expert lives on one rank (no expert tensor parallelism)
+        self.dispatch = "auto"
         self.shared = cfg.shared_expert_size > 0
+        self.shared_partial = False  # the shared expert's sum over the group is left to this module
         if self.shared:
             self.shared_expert = MLP(cfg, cfg.shared_expert_size)
             self.shared_expert_gate = nn.Linear(h, 1, bias=False)
         self.counts: torch.Tensor | None = None  # [num_experts] tokens routed so far
+
+    def place(self, sets: list[list[int]], set_index: int, expert_tp: int, ctx) -> None:
+        """This rank holds expert set ``set_index`` of ``sets``, each expert split over ``expert_tp``
+        ranks, on group ``ctx`` (None: a group of one). A shared expert split over the same group
+        (row-parallel down projection without bias) leaves its reduction to this module's."""
+        self.sets, self.local, self.ctx, self.whole = sets, sets[set_index], ctx, expert_tp == 1
+        if self.shared and ctx is not None:
+            down = self.shared_expert.down_proj
+            if getattr(down, "ctx", None) is not None and down.ctx.world_size == ctx.world_size and down.bias is None:
+                down.reduce, self.shared_partial = False, True
 
     def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] in t's dtype, expert indices [T, k]) of tokens ``t`` [T, hidden]."""
@@ -182,24 +209,76 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(t.dtype), index
 
+    def uses_all_to_all(self, tokens: int) -> bool:
+        if self.ctx is None or not self.whole or torch.is_grad_enabled() or self.dispatch == "reduce":
+            return False
+        return self.dispatch == "all_to_all" or tokens >= self.A2A_MIN_TOKENS
+
+    def _count(self, routed: torch.Tensor) -> None:
+        self.counts = routed if self.counts is None else self.counts + routed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from tensorpar.distributed.collectives import all_reduce, reduce_from_tp
+
         shape = x.shape
         t = x.reshape(-1, shape[-1])  # [T, hidden]
+        a2a = self.uses_all_to_all(t.shape[0])
+        out = self._all_to_all(t) if a2a else self._local_experts(t)
+        shared = torch.sigmoid(self.shared_expert_gate(t)) * self.shared_expert(t) if self.shared else None
+        if self.shared_partial and not a2a:
+            out = out + shared  # one reduction for both
+            shared = None
+        if self.ctx is not None and not a2a:
+            out = reduce_from_tp(out, self.ctx)
+        if shared is not None:
+            out = out + (all_reduce(shared, self.ctx) if self.shared_partial else shared)
+        return out.view(shape)
+
+    def _local_experts(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's experts' part of y for every token: [T, hidden], a partial sum over the group."""
         weights, index = self.route(t)
-        routed = torch.bincount(index.flatten(), minlength=len(self.experts))
-        self.counts = routed if self.counts is None else self.counts + routed
+        self._count(torch.bincount(index.flatten(), minlength=len(self.experts)))
         out = torch.zeros_like(t)
         for e in self.local:
             tokens, k = torch.where(index == e)
             if tokens.numel():
                 out.index_add_(0, tokens, self.experts[e](t[tokens]) * weights[tokens, k, None])
-        if self.ctx is not None:
-            from tensorpar.distributed.collectives import reduce_from_tp
+        return out
 
-            out = reduce_from_tp(out, self.ctx)
-        if self.shared:
-            out = out + torch.sigmoid(self.shared_expert_gate(t)) * self.shared_expert(t)
-        return out.view(shape)
+    def _all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        """y for every token [T, hidden], each rank routing its slice and the rows travelling to
+        their experts and back (see the class docstring)."""
+        from tensorpar.distributed.collectives import all_gather_dim, all_to_all
+
+        ctx, n, k = self.ctx, self.ctx.world_size, self.top_k
+        total, step = t.shape[0], -(-t.shape[0] // self.ctx.world_size)
+        lo, hi = min(total, ctx.rank * step), min(total, (ctx.rank + 1) * step)
+        mine = t[lo:hi]  # [t_r, hidden]: this rank's slice
+        weights, index = self.route(mine)  # [t_r, k]
+        choice = index.flatten()  # [t_r * k]
+        order = torch.argsort(choice, stable=True)  # the (token, choice) rows grouped by expert
+        per_expert = torch.bincount(choice, minlength=len(self.experts))  # [E]
+        table = all_gather_dim(per_expert[None], ctx, 0)  # [n, E]: rows each rank routes to each expert
+        self._count(table.sum(0))
+        owner = torch.empty(len(self.experts), dtype=torch.long, device=t.device)
+        for r, experts in enumerate(self.sets):
+            owner[experts] = r
+        rows = table.new_zeros(n, n).index_add_(1, owner, table)  # [n, n]: rank p -> rank q
+        got = all_to_all(mine[order // k], rows, ctx)  # [R, hidden]: by sender, by expert within
+        local = table[:, self.local]  # [n, L]
+        label = torch.arange(len(self.local), device=t.device).repeat(n).repeat_interleave(local.flatten())  # [R]
+        by_expert = torch.argsort(label, stable=True)
+        result = torch.empty_like(got)
+        start = 0
+        for e, size in zip(self.local, local.sum(0).tolist()):
+            if size:
+                idx = by_expert[start:start + size]
+                result[idx] = self.experts[e](got[idx])
+            start += size
+        back = all_to_all(result, rows.T.contiguous(), ctx)  # [t_r * k, hidden], in ``order``
+        part = t.new_zeros(step, t.shape[1])  # [T / n, hidden], padded
+        part.index_add_(0, order // k, back * weights.flatten()[order, None])
+        return all_gather_dim(part, ctx, 0)[:total]  # [T, hidden]
 
 
 # --- rotary positions -------------------------------------------------------------------------

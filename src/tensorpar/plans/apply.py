@@ -103,7 +103,7 @@ def _experts(name, module, parent, cfg, ctx: ParallelContext):
         expert.down_proj = RowParallelLinear([Segment("down_proj", rows)], down.out_features, down.bias is not None,
                                              alone)
         out.append(expert)
-    parent.local, parent.ctx = local, ctx if n > 1 else None
+    parent.place([list(even_split(len(module), ep, g)) for g in range(ep)], group, width, ctx if n > 1 else None)
     return out
 
 

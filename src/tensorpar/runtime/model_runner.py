@@ -56,19 +56,25 @@ class ModelRunner:
 
         self.moe_layers = [(int(name.split(".")[2]), m)  # (name: model.layers.<i>.mlp)
                            for name, m in self.model.named_modules() if isinstance(m, MoE)]
+        for _, moe in self.moe_layers:
+            moe.dispatch = spec.moe_dispatch
         self.cache: KVCache | None = None
         self.busy_s = 0.0  # seconds spent computing steps (not waiting for another stage)
 
-    def expert_load(self) -> dict:
-        """Per MoE layer of this rank's stage: ``tokens`` routed to each expert so far, and the
-        ``imbalance`` of the expert sets' loads (the busiest set's tokens over the mean; 1 is even)."""
+    def expert_load(self, since: dict | None = None) -> dict:
+        """Per MoE layer of this rank's stage: ``tokens`` routed to each expert so far (or since
+        the ``since`` figures were read), and the ``imbalance`` of the expert sets' loads (the
+        busiest set's tokens over the mean; 1 is even)."""
         from tensorpar.partition import even_split
 
         tokens, imbalance, ep = {}, {}, self.spec.dims.ep
+        before = (since or {}).get("tokens", {})
         for layer, moe in self.moe_layers:
             if moe.counts is None:
                 continue
             counts = moe.counts.tolist()
+            if layer in before:
+                counts = [c - b for c, b in zip(counts, before[layer])]
             loads = [sum(counts[e] for e in even_split(len(counts), ep, g)) for g in range(ep)]
             tokens[layer] = counts
             imbalance[layer] = max(loads) * ep / sum(loads) if sum(loads) else 1.0

@@ -66,6 +66,7 @@ class GenerationResult:
     timings: dict[str, float]
     peak_rss_mb: list[float] = field(default_factory=list)
     stage_busy: list[float] = field(default_factory=list)  # per pipeline stage: fraction of the call spent computing
+    experts: dict = field(default_factory=dict)  # a mixture of experts' load in this call (``ModelRunner.expert_load``)
 
 
 class Collector:

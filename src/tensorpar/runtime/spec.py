@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tensorpar.loading.sources import CheckpointSource
 
 COMMS = ("auto", "gloo")
+MOE_DISPATCHES = ("auto", "reduce", "all_to_all")  # ``models.blocks.MoE``
 DEFAULT_MAX_NUM_SEQS = 256  # sequences a scheduler runs at once; more wait for a slot
 
 
@@ -40,6 +41,7 @@ class EngineSpec:
     tokenizer_cache: bool
     startup: dict = field(default_factory=dict, compare=False)  # seconds, by phase
     layout: str = ""  # "tp=2 pp=2", or over torchrun's nodes "tp=2 within each node, pp=2 across 2 nodes"
+    moe_dispatch: str = "auto"
 
     @property
     def config(self):
@@ -65,7 +67,9 @@ class EngineArgs:
     ``tensorpar.dtypes`` or ``auto``. ``comm``: ``auto`` sends CPU collectives between ranks of
     one host through shared memory, ``gloo`` forces gloo. ``max_model_len``: the longest prompt
     plus completion (default: the model's context). ``tokenizer_cache``: keep a GGUF file's
-    converted tokenizer in the user's cache directory.
+    converted tokenizer in the user's cache directory. ``moe_dispatch``: how a mixture of experts
+    sends tokens to the ranks of their experts, ``reduce``, ``all_to_all`` or ``auto``
+    (``models.blocks.MoE``).
     """
 
     model: str = DEFAULT_MODEL
@@ -80,6 +84,7 @@ class EngineArgs:
     max_model_len: int | None = None
     progress: bool = True
     tokenizer_cache: bool = True
+    moe_dispatch: str = "auto"
 
     def resolve(self, default_max_model_len: int | None = None) -> EngineSpec:
         """Check everything, open the model; ``default_max_model_len`` caps the context when
@@ -88,6 +93,8 @@ class EngineArgs:
 
         if self.comm not in COMMS:
             raise TensorparError(f"comm must be 'auto' (shared memory between local CPU ranks) or 'gloo', got {self.comm!r}")
+        if self.moe_dispatch not in MOE_DISPATCHES:
+            raise TensorparError(f"moe dispatch must be one of {', '.join(MOE_DISPATCHES)}, got {self.moe_dispatch!r}")
         if not self.timeout_s or self.timeout_s <= 0:
             raise TensorparError(f"timeout must be positive, got {self.timeout_s!r}")
         dtype = engine_dtype(self.dtype, self.device)
@@ -99,10 +106,14 @@ class EngineArgs:
         dims = ParallelDims.resolve(config.num_heads, self.tp, torchrun_world_size=env.world_size if env else None,
                                     supported=("tp", "pp", "dp", "ep"), pp=self.pp, dp=self.dp,
                                     ep=self.ep, num_experts=config.num_experts, num_layers=config.num_layers)
+        if self.moe_dispatch == "all_to_all" and config.num_experts and dims.width > dims.ep:
+            raise TensorparError(f"--moe-dispatch all_to_all sends tokens to whole experts, one rank each; at tp={dims.tp} "
+                                 f"ep={dims.ep} each expert is split over {dims.width // dims.ep} ranks: use --tp "
+                                 f"{dims.ep} or less, or --moe-dispatch reduce")
         limit = config.max_position_embeddings
         if self.max_model_len is not None and not (isinstance(self.max_model_len, int) and 1 <= self.max_model_len <= limit):
             raise TensorparError(f"--max-model-len {self.max_model_len} must be from 1 to the model's context of {limit} tokens")
         max_model_len = self.max_model_len or min(limit, default_max_model_len or limit)
         return EngineSpec(self.model, source, dims, dtype, self.device, self.comm, float(self.timeout_s),
                           max_model_len, self.progress, self.tokenizer_cache, {"metadata_s": metadata_s},
-                          dims.describe_nodes(env.local_world_size if env else None))
+                          dims.describe_nodes(env.local_world_size if env else None), self.moe_dispatch)

@@ -104,7 +104,7 @@ class Worker:
             flat = [r for choices in requests for r in choices]
             sched = self.scheduler
             sched.reserve(len(flat), max(len(r.prompt_token_ids) + r.params.max_new_tokens for r in flat))
-            before = dict(sched.timings)
+            before, load = dict(sched.timings), self.runner.expert_load()
             collect = Collector()
             for r in flat:
                 sched.add(r, collect)
@@ -115,7 +115,8 @@ class Worker:
                            for j, r in enumerate(choices)]
             steps = t["decode_steps"]
             return GenerationResult(completions, {"prefill_s": t["prefill_s"], "decode_steps": steps,
-                                                  "decode_s_per_token": t["decode_s"] / steps if steps else 0.0})
+                                                  "decode_s_per_token": t["decode_s"] / steps if steps else 0.0},
+                                    experts=self.runner.expert_load(since=load))
 
         return self._call(prepare, run)
 
