@@ -30,33 +30,44 @@ from tensorpar.errors import one_line
 
 
 def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, prompt_len: int,
-                      repeats: int = 1, pp: int = 1, ep: int = 1) -> dict:
-    """Measure one layout; a failure is recorded as the result (``status: failed``)."""
+                      repeats: int = 1, pp: int = 1, ep: int = 1, moe_dispatch: str = "auto") -> dict:
+    """Measure one layout; a failure is recorded as the result (``status: failed``). A mixture of
+    experts' row carries ``experts``: the expert load (``ModelRunner.expert_load``) of the last
+    timed call of each phase ("decode b=B", "prefill")."""
     from tensorpar import LLM, SamplingParams
 
     row: dict = {"tp": tp, "pp": pp, "ep": ep}
     llm = None
     try:
         t0 = time.perf_counter()
-        llm = LLM(model, tp=tp, pp=pp, ep=ep, progress=False)
+        llm = LLM(model, tp=tp, pp=pp, ep=ep, moe_dispatch=moe_dispatch, progress=False)
+        if llm.config.num_experts:
+            row["moe_dispatch"] = moe_dispatch
         row["load_s"] = time.perf_counter() - t0
         row["backend"] = getattr(llm, "backend", None)
         vocab = llm.config.vocab_size
         prompt_len, new_tokens = fit_context(llm.config.max_position_embeddings, prompt_len, new_tokens)
         row.update(prompt_len=prompt_len, new_tokens=new_tokens)
-        decode, tokens_per_s = {}, {}
+        decode, tokens_per_s, experts = {}, {}, {}
         for b in batches:
             prompts = batch_prompts(vocab, b)
             llm.generate_full(prompts, SamplingParams(max_new_tokens=min(4, new_tokens), ignore_eos=True))  # warm-up
             sp = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-            ms = min(llm.generate_full(prompts, sp).timings["decode_s_per_token"] for _ in range(repeats)) * 1e3
+            timed = [llm.generate_full(prompts, sp) for _ in range(repeats)]
+            ms = min(r.timings["decode_s_per_token"] for r in timed) * 1e3
             decode[str(b)] = ms
             tokens_per_s[str(b)] = b * 1e3 / ms if ms > 0 else None
+            if timed[-1].experts:
+                experts[f"decode b={b}"] = timed[-1].experts
         one = SamplingParams(max_new_tokens=1, ignore_eos=True)
         prompt = long_prompt(vocab, prompt_len)
         llm.generate_full(prompt, one)  # warm-up
         runs = [llm.generate_full(prompt, one) for _ in range(repeats)]
         prefill_s = min(r.timings["prefill_s"] for r in runs)
+        if runs[-1].experts:
+            experts["prefill"] = runs[-1].experts
+        if experts:
+            row["experts"] = experts
         row.update(
             status="ok",
             repeats=repeats,

@@ -5,6 +5,7 @@
   failures marked), and the weight-streaming roofline.
 - ``collectives.png``: latency against message size, log-log, one line per
   backend x collective x world size.
+- ``experts.png`` (a mixture of experts): tokens per expert, per layer and phase.
 """
 
 from __future__ import annotations
@@ -96,7 +97,43 @@ def plot_collectives(result: dict, path: Path) -> Path:
     return path
 
 
+def plot_experts(result: dict, path: Path) -> Path | None:
+    """Tokens routed to each expert, one panel per MoE layer and phase, of the first layout that
+    reports them (the routing is the same math at every layout); bars coloured by expert set."""
+    from tensorpar.partition import even_split
+
+    row = next((r for r in result["tensorpar"] if r.get("experts")), None)
+    if row is None:
+        return None
+    plt = _pyplot()
+    phases = list(row["experts"])
+    layers = list(row["experts"][phases[0]]["tokens"])
+    fig, axes = plt.subplots(len(layers), len(phases), figsize=(4.5 * len(phases), 2.2 * len(layers)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ep = row.get("ep", 1)
+    for j, phase in enumerate(phases):
+        load = row["experts"][phase]
+        for i, layer in enumerate(layers):
+            ax, counts = axes[i][j], load["tokens"].get(layer, [])
+            if not counts:
+                ax.axis("off")
+                continue
+            setof = {e: g for g in range(ep) for e in even_split(len(counts), ep, g)}
+            ax.bar(range(len(counts)), counts, width=1.0, color=[colors[setof[e] % len(colors)] for e in range(len(counts))])
+            ax.axhline(sum(counts) / len(counts), color="k", lw=0.8, ls="--")
+            ax.set_title(f"layer {layer}, {phase}: set imbalance {load['imbalance'][layer]:.2f}", fontsize=8)
+            ax.tick_params(labelsize=6)
+    for ax in axes[-1]:
+        ax.set_xlabel("expert (colour: expert set)", fontsize=7)
+    fig.suptitle(f"{result['settings']['model']}: tokens per expert, tp {row['tp']} ep {ep} (dashed: even)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(result: dict, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
-    return [plot_latency_vs_tp(result, out_dir / "latency_vs_tp.png"),
-            plot_collectives(result, out_dir / "collectives.png")]
+    paths = [plot_latency_vs_tp(result, out_dir / "latency_vs_tp.png"),
+             plot_collectives(result, out_dir / "collectives.png"), plot_experts(result, out_dir / "experts.png")]
+    return [p for p in paths if p is not None]

@@ -40,6 +40,8 @@ def tensorpar_table(result: dict) -> str:
             tp = f"{tp} x dp {r['dp']}"
         if r.get("ep", 1) > 1:
             tp = f"{tp}, ep {r['ep']}"
+        if r.get("moe_dispatch", "auto") != "auto":
+            tp = f"{tp}, {r['moe_dispatch']}"
         if r.get("status") != "ok":
             rows.append([tp, "FAILED: " + r.get("reason", "?")] + [None] * (len(headers) - 2))
             continue
@@ -51,6 +53,24 @@ def tensorpar_table(result: dict) -> str:
         ])
     return table(headers, rows, f"tensorpar: {s['model']}, {s['new_tokens']} new tokens, prompts of 16 tokens "
                                 f"(decode) / {s['prompt_len']} tokens (prefill), float32, best of {s.get('repeats', 1)}")
+
+
+def experts_table(result: dict) -> str:
+    """Per MoE layer and phase of each layout: tokens routed, the busiest expert's share of them
+    (1 / experts would be even) and the imbalance of the expert sets (the busiest set's load over
+    the mean)."""
+    rows = []
+    for r in result["tensorpar"]:
+        for phase, load in (r.get("experts") or {}).items():
+            for layer, counts in load["tokens"].items():
+                total = sum(counts)
+                label = f"tp {r['tp']}, ep {r.get('ep', 1)}" + (f", {r['moe_dispatch']}" if "moe_dispatch" in r else "")
+                rows.append([label, phase, layer, total, _f(max(counts) / total if total else None, 3),
+                             _f(1 / len(counts), 3), _f(load["imbalance"][layer], 2)])
+    if not rows:
+        return ""
+    return table(["layout", "phase", "layer", "tokens routed (x top-k)", "busiest expert's share", "even share",
+                  "expert-set imbalance"], rows, "expert load (histograms: experts.png)")
 
 
 def peers_table(result: dict) -> str:
@@ -124,4 +144,6 @@ def collectives_tables(result: dict) -> str:
 
 
 def render(result: dict) -> str:
-    return "\n\n".join([tensorpar_table(result), peers_table(result), roofline_table(result), collectives_tables(result)])
+    parts = [tensorpar_table(result), experts_table(result), peers_table(result), roofline_table(result),
+             collectives_tables(result)]
+    return "\n\n".join(p for p in parts if p)

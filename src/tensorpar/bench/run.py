@@ -27,6 +27,7 @@ class BenchConfig:
     pp: int = 1  # pipeline stages of each measured TP degree (tp x pp ranks)
     dp: int = 1  # serving replicas of each layout (measured through the serving engines)
     ep: int = 1  # expert sets of a mixture of experts over each layout's ranks
+    moe_dispatch: list[str] = field(default_factory=lambda: ["auto"])  # each measured in turn (a mixture of experts)
     batch: list[int] = field(default_factory=lambda: [1, 8])
     prompt_len: int = 512
     new_tokens: int = 32
@@ -50,6 +51,11 @@ class BenchConfig:
             raise ValueError(f"--pp must be a positive integer, got {self.pp!r}")
         if not isinstance(self.ep, int) or self.ep < 1:
             raise ValueError(f"--ep must be a positive integer, got {self.ep!r}")
+        from tensorpar.runtime.spec import MOE_DISPATCHES
+
+        bad = [d for d in self.moe_dispatch if d not in MOE_DISPATCHES]
+        if bad or not self.moe_dispatch:
+            raise ValueError(f"--moe-dispatch takes {', '.join(MOE_DISPATCHES)}, got {', '.join(bad) or 'nothing'}")
         if not isinstance(self.dp, int) or self.dp < 1:
             raise ValueError(f"--dp must be a positive integer, got {self.dp!r}")
         if not self.batch or min(self.batch) < 1:
@@ -116,19 +122,21 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     # tensorpar first: TP=1 runs in this process, whose peak RSS is then its figure.
     tensorpar_rows = []
+    dispatches = cfg.moe_dispatch if config.num_experts else ["auto"]
     for tp in cfg.tp:
-        layout = (f"tp={tp}" + (f" pp={cfg.pp}" if cfg.pp > 1 else "") + (f" dp={cfg.dp}" if cfg.dp > 1 else "")
-                  + (f" ep={cfg.ep}" if cfg.ep > 1 else ""))
-        _log(f"tensorpar {layout}")
-        if cfg.dp > 1:
-            row = measure_replicas(cfg.model, tp, cfg.pp, cfg.dp, cfg.batch, cfg.new_tokens, cfg.prompt_len,
-                                   cfg.repeats)
-        else:
-            row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats, pp=cfg.pp,
-                                    ep=cfg.ep)
-        if row["status"] != "ok":
-            _log(f"tensorpar {layout} failed: {row['reason']}")
-        tensorpar_rows.append(row)
+        for dispatch in dispatches:
+            layout = (f"tp={tp}" + (f" pp={cfg.pp}" if cfg.pp > 1 else "") + (f" dp={cfg.dp}" if cfg.dp > 1 else "")
+                      + (f" ep={cfg.ep}" if cfg.ep > 1 else "") + (f" {dispatch}" if len(dispatches) > 1 else ""))
+            _log(f"tensorpar {layout}")
+            if cfg.dp > 1:
+                row = measure_replicas(cfg.model, tp, cfg.pp, cfg.dp, cfg.batch, cfg.new_tokens, cfg.prompt_len,
+                                       cfg.repeats)
+            else:
+                row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats,
+                                        pp=cfg.pp, ep=cfg.ep, moe_dispatch=dispatch)
+            if row["status"] != "ok":
+                _log(f"tensorpar {layout} failed: {row['reason']}")
+            tensorpar_rows.append(row)
 
     prompt_len, new_tokens = fit_context(config.max_position_embeddings, cfg.prompt_len, cfg.new_tokens)
     if (prompt_len, new_tokens) != (cfg.prompt_len, cfg.new_tokens):

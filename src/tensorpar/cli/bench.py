@@ -20,6 +20,10 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark latency, throughput, memory and collectives", description=__doc__)
     add_model(p)
@@ -29,6 +33,9 @@ def add_parser(sub) -> None:
                    "engines `tensorpar serve --dp` runs (requests to the least busy replica)")
     p.add_argument("--ep", type=int, default=1, help="expert sets of a mixture of experts over each layout's ranks "
                    "(with --tp 1: one rank per set, attention replicated)")
+    p.add_argument("--moe-dispatch", type=_names, default=["auto"],
+                   help="comma-separated token dispatches of a mixture of experts, each measured in turn: auto, "
+                        "reduce, all_to_all (default: auto)")
     p.add_argument("--batch", type=_ints, default=[1, 8], help="comma-separated decode batch sizes (default: 1,8)")
     p.add_argument("--prompt-len", type=int, default=None, help="prefill prompt length in tokens (default: 512; --quick: 64)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per decode run (default: 32; --quick: 4)")
@@ -55,7 +62,8 @@ def run(args) -> int:
             kw[name] = getattr(args, name)
     if args.timeout is not None:
         kw["timeout_s"] = args.timeout
-    cfg = BenchConfig(model=args.model, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, batch=args.batch, out=args.out, peers=args.peers,
+    cfg = BenchConfig(model=args.model, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, moe_dispatch=args.moe_dispatch,
+                      batch=args.batch, out=args.out, peers=args.peers,
                       sweep=args.sweep, quick=args.quick, command=["tensorpar", *sys.argv[1:]], **kw)
     result = run_bench(cfg)
     print(render(result))
