@@ -147,3 +147,20 @@ def slot_segments(shard: HeadShard, head_dim: int) -> list[range | None]:
 def vocab_shard(vocab_size: int, tp: int, rank: int) -> range:
     """The vocabulary entries (embedding / LM-head rows) that ``rank`` holds."""
     return even_split(vocab_size, tp, rank)
+
+
+A2A_MIN_TOKENS = 64  # below this a step is latency-bound: one all-reduce beats three collectives
+
+
+def moe_dispatch(tokens: int, top_k: int, ranks: int, whole_experts: bool = True) -> str:
+    """How ``auto`` sends a step's ``tokens`` to the experts on ``ranks`` ranks (``models.blocks.MoE``).
+
+    Per rank, the ``reduce`` dispatch moves 2 (n - 1) / n T h values (a ring all-reduce of the
+    partial sums); ``all_to_all`` moves 2 (T / n) k (n - 1) / n h (each (token, choice) row there
+    and back) plus (n - 1) / n T h (the all-gather of the slices), fewer exactly when n > 2 k. So:
+    ``all_to_all`` when each expert is whole on one rank, n > 2 k and the step has at least
+    ``A2A_MIN_TOKENS`` tokens; ``reduce`` otherwise.
+    """
+    if not whole_experts or ranks <= 2 * top_k or tokens < A2A_MIN_TOKENS:
+        return "reduce"
+    return "all_to_all"

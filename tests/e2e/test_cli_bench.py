@@ -125,3 +125,24 @@ def test_bench_serving_replicas(tiny_chat_checkpoint, tmp_path):
     assert set(row["decode_ms_per_token"]) == {"1", "4"} and all(_positive(v) for v in row["decode_ms_per_token"].values())
     assert row["decode_tokens_per_s"]["4"] == pytest.approx(4e3 / row["decode_ms_per_token"]["4"])
     assert _positive(row["prefill_tokens_per_s"])
+
+
+@pytest.mark.timeout(240)
+def test_bench_expert_dispatch_both_ways_with_its_load(tiny_moe_chat_checkpoint, tmp_path):
+    """``--ep 2 --moe-dispatch reduce,all_to_all``: one row per dispatch, each with the tokens each
+    expert got per layer and phase (the same routing both ways), tabled and drawn."""
+    out = tmp_path / "bench-moe"
+    r = cli("bench", "--quick", "--tp", "2", "--ep", "2", "--moe-dispatch", "reduce,all_to_all",
+            "--model", str(tiny_moe_chat_checkpoint), "--out", str(out), "--no-peers", "--no-sweep", timeout=230)
+    assert r.returncode == 0, r.stderr
+    assert "2, ep 2, reduce" in r.stdout and "2, ep 2, all_to_all" in r.stdout and "expert-set imbalance" in r.stdout
+    res = json.loads((out / "bench.json").read_text())
+    rows = {row["moe_dispatch"]: row for row in res["tensorpar"]}
+    assert set(rows) == {"reduce", "all_to_all"} and all(row["status"] == "ok" for row in rows.values())
+    assert rows["reduce"]["experts"] == rows["all_to_all"]["experts"]
+    prefill = rows["reduce"]["experts"]["prefill"]
+    assert set(prefill["tokens"]) == {"0", "1"}  # both layers are sparse
+    assert all(sum(counts) == 64 * 2 and len(counts) == 6 for counts in prefill["tokens"].values())  # 64 tokens, top-2
+    assert all(1.0 <= x <= 2.0 for x in prefill["imbalance"].values())
+    data = (out / "experts.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000

@@ -383,3 +383,25 @@ def test_nonsense_input_says_what_is_wrong(kw, message):
     args.update(kw)
     with pytest.raises(PlanError, match=message):
         plan(PlanRequest(**args))
+
+
+def test_moe_dispatch_is_the_engines_rule_and_the_all_to_all_is_costed():
+    """The planner's MoE collectives follow ``partition.moe_dispatch``: an all-reduce of the partial
+    sums unless each expert is whole on more than 2 k ranks and the step is long; then two
+    all-to-alls of the (token, choice) rows and an all-gather of the slices."""
+    from tensorpar.partition import moe_dispatch
+
+    assert moe_dispatch(512, 2, 4) == "reduce"  # 2 k = 4 ranks: no fewer bytes
+    assert moe_dispatch(512, 2, 8) == "all_to_all"
+    assert moe_dispatch(8, 2, 8) == "reduce"  # latency-bound
+    assert moe_dispatch(512, 2, 8, whole_experts=False) == "reduce"
+    arch = resolve_model("mixtral-8x7b")
+    p = BF16
+    prefill, decode = prefill_step(1, 512), decode_step(1, 512)
+    names = lambda shard, step: [c.name for c in layer_ops(arch, shard, step, p)[1]]  # noqa: E731
+    assert names(busiest_shard(arch, 8, 8), prefill) == ["attention all-reduce", "experts all-to-all",
+                                                         "experts all-to-all back", "experts all-gather"]
+    assert names(busiest_shard(arch, 8, 8), decode) == ["attention all-reduce", "mlp all-reduce"]
+    assert names(busiest_shard(arch, 8, 4), prefill) == ["attention all-reduce", "mlp all-reduce"]
+    a2a = [c for c in layer_ops(arch, busiest_shard(arch, 8, 8), prefill, p)[1] if c.op == "all_to_all"]
+    assert a2a[0].nbytes == 512 / 8 * 2 * arch.hidden * 2  # 64 tokens x top-2 rows of bf16

@@ -35,7 +35,8 @@ def add_ep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-dispatch", default="auto", choices=["auto", "reduce", "all_to_all"],
                    help="how tokens reach their experts' ranks: reduce (every rank routes every token, partial sums "
                         "all-reduced), all_to_all (each rank routes its slice, rows sent to the experts and back), "
-                        "auto (all_to_all from 64 tokens a step, when each expert is whole on one rank; default)")
+                        "auto (all_to_all where it moves fewer bytes: experts whole on more than 2 x top-k ranks, "
+                        "steps of 64 tokens or more; default)")
 
 
 def add_engine(p: argparse.ArgumentParser) -> None:

@@ -166,12 +166,10 @@ class MoE(nn.Module):
       and the slices are all-gathered. Traffic per rank: about 2 T k / ranks rows plus the
       gather's T rows, against the all-reduce's 2 T rows, and the routing is split too.
 
-    ``dispatch``: one of the two, or ``auto`` (``all_to_all`` from ``A2A_MIN_TOKENS`` tokens a step).
-    ``counts``: tokens routed to each expert in the forward passes so far (all experts, local or
+    ``dispatch``: one of the two, or ``auto`` (``partition.moe_dispatch``: ``all_to_all`` only when
+    it moves fewer bytes, with more than 2 k ranks, and for steps of many tokens). ``counts``: tokens routed to each expert in the forward passes so far (all experts, local or
     not), for load-balance figures.
     """
-
-    A2A_MIN_TOKENS = 64
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -212,7 +210,11 @@ class MoE(nn.Module):
     def uses_all_to_all(self, tokens: int) -> bool:
         if self.ctx is None or not self.whole or torch.is_grad_enabled() or self.dispatch == "reduce":
             return False
-        return self.dispatch == "all_to_all" or tokens >= self.A2A_MIN_TOKENS
+        if self.dispatch == "all_to_all":
+            return True
+        from tensorpar.partition import moe_dispatch
+
+        return moe_dispatch(tokens, self.top_k, self.ctx.world_size) == "all_to_all"
 
     def _count(self, routed: torch.Tensor) -> None:
         self.counts = routed if self.counts is None else self.counts + routed

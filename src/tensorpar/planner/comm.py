@@ -6,6 +6,7 @@ rank holds for an all-reduce, the gathered output for an all-gather):
     ring all-reduce        t = alpha(n) + 2 (n - 1) / n * S / busbw
     NVLink SHARP (NVLS)    t = alpha(n) + S / (sharp_efficiency * bandwidth)    (the switch reduces)
     all-gather / reduce-scatter (ring)   t = alpha(n) + (n - 1) / n * S / busbw
+    all-to-all             t = alpha(n) + (n - 1) / n * S / busbw      (S: the buffer each rank sends)
     point-to-point send    t = alpha + S / bandwidth
 
 with ``alpha(n) = latency + (n - 1) * latency_per_rank`` and ``busbw = efficiency * bandwidth``.
@@ -24,6 +25,7 @@ from tensorpar.planner.hardware import Device, Link
 ALL_REDUCE = "all_reduce"
 ALL_GATHER = "all_gather"
 REDUCE_SCATTER = "reduce_scatter"
+ALL_TO_ALL = "all_to_all"
 
 
 def ring_all_reduce_time(nbytes: float, n: int, alpha_s: float, busbw_Bps: float) -> float:
@@ -56,7 +58,7 @@ def link_latency_s(link: Link, n: int) -> float:
 
 
 def _measured(device: Device, op: str, n: int):
-    wanted = ALL_GATHER if op == REDUCE_SCATTER else op
+    wanted = ALL_GATHER if op in (REDUCE_SCATTER, ALL_TO_ALL) else op  # (the same bytes cross the same links)
     for m in device.measured_collectives:
         if m.op == wanted and m.world_size == n:
             return m
@@ -68,7 +70,7 @@ def collective_time(op: str, nbytes: float, n: int, device: Device, nodes: int =
     """Seconds for one collective of ``n`` ranks spread over ``nodes`` nodes (see module doc)."""
     if n <= 1:
         return 0.0
-    if op not in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER):
+    if op not in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL):
         raise ValueError(f"unknown collective {op!r}")
     measured = _measured(device, op, n) if nodes == 1 else None
     if measured is not None:

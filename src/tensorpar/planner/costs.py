@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tensorpar.partition import head_shard
+from tensorpar.partition import head_shard, moe_dispatch
 from tensorpar.planner.arch import ArchSpec
 from tensorpar.planner.hardware import DTYPE_BYTES
 
@@ -200,7 +200,8 @@ def mlp_ops(arch: ArchSpec, shard: Shard, step: Step, p: Precision) -> list[Op]:
                 matmul("mlp down", T, f, h, p)]
     a, dist = expert_load(arch, shard, T)
     rows = a / dist
-    ops = [matmul("router", T, h, arch.experts, p)]
+    routed = T / shard.tp if moe_dispatch_of(arch, shard, T) == "all_to_all" else T  # (each rank routes its slice)
+    ops = [matmul("router", routed, h, arch.experts, p)]
     for name, k, n in (("experts up", h, up), ("experts down", f, h)):
         ops.append(Op(name, "matmul", 2.0 * a * k * n, dist * k * n * p.weight + a * (k + n) * p.act, rows))
     ops.insert(2, memory_op("experts activation", a * act_bytes))
@@ -208,8 +209,16 @@ def mlp_ops(arch: ArchSpec, shard: Shard, step: Step, p: Precision) -> list[Op]:
     return ops
 
 
+def moe_dispatch_of(arch: ArchSpec, shard: Shard, tokens: int) -> str:
+    """The engine's ``auto`` token dispatch for this MoE shard (``partition.moe_dispatch``)."""
+    return moe_dispatch(tokens, arch.experts_per_token, shard.tp, whole_experts=shard.ep == shard.tp)
+
+
 def layer_ops(arch: ArchSpec, shard: Shard, step: Step, p: Precision) -> tuple[list[Op], list[Comm]]:
-    """Every operator of one decoder layer on the busiest rank, and the layer's TP collectives."""
+    """Every operator of one decoder layer on the busiest rank, and the layer's TP collectives.
+    A mixture of experts ends with an all-reduce of the partial sums, or (``all_to_all``
+    dispatch) sends each of its slice's T / tp x k (token, choice) rows to the experts and back
+    and all-gathers the slices."""
     h, T, d = arch.hidden, step.tokens, arch.head_dim
     q, kv = shard.q_slots * d, shard.kv_heads * d
     norm = memory_op("norm", 2 * T * h * p.act)
@@ -218,8 +227,14 @@ def layer_ops(arch: ArchSpec, shard: Shard, step: Step, p: Precision) -> tuple[l
            matmul("attention out", T, q, h, p), residual, norm, *mlp_ops(arch, shard, step, p), residual]
     comms = []
     if shard.tp > 1:
-        comms = [Comm("attention all-reduce", "all_reduce", T * h * p.act),
-                 Comm("mlp all-reduce", "all_reduce", T * h * p.act)]
+        comms = [Comm("attention all-reduce", "all_reduce", T * h * p.act)]
+        if arch.moe and moe_dispatch_of(arch, shard, T) == "all_to_all":
+            rows = math.ceil(T / shard.tp) * arch.experts_per_token
+            comms += [Comm("experts all-to-all", "all_to_all", rows * h * p.act),
+                      Comm("experts all-to-all back", "all_to_all", rows * h * p.act),
+                      Comm("experts all-gather", "all_gather", T * h * p.act)]
+        else:
+            comms.append(Comm("mlp all-reduce", "all_reduce", T * h * p.act))
     return ops, comms
 
 
