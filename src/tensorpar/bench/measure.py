@@ -30,7 +30,8 @@ from tensorpar.errors import one_line
 
 
 def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, prompt_len: int,
-                      repeats: int = 1, pp: int = 1, ep: int = 1, moe_dispatch: str = "auto") -> dict:
+                      repeats: int = 1, pp: int = 1, ep: int = 1, moe_dispatch: str = "auto",
+                      quantization: str = "none", quant_group: int = 32) -> dict:
     """Measure one layout; a failure is recorded as the result (``status: failed``). A mixture of
     experts' row carries ``experts``: the expert load (``ModelRunner.expert_load``) of the last
     timed call of each phase ("decode b=B", "prefill")."""
@@ -40,7 +41,10 @@ def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, 
     llm = None
     try:
         t0 = time.perf_counter()
-        llm = LLM(model, tp=tp, pp=pp, ep=ep, moe_dispatch=moe_dispatch, progress=False)
+        llm = LLM(model, tp=tp, pp=pp, ep=ep, moe_dispatch=moe_dispatch, quantization=quantization,
+                  quant_group=quant_group, progress=False)
+        if quantization != "none":
+            row["quantization"] = quantization + (f" g{quant_group}" if quantization == "int4" else "")
         if llm.config.num_experts:
             row["moe_dispatch"] = moe_dispatch
         row["load_s"] = time.perf_counter() - t0

@@ -42,6 +42,8 @@ def tensorpar_table(result: dict) -> str:
             tp = f"{tp}, ep {r['ep']}"
         if r.get("moe_dispatch", "auto") != "auto":
             tp = f"{tp}, {r['moe_dispatch']}"
+        if "quantization" in r:
+            tp = f"{tp}, {r['quantization']}"
         if r.get("status") != "ok":
             rows.append([tp, "FAILED: " + r.get("reason", "?")] + [None] * (len(headers) - 2))
             continue
@@ -49,7 +51,8 @@ def tensorpar_table(result: dict) -> str:
             tp, r.get("backend"),
             *[_f(r["decode_ms_per_token"].get(b), 2) for b in batches],
             *[_f(r["decode_tokens_per_s"].get(b), 0) for b in batches if b != "1"],
-            _f(r["prefill_tokens_per_s"], 0), _rss(r["peak_rss_mb"]), _f(pct.get(r["tp"]), 0), _f(r.get("load_s"), 1),
+            _f(r["prefill_tokens_per_s"], 0), _rss(r["peak_rss_mb"]),
+            _f(pct.get(r["tp"]) if "quantization" not in r else None, 0), _f(r.get("load_s"), 1),
         ])
     return table(headers, rows, f"tensorpar: {s['model']}, {s['new_tokens']} new tokens, prompts of 16 tokens "
                                 f"(decode) / {s['prompt_len']} tokens (prefill), float32, best of {s.get('repeats', 1)}")

@@ -28,6 +28,8 @@ class BenchConfig:
     dp: int = 1  # serving replicas of each layout (measured through the serving engines)
     ep: int = 1  # expert sets of a mixture of experts over each layout's ranks
     moe_dispatch: list[str] = field(default_factory=lambda: ["auto"])  # each measured in turn (a mixture of experts)
+    quantization: list[str] = field(default_factory=lambda: ["none"])  # each measured in turn
+    quant_group: int = 32
     batch: list[int] = field(default_factory=lambda: [1, 8])
     prompt_len: int = 512
     new_tokens: int = 32
@@ -56,6 +58,11 @@ class BenchConfig:
         bad = [d for d in self.moe_dispatch if d not in MOE_DISPATCHES]
         if bad or not self.moe_dispatch:
             raise ValueError(f"--moe-dispatch takes {', '.join(MOE_DISPATCHES)}, got {', '.join(bad) or 'nothing'}")
+        from tensorpar.layers.quant import QUANTIZATIONS
+
+        bad = [q for q in self.quantization if q not in QUANTIZATIONS]
+        if bad or not self.quantization:
+            raise ValueError(f"--quantization takes {', '.join(QUANTIZATIONS)}, got {', '.join(bad) or 'nothing'}")
         if not isinstance(self.dp, int) or self.dp < 1:
             raise ValueError(f"--dp must be a positive integer, got {self.dp!r}")
         if not self.batch or min(self.batch) < 1:
@@ -125,18 +132,21 @@ def run_bench(cfg: BenchConfig) -> dict:
     dispatches = cfg.moe_dispatch if config.num_experts else ["auto"]
     for tp in cfg.tp:
         for dispatch in dispatches:
-            layout = (f"tp={tp}" + (f" pp={cfg.pp}" if cfg.pp > 1 else "") + (f" dp={cfg.dp}" if cfg.dp > 1 else "")
-                      + (f" ep={cfg.ep}" if cfg.ep > 1 else "") + (f" {dispatch}" if len(dispatches) > 1 else ""))
-            _log(f"tensorpar {layout}")
-            if cfg.dp > 1:
-                row = measure_replicas(cfg.model, tp, cfg.pp, cfg.dp, cfg.batch, cfg.new_tokens, cfg.prompt_len,
-                                       cfg.repeats)
-            else:
-                row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats,
-                                        pp=cfg.pp, ep=cfg.ep, moe_dispatch=dispatch)
-            if row["status"] != "ok":
-                _log(f"tensorpar {layout} failed: {row['reason']}")
-            tensorpar_rows.append(row)
+            for quant in cfg.quantization:
+                layout = (f"tp={tp}" + (f" pp={cfg.pp}" if cfg.pp > 1 else "") + (f" dp={cfg.dp}" if cfg.dp > 1 else "")
+                          + (f" ep={cfg.ep}" if cfg.ep > 1 else "") + (f" {dispatch}" if len(dispatches) > 1 else "")
+                          + (f" {quant}" if quant != "none" else ""))
+                _log(f"tensorpar {layout}")
+                if cfg.dp > 1:
+                    row = measure_replicas(cfg.model, tp, cfg.pp, cfg.dp, cfg.batch, cfg.new_tokens, cfg.prompt_len,
+                                           cfg.repeats)
+                else:
+                    row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats,
+                                            pp=cfg.pp, ep=cfg.ep, moe_dispatch=dispatch, quantization=quant,
+                                            quant_group=cfg.quant_group)
+                if row["status"] != "ok":
+                    _log(f"tensorpar {layout} failed: {row['reason']}")
+                tensorpar_rows.append(row)
 
     prompt_len, new_tokens = fit_context(config.max_position_embeddings, cfg.prompt_len, cfg.new_tokens)
     if (prompt_len, new_tokens) != (cfg.prompt_len, cfg.new_tokens):
@@ -153,7 +163,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             bw_all = (roofline.measure_in_subprocess(cfg.bandwidth_mb, cfg.bandwidth_repeats, cores(), cfg.timeout_s)
                       if cores() > 1 else None)
             wbytes = roofline.weight_bytes(config)
-            b1 = {r["tp"]: (r["decode_ms_per_token"].get("1") if r["status"] == "ok" else None) for r in tensorpar_rows}
+            b1 = {r["tp"]: (r["decode_ms_per_token"].get("1") if r["status"] == "ok" else None) for r in tensorpar_rows
+                  if r.get("quantization", "none") == "none"}
             roof = {"weight_bytes": wbytes, "bandwidth_1_thread": bw1, "bandwidth_all_cores": bw_all,
                     **roofline.roofline(wbytes, bw1["read_GBps"], cores(), b1),
                     "note": "roofline = weight bytes one token reads (an MoE layer: its top-k experts) / 1-thread read "

@@ -50,6 +50,11 @@ def add_engine(p: argparse.ArgumentParser) -> None:
     add_device(p)
     p.add_argument("--comm", default="auto", choices=["auto", "gloo"],
                    help="auto: shared memory between CPU ranks on one host, else gloo/NCCL (default); gloo: always gloo")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantization each rank applies to its shards after loading (CPU): int8 per "
+                        "output row, int4 in groups of --quant-group inputs (default: none)")
+    p.add_argument("--quant-group", type=int, default=32, choices=[32, 64, 128, 256],
+                   help="inputs per int4 group (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's context; serve: at most 2048)")
     p.add_argument("--timeout", type=float, default=None, help="seconds any collective may wait (default: 60)")
@@ -67,7 +72,7 @@ def engine_args(args: argparse.Namespace, progress: bool = True, dp: int = 1):
     from tensorpar.runtime.spec import EngineArgs
 
     options = dict(model=args.model, tp=args.tp, pp=args.pp, dp=dp, ep=args.ep,
-                   moe_dispatch=args.moe_dispatch, dtype=args.dtype, device=args.device, comm=args.comm,
+                   moe_dispatch=args.moe_dispatch, quantization=args.quantization, quant_group=args.quant_group, dtype=args.dtype, device=args.device, comm=args.comm,
                    max_model_len=args.max_model_len, progress=progress, tokenizer_cache=args.tokenizer_cache)
     if args.timeout is not None:
         options["timeout_s"] = args.timeout

@@ -61,6 +61,7 @@ def run(args) -> int:
                 "backend": llm.backend,
                 "device": args.device,
                 "dtype": llm.spec.dtype_name,
+                "quantization": llm.spec.quantization,
                 "prompt_token_ids": first.prompt_token_ids,
                 "token_ids": first.token_ids,
                 "text": first.text,

@@ -12,6 +12,7 @@ from torch import nn
 from tensorpar.distributed.collectives import copy_to_tp, gather, gather_from_tp, reduce_from_tp, reduce_scatter_seq
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.layers.linear import gathered_linear
+from tensorpar.layers.quant import linear
 from tensorpar.layers.pieces import Piece
 
 
@@ -89,7 +90,7 @@ class ParallelLMHead(nn.Module):
         # h: [..., dim] or [B, S/p, dim] (sequence-parallel) -> [..., len(span)]
         if self.sequence_parallel:
             return gathered_linear(h, self.weight, None, self.ctx)
-        return F.linear(copy_to_tp(h, self.ctx), self.weight)
+        return linear(copy_to_tp(h, self.ctx), self.weight)
 
     def _padded(self, local: torch.Tensor) -> torch.Tensor:
         return local if local.shape[-1] == self.padded else F.pad(local, (0, self.padded - local.shape[-1]))

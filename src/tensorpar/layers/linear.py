@@ -25,6 +25,7 @@ from tensorpar.distributed.collectives import (
 )
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.layers.pieces import Piece, split_pieces
+from tensorpar.layers.quant import linear
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class ColumnParallelLinear(nn.Module):
         # x: [..., in] (replicated) or [B, S/p, in] (sequence-parallel) -> [..., out_local]
         if self.sequence_parallel:
             return gathered_linear(x, self.weight, self.bias, self.ctx)
-        return F.linear(copy_to_tp(x, self.ctx), self.weight, self.bias)
+        return linear(copy_to_tp(x, self.ctx), self.weight, self.bias)
 
     def pieces(self) -> dict[str, list[Piece]]:
         spans = [(s.part, s.span) for s in self.segments]
@@ -145,7 +146,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_local] (sharded) -> [..., out] (replicated) or [B, S/p, out] (sequence-parallel)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if not self.reduce:
             return y
         y = reduce_scatter_seq(y, self.ctx) if self.sequence_parallel else reduce_from_tp(y, self.ctx)

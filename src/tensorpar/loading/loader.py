@@ -51,6 +51,8 @@ def build_model(
     layers: range | None = None,
     ep: int = 1,
     attention_tp: int | None = None,
+    quantization: str = "none",
+    quant_group: int = 32,
 ) -> nn.Module:
     """The model of ``source``, sharded for ``ctx``'s rank (of its tensor-parallel group), with
     its weights loaded; ``layers``: only this pipeline stage's (``partition.stage_layers``).
@@ -61,6 +63,7 @@ def build_model(
 
     A mixture of experts places its experts over ``ctx``'s ranks in ``ep`` sets; the rest of the
     model is split over them too, or (``attention_tp=1`` on several ranks) replicated on each.
+    ``quantization`` (inference): the loaded shards packed as ``layers.quant`` says.
     """
     cfg = source.config
     arch = model_module(cfg)
@@ -92,4 +95,8 @@ def build_model(
         load_weights(model, source, progress=progress)
     if trainable:
         return model.train().requires_grad_(True)
+    if quantization != "none":
+        from tensorpar.layers.quant import quantize_model
+
+        quantize_model(model, quantization, quant_group)
     return model.eval().requires_grad_(False)

@@ -50,7 +50,8 @@ class ModelRunner:
             layers = stage_layers(self.config.num_layers, self.pp, self.stage)
         t = time.perf_counter()
         self.model = build_model(spec.source, self.tp_ctx, self.dtype, progress=spec.progress and ctx.is_leader,
-                                 layers=layers, ep=dims.ep, attention_tp=dims.tp)
+                                 layers=layers, ep=dims.ep, attention_tp=dims.tp,
+                                 quantization=spec.quantization, quant_group=spec.quant_group)
         self.load_s = time.perf_counter() - t
         from tensorpar.models.blocks import MoE
 

@@ -42,6 +42,8 @@ class EngineSpec:
     startup: dict = field(default_factory=dict, compare=False)  # seconds, by phase
     layout: str = ""  # "tp=2 pp=2", or over torchrun's nodes "tp=2 within each node, pp=2 across 2 nodes"
     moe_dispatch: str = "auto"
+    quantization: str = "none"
+    quant_group: int = 32
 
     @property
     def config(self):
@@ -69,7 +71,9 @@ class EngineArgs:
     plus completion (default: the model's context). ``tokenizer_cache``: keep a GGUF file's
     converted tokenizer in the user's cache directory. ``moe_dispatch``: how a mixture of experts
     sends tokens to the ranks of their experts, ``reduce``, ``all_to_all`` or ``auto``
-    (``models.blocks.MoE``).
+    (``models.blocks.MoE``). ``quantization``: ``none`` (the checkpoint's weights as loaded) or
+    weight-only ``int8`` (per output row) / ``int4`` (in groups of ``quant_group`` inputs), packed
+    by each rank after loading its shards (``layers.quant``; CPU only).
     """
 
     model: str = DEFAULT_MODEL
@@ -85,6 +89,8 @@ class EngineArgs:
     progress: bool = True
     tokenizer_cache: bool = True
     moe_dispatch: str = "auto"
+    quantization: str = "none"
+    quant_group: int = 32
 
     def resolve(self, default_max_model_len: int | None = None) -> EngineSpec:
         """Check everything, open the model; ``default_max_model_len`` caps the context when
@@ -93,6 +99,14 @@ class EngineArgs:
 
         if self.comm not in COMMS:
             raise TensorparError(f"comm must be 'auto' (shared memory between local CPU ranks) or 'gloo', got {self.comm!r}")
+        from tensorpar.layers.quant import GROUPS, QUANTIZATIONS
+
+        if self.quantization not in QUANTIZATIONS:
+            raise TensorparError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.quantization != "none" and self.device != "cpu":
+            raise TensorparError(f"--quantization {self.quantization} runs on CPU kernels; on {self.device} use none")
+        if self.quant_group not in GROUPS:
+            raise TensorparError(f"--quant-group must be one of {', '.join(map(str, GROUPS))}, got {self.quant_group!r}")
         if self.moe_dispatch not in MOE_DISPATCHES:
             raise TensorparError(f"moe dispatch must be one of {', '.join(MOE_DISPATCHES)}, got {self.moe_dispatch!r}")
         if not self.timeout_s or self.timeout_s <= 0:
@@ -116,4 +130,5 @@ class EngineArgs:
         max_model_len = self.max_model_len or min(limit, default_max_model_len or limit)
         return EngineSpec(self.model, source, dims, dtype, self.device, self.comm, float(self.timeout_s),
                           max_model_len, self.progress, self.tokenizer_cache, {"metadata_s": metadata_s},
-                          dims.describe_nodes(env.local_world_size if env else None), self.moe_dispatch)
+                          dims.describe_nodes(env.local_world_size if env else None), self.moe_dispatch,
+                          self.quantization, self.quant_group)
