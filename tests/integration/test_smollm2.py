@@ -48,9 +48,10 @@ def test_cli_gguf_file_at_tp4(smollm2_gguf, reference):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("tp, pp", [(1, 2), (1, 3), (2, 2), (3, 2), (1, 5)])
+@pytest.mark.parametrize("tp, pp", [(1, 3), (2, 2)])
 def test_pipeline_stages_give_the_greedy_tokens_of_transformers(tp, pp, reference, rank_pool):
-    """30 layers on 2, 3 and 5 stages (of 1, 2 or 3 ranks each)."""
+    """30 layers on 3 stages of one rank and on 2 stages of 2 ranks (more layouts on the tiny
+    7-layer model in test_pipeline.py)."""
     with LLM("smollm2-135m", tp=tp, pp=pp, progress=False, ranks=rank_pool(tp * pp)) as llm:
         result = llm.generate_full(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS))
     for c, (ref_prompt, ref_tokens) in zip(result.completions, reference):
