@@ -13,6 +13,9 @@ streamed per microsecond of:
 - ``int8 (bf16 x)``: the same kernel with the activations cast to bfloat16 first (cast timed);
 - ``int4 g32 / g128``: ``_weight_int4pack_mm_for_cpu`` (asymmetric int4 in groups of 32 / 128 along
   the input, packed by ``_convert_weight_to_int4pack_for_cpu``), bfloat16 activations (cast timed);
+- ``int4 g32 fp16``: the same with float16 activations, scales and zeros;
+- ``2 planes g32``: an 8-bit code split into two int4 planes side by side along the input (twice
+  the nibbles, the activations repeated), bfloat16: how a Q8_0 / Q5 / Q6 block runs on the int4 kernel;
 - ``deq8 rows``: int8 dequantized 256 output rows at a time into a reused float32 buffer, then
   ``F.linear`` on each block (the fallback for a format without a kernel).
 """
@@ -93,6 +96,17 @@ def kernels(k: int, n: int, rows: int) -> dict:
         sz = torch.stack([step, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [k/g, n, 2]
         out[f"int4 g{g}"] = (Cycle(lambda p, z, g=g: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(torch.bfloat16), p, g, z).float(), [(packed.clone(), sz.clone()) for _ in range(copies)]), n * k // 2)
+        if g == 32:
+            szh = sz.to(torch.float16)
+            out["int4 g32 fp16"] = (Cycle(lambda p, z: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(torch.float16), p, 32, z).float(), [(packed.clone(), szh.clone()) for _ in range(copies)]),
+                n * k // 2)
+            planes = torch.cat([q4, q4], dim=1)  # an 8-bit code as two nibble planes along the input
+            packed2 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(planes, 1)
+            sz2 = torch.cat([sz, sz], dim=0)
+            out["2 planes g32"] = (Cycle(lambda p, z: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(torch.bfloat16).repeat(1, 2), p, 32, z).float(),
+                [(packed2.clone(), sz2.clone()) for _ in range(copies)]), n * k)
     buf = torch.empty(256, k)
     y = torch.empty(rows, n)
 

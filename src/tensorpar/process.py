@@ -32,3 +32,16 @@ def age_s() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def release_freed_memory() -> None:
+    """Return the heap's freed pages to the system (glibc's ``malloc_trim``; elsewhere nothing), so
+    that many freed temporaries do not stay counted in the process's resident memory."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass

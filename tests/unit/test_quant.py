@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tensorpar.layers.quant import Int4Weight, Int8Weight, linear, quantize_weight
+from tensorpar.layers.quant import Int8Weight, NibbleWeight, linear, quantize_weight
 
 
 def weights(out: int, k: int, transposed: bool = False) -> torch.Tensor:
@@ -21,7 +21,7 @@ def weights(out: int, k: int, transposed: bool = False) -> torch.Tensor:
 def test_packed_weight_computes_with_what_it_dequantizes_to(scheme, group, out, k):
     w = weights(out, k, transposed=out > k)
     packed = quantize_weight(w, scheme, group)
-    assert isinstance(packed, Int8Weight if scheme == "int8" or k % group else Int4Weight)
+    assert isinstance(packed, Int8Weight if scheme == "int8" or k % group else NibbleWeight)
     deq = packed.dequantize()
     assert deq.shape == (out, k)
     # rounding: int8 within half a step of 1/127 of the row's largest value; int4 within half of 1/15 of the group's range
@@ -41,6 +41,6 @@ def test_packed_weight_computes_with_what_it_dequantizes_to(scheme, group, out, 
 def test_int4_falls_back_to_int8_where_the_group_does_not_tile_the_shard():
     w = weights(64, 320)  # 5 heads of 64: groups of 128 do not tile it
     assert isinstance(quantize_weight(w, "int4", 128), Int8Weight)
-    assert isinstance(quantize_weight(w, "int4", 64), Int4Weight)
+    assert isinstance(quantize_weight(w, "int4", 64), NibbleWeight)
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize_weight(w, "fp4")

@@ -118,7 +118,9 @@ def model_pieces(model: nn.Module) -> list[ParamPieces]:
         prefix = f"{parent}." if parent else ""
         own = dict(module.named_parameters(recurse=False))
         for pname, pcs in module_pieces(module, leaf).items():
-            p = own[pname]
+            p = own.get(pname)
+            if p is None:  # a weight already replaced by a packed one (``layers.quant``)
+                continue
             if id(p) not in by_id:  # a tied parameter keeps its first name
                 by_id[id(p)] = ParamPieces(f"{name}.{pname}" if name else pname, p, pcs, prefix)
     return [by_id[id(p)] for _, p in model.named_parameters() if id(p) in by_id]

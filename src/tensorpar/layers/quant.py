@@ -1,40 +1,143 @@
 """Weight-only quantized weights for inference, and the one ``linear`` the parallel layers call.
 
 After loading, a layer's float weight W [out, in] (its own shard) can be replaced by a module that
-holds it packed and computes y = x W^T with a kernel torch ships for CPU:
+holds it packed and computes y = x W^T. Every packed format is a ``BlockCodes``: small integer codes
+and one scale (and, for affine formats, one bias) per group of ``group`` consecutive inputs,
 
-- ``int8``: symmetric, one scale per output row: W_rj ~ s_r q_rj, q in [-127, 127],
-  s_r = max_j |W_rj| / 127 (``torch.ops.aten._weight_int8pack_mm``).
-- ``int4``: asymmetric, in groups of ``group`` consecutive inputs: W_rj ~ (q_rj - 8) s_rg + z_rg,
-  q in [0, 15], s_rg = (max - min) / 15 and z_rg = min + 8 s_rg over the group
-  (``_weight_int4pack_mm_for_cpu`` on the nibbles packed by ``_convert_weight_to_int4pack_for_cpu``;
-  scales and zeros in bfloat16, as the kernel takes them).
+    W[r, c] = scale[r, c // group] * (codes[r, c] - offset) + bias[r, c // group].
 
-Each rank quantizes its own shard, so a group never straddles a shard boundary: the groups are
-those of the rank's columns. A shard whose width is not a multiple of ``group`` (an uneven split
-of the MLP, say 1536 over 5 ranks) is quantized per row as ``int8`` instead.
+Three kernels run them:
 
-The activations enter the kernels in bfloat16 and the result returns in the input's dtype
-(``benchmarks/quant_kernels.py`` measures the choice: with float32 activations the int8 kernel
-falls to a slow path).
+- ``Int8Weight`` (``--quantization int8``): symmetric, one scale per output row:
+  W_rj ~ s_r q_rj, q in [-127, 127], s_r = max_j |W_rj| / 127, on
+  ``torch.ops.aten._weight_int8pack_mm``.
+- ``NibbleWeight``: codes of up to 8 bits in groups of 32 on torch's int4 kernel
+  (``_weight_int4pack_mm_for_cpu``, which computes sum_j x_j ((n_j - 8) s_g + z_g) for nibbles n).
+  A code of b bits is split into ceil(b / 4) nibble planes, code = sum_p 16^p n_p, laid side by side
+  along the input, and the activations are repeated once per plane: plane p has scale 16^p s and
+  zero 8 * 16^p s, except one plane that also carries -offset * s + bias. So int4 (``--quantization
+  int4``: asymmetric, q in [0, 15]) is one plane, and GGUF's Q4_0, Q4_1, Q4_K (one plane), Q5_0,
+  Q5_1, Q5_K and Q8_0 (two planes) run with the file's own codes.
+- ``RowBlocksWeight``: any other group size (Q6_K's 16): the codes are dequantized a block of
+  rows at a time into one reused float32 buffer, each block multiplied as it is made.
+
+Each rank packs its own shard, so a group never straddles a shard boundary: the groups are those
+of the rank's columns. A shard whose width is not a multiple of ``group`` (an uneven split of the
+MLP, say 1536 over 5 ranks) is quantized per row as ``int8`` instead. A GGUF shard whose columns
+start or end inside a block keeps the whole blocks and multiplies zero-padded activations.
+
+The int4 kernel takes its activations, scales and zeros in bfloat16 and the result returns in the
+input's dtype (``benchmarks/quant_kernels.py`` measures the choice: with float32 or float16
+activations the kernels fall to slow paths). So the scales of a GGUF block are rounded from float16
+to bfloat16 (a relative 2^-9) and the offset sits on the plane where it is exact (Q4_0, Q5_0, Q8_0).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("none", "int8", "int4", "gguf")
 DEFAULT_GROUP = 32
-GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes
+GROUPS = (32, 64, 128, 256)  # the group sizes ``--quant-group`` takes
 KERNEL_DTYPE = torch.bfloat16
+KERNEL_GROUP = 32  # the int4 kernel's group: every multiple of it is run as groups of 32
+_PACK_ROWS = 4096  # rows packed at a time (a multiple of 64: the packing's row tiles)
+
+
+@dataclass(frozen=True)
+class BlockCodes:
+    """W[r, c] = scale[r, c // group] * (codes[r, c] - offset) + bias[r, c // group] (no bias: 0)."""
+
+    codes: torch.Tensor  # uint8 [rows, cols], values below 2^bits
+    scale: torch.Tensor  # float32 [rows, cols / group]
+    group: int
+    bits: int
+    offset: int = 0
+    bias: torch.Tensor | None = None  # float32 [rows, cols / group]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """W as float32 [rows, cols]."""
+        rows, cols = self.shape
+        q = self.codes.float().view(rows, cols // self.group, self.group) - self.offset
+        w = q * self.scale[..., None]
+        if self.bias is not None:
+            w = w + self.bias[..., None]
+        return w.view(rows, cols)
+
+    def regroup(self, group: int) -> BlockCodes:
+        """The same weight with groups of ``group`` (a divisor of ``self.group``)."""
+        if group == self.group:
+            return self
+        if self.group % group:
+            raise ValueError(f"groups of {self.group} cannot be regrouped as {group}")
+        r = self.group // group
+        bias = None if self.bias is None else self.bias.repeat_interleave(r, dim=1)
+        return replace(self, scale=self.scale.repeat_interleave(r, dim=1), bias=bias, group=group)
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BlockCodes:
+        """``fn`` (a reordering of rows) applied to the codes and their scales alike."""
+        bias = None if self.bias is None else fn(self.bias)
+        return replace(self, codes=fn(self.codes), scale=fn(self.scale), bias=bias)
+
+    def narrow_cols(self, start: int, length: int) -> BlockCodes:
+        """Columns [start, start + length), both multiples of ``group``."""
+        if start % self.group or length % self.group:
+            raise ValueError(f"columns [{start}, {start + length}) do not fall on groups of {self.group}")
+        g0, g = start // self.group, length // self.group
+        bias = None if self.bias is None else self.bias[:, g0 : g0 + g]
+        return replace(self, codes=self.codes[:, start : start + length], scale=self.scale[:, g0 : g0 + g], bias=bias)
+
+    @staticmethod
+    def zeros(rows: int, cols: int, group: int) -> BlockCodes:
+        return BlockCodes(torch.zeros(rows, cols, dtype=torch.uint8), torch.zeros(rows, cols // group), group, 1)
+
+    @staticmethod
+    def cat(parts: list[BlockCodes], dim: int) -> BlockCodes:
+        """``parts`` joined along rows (0) or columns (1). Their groups must agree; their offsets are
+        made one by shifting codes (an exact integer shift, to the largest offset)."""
+        if len(parts) == 1:
+            return parts[0]
+        if len({p.group for p in parts}) > 1:
+            raise ValueError(f"cannot join groups of {sorted({p.group for p in parts})}")
+        offset = max(p.offset for p in parts)
+        codes = [p.codes if p.offset == offset else p.codes.to(torch.int16).add(offset - p.offset) for p in parts]
+        top = max(int(c.max()) if c.numel() else 0 for c in codes)
+        if top > 255:
+            raise ValueError("joined codes do not fit in 8 bits")
+        has_bias = any(p.bias is not None for p in parts)
+        bias = torch.cat([p.bias if p.bias is not None else torch.zeros_like(p.scale) for p in parts], dim) if has_bias else None
+        return BlockCodes(torch.cat([c.to(torch.uint8) for c in codes], dim), torch.cat([p.scale for p in parts], dim),
+                          parts[0].group, max(max(p.bits for p in parts), top.bit_length()), offset, bias)
+
+
+def int4_codes(weight: torch.Tensor, group: int) -> BlockCodes:
+    """``weight`` [out, in] as asymmetric 4-bit codes in groups of ``group``: W ~ s q + lo with
+    s = (max - min) / 15 (rounded to bfloat16, as the kernel reads it) and lo the group's minimum."""
+    w = weight.detach().float().contiguous()
+    out, k = w.shape
+    if k % group:
+        raise ValueError(f"int4 groups of {group} do not tile a {k}-wide weight")
+    groups = w.view(out, k // group, group)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # [out, k / group]
+    step = ((hi - lo) / 15).clamp(min=1e-8).to(KERNEL_DTYPE).float()
+    q = torch.round((groups - lo[..., None]) / step[..., None]).clamp(0, 15).to(torch.uint8).view(out, k)
+    return BlockCodes(q, step, group, 4, bias=lo)
 
 
 class QuantizedWeight(nn.Module):
     """A packed [out, in] weight; calling it on x [..., in] gives x W^T [..., out]."""
 
     scheme = ""
+    activation_dtype = KERNEL_DTYPE
     shape: torch.Size
 
     def dequantize(self) -> torch.Tensor:
@@ -46,7 +149,7 @@ class QuantizedWeight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = self._matmul(x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE))  # [rows, out]
+        y = self._matmul(x.reshape(-1, x.shape[-1]).to(self.activation_dtype))  # [rows, out]
         return y.to(x.dtype).view(*lead, self.shape[0])
 
     @property
@@ -75,42 +178,139 @@ class Int8Weight(QuantizedWeight):
         return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
 
 
-class Int4Weight(QuantizedWeight):
-    scheme = "int4"
+class _Padded(QuantizedWeight):
+    """Codes whose columns run ``pad = (before, after)`` past the rank's own on either side (whole
+    GGUF blocks around a shard that cuts one): the activations are zero-padded to match."""
 
-    def __init__(self, weight: torch.Tensor, group: int):
+    def __init__(self, codes: BlockCodes, pad: tuple[int, int]):
         super().__init__()
-        w = weight.detach().float().contiguous()
-        out, k = w.shape
-        if k % group:
-            raise ValueError(f"int4 groups of {group} do not tile a {k}-wide weight")
-        groups = w.view(out, k // group, group)
-        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # [out, k / group]
-        step = ((hi - lo) / 15).clamp(min=1e-8).to(KERNEL_DTYPE)
-        zeros = (lo + 8 * step.float()).to(KERNEL_DTYPE)  # the kernel computes (q - 8) * scale + zero
-        q = torch.round((groups - zeros.float()[..., None]) / step.float()[..., None] + 8)
-        q = q.clamp(0, 15).to(torch.int32).view(out, k)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("scale_zeros", torch.stack([step, zeros], dim=-1).transpose(0, 1).contiguous())
-        # scale_zeros: [k / group, out, 2]
-        self.group, self.shape = group, w.shape
+        self.pad = pad
+        self.shape = torch.Size((codes.shape[0], codes.shape[1] - pad[0] - pad[1]))
 
-    def dequantize(self) -> torch.Tensor:
-        eye = torch.eye(self.shape[1], dtype=KERNEL_DTYPE)  # row j of eye W^T is W's column j
-        return self._matmul(eye).float().t().contiguous()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, self.pad) if any(self.pad) else x)
+
+    def _cols(self, w: torch.Tensor) -> torch.Tensor:
+        return w[:, self.pad[0] : w.shape[1] - self.pad[1]]
+
+
+class NibbleWeight(_Padded):
+    """Codes of up to 8 bits in groups of a multiple of 32, as nibble planes on the int4 kernel."""
+
+    def __init__(self, codes: BlockCodes, pad: tuple[int, int] = (0, 0), scheme: str = "int4"):
+        super().__init__(codes, pad)
+        c = codes.regroup(KERNEL_GROUP)
+        out, k = c.shape
+        self.scheme, self.planes = scheme, -(-c.bits // 4)
+        self.k = k
+        rows = -(-out // 16) * 16  # the packing takes rows in sixteens
+        s = c.scale.to(KERNEL_DTYPE).float()  # [out, k / 32]
+        home = min(range(self.planes), key=lambda p: abs(8 * 16**p - c.offset))
+        scale_zeros = []
+        for p in range(self.planes):
+            sp = s * 16**p
+            zp = 8 * sp
+            if p == home:
+                zp = zp - c.offset * s + (c.bias if c.bias is not None else 0)
+            scale_zeros.append(torch.stack([sp, zp], dim=-1))  # [out, k / 32, 2]
+        sz = F.pad(torch.cat(scale_zeros, dim=1), (0, 0, 0, 0, 0, rows - out))  # [rows, planes * k / 32, 2]
+        self.register_buffer("scale_zeros", sz.transpose(0, 1).to(KERNEL_DTYPE).contiguous())
+        packed = []
+        for r in range(0, rows, _PACK_ROWS):
+            block = c.codes[r : r + _PACK_ROWS]
+            block = F.pad(block, (0, 0, 0, min(rows, r + _PACK_ROWS) - r - block.shape[0]))  # zero rows to sixteens
+            planes = torch.cat([(block >> (4 * p)) & 15 for p in range(self.planes)], dim=1)  # [rows, planes * k]
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(planes.to(torch.int32).contiguous(), 1))
+        self.register_buffer("packed", torch.cat(packed))
+        self.rows = rows
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_zeros)
+        if self.planes > 1:
+            x = x.repeat(1, self.planes)  # [n, planes * k]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, KERNEL_GROUP, self.scale_zeros)
+        return y[:, : self.shape[0]] if self.rows != self.shape[0] else y
+
+    def dequantize(self) -> torch.Tensor:
+        eye = torch.eye(self.k, dtype=KERNEL_DTYPE)  # row j of eye W^T is W's column j
+        return self._cols(self._matmul(eye).float().t().contiguous())
+
+
+class RowBlocksWeight(_Padded):
+    """Codes in groups the int4 kernel does not take (Q6_K's 16), in float32: dequantized
+    ``BLOCK_VALUES`` values' worth of rows at a time into one reused buffer, each block then
+    multiplied (y^T[rows] = W[rows] x^T)."""
+
+    activation_dtype = torch.float32
+    BLOCK_VALUES = 1 << 15  # 128 KB of float32: the buffer stays in the core's cache
+
+    def __init__(self, codes: BlockCodes, pad: tuple[int, int] = (0, 0), scheme: str = "gguf"):
+        super().__init__(codes, pad)
+        self.scheme, self.group = scheme, codes.group
+        q = codes.codes.to(torch.int16) - codes.offset
+        small = int(q.min()) >= -128 and int(q.max()) <= 127
+        self.register_buffer("q", q.to(torch.int8 if small else torch.int16).contiguous())
+        self.register_buffer("scale", codes.scale.contiguous())
+        self.register_buffer("bias", None if codes.bias is None else codes.bias.contiguous())
+        out, k = codes.shape
+        self.k, self.block = k, max(1, self.BLOCK_VALUES // k)
+        self._buffer = torch.empty(0)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        out, k, g = self.q.shape[0], self.k, self.group
+        if self._buffer.numel() < self.block * k:
+            self._buffer = torch.empty(self.block * k)
+        yt = x.new_empty(out, x.shape[0])  # [out, n]
+        xt = x.t()
+        for r in range(0, out, self.block):
+            n = min(self.block, out - r)
+            buf = self._buffer[: n * k].view(n, k // g, g)
+            torch.mul(self.q[r : r + n].view(n, k // g, g), self.scale[r : r + n, :, None], out=buf)
+            if self.bias is not None:
+                buf.add_(self.bias[r : r + n, :, None])
+            torch.mm(buf.view(n, k), xt, out=yt[r : r + n])
+        return yt.t()
+
+    def dequantize(self) -> torch.Tensor:
+        out, k, g = self.q.shape[0], self.k, self.group
+        w = self.q.float().view(out, k // g, g) * self.scale[..., None]
+        if self.bias is not None:
+            w = w + self.bias[..., None]
+        return self._cols(w.view(out, k))
+
+
+class StackedRows(QuantizedWeight):
+    """Packed weights for consecutive runs of output rows (a fused projection whose parts are
+    stored in formats of different group sizes); y = [x W_1^T, x W_2^T, ...]."""
+
+    def __init__(self, parts: list[QuantizedWeight]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.scheme = "+".join(dict.fromkeys(p.scheme for p in parts))
+        self.shape = torch.Size((sum(p.shape[0] for p in parts), parts[0].shape[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])
+
+
+def pack_codes(codes: BlockCodes, pad: tuple[int, int] = (0, 0), scheme: str = "gguf") -> QuantizedWeight:
+    """The fastest kernel for ``codes``: the int4 kernel where its groups are multiples of 32 and
+    the codes have at most 8 bits, otherwise row blocks."""
+    if codes.group % KERNEL_GROUP == 0 and codes.bits <= 8:
+        return NibbleWeight(codes, pad, scheme)
+    return RowBlocksWeight(codes, pad, scheme)
 
 
 def quantize_weight(weight: torch.Tensor, scheme: str, group: int = DEFAULT_GROUP) -> QuantizedWeight:
     """``weight`` [out, in] packed as ``scheme`` (``int4`` falls back to ``int8`` where ``group``
     does not divide ``in``)."""
     if scheme == "int4" and weight.shape[1] % group == 0:
-        return Int4Weight(weight, group)
+        return NibbleWeight(int4_codes(weight, group))
     if scheme in ("int8", "int4"):
         return Int8Weight(weight)
-    raise ValueError(f"unknown quantization {scheme!r}; choose from {', '.join(QUANTIZATIONS)}")
+    raise ValueError(f"unknown quantization {scheme!r}; choose from int8, int4")
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,24 +321,36 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     return F.linear(x, weight, bias)
 
 
+def packable_modules(model: nn.Module):
+    """(module, its float weight) for every column-, row-parallel linear and LM head of ``model``
+    that holds a float weight on the CPU: the matrices a quantization replaces."""
+    from tensorpar.layers.embedding import ParallelLMHead
+    from tensorpar.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+            weight = module.weight
+            if not isinstance(weight, QuantizedWeight) and weight.device.type == "cpu":
+                yield module, weight
+
+
+def set_packed(module: nn.Module, packed: QuantizedWeight) -> None:
+    """Replace ``module``'s float weight by ``packed`` (a tied head's shared parameter stays with
+    the embedding)."""
+    if "weight" in module._parameters:
+        del module._parameters["weight"]
+    module.weight = packed
+
+
 def quantize_model(model: nn.Module, scheme: str, group: int = DEFAULT_GROUP) -> dict:
     """Replace the weight of every column-, row-parallel linear and LM head of ``model`` (this
     rank's shards) by its ``scheme`` packing, in place; the embedding stays float (a tied head
     gets a packed copy of its rows). Returns {scheme used: matrices}."""
-    from tensorpar.layers.embedding import ParallelLMHead
-    from tensorpar.layers.linear import ColumnParallelLinear, RowParallelLinear
-
     used: dict[str, int] = {}
     if scheme == "none":
         return used
-    for module in model.modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
-            weight = module.weight
-            if isinstance(weight, QuantizedWeight) or weight.device.type != "cpu":
-                continue
-            packed = quantize_weight(weight, scheme, group)
-            if "weight" in module._parameters:
-                del module._parameters["weight"]
-            module.weight = packed
-            used[packed.scheme] = used.get(packed.scheme, 0) + 1
+    for module, weight in list(packable_modules(model)):
+        packed = quantize_weight(weight, scheme, group)
+        set_packed(module, packed)
+        used[packed.scheme] = used.get(packed.scheme, 0) + 1
     return used

@@ -33,13 +33,16 @@ from dataclasses import dataclass
 from itertools import repeat
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 
 from tensorpar.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from tensorpar.layers.quant import BlockCodes
 
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
@@ -261,12 +264,7 @@ class GGUFFile:
 
     def _read_2d(self, t: TensorInfo, n_rows: int, n_cols: int, rows: range | None, cols: range | None) -> np.ndarray:
         rows, cols = _span(rows, n_rows, t.name, "rows"), _span(cols, n_cols, t.name, "cols")
-        if self._map is None:
-            try:
-                self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-            except OSError as e:
-                raise CheckpointError(f"{self.path}: cannot map GGUF file: {e.strerror or e}") from e
-        data = self._map[t.offset : t.offset + t.nbytes]
+        data = self._memmap()[t.offset : t.offset + t.nbytes]
         plain = _UNQUANTIZED.get(t.ggml_type)
         if plain is not None:
             values = data.view(plain).reshape(n_rows, n_cols)
@@ -282,6 +280,38 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: tensor {t.name!r}: cannot read {_Q(t.ggml_type).name} data") from e
         start = cols.start - b0 * block
         return np.ascontiguousarray(values[:, start : start + len(cols)], dtype=np.float32)
+
+    def read_codes(self, name: str, rows: range | None = None, cols: range | None = None) -> tuple["BlockCodes", int] | None:
+        """``tensor[rows, cols]`` as its blocks' own codes (``gguf_codes``), or None for a type
+        without codes there (unquantized ones included). Returns (codes, lead): the codes cover
+        whole groups around ``cols``, whose first column is their column ``lead``.
+
+        A tensor of more than 2 dims is read as its 2-D view, as ``read`` does.
+        """
+        from tensorpar.loading.gguf_codes import decode, group_of
+
+        t = self.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{self.path}: no tensor {name!r} in the file")
+        group = group_of(t.ggml_type)
+        if group is None or len(t.shape) < 2:
+            return None
+        n_rows, n_cols = prod(t.shape[:-1]), t.shape[-1]
+        rows, cols = _span(rows, n_rows, t.name, "rows"), _span(cols, n_cols, t.name, "cols")
+        block, block_bytes = GGML_QUANT_SIZES[_Q(t.ggml_type)]
+        b0, b1 = cols.start // block, -(-cols.stop // block)
+        data = self._memmap()[t.offset : t.offset + t.nbytes]
+        codes = decode(data.reshape(n_rows, -1)[rows.start : rows.stop, b0 * block_bytes : b1 * block_bytes], t.ggml_type)
+        g0, g1 = cols.start // group * group, -(-cols.stop // group) * group  # whole groups around cols
+        return codes.narrow_cols(g0 - b0 * block, g1 - g0), cols.start - g0
+
+    def _memmap(self) -> np.memmap:
+        if self._map is None:
+            try:
+                self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            except OSError as e:
+                raise CheckpointError(f"{self.path}: cannot map GGUF file: {e.strerror or e}") from e
+        return self._map
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_map": None}

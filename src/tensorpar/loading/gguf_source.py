@@ -5,7 +5,8 @@ the model; the source pickles without it having to be read again, so ranks only 
 file and read their slices. Where each model tensor is stored, and how to undo what llama.cpp's
 converter did to it, is the architecture module's to say (``gguf_tensor``, ``from_gguf_layout``),
 imported where tensors are read. Quantized tensors are dequantized on load, and only the blocks
-that hold the requested slice.
+that hold the requested slice; or (``read_codes``, for ``--quantization gguf``) kept as the
+blocks' own codes.
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ class GGUFSource(StoredTensorsSource):
     def _read(self, name, rows, cols):
         return self._arch.load().from_gguf_layout(name, super()._read(name, rows, cols), self.config,
                                                   self.gguf_architecture)
+
+    def _read_codes(self, name, rows, cols):
+        ref = self._refs[name]
+        got = None if ref.transposed else self.file.read_codes(ref.name, self._stored_rows(ref, rows), cols)
+        if got is None:
+            return None
+        codes, lead = got
+        fix = self._arch.load().from_gguf_layout  # (for a linear weight: a reordering of whole heads' rows)
+        return codes.map_rows(lambda t: fix(name, t, self.config, self.gguf_architecture)), lead
 
     def tokenizer(self, cache: bool = True):
         from tensorpar.loading.tokenizer_cache import load_tokenizer

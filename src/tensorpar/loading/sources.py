@@ -53,14 +53,23 @@ class CheckpointSource(ABC):
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_handles"}
 
-    def read(
-        self,
-        name: str,
-        rows: range | None = None,
-        cols: range | None = None,
-        expect: tuple[int, ...] | None = None,
-    ) -> "torch.Tensor":
-        """``tensor[rows, cols]`` of checkpoint tensor ``name``; checks its full shape is ``expect``."""
+    def _read_codes(self, name: str, rows: range | None, cols: range | None):
+        """``tensor[rows, cols]`` as the file's own quantization codes: (``BlockCodes``, lead
+        column), or None where the tensor is not stored so (every float format)."""
+        return None
+
+    def read_codes(self, name: str, rows: range | None = None, cols: range | None = None,
+                   expect: tuple[int, ...] | None = None):
+        """``_read_codes`` of checkpoint tensor ``name``, with ``read``'s checks."""
+        self._check(name, expect)
+        try:
+            return self._read_codes(name, rows, cols)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r}: {e}") from e
+
+    def _check(self, name: str, expect: tuple[int, ...] | None) -> None:
         if name not in self.names():
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
         shape = self.shape(name)
@@ -69,6 +78,16 @@ class CheckpointSource(ABC):
                 f"{self.file_of(name)}: tensor {name!r} has shape {list(shape)}, "
                 f"but the model's config implies {list(expect)}"
             )
+
+    def read(
+        self,
+        name: str,
+        rows: range | None = None,
+        cols: range | None = None,
+        expect: tuple[int, ...] | None = None,
+    ) -> "torch.Tensor":
+        """``tensor[rows, cols]`` of checkpoint tensor ``name``; checks its full shape is ``expect``."""
+        self._check(name, expect)
         try:
             return self._read(name, rows, cols)
         except CheckpointError:
@@ -114,11 +133,15 @@ class StoredTensorsSource(CheckpointSource):
             return shape
         return (len(ref.rows), *shape[1:]) if len(shape) <= 2 else (len(ref.rows), shape[-1])  # (rows of a 2-D view)
 
+    def _stored_rows(self, ref: "TensorRef", rows: range | None) -> range | None:
+        if ref.rows is None:
+            return rows
+        start = ref.rows.start
+        return ref.rows if rows is None else range(start + rows.start, start + rows.stop)
+
     def _read(self, name, rows, cols):
         ref = self._refs[name]
-        if ref.rows is not None:
-            start = ref.rows.start
-            rows = ref.rows if rows is None else range(start + rows.start, start + rows.stop)
+        rows = self._stored_rows(ref, rows)
         if ref.transposed:
             return self._read_stored(ref.name, cols, rows).T
         return self._read_stored(ref.name, rows, cols)

@@ -115,6 +115,9 @@ class EngineArgs:
         t = time.perf_counter()
         source = open_source(self.model)
         metadata_s = time.perf_counter() - t
+        if self.quantization == "gguf" and getattr(source, "gguf_architecture", None) is None:
+            raise TensorparError(f"--quantization gguf keeps a GGUF file's own blocks; {self.model} is not a GGUF file "
+                                 "(quantize it at load with --quantization int8 or int4)")
         config = source.config
         env = torchrun_env()
         dims = ParallelDims.resolve(config.num_heads, self.tp, torchrun_world_size=env.world_size if env else None,
