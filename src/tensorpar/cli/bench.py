@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
                    help="comma-separated token dispatches of a mixture of experts, each measured in turn: auto, "
                         "reduce, all_to_all (default: auto)")
     p.add_argument("--quantization", type=_names, default=["none"],
-                   help="comma-separated weight quantizations, each measured in turn: none, int8, int4 (default: none)")
+                   help="comma-separated weight quantizations, each measured in turn: none, int8, int4, gguf (default: none)")
     p.add_argument("--quant-group", type=int, default=32, help="inputs per int4 group (default: %(default)s)")
     p.add_argument("--batch", type=_ints, default=[1, 8], help="comma-separated decode batch sizes (default: 1,8)")
     p.add_argument("--prompt-len", type=int, default=None, help="prefill prompt length in tokens (default: 512; --quick: 64)")

@@ -50,9 +50,10 @@ def add_engine(p: argparse.ArgumentParser) -> None:
     add_device(p)
     p.add_argument("--comm", default="auto", choices=["auto", "gloo"],
                    help="auto: shared memory between CPU ranks on one host, else gloo/NCCL (default); gloo: always gloo")
-    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantization each rank applies to its shards after loading (CPU): int8 per "
-                        "output row, int4 in groups of --quant-group inputs (default: none)")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4", "gguf"],
+                   help="weight-only quantization of each rank's shards (CPU): int8 per output row, int4 in groups "
+                        "of --quant-group inputs, both applied after loading; gguf keeps a GGUF file's own blocks "
+                        "(Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K) packed (default: none)")
     p.add_argument("--quant-group", type=int, default=32, choices=[32, 64, 128, 256],
                    help="inputs per int4 group (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,

@@ -12,7 +12,7 @@ from torch import nn
 from tensorpar.distributed.collectives import copy_to_tp, gather, gather_from_tp, reduce_from_tp, reduce_scatter_seq
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.layers.linear import gathered_linear
-from tensorpar.layers.quant import linear
+from tensorpar.layers.quant import embedding, linear
 from tensorpar.layers.pieces import Piece
 
 
@@ -35,10 +35,10 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [B, S] -> [B, S, dim]
         if self.ctx.world_size == 1:
-            return F.embedding(ids, self.weight)
+            return embedding(ids, self.weight)
         outside = (ids < self.span.start) | (ids >= self.span.stop)
         local = (ids - self.span.start).masked_fill_(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)
+        out = embedding(local, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
             return reduce_scatter_seq(out, self.ctx)
         return reduce_from_tp(out, self.ctx)

@@ -206,22 +206,25 @@ class NibbleWeight(_Padded):
         rows = -(-out // 16) * 16  # the packing takes rows in sixteens
         s = c.scale.to(KERNEL_DTYPE).float()  # [out, k / 32]
         home = min(range(self.planes), key=lambda p: abs(8 * 16**p - c.offset))
-        scale_zeros = []
+        groups = k // KERNEL_GROUP
+        sz = torch.zeros(self.planes * groups, rows, 2, dtype=KERNEL_DTYPE)  # [planes * k / 32, rows, 2]
         for p in range(self.planes):
             sp = s * 16**p
             zp = 8 * sp
             if p == home:
                 zp = zp - c.offset * s + (c.bias if c.bias is not None else 0)
-            scale_zeros.append(torch.stack([sp, zp], dim=-1))  # [out, k / 32, 2]
-        sz = F.pad(torch.cat(scale_zeros, dim=1), (0, 0, 0, 0, 0, rows - out))  # [rows, planes * k / 32, 2]
-        self.register_buffer("scale_zeros", sz.transpose(0, 1).to(KERNEL_DTYPE).contiguous())
-        packed = []
+            sz[p * groups : (p + 1) * groups, :out, 0] = sp.t()
+            sz[p * groups : (p + 1) * groups, :out, 1] = zp.t()
+            del sp, zp
+        self.register_buffer("scale_zeros", sz)
+        packed = torch.empty(rows, self.planes * k // 2, dtype=torch.uint8)
         for r in range(0, rows, _PACK_ROWS):
             block = c.codes[r : r + _PACK_ROWS]
             block = F.pad(block, (0, 0, 0, min(rows, r + _PACK_ROWS) - r - block.shape[0]))  # zero rows to sixteens
             planes = torch.cat([(block >> (4 * p)) & 15 for p in range(self.planes)], dim=1)  # [rows, planes * k]
-            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(planes.to(torch.int32).contiguous(), 1))
-        self.register_buffer("packed", torch.cat(packed))
+            packed[r : r + len(block)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                planes.to(torch.int32).contiguous(), 1)
+        self.register_buffer("packed", packed)
         self.rows = rows
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,6 +296,35 @@ class StackedRows(QuantizedWeight):
 
     def dequantize(self) -> torch.Tensor:
         return torch.cat([p.dequantize() for p in self.parts])
+
+
+class CodesTable(nn.Module):
+    """An embedding table [rows, dim] kept as its file's codes: a lookup dequantizes only the rows
+    it reads (the LM head tied to it holds its own packing for the product)."""
+
+    def __init__(self, codes: BlockCodes):
+        super().__init__()
+        self.register_buffer("codes", codes.codes.contiguous())
+        self.register_buffer("scale", codes.scale.contiguous())
+        self.register_buffer("bias", None if codes.bias is None else codes.bias.contiguous())
+        self.offset, self.group, self.shape = codes.offset, codes.group, codes.shape
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: [...] -> [..., dim] float32
+        q = self.codes[ids].float().view(*ids.shape, -1, self.group) - self.offset
+        w = q * self.scale[ids][..., None]
+        if self.bias is not None:
+            w = w + self.bias[ids][..., None]
+        return w.view(*ids.shape, self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
+    """weight[ids] for a float or a ``CodesTable`` weight."""
+    return weight.lookup(ids) if isinstance(weight, CodesTable) else F.embedding(ids, weight)
 
 
 def pack_codes(codes: BlockCodes, pad: tuple[int, int] = (0, 0), scheme: str = "gguf") -> QuantizedWeight:

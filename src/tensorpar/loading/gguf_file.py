@@ -75,6 +75,7 @@ def can_read(ggml_type: int) -> bool:
 
 _READABLE: dict[int, bool] = {}
 
+CODES_CHUNK = 1 << 22  # values decoded to codes at a time (``read_codes``)
 SHORT_ARRAY = 64  # numeric arrays longer than this are stepped over unless ``arrays=True``
 
 
@@ -288,6 +289,9 @@ class GGUFFile:
 
         A tensor of more than 2 dims is read as its 2-D view, as ``read`` does.
         """
+        import torch
+
+        from tensorpar.layers.quant import BlockCodes
         from tensorpar.loading.gguf_codes import decode, group_of
 
         t = self.tensors.get(name)
@@ -301,7 +305,19 @@ class GGUFFile:
         block, block_bytes = GGML_QUANT_SIZES[_Q(t.ggml_type)]
         b0, b1 = cols.start // block, -(-cols.stop // block)
         data = self._memmap()[t.offset : t.offset + t.nbytes]
-        codes = decode(data.reshape(n_rows, -1)[rows.start : rows.stop, b0 * block_bytes : b1 * block_bytes], t.ggml_type)
+        blocks = data.reshape(n_rows, -1)[rows.start : rows.stop, b0 * block_bytes : b1 * block_bytes]
+        step = max(1, CODES_CHUNK // max(1, (b1 - b0) * block))  # rows decoded at a time
+        codes = decode(blocks[:step], t.ggml_type)
+        if len(rows) > step:  # the rest into tensors of the full size, a chunk at a time
+            full = BlockCodes(*(torch.empty((len(rows), *a.shape[1:]), dtype=a.dtype) if a is not None else None
+                                for a in (codes.codes, codes.scale)), codes.group, codes.bits, codes.offset,
+                              None if codes.bias is None else torch.empty((len(rows), codes.bias.shape[1])))
+            for r in range(0, len(rows), step):
+                part = codes if r == 0 else decode(blocks[r : r + step], t.ggml_type)
+                for dst, src in ((full.codes, part.codes), (full.scale, part.scale), (full.bias, part.bias)):
+                    if dst is not None:
+                        dst[r : r + step] = src
+            codes = full
         g0, g1 = cols.start // group * group, -(-cols.stop // group) * group  # whole groups around cols
         return codes.narrow_cols(g0 - b0 * block, g1 - g0), cols.start - g0
 

@@ -87,9 +87,10 @@ def read_packed(pp: ParamPieces, source: CheckpointSource, expected: dict) -> "Q
 def pack_file_blocks(model: nn.Module, source: CheckpointSource, progress: bool = False) -> dict[str, int]:
     """``--quantization gguf``: every linear weight and LM head of ``model`` (this rank's shards)
     packed from the checkpoint's own blocks, before any float weight is written (the floats they
-    replace were never touched, so never resident). A matrix whose file type has no codes stays
-    float and is loaded as usual. Returns {kernel: matrices}, ``float`` for those left."""
-    from tensorpar.layers.quant import packable_modules, set_packed
+    replace were never touched, so never resident). The embedding keeps its rows as codes too
+    (``CodesTable``). A matrix whose file type has no codes stays float and is loaded as usual. Returns {kernel: matrices}, ``float`` for those left."""
+    from tensorpar.layers.embedding import VocabParallelEmbedding
+    from tensorpar.layers.quant import CodesTable, packable_modules, set_packed
 
     expected = checkpoint_shapes(model.config)
     owners = {id(pp.param): pp for pp in model_pieces(model)}  # (a tied head: the embedding's pieces)
@@ -102,6 +103,16 @@ def pack_file_blocks(model: nn.Module, source: CheckpointSource, progress: bool 
         if packed is not None:
             set_packed(module, packed)
         used[kind] = used.get(kind, 0) + 1
+    floats = {id(w) for _, w in packable_modules(model)}
+    for module in model.modules():  # embeddings, unless a head left float still shares the table
+        if isinstance(module, VocabParallelEmbedding) and id(module.weight) not in floats:
+            pp = owners[id(module.weight)]
+            (pc,) = pp.pieces
+            name = pp.full_name(pc)
+            got = source.read_codes(name, pc.span, None, expect=expected.get(name))
+            if got is not None:
+                set_packed(module, CodesTable(got[0]))
+                used["CodesTable"] = used.get("CodesTable", 0) + 1
     return used
 
 

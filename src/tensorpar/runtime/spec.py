@@ -71,9 +71,10 @@ class EngineArgs:
     plus completion (default: the model's context). ``tokenizer_cache``: keep a GGUF file's
     converted tokenizer in the user's cache directory. ``moe_dispatch``: how a mixture of experts
     sends tokens to the ranks of their experts, ``reduce``, ``all_to_all`` or ``auto``
-    (``models.blocks.MoE``). ``quantization``: ``none`` (the checkpoint's weights as loaded) or
+    (``models.blocks.MoE``). ``quantization``: ``none`` (the checkpoint's weights as loaded),
     weight-only ``int8`` (per output row) / ``int4`` (in groups of ``quant_group`` inputs), packed
-    by each rank after loading its shards (``layers.quant``; CPU only).
+    by each rank after loading its shards, or ``gguf``: a GGUF file's own blocks, packed as read
+    (``layers.quant``; CPU only).
     """
 
     model: str = DEFAULT_MODEL
