@@ -311,11 +311,10 @@ class CodesTable(nn.Module):
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [...] -> [..., dim] float32
-        q = self.codes[ids].float().view(*ids.shape, -1, self.group) - self.offset
-        w = q * self.scale[ids][..., None]
-        if self.bias is not None:
-            w = w + self.bias[ids][..., None]
-        return w.view(*ids.shape, self.shape[1])
+        flat = ids.reshape(-1)
+        rows = BlockCodes(self.codes[flat], self.scale[flat], self.group, 8, self.offset,
+                          None if self.bias is None else self.bias[flat])
+        return rows.dequantize().view(*ids.shape, self.shape[1])
 
     @property
     def nbytes(self) -> int:
