@@ -11,7 +11,7 @@ import tensorpar.layers.embedding as embedding_mod
 import tensorpar.layers.linear as linear_mod
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
-from tensorpar.layers.attention import AttentionBatch
+from tensorpar.layers.attention import CAUSAL, AttentionBatch
 from tensorpar.loading import build_model
 from tensorpar.loading.safetensors_source import SafetensorsSource
 from tensorpar.models.config import ModelConfig
@@ -236,3 +236,43 @@ def test_sharded_blocks_recombine_to_the_full_blocks(arch, tp, sources, full_mod
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_emb, want_emb, rtol=0, atol=0)
     torch.testing.assert_close(torch.cat(got_logits, dim=-1), want_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "gpt2"])
+def test_a_packed_step_equals_its_parts_run_alone_and_chunks_equal_a_whole_prefill(arch, tiny_checkpoints):
+    """One step packing a decode row, a fresh prompt and a later chunk of another prompt gives each
+    row the final hidden state it gets alone; a prompt prefilled in chunks ends where one whole
+    prefill does (18 positions: past the sliding windows of 8 and Phi-3's switch to long factors at 16)."""
+    from tensorpar.distributed.groups import single_process_context
+    from tensorpar.runtime import step as S
+    from tensorpar.runtime.kv_cache import KVCache
+
+    model = build_model(SafetensorsSource(tiny_checkpoints[arch]), single_process_context())
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (12, 7, 18))
+
+    def run(cache, message):
+        batch = S.to_batch(message.header(), torch.tensor(message.payload()))
+        for part in batch.parts:
+            if part.kind == CAUSAL:  # a sequence starts in its slot
+                cache.start(part.slot_start)
+        with torch.no_grad():
+            return batch.last_tokens(model(batch.ids, batch.attention, cache))  # [rows, hidden]
+
+    def new_cache():
+        cache = KVCache(model.kv_cache_shape(), 3, 32, torch.float32, CPU)
+        run(cache, S.prefill(a, 0))  # a: 12 tokens cached, its next token at position 12
+        run(cache, S.step([S.chunk(c, 0, 5, 2)]))  # c: its first 5 tokens cached
+        return cache
+
+    packed = run(new_cache(), S.step([S.decode_part([a[0]], [12], [0]), S.chunk(b, 0, 7, 1), S.chunk(c, 5, 18, 2)]))
+    alone_cache = new_cache()
+    alone = torch.cat([run(alone_cache, S.decode([a[0]], [12], [0])), run(alone_cache, S.prefill(b, 1)),
+                       run(alone_cache, S.step([S.chunk(c, 5, 18, 2)]))])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        whole = model(torch.tensor([c]))[:, -1]  # no cache, one causal pass
+    if model.config.whole_prompts_from is not None and len(c) >= model.config.whole_prompts_from:
+        assert not torch.allclose(packed[2:], whole, rtol=1e-3, atol=1e-3)  # why such prompts are never chunked
+    else:
+        torch.testing.assert_close(packed[2:], whole, rtol=1e-5, atol=1e-5)

@@ -58,22 +58,36 @@ def test_every_dtype_alias_is_accepted_everywhere():
 # ---------------------------------------------------------------- step messages and attention batches
 
 
-def test_messages_carry_what_the_ranks_need_in_the_header():
+def test_messages_carry_what_the_ranks_need_in_the_header_and_part_table():
     m = S.prefill([5, 6, 7], slot=4)
-    assert m.header() == [S.STEP, 1, 3, 3, 2, 4, CAUSAL, S.FULL] and m.payload() == [5, 6, 7, 0, 1, 2, 4]
+    assert m.header() == [S.STEP, 1, 1, 3, 0, S.FULL, 0, 0]
+    assert m.payload() == [1, 3, 3, 2, 4, CAUSAL] + [5, 6, 7, 0, 1, 2, 4]
     m = S.decode([9, 8], [6, 6], [2, 3], S.GREEDY)  # equal lengths, consecutive slots
-    assert m.header() == [S.STEP, 2, 1, 7, 6, 2, ALL_KEYS, S.GREEDY]
+    assert m.parts[0].table() == [2, 1, 7, 6, 2, ALL_KEYS] and m.logits == S.GREEDY
     m = S.decode([9, 8, 7], [6, 3, 4], [5, 1, 2])  # mixed lengths, scattered slots
-    assert m.header()[3:7] == [7, 6, -1, BY_POSITION]
-    assert S.allocate(8, 128).header()[:4] == [S.ALLOC, 8, 0, 128]
-    for message in (S.prefill([1, 2], 0), S.decode([3, 4], [5, 2], [1, 0]), S.score([7, 8, 9])):
+    assert m.parts[0].table()[2:] == [7, 6, -1, BY_POSITION]
+    assert S.allocate(8, 128).header()[:5] == [S.ALLOC, 0, 8, 0, 128]
+    later = S.chunk([1, 2, 3, 4, 5], 2, 4, slot=6)  # prompt tokens 2:4 after 0:2 are cached
+    assert later.table() == [1, 2, 4, 3, 6, BY_POSITION] and later.ids == ((3, 4),)
+    mixed = S.step([S.decode_part([9, 8], [6, 3], [0, 1]), S.chunk([1, 2, 3], 0, 3, 2), later])
+    for message in (S.prefill([1, 2], 0), S.decode([3, 4], [5, 2], [1, 0]), S.score([7, 8, 9]), mixed):
         header = message.header()
         payload = torch.tensor(message.payload())
         assert len(payload) == S.Message.payload_size(header)
         batch = S.to_batch(header, payload)
-        assert batch.ids.tolist() == [list(r) for r in message.ids]
-        assert batch.attention.positions.tolist() == [list(r) for r in message.positions]
-        assert batch.attention.max_position == max(max(r) for r in message.positions)
+        assert len(batch.parts) == len(message.parts)
+        for part, sent in zip(batch.parts, message.parts):
+            assert part.positions.tolist() == [list(r) for r in sent.positions]
+            assert part.max_position == max(max(r) for r in sent.positions) and part.kind == sent.kind
+            assert part.kv_len == (sent.kv_len if message.op == S.STEP else 0)
+        flat = [t for row in message.ids for t in row]
+        assert batch.ids.flatten().tolist() == flat
+    batch = S.to_batch(mixed.header(), torch.tensor(mixed.payload()))
+    assert batch.ids.shape == (1, 7) and batch.attention.positions.tolist() == [[6, 3, 0, 1, 2, 2, 3]]
+    assert batch.attention.last.tolist() == [0, 1, 4, 6]  # each row's last token: 2 decodes, 2 prompts
+    x = torch.arange(7.0).view(1, 7, 1)
+    assert batch.attention.unpack(1, x).shape == (1, 3, 1) and batch.attention.unpack(0, x).flatten().tolist() == [0, 1]
+    assert batch.last_tokens(x).flatten().tolist() == [0, 1, 4, 6]
 
 
 def _visible(mask, causal, S_, L):
@@ -251,7 +265,53 @@ def test_scheduler_queues_beyond_its_slots_and_each_request_gets_its_own_tokens(
     steps = [m for m in runner.sent if m.op == S.STEP]
     assert max(len(m.ids) for m in steps) == 2  # never more than the slots
     assert {m.logits for m in steps if any(row[-1] in (2, 3, 4) for row in m.ids)} >= {S.FULL}  # top-1 asked
-    assert {m.logits for m in steps if len(m.ids) == 1 and m.ids[0][0] == 0} == {S.GREEDY}
+    assert len(steps[0].parts) == 2 and steps[0].ids == [(0,), (1,)]  # both prompts in one step
+    assert steps[0].logits == S.GREEDY  # (neither asks for log-probabilities)
+
+
+def _run_all(sched, collect, reqs):
+    for r in reqs:
+        sched.add(r, collect)
+    while sched.has_work():
+        sched.step()
+    return [collect.completion(r, 0, i) for i, r in enumerate(reqs)]
+
+
+def test_chunked_prefill_runs_a_long_prompt_beside_the_decodes_within_the_token_budget():
+    runner = FakeRunner()
+    sched = Scheduler(runner, None, set(), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=8)
+    sched.reserve(4, 128)
+    collect = Collector()
+    short = Request("s", [7], SamplingParams(max_new_tokens=12))
+    sched.add(short, collect)
+    sched.step()  # the short prompt alone: its first token
+    long = Request("l", list(range(30)), SamplingParams(max_new_tokens=3))
+    sched.add(long, collect)
+    while sched.has_work():
+        sched.step()
+    steps = [m for m in runner.sent if m.op == S.STEP]
+    assert all(sum(len(row) for row in m.ids) <= 8 for m in steps)  # the budget
+    chunks = [p for m in steps for p in m.parts if p.slots and len(p.ids[0]) > 1]
+    assert [(p.positions[0][0], p.positions[0][-1], p.kv_len) for p in chunks] == [(0, 6, 7), (7, 13, 14),
+                                                                                  (14, 20, 21), (21, 27, 28), (28, 29, 30)]
+    assert chunks[0].kind == CAUSAL and all(p.kind == BY_POSITION for p in chunks[1:])
+    # every step while the long prompt was prefilled also decoded the short sequence
+    assert all(len(m.parts) == 2 and len(m.parts[0].ids[0]) == 1 for m in steps[1:6])
+    assert collect.completion(short, 0, 0).token_ids == [(7 + k) % 50 for k in range(1, 13)]
+    assert collect.completion(long, 0, 1).token_ids == [30, 31, 32]  # after its last prompt token (29)
+
+
+def test_without_chunking_prompts_run_whole_and_packed():
+    runner = FakeRunner()
+    sched = Scheduler(runner, None, set(), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=8,
+                      chunked_prefill=False)
+    sched.reserve(4, 128)
+    reqs = [Request(f"r{i}", list(range(n)), SamplingParams(max_new_tokens=2)) for i, n in enumerate((3, 4, 20))]
+    done = _run_all(sched, Collector(), reqs)
+    assert [c.token_ids for c in done] == [[3, 4], [4, 5], [20, 21]]
+    steps = [m for m in runner.sent if m.op == S.STEP]
+    assert [len(m.parts) for m in steps[:1]] == [2] and steps[0].ids == [(0, 1, 2), (0, 1, 2, 3)]
+    assert any(m.ids == [tuple(range(20))] for m in steps)  # longer than the budget, alone and whole
 
 
 def test_scheduler_aborts_waiting_and_running_requests_and_refuses_after_close():

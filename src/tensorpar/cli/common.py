@@ -7,6 +7,7 @@ import argparse
 from tensorpar.dtypes import ALIASES, ENGINE_DTYPES
 from tensorpar.loading.open import ALIASES as MODEL_ALIASES
 from tensorpar.loading.open import DEFAULT_MODEL
+from tensorpar.runtime.spec import DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 MODEL_HELP = (f"an alias ({', '.join(MODEL_ALIASES)}), a Hugging Face directory, a .gguf file, or a tensorpar "
               "training checkpoint")
@@ -58,6 +59,13 @@ def add_engine(p: argparse.ArgumentParser) -> None:
                    help="inputs per int4 group (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's context; serve: at most 2048)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                   help="new tokens one model step runs at most: a decode token for each running sequence, then "
+                        "prompt tokens (default: %(default)s)")
+    p.add_argument("--chunked-prefill", "--enable-chunked-prefill", dest="chunked_prefill",
+                   action=argparse.BooleanOptionalAction, default=True,
+                   help="split a prompt longer than what is left of a step's token budget into chunks run beside "
+                        "the running decodes over several steps (default: on); off, prompts run whole")
     p.add_argument("--timeout", type=float, default=None, help="seconds any collective may wait (default: 60)")
     p.add_argument("--no-tokenizer-cache", dest="tokenizer_cache", action="store_false",
                    help="convert a GGUF file's tokenizer afresh instead of keeping it in ~/.cache/tensorpar "
@@ -72,9 +80,11 @@ def engine_args(args: argparse.Namespace, progress: bool = True, dp: int = 1):
     """The ``EngineArgs`` of the flags ``add_engine`` defined (and ``dp`` replicas, for serving)."""
     from tensorpar.runtime.spec import EngineArgs
 
-    options = dict(model=args.model, tp=args.tp, pp=args.pp, dp=dp, ep=args.ep,
-                   moe_dispatch=args.moe_dispatch, quantization=args.quantization, quant_group=args.quant_group, dtype=args.dtype, device=args.device, comm=args.comm,
-                   max_model_len=args.max_model_len, progress=progress, tokenizer_cache=args.tokenizer_cache)
+    options = dict(model=args.model, tp=args.tp, pp=args.pp, dp=dp, ep=args.ep, moe_dispatch=args.moe_dispatch,
+                   quantization=args.quantization, quant_group=args.quant_group, dtype=args.dtype, device=args.device,
+                   comm=args.comm,
+                   max_model_len=args.max_model_len, progress=progress, tokenizer_cache=args.tokenizer_cache,
+                   max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill)
     if args.timeout is not None:
         options["timeout_s"] = args.timeout
     return EngineArgs(**options)

@@ -100,3 +100,30 @@ class AttentionBatch:
             rows = slice(self.slot_start, self.slot_start + self.positions.shape[0])
             return ck[rows, :, :L], cv[rows, :, :L]
         return ck[self.slots, :, :L], cv[self.slots, :, :L]
+
+
+class PackedBatch:
+    """Several ``AttentionBatch``es (parts) packed into one row of T tokens: a step that mixes the
+    running sequences' decode tokens with prompts, or chunks of prompts, of other lengths.
+
+    The model runs everything but attention once over the packed row [1, T, ...]; attention runs
+    part by part, each part's span of the row viewed as its own [rows, tokens, ...] (``unpack``).
+    ``positions`` [1, T] are every part's positions in that order, ``last`` [rows] the index in
+    the row of each part's rows' last tokens (rows in part order).
+    """
+
+    def __init__(self, parts: list[AttentionBatch]):
+        self.parts = parts
+        sizes = [p.positions.numel() for p in parts]
+        self.starts = [sum(sizes[:i]) for i in range(len(parts) + 1)]
+        self.positions = torch.cat([p.positions.reshape(-1) for p in parts]).view(1, -1)  # [1, T]
+        self.max_position = max(p.max_position for p in parts)
+        last = []
+        for p, start in zip(parts, self.starts):
+            rows, tokens = p.positions.shape
+            last += [start + (r + 1) * tokens - 1 for r in range(rows)]
+        self.last = torch.tensor(last, device=self.positions.device)
+
+    def unpack(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Part ``i``'s tokens of ``x`` [1, T, ...] as [rows, tokens, ...]."""
+        return x[0, self.starts[i] : self.starts[i + 1]].view(*self.parts[i].positions.shape, *x.shape[2:])

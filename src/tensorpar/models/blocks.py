@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.layers.attention import AttentionBatch
+from tensorpar.layers.attention import AttentionBatch, PackedBatch
 from tensorpar.models.config import ModelConfig
 
 _NO_DROPOUT = nullcontext()  # reusable: entered on every inference step
@@ -364,6 +364,9 @@ class Rotary:
 
     def __call__(self, batch: AttentionBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin at the batch's positions, [B, S, 1, D] each."""
+        if isinstance(batch, PackedBatch) and self.switch_at is not None:  # the long factors go by sequence
+            tables = [self(part, dtype) for part in batch.parts]
+            return tuple(torch.cat([t[i].reshape(1, -1, 1, self.head_dim) for t in tables], dim=1) for i in (0, 1))
         pos, n = batch.positions, batch.max_position + 1
         cos, sin = self._table(False, n, pos.device)
         cos, sin = cos[pos], sin[pos]
@@ -428,15 +431,24 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *rope)
         q, k = qk[:, :, :h], qk[:, :, h:]
         v = qkv[..., (h + kv) * d :].view(B, S, kv, d)
+        if isinstance(batch, PackedBatch):  # [1, T]: each part attends on its own, as [rows, tokens]
+            out = torch.cat([self._attend(part, *(batch.unpack(i, t) for t in (q, k, v)), cache).reshape(1, -1, h * d)
+                             for i, part in enumerate(batch.parts)], dim=1)
+        else:
+            out = self._attend(batch, q, k, v, cache).reshape(B, S, h * d)
+        return self.o_proj(out)
+
+    def _attend(self, batch: AttentionBatch, q, k, v, cache) -> torch.Tensor:
+        """q [B, S, h, d], k and v [B, S, kv, d] (the new tokens') -> [B, S, h, d]."""
         keys, values = batch.keys_values(k, v, cache)  # [B, kv, L, d]
         mask, causal = batch.mask(self.sliding_window)
         p = self.dropout if self.training else 0.0
         with self.dropout_rng() if p else _NO_DROPOUT:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, dropout_p=p,
-                enable_gqa=h != kv, scale=self.scale,
+                enable_gqa=self.num_heads != self.num_kv_heads, scale=self.scale,
             )  # [B, h, S, d]
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, h * d))
+        return out.transpose(1, 2)
 
 
 class DecoderLayer(nn.Module):

@@ -97,6 +97,14 @@ class ModelConfig:
             return self.sliding_window
         return self.sliding_window if self.layer_types[layer] == SLIDING else None
 
+    @property
+    def whole_prompts_from(self) -> int | None:
+        """The prompt length from which a prompt must be prefilled in one piece, or None: LongRoPE
+        rotates every token of a forward that reaches its pretrained length by the long factors,
+        so a prompt that long, prefilled in chunks, would have its first chunks rotated otherwise."""
+        scaling = self.rope_scaling or {}
+        return scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else None
+
     def rope(self, layer: int) -> tuple[float, dict | None]:
         """(base, scaling) of layer ``layer``'s rotary embedding."""
         if self.rope_local_theta is not None and self.window(layer) is not None:

@@ -111,20 +111,23 @@ class ModelRunner:
     def _execute(self, batch: S.Batch):
         if batch.op == S.ALLOC:
             self.cache = None  # free the old cache before allocating the new one
-            self.cache = KVCache(self.model.kv_cache_shape(), batch.alloc_slots, batch.kv_len, self.dtype,
+            self.cache = KVCache(self.model.kv_cache_shape(), batch.alloc_slots, batch.alloc_len, self.dtype,
                                  self.ctx.device)
             return None
         if batch.op not in (S.SCORE, S.STEP):
             return None
         attn = batch.attention
-        if batch.op == S.STEP and attn.kind == CAUSAL:  # new sequences start in these slots
-            for slot in range(attn.slot_start, attn.slot_start + batch.ids.shape[0]):
-                self.cache.start(slot)
+        if batch.op == S.STEP:
+            for part in batch.parts:
+                if part.kind == CAUSAL:  # new sequences start in these slots
+                    for slot in range(part.slot_start, part.slot_start + part.positions.shape[0]):
+                        self.cache.start(slot)
         if self.pp == 1:
             return self._head(batch, self.model(batch.ids, attn, self.cache if batch.op == S.STEP else None))
         sent, results = [], []
         for start, stop in self._micro_batches(batch):
-            ids, part = batch.ids[start:stop], attn.rows(start, stop)
+            ids = batch.ids[start:stop]
+            part = attn if stop - start == batch.ids.shape[0] else attn.rows(start, stop)
             hidden = None
             if self.stage > 0:  # [b, S, hidden] from the stage before
                 hidden = recv(torch.empty(*ids.shape, self.config.hidden_size, dtype=self.dtype,
@@ -157,15 +160,16 @@ class ModelRunner:
         if batch.op == S.SCORE:
             logits = head.logits_to_leader(out)
             return None if logits is None else logits[0]  # [S, vocab]
+        last = batch.last_tokens(out)  # [rows, hidden]
         if batch.logits == S.GREEDY:
-            return head.greedy_to_leader(out[:, -1])  # (ids [B], logprobs [B])
-        return head.logits_to_leader(out[:, -1])  # [B, vocab]
+            return head.greedy_to_leader(last)  # (ids [rows], logprobs [rows])
+        return head.logits_to_leader(last)  # [rows, vocab]
 
     def _result_from_last_stage(self, batch: S.Batch):
         """On the leader, the step's result as the last stage's first rank sent it; None elsewhere."""
         if not self.ctx.is_leader:
             return None
-        rows, tokens = batch.ids.shape
+        rows, tokens = sum(p.positions.shape[0] for p in batch.parts), batch.ids.shape[1]
         greedy = batch.op == S.STEP and batch.logits == S.GREEDY
         shape = (2, rows) if greedy else ((tokens if batch.op == S.SCORE else rows), self.config.vocab_size)
         got = recv(torch.empty(shape, dtype=torch.float32, device=self.ctx.device), self.ctx, (self.pp - 1) * self.tp)

@@ -1,9 +1,15 @@
 """Continuous batching on the leader: the one generation loop of ``LLM``, ``tensorpar generate``
 and ``tensorpar serve``.
 
-Requests wait in arrival order for a free KV-cache slot. Each ``step`` admits what fits,
-prefills each admitted prompt (one model step each, which also yields its first token), then
-advances every running sequence by one token in one decode step. A request joins and leaves the
+Requests wait in arrival order for a free KV-cache slot. Each ``step`` is one model step over a
+budget of ``max_num_batched_tokens`` new tokens: first one decode token for every running
+sequence that has its first token, then prompt tokens, oldest sequence first: the rest of a
+prompt already begun, then the prompts of newly admitted requests (every prompt of a step packed
+beside the decodes: ``step.Part``). With ``chunked_prefill`` a prompt longer than what is left of
+the budget runs as chunks over several steps, so that a long prompt never stalls the running
+sequences for longer than one budget's worth of tokens; without it, prompts run whole (a step
+takes at least one), as do LongRoPE prompts that reach the pretrained length
+(``ModelConfig.whole_prompts_from``). A prompt's last chunk yields its first token. A request joins and leaves the
 running batch at token granularity; its tokens, text and end are its ``Sequence``'s business,
 reported through its sink as ``TokenEvent``s.
 
@@ -26,9 +32,13 @@ from tensorpar.runtime.sequence import Sequence, final_event
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, tokenizer, eos_ids: set[int], max_num_seqs: int, max_model_len: int):
+    def __init__(self, runner: ModelRunner, tokenizer, eos_ids: set[int], max_num_seqs: int, max_model_len: int,
+                 max_num_batched_tokens: int = 256, chunked_prefill: bool = True):
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self.max_num_batched_tokens, self.chunked_prefill = max_num_batched_tokens, chunked_prefill
+        config = getattr(runner, "config", None)
+        self.whole_prompts_from = config.whole_prompts_from if config is not None else None
         self.lock = threading.Condition()
         self.waiting: deque[tuple[Request, Sink]] = deque()
         self.running: dict[str, Sequence] = {}
@@ -87,8 +97,7 @@ class Scheduler:
         self.free = list(range(slots - 1, -1, -1))
 
     def step(self) -> None:
-        """Aborts, admissions and their prefills, then one decode step over all that runs."""
-        admitted = []
+        """Aborts, admissions, then one model step: decode tokens and prompt tokens within the budget."""
         with self.lock:
             aborts, self.aborts = self.aborts, set()
             for req, sink in [(r, s) for r, s in self.waiting if r.request_id in aborts]:
@@ -97,25 +106,45 @@ class Scheduler:
             for rid in aborts:
                 if rid in self.running:
                     self._retire(self.running[rid], "abort")
-            while self.waiting and self.free:
-                req, sink = self.waiting.popleft()
+            decodes = [s for s in self.running.values() if s.out]  # every one that has its first token
+            budget = self.max_num_batched_tokens - len(decodes)
+            chunks: list[tuple[Sequence, int, int]] = []  # (sequence, first prompt token, last + 1)
+            for seq in [s for s in self.running.values() if not s.out]:  # prompts begun in earlier steps
+                budget = self._take_prompt(seq, budget, chunks, bool(decodes))
+            while self.waiting and self.free and (budget > 0 or not (decodes or chunks)):
+                req, sink = self.waiting[0]
+                if not self.chunked_prefill and len(req.prompt_token_ids) > budget and (decodes or chunks):
+                    break  # a whole prompt waits for a step with room for it
+                self.waiting.popleft()
                 seq = Sequence(req, sink, self.free.pop(), self.tokenizer, self.eos_ids, self.max_model_len)
                 self.running[req.request_id] = seq
-                admitted.append(seq)
-        for seq in admitted:
-            t = time.perf_counter()
-            message = S.prefill(seq.request.prompt_token_ids, seq.slot, self._logits_mode([seq]))
-            self._advance([seq], self.runner.send(message))
-            self.timings["prefill_s"] += time.perf_counter() - t
-            self.timings["prefill_steps"] += 1
-        seqs = [s for s in self.running.values() if s.out]  # every one that has its first token
-        if seqs:
-            t = time.perf_counter()
-            message = S.decode([s.last_token for s in seqs], [s.length - 1 for s in seqs], [s.slot for s in seqs],
-                               self._logits_mode(seqs))
-            self._advance(seqs, self.runner.send(message))
-            self.timings["decode_s"] += time.perf_counter() - t
-            self.timings["decode_steps"] += 1
+                budget = self._take_prompt(seq, budget, chunks, bool(decodes))
+        if not (decodes or chunks):
+            return
+        parts = [S.decode_part([s.last_token for s in decodes], [s.length - 1 for s in decodes],
+                               [s.slot for s in decodes])] if decodes else []
+        parts += [S.chunk(seq.request.prompt_token_ids, start, stop, seq.slot) for seq, start, stop in chunks]
+        rows = decodes + [seq if stop == len(seq.request.prompt_token_ids) else None for seq, _, stop in chunks]
+        t = time.perf_counter()
+        out = self.runner.send(S.step(parts, self._logits_mode([s for s in rows if s is not None])))
+        for seq, _, stop in chunks:
+            seq.computed = stop
+        self._advance(rows, out)
+        kind = "prefill" if chunks else "decode"
+        self.timings[f"{kind}_s"] += time.perf_counter() - t
+        self.timings[f"{kind}_steps"] += 1
+
+    def _take_prompt(self, seq: Sequence, budget: int, chunks: list, decoding: bool) -> int:
+        """Schedule what of ``seq``'s prompt fits in ``budget`` (all of it without chunking, where
+        the step has room or nothing else to run); the budget left."""
+        prompt = len(seq.request.prompt_token_ids)
+        left = prompt - seq.computed
+        chunked = self.chunked_prefill and (self.whole_prompts_from is None or prompt < self.whole_prompts_from)
+        take = min(left, budget) if chunked else left
+        if take <= 0 or (not chunked and left > budget and (decoding or chunks)):
+            return budget
+        chunks.append((seq, seq.computed, seq.computed + take))
+        return budget - take
 
     def close(self, reason: str, error: str | None = None) -> None:
         """End every request, running or waiting, and refuse new ones (shutdown, or a failure no
@@ -135,17 +164,21 @@ class Scheduler:
         """Greedy rows that report no top log-probabilities need only their argmax and its log-probability."""
         return S.GREEDY if all(s.params.greedy and not s.params.logprobs for s in seqs) else S.FULL
 
-    def _advance(self, seqs: list[Sequence], out) -> None:
-        """Give each sequence its next token (from the step's output on the leader), retire finished ones."""
+    def _advance(self, seqs: list[Sequence | None], out) -> None:
+        """Give each sequence its next token (from the step's output on the leader, a row each;
+        None: a row that yields no token, a prompt chunk before the last), retire finished ones."""
         if isinstance(out, tuple):  # GREEDY: (ids [B], logprobs [B])
             ids, logprobs = out[0].tolist(), out[1].tolist()
             for seq, token, logprob in zip(seqs, ids, logprobs):
-                self._take(seq, token, logprob, [])
+                if seq is not None:
+                    self._take(seq, token, logprob, [])
             return
         logits = out.float()  # [B, vocab]
         norm = torch.logsumexp(logits, dim=-1).tolist()  # log-prob = logit - logsumexp(logits)
         best = logits.argmax(dim=-1).tolist()  # every greedy row at once
         for row, seq in enumerate(seqs):
+            if seq is None:
+                continue
             p = seq.params
             token = best[row] if p.greedy else sample(logits[row], p, seq.generator)
             top = []

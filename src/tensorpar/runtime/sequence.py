@@ -62,6 +62,7 @@ class Sequence:
         self.generator = self.params.generator()
         self.eos_ids, self.max_model_len = eos_ids, max_model_len
         self.out: list[int] = []
+        self.computed = 0  # prompt tokens whose keys and values are in the cache (prefill runs in chunks)
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.text = ""  # detokenized so far (cut at a stop string once one is found)
         self.sent = 0  # characters of text already in events

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 COMMS = ("auto", "gloo")
 MOE_DISPATCHES = ("auto", "reduce", "all_to_all")  # ``models.blocks.MoE``
 DEFAULT_MAX_NUM_SEQS = 256  # sequences a scheduler runs at once; more wait for a slot
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 256  # new tokens per model step (BENCHMARKS.md: chunked prefill)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class EngineSpec:
     moe_dispatch: str = "auto"
     quantization: str = "none"
     quant_group: int = 32
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    chunked_prefill: bool = True
 
     @property
     def config(self):
@@ -74,7 +77,10 @@ class EngineArgs:
     (``models.blocks.MoE``). ``quantization``: ``none`` (the checkpoint's weights as loaded),
     weight-only ``int8`` (per output row) / ``int4`` (in groups of ``quant_group`` inputs), packed
     by each rank after loading its shards, or ``gguf``: a GGUF file's own blocks, packed as read
-    (``layers.quant``; CPU only).
+    (``layers.quant``; CPU only). ``max_num_batched_tokens``: new tokens one model step runs at
+    most (decode tokens first, then prompt tokens); ``chunked_prefill``: a prompt longer than what
+    is left of that budget runs in chunks over several steps beside the running decodes, instead
+    of whole (``runtime.scheduler``).
     """
 
     model: str = DEFAULT_MODEL
@@ -92,6 +98,8 @@ class EngineArgs:
     moe_dispatch: str = "auto"
     quantization: str = "none"
     quant_group: int = 32
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    chunked_prefill: bool = True
 
     def resolve(self, default_max_model_len: int | None = None) -> EngineSpec:
         """Check everything, open the model; ``default_max_model_len`` caps the context when
@@ -110,6 +118,8 @@ class EngineArgs:
             raise TensorparError(f"--quant-group must be one of {', '.join(map(str, GROUPS))}, got {self.quant_group!r}")
         if self.moe_dispatch not in MOE_DISPATCHES:
             raise TensorparError(f"moe dispatch must be one of {', '.join(MOE_DISPATCHES)}, got {self.moe_dispatch!r}")
+        if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
+            raise TensorparError(f"--max-num-batched-tokens must be a positive integer, got {self.max_num_batched_tokens!r}")
         if not self.timeout_s or self.timeout_s <= 0:
             raise TensorparError(f"timeout must be positive, got {self.timeout_s!r}")
         dtype = engine_dtype(self.dtype, self.device)
@@ -135,4 +145,4 @@ class EngineArgs:
         return EngineSpec(self.model, source, dims, dtype, self.device, self.comm, float(self.timeout_s),
                           max_model_len, self.progress, self.tokenizer_cache, {"metadata_s": metadata_s},
                           dims.describe_nodes(env.local_world_size if env else None), self.moe_dispatch,
-                          self.quantization, self.quant_group)
+                          self.quantization, self.quant_group, self.max_num_batched_tokens, self.chunked_prefill)

@@ -54,7 +54,8 @@ class Worker:
             if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
                 eos.add(self.tokenizer.eos_token_id)
             self.inputs = InputProcessor(self.tokenizer, config.vocab_size, spec.max_model_len, spec.model)
-            self.scheduler = Scheduler(self.runner, self.tokenizer, eos, max_num_seqs, spec.max_model_len)
+            self.scheduler = Scheduler(self.runner, self.tokenizer, eos, max_num_seqs, spec.max_model_len,
+                                       spec.max_num_batched_tokens, spec.chunked_prefill)
 
     # ---- collective calls ------------------------------------------------------------------------
 
