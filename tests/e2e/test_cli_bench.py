@@ -91,6 +91,8 @@ def test_bench_records_transformers_tp_plan_failure_as_a_result(tiny_chat_checkp
     assert tp_plan["tp"] == 3 and tp_plan["status"] == "failed"
     reason = tp_plan["reason"]
     assert reason and "\n" not in reason and len(reason) <= 300 and "timed out" not in reason
+    (llama,) = res["peers"]["llama_cpp"]  # llama.cpp runs GGUF files only
+    assert llama["status"] == "skipped" and "not a GGUF file" in llama["reason"]
     assert res["collectives"] is None
     _check_pngs(out)
 

@@ -79,3 +79,31 @@ def test_weight_bytes_of_a_mixture_of_experts_count_the_chosen_experts_only():
     expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
     assert weight_bytes(cfg) == weight_bytes(dense) + 2 * cfg.hidden_size * 6 * 4  # 2 layers: the router's 6 more rows
     assert weight_bytes(dense) > 2 * 2 * expert
+
+
+def test_llama_cpp_rows_sit_beside_tensorpar_at_the_matching_quantization():
+    from tensorpar.bench.report import llama_cpp_table
+
+    result = {"tensorpar": [
+        {"status": "ok", "tp": 1, "quantization": "gguf", "decode_ms_per_token": {"1": 30.0}},
+        {"status": "ok", "tp": 2, "quantization": "gguf", "decode_ms_per_token": {"1": 20.0}},
+        {"status": "ok", "tp": 2, "decode_ms_per_token": {"1": 50.0}},  # no "quantization": float32
+    ], "peers": {"llama_cpp": [
+        {"status": "ok", "type": "native", "threads": 2, "decode_ms_per_token": {"1": 10.0}, "prefill_tokens_per_s": 300},
+        {"status": "ok", "type": "F32", "threads": 2, "decode_ms_per_token": {"1": 25.0}, "prefill_tokens_per_s": 500},
+        {"status": "failed", "type": "Q8_0", "threads": 1, "reason": "boom"},
+    ]}}
+    lines = llama_cpp_table(result).splitlines()
+    assert "TP=1" in lines[1] and "TP=2" in lines[1]
+    native, f32, failed = lines[3:6]
+    assert "gguf" in native and "30.00 (3.00x)" in native and "20.00 (2.00x)" in native
+    assert "none" in f32 and "50.00 (2.00x)" in f32
+    assert failed.rstrip().endswith("FAILED: boom")
+    assert llama_cpp_table({"tensorpar": [], "peers": {}}) == ""
+
+
+def test_llama_cpp_peer_skips_a_model_that_is_not_gguf(tiny_checkpoints):
+    from tensorpar.bench.peers import llama_cpp
+
+    (row,) = llama_cpp(str(tiny_checkpoints["llama"]), ["none"], [1], 4, 16, vocab=250)
+    assert row["status"] == "skipped" and "is not a GGUF file" in row["reason"]

@@ -2,9 +2,12 @@
 
 - ``transformers`` in one process (default threads, float32, same checkpoint);
 - ``transformers`` with ``tp_plan="auto"`` under ``torchrun`` (gloo on CPU) at a TP degree. Where it
-  fails (SmolLM2's 9 heads do not split over 2 ranks), the failure's one-line reason is the result.
+  fails (SmolLM2's 9 heads do not split over 2 ranks), the failure's one-line reason is the result;
+- llama.cpp (``llama-cpp-python``, where installed) on a GGUF model, batch 1, at each weight type
+  matching a measured ``--quantization`` (``LLAMA_TYPES``) and thread count.
 
-The measuring itself is in ``hf_worker``; this module launches it and reads its answer.
+The measuring itself is in ``hf_worker`` and ``llama_cpp_worker``; this module launches them and
+reads their answers.
 """
 
 from __future__ import annotations
@@ -53,23 +56,22 @@ def run_with_timeout(cmd: list[str], timeout_s: float) -> tuple[int | None, str,
 
 
 def parse_markers(text: str) -> tuple[dict | None, list[dict]]:
-    """The worker's result and error records found in ``text`` (lines of several ranks may run
-    together, so markers are looked for anywhere)."""
+    """The worker's (last) result and error records found in ``text`` (lines of several ranks may
+    run together, so markers are looked for anywhere)."""
+    results, errors = _records(text, RESULT), _records(text, ERROR)
+    return (results[-1] if results else None), errors
+
+
+def _records(text: str, marker: str) -> list[dict]:
     decoder = json.JSONDecoder()
-    result, errors = None, []
-    for marker in (RESULT, ERROR):
-        start = 0
-        while (i := text.find(marker, start)) >= 0:
-            start = i + len(marker)
-            try:
-                obj, _ = decoder.raw_decode(text[start:].lstrip())
-            except json.JSONDecodeError:
-                continue
-            if marker == RESULT:
-                result = obj
-            else:
-                errors.append(obj)
-    return result, errors
+    found, start = [], 0
+    while (i := text.find(marker, start)) >= 0:
+        start = i + len(marker)
+        try:
+            found.append(decoder.raw_decode(text[start:].lstrip())[0])
+        except json.JSONDecodeError:
+            continue
+    return found
 
 
 def _last_error_line(stderr: str) -> str:
@@ -114,3 +116,35 @@ def transformers_tp_plan(model, tp, batches, new_tokens, prompt_len, repeats=2, 
            *_worker_args(model, batches, new_tokens, prompt_len, repeats), "--tp-plan"]
     code, out, err = run_with_timeout(cmd, timeout_s)
     return _outcome("transformers tp_plan=auto", tp, code, out, err, timeout_s)
+
+
+# llama.cpp's weight type beside each --quantization: the file's own blocks, float32 written by llama.cpp,
+# and its 8- and 4-bit block types for our int8 / int4.
+LLAMA_TYPES = {"gguf": "native", "none": "F32", "int8": "Q8_0", "int4": "Q4_0"}
+
+
+def llama_cpp(model, quantizations: list[str], threads: list[int], new_tokens: int, prompt_len: int, vocab: int,
+              repeats: int = 2, timeout_s: float = 600.0) -> list[dict]:
+    """llama.cpp at batch 1 in one fresh process: a row per (weight type, thread count); one
+    skipped row when the model is not a GGUF file or ``llama_cpp`` is not installed."""
+    import importlib.util
+
+    from tensorpar.loading import resolve_model
+
+    path = resolve_model(model)
+    row = {"peer": "llama.cpp", "tp": 1}
+    if path.suffix != ".gguf":
+        return [{**row, "status": "skipped", "reason": f"{path.name} is not a GGUF file"}]
+    if importlib.util.find_spec("llama_cpp") is None:
+        return [{**row, "status": "skipped", "reason": "llama-cpp-python is not installed (pip install 'tensorpar[llama-cpp]')"}]
+    types = list(dict.fromkeys(LLAMA_TYPES[q] for q in quantizations if q in LLAMA_TYPES))
+    cmd = [sys.executable, "-m", "tensorpar.bench.llama_cpp_worker", "--model", str(path), "--types", ",".join(types),
+           "--threads", ",".join(map(str, threads)), "--new-tokens", str(new_tokens), "--prompt-len", str(prompt_len),
+           "--repeats", str(repeats), "--vocab", str(vocab)]
+    code, out, err = run_with_timeout(cmd, timeout_s)
+    rows = [{**row, "status": "ok", **r} for r in _records(out, RESULT)]
+    rows += [{**row, "status": "failed", **r} for r in _records(out, ERROR)]
+    if not rows:
+        reason = f"timed out after {timeout_s:.0f} s" if code is None else _last_error_line(err or f"exit code {code}")
+        rows.append({**row, "status": "failed", "reason": reason})
+    return rows

@@ -97,6 +97,39 @@ def peers_table(result: dict) -> str:
                                 "generate(N) - generate(1) over N-1 steps)")
 
 
+def llama_cpp_table(result: dict) -> str:
+    """llama.cpp's rows, and beside each tensorpar's batch-1 decode at every TP degree for the
+    matching --quantization, as a ratio to llama.cpp's time (below 1: tensorpar is faster)."""
+    rows_in = (result.get("peers") or {}).get("llama_cpp") or []
+    if not rows_in:
+        return ""
+    ours = {}
+    for r in result["tensorpar"]:
+        if r.get("status") == "ok" and r.get("pp", 1) == 1 and r.get("dp", 1) == 1:
+            ours[(r.get("quantization", "none"), r["tp"])] = r["decode_ms_per_token"].get("1")
+    from tensorpar.bench.peers import LLAMA_TYPES
+
+    by_type = {t: q for q, t in LLAMA_TYPES.items()}
+    tps = sorted({tp for _, tp in ours})
+    headers = ["llama.cpp type", "threads", "decode ms/tok b=1", "prefill tok/s", "--quantization",
+               *[f"tensorpar TP={tp} ms (x llama.cpp)" for tp in tps], "result"]
+    rows = []
+    for r in rows_in:
+        if r.get("status") != "ok":
+            rows.append([r.get("type"), r.get("threads"), None, None, None, *[None] * len(tps),
+                         f"{r['status'].upper()}: {r.get('reason')}"])
+            continue
+        ms = r["decode_ms_per_token"]["1"]
+        quant = by_type.get(r["type"])
+        side = []
+        for tp in tps:
+            t = ours.get((quant, tp))
+            side.append(None if t is None else f"{t:.2f} ({t / ms:.2f}x)")
+        rows.append([r["type"], r["threads"], _f(ms, 2), _f(r["prefill_tokens_per_s"], 0), quant, *side, "ok"])
+    return table(headers, rows, left_last=True, title="llama.cpp on the same GGUF file and prompts (fresh process; "
+                                                      "native: the file's own blocks, others written by llama.cpp)")
+
+
 def roofline_table(result: dict) -> str:
     roof = result.get("roofline")
     if not roof or roof.get("status") == "failed":
@@ -147,6 +180,7 @@ def collectives_tables(result: dict) -> str:
 
 
 def render(result: dict) -> str:
-    parts = [tensorpar_table(result), experts_table(result), peers_table(result), roofline_table(result),
+    parts = [tensorpar_table(result), experts_table(result), peers_table(result), llama_cpp_table(result),
+             roofline_table(result),
              collectives_tables(result)]
     return "\n\n".join(p for p in parts if p)

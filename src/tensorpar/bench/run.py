@@ -182,7 +182,11 @@ def run_bench(cfg: BenchConfig) -> dict:
             _log(f"peer: transformers tp_plan=auto, {tp} ranks (torchrun)")
             tp_plan.append(peers.transformers_tp_plan(cfg.model, tp, cfg.batch, new_tokens, prompt_len,
                                                       cfg.repeats, cfg.timeout_s))
-        peer_result = {"transformers": single, "transformers_tp_plan": tp_plan}
+        threads = sorted({1, cores()})
+        _log(f"peer: llama.cpp, {'/'.join(map(str, threads))} threads")
+        llama = peers.llama_cpp(cfg.model, cfg.quantization, threads, new_tokens, prompt_len, config.vocab_size,
+                                cfg.repeats, cfg.timeout_s)
+        peer_result = {"transformers": single, "transformers_tp_plan": tp_plan, "llama_cpp": llama}
 
     coll_rows, coll_failures = None, []
     if cfg.sweep:
@@ -231,6 +235,10 @@ METHODS = {
     "peak_rss": "VmHWM of each rank at the end (tensorpar TP=1: the benchmark process itself)",
     "transformers_decode": "(time of generate with min_new_tokens=max_new_tokens=N - time of generate with 1 "
                            "token) / (N-1), greedy, best of `repeats` each, after a warm-up",
+    "llama_cpp": "llama-cpp-python on the same GGUF file, batch 1, in a fresh process: after the 16-token prompt, "
+                 "N-1 single-token eval calls with an argmax each, timed together; prefill = prompt_len / eval of "
+                 "the long prompt; best of `repeats` after a warm-up; weight type per --quantization "
+                 "(gguf: the file's own, none: F32, int8: Q8_0, int4: Q4_0, written by llama.cpp's quantize API)",
     "transformers_prefill": "prompt_len / time of generate(max_new_tokens=1) on the long prompt, best of "
                             "`repeats` after a warm-up",
     "bandwidth": "fresh process, torch.set_num_threads(threads), 256 MB float32: read = a.sum(), "
