@@ -310,8 +310,8 @@ def test_without_chunking_prompts_run_whole_and_packed():
     done = _run_all(sched, Collector(), reqs)
     assert [c.token_ids for c in done] == [[3, 4], [4, 5], [20, 21]]
     steps = [m for m in runner.sent if m.op == S.STEP]
-    assert [len(m.parts) for m in steps[:1]] == [2] and steps[0].ids == [(0, 1, 2), (0, 1, 2, 3)]
-    assert any(m.ids == [tuple(range(20))] for m in steps)  # longer than the budget, alone and whole
+    assert steps[0].ids == [(0, 1, 2), (0, 1, 2, 3), tuple(range(20))]  # all three packed, each whole
+    assert sched.budget == 128 + 4  # unchunked, the budget holds a whole context beside the decodes
 
 
 def test_scheduler_aborts_waiting_and_running_requests_and_refuses_after_close():

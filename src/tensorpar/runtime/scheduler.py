@@ -7,9 +7,9 @@ sequence that has its first token, then prompt tokens, oldest sequence first: th
 prompt already begun, then the prompts of newly admitted requests (every prompt of a step packed
 beside the decodes: ``step.Part``). With ``chunked_prefill`` a prompt longer than what is left of
 the budget runs as chunks over several steps, so that a long prompt never stalls the running
-sequences for longer than one budget's worth of tokens; without it, prompts run whole (a step
-takes at least one), as do LongRoPE prompts that reach the pretrained length
-(``ModelConfig.whole_prompts_from``). A prompt's last chunk yields its first token. A request joins and leaves the
+sequences for longer than one budget's worth of tokens. Without it prompts run whole (the budget
+is then at least ``max_model_len`` beside the decodes, as vLLM requires), and so do LongRoPE
+prompts that reach the pretrained length (``ModelConfig.whole_prompts_from``). A prompt's last chunk yields its first token. A request joins and leaves the
 running batch at token granularity; its tokens, text and end are its ``Sequence``'s business,
 reported through its sink as ``TokenEvent``s.
 
@@ -37,6 +37,9 @@ class Scheduler:
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.max_num_batched_tokens, self.chunked_prefill = max_num_batched_tokens, chunked_prefill
+        # new tokens a step runs at most; unchunked, any whole prompt must fit beside the decodes
+        self.budget = max_num_batched_tokens if chunked_prefill else max(max_num_batched_tokens,
+                                                                         max_model_len + max_num_seqs)
         config = getattr(runner, "config", None)
         self.whole_prompts_from = config.whole_prompts_from if config is not None else None
         self.lock = threading.Condition()
@@ -107,7 +110,7 @@ class Scheduler:
                 if rid in self.running:
                     self._retire(self.running[rid], "abort")
             decodes = [s for s in self.running.values() if s.out]  # every one that has its first token
-            budget = self.max_num_batched_tokens - len(decodes)
+            budget = self.budget - len(decodes)
             chunks: list[tuple[Sequence, int, int]] = []  # (sequence, first prompt token, last + 1)
             for seq in [s for s in self.running.values() if not s.out]:  # prompts begun in earlier steps
                 budget = self._take_prompt(seq, budget, chunks, bool(decodes))
