@@ -88,14 +88,17 @@ def test_llama_cpp_rows_sit_beside_tensorpar_at_the_matching_quantization():
         {"status": "ok", "tp": 1, "quantization": "gguf", "decode_ms_per_token": {"1": 30.0}},
         {"status": "ok", "tp": 2, "quantization": "gguf", "decode_ms_per_token": {"1": 20.0}},
         {"status": "ok", "tp": 2, "decode_ms_per_token": {"1": 50.0}},  # no "quantization": float32
+        {"status": "ok", "tp": 1, "quantization": "int4 g32", "decode_ms_per_token": {"1": 12.0}},
     ], "peers": {"llama_cpp": [
+        {"status": "ok", "type": "Q4_0", "threads": 2, "decode_ms_per_token": {"1": 8.0}, "prefill_tokens_per_s": 1},
         {"status": "ok", "type": "native", "threads": 2, "decode_ms_per_token": {"1": 10.0}, "prefill_tokens_per_s": 300},
         {"status": "ok", "type": "F32", "threads": 2, "decode_ms_per_token": {"1": 25.0}, "prefill_tokens_per_s": 500},
         {"status": "failed", "type": "Q8_0", "threads": 1, "reason": "boom"},
     ]}}
     lines = llama_cpp_table(result).splitlines()
     assert "TP=1" in lines[1] and "TP=2" in lines[1]
-    native, f32, failed = lines[3:6]
+    int4, native, f32, failed = lines[3:7]
+    assert "12.00 (1.50x)" in int4
     assert "gguf" in native and "30.00 (3.00x)" in native and "20.00 (2.00x)" in native
     assert "none" in f32 and "50.00 (2.00x)" in f32
     assert failed.rstrip().endswith("FAILED: boom")

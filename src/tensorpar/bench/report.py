@@ -106,7 +106,7 @@ def llama_cpp_table(result: dict) -> str:
     ours = {}
     for r in result["tensorpar"]:
         if r.get("status") == "ok" and r.get("pp", 1) == 1 and r.get("dp", 1) == 1:
-            ours[(r.get("quantization", "none"), r["tp"])] = r["decode_ms_per_token"].get("1")
+            ours[(r.get("quantization", "none").split()[0], r["tp"])] = r["decode_ms_per_token"].get("1")  # ("int4 g32")
     from tensorpar.bench.peers import LLAMA_TYPES
 
     by_type = {t: q for q, t in LLAMA_TYPES.items()}
