@@ -10,7 +10,7 @@ from tensorpar import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tensorpar.cli import bench, export, generate, plan, serve, train
+    from tensorpar.cli import bench, check, export, generate, plan, serve, train
 
     parser = argparse.ArgumentParser(
         prog="tensorpar", description="Tensor parallelism for PyTorch transformer models."
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     serve.add_parser(sub)
     bench.add_parser(sub)
+    check.add_parser(sub)
     plan.add_parser(sub)
     train.add_parser(sub)
     export.add_parser(sub)

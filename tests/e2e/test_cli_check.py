@@ -1,0 +1,34 @@
+"""``tensorpar check`` driven as a user would: a layout against one rank, float and quantized."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import cli
+
+
+@pytest.mark.timeout(200)
+def test_check_passes_a_tp3_layout_with_padded_heads_and_its_int8_weights(tiny_chat_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\n\ndef add(a, b):\n")
+    r = cli("check", "--model", str(tiny_chat_checkpoint), "--tp", "4", "--prompts", str(prompts),
+            "--max-new-tokens", "6", "--json")  # 6 query heads over 4 ranks: padded slots, KV heads replicated
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["passed"] and out["layout"] == "tp=4" and out["tolerance"] == 1e-4
+    assert [p["prompt"] for p in out["prompts"]] == ["The capital of France is", "def add(a, b):"]
+    for p in out["prompts"]:
+        assert p["verdict"] in ("ok", "near-tie") and p["max_rel_error"] < 1e-4 and p["tokens"] > 6
+    r = cli("check", "--model", str(tiny_chat_checkpoint), "--tp", "2", "--quantization", "int8",
+            "--prompts", str(prompts), "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "int8 weights" in r.stdout and r.stdout.rstrip().endswith("passed")
+    assert "max rel err" in r.stdout
+
+
+def test_check_refuses_an_empty_prompts_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    r = cli("check", "--prompts", str(empty), timeout=60)
+    assert r.returncode == 1 and "holds no prompt" in r.stderr and "Traceback" not in r.stderr
