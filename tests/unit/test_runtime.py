@@ -311,7 +311,16 @@ def test_without_chunking_prompts_run_whole_and_packed():
     assert [c.token_ids for c in done] == [[3, 4], [4, 5], [20, 21]]
     steps = [m for m in runner.sent if m.op == S.STEP]
     assert steps[0].ids == [(0, 1, 2), (0, 1, 2, 3), tuple(range(20))]  # all three packed, each whole
-    assert sched.budget == 128 + 4  # unchunked, the budget holds a whole context beside the decodes
+    assert sched.whole_budget == 128 + 4  # unchunked, the budget holds a whole context beside the decodes
+
+
+def test_with_nothing_decoding_a_long_prompt_runs_whole():
+    runner = FakeRunner()
+    sched = Scheduler(runner, None, set(), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=8)
+    sched.reserve(4, 128)
+    done = _run_all(sched, Collector(), [Request("l", list(range(30)), SamplingParams(max_new_tokens=2))])
+    assert done[0].token_ids == [30, 31]
+    assert runner.sent[0].ids == [tuple(range(30))]  # one step, whole
 
 
 def test_scheduler_aborts_waiting_and_running_requests_and_refuses_after_close():

@@ -5,11 +5,13 @@ Requests wait in arrival order for a free KV-cache slot. Each ``step`` is one mo
 budget of ``max_num_batched_tokens`` new tokens: first one decode token for every running
 sequence that has its first token, then prompt tokens, oldest sequence first: the rest of a
 prompt already begun, then the prompts of newly admitted requests (every prompt of a step packed
-beside the decodes: ``step.Part``). With ``chunked_prefill`` a prompt longer than what is left of
-the budget runs as chunks over several steps, so that a long prompt never stalls the running
-sequences for longer than one budget's worth of tokens. Without it prompts run whole (the budget
-is then at least ``max_model_len`` beside the decodes, as vLLM requires), and so do LongRoPE
-prompts that reach the pretrained length (``ModelConfig.whole_prompts_from``). A prompt's last chunk yields its first token. A request joins and leaves the
+beside the decodes: ``step.Part``). With ``chunked_prefill``, while sequences decode, a prompt
+longer than what is left of the budget runs as chunks over several steps, so that a long prompt
+never stalls the running sequences for longer than one budget's worth of tokens. Otherwise
+prompts run whole, packed up to a budget of at least ``max_model_len`` beside the decodes (as vLLM
+requires without chunking): a step that decodes nothing has no stream to keep at pace, and a
+prompt in one piece prefills fastest (causal attention, the weights read once). LongRoPE prompts
+that reach the pretrained length always run whole (``ModelConfig.whole_prompts_from``). A prompt's last chunk yields its first token. A request joins and leaves the
 running batch at token granularity; its tokens, text and end are its ``Sequence``'s business,
 reported through its sink as ``TokenEvent``s.
 
@@ -37,9 +39,8 @@ class Scheduler:
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.max_num_batched_tokens, self.chunked_prefill = max_num_batched_tokens, chunked_prefill
-        # new tokens a step runs at most; unchunked, any whole prompt must fit beside the decodes
-        self.budget = max_num_batched_tokens if chunked_prefill else max(max_num_batched_tokens,
-                                                                         max_model_len + max_num_seqs)
+        # new tokens of a step that runs whole prompts: any prompt fits beside the decodes
+        self.whole_budget = max(max_num_batched_tokens, max_model_len + max_num_seqs)
         config = getattr(runner, "config", None)
         self.whole_prompts_from = config.whole_prompts_from if config is not None else None
         self.lock = threading.Condition()
@@ -110,18 +111,19 @@ class Scheduler:
                 if rid in self.running:
                     self._retire(self.running[rid], "abort")
             decodes = [s for s in self.running.values() if s.out]  # every one that has its first token
-            budget = self.budget - len(decodes)
+            chunking = self.chunked_prefill and bool(decodes)  # (chunks keep running streams at pace)
+            budget = (self.max_num_batched_tokens if chunking else self.whole_budget) - len(decodes)
             chunks: list[tuple[Sequence, int, int]] = []  # (sequence, first prompt token, last + 1)
             for seq in [s for s in self.running.values() if not s.out]:  # prompts begun in earlier steps
-                budget = self._take_prompt(seq, budget, chunks, bool(decodes))
+                budget = self._take_prompt(seq, budget, chunks, chunking, bool(decodes))
             while self.waiting and self.free and (budget > 0 or not (decodes or chunks)):
                 req, sink = self.waiting[0]
-                if not self.chunked_prefill and len(req.prompt_token_ids) > budget and (decodes or chunks):
+                if not chunking and len(req.prompt_token_ids) > budget and (decodes or chunks):
                     break  # a whole prompt waits for a step with room for it
                 self.waiting.popleft()
                 seq = Sequence(req, sink, self.free.pop(), self.tokenizer, self.eos_ids, self.max_model_len)
                 self.running[req.request_id] = seq
-                budget = self._take_prompt(seq, budget, chunks, bool(decodes))
+                budget = self._take_prompt(seq, budget, chunks, chunking, bool(decodes))
         if not (decodes or chunks):
             return
         parts = [S.decode_part([s.last_token for s in decodes], [s.length - 1 for s in decodes],
@@ -137,12 +139,12 @@ class Scheduler:
         self.timings[f"{kind}_s"] += time.perf_counter() - t
         self.timings[f"{kind}_steps"] += 1
 
-    def _take_prompt(self, seq: Sequence, budget: int, chunks: list, decoding: bool) -> int:
-        """Schedule what of ``seq``'s prompt fits in ``budget`` (all of it without chunking, where
+    def _take_prompt(self, seq: Sequence, budget: int, chunks: list, chunking: bool, decoding: bool) -> int:
+        """Schedule what of ``seq``'s prompt fits in ``budget`` (all of it when not chunking, where
         the step has room or nothing else to run); the budget left."""
         prompt = len(seq.request.prompt_token_ids)
         left = prompt - seq.computed
-        chunked = self.chunked_prefill and (self.whole_prompts_from is None or prompt < self.whole_prompts_from)
+        chunked = chunking and (self.whole_prompts_from is None or prompt < self.whole_prompts_from)
         take = min(left, budget) if chunked else left
         if take <= 0 or (not chunked and left > budget and (decoding or chunks)):
             return budget
