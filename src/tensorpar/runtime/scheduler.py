@@ -11,9 +11,11 @@ never stalls the running sequences for longer than one budget's worth of tokens.
 prompts run whole, packed up to a budget of at least ``max_model_len`` beside the decodes (as vLLM
 requires without chunking): a step that decodes nothing has no stream to keep at pace, and a
 prompt in one piece prefills fastest (causal attention, the weights read once). LongRoPE prompts
-that reach the pretrained length always run whole (``ModelConfig.whole_prompts_from``). A prompt's last chunk yields its first token. A request joins and leaves the
-running batch at token granularity; its tokens, text and end are its ``Sequence``'s business,
-reported through its sink as ``TokenEvent``s.
+that reach the pretrained length always run whole (``ModelConfig.whole_prompts_from``).
+
+A prompt's last chunk yields its first token. A request joins and leaves the running batch at
+token granularity; its tokens, text and end are its ``Sequence``'s business, reported through
+its sink as ``TokenEvent``s.
 
 ``add``, ``abort`` and ``stats`` may be called from any thread; ``step`` runs on one.
 """
@@ -31,11 +33,12 @@ from tensorpar.runtime.model_runner import ModelRunner
 from tensorpar.runtime.request import Request, Sink
 from tensorpar.runtime.sampling import sample
 from tensorpar.runtime.sequence import Sequence, final_event
+from tensorpar.runtime.spec import DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, tokenizer, eos_ids: set[int], max_num_seqs: int, max_model_len: int,
-                 max_num_batched_tokens: int = 256, chunked_prefill: bool = True):
+                 max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, chunked_prefill: bool = True):
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.max_num_batched_tokens, self.chunked_prefill = max_num_batched_tokens, chunked_prefill
