@@ -44,3 +44,18 @@ def test_int4_falls_back_to_int8_where_the_group_does_not_tile_the_shard():
     assert isinstance(quantize_weight(w, "int4", 64), NibbleWeight)
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize_weight(w, "fp4")
+
+
+def test_int8_weights_of_any_width_multiply_several_rows():
+    """torch's int8 kernel reads out of bounds for widths that are not a multiple of 16 with several
+    rows (a SIGSEGV): such weights are zero-padded to the next multiple."""
+    from tensorpar.layers.quant import Int8Weight
+
+    for k in (24, 44, 48, 100):
+        w = torch.randn(40, k)
+        packed = Int8Weight(w)
+        x = torch.randn(2, 7, k)
+        got = packed(x)
+        want = x @ packed.dequantize().t()
+        assert got.shape == (2, 7, 40) and packed.dequantize().shape == (40, k)
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

@@ -160,22 +160,28 @@ class QuantizedWeight(nn.Module):
         return f"{self.scheme}, out={self.shape[0]}, in={self.shape[1]}"
 
 
+INT8_K_MULTIPLE = 16  # torch's int8 kernel reads past the end of a row (SIGSEGV) when several rows
+# meet an input width that is not a multiple of 16 (torch 2.13, CPU): such a weight is zero-padded
+
+
 class Int8Weight(QuantizedWeight):
     scheme = "int8"
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         w = weight.detach().float().contiguous()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(KERNEL_DTYPE)  # [out], as the kernel reads it
-        self.register_buffer("q", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
-        self.register_buffer("scale", scale)
         self.shape = w.shape
+        self.pad = -w.shape[1] % INT8_K_MULTIPLE  # zero columns after the weight's own
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(KERNEL_DTYPE)  # [out], as the kernel reads it
+        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("q", F.pad(q, (0, self.pad)).contiguous())  # [out, in + pad]
+        self.register_buffer("scale", scale)
 
     def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scale.float()[:, None]
+        return self.q[:, : self.shape[1]].float() * self.scale.float()[:, None]
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        return torch.ops.aten._weight_int8pack_mm(F.pad(x, (0, self.pad)) if self.pad else x, self.q, self.scale)
 
 
 class _Padded(QuantizedWeight):
