@@ -17,6 +17,7 @@ def test_check_passes_a_tp3_layout_with_padded_heads_and_its_int8_weights(tiny_c
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["passed"] and out["layout"] == "tp=4" and out["tolerance"] == 1e-4
+    assert out["replicated_values"] == "bit-identical"
     assert [p["prompt"] for p in out["prompts"]] == ["The capital of France is", "def add(a, b):"]
     for p in out["prompts"]:
         assert p["verdict"] in ("ok", "near-tie") and p["max_rel_error"] < 1e-4 and p["tokens"] > 6
@@ -32,3 +33,27 @@ def test_check_refuses_an_empty_prompts_file(tmp_path):
     empty.write_text("\n\n")
     r = cli("check", "--prompts", str(empty), timeout=60)
     assert r.returncode == 1 and "holds no prompt" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.timeout(200)
+def test_check_names_the_layer_where_a_rank_missed_its_all_reduce(tiny_chat_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\n")
+    r = cli("check", "--model", str(tiny_chat_checkpoint), "--tp", "2", "--prompts", str(prompts),
+            "--max-new-tokens", "4", "--json", "--fault", "drop-all-reduce:1")
+    assert r.returncode == 1, r.stderr
+    out = json.loads(r.stdout)
+    assert not out["passed"] and out["prompts"][0]["verdict"] == "MISMATCH"
+    assert out["replicated_values"] == "model.layers.1 output (the residual stream) differs between rank 0 and rank 1"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_check_passes_smollm2_at_tp3(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\n")
+    r = cli("check", "--tp", "3", "--prompts", str(prompts), "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["passed"] and out["replicated_values"] == "bit-identical" and out["layout"] == "tp=3"
+    assert out["prompts"][0]["max_rel_error"] < 1e-4

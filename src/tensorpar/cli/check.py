@@ -4,7 +4,9 @@ on a real mismatch."""
 
 from __future__ import annotations
 
+import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from tensorpar.cli.common import add_engine, engine_args
@@ -18,6 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16,
                    help="greedy tokens the layout generates per prompt, then scored by both (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--fault", default="", help=argparse.SUPPRESS)  # tests: a fault the check must catch
     p.set_defaults(run=run)
 
 
@@ -39,7 +42,8 @@ def _prompts(path: str | None) -> list[str]:
 def run(args) -> int:
     from tensorpar.runtime.check import run_check
 
-    report = run_check(engine_args(args, progress=False), _prompts(args.prompts), args.max_new_tokens, args.chat)
+    engine = replace(engine_args(args, progress=False), fault=args.fault)
+    report = run_check(engine, _prompts(args.prompts), args.max_new_tokens, args.chat)
     if args.json:
         print(json.dumps(report))
         return 0 if report["passed"] else 1
@@ -52,5 +56,6 @@ def run(args) -> int:
                  f"first divergence at completion token {r['first_divergence']} (top-2 margin {r['margin']:.3g})")
         print(f"  {r['verdict']:8s} max rel err {r['max_rel_error']:.2e}, mean {r['mean_rel_error']:.2e}, {where}: "
               f"{r['prompt'][:48]!r}")
-    print("passed" if report["passed"] else "FAILED: a real mismatch (see MISMATCH above)")
+    print(f"  replicated values across each tensor-parallel group: {report['replicated_values']}")
+    print("passed" if report["passed"] else "FAILED: a real mismatch (see above)")
     return 0 if report["passed"] else 1

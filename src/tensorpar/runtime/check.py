@@ -13,6 +13,11 @@ see exactly the same tokens at every position (teacher forcing). Per prompt:
 - ``verdict``: ``ok``, ``near-tie`` (it diverged only at one), or ``MISMATCH`` (the error is above
   the tolerance, or the tokens part where the reference is sure).
 
+At TP>1 it also scores the first prompt once more with every value the ranks of a tensor-parallel
+group hold replicated digested on each rank (the norm weights, the residual stream each layer
+leaves after its all-reduces), and names the first layer and tensor whose copies are not bit for
+bit the same (``LLM.replica_mismatch``): a rank that misses an all-reduce shows there first.
+
 Tolerances (``TOLERANCES``, relative logit error): the float32 contract of DESIGN.md, 1e-4; the
 rounding of bfloat16 and float16 weights and activations; and for quantized weights the error
 measured on SmolLM2 (``tests/integration/test_quantized.py``), with room.
@@ -93,6 +98,7 @@ def run_check(args, prompts: list[str], new_tokens: int, chat: bool = False) -> 
         done = llm.generate_full(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), chat)
         sequences = [list(c.prompt_token_ids) + list(c.token_ids) for c in done.completions]
         got = llm.score(sequences)
+        replicas = llm.replica_mismatch(sequences[0]) if llm.spec.dims.width > 1 else None
     with LLM(**asdict(reference)) as ref:
         want = ref.score(sequences)
     tol, near_tie = tolerance(dtype, args.quantization)
@@ -100,5 +106,5 @@ def run_check(args, prompts: list[str], new_tokens: int, chat: bool = False) -> 
               for p, c, g, w in zip(prompts, done.completions, got, want)]
     return {"model": args.model, "layout": layout, "quantization": args.quantization, "dtype": dtype,
             "reference": "tp=1, weights as loaded", "tolerance": tol, "near_tie": near_tie,
-            "new_tokens": new_tokens, "prompts": [asdict(c) for c in checks],
-            "passed": all(c.verdict != "MISMATCH" for c in checks)}
+            "new_tokens": new_tokens, "prompts": [asdict(c) for c in checks], "replicated_values": replicas or "bit-identical",
+            "passed": replicas is None and all(c.verdict != "MISMATCH" for c in checks)}

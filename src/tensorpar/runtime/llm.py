@@ -120,6 +120,22 @@ class LLM:
         """Full-vocabulary logits [len(prompt), vocab] at every position of each prompt."""
         return self._call("score", list(prompts))
 
+    def replica_mismatch(self, prompt: list[int]) -> str | None:
+        """Score ``prompt`` (token ids) once and compare, within each tensor-parallel group, every
+        value its ranks hold replicated (norm weights, the residual stream after each layer) bit
+        for bit: None where all agree, else the first layer and tensor that differ, and the ranks."""
+        digests = self._call("replica_digests", list(prompt))
+        dims = self.spec.dims
+        for rank, mine in enumerate(digests):
+            stage, index = dims.coordinates(rank)
+            first = stage * dims.width  # the first rank of this rank's stage
+            if index == 0:
+                continue
+            for name, value in mine.items():
+                if digests[first].get(name) != value:
+                    return f"{name} differs between rank {first} and rank {rank}" + (f" (stage {stage})" if dims.pp > 1 else "")
+        return None
+
     def close(self) -> None:
         if self._ranks is not None:
             if self._owns_ranks:

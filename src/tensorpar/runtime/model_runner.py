@@ -53,6 +53,10 @@ class ModelRunner:
                                  layers=layers, ep=dims.ep, attention_tp=dims.tp,
                                  quantization=spec.quantization, quant_group=spec.quant_group)
         self.load_s = time.perf_counter() - t
+        if spec.fault:
+            from tensorpar.runtime.faults import apply_fault
+
+            apply_fault(self.model, spec.fault)
         from tensorpar.models.blocks import MoE
 
         self.moe_layers = [(int(name.split(".")[2]), m)  # (name: model.layers.<i>.mlp)

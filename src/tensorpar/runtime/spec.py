@@ -47,6 +47,7 @@ class EngineSpec:
     quant_group: int = 32
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     chunked_prefill: bool = True
+    fault: str = ""  # a fault injected on purpose (``runtime.faults``; tests only)
 
     @property
     def config(self):
@@ -80,7 +81,8 @@ class EngineArgs:
     (``layers.quant``; CPU only). ``max_num_batched_tokens``: new tokens one model step runs at
     most (decode tokens first, then prompt tokens); ``chunked_prefill``: a prompt longer than what
     is left of that budget runs in chunks over several steps beside the running decodes, instead
-    of whole (``runtime.scheduler``).
+    of whole (``runtime.scheduler``). ``fault``: a fault injected on purpose, for tests
+    (``runtime.faults``).
     """
 
     model: str = DEFAULT_MODEL
@@ -100,6 +102,7 @@ class EngineArgs:
     quant_group: int = 32
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     chunked_prefill: bool = True
+    fault: str = ""
 
     def resolve(self, default_max_model_len: int | None = None) -> EngineSpec:
         """Check everything, open the model; ``default_max_model_len`` caps the context when
@@ -120,6 +123,10 @@ class EngineArgs:
             raise TensorparError(f"moe dispatch must be one of {', '.join(MOE_DISPATCHES)}, got {self.moe_dispatch!r}")
         if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
             raise TensorparError(f"--max-num-batched-tokens must be a positive integer, got {self.max_num_batched_tokens!r}")
+        if self.fault:
+            from tensorpar.runtime.faults import parse_fault
+
+            parse_fault(self.fault)
         if not self.timeout_s or self.timeout_s <= 0:
             raise TensorparError(f"timeout must be positive, got {self.timeout_s!r}")
         dtype = engine_dtype(self.dtype, self.device)
@@ -145,4 +152,5 @@ class EngineArgs:
         return EngineSpec(self.model, source, dims, dtype, self.device, self.comm, float(self.timeout_s),
                           max_model_len, self.progress, self.tokenizer_cache, {"metadata_s": metadata_s},
                           dims.describe_nodes(env.local_world_size if env else None), self.moe_dispatch,
-                          self.quantization, self.quant_group, self.max_num_batched_tokens, self.chunked_prefill)
+                          self.quantization, self.quant_group, self.max_num_batched_tokens, self.chunked_prefill,
+                          self.fault)

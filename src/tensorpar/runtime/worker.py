@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from tensorpar.distributed.collectives import all_gather_object, broadcast_object
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.errors import TensorparError
@@ -128,6 +130,38 @@ class Worker:
             return [self.runner.send(S.score(p)).float().cpu() for p in ids]
 
         return self._call(lambda: [self.inputs.encode(p) for p in prompts], run)
+
+    def replica_digests(self, prompt: list[int]) -> list[dict]:
+        """Collective: score ``prompt`` once, digesting every value this rank holds replicated: each
+        layer's norm weights, and the residual stream the layer leaves (after its all-reduces).
+        Returns every rank's digests (name -> hash, in layer order), in rank order."""
+        import hashlib
+
+        from torch import nn
+
+        from tensorpar.models.blocks import RMSNorm
+
+        def digest(t) -> str:
+            return hashlib.blake2b(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes(),
+                                   digest_size=16).hexdigest()
+
+        model = self.runner.model
+        norms = {name: digest(p) for name, m in model.named_modules() if isinstance(m, (RMSNorm, nn.LayerNorm))
+                 for pname, p in m.named_parameters(recurse=False) for name in [f"{name}.{pname}"]}
+        outputs: dict[int, str] = {}
+        hooks = [model.model.layers[i].register_forward_hook(
+                     lambda m, args, out, i=i: outputs.__setitem__(i, digest(out))) for i in model.layer_ids]
+        try:
+            self.score([prompt])
+        finally:
+            for h in hooks:
+                h.remove()
+        ordered = {}
+        for i in model.layer_ids:
+            ordered.update({k: v for k, v in norms.items() if k.startswith(f"model.layers.{i}.")})
+            ordered[f"model.layers.{i} output (the residual stream)"] = outputs[i]
+        ordered.update({k: v for k, v in norms.items() if not k.startswith("model.layers.")})
+        return all_gather_object(ordered, self.ctx)
 
     def follow_forever(self) -> None:
         """Follower of a serving leader: run its steps until it shuts the group down. The leader
