@@ -656,3 +656,22 @@ def test_sigterm_drains_then_shuts_down(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_parsed(engine):
+    with TestClient(create_app(engine, max_request_bytes=2000)) as c:
+        big = {"model": "m", "prompt": "x" * 5000, "max_tokens": 1}
+        r = c.post("/v1/completions", json=big)
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "request_too_large" and "2000 bytes" in r.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield b'{"model": "m", "prompt": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}'
+
+        r = c.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 1})
+        assert r.status_code != 413  # a small one goes through, on the same server

@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
                    help="independent replicas of the --tp x --pp layout behind the one endpoint; a request goes "
                         "to the replica with the fewest outstanding requests, and the others serve on when one fails")
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences that run at once (per replica); more wait")
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                   help="largest request body accepted; larger ones get 413 (default: %(default)s)")
     p.add_argument("--plan", default=None, metavar="PLAN.json",
                    help="take --tp, --pp and --dp from the recommended configuration of `tensorpar plan --json`")
     p.set_defaults(run=run)
@@ -67,6 +69,8 @@ def run(args) -> int:
 
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if args.plan:
         apply_plan_file(args)
     engine = start_serving(engine_args(args, dp=args.dp).resolve(DEFAULT_MAX_MODEL_LEN), args.max_num_seqs)
@@ -77,7 +81,7 @@ def run(args) -> int:
     stop = threading.Event()
     threading.Thread(target=_watch, args=(engine, stop), daemon=True).start()
     try:
-        run_server(engine, args.host, args.port, args.api_key)
+        run_server(engine, args.host, args.port, args.api_key, max_request_bytes=args.max_request_bytes)
     finally:
         stop.set()
     return 0 if engine.stats()["healthy"] else 1

@@ -24,7 +24,7 @@ from tensorpar import __version__
 from tensorpar.runtime.serving import ServingBackend
 from tensorpar.serve import params
 from tensorpar.serve.bridge import ClientDisconnected, RequestStream
-from tensorpar.serve.errors import APIError, install_error_handlers
+from tensorpar.serve.errors import DEFAULT_MAX_REQUEST_BYTES, APIError, BodyLimit, install_error_handlers
 from tensorpar.serve.metrics import CONTENT_TYPE, Metrics, RequestCounter
 from tensorpar.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from tensorpar.serve.responses import ChatFormat, Choice, CompletionFormat, Format, TokenText, usage
@@ -140,12 +140,15 @@ class Handlers:
             stream.close()
 
 
-def create_app(engine: ServingBackend, api_key: str | None = None) -> FastAPI:
-    """An OpenAI-compatible app serving ``engine`` (see the module docstring)."""
+def create_app(engine: ServingBackend, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    """An OpenAI-compatible app serving ``engine`` (see the module docstring); a request body of
+    more than ``max_request_bytes`` is answered 413."""
     app = FastAPI(title="tensorpar", version=__version__, strict_content_type=False)
     api = Handlers(engine)
     app.state.api = api
     app.add_middleware(RequestCounter, metrics=api.metrics)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     install_error_handlers(app)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(api_key))] if api_key else [])
 

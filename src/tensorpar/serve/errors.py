@@ -90,3 +90,45 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error serving %s %s", request.method, request.url.path)
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+
+
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # a request body larger than this is answered 413
+
+
+class BodyLimit:
+    """ASGI middleware: a request body of more than ``max_bytes`` is answered 413 (OpenAI's error
+    body) before the app parses it: at once when its Content-Length says so, else once that many
+    bytes have arrived (a body without one is read here, at most ``max_bytes``, then handed on)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit():
+            if int(length) > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        while True:  # no stated length: buffer the body, counting
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        error = APIError(413, f"The request body is larger than this server's limit of {self.max_bytes} bytes "
+                              "(tensorpar serve --max-request-bytes).", code="request_too_large")
+        await error.response()(scope, receive, send)
