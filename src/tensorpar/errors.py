@@ -17,6 +17,9 @@ class RankFailure(TensorparError):
         where = f" ({place})" if place else ""
         super().__init__(f"rank {rank} of {world_size}{where} failed: {reason}")
 
+    def __reduce__(self):  # (it crosses process boundaries: a rank reports a peer that fell silent)
+        return type(self), (self.rank, self.world_size, self.reason, self.place), self.__dict__
+
     def placed(self, describe) -> "RankFailure":
         """The same failure, naming the rank's place in the layout (``describe(rank)``)."""
         out = type(self)(self.rank, self.world_size, self.reason, describe(self.rank))

@@ -304,6 +304,8 @@ class SpawnedRanks:
         while True:
             kind, _, payload = self._next_message()
             if kind == "result":
+                if isinstance(payload, RankFailure):  # a peer fell silent: the group cannot go on
+                    self.close(force=True)
                 if isinstance(payload, BaseException):
                     raise payload
                 return payload
@@ -358,8 +360,8 @@ class SpawnedRanks:
             for p in self._procs:
                 p.join(timeout=10)
         for p in self._procs:
-            if p.is_alive():
-                p.terminate()
+            if p.is_alive():  # forced: the group is broken, and a stopped rank would ignore SIGTERM
+                p.kill() if force else p.terminate()
         for p in self._procs:
             p.join(timeout=5)
             if p.is_alive():
