@@ -120,7 +120,8 @@ def test_a_port_already_in_use_is_named(tiny_chat_checkpoint, record):
         r = cli("serve", "--model", str(tiny_chat_checkpoint), "--port", str(port), timeout=100)
         seconds = time.monotonic() - t
     line = _error_line(r.stderr)
-    assert r.returncode != 0 and f"could not listen on http://127.0.0.1:{port}" in line
+    assert r.returncode != 0 and line == f"tensorpar: error: could not listen on http://127.0.0.1:{port}: address already in use"
+    assert "loading weights" not in r.stderr and "ERROR" not in r.stderr  # refused before the model loads
     record(fault="the HTTP port is taken", command="serve", layout="tp=1", sees=line, seconds=round(seconds, 1),
            lost="nothing (the server never started)")
 

@@ -63,6 +63,26 @@ def _watch(engine, stop: threading.Event) -> None:
             return
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port another process holds before any rank loads the model (under torchrun, on
+    the rank that will listen)."""
+    import socket
+
+    from tensorpar.distributed.launch import torchrun_env
+    from tensorpar.errors import TensorparError
+
+    env = torchrun_env()
+    if port == 0 or (env is not None and env.rank != 0):
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            shown = f"[{host}]" if ":" in host else host
+            raise TensorparError(f"could not listen on http://{shown}:{port}: {e.strerror.lower()}") from None
+
+
 def run(args) -> int:
     from tensorpar.runtime.replicas import start_serving
     from tensorpar.runtime.serving import DEFAULT_MAX_MODEL_LEN
@@ -73,6 +93,7 @@ def run(args) -> int:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if args.plan:
         apply_plan_file(args)
+    _check_port(args.host, args.port)
     engine = start_serving(engine_args(args, dp=args.dp).resolve(DEFAULT_MAX_MODEL_LEN), args.max_num_seqs)
     if engine is None:  # another rank under torchrun: it has followed its leader to the end
         return 0
