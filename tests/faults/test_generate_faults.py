@@ -66,24 +66,27 @@ def _nothing_left(ranks: dict, segments_before: set) -> None:
     assert set(Path("/dev/shm").glob("tensorpar-*")) <= segments_before
 
 
-@pytest.mark.timeout(150)
-@pytest.mark.parametrize("tp", [2, 3])
-def test_sigkill_of_a_rank_mid_decode(tp, tiny_chat_checkpoint, record):
-    segments = set(Path("/dev/shm").glob("tensorpar-*"))
-    proc = _generating(tiny_chat_checkpoint, tp)
+def _inject(proc: subprocess.Popen, name: str, sig: int) -> tuple[str, float, dict]:
+    """Send ``sig`` to rank process ``name`` of ``proc``: (stderr, seconds until ``proc`` ended, its ranks)."""
     try:
         ranks = _ranks_of(proc)
-        victim = tp - 1
         t = time.monotonic()
-        os.kill(ranks[f"tensorpar-r{victim}"].pid, signal.SIGKILL)
+        os.kill(ranks[name].pid, sig)
         _, err = proc.communicate(timeout=60)
-        seconds = time.monotonic() - t
+        return err, time.monotonic() - t, ranks
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("tp, victim", [(2, 1), (2, 0), (3, 2)])
+def test_sigkill_of_a_rank_mid_decode(tp, victim, tiny_chat_checkpoint, record):
+    segments = set(Path("/dev/shm").glob("tensorpar-*"))
+    err, seconds, ranks = _inject(_generating(tiny_chat_checkpoint, tp), f"tensorpar-r{victim}", signal.SIGKILL)
     line = _error_line(err)
-    assert proc.returncode != 0 and f"rank {victim} of {tp} failed: killed by signal SIGKILL" in line
-    assert seconds < 30
+    assert f"rank {victim} of {tp} failed: killed by signal SIGKILL" in line
+    assert set(ranks) == {f"tensorpar-r{r}" for r in range(tp)} and seconds < 30
     _nothing_left(ranks, segments)
     record(fault=f"SIGKILL of rank {victim} while decoding", command="generate", layout=f"tp={tp}", sees=line,
            seconds=round(seconds, 1), lost="the generation in progress (nothing was saved)")
@@ -92,18 +95,9 @@ def test_sigkill_of_a_rank_mid_decode(tp, tiny_chat_checkpoint, record):
 @pytest.mark.timeout(150)
 def test_sigstop_of_a_rank_mid_decode_is_a_timeout_naming_it(tiny_chat_checkpoint, record):
     segments = set(Path("/dev/shm").glob("tensorpar-*"))
-    proc = _generating(tiny_chat_checkpoint, 2, timeout_s=5)
-    try:
-        ranks = _ranks_of(proc)
-        t = time.monotonic()
-        os.kill(ranks["tensorpar-r1"].pid, signal.SIGSTOP)
-        _, err = proc.communicate(timeout=60)
-        seconds = time.monotonic() - t
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    err, seconds, ranks = _inject(_generating(tiny_chat_checkpoint, 2, timeout_s=5), "tensorpar-r1", signal.SIGSTOP)
     line = _error_line(err)
-    assert proc.returncode != 0 and "rank 1 of 2 failed: did not answer within 5 s" in line
+    assert "rank 1 of 2 failed: did not answer within 5 s" in line
     assert seconds < 15  # the timeout, then a forced stop of the group (a stopped rank ignores SIGTERM)
     _nothing_left(ranks, segments)
     record(fault="SIGSTOP of rank 1 while decoding (--timeout 5)", command="generate", layout="tp=2", sees=line,

@@ -1,64 +1,14 @@
-"""A rank that dies mid-generation brings the command down with a message naming it; nothing
-hangs and no rank process is left behind. Bad degrees are refused before any process starts."""
+"""Bad degrees and unknown models are refused before any process starts, and ranks that die at
+start-up fail the launch instead of hanging (a rank killed mid-generation: ``tests/faults``)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import cli, rank_processes
-
-
-def _start_long_generation(model: Path) -> subprocess.Popen:
-    exe = Path(sys.executable).with_name("tensorpar")
-    return subprocess.Popen(
-        [str(exe), "generate", "--model", str(model), "--tp", "2", "--ignore-eos", "--max-new-tokens", "6000",
-         "--prompt", "Once upon a time"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def _wait_for_generation(proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if "generating" in line:
-            return
-        if not line and proc.poll() is not None:
-            pytest.fail(f"command ended before generating: {proc.stderr.read()}")
-    pytest.fail("generation did not start")
-
-
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("victim", [1, 0])
-def test_killed_rank_fails_fast_with_its_name(victim, tiny_chat_checkpoint):
-    segments_before = set(Path("/dev/shm").glob("tensorpar-*"))
-    proc = _start_long_generation(tiny_chat_checkpoint)
-    try:
-        _wait_for_generation(proc)
-        time.sleep(1.0)
-        ranks = {p.info["name"]: p for p in rank_processes() if p.ppid() == proc.pid}
-        assert set(ranks) == {"tensorpar-r0", "tensorpar-r1"}
-        killed_at = time.monotonic()
-        os.kill(ranks[f"tensorpar-r{victim}"].pid, signal.SIGKILL)
-        _, err = proc.communicate(timeout=30)
-        elapsed = time.monotonic() - killed_at
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0
-    assert elapsed < 30
-    assert f"rank {victim} of 2 failed: killed by signal SIGKILL" in err
-    assert "Traceback" not in err
-    time.sleep(0.5)
-    assert not [p for p in rank_processes() if p.pid in {r.pid for r in ranks.values()} and p.is_running()
-                and p.status() != "zombie"]
-    assert set(Path("/dev/shm").glob("tensorpar-*")) <= segments_before  # no shared memory left behind
+from conftest import cli
 
 
 @pytest.mark.timeout(60)
