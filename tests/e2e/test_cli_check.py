@@ -9,7 +9,7 @@ from conftest import cli
 
 
 @pytest.mark.timeout(200)
-def test_check_passes_a_tp3_layout_with_padded_heads_and_its_int8_weights(tiny_chat_checkpoint, tmp_path):
+def test_check_passes_a_tp4_layout_with_padded_heads_and_its_int8_weights(tiny_chat_checkpoint, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The capital of France is\n\ndef add(a, b):\n")
     r = cli("check", "--model", str(tiny_chat_checkpoint), "--tp", "4", "--prompts", str(prompts),

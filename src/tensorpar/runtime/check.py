@@ -92,7 +92,7 @@ def run_check(args, prompts: list[str], new_tokens: int, chat: bool = False) -> 
         raise TensorparError("tensorpar check starts its own ranks (the layout and one rank): run it without torchrun")
     if not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be a positive integer, got {new_tokens!r}")
-    reference = replace(args, tp=1, pp=1, ep=1, quantization="none")
+    reference = replace(args, tp=1, pp=1, ep=1, quantization="none", fault="")
     with LLM(**asdict(args)) as llm:
         layout, dtype = llm.layout, llm.spec.dtype
         done = llm.generate_full(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), chat)
