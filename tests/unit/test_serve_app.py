@@ -675,3 +675,25 @@ def test_a_body_over_the_limit_is_refused_with_413_before_it_is_parsed(engine):
         assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
         r = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 1})
         assert r.status_code != 413  # a small one goes through, on the same server
+
+
+def test_the_servers_bounds_on_n_and_max_tokens(engine):
+    from tensorpar.serve.params import Limits
+
+    with TestClient(create_app(engine, limits=Limits(max_n=2, max_tokens=3))) as c:
+        r = c.post("/v1/completions", json={"prompt": "Hi", "n": 3, "max_tokens": 1})
+        assert_error(r, 400, param="n")
+        assert r.json()["error"]["message"] == "n must be between 1 and 2, got 3"
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert_error(r, 400, param="max_tokens")
+        assert "at most 3 tokens" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "n": 2})
+        assert r.status_code == 200 and [ch["finish_reason"] for ch in r.json()["choices"]] == ["length", "length"]
+        assert r.json()["usage"]["completion_tokens"] == 6  # no max_tokens: the server's bound, per choice
+
+
+def test_the_model_name_is_matched_never_opened_as_a_path(client):
+    for name in ("../../etc/passwd", "/etc/passwd", MODEL + "/../x"):
+        r = client.post("/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 1})
+        assert_error(r, 404, param="model", code="model_not_found")
+        assert_error(client.get(f"/v1/models/{name}"), 404)

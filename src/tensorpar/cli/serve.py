@@ -23,6 +23,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences that run at once (per replica); more wait")
     p.add_argument("--max-request-bytes", type=int, default=4 << 20,
                    help="largest request body accepted; larger ones get 413 (default: %(default)s)")
+    p.add_argument("--max-n", type=int, default=32, help="most choices (n) one request may ask for (default: %(default)s)")
+    p.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
+                   help="most tokens one request may generate per choice; a request asking more gets 400, one "
+                        "asking nothing gets at most this (default: what the context leaves)")
     p.add_argument("--plan", default=None, metavar="PLAN.json",
                    help="take --tp, --pp and --dp from the recommended configuration of `tensorpar plan --json`")
     p.set_defaults(run=run)
@@ -91,18 +95,24 @@ def run(args) -> int:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    if args.max_n < 1:
+        raise ValueError(f"--max-n must be >= 1, got {args.max_n}")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        raise ValueError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}")
     if args.plan:
         apply_plan_file(args)
     _check_port(args.host, args.port)
     engine = start_serving(engine_args(args, dp=args.dp).resolve(DEFAULT_MAX_MODEL_LEN), args.max_num_seqs)
     if engine is None:  # another rank under torchrun: it has followed its leader to the end
         return 0
+    from tensorpar.serve.params import Limits
     from tensorpar.serve.server import run_server
 
     stop = threading.Event()
     threading.Thread(target=_watch, args=(engine, stop), daemon=True).start()
     try:
-        run_server(engine, args.host, args.port, args.api_key, max_request_bytes=args.max_request_bytes)
+        run_server(engine, args.host, args.port, args.api_key, max_request_bytes=args.max_request_bytes,
+                   limits=Limits(args.max_n, args.max_tokens_limit))
     finally:
         stop.set()
     return 0 if engine.stats()["healthy"] else 1

@@ -84,7 +84,7 @@ def init_group(
         dist.all_gather_object(hosts, (socket.gethostname(), shm_module.available()))
         if all(h == hosts[0] for h in hosts) and hosts[0][1]:
             shm = shm_module.create_group_communicator(rank, world_size, dist.group.WORLD, timeout_s)
-            backend = "shm+gloo"
+            backend = "shm+gloo" if shm is not None else backend
     return ParallelContext(
         rank=rank, world_size=world_size, device=device, backend=backend, group=dist.group.WORLD, shm=shm
     )

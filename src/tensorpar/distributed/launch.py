@@ -13,10 +13,10 @@ supervised: if any rank dies or raises, the others are stopped and the caller ge
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import multiprocessing as mp
 import os
-import queue
 import signal
 import socket
 import threading
@@ -153,17 +153,17 @@ def _build(factory: Factory | None, ctx, args: tuple, old=None):
     return None if factory is None else factory(ctx, *args)
 
 
-def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, inbox, outbox, spawned_at, cores):
-    """Body of a spawned rank: take its worker's factory and arguments (the first message: a
-    spawned process's own arguments must stay small, or a process that dies before reading them
-    leaves its parent blocked on the pipe), join the group, build the worker, serve calls
-    (``BUILD``: a new worker on the same group) until told to stop."""
+def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, conn, spawned_at, cores):
+    """Body of a spawned rank: take its worker's factory and arguments (the first message on
+    ``conn``, its pipe to the parent: a spawned process's own arguments must stay small, or a
+    process that dies before reading them leaves its parent blocked), join the group, build the
+    worker, serve calls (``BUILD``: a new worker on the same group) until told to stop."""
     ctx = None
     started = {"process_s": time.time() - spawned_at}  # the interpreter's start
     try:
         t = time.perf_counter()
         configure_rank_process(cores[0] + rank, cores[1] or world_size)
-        factory, args = inbox.get()
+        factory, args = conn.recv()
         from tensorpar.distributed.groups import init_group
 
         _factory(factory)
@@ -173,8 +173,8 @@ def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, inbox, o
         ctx = init_group(rank, world_size, f"tcp://127.0.0.1:{port}", device, timeout_s, use_shm)
         started["group_s"] = time.perf_counter() - t
         worker = _build(factory, ctx, args)
-        outbox.put(("ready", rank, {**started, **getattr(worker, "info", {})}))
-        while (msg := inbox.get()) is not None:
+        conn.send(("ready", rank, {**started, **getattr(worker, "info", {})}))
+        while (msg := conn.recv()) is not None:
             method, a, kw = msg
             try:
                 if method == BUILD:
@@ -185,15 +185,17 @@ def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, inbox, o
             except (TensorparError, ValueError) as e:  # the caller's mistake, raised alike on every rank
                 result = e
             if rank == 0:
-                outbox.put(("result", rank, result))
+                conn.send(("result", rank, result))
         _close_local(worker, ctx)
         code = 0
     except BaseException as e:  # noqa: BLE001 - report everything, then die
-        brief = "".join(traceback.format_exception_only(type(e), e)).strip()
-        outbox.put(("error", rank, (time.time(), brief, traceback.format_exc())))
+        brief = str(e) if isinstance(e, TensorparError) else "".join(traceback.format_exception_only(type(e), e)).strip()
+        try:
+            conn.send(("error", rank, (time.time(), brief, traceback.format_exc())))
+        except OSError:  # the parent is gone
+            pass
         code = 1
-    outbox.close()
-    outbox.join_thread()
+    conn.close()
     os._exit(code)  # nothing is left to tear down: skip the interpreter's (slow) module finalization
 
 
@@ -234,8 +236,11 @@ class SpawnedRanks:
         self.world_size = world_size
         self.first = 1 if leader_here else 0
         mpc = mp.get_context("spawn")
-        self._outbox = mpc.Queue()
-        self._inboxes = [mpc.Queue() for _ in range(world_size - self.first)]
+        # one pipe per spawned rank (a Queue would leave semaphores to the resource tracker)
+        pipes = [mpc.Pipe() for _ in range(world_size - self.first)]
+        self._conns = [mine for mine, _ in pipes]
+        self._open = list(self._conns)  # those a rank may still write to
+        self._received: collections.deque = collections.deque()  # read, not yet handled
         self.port = free_port()
         self.init_method = f"tcp://127.0.0.1:{self.port}"
         self.local = None  # rank 0's worker, when it runs in this process
@@ -245,16 +250,17 @@ class SpawnedRanks:
         self._procs = [
             mpc.Process(
                 target=_rank_main,
-                args=(r, world_size, self.port, device_type, timeout_s, use_shm, self._inboxes[r - self.first],
-                      self._outbox, spawned_at, cores),
+                args=(r, world_size, self.port, device_type, timeout_s, use_shm, pipes[r - self.first][1],
+                      spawned_at, cores),
                 name=f"tensorpar-r{r}",
                 daemon=True,
             )
             for r in range(self.first, world_size)
         ]
-        for p, box in zip(self._procs, self._inboxes):
+        for p, (conn, theirs) in zip(self._procs, pipes):
             p.start()
-            box.put((factory, args))
+            theirs.close()  # only the rank holds its end: a rank's death is an end of file here
+            self._send(conn, (factory, args))
         self._closed = False
         if not leader_here:
             self.wait_ready()
@@ -269,10 +275,18 @@ class SpawnedRanks:
             if kind == "ready":
                 self.ready_info[rank] = info or {}
 
+    @staticmethod
+    def _send(conn, msg) -> None:
+        """Send to one rank; a rank that has died is noticed by its exit code, not here."""
+        try:
+            conn.send(msg)
+        except OSError:
+            pass
+
     def start(self, method: str, *args, **kwargs) -> None:
         """Have every spawned rank run ``worker.method(...)`` without waiting for a result."""
-        for box in self._inboxes:
-            box.put((method, args, kwargs))
+        for conn in self._conns:
+            self._send(conn, (method, args, kwargs))
 
     def failure(self) -> RankFailure | None:
         """A RankFailure for a spawned rank found dead, or None while all are alive: one killed by
@@ -299,8 +313,8 @@ class SpawnedRanks:
     def call(self, method: str, *args, **kwargs):
         if self._closed:
             raise TensorparError("the tensor-parallel ranks have been shut down")
-        for box in self._inboxes:
-            box.put((method, args, kwargs))
+        for conn in self._conns:
+            self._send(conn, (method, args, kwargs))
         while True:
             kind, _, payload = self._next_message()
             if kind == "result":
@@ -310,18 +324,29 @@ class SpawnedRanks:
                     raise payload
                 return payload
 
+    def _receive(self, timeout_s: float) -> None:
+        """Queue what the ranks have sent, waiting up to ``timeout_s`` for anything (a pipe at its
+        end is dropped: its rank has exited)."""
+        from multiprocessing.connection import wait
+
+        for conn in wait(self._open, timeout=timeout_s):
+            try:
+                self._received.append(conn.recv())
+            except (EOFError, OSError):
+                self._open.remove(conn)
+
     def _next_message(self):
         """The next message from a rank; raises RankFailure as soon as any rank fails."""
         while True:
-            try:
-                msg = self._outbox.get(timeout=0.05)
-            except queue.Empty:
-                msg = None
-            if msg is not None and msg[0] != "error":
-                return msg
-            dead = [p for p in self._procs if p.exitcode is not None]
-            if msg is not None or dead:
+            if not self._received:
+                self._receive(0.05)
+            if self._received:
+                msg = self._received.popleft()
+                if msg[0] != "error":
+                    return msg
                 self._fail(msg)
+            elif any(p.exitcode is not None for p in self._procs):
+                self._fail(None)
 
     def _fail(self, first):
         """Collect what every rank says for a moment, stop them all, and name the root cause:
@@ -330,14 +355,12 @@ class SpawnedRanks:
         if first is not None:
             errors[first[1]] = first[2]
         deadline = time.monotonic() + self.GRACE_S
-        while time.monotonic() < deadline:
-            try:
-                kind, rank, payload = self._outbox.get(timeout=0.05)
+        while time.monotonic() < deadline and (self._open or self._received):
+            self._receive(0.05)
+            while self._received:
+                kind, rank, payload = self._received.popleft()
                 if kind == "error":
                     errors[rank] = payload
-            except queue.Empty:
-                if all(p.exitcode is not None for p in self._procs):
-                    break
         silent = [self.first + i for i, p in enumerate(self._procs)
                   if p.exitcode is not None and self.first + i not in errors]
         self.close(force=True)
@@ -355,8 +378,8 @@ class SpawnedRanks:
         self._closed = True
         _close_local(self.local, self.ctx)
         if not force:
-            for box in self._inboxes:
-                box.put(None)
+            for conn in self._conns:
+                self._send(conn, None)
             for p in self._procs:
                 p.join(timeout=10)
         for p in self._procs:
@@ -367,9 +390,8 @@ class SpawnedRanks:
             if p.is_alive():
                 p.kill()
                 p.join()
-        for box in self._inboxes:  # what a dead rank never read must not hold up this process's exit
-            box.cancel_join_thread()
-            box.close()
+        for conn in self._conns:
+            conn.close()
 
 
 def _close_local(worker, ctx: "ParallelContext | None") -> None:

@@ -58,7 +58,8 @@ def build_mesh(world: ParallelContext, tp: int, dp: int, timeout_s: float = DEFA
             from tensorpar.distributed.shm import create_group_communicator
 
             shm = create_group_communicator(rank, size, group, timeout_s)
-        return ParallelContext(rank=rank, world_size=size, device=world.device, backend=world.backend,
+        backend = world.backend if shm is not None or world.shm is None else "gloo"
+        return ParallelContext(rank=rank, world_size=size, device=world.device, backend=backend,
                                group=group, shm=shm)
 
     # the shared-memory set-up is collective over each group: tensor-parallel groups first

@@ -18,9 +18,11 @@ Reductions add the slots in rank order (slot 0 + slot 1 + ...), so every rank ge
 results, run after run. Messages larger than a slot go through in slot-sized chunks.
 
 Ordering relies on x86-64's total store order (data stores become visible before the flag
-store); elsewhere tensorpar falls back to gloo. Rank 0 creates the segment and unlinks its name as
-soon as every rank has mapped it, so nothing is left in ``/dev/shm`` after a normal exit, a crash,
-or a ``SIGKILL``.
+store); elsewhere tensorpar falls back to gloo. Rank 0 creates the segment in ``/dev/shm`` (or in
+``$TENSORPAR_SHM_DIR``), reserving its pages up front so that a full tmpfs fails there and then
+rather than with a SIGBUS mid-run, and unlinks its name as soon as every rank has mapped it, so
+nothing is left behind after a normal exit, a crash, or a ``SIGKILL``. A segment that cannot be
+created (no such directory, no space, no permission) leaves the group on gloo, with a warning.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import mmap
 import os
 import platform
+import sys
 import time
 import uuid
 
@@ -43,8 +46,13 @@ DOZE_S = 0.0005
 
 
 def available() -> bool:
-    """Shared memory collectives are safe here (x86-64 ordering, a tmpfs at /dev/shm)."""
-    return platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir("/dev/shm")
+    """Shared memory collectives are safe here (x86-64 ordering)."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def segment_dir() -> str:
+    """Where segments are created: ``$TENSORPAR_SHM_DIR``, else ``/dev/shm``."""
+    return os.environ.get("TENSORPAR_SHM_DIR") or "/dev/shm"
 
 
 def _alive(pid: int) -> bool:
@@ -64,7 +72,7 @@ class ShmCommunicator:
         fd = os.open(path, (os.O_CREAT | os.O_EXCL | os.O_RDWR) if create else os.O_RDWR, 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                os.posix_fallocate(fd, 0, size)  # ENOSPC now, not a SIGBUS at the first write
             self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
@@ -259,22 +267,36 @@ class ShmCommunicator:
 
 
 def create_group_communicator(rank: int, world_size: int, group, timeout_s: float,
-                              capacity: int = DEFAULT_CAPACITY) -> ShmCommunicator:
-    """Set up one segment for ``group`` (a collective over the group's own backend)."""
+                              capacity: int = DEFAULT_CAPACITY) -> ShmCommunicator | None:
+    """Set up one segment for ``group`` (a collective over the group's own backend); None on
+    every rank, and a warning from rank 0, when rank 0 cannot create it."""
     import torch.distributed as dist
 
-    box = [f"/dev/shm/tensorpar-{uuid.uuid4().hex[:16]}" if rank == 0 else None]
+    comm = None
+    if rank == 0:
+        path = os.path.join(segment_dir(), f"tensorpar-{uuid.uuid4().hex[:16]}")
+        try:
+            comm = ShmCommunicator(path, rank, world_size, capacity, timeout_s, create=True)
+            box = [path]
+        except OSError as e:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            box = [None]
+            print(f"tensorpar: warning: cannot create a shared-memory segment in {segment_dir()} "
+                  f"({e.strerror or e}); collectives go through gloo instead (slower)", file=sys.stderr, flush=True)
+    else:
+        box = [None]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     path = box[0]
-    if rank == 0:
-        comm = ShmCommunicator(path, rank, world_size, capacity, timeout_s, create=True)
-        dist.barrier(group=group)  # everyone else maps it now
-        dist.barrier(group=group)
-        os.unlink(path)
-    else:
-        dist.barrier(group=group)
+    if path is None:
+        return None
+    if rank != 0:
         comm = ShmCommunicator(path, rank, world_size, capacity, timeout_s, create=False)
-        dist.barrier(group=group)
+    dist.barrier(group=group)  # every rank has mapped it: its name can go
+    if rank == 0:
+        os.unlink(path)
     comm.group_ranks = [dist.get_global_rank(group, i) for i in range(world_size)]  # to name a silent peer
     comm.group_world = dist.get_world_size()
     return comm

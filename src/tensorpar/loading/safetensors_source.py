@@ -47,7 +47,8 @@ class SafetensorsSource(StoredTensorsSource):
             try:
                 handles[file] = safe_open(str(file), framework="pt")
             except Exception as e:
-                raise CheckpointError(f"{file}: not a readable safetensors file (truncated?): {e}") from e
+                why = "truncated?" if "not fully covered" in str(e) or "too small" in str(e) else "corrupt header?"
+                raise CheckpointError(f"{file}: not a readable safetensors file ({why}): {e}") from e
         return handles[file]
 
     def _stored_names(self):

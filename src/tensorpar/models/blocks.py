@@ -406,6 +406,7 @@ class Attention(nn.Module):
         self.head_dim = d
         self.num_heads = cfg.num_heads  # local query slots after sharding
         self.num_kv_heads = cfg.num_kv_heads  # local KV heads after sharding
+        self.kv_heads = range(cfg.num_kv_heads)  # the global KV heads held (a span of them after sharding)
         self.sliding_window = cfg.window(layer)
         self.scale = cfg.attn_scale
         self.qkv_proj = fused_linear(

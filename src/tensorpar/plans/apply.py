@@ -6,7 +6,7 @@ Styles (the whole vocabulary of plans):
 - ``rowwise``         row-parallel linear; input features split evenly.
 - ``colwise_heads``   column-parallel fused QKV (its ``fused_parts`` are query, key, value), split
                       by attention heads (``partition.head_shard``); also sets the parent
-                      attention's local ``num_heads`` / ``num_kv_heads``.
+                      attention's local ``num_heads`` / ``num_kv_heads`` and the global ``kv_heads`` it holds.
 - ``rowwise_heads``   row-parallel output projection over the same head slots.
 - ``vocab_embedding`` vocabulary-parallel embedding.
 - ``vocab_head``      vocabulary-parallel LM head (``tie_embeddings`` shares the embedding's shard).
@@ -60,7 +60,7 @@ def _colwise_heads(name, module, parent, cfg, ctx: ParallelContext):
     shard = head_shard(cfg.num_heads, cfg.num_kv_heads, ctx.world_size, ctx.rank)
     kv = head_rows(shard.kv_heads, cfg.head_dim)
     segs = _head_segments(q, shard, cfg.head_dim) + [Segment(k, kv), Segment(v, kv)]
-    parent.num_heads, parent.num_kv_heads = shard.num_slots, shard.num_kv
+    parent.num_heads, parent.num_kv_heads, parent.kv_heads = shard.num_slots, shard.num_kv, shard.kv_heads
     return ColumnParallelLinear(module.in_features, segs, module.bias is not None, ctx)
 
 

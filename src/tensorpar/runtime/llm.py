@@ -122,18 +122,23 @@ class LLM:
 
     def replica_mismatch(self, prompt: list[int]) -> str | None:
         """Score ``prompt`` (token ids) once and compare, within each tensor-parallel group, every
-        value its ranks hold replicated (norm weights, the residual stream after each layer) bit
-        for bit: None where all agree, else the first layer and tensor that differ, and the ranks."""
+        value its ranks hold replicated (norm weights, the keys and values of a KV head held by
+        several ranks, the residual stream after each layer) bit for bit: None where all agree,
+        else the first layer and tensor that differ, and the ranks."""
         digests = self._call("replica_digests", list(prompt))
         dims = self.spec.dims
-        for rank, mine in enumerate(digests):
-            stage, index = dims.coordinates(rank)
-            first = stage * dims.width  # the first rank of this rank's stage
-            if index == 0:
-                continue
-            for name, value in mine.items():
-                if digests[first].get(name) != value:
-                    return f"{name} differs between rank {first} and rank {rank}" + (f" (stage {stage})" if dims.pp > 1 else "")
+        stages: dict[int, list[int]] = {}
+        for rank in range(len(digests)):
+            stages.setdefault(dims.coordinates(rank)[0], []).append(rank)
+        for stage, ranks in stages.items():
+            names = list(dict.fromkeys(n for r in ranks for n in digests[r]))  # in layer order, every rank's own
+            names.sort(key=lambda n: (_layer_of(n), min(list(digests[r]).index(n) for r in ranks if n in digests[r])))
+            for name in names:
+                holders = [r for r in ranks if name in digests[r]]
+                for rank in holders[1:]:
+                    if digests[rank][name] != digests[holders[0]][name]:
+                        return (f"{name} differs between rank {holders[0]} and rank {rank}"
+                                + (f" (stage {stage})" if dims.pp > 1 else ""))
         return None
 
     def close(self) -> None:
@@ -155,3 +160,11 @@ class LLM:
             self.close()
         except Exception:
             pass
+
+
+def _layer_of(name: str) -> float:
+    """The layer a digest's name belongs to ("model.layers.3.input_layernorm.weight": 3); after
+    every layer for the rest."""
+    if not name.startswith("model.layers."):
+        return float("inf")
+    return int(name.split(".")[2].split()[0])

@@ -133,8 +133,10 @@ class Worker:
 
     def replica_digests(self, prompt: list[int]) -> list[dict]:
         """Collective: score ``prompt`` once, digesting every value this rank holds replicated: each
-        layer's norm weights, and the residual stream the layer leaves (after its all-reduces).
-        Returns every rank's digests (name -> hash, in layer order), in rank order."""
+        layer's norm weights, the keys and values of each KV head it holds (a KV head held by
+        several ranks is replicated; the digest covers its weights, bias and input), and the
+        residual stream the layer leaves (after its all-reduces). Returns every rank's digests
+        (name -> hash, in layer order), in rank order."""
         import hashlib
 
         from torch import nn
@@ -148,9 +150,25 @@ class Worker:
         model = self.runner.model
         norms = {name: digest(p) for name, m in model.named_modules() if isinstance(m, (RMSNorm, nn.LayerNorm))
                  for pname, p in m.named_parameters(recurse=False) for name in [f"{name}.{pname}"]}
+        heads: dict[int, dict] = {i: {} for i in model.layer_ids}
         outputs: dict[int, str] = {}
-        hooks = [model.model.layers[i].register_forward_hook(
-                     lambda m, args, out, i=i: outputs.__setitem__(i, digest(out))) for i in model.layer_ids]
+
+        def kv_digests(i, attn, qkv):  # qkv: [B, S, (slots + 2 kv) d]
+            d, kv = attn.head_dim, attn.num_kv_heads
+            k0 = attn.num_heads * d
+            for j, head in enumerate(attn.kv_heads):
+                for what, start in (("key", k0), ("value", k0 + kv * d)):
+                    heads[i][f"model.layers.{i}.self_attn {what} of KV head {head}"] = \
+                        digest(qkv[..., start + j * d: start + (j + 1) * d])
+
+        hooks = []
+        for i in model.layer_ids:
+            layer = model.model.layers[i]
+            hooks.append(layer.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, digest(out))))
+            attn = getattr(layer, "self_attn", None)
+            if hasattr(attn, "kv_heads"):
+                hooks.append(attn.qkv_proj.register_forward_hook(
+                    lambda m, args, out, i=i, attn=attn: kv_digests(i, attn, out)))
         try:
             self.score([prompt])
         finally:
@@ -159,6 +177,7 @@ class Worker:
         ordered = {}
         for i in model.layer_ids:
             ordered.update({k: v for k, v in norms.items() if k.startswith(f"model.layers.{i}.")})
+            ordered.update(heads[i])
             ordered[f"model.layers.{i} output (the residual stream)"] = outputs[i]
         ordered.update({k: v for k, v in norms.items() if not k.startswith("model.layers.")})
         return all_gather_object(ordered, self.ctx)

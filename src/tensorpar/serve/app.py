@@ -52,8 +52,8 @@ def _key_checker(api_key: str):
 class Handlers:
     """The handlers' shared state: the engine, its metrics, and token texts for logprobs."""
 
-    def __init__(self, engine: ServingBackend):
-        self.engine, self.metrics = engine, Metrics(engine)
+    def __init__(self, engine: ServingBackend, limits: params.Limits):
+        self.engine, self.metrics, self.limits = engine, Metrics(engine), limits
         self.token_text = TokenText(engine.tokenizer)
         self.created = int(time.time())
 
@@ -73,7 +73,7 @@ class Handlers:
 
     async def run(self, request: Request, body: SamplingFields, fmt: Format, prompt_ids: list[int],
                   max_tokens: int, logprobs: int, arrived: float) -> Response:
-        requests = params.serve_requests(body, fmt.id, prompt_ids, max_tokens, logprobs)
+        requests = params.serve_requests(body, fmt.id, prompt_ids, max_tokens, logprobs, self.limits.max_n)
         self.check_healthy()
         stream = RequestStream(self.engine, requests, self.metrics, arrived)
         if body.stream:  # submitted once the stream starts: a client gone before then costs nothing
@@ -141,11 +141,11 @@ class Handlers:
 
 
 def create_app(engine: ServingBackend, api_key: str | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, limits: params.Limits = params.Limits()) -> FastAPI:
     """An OpenAI-compatible app serving ``engine`` (see the module docstring); a request body of
-    more than ``max_request_bytes`` is answered 413."""
+    more than ``max_request_bytes`` is answered 413, one asking more than ``limits`` 400."""
     app = FastAPI(title="tensorpar", version=__version__, strict_content_type=False)
-    api = Handlers(engine)
+    api = Handlers(engine, limits)
     app.state.api = api
     app.add_middleware(RequestCounter, metrics=api.metrics)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
@@ -174,7 +174,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
         params.check_top_n(body.logprobs, "logprobs")
         ids = params.completion_prompt_ids(body, engine.inputs)
         max_tokens = params.max_new_tokens(body.max_tokens, params.COMPLETION_DEFAULT_MAX_TOKENS, len(ids),
-                                           engine.inputs, "prompt")
+                                           engine.inputs, "prompt", limits.max_tokens)
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", engine.model_name, api.token_text, body.logprobs,
                                include_usage)
@@ -189,7 +189,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         ids = params.chat_prompt_ids(body, engine.inputs)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = params.max_new_tokens(asked, None, len(ids), engine.inputs, "messages")
+        max_tokens = params.max_new_tokens(asked, None, len(ids), engine.inputs, "messages", limits.max_tokens)
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", engine.model_name, api.token_text, top_n, include_usage)

@@ -4,16 +4,28 @@ names the parameter and the numbers."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tensorpar.runtime.inputs import ContextLengthError, InputProcessor
 from tensorpar.runtime.request import Request, requests_for
 from tensorpar.runtime.sampling import SamplingParams
 from tensorpar.serve.errors import APIError
 from tensorpar.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
-MAX_N = 32  # choices per request
+MAX_N = 32  # choices per request, unless the server sets its own bound
 MAX_LOGPROBS = 20  # top log-probabilities per token
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI
 CHAT_DEFAULT_MAX_TOKENS = 1024  # chat default: what fits in the context, at most this
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server (``tensorpar serve --max-n / --max-tokens-limit``):
+    at most ``max_n`` choices, at most ``max_tokens`` generated tokens per choice (None: what the
+    context leaves)."""
+
+    max_n: int = MAX_N
+    max_tokens: int | None = None
 
 
 def completion_prompt_ids(body: CompletionRequest, inputs: InputProcessor) -> list[int]:
@@ -68,26 +80,32 @@ def _too_long(e: ContextLengthError, param: str) -> APIError:
     return APIError(400, msg, param=param if e.asked is None else "max_tokens", code="context_length_exceeded")
 
 
-def max_new_tokens(asked: int | None, default: int | None, prompt_len: int, inputs: InputProcessor, param: str) -> int:
-    """The completion budget: ``asked``, else ``default``, else what fits (at most the chat default)."""
+def max_new_tokens(asked: int | None, default: int | None, prompt_len: int, inputs: InputProcessor, param: str,
+                   limit: int | None = None) -> int:
+    """The completion budget: ``asked``, else ``default``, else what fits (at most the chat
+    default); never more than the server's ``limit``."""
     if asked is not None and asked < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {asked}", param="max_tokens")
+    if asked is not None and limit is not None and asked > limit:
+        raise APIError(400, f"max_tokens is {asked}, but this server generates at most {limit} tokens per "
+                            "request", param="max_tokens")
     try:
         inputs.check_length(prompt_len, asked)
     except ContextLengthError as e:
         raise _too_long(e, param) from None
     room = inputs.max_model_len - prompt_len
     if asked is None:
-        return min(default, room) if default is not None else min(CHAT_DEFAULT_MAX_TOKENS, room)
+        budget = min(default, room) if default is not None else min(CHAT_DEFAULT_MAX_TOKENS, room)
+        return budget if limit is None else min(budget, limit)
     return asked
 
 
 def serve_requests(body: SamplingFields, request_id: str, prompt_ids: list[int], max_tokens: int,
-                   logprobs: int) -> list[Request]:
+                   logprobs: int, max_n: int = MAX_N) -> list[Request]:
     """``n`` requests ``{request_id}-{i}`` (``requests_for``: with a seed, choice i samples with ``seed + i``)."""
     n = 1 if body.n is None else body.n
-    if not 1 <= n <= MAX_N:
-        raise APIError(400, f"n must be between 1 and {MAX_N}, got {n}", param="n")
+    if not 1 <= n <= max_n:
+        raise APIError(400, f"n must be between 1 and {max_n}, got {n}", param="n")
     t = 1.0 if body.temperature is None else body.temperature
     if not 0 <= t <= 2:
         raise APIError(400, f"temperature must be between 0 and 2, got {t}", param="temperature")

@@ -18,6 +18,7 @@ from tensorpar.errors import TensorparError
 from tensorpar.runtime.serving import ServingBackend
 from tensorpar.serve.app import create_app
 from tensorpar.serve.errors import DEFAULT_MAX_REQUEST_BYTES
+from tensorpar.serve.params import Limits
 
 
 class _Server(uvicorn.Server):
@@ -50,10 +51,10 @@ class _Server(uvicorn.Server):
 
 def run_server(engine: ServingBackend, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
                grace_s: float = 5.0, stop: threading.Event | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, limits: Limits = Limits()) -> None:
     """Serve ``engine`` at ``host:port`` until SIGINT/SIGTERM or until ``stop`` is set, then shut
     the engine down. ``port=0`` picks a free port (the banner line on stderr names it)."""
-    app = create_app(engine, api_key, max_request_bytes)
+    app = create_app(engine, api_key, max_request_bytes, limits)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
     shown_host = f"[{host}]" if ":" in host else host
     server = _Server(config, lambda p: f"tensorpar: serving {engine.model_name} at http://{shown_host}:{p} ({engine.layout})")
