@@ -99,3 +99,19 @@ def test_no_room_for_the_shared_memory_segment_falls_back_to_gloo(where, why, ti
     assert leftovers() <= before
     record(fault=f"no shared-memory segment: TENSORPAR_SHM_DIR is {why}", command="generate", layout="tp=2",
            sees=warnings[0], seconds=round(seconds, 1), lost="nothing (the run completes over gloo, slower)")
+
+
+@pytest.mark.timeout(120)
+def test_weights_that_do_not_fit_are_refused_before_loading(tiny_chat_checkpoint, record):
+    from conftest import cli
+
+    t = time.monotonic()
+    r = cli("generate", "--model", str(tiny_chat_checkpoint), "--tp", "2", "--prompt", "hi", "--max-memory", "2MiB",
+            timeout=100)
+    seconds = time.monotonic() - t
+    line = error_line(r.stderr)
+    assert r.returncode == 1 and line.startswith("tensorpar: error: out of memory before loading: at tp=2 a rank needs "
+                                                 "about ") and "more than --max-memory 2.0 MiB" in line, line
+    assert "loading weights" not in r.stderr
+    record(fault="the weights do not fit (--max-memory 2MiB)", command="generate", layout="tp=2", sees=line,
+           seconds=round(seconds, 1), lost="nothing (refused before any rank started)")

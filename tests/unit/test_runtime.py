@@ -339,3 +339,21 @@ def test_scheduler_aborts_waiting_and_running_requests_and_refuses_after_close()
     sched.close("error", "rank 1 of 2 failed")
     sched.add(Request("c", [1], SamplingParams()), collect)
     assert collect.finish["c"].finish_reason == "error" and collect.finish["c"].error == "rank 1 of 2 failed"
+
+
+def test_sizes_and_the_weights_one_rank_holds():
+    from tensorpar.distributed.dims import ParallelDims
+    from tensorpar.loading.open import open_source
+    from tensorpar.runtime.memory_guard import parse_size, weight_bytes_per_rank
+
+    assert parse_size("8GiB") == 8 * 2**30 and parse_size("500MB") == 500 * 10**6 and parse_size("1e3") == 1000
+    for bad in ("", "12 parsecs", "-1GB", "0"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    source = open_source("smollm2-135m")  # 134.5M parameters, the LM head tied to the embedding
+    one = weight_bytes_per_rank(source, ParallelDims(tp=1), 4, "none", 32)
+    assert 134e6 * 4 < one < 136e6 * 4
+    three = weight_bytes_per_rank(source, ParallelDims(tp=3), 4, "none", 32)
+    assert one / 3 < three < one / 3 * 1.01  # 9 heads, 3 KV heads: an even split
+    int8 = weight_bytes_per_rank(source, ParallelDims(tp=1), 4, "int8", 32)  # the 28.3M-entry embedding in float32
+    assert 28.3e6 * 4 + 106e6 < int8 < 28.4e6 * 4 + 107e6

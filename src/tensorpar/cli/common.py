@@ -67,9 +67,21 @@ def add_engine(p: argparse.ArgumentParser) -> None:
                    help="split a prompt longer than what is left of a step's token budget into chunks run beside "
                         "the running decodes over several steps (default: on); off, prompts run whole")
     p.add_argument("--timeout", type=float, default=None, help="seconds any collective may wait (default: 60)")
+    p.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+                   help="bytes of weights one rank may hold, e.g. 8GiB: a layout needing more is refused before "
+                        "loading (always refused: more than the host has available)")
     p.add_argument("--no-tokenizer-cache", dest="tokenizer_cache", action="store_false",
                    help="convert a GGUF file's tokenizer afresh instead of keeping it in ~/.cache/tensorpar "
                         "(or $TENSORPAR_CACHE_DIR)")
+
+
+def _size(text: str) -> int:
+    from tensorpar.runtime.memory_guard import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -84,7 +96,8 @@ def engine_args(args: argparse.Namespace, progress: bool = True, dp: int = 1):
                    quantization=args.quantization, quant_group=args.quant_group, dtype=args.dtype, device=args.device,
                    comm=args.comm,
                    max_model_len=args.max_model_len, progress=progress, tokenizer_cache=args.tokenizer_cache,
-                   max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill)
+                   max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill,
+                   max_memory=args.max_memory)
     if args.timeout is not None:
         options["timeout_s"] = args.timeout
     return EngineArgs(**options)

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from tensorpar.errors import CheckpointError
-from tensorpar.loading.sources import StoredTensorsSource, read_json
+from tensorpar.loading.sources import StoredTensorsSource, read_json, safetensors_trouble
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.registry import model_module
 
@@ -47,9 +47,12 @@ class SafetensorsSource(StoredTensorsSource):
             try:
                 handles[file] = safe_open(str(file), framework="pt")
             except Exception as e:
-                why = "truncated?" if "not fully covered" in str(e) or "too small" in str(e) else "corrupt header?"
-                raise CheckpointError(f"{file}: not a readable safetensors file ({why}): {e}") from e
+                raise CheckpointError(f"{file}: not a readable safetensors file ({safetensors_trouble(e)}): {e}") from e
         return handles[file]
+
+    def _open_files(self) -> None:
+        for file in dict.fromkeys(self._files.values()):
+            self._handle(file)
 
     def _stored_names(self):
         return self._files.keys()

@@ -75,9 +75,27 @@ class CheckpointSource(ABC):
         shape = self.shape(name)
         if expect is not None and tuple(shape) != tuple(expect):
             raise CheckpointError(
-                f"{self.file_of(name)}: tensor {name!r} has shape {list(shape)}, "
+                f"{self.file_of(name)}: tensor {self.describe(name)} has shape {list(shape)}, "
                 f"but the model's config implies {list(expect)}"
             )
+
+    def describe(self, name: str) -> str:
+        """Model tensor ``name`` as the file calls it."""
+        return repr(name)
+
+    def _open_files(self) -> None:
+        """Open every file of the checkpoint (a header that cannot be read fails here)."""
+
+    def verify(self) -> None:
+        """Refuse, before any rank reads a weight, a file whose header cannot be read and a tensor
+        whose shape is not the one the config implies, naming the file and the tensor."""
+        from tensorpar.models.registry import checkpoint_shapes
+
+        self._open_files()
+        names = self.names()
+        for name, expect in checkpoint_shapes(self.config).items():
+            if name in names:
+                self._check(name, expect)
 
     def read(
         self,
@@ -124,6 +142,10 @@ class StoredTensorsSource(CheckpointSource):
     def names(self) -> set[str]:
         return set(self._refs)
 
+    def describe(self, name: str) -> str:
+        stored = self._refs[name].name if name in self._refs else name
+        return repr(stored) if stored == name else f"{stored!r} (the model's {name})"
+
     def shape(self, name: str) -> tuple[int, ...]:
         ref = self._refs[name]
         shape = tuple(self._stored_shape(ref.name))
@@ -145,6 +167,11 @@ class StoredTensorsSource(CheckpointSource):
         if ref.transposed:
             return self._read_stored(ref.name, cols, rows).T
         return self._read_stored(ref.name, rows, cols)
+
+
+def safetensors_trouble(e: Exception) -> str:
+    """What an error from opening a safetensors file most likely means."""
+    return "truncated?" if "not fully covered" in str(e) or "too small" in str(e) else "corrupt header?"
 
 
 def read_json(path: Path) -> dict:

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from tensorpar.errors import CheckpointError
-from tensorpar.loading.sources import CheckpointSource, read_json
+from tensorpar.loading.sources import CheckpointSource, read_json, safetensors_trouble
 from tensorpar.models.config import ModelConfig
 
 FORMAT = "tensorpar-sharded-checkpoint-v1"
@@ -65,6 +65,11 @@ class ShardedCheckpointSource(CheckpointSource):
         for e in self.meta["pieces"]:
             self._pieces.setdefault(e["name"], []).append(e)
 
+    def _open_files(self) -> None:
+        for entries in self._pieces.values():
+            for entry in entries:
+                self._slice(entry)
+
     def _slice(self, entry: dict):
         file = entry["file"]
         handles = self.__dict__.setdefault("_handles", {})  # reopened after unpickling
@@ -72,7 +77,7 @@ class ShardedCheckpointSource(CheckpointSource):
             try:
                 handles[file] = safe_open(str(self.path / file), framework="pt")
             except Exception as e:
-                raise CheckpointError(f"{self.path / file}: unreadable checkpoint shard: {e}") from e
+                raise CheckpointError(f"{self.path / file}: unreadable checkpoint shard ({safetensors_trouble(e)}): {e}") from e
         key = f"{self.kind}/{entry['key']}"
         if key not in handles[file].keys():
             raise CheckpointError(f"{self.path / file}: has no {key!r} (saved without optimizer state?)")

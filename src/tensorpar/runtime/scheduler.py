@@ -74,7 +74,8 @@ class Scheduler:
             used = sum(s.length for s in self.running.values())
             capacity = self.runner.cache.slots * self.runner.cache.max_len if self.runner.cache else 0
             counts = {"running": len(self.running), "waiting": len(self.waiting),
-                      "kv_cache_usage": used / capacity if capacity else 0.0}
+                      "kv_cache_usage": used / capacity if capacity else 0.0,
+                      "free_slots": len(self.free)}
         return {**counts, "experts": self.runner.expert_load()}  # (read without holding up the engine)
 
     def wait_for_work(self, timeout_s: float) -> bool:

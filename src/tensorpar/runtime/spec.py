@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from tensorpar.distributed import DEFAULT_TIMEOUT_S
 from tensorpar.distributed.dims import ParallelDims
-from tensorpar.dtypes import engine_dtype, torch_name
+from tensorpar.dtypes import engine_dtype, torch_dtype, torch_name
 from tensorpar.errors import TensorparError
 from tensorpar.loading.open import DEFAULT_MODEL, open_source
 
@@ -81,7 +81,9 @@ class EngineArgs:
     (``layers.quant``; CPU only). ``max_num_batched_tokens``: new tokens one model step runs at
     most (decode tokens first, then prompt tokens); ``chunked_prefill``: a prompt longer than what
     is left of that budget runs in chunks over several steps beside the running decodes, instead
-    of whole (``runtime.scheduler``). ``fault``: a fault injected on purpose, for tests
+    of whole (``runtime.scheduler``). ``max_memory``: bytes of weights one rank may hold; a
+    layout that needs more, or more than the host has available, is refused before loading
+    (``runtime.memory_guard``). ``fault``: a fault injected on purpose, for tests
     (``runtime.faults``).
     """
 
@@ -103,6 +105,7 @@ class EngineArgs:
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     chunked_prefill: bool = True
     fault: str = ""
+    max_memory: int | None = None
 
     def resolve(self, default_max_model_len: int | None = None) -> EngineSpec:
         """Check everything, open the model; ``default_max_model_len`` caps the context when
@@ -132,6 +135,7 @@ class EngineArgs:
         dtype = engine_dtype(self.dtype, self.device)
         t = time.perf_counter()
         source = open_source(self.model)
+        source.verify()  # a broken file fails here, in one line, before any rank starts
         metadata_s = time.perf_counter() - t
         if self.quantization == "gguf" and getattr(source, "gguf_architecture", None) is None:
             raise TensorparError(f"--quantization gguf keeps a GGUF file's own blocks; {self.model} is not a GGUF file "
@@ -145,6 +149,11 @@ class EngineArgs:
             raise TensorparError(f"--moe-dispatch all_to_all sends tokens to whole experts, one rank each; at tp={dims.tp} "
                                  f"ep={dims.ep} each expert is split over {dims.width // dims.ep} ranks: use --tp "
                                  f"{dims.ep} or less, or --moe-dispatch reduce")
+        from tensorpar.runtime.memory_guard import check_fits, weight_bytes_per_rank
+
+        per_rank = weight_bytes_per_rank(source, dims, torch_dtype(dtype).itemsize, self.quantization, self.quant_group)
+        check_fits(per_rank, env.local_world_size if env else dims.world_size, dims.describe(), self.max_memory,
+                   self.device == "cpu")
         limit = config.max_position_embeddings
         if self.max_model_len is not None and not (isinstance(self.max_model_len, int) and 1 <= self.max_model_len <= limit):
             raise TensorparError(f"--max-model-len {self.max_model_len} must be from 1 to the model's context of {limit} tokens")

@@ -23,6 +23,7 @@ class _EngineCollector:
         ("tensorpar_num_requests_running", "Sequences the engine is generating now.", "running"),
         ("tensorpar_num_requests_waiting", "Sequences queued for a free slot.", "waiting"),
         ("tensorpar_kv_cache_usage_ratio", "Fraction of the KV cache in use (0 to 1).", "kv_cache_usage"),
+        ("tensorpar_kv_cache_free_slots", "KV-cache slots free for new sequences.", "free_slots"),
         ("tensorpar_replica_outstanding_requests", "Requests sent to the replica and not yet finished.",
          "outstanding"),
         ("tensorpar_replica_healthy", "1 while every rank of the replica is alive, else 0.", "healthy"),
