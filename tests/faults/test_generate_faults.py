@@ -75,7 +75,7 @@ def test_sigstop_of_a_rank_mid_decode_is_a_timeout_naming_it(tiny_chat_checkpoin
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("where, why", [("/proc", "a directory nobody can write"),
+@pytest.mark.parametrize("where, why", [("/dev/null", "a file, not a directory"),
                                         ("/nonexistent/shm", "a directory that does not exist")])
 def test_no_room_for_the_shared_memory_segment_falls_back_to_gloo(where, why, tiny_chat_checkpoint, record):
     from conftest import cli

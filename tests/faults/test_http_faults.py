@@ -41,16 +41,18 @@ def server(tiny_chat_checkpoint):
     finish(proc, 60)
 
 
-def _openai_shaped(r: httpx.Response) -> None:
-    """A success (JSON with ``object``, or server-sent events) or a 4xx with OpenAI's error object."""
-    assert r.status_code < 500, (r.status_code, r.text[:500])
-    if r.status_code >= 400:
-        err = r.json()["error"]
-        assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
-    elif r.headers.get("content-type", "").startswith("text/event-stream"):
-        assert r.text.rstrip().endswith("data: [DONE]"), r.text[-300:]
-    elif r.headers.get("content-type", "").startswith("application/json"):
-        assert "object" in r.json() or r.json() == "ok" or "status" in r.json(), r.text[:300]
+def _openai_shaped(status: int, content_type: str, text: str) -> None:
+    """A success (JSON with ``object``, server-sent events, or the plain /health and /metrics) or
+    a 4xx with OpenAI's error object."""
+    assert status < 500, (status, text[:500])
+    if status >= 400:
+        err = json.loads(text)["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], text
+    elif content_type.startswith("text/event-stream"):
+        assert text.rstrip().endswith("data: [DONE]"), text[-300:]
+    elif content_type.startswith("application/json"):
+        body = json.loads(text)
+        assert isinstance(body, dict) and ("object" in body or "status" in body), text[:300]
 
 
 def _gauges(url: str) -> dict:
@@ -78,6 +80,7 @@ def _rss_mb(proc) -> list[float]:
 def test_a_fuzz_generated_from_the_openapi_schema_gets_no_5xx(server, record):
     import schemathesis
     from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
 
     url, proc, lines, _ = server
@@ -87,14 +90,18 @@ def test_a_fuzz_generated_from_the_openapi_schema_gets_no_5xx(server, record):
     for operation in (result.ok() for result in schema.get_all_operations()):
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+            @settings(max_examples=60, deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))
             def fuzz(case):
                 r = case.call(base_url=url, timeout=30)
                 statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                _openai_shaped(httpx.Response(r.status_code, headers=dict(r.headers), content=r.content))
+                content_type = r.headers.get("content-type") or r.headers.get("Content-Type") or [""]
+                _openai_shaped(r.status_code, content_type[0] if isinstance(content_type, list) else content_type, r.text)
 
-            fuzz()
+            try:
+                fuzz()
+            except Unsatisfiable:  # a route whose schema no input can break (no body, any string as a name)
+                assert mode == GenerationMode.NEGATIVE and not operation.body
     seconds = time.monotonic() - t
     assert statuses.get(200) and sum(n for s, n in statuses.items() if 400 <= s < 500) > 50, statuses
     _idle(url)
@@ -148,7 +155,8 @@ def test_64_concurrent_streams_with_random_aborts_leave_nothing_behind(server, r
     _idle(url)
     idle_rss = _rss_mb(proc)
     rng = random.Random(0)
-    plan = [rng.choice([None, 0, 1, 3]) for _ in range(64)]  # None: read to the end; k: hang up after k events
+    plan = [None if rng.random() < 0.5 else rng.choice([0, 1, 3]) for _ in range(64)]  # None: read to the end;
+    # k: hang up after k events
 
     async def one(client, i, abort_after):
         body = {"prompt": f"Story {i}:", "max_tokens": 16, "stream": True, "temperature": 0.8, "seed": i,
