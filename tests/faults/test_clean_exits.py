@@ -73,3 +73,16 @@ def test_a_script_using_llm_exits_quietly_without_closing_it(tiny_chat_checkpoin
     assert r.returncode == 0 and len(eval(r.stdout)) == 3, r.stderr
     _quiet(r.stderr)
     assert leftovers() <= before
+
+
+@pytest.mark.timeout(120)
+def test_a_script_without_a_main_guard_is_told_so(tiny_chat_checkpoint, tmp_path):
+    before = leftovers()
+    script = tmp_path / "unguarded.py"
+    script.write_text("import sys\nfrom tensorpar import LLM\nLLM(sys.argv[1], tp=2)\n")
+    r = subprocess.run([sys.executable, str(script), str(tiny_chat_checkpoint)], capture_output=True, text=True,
+                       timeout=100)
+    assert r.returncode != 0
+    assert ('tensorpar: error: a rank process re-ran the top level of your script, which starts ranks again: guard it '
+            'with `if __name__ == "__main__":`') in r.stderr
+    assert leftovers() <= before

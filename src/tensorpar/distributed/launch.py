@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -233,6 +234,10 @@ class SpawnedRanks:
         ``init_method`` and then calls ``wait_ready`` (``launch(..., leader_here=True)`` does both).
         ``cores``: (this group's first rank, ranks on this host) when several groups share the host,
         so that each rank gets cores of its own (``configure_rank_process``)."""
+        if getattr(mp.current_process(), "_inheriting", False):  # a rank being spawned re-ran the caller's script
+            print("tensorpar: error: a rank process re-ran the top level of your script, which starts ranks again: "
+                  "guard it with `if __name__ == \"__main__\":`", file=sys.stderr, flush=True)
+            os._exit(1)
         self.world_size = world_size
         self.first = 1 if leader_here else 0
         mpc = mp.get_context("spawn")
