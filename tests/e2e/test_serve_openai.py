@@ -401,3 +401,45 @@ def test_experts_over_two_ranks_serve_16_streams_and_a_dead_expert_rank_is_named
     assert "rank 1 of 2 (expert set 1 of 2) failed: killed by signal SIGKILL" in err
     time.sleep(0.5)
     assert not [p for p in ranks if p.is_running() and p.status() != "zombie"]
+
+
+@pytest.mark.timeout(300)
+def test_echo_with_logprobs_scores_a_batch_of_prompts_as_llm_score_does(server, client, llm):
+    """What lm-evaluation-harness's local-completions sends for log-likelihoods: a batch of token-id
+    prompts, echo, logprobs, max_tokens 0 (or 1)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    base, model = server
+    tok = AutoTokenizer.from_pretrained(model)
+    texts = ["The capital of France is Paris", "def add(a, b): return a + b", "Once upon a time"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    want = [torch.log_softmax(logits.float(), -1) for logits in llm.score(prompts)]
+    for max_tokens in (0, 1):
+        r = httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": prompts, "echo": True, "logprobs": 1,
+                                                       "max_tokens": max_tokens, "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+        assert body["usage"]["prompt_tokens"] == sum(map(len, prompts))
+        for choice, ids, logp in zip(body["choices"], prompts, want):
+            lp = choice["logprobs"]
+            assert len(lp["tokens"]) == len(ids) + max_tokens and lp["token_logprobs"][0] is None
+            assert lp["tokens"][:len(ids)] == [tok.decode([i]) for i in ids]
+            expected = [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
+            assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:len(ids)], expected)) < 1e-4
+            for i in range(1, len(ids)):  # the one top entry: the reference's argmax there
+                best = int(logp[i - 1].argmax())
+                ((text, value),) = lp["top_logprobs"][i].items()
+                assert text == tok.decode([best]) and abs(value - float(logp[i - 1, best])) < 1e-4
+            assert choice["text"].startswith(tok.decode(ids)) and choice["finish_reason"] == "length"
+    echoed = client.completions.create(model=model, prompt=texts[2], echo=True, max_tokens=4, temperature=0)
+    plain = client.completions.create(model=model, prompt=texts[2], max_tokens=4, temperature=0)
+    assert echoed.choices[0].text == texts[2] + plain.choices[0].text
+    chunks = client.completions.create(model=model, prompt=texts[2], echo=True, max_tokens=4, temperature=0,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == echoed.choices[0].text
+    r = httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": "hi", "best_of": 3}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+    r = httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 0}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # 0 only with echo

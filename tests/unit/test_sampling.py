@@ -15,7 +15,7 @@ def gen(seed: int) -> torch.Generator:
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(prompt_logprobs=-1), "prompt_logprobs"),
         (dict(max_new_tokens=-3), "max_new_tokens"),
         (dict(max_new_tokens=2.5), "max_new_tokens"),
         (dict(temperature=-0.1), "temperature"),

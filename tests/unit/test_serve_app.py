@@ -229,7 +229,12 @@ def test_completion_prompt_forms(client, engine, tokenizer):
         r = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
         assert r.status_code == 200, r.text
     assert [r.prompt_token_ids for r in engine.submitted] == [ids] * 3
-    assert_error(client.post("/v1/completions", json={"prompt": ["a", "b"]}), 400, param="prompt")
+    r = client.post("/v1/completions", json={"prompt": [ids, ids[:1]], "n": 2, "max_tokens": 2})
+    assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == [0, 1, 2, 3]
+    assert [r.prompt_token_ids for r in engine.submitted[3:]] == [ids, ids, ids[:1], ids[:1]]  # prompt-major
+    assert r.json()["usage"]["prompt_tokens"] == len(ids) + 1
+    r = client.post("/v1/completions", json={"prompt": ["Hello there", "Hi"], "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
 def test_sampling_parameters_pass_through(client, engine):
@@ -378,7 +383,9 @@ ERRORS = [
     ("/v1/completions", {"prompt": "Hi", "temperature": 5}, 400, "temperature", ...),
     ("/v1/completions", {"prompt": "Hi", "top_p": 1.5}, 400, "top_p", ...),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 100}, 400, "logprobs", ...),
-    ("/v1/completions", {"prompt": "Hi", "echo": True}, 400, "echo", ...),
+    ("/v1/completions", {"prompt": "Hi", "best_of": 2}, 400, "best_of", ...),
+    ("/v1/completions", {"prompt": "Hi", "echo": True, "max_tokens": -1}, 400, "max_tokens", ...),
+    ("/v1/completions", {"prompt": ["Hi"] * 300}, 400, "prompt", ...),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", ...),
     ("/v1/chat/completions", {"messages": "Hi"}, 400, "messages", ...),
     ("/v1/chat/completions", {"messages": [{"content": "Hi"}]}, 400, "messages.0.role", ...),
@@ -697,3 +704,12 @@ def test_the_model_name_is_matched_never_opened_as_a_path(client):
         r = client.post("/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 1})
         assert_error(r, 404, param="model", code="model_not_found")
         assert_error(client.get(f"/v1/models/{name}"), 404)
+
+
+def test_echo_puts_the_prompt_before_the_completion(client):
+    plain = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3}).json()["choices"][0]["text"]
+    echoed = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "echo": True}).json()
+    assert echoed["choices"][0]["text"] == "Hi" + plain
+    events = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "echo": True, "stream": True})
+    chunks = [json.loads(ln[6:]) for ln in events.text.splitlines() if ln.startswith("data: {")]
+    assert chunks[0]["choices"][0]["text"] == "Hi" and "".join(c["choices"][0]["text"] for c in chunks) == "Hi" + plain

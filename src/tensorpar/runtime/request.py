@@ -41,6 +41,26 @@ class TokenEvent:
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" when finished
     error: str | None = None  # the message when finish_reason == "error"
+    prompt_logprobs: "list[PromptToken] | None" = None  # on an event of its own, before any token
+
+
+PromptToken = tuple[int, float | None, list[tuple[int, float]]]  # (token id, its log-probability, top ones)
+
+
+def score_prompt(logits, prompt: list[int], top: int) -> list[PromptToken]:
+    """Per prompt token: its log-probability under the logits of the position before it (None
+    for the first) and the ``top`` most likely tokens there. ``logits``: [len(prompt), vocab]."""
+    import torch
+
+    logits = logits.float()
+    logp = logits[:-1] - torch.logsumexp(logits[:-1], dim=-1, keepdim=True)  # [S - 1, vocab]
+    ids = torch.tensor(prompt[1:], dtype=torch.long)
+    own = logp.gather(1, ids[:, None])[:, 0].tolist()
+    tops = [[] for _ in own]
+    if top:
+        values, indices = torch.topk(logp, min(top, logp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    return [(prompt[0], None, [])] + [(t, lp, tp) for t, lp, tp in zip(prompt[1:], own, tops)]
 
 
 Sink = Callable[[TokenEvent], None]
@@ -56,6 +76,7 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     index: int = 0
     prompt_index: int = 0
+    prompt_logprobs: list[PromptToken] | None = None  # when asked for (``SamplingParams.prompt_logprobs``)
 
 
 @dataclass
@@ -76,9 +97,12 @@ class Collector:
         self.tokens: dict[str, list[int]] = {}
         self.text: dict[str, list[str]] = {}
         self.finish: dict[str, TokenEvent] = {}
+        self.prompts: dict[str, list] = {}
 
     def __call__(self, event: TokenEvent) -> None:
         rid = event.request_id
+        if event.prompt_logprobs is not None:
+            self.prompts[rid] = event.prompt_logprobs
         if event.token_id is not None:
             self.tokens.setdefault(rid, []).append(event.token_id)
         self.text.setdefault(rid, []).append(event.text_delta)
@@ -93,4 +117,4 @@ class Collector:
 
             raise TensorparError(end.error or "generation failed")
         return Completion(request.prompt_token_ids, self.tokens.get(rid, []), "".join(self.text.get(rid, [])),
-                          end.finish_reason, index, prompt_index)
+                          end.finish_reason, index, prompt_index, self.prompts.get(rid))

@@ -15,7 +15,10 @@ class SamplingParams:
 
     ``n`` completions are generated, choice i sampling with ``seed + i`` when a seed is given.
     ``logprobs``: how many of the most likely tokens to report with each generated one (the
-    chosen token's own log-probability is always reported).
+    chosen token's own log-probability is always reported). ``prompt_logprobs``: when set, each
+    prompt token's log-probability given the tokens before it, with that many of the most likely
+    tokens at its position (the first token has none). ``max_new_tokens=0`` generates nothing (with
+    ``prompt_logprobs``: a scoring request).
     """
 
     max_new_tokens: int = 32
@@ -27,10 +30,13 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int = 0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0):
+            raise ValueError(f"prompt_logprobs must be a non-negative integer, got {self.prompt_logprobs!r}")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be a positive integer, got {self.n!r}")
         if not isinstance(self.logprobs, int) or self.logprobs < 0:

@@ -13,7 +13,9 @@ requires without chunking): a step that decodes nothing has no stream to keep at
 prompt in one piece prefills fastest (causal attention, the weights read once). LongRoPE prompts
 that reach the pretrained length always run whole (``ModelConfig.whole_prompts_from``).
 
-A prompt's last chunk yields its first token. A request joins and leaves the running batch at
+A request that asks for its prompt's log-probabilities is scored first, in a step of its own
+(``step.score``: every position's logits, without the cache), before it waits for a slot; one that
+asks for no new token (``max_new_tokens=0``) ends there. A prompt's last chunk yields its first token. A request joins and leaves the running batch at
 token granularity; its tokens, text and end are its ``Sequence``'s business, reported through
 its sink as ``TokenEvent``s.
 
@@ -30,7 +32,7 @@ import torch
 
 from tensorpar.runtime import step as S
 from tensorpar.runtime.model_runner import ModelRunner
-from tensorpar.runtime.request import Request, Sink
+from tensorpar.runtime.request import Request, Sink, TokenEvent, score_prompt
 from tensorpar.runtime.sampling import sample
 from tensorpar.runtime.sequence import Sequence, final_event
 from tensorpar.runtime.spec import DEFAULT_MAX_NUM_BATCHED_TOKENS
@@ -51,6 +53,7 @@ class Scheduler:
         self.running: dict[str, Sequence] = {}
         self.aborts: set[str] = set()
         self.free: list[int] = []
+        self.scored: set[str] = set()  # waiting requests whose prompt log-probabilities are sent
         self.closed: str | None = None  # why requests are refused, once ``close`` has run
         self.timings = {"prefill_s": 0.0, "prefill_steps": 0, "decode_s": 0.0, "decode_steps": 0}
 
@@ -105,12 +108,18 @@ class Scheduler:
         self.free = list(range(slots - 1, -1, -1))
 
     def step(self) -> None:
-        """Aborts, admissions, then one model step: decode tokens and prompt tokens within the budget."""
+        """Aborts, prompt scoring, admissions, then one model step: decode tokens and prompt tokens
+        within the budget."""
+        self._score_prompts()
         with self.lock:
             aborts, self.aborts = self.aborts, set()
             for req, sink in [(r, s) for r, s in self.waiting if r.request_id in aborts]:
                 sink(final_event(req.request_id, "abort"))
             self.waiting = deque((r, s) for r, s in self.waiting if r.request_id not in aborts)
+            self.scored &= {r.request_id for r, _ in self.waiting}
+            for req, sink in [(r, s) for r, s in self.waiting if self._done_before_start(r)]:
+                sink(final_event(req.request_id, "length"))
+            self.waiting = deque((r, s) for r, s in self.waiting if not self._done_before_start(r))
             for rid in aborts:
                 if rid in self.running:
                     self._retire(self.running[rid], "abort")
@@ -124,7 +133,10 @@ class Scheduler:
                 req, sink = self.waiting[0]
                 if not chunking and len(req.prompt_token_ids) > budget and (decodes or chunks):
                     break  # a whole prompt waits for a step with room for it
+                if req.params.prompt_logprobs is not None and req.request_id not in self.scored:
+                    break  # scored at the next step's start
                 self.waiting.popleft()
+                self.scored.discard(req.request_id)
                 seq = Sequence(req, sink, self.free.pop(), self.tokenizer, self.eos_ids, self.max_model_len)
                 self.running[req.request_id] = seq
                 budget = self._take_prompt(seq, budget, chunks, chunking, bool(decodes))
@@ -142,6 +154,30 @@ class Scheduler:
         kind = "prefill" if chunks else "decode"
         self.timings[f"{kind}_s"] += time.perf_counter() - t
         self.timings[f"{kind}_steps"] += 1
+
+    def _done_before_start(self, req: Request) -> bool:
+        """Generates nothing, and has had its prompt scored if it asked for that."""
+        return req.params.max_new_tokens == 0 and (req.params.prompt_logprobs is None or req.request_id in self.scored)
+
+    def _score_prompts(self) -> None:
+        """Send the prompt log-probabilities of waiting requests that ask for them, oldest first,
+        one scoring step each, up to the step's token budget (at least one prompt)."""
+        with self.lock:
+            todo = [(r, s) for r, s in self.waiting
+                    if r.params.prompt_logprobs is not None and r.request_id not in self.scored | self.aborts]
+        budget = self.max_num_batched_tokens
+        for req, sink in todo:
+            if budget <= 0:
+                break
+            prompt = req.prompt_token_ids
+            t = time.perf_counter()
+            logits = self.runner.send(S.score(prompt))  # [len(prompt), vocab]
+            sink(TokenEvent(req.request_id, None, "", prompt_logprobs=score_prompt(logits, prompt,
+                                                                                  req.params.prompt_logprobs)))
+            self.timings["prefill_s"] += time.perf_counter() - t
+            budget -= len(prompt)
+            with self.lock:
+                self.scored.add(req.request_id)
 
     def _take_prompt(self, seq: Sequence, budget: int, chunks: list, chunking: bool, decoding: bool) -> int:
         """Schedule what of ``seq``'s prompt fits in ``budget`` (all of it when not chunking, where

@@ -27,7 +27,7 @@ from tensorpar.serve.bridge import ClientDisconnected, RequestStream
 from tensorpar.serve.errors import DEFAULT_MAX_REQUEST_BYTES, APIError, BodyLimit, install_error_handlers
 from tensorpar.serve.metrics import CONTENT_TYPE, Metrics, RequestCounter
 from tensorpar.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from tensorpar.serve.responses import ChatFormat, Choice, CompletionFormat, Format, TokenText, usage
+from tensorpar.serve.responses import ChatFormat, CompletionFormat, Format, TokenText, usage
 
 
 def _sse(obj) -> str:
@@ -71,16 +71,21 @@ class Handlers:
             raise APIError(503, f"the engine is unavailable: {stats.get('error') or 'unhealthy'}",
                            code="engine_unavailable")
 
-    async def run(self, request: Request, body: SamplingFields, fmt: Format, prompt_ids: list[int],
-                  max_tokens: int, logprobs: int, arrived: float) -> Response:
-        requests = params.serve_requests(body, fmt.id, prompt_ids, max_tokens, logprobs, self.limits.max_n)
+    async def run(self, request: Request, body: SamplingFields, fmt: Format, prompts: list[list[int]],
+                  max_tokens: list[int], logprobs: int, arrived: float, prompt_logprobs: int | None = None) -> Response:
+        """Generate for each prompt (``n`` choices each, prompt-major: choice ``p * n + i``)."""
+        requests = [r for ids, most in zip(prompts, max_tokens)
+                    for r in params.serve_requests(body, fmt.id, ids, most, logprobs, self.limits.max_n, prompt_logprobs)]
+        for k, r in enumerate(requests):  # engine request "{id}-{k}" is choice k
+            r.request_id = f"{fmt.id}-{k}"
         self.check_healthy()
         stream = RequestStream(self.engine, requests, self.metrics, arrived)
+        prompt_tokens = sum(len(ids) for ids in prompts)
         if body.stream:  # submitted once the stream starts: a client gone before then costs nothing
-            return StreamingResponse(self._events(request, stream, fmt, len(prompt_ids), len(requests)),
+            return StreamingResponse(self._events(request, stream, fmt, prompt_tokens, len(requests)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self._start(stream)
-        return await self._collect(request, stream, fmt, len(prompt_ids), len(requests))
+        return await self._collect(request, stream, fmt, prompt_tokens, len(requests))
 
     @staticmethod
     def _start(stream: RequestStream) -> None:
@@ -91,7 +96,7 @@ class Handlers:
             raise APIError(503, f"the engine refused the request: {e}", code="engine_unavailable") from None
 
     async def _collect(self, request, stream: RequestStream, fmt: Format, prompt_tokens: int, n: int):
-        choices = [Choice() for _ in range(n)]
+        choices = [fmt.new_choice(i) for i in range(n)]
         stream.watch(request)  # nothing cancels a plain response when its client leaves
         try:
             while (item := await stream.next()) is not None:
@@ -110,7 +115,7 @@ class Handlers:
         spec = tuple(int(x) for x in request.scope.get("asgi", {}).get("spec_version", "2.0").split("."))
         if spec >= (2, 4):  # such servers do not cancel a stream on disconnect: watch for it
             stream.watch(request)
-        choices = [Choice() for _ in range(n)]
+        choices = [fmt.new_choice(i) for i in range(n)]
         try:
             try:
                 self._start(stream)
@@ -169,16 +174,21 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
     async def completions(body: CompletionRequest, request: Request):
         arrived = time.perf_counter()
         api.check_model(body.model)
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         params.check_top_n(body.logprobs, "logprobs")
-        ids = params.completion_prompt_ids(body, engine.inputs)
-        max_tokens = params.max_new_tokens(body.max_tokens, params.COMPLETION_DEFAULT_MAX_TOKENS, len(ids),
-                                           engine.inputs, "prompt", limits.max_tokens)
+        if body.best_of is not None and body.best_of != (body.n or 1):
+            raise APIError(400, f"best_of {body.best_of} is not supported: only best_of equal to n "
+                                f"({body.n or 1}) is served", param="best_of")
+        prompts = params.completion_prompts(body, engine.inputs)
+        echo = bool(body.echo)
+        max_tokens = [params.max_new_tokens(body.max_tokens, params.COMPLETION_DEFAULT_MAX_TOKENS, len(ids),
+                                            engine.inputs, "prompt", limits.max_tokens, echo) for ids, _ in prompts]
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        n = body.n or 1
         fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", engine.model_name, api.token_text, body.logprobs,
-                               include_usage)
-        return await api.run(request, body, fmt, ids, max_tokens, body.logprobs or 0, arrived)
+                               include_usage, echo=[text for _, text in prompts for _ in range(n)] if echo else None)
+        prompt_logprobs = body.logprobs if echo and body.logprobs is not None else None
+        return await api.run(request, body, fmt, [ids for ids, _ in prompts], max_tokens, body.logprobs or 0,
+                             arrived, prompt_logprobs)
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -189,11 +199,11 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         ids = params.chat_prompt_ids(body, engine.inputs)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = params.max_new_tokens(asked, None, len(ids), engine.inputs, "messages", limits.max_tokens)
+        max_tokens = [params.max_new_tokens(asked, None, len(ids), engine.inputs, "messages", limits.max_tokens)]
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", engine.model_name, api.token_text, top_n, include_usage)
-        return await api.run(request, body, fmt, ids, max_tokens, top_n or 0, arrived)
+        return await api.run(request, body, fmt, [ids], max_tokens, top_n or 0, arrived)
 
     app.include_router(v1)
 

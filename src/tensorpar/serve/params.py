@@ -28,19 +28,25 @@ class Limits:
     max_tokens: int | None = None
 
 
-def completion_prompt_ids(body: CompletionRequest, inputs: InputProcessor) -> list[int]:
-    """``prompt``: a string (tokenized as the tokenizer does by default), a list of token ids, or a
-    list holding one of either."""
+MAX_PROMPTS = 256  # prompts in one completions request
+
+
+def completion_prompts(body: CompletionRequest, inputs: InputProcessor) -> list[tuple[list[int], str]]:
+    """``prompt``: a string (tokenized as the tokenizer does by default), a list of token ids, or
+    a list of either (a batch: one set of choices per prompt). Each prompt's token ids and its
+    text (as given, or the ids decoded), for ``echo``."""
     prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(400, f"batched prompts are not supported ({len(prompt)} given): send one prompt per "
-                                "request", param="prompt")
-        prompt = prompt[0]
-    try:
-        return inputs.encode(prompt)
-    except ValueError as e:
-        raise APIError(400, str(e), param="prompt") from None
+    batch = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+    if not 1 <= len(batch) <= MAX_PROMPTS:
+        raise APIError(400, f"give between 1 and {MAX_PROMPTS} prompts, got {len(batch)}", param="prompt")
+    out = []
+    for one in batch:
+        try:
+            ids = inputs.encode(one)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        out.append((ids, one if isinstance(one, str) else inputs.tokenizer.decode(ids)))
+    return out
 
 
 def _text(content) -> str | None:
@@ -81,11 +87,12 @@ def _too_long(e: ContextLengthError, param: str) -> APIError:
 
 
 def max_new_tokens(asked: int | None, default: int | None, prompt_len: int, inputs: InputProcessor, param: str,
-                   limit: int | None = None) -> int:
+                   limit: int | None = None, echo: bool = False) -> int:
     """The completion budget: ``asked``, else ``default``, else what fits (at most the chat
-    default); never more than the server's ``limit``."""
-    if asked is not None and asked < 1:
-        raise APIError(400, f"max_tokens must be at least 1, got {asked}", param="max_tokens")
+    default); never more than the server's ``limit``. 0 is allowed with ``echo`` (the prompt
+    alone, as evaluation harnesses ask for it)."""
+    if asked is not None and asked < (0 if echo else 1):
+        raise APIError(400, f"max_tokens must be at least {0 if echo else 1}, got {asked}", param="max_tokens")
     if asked is not None and limit is not None and asked > limit:
         raise APIError(400, f"max_tokens is {asked}, but this server generates at most {limit} tokens per "
                             "request", param="max_tokens")
@@ -101,8 +108,9 @@ def max_new_tokens(asked: int | None, default: int | None, prompt_len: int, inpu
 
 
 def serve_requests(body: SamplingFields, request_id: str, prompt_ids: list[int], max_tokens: int,
-                   logprobs: int, max_n: int = MAX_N) -> list[Request]:
-    """``n`` requests ``{request_id}-{i}`` (``requests_for``: with a seed, choice i samples with ``seed + i``)."""
+                   logprobs: int, max_n: int = MAX_N, prompt_logprobs: int | None = None) -> list[Request]:
+    """``n`` requests ``{request_id}-{i}`` (``requests_for``: with a seed, choice i samples with
+    ``seed + i``); ``prompt_logprobs``: see ``SamplingParams``."""
     n = 1 if body.n is None else body.n
     if not 1 <= n <= max_n:
         raise APIError(400, f"n must be between 1 and {max_n}, got {n}", param="n")
@@ -121,7 +129,7 @@ def serve_requests(body: SamplingFields, request_id: str, prompt_ids: list[int],
     try:
         sp = SamplingParams(max_new_tokens=max_tokens, temperature=t, top_p=top_p, top_k=max(top_k, 0),
                             seed=body.seed, stop=tuple(stop), ignore_eos=bool(body.ignore_eos), n=n,
-                            logprobs=logprobs)
+                            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     return requests_for(request_id, prompt_ids, sp)

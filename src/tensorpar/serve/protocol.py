@@ -34,12 +34,13 @@ class SamplingFields(_Body):
 
 
 class CompletionRequest(SamplingFields):
-    """POST /v1/completions: ``prompt`` is a string or a list of token ids (or a list of one of
-    either: batched prompts are not served; send one request per prompt)."""
+    """POST /v1/completions: ``prompt`` is a string or a list of token ids, or a list of either
+    (a batch: ``n`` choices per prompt, prompt-major)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None  # how many top log-probabilities per token
-    echo: bool | None = False
+    echo: bool | None = False  # the prompt before the completion (with logprobs: the prompt tokens' too)
+    best_of: int | None = None
 
 
 class ChatMessage(BaseModel):

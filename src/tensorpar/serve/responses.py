@@ -40,12 +40,15 @@ class Choice:
     text: list[str] = field(default_factory=list)
     scored: list[tuple[TokenEvent, int]] = field(default_factory=list)  # (event, text offset) per token
     tokens: int = 0
-    chars: int = 0
+    chars: int = 0  # text so far (an echoed prompt's included)
     finish_reason: str | None = None
     error: str | None = None
+    prompt: list | None = None  # the prompt tokens' log-probabilities (``TokenEvent.prompt_logprobs``)
 
     def add(self, ev: TokenEvent) -> int:
         """Record an event; returns the text offset at which its text starts."""
+        if ev.prompt_logprobs is not None:
+            self.prompt = ev.prompt_logprobs
         offset = self.chars
         if ev.token_id is not None:
             self.tokens += 1
@@ -82,22 +85,56 @@ class Format:
     def opening(self, index: int) -> dict | None:
         return None
 
+    def new_choice(self, index: int) -> Choice:
+        return Choice()
+
 
 class CompletionFormat(Format):
+    """``echo``: per choice, its prompt's text, sent before the completion (with logprobs, the
+    prompt tokens' entries come first, the first token's log-probability null, as OpenAI does)."""
+
     chunk_object = full_object = "text_completion"
 
-    def _logprobs(self, scored: list[tuple[TokenEvent, int]]) -> dict | None:
+    def __init__(self, *args, echo: list[str] | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.echo = echo
+
+    def new_choice(self, index: int) -> Choice:
+        return Choice(chars=len(self.echo[index])) if self.echo else Choice()
+
+    def _prompt_entries(self, prompt: list) -> list[tuple[int, float | None, list, int]]:
+        """(token, log-probability, top ones, text offset) per prompt token."""
+        out, offset = [], 0
+        for token, logprob, top in prompt:
+            out.append((token, logprob, top, offset))
+            offset += len(self.token_text(token))
+        return out
+
+    def _logprobs(self, scored: list[tuple[TokenEvent, int]], prompt: list | None = None) -> dict | None:
         if self.top_n is None:
             return None
         tt = self.token_text
+        entries = self._prompt_entries(prompt) if prompt else []
+        entries += [(e.token_id, e.logprob, e.top_logprobs, off) for e, off in scored]
         return {
-            "tokens": [tt(e.token_id) for e, _ in scored],
-            "token_logprobs": [_lp(e.logprob) for e, _ in scored],
-            "top_logprobs": [{tt(t): _lp(lp) for t, lp in e.top_logprobs[: self.top_n]} for e, _ in scored],
-            "text_offset": [off for _, off in scored],
+            "tokens": [tt(t) for t, _, _, _ in entries],
+            "token_logprobs": [_lp(lp) for _, lp, _, _ in entries],
+            "top_logprobs": [None if lp is None else {tt(t): _lp(v) for t, v in top[: self.top_n]}
+                             for _, lp, top, _ in entries],
+            "text_offset": [off for _, _, _, off in entries],
         }
 
+    def opening(self, index: int) -> dict | None:
+        if not self.echo or self.top_n is not None:  # with logprobs the prompt goes out with its scores
+            return None
+        return self.chunk([{"index": index, "text": self.echo[index], "logprobs": None, "finish_reason": None}])
+
     def piece(self, index: int, ev: TokenEvent, offset: int) -> list[dict]:
+        if ev.prompt_logprobs is not None:
+            if not self.echo:
+                return []
+            return [self.chunk([{"index": index, "text": self.echo[index],
+                                 "logprobs": self._logprobs([], ev.prompt_logprobs), "finish_reason": None}])]
         if not ev.text_delta and not ev.finished and (ev.token_id is None or self.top_n is None):
             return []
         scored = [(ev, offset)] if ev.token_id is not None else []
@@ -106,8 +143,10 @@ class CompletionFormat(Format):
                              "finish_reason": finish}])]
 
     def full(self, choices: list[Choice], prompt_tokens: int) -> dict:
+        echo = self.echo or [""] * len(choices)
         return {**self._head(self.full_object),
-                "choices": [{"index": i, "text": "".join(c.text), "logprobs": self._logprobs(c.scored),
+                "choices": [{"index": i, "text": echo[i] + "".join(c.text),
+                             "logprobs": self._logprobs(c.scored, c.prompt if self.echo else None),
                              "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
                 "usage": usage(prompt_tokens, choices)}
 
