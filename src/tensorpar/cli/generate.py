@@ -32,7 +32,8 @@ def run(args) -> int:
     from tensorpar.runtime import LLM, SamplingParams
 
     imported_s = age_s()  # the interpreter and the imports, before anything starts
-
+    if args.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {args.max_new_tokens}")
     sp = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
