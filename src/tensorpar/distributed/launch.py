@@ -360,12 +360,17 @@ class SpawnedRanks:
         if first is not None:
             errors[first[1]] = first[2]
         deadline = time.monotonic() + self.GRACE_S
-        while time.monotonic() < deadline and (self._open or self._received):
-            self._receive(0.05)
+        while time.monotonic() < deadline:
+            if self._open:
+                self._receive(0.05)
+            else:
+                time.sleep(0.01)
             while self._received:
                 kind, rank, payload = self._received.popleft()
                 if kind == "error":
                     errors[rank] = payload
+            if not self._open and all(p.exitcode is not None for p in self._procs):
+                break  # (a killed rank's pipe ends a moment before the kernel has it as exited)
         silent = [self.first + i for i, p in enumerate(self._procs)
                   if p.exitcode is not None and self.first + i not in errors]
         self.close(force=True)
