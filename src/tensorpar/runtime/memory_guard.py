@@ -46,13 +46,16 @@ def weight_bytes_per_rank(source, dims, dtype_bytes: int, quantization: str, qua
     from tensorpar.planner.memory import stage_weight_params
 
     arch = from_model_config(source.config)
-    shard = busiest_shard(arch, dims.width, dims.ep)
-    params = max(stage_weight_params(arch, shard, dims.pp))
+    try:
+        shard = busiest_shard(arch, dims.width, dims.ep)
+        params, vocab_rows = max(stage_weight_params(arch, shard, dims.pp)), shard.vocab
+    except ValueError:  # experts in uneven sets, which the planner does not model: an even share
+        params, vocab_rows = arch.total_params() / (dims.width * dims.pp), arch.vocab / dims.width
     if quantization == "gguf":
         return params * source.path.stat().st_size / max(arch.total_params(), 1)
     if quantization == "none":
         return params * dtype_bytes
-    vocab = min(params, shard.vocab * arch.hidden * (1 if arch.tied_embeddings else 2))  # kept in the dtype
+    vocab = min(params, vocab_rows * arch.hidden * (1 if arch.tied_embeddings else 2))  # kept in the dtype
     return vocab * dtype_bytes + (params - vocab) * (1.0 if quantization == "int8" else 0.5 + 4 / quant_group)
 
 

@@ -14,10 +14,10 @@ prompt in one piece prefills fastest (causal attention, the weights read once). 
 that reach the pretrained length always run whole (``ModelConfig.whole_prompts_from``).
 
 A request that asks for its prompt's log-probabilities is scored first, in a step of its own
-(``step.score``: every position's logits, without the cache), before it waits for a slot; one that
-asks for no new token (``max_new_tokens=0``) ends there. A prompt's last chunk yields its first token. A request joins and leaves the running batch at
-token granularity; its tokens, text and end are its ``Sequence``'s business, reported through
-its sink as ``TokenEvent``s.
+(``step.score``: every position's logits, without the cache), before it waits for a slot; one
+that asks for no new token (``max_new_tokens=0``) ends there. A prompt's last chunk yields its
+first token. A request joins and leaves the running batch at token granularity; its tokens, text
+and end are its ``Sequence``'s business, reported through its sink as ``TokenEvent``s.
 
 ``add``, ``abort`` and ``stats`` may be called from any thread; ``step`` runs on one.
 """
