@@ -443,3 +443,27 @@ def test_echo_with_logprobs_scores_a_batch_of_prompts_as_llm_score_does(server, 
     assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
     r = httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 0}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # 0 only with echo
+
+
+@pytest.mark.timeout(300)
+def test_sampling_controls_change_what_the_engine_generates(server, client, llm):
+    base, model = server
+    prompt = "Once upon a time"
+    [free] = llm.generate([prompt], max_new_tokens=8, ignore_eos=True)
+    forced = free.token_ids[0] + 1  # not what it would choose first
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, logprobs=1,
+                                  logit_bias={str(forced): 100})
+    assert r.choices[0].logprobs.tokens == [client_text(llm, forced)] * 5
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                  extra_body={"stop_token_ids": [stop_at], "ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == first + 1
+    [cut] = llm.generate([prompt], max_new_tokens=first, ignore_eos=True)
+    assert r.choices[0].text == cut.text  # the stop token's own text is left out
+
+
+def client_text(llm, token: int) -> str:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llm.spec.model).decode([token])

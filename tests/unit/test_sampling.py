@@ -122,3 +122,42 @@ def test_temperature_sharpens_and_flattens():
         draws = torch.tensor([sample(logits, SamplingParams(temperature=t), g) for _ in range(n)])
         freq = torch.bincount(draws, minlength=4).float() / n
         assert (freq - want).abs().max() < 0.03, (t, freq, want)
+
+
+def test_each_control_reshapes_the_logits_as_defined():
+    from tensorpar.runtime.sampling import apply_controls
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]] * 6)
+    prompt, out = [0], [2, 2, 3]
+    params = [SamplingParams(),  # no control: untouched
+              SamplingParams(logit_bias=((1, 5.0), (4, -100.0))),
+              SamplingParams(repetition_penalty=2.0),
+              SamplingParams(presence_penalty=0.5),
+              SamplingParams(frequency_penalty=0.25),
+              SamplingParams(min_tokens=5, stop_token_ids=(3,))]
+    got = apply_controls(logits, params, [prompt] * 6, [out] * 6, [{4}] * 6)
+    assert torch.equal(got[0], logits[0])
+    assert got[1].tolist() == [2.0, 4.0, 0.5, 3.0, -102.0]
+    assert got[2].tolist() == [1.0, -1.0, 0.25, 1.5, -2.0]  # seen: 0 (prompt), 2 and 3 (output); 1 and 4 unseen
+    assert got[3].tolist() == [2.0, -1.0, 0.0, 2.5, -2.0]  # once per token generated
+    assert got[4].tolist() == [2.0, -1.0, 0.0, 2.75, -2.0]  # once per time generated (2 twice, 3 once)
+    assert got[5].tolist() == [2.0, -1.0, 0.5, float("-inf"), float("-inf")]  # EOS (4) and stop token 3 held back
+    again = apply_controls(logits, params[5:], [prompt], [out + [1, 1]], [{4}])  # 5 tokens: no longer held back
+    assert torch.equal(again[0], logits[5])
+
+
+def test_min_p_keeps_only_tokens_near_the_most_likely():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    p = SamplingParams(temperature=1.0, min_p=0.5)  # keeps p >= 0.25: tokens 0 and 1
+    g = torch.Generator().manual_seed(0)
+    assert {sample(logits, p, g) for _ in range(300)} == {0, 1}
+
+
+@pytest.mark.parametrize("kwargs, field", [(dict(presence_penalty=3), "presence_penalty"),
+                                           (dict(frequency_penalty=-2.5), "frequency_penalty"),
+                                           (dict(repetition_penalty=0), "repetition_penalty"),
+                                           (dict(min_p=1.5), "min_p"),
+                                           (dict(min_tokens=40, max_new_tokens=32), "min_tokens")])
+def test_invalid_controls_raise(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)

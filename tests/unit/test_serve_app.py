@@ -713,3 +713,26 @@ def test_echo_puts_the_prompt_before_the_completion(client):
     events = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "echo": True, "stream": True})
     chunks = [json.loads(ln[6:]) for ln in events.text.splitlines() if ln.startswith("data: {")]
     assert chunks[0]["choices"][0]["text"] == "Hi" and "".join(c["choices"][0]["text"] for c in chunks) == "Hi" + plain
+
+
+def test_sampling_controls_pass_through_and_unsupported_fields_are_refused(client, engine):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "presence_penalty": 0.5,
+                                             "frequency_penalty": -0.5, "repetition_penalty": 1.2, "min_p": 0.1,
+                                             "logit_bias": {"42": 3.5}, "stop_token_ids": [7, 9], "min_tokens": 2})
+    assert r.status_code == 200, r.text
+    p = engine.submitted[-1].params
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) == (0.5, -0.5, 1.2, 0.1)
+    assert p.logit_bias == ((42, 3.5),) and p.stop_token_ids == (7, 9) and p.min_tokens == 2
+    defaults = {"response_format": {"type": "text"}, "tool_choice": "none", "tools": [], "user": "me", "store": False}
+    assert client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1, **defaults}).status_code == 200
+    for path, extra in [("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
+                        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+                        ("/v1/completions", {"suffix": "end"}),
+                        ("/v1/completions", {"guided_json": {"type": "object"}})]:
+        body = {**(CHAT if "chat" in path else {"prompt": "Hi"}), **extra}
+        err = assert_error(client.post(path, json=body), 400, param=next(iter(extra)))
+        assert "not supported" in err["message"]
+    for bad in ({"logit_bias": {"x": 1}}, {"logit_bias": {"5": 500}}, {"logit_bias": {str(10**9): 1}}):
+        assert_error(client.post("/v1/completions", json={"prompt": "Hi", **bad}), 400, param="logit_bias")
+    assert_error(client.post("/v1/completions", json={"prompt": "Hi", "presence_penalty": 9}), 400,
+                 param="presence_penalty")

@@ -1,4 +1,6 @@
-"""Choosing the next token from logits: greedy, or temperature / top-k / top-p sampling."""
+"""Choosing the next token from logits: the controls that reshape a batch's logits
+(``apply_controls``: logit bias, repetition / presence / frequency penalties, a minimum length),
+then greedy, or temperature / top-k / top-p / min-p sampling (``sample``)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,13 @@ class SamplingParams:
     n: int = 1
     logprobs: int = 0
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -47,6 +56,17 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= max(self.max_new_tokens, 0):
+            raise ValueError(f"min_tokens must be from 0 to max_new_tokens ({self.max_new_tokens}), got {self.min_tokens!r}")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in dict(self.logit_bias).items()))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
@@ -54,6 +74,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def controls_logits(self) -> bool:
+        """Some control reshapes the logits before the choice (``apply_controls``)."""
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty or self.min_tokens
+                    or self.repetition_penalty != 1.0)
 
     def choices(self) -> list["SamplingParams"]:
         """One ``n=1`` copy per choice; choice i samples with ``seed + i`` when a seed is given."""
@@ -79,6 +105,9 @@ def sample(logits: "torch.Tensor", params: SamplingParams, generator: "torch.Gen
     if params.greedy:
         return int(torch.argmax(logits))
     logits = logits.float() / params.temperature
+    if params.min_p:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -88,3 +117,55 @@ def sample(logits: "torch.Tensor", params: SamplingParams, generator: "torch.Gen
         drop = probs.cumsum(-1) - probs >= params.top_p  # mass before this token already reaches p
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def apply_controls(logits: "torch.Tensor", params: list[SamplingParams], prompts: list[list[int]],
+                   outputs: list[list[int]], eos_ids: list[set[int]]) -> "torch.Tensor":
+    """``logits`` [B, vocab] reshaped by each row's controls (``SamplingParams``), all rows at once:
+
+        l'[t] = l[t] + bias[t]
+        l'[t] = l'[t] / r if l'[t] > 0 else l'[t] * r        for t in prompt or output (r: repetition)
+        l'[t] = l'[t] - presence * [count[t] > 0] - frequency * count[t]   (count: in the output)
+        l'[t] = -inf for an EOS or stop token t while fewer than ``min_tokens`` are generated
+
+    ``eos_ids[b]``: the end-of-sequence tokens that end row b (none with ``ignore_eos``). Rows
+    without controls are unchanged.
+    """
+    import torch
+
+    rows = [b for b, p in enumerate(params) if p.controls_logits]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    B, V = len(rows), logits.shape[-1]
+    sub = logits[rows]  # [B, V]
+    f32 = dict(dtype=torch.float32)
+    bias = torch.zeros(B, V, **f32)
+    for i, b in enumerate(rows):
+        for t, v in params[b].logit_bias:
+            if 0 <= t < V:
+                bias[i, t] += v
+    sub += bias
+    # token counts of each row's output [B, V], and which tokens its prompt or output holds
+    longest = max(1, *(len(outputs[b]) for b in rows))
+    ids = torch.zeros(B, longest, dtype=torch.long)
+    mask = torch.zeros(B, longest, **f32)
+    for i, b in enumerate(rows):
+        ids[i, : len(outputs[b])] = torch.tensor(outputs[b], dtype=torch.long)
+        mask[i, : len(outputs[b])] = 1
+    counts = torch.zeros(B, V, **f32).scatter_add_(1, ids, mask)
+    r = torch.tensor([params[b].repetition_penalty for b in rows], **f32)[:, None]
+    if (r != 1).any():
+        seen = counts > 0
+        for i, b in enumerate(rows):
+            seen[i, torch.tensor(prompts[b], dtype=torch.long)] = True
+        sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
+    presence = torch.tensor([params[b].presence_penalty for b in rows], **f32)[:, None]
+    frequency = torch.tensor([params[b].frequency_penalty for b in rows], **f32)[:, None]
+    sub = sub - presence * (counts > 0) - frequency * counts
+    for i, b in enumerate(rows):
+        held = {t for t in eos_ids[b] | set(params[b].stop_token_ids) if 0 <= t < V}
+        if len(outputs[b]) < params[b].min_tokens and held:
+            sub[i, torch.tensor(sorted(held), dtype=torch.long)] = float("-inf")
+    logits[rows] = sub
+    return logits

@@ -33,7 +33,7 @@ import torch
 from tensorpar.runtime import step as S
 from tensorpar.runtime.model_runner import ModelRunner
 from tensorpar.runtime.request import Request, Sink, TokenEvent, score_prompt
-from tensorpar.runtime.sampling import sample
+from tensorpar.runtime.sampling import apply_controls, sample
 from tensorpar.runtime.sequence import Sequence, final_event
 from tensorpar.runtime.spec import DEFAULT_MAX_NUM_BATCHED_TOKENS
 
@@ -207,7 +207,8 @@ class Scheduler:
     @staticmethod
     def _logits_mode(seqs: list[Sequence]) -> int:
         """Greedy rows that report no top log-probabilities need only their argmax and its log-probability."""
-        return S.GREEDY if all(s.params.greedy and not s.params.logprobs for s in seqs) else S.FULL
+        return S.GREEDY if all(s.params.greedy and not s.params.logprobs and not s.params.controls_logits
+                               for s in seqs) else S.FULL
 
     def _advance(self, seqs: list[Sequence | None], out) -> None:
         """Give each sequence its next token (from the step's output on the leader, a row each;
@@ -220,12 +221,19 @@ class Scheduler:
             return
         logits = out.float()  # [B, vocab]
         norm = torch.logsumexp(logits, dim=-1).tolist()  # log-prob = logit - logsumexp(logits)
-        best = logits.argmax(dim=-1).tolist()  # every greedy row at once
+        live = [row for row, seq in enumerate(seqs) if seq is not None]
+        chosen = logits  # what the choice is made from: the logits after each row's controls
+        if any(seqs[row].params.controls_logits for row in live):
+            chosen = logits.clone()
+            chosen[live] = apply_controls(logits[live], [seqs[r].params for r in live],
+                                          [seqs[r].request.prompt_token_ids for r in live], [seqs[r].out for r in live],
+                                          [set() if seqs[r].params.ignore_eos else self.eos_ids for r in live])
+        best = chosen.argmax(dim=-1).tolist()  # every greedy row at once
         for row, seq in enumerate(seqs):
             if seq is None:
                 continue
             p = seq.params
-            token = best[row] if p.greedy else sample(logits[row], p, seq.generator)
+            token = best[row] if p.greedy else sample(chosen[row], p, seq.generator)
             top = []
             if p.logprobs:
                 values, ids = torch.topk(logits[row], p.logprobs)

@@ -2,7 +2,8 @@
 
 The rules, in the order they apply to each new token:
 
-1. an end-of-sequence token (unless ``ignore_eos``) ends it, reason ``stop``;
+1. an end-of-sequence token (unless ``ignore_eos``) or one of ``stop_token_ids`` (its text left
+   out) ends it, reason ``stop``;
 2. a stop string in the text ends it, reason ``stop``, the text cut just before the first one;
 3. ``max_new_tokens`` generated, or prompt + generated reaching ``max_model_len``, ends it,
    reason ``length``.
@@ -86,12 +87,14 @@ class Sequence:
         sequence) and send the token's event."""
         self.out.append(token)
         p = self.params
-        reason = "stop" if token in self.eos_ids and not p.ignore_eos else None
+        stop_token = token in p.stop_token_ids
+        reason = "stop" if (token in self.eos_ids and not p.ignore_eos) or stop_token else None
         if reason is None and (len(self.out) >= p.max_new_tokens or self.length >= self.max_model_len):
             reason = "length"
         if self.detokenizer is not None:
             start = max(0, len(self.text) - self.hold)  # where a stop string ending in the new text may begin
-            self.text += self.detokenizer.step(token)
+            if not stop_token:  # a stop token's own text is left out (as vLLM does)
+                self.text += self.detokenizer.step(token)
             if reason is not None:
                 self.text += self.detokenizer.flush()
             hits = [i for i in (self.text.find(s, start) for s in p.stop) if i >= 0]

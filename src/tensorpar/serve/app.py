@@ -75,7 +75,8 @@ class Handlers:
                   max_tokens: list[int], logprobs: int, arrived: float, prompt_logprobs: int | None = None) -> Response:
         """Generate for each prompt (``n`` choices each, prompt-major: choice ``p * n + i``)."""
         requests = [r for ids, most in zip(prompts, max_tokens)
-                    for r in params.serve_requests(body, fmt.id, ids, most, logprobs, self.limits.max_n, prompt_logprobs)]
+                    for r in params.serve_requests(body, fmt.id, ids, most, logprobs, self.limits.max_n, prompt_logprobs,
+                                                   self.engine.inputs.vocab_size)]
         for k, r in enumerate(requests):  # engine request "{id}-{k}" is choice k
             r.request_id = f"{fmt.id}-{k}"
         self.check_healthy()
@@ -174,6 +175,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
     async def completions(body: CompletionRequest, request: Request):
         arrived = time.perf_counter()
         api.check_model(body.model)
+        params.refuse_unsupported(body)
         params.check_top_n(body.logprobs, "logprobs")
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise APIError(400, f"best_of {body.best_of} is not supported: only best_of equal to n "
@@ -194,6 +196,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         arrived = time.perf_counter()
         api.check_model(body.model)
+        params.refuse_unsupported(body)
         params.check_top_n(body.top_logprobs, "top_logprobs")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")

@@ -10,7 +10,7 @@ from tensorpar.runtime.inputs import ContextLengthError, InputProcessor
 from tensorpar.runtime.request import Request, requests_for
 from tensorpar.runtime.sampling import SamplingParams
 from tensorpar.serve.errors import APIError
-from tensorpar.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from tensorpar.serve.protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, SamplingFields
 
 MAX_N = 32  # choices per request, unless the server sets its own bound
 MAX_LOGPROBS = 20  # top log-probabilities per token
@@ -108,7 +108,8 @@ def max_new_tokens(asked: int | None, default: int | None, prompt_len: int, inpu
 
 
 def serve_requests(body: SamplingFields, request_id: str, prompt_ids: list[int], max_tokens: int,
-                   logprobs: int, max_n: int = MAX_N, prompt_logprobs: int | None = None) -> list[Request]:
+                   logprobs: int, max_n: int = MAX_N, prompt_logprobs: int | None = None,
+                   vocab_size: int = 1 << 31) -> list[Request]:
     """``n`` requests ``{request_id}-{i}`` (``requests_for``: with a seed, choice i samples with
     ``seed + i``); ``prompt_logprobs``: see ``SamplingParams``."""
     n = 1 if body.n is None else body.n
@@ -126,13 +127,30 @@ def serve_requests(body: SamplingFields, request_id: str, prompt_ids: list[int],
     if top_k < -1:
         raise APIError(400, f"top_k must be -1 or 0 (disabled) or positive, got {top_k}", param="top_k")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    bias = []
+    for key, value in (body.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size or not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias maps token ids to biases from -100 to 100, got {key!r}: {value!r}",
+                           param="logit_bias")
+        bias.append((int(key), float(value)))
+    controls = dict(presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                    repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                    min_p=body.min_p or 0.0, logit_bias=tuple(bias), stop_token_ids=tuple(body.stop_token_ids or ()),
+                    min_tokens=body.min_tokens or 0)
     try:
         sp = SamplingParams(max_new_tokens=max_tokens, temperature=t, top_p=top_p, top_k=max(top_k, 0),
                             seed=body.seed, stop=tuple(stop), ignore_eos=bool(body.ignore_eos), n=n,
-                            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
+                            logprobs=logprobs, prompt_logprobs=prompt_logprobs, **controls)
+    except ValueError as e:  # SamplingParams names the field first
+        raise APIError(400, str(e), param=str(e).split()[0]) from None
     return requests_for(request_id, prompt_ids, sp)
+
+
+def refuse_unsupported(body: SamplingFields) -> None:
+    """A 400 naming the first field that would change the output but is not implemented."""
+    for name, value in (body.model_extra or {}).items():
+        if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
+            raise APIError(400, f"{name} is not supported by this server yet", param=name)
 
 
 def check_top_n(value: int | None, param: str) -> None:

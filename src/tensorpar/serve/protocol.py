@@ -1,8 +1,10 @@
 """Request bodies of the OpenAI API, as far as tensorpar serves them.
 
-Fields OpenAI defines that tensorpar does not implement (``presence_penalty``, ``logit_bias``,
-``tools``, ``user``, ...) are accepted and ignored, as clients send them by default; ``top_k`` and
-``ignore_eos`` are extensions (as in vLLM). ``model`` may be left out: it then means the one
+Fields that would change the output but are not implemented (``response_format``, ``tools``,
+``suffix``, guided decoding, ...: ``UNSUPPORTED``) are refused with a 400 naming them; other fields
+OpenAI defines (``user``, ``metadata``, ``store``, ...) are accepted and ignored, as clients send
+them by default. ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``
+and ``ignore_eos`` are extensions (as in vLLM). ``model`` may be left out: it then means the one
 model served.
 """
 
@@ -15,11 +17,19 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+# field -> the values that leave the output unchanged (sent by some clients by default)
+UNSUPPORTED = {"response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
+               "functions": ([],), "function_call": ("none", "auto"), "suffix": ("",), "guided_json": (),
+               "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+               "prompt_logprobs": (), "logits_processors": ()}
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
 class SamplingFields(_Body):
+    model_config = ConfigDict(extra="allow")  # to tell unsupported fields (``UNSUPPORTED``) from others
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -31,6 +41,13 @@ class SamplingFields(_Body):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int | None = None
 
 
 class CompletionRequest(SamplingFields):
