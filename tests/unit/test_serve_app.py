@@ -736,3 +736,25 @@ def test_sampling_controls_pass_through_and_unsupported_fields_are_refused(clien
         assert_error(client.post("/v1/completions", json={"prompt": "Hi", **bad}), 400, param="logit_bias")
     assert_error(client.post("/v1/completions", json={"prompt": "Hi", "presence_penalty": 9}), 400,
                  param="presence_penalty")
+
+
+def test_tokenize_detokenize_version_and_served_names(engine, tokenizer):
+    from tensorpar import __version__
+
+    with TestClient(create_app(engine, served_names=["smol", "smol-alias"])) as c:
+        ids = tokenizer("Hello there")["input_ids"]
+        assert c.post("/tokenize", json={"prompt": "Hello there"}).json() == {"count": len(ids), "max_model_len": 256,
+                                                                              "tokens": ids}
+        chat = c.post("/tokenize", json={"model": "smol-alias", "messages": [{"role": "user", "content": "Hi"}]}).json()
+        assert chat["tokens"] == engine.inputs.encode_messages([{"role": "user", "content": "Hi"}])
+        assert c.post("/detokenize", json={"tokens": ids}).json() == {"prompt": "Hello there"}
+        assert_error(c.post("/detokenize", json={"tokens": [10**9]}), 400, param="tokens")
+        assert_error(c.post("/tokenize", json={}), 400, param="prompt")
+        assert c.get("/version").json() == {"version": __version__}
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["smol", "smol-alias"]
+        r = c.post("/v1/completions", json={"model": "smol-alias", "prompt": "Hi", "max_tokens": 1})
+        assert r.status_code == 200 and r.json()["model"] == "smol"  # responses carry the first name
+        err = assert_error(c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"}), 404, param="model")
+        assert "'smol', 'smol-alias'" in err["message"]
+    with TestClient(create_app(engine, api_key="k")) as c:
+        assert c.post("/tokenize", json={"prompt": "Hi"}).status_code == 401 and c.get("/version").status_code == 200

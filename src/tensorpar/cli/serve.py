@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences that run at once (per replica); more wait")
     p.add_argument("--max-request-bytes", type=int, default=4 << 20,
                    help="largest request body accepted; larger ones get 413 (default: %(default)s)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the names the model answers to in requests (the first is the one responses carry; "
+                        "default: --model as given)")
     p.add_argument("--max-n", type=int, default=32, help="most choices (n) one request may ask for (default: %(default)s)")
     p.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
                    help="most tokens one request may generate per choice; a request asking more gets 400, one "
@@ -112,7 +115,7 @@ def run(args) -> int:
     threading.Thread(target=_watch, args=(engine, stop), daemon=True).start()
     try:
         run_server(engine, args.host, args.port, args.api_key, max_request_bytes=args.max_request_bytes,
-                   limits=Limits(args.max_n, args.max_tokens_limit))
+                   limits=Limits(args.max_n, args.max_tokens_limit), served_names=args.served_model_name)
     finally:
         stop.set()
     return 0 if engine.stats()["healthy"] else 1

@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP API over a ``ServingEngine``: ``create_app(engine, api_key)``.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming as server-sent events
-or not), GET /v1/models, GET /health (200 "ok", or "degraded" naming the replicas that are down
-while others serve; 503 when none can), GET /metrics. With ``api_key`` set, /v1/* requires
-``Authorization: Bearer <api_key>``; /health and /metrics stay open.
+or not), GET /v1/models, POST /tokenize and /detokenize, GET /version, GET /health (200 "ok", or "degraded" naming the replicas that are down
+while others serve; 503 when none can), GET /metrics. With ``api_key`` set, /v1/*, /tokenize and
+/detokenize require ``Authorization: Bearer <api_key>``; /health, /metrics and /version stay open.
+The model answers to each of ``served_names`` (default: the name it was loaded by); responses
+carry the first.
 
 One API request with ``n`` choices is ``n`` engine requests ``{id}-{i}``. Their token events
 reach the handler through a ``RequestStream``; whenever the handler stops early (the client
@@ -26,7 +28,8 @@ from tensorpar.serve import params
 from tensorpar.serve.bridge import ClientDisconnected, RequestStream
 from tensorpar.serve.errors import DEFAULT_MAX_REQUEST_BYTES, APIError, BodyLimit, install_error_handlers
 from tensorpar.serve.metrics import CONTENT_TYPE, Metrics, RequestCounter
-from tensorpar.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from tensorpar.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
+                                      TokenizeRequest)
 from tensorpar.serve.responses import ChatFormat, CompletionFormat, Format, TokenText, usage
 
 
@@ -52,15 +55,16 @@ def _key_checker(api_key: str):
 class Handlers:
     """The handlers' shared state: the engine, its metrics, and token texts for logprobs."""
 
-    def __init__(self, engine: ServingBackend, limits: params.Limits):
-        self.engine, self.metrics, self.limits = engine, Metrics(engine), limits
+    def __init__(self, engine: ServingBackend, limits: params.Limits, names: list[str]):
+        self.engine, self.metrics, self.limits, self.names = engine, Metrics(engine), limits, names
         self.token_text = TokenText(engine.tokenizer)
         self.created = int(time.time())
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.engine.model_name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves "
-                                f"'{self.engine.model_name}'.", param="model", code="model_not_found")
+        if model is not None and model not in self.names:
+            served = ", ".join(f"'{n}'" for n in self.names)
+            raise APIError(404, f"The model '{model}' does not exist; this server serves {served}.", param="model",
+                           code="model_not_found")
 
     def check_healthy(self) -> None:
         try:
@@ -147,29 +151,31 @@ class Handlers:
 
 
 def create_app(engine: ServingBackend, api_key: str | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, limits: params.Limits = params.Limits()) -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, limits: params.Limits = params.Limits(),
+               served_names: list[str] | None = None) -> FastAPI:
     """An OpenAI-compatible app serving ``engine`` (see the module docstring); a request body of
     more than ``max_request_bytes`` is answered 413, one asking more than ``limits`` 400."""
     app = FastAPI(title="tensorpar", version=__version__, strict_content_type=False)
-    api = Handlers(engine, limits)
+    names = list(served_names or [engine.model_name])
+    api = Handlers(engine, limits, names)
     app.state.api = api
     app.add_middleware(RequestCounter, metrics=api.metrics)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     install_error_handlers(app)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(api_key))] if api_key else [])
 
-    def model_card() -> dict:
-        return {"id": engine.model_name, "object": "model", "created": api.created, "owned_by": "tensorpar",
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": api.created, "owned_by": "tensorpar",
                 "max_model_len": engine.max_model_len}
 
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in names]}
 
     @v1.get("/models/{model:path}")
     async def model(model: str):
         api.check_model(model)
-        return model_card()
+        return model_card(model)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -186,7 +192,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
                                             engine.inputs, "prompt", limits.max_tokens, echo) for ids, _ in prompts]
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         n = body.n or 1
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", engine.model_name, api.token_text, body.logprobs,
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", names[0], api.token_text, body.logprobs,
                                include_usage, echo=[text for _, text in prompts for _ in range(n)] if echo else None)
         prompt_logprobs = body.logprobs if echo and body.logprobs is not None else None
         return await api.run(request, body, fmt, [ids for ids, _ in prompts], max_tokens, body.logprobs or 0,
@@ -205,10 +211,39 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
         max_tokens = [params.max_new_tokens(asked, None, len(ids), engine.inputs, "messages", limits.max_tokens)]
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         top_n = (body.top_logprobs or 0) if body.logprobs else None
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", engine.model_name, api.token_text, top_n, include_usage)
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", names[0], api.token_text, top_n, include_usage)
         return await api.run(request, body, fmt, [ids], max_tokens, top_n or 0, arrived)
 
     app.include_router(v1)
+    tools = APIRouter(dependencies=[Depends(_key_checker(api_key))] if api_key else [])
+
+    @tools.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        api.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        if body.prompt is not None:
+            try:
+                ids = engine.inputs.encode(body.prompt)
+            except ValueError as e:
+                raise APIError(400, str(e), param="prompt") from None
+        else:
+            ids = params.chat_prompt_ids(ChatCompletionRequest(messages=body.messages), engine.inputs)
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+
+    @tools.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        api.check_model(body.model)
+        vocab = engine.inputs.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must be from 0 to {vocab - 1}", param="tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+    app.include_router(tools)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
 
     @app.get("/health")
     async def health():

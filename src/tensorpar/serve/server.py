@@ -51,13 +51,14 @@ class _Server(uvicorn.Server):
 
 def run_server(engine: ServingBackend, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
                grace_s: float = 5.0, stop: threading.Event | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, limits: Limits = Limits()) -> None:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, limits: Limits = Limits(),
+               served_names: list[str] | None = None) -> None:
     """Serve ``engine`` at ``host:port`` until SIGINT/SIGTERM or until ``stop`` is set, then shut
     the engine down. ``port=0`` picks a free port (the banner line on stderr names it)."""
-    app = create_app(engine, api_key, max_request_bytes, limits)
+    app = create_app(engine, api_key, max_request_bytes, limits, served_names)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
     shown_host = f"[{host}]" if ":" in host else host
-    server = _Server(config, lambda p: f"tensorpar: serving {engine.model_name} at http://{shown_host}:{p} ({engine.layout})")
+    server = _Server(config, lambda p: f"tensorpar: serving {(served_names or [engine.model_name])[0]} at http://{shown_host}:{p} ({engine.layout})")
     done = threading.Event()
     if stop is not None:
         def watch():
