@@ -357,3 +357,13 @@ def test_sizes_and_the_weights_one_rank_holds():
     assert one / 3 < three < one / 3 * 1.01  # 9 heads, 3 KV heads: an even split
     int8 = weight_bytes_per_rank(source, ParallelDims(tp=1), 4, "int8", 32)  # the 28.3M-entry embedding in float32
     assert 28.3e6 * 4 + 106e6 < int8 < 28.4e6 * 4 + 107e6
+
+
+def test_vllm_flag_names_are_aliases():
+    from tensorpar.cli.main import build_parser
+
+    a = build_parser().parse_args(["serve", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
+                                   "--data-parallel-size", "3", "--max-model-len", "512", "--max-num-seqs", "4"])
+    assert (a.tp, a.pp, a.dp, a.max_model_len, a.max_num_seqs) == (2, 2, 3, 512, 4)
+    a = build_parser().parse_args(["generate", "-tp", "3", "-pp", "1", "--prompt", "x"])
+    assert (a.tp, a.pp) == (3, 1)

@@ -18,13 +18,13 @@ def add_model(p: argparse.ArgumentParser, extra: str = "") -> None:
 
 
 def add_tp(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tp", type=int, default=None,
+    p.add_argument("--tp", "--tensor-parallel-size", "-tp", dest="tp", type=int, default=None,
                    help="tensor-parallel degree: any value from 1 to the number of query heads "
                         "(default: 1, or torchrun's world size)")
 
 
 def add_pp(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pp", type=int, default=1,
+    p.add_argument("--pp", "--pipeline-parallel-size", "-pp", dest="pp", type=int, default=1,
                    help="pipeline stages, each a tensor-parallel group of --tp ranks, holding contiguous "
                         "layers (default: 1)")
 

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--dp", type=int, default=1,
+    p.add_argument("--dp", "--data-parallel-size", "-dp", dest="dp", type=int, default=1,
                    help="independent replicas of the --tp x --pp layout behind the one endpoint; a request goes "
                         "to the replica with the fewest outstanding requests, and the others serve on when one fails")
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences that run at once (per replica); more wait")
