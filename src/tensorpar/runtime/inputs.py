@@ -32,8 +32,11 @@ class InputProcessor:
             raise ValueError(f"{self.model} ships no tokenizer: give prompts as lists of token ids")
         return self.tokenizer
 
-    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
-        """Token ids of a text prompt (as one user message with ``chat``) or a list of token ids."""
+    def encode(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
+        """Token ids of a text prompt (as one user message with ``chat``), of chat messages
+        (``[{"role", "content"}, ...]``) or of a list of token ids."""
+        if prompt and isinstance(prompt, list) and isinstance(prompt[0], dict):
+            return self.encode_messages(prompt)
         if not isinstance(prompt, str):
             return self.check_ids([int(t) for t in prompt])
         if chat:

@@ -1,0 +1,118 @@
+"""vLLM's offline API over tensorpar: a script written for vLLM runs with its import changed to
+``from tensorpar.vllm import LLM, SamplingParams``.
+
+    llm = LLM(model="smollm2-135m", tensor_parallel_size=2)
+    outputs = llm.generate(["Hello, my name is"], SamplingParams(temperature=0.8, top_p=0.95))
+    print(outputs[0].outputs[0].text)
+
+The common arguments carry over with vLLM's meaning and defaults (``SamplingParams``: temperature
+1.0, ``max_tokens`` 16, ``top_k`` -1 or 0 for none). ``LLM`` takes ``tensor_parallel_size``,
+``pipeline_parallel_size``, ``dtype``, ``max_model_len``, ``max_num_seqs`` and ``seed`` (the
+default seed of sampling requests that give none); ``trust_remote_code``, ``enforce_eager`` and
+``gpu_memory_utilization`` are accepted and change nothing (tensorpar runs no remote code, has no
+CUDA graphs to skip, and sizes its KV cache per sequence); any other argument is a ``TypeError``
+naming it. ``generate`` and ``chat`` return ``RequestOutput``s whose ``outputs`` hold each
+choice's text, token ids and finish reason (per-token ``logprobs`` are not kept: None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tensorpar.runtime.llm import LLM as _LLM
+from tensorpar.runtime.sampling import SamplingParams as _Params
+
+NO_EFFECT = ("trust_remote_code", "enforce_eager", "gpu_memory_utilization")
+
+
+def SamplingParams(n: int = 1, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,  # noqa: N802
+                   repetition_penalty: float = 1.0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                   min_p: float = 0.0, seed: int | None = None, stop: str | list[str] | None = None,
+                   stop_token_ids: list[int] | None = None, ignore_eos: bool = False, max_tokens: int = 16,
+                   min_tokens: int = 0, logprobs: int | None = None, prompt_logprobs: int | None = None,
+                   logit_bias: dict[int, float] | None = None) -> _Params:
+    """vLLM's ``SamplingParams`` (its names and defaults) as tensorpar's."""
+    return _Params(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0), seed=seed,
+                   stop=(stop,) if isinstance(stop, str) else tuple(stop or ()), ignore_eos=ignore_eos, n=n,
+                   logprobs=logprobs or 0, prompt_logprobs=prompt_logprobs, presence_penalty=presence_penalty,
+                   frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty, min_p=min_p,
+                   logit_bias=tuple((logit_bias or {}).items()), stop_token_ids=tuple(stop_token_ids or ()),
+                   min_tokens=min_tokens)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    cumulative_logprob: float | None = None
+    logprobs: Any = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: Any = None
+    finished: bool = True
+
+
+class LLM:
+    """vLLM's ``LLM`` (module docstring)."""
+
+    def __init__(self, model: str, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, dtype: str = "auto",
+                 max_model_len: int | None = None, max_num_seqs: int = 256, seed: int | None = None, **kwargs):
+        unknown = [k for k in kwargs if k not in NO_EFFECT]
+        if unknown:
+            raise TypeError(f"tensorpar.vllm.LLM does not take {unknown[0]!r}")
+        self.seed = seed
+        self.llm = _LLM(model, max_num_seqs=max_num_seqs, tp=tensor_parallel_size, pp=pipeline_parallel_size,
+                        dtype=dtype, max_model_len=max_model_len)
+
+    def _run(self, prompts: list, texts: list, sampling_params, chat: bool) -> list[RequestOutput]:
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+        if self.seed is not None:
+            params = [p if p.seed is not None or p.greedy else _with_seed(p, self.seed) for p in params]
+        done = self.llm.generate_full(prompts, params, chat).completions
+        out = [RequestOutput(str(i), text, []) for i, text in enumerate(texts)]
+        for c in done:
+            r = out[c.prompt_index]
+            r.prompt_token_ids, r.prompt_logprobs = list(c.prompt_token_ids), c.prompt_logprobs
+            r.outputs.append(CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason))
+        return out
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Prompts: a string, a ``{"prompt": ...}`` or ``{"prompt_token_ids": [...]}`` dict, or a list of those."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        inputs, texts = [], []
+        for p in prompts:
+            if isinstance(p, dict):
+                p = p["prompt_token_ids"] if "prompt_token_ids" in p else p["prompt"]
+            inputs.append(p)
+            texts.append(p if isinstance(p, str) else None)
+        return self._run(inputs, texts, sampling_params, chat=False)
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of ``{"role", "content"}``) or a list of them, through the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        return self._run(conversations, [None] * len(conversations), sampling_params, chat=True)
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _with_seed(p: _Params, seed: int) -> _Params:
+    from dataclasses import replace
+
+    return replace(p, seed=seed)
