@@ -17,7 +17,7 @@ choice's text, token ids and finish reason (per-token ``logprobs`` are not kept:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tensorpar.runtime.llm import LLM as _LLM
@@ -74,9 +74,10 @@ class LLM:
                         dtype=dtype, max_model_len=max_model_len)
 
     def _run(self, prompts: list, texts: list, sampling_params, chat: bool) -> list[RequestOutput]:
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()]
+        params = params * len(prompts) if len(params) == 1 else params
         if self.seed is not None:
-            params = [p if p.seed is not None or p.greedy else _with_seed(p, self.seed) for p in params]
+            params = [p if p.seed is not None or p.greedy else replace(p, seed=self.seed) for p in params]
         done = self.llm.generate_full(prompts, params, chat).completions
         out = [RequestOutput(str(i), text, []) for i, text in enumerate(texts)]
         for c in done:
@@ -111,8 +112,3 @@ class LLM:
     def __exit__(self, *exc):
         self.close()
 
-
-def _with_seed(p: _Params, seed: int) -> _Params:
-    from dataclasses import replace
-
-    return replace(p, seed=seed)

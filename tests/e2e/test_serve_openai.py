@@ -446,7 +446,7 @@ def test_echo_with_logprobs_scores_a_batch_of_prompts_as_llm_score_does(server, 
 
 
 @pytest.mark.timeout(300)
-def test_sampling_controls_change_what_the_engine_generates(server, client, llm):
+def test_logit_bias_and_stop_token_ids_steer_the_engine(server, client, llm):
     base, model = server
     prompt = "Once upon a time"
     [free] = llm.generate([prompt], max_new_tokens=8, ignore_eos=True)

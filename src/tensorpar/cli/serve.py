@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="the names the model answers to in requests (the first is the one responses carry; "
                         "default: --model as given)")
-    p.add_argument("--max-n", type=int, default=32, help="most choices (n) one request may ask for (default: %(default)s)")
+    p.add_argument("--max-n", type=int, default=32,
+                   help="most choices (n) one request may ask for (default: %(default)s)")
     p.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
                    help="most tokens one request may generate per choice; a request asking more gets 400, one "
                         "asking nothing gets at most this (default: what the context leaves)")

@@ -77,7 +77,8 @@ class ShardedCheckpointSource(CheckpointSource):
             try:
                 handles[file] = safe_open(str(self.path / file), framework="pt")
             except Exception as e:
-                raise CheckpointError(f"{self.path / file}: unreadable checkpoint shard ({safetensors_trouble(e)}): {e}") from e
+                raise CheckpointError(
+                    f"{self.path / file}: unreadable checkpoint shard ({safetensors_trouble(e)}): {e}") from e
         key = f"{self.kind}/{entry['key']}"
         if key not in handles[file].keys():
             raise CheckpointError(f"{self.path / file}: has no {key!r} (saved without optimizer state?)")

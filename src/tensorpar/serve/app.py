@@ -1,13 +1,14 @@
 """The OpenAI-compatible HTTP API over a ``ServingEngine``: ``create_app(engine, api_key)``.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming as server-sent events
-or not), GET /v1/models, POST /tokenize and /detokenize, GET /version, GET /health (200 "ok", or "degraded" naming the replicas that are down
-while others serve; 503 when none can), GET /metrics. With ``api_key`` set, /v1/*, /tokenize and
+or not), GET /v1/models, POST /tokenize and /detokenize, GET /version, GET /health (200 "ok", or
+"degraded" naming the replicas that are down while others serve; 503 when none can), GET /metrics. With ``api_key`` set, /v1/*, /tokenize and
 /detokenize require ``Authorization: Bearer <api_key>``; /health, /metrics and /version stay open.
 The model answers to each of ``served_names`` (default: the name it was loaded by); responses
 carry the first.
 
-One API request with ``n`` choices is ``n`` engine requests ``{id}-{i}``. Their token events
+One API request with ``P`` prompts and ``n`` choices each is ``P * n`` engine requests ``{id}-{k}``
+(choice ``k = p * n + i``). Their token events
 reach the handler through a ``RequestStream``; whenever the handler stops early (the client
 went away, an error) it aborts what is still running, so the engine frees those sequences.
 """

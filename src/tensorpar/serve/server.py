@@ -58,7 +58,8 @@ def run_server(engine: ServingBackend, host: str = "127.0.0.1", port: int = 8000
     app = create_app(engine, api_key, max_request_bytes, limits, served_names)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
     shown_host = f"[{host}]" if ":" in host else host
-    server = _Server(config, lambda p: f"tensorpar: serving {(served_names or [engine.model_name])[0]} at http://{shown_host}:{p} ({engine.layout})")
+    name = (served_names or [engine.model_name])[0]
+    server = _Server(config, lambda p: f"tensorpar: serving {name} at http://{shown_host}:{p} ({engine.layout})")
     done = threading.Event()
     if stop is not None:
         def watch():
