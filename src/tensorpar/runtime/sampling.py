@@ -1,11 +1,14 @@
 """Choosing the next token from logits: the controls that reshape a batch's logits
 (``apply_controls``: logit bias, repetition / presence / frequency penalties, a minimum length),
-then greedy, or temperature / top-k / top-p / min-p sampling (``sample``)."""
+then greedy, or temperature / top-k / top-p / min-p sampling (``sample``). A guided sequence's
+grammar (``SamplingParams.guided``) masks its row on top (``tensorpar.runtime.guided``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
+
+from tensorpar.runtime.guided import GuidedDecoding
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +23,8 @@ class SamplingParams:
     chosen token's own log-probability is always reported). ``prompt_logprobs``: when set, each
     prompt token's log-probability given the tokens before it, with that many of the most likely
     tokens at its position (the first token has none). ``max_new_tokens=0`` generates nothing (with
-    ``prompt_logprobs``: a scoring request).
+    ``prompt_logprobs``: a scoring request). ``guided``: a constraint the output must meet (a JSON
+    schema, a regex, ...: ``GuidedDecoding``).
     """
 
     max_new_tokens: int = 32
@@ -40,6 +44,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
+    guided: GuidedDecoding | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -66,6 +71,8 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= max(self.max_new_tokens, 0):
             raise ValueError(f"min_tokens must be from 0 to max_new_tokens ({self.max_new_tokens}), "
                              f"got {self.min_tokens!r}")
+        if self.guided is not None and not isinstance(self.guided, GuidedDecoding):
+            raise ValueError(f"guided must be a GuidedDecoding or None, got {type(self.guided).__name__}")
         object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in dict(self.logit_bias).items()))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if isinstance(self.stop, str):
@@ -78,9 +85,9 @@ class SamplingParams:
 
     @property
     def controls_logits(self) -> bool:
-        """Some control reshapes the logits before the choice (``apply_controls``)."""
+        """Some control reshapes the logits before the choice (``apply_controls``, or a grammar)."""
         return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty or self.min_tokens
-                    or self.repetition_penalty != 1.0)
+                    or self.repetition_penalty != 1.0 or self.guided is not None)
 
     def choices(self) -> list["SamplingParams"]:
         """One ``n=1`` copy per choice; choice i samples with ``seed + i`` when a seed is given."""
