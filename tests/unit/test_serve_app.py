@@ -725,10 +725,9 @@ def test_sampling_controls_pass_through_and_unsupported_fields_are_refused(clien
     assert p.logit_bias == ((42, 3.5),) and p.stop_token_ids == (7, 9) and p.min_tokens == 2
     defaults = {"response_format": {"type": "text"}, "tool_choice": "none", "tools": [], "user": "me", "store": False}
     assert client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1, **defaults}).status_code == 200
-    for path, extra in [("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
-                        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
-                        ("/v1/completions", {"suffix": "end"}),
-                        ("/v1/completions", {"guided_json": {"type": "object"}})]:
+    for path, extra in [("/v1/chat/completions", {"functions": [{"name": "f"}]}),
+                        ("/v1/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+                        ("/v1/completions", {"suffix": "end"})]:
         body = {**(CHAT if "chat" in path else {"prompt": "Hi"}), **extra}
         err = assert_error(client.post(path, json=body), 400, param=next(iter(extra)))
         assert "not supported" in err["message"]
@@ -758,3 +757,132 @@ def test_tokenize_detokenize_version_and_served_names(engine, tokenizer):
         assert "'smol', 'smol-alias'" in err["message"]
     with TestClient(create_app(engine, api_key="k")) as c:
         assert c.post("/tokenize", json={"prompt": "Hi"}).status_code == 401 and c.get("/version").status_code == 200
+
+
+# ---- structured output and tools ---------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL_TEXT = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.fixture
+def tools_engine(engine):
+    """The fake engine with a tools-aware chat template (tensorpar's Hermes one)."""
+    from tensorpar.serve.tools import HERMES_TEMPLATE
+
+    engine.inputs.chat_template = HERMES_TEMPLATE.read_text()
+    return engine
+
+
+def test_structured_output_fields_become_the_requests_constraint(client, engine):
+    from tensorpar.runtime.guided import GuidedDecoding as G
+
+    as_schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    cases = [
+        ("/v1/chat/completions", {"response_format": {"type": "text"}}, None),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, G("json_object")),
+        ("/v1/chat/completions", {"response_format": as_schema}, G("json_schema", PERSON)),
+        ("/v1/completions", {"response_format": as_schema}, G("json_schema", PERSON)),
+        ("/v1/completions", {"guided_json": PERSON}, G("json_schema", PERSON)),
+        ("/v1/completions", {"guided_json": json.dumps(PERSON)}, G("json_schema", PERSON)),
+        ("/v1/completions", {"guided_regex": "[a-z]+ [0-9]"}, G("regex", "[a-z]+ [0-9]")),
+        ("/v1/completions", {"guided_choice": ["yes", "no"]}, G("choice", ("yes", "no"))),
+        ("/v1/chat/completions", {"guided_grammar": 'start: "a" | "b"'}, G("grammar", 'start: "a" | "b"')),
+        ("/v1/chat/completions", {"structured_outputs": {"json": PERSON}}, G("json_schema", PERSON)),
+        ("/v1/chat/completions", {"structured_outputs": {"choice": ["x", "y"]}}, G("choice", ("x", "y"))),
+        ("/v1/chat/completions", {"structured_outputs": {"json_object": True}}, G("json_object")),
+    ]
+    for path, extra, want in cases:
+        body = {**(CHAT if "chat" in path else {"prompt": "Hi"}), "max_tokens": 2, "n": 2, **extra}
+        r = client.post(path, json=body)
+        assert r.status_code == 200, (extra, r.text)
+        assert [s.params.guided for s in engine.submitted[-2:]] == [want, want], extra
+
+
+@pytest.mark.parametrize("path, extra, param, words", [
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objekt"}}}}, "response_format", "invalid JSON schema: Invalid type: objekt"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format", "needs json_schema.schema"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format.type", "'json_schema'"),
+    ("/v1/completions", {"guided_regex": "a(b"}, "guided_regex", 'invalid regex "a(b"'),
+    ("/v1/completions", {"guided_json": "{oops"}, "guided_json", "not JSON"),
+    ("/v1/completions", {"guided_choice": []}, "guided_choice", "invalid choice"),
+    ("/v1/completions", {"guided_grammar": "start: nowhere"}, "guided_grammar", "unknown name"),
+    ("/v1/completions", {"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
+    ("/v1/completions", {"guided_regex": "a+", "response_format": {"type": "json_object"}}, "guided_regex",
+     "at most one constraint"),
+])
+def test_invalid_constraints_are_a_400_naming_the_field_before_anything_runs(client, engine, path, extra, param,
+                                                                              words):
+    body = {**(CHAT if "chat" in path else {"prompt": "Hi"}), **extra}
+    err = assert_error(client.post(path, json=body), 400, param=param)
+    assert words in err["message"] and "\n" not in err["message"]
+    assert engine.submitted == []
+
+
+def test_tools_need_a_template_that_renders_them(client, engine, tokenizer):
+    err = assert_error(client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER]}), 400, param="tools")
+    assert "does not support tools" in err["message"] and "--chat-template" in err["message"]
+    r = client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER], "tool_choice": "none", "max_tokens": 2})
+    assert r.status_code == 200 and engine.submitted[-1].prompt_token_ids == chat_ids(tokenizer, CHAT["messages"])
+    assert "tool_calls" not in r.json()["choices"][0]["message"]
+
+
+def test_tools_reach_the_template_and_a_required_call_is_a_grammar(client, tools_engine, tokenizer):
+    engine, template = tools_engine, tools_engine.inputs.chat_template
+    body = {**CHAT, "tools": [WEATHER], "max_tokens": 2}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200  # "auto": offered, text free
+    want = tokenizer.apply_chat_template(CHAT["messages"], tools=[WEATHER], chat_template=template,
+                                         add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert engine.submitted[-1].prompt_token_ids == want and engine.submitted[-1].params.guided is None
+    assert "<tools>" in tokenizer.decode(want) and '"name": "get_weather"' in tokenizer.decode(want)
+    for tool_choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        assert client.post("/v1/chat/completions", json={**body, "tool_choice": tool_choice}).status_code == 200
+        guided = engine.submitted[-1].params.guided
+        assert guided.kind == "grammar" and '\\"get_weather\\"' in guided.value and "%json" in guided.value
+    for extra, param in [({"tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+                         ({"tools": [], "tool_choice": "required"}, "tool_choice"),
+                         ({"tools": [WEATHER, WEATHER]}, "tools"),
+                         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+                         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice")]:
+        assert_error(client.post("/v1/chat/completions", json={**body, **extra}), 400, param=param)
+
+
+def test_a_tool_result_goes_back_to_the_model(client, tools_engine, tokenizer):
+    messages = [CHAT["messages"][0],
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"}]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "tools": [WEATHER], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    prompt = tokenizer.decode(tools_engine.submitted[-1].prompt_token_ids)
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+            '</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n21 C, sunny\n</tool_response><|im_end|>\n'
+            '<|im_start|>assistant\n') in prompt
+    messages[1]["tool_calls"][0]["function"]["arguments"] = "{not json"
+    assert_error(client.post("/v1/chat/completions", json={"messages": messages, "tools": [WEATHER]}), 400,
+                 param="messages")
+
+
+def test_the_reply_carries_tool_calls(client, tools_engine, tokenizer):
+    tools_engine.script = tokenizer(CALL_TEXT + " END")["input_ids"]
+    body = {**CHAT, "tools": [WEATHER], "stop": ["END"], "max_tokens": 60}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    [call] = choice["message"]["tool_calls"]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert choice["message"]["content"] == "Let me check." and choice["finish_reason"] == "tool_calls"
+    chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
+    [whole] = deltas[1:-1]  # held back, then sent whole
+    assert whole["content"] == "Let me check." and whole["tool_calls"][0]["index"] == 0
+    assert whole["tool_calls"][0]["function"] == call["function"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"

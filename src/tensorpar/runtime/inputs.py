@@ -22,10 +22,13 @@ class ContextLengthError(ValueError):
 
 
 class InputProcessor:
-    """``tokenizer`` may be None (a checkpoint without one): prompts must then be token ids."""
+    """``tokenizer`` may be None (a checkpoint without one): prompts must then be token ids.
+    ``chat_template``: a Jinja chat template used instead of the tokenizer's own (None: its own)."""
 
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, model: str = "the model"):
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, model: str = "the model",
+                 chat_template: str | None = None):
         self.tokenizer, self.vocab_size, self.max_model_len, self.model = tokenizer, vocab_size, max_model_len, model
+        self.chat_template = chat_template
 
     def _tokenizer(self):
         if self.tokenizer is None:
@@ -43,11 +46,19 @@ class InputProcessor:
             return self.encode_messages([{"role": "user", "content": prompt}])
         return self.check_ids(list(self._tokenizer()(prompt)["input_ids"]) if prompt else [])
 
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        """The chat template applied to ``messages``, with the assistant's turn opened."""
-        ids = self._tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=False)
+    def encode_messages(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The chat template applied to ``messages``, with the assistant's turn opened; ``tools``
+        (OpenAI function tools) are given to the template, which lists them for the model."""
+        ids = self._tokenizer().apply_chat_template(messages, tools=tools, chat_template=self.chat_template,
+                                                    add_generation_prompt=True, tokenize=True, return_dict=False)
         return self.check_ids(list(ids))
+
+    @property
+    def template_takes_tools(self) -> bool:
+        """The chat template in use renders ``tools`` (it names them at all)."""
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None) or ""
+        texts = template.values() if isinstance(template, dict) else [template]
+        return any("tools" in t for t in texts)
 
     def check_ids(self, ids: list[int]) -> list[int]:
         if not ids:

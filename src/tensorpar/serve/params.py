@@ -1,14 +1,17 @@
 """From a validated request body to prompt token ids and ``Request``s: the OpenAI parameters
 mapped onto the runtime's own checks (``tensorpar.runtime.inputs``), each failing as a 400 that
-names the parameter and the numbers."""
+names the parameter and the numbers. Structured output (``response_format``, vLLM's ``guided_*``
+and ``structured_outputs``, a required tool call) becomes ``SamplingParams.guided``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tensorpar.runtime.guided import GuidedDecoding
 from tensorpar.runtime.inputs import ContextLengthError, InputProcessor
 from tensorpar.runtime.request import Request, requests_for
 from tensorpar.runtime.sampling import SamplingParams
+from tensorpar.serve import tools
 from tensorpar.serve.errors import APIError
 from tensorpar.serve.protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -63,11 +66,17 @@ def _text(content) -> str | None:
 
 
 def chat_prompt_ids(body: ChatCompletionRequest, inputs: InputProcessor) -> list[int]:
+    """The chat template applied to ``messages``, with the tools offered (``tools.offered``)."""
     if not body.messages:
         raise APIError(400, "messages is empty: give at least one message", param="messages")
     messages = [{**m.model_dump(exclude_none=True), "content": _text(m.content) or ""} for m in body.messages]
+    offered = tools.offered(body)
+    if offered is not None and not inputs.template_takes_tools:
+        raise APIError(400, "this model's chat template does not support tools; start the server with "
+                            "--chat-template naming one that does (tensorpar ships serve/templates/"
+                            "hermes_tools.jinja for ChatML models)", param="tools")
     try:
-        return inputs.encode_messages(messages)
+        return inputs.encode_messages(tools.template_messages(messages), tools=offered)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # the template rejects these messages (roles out of order, ...)
@@ -107,11 +116,61 @@ def max_new_tokens(asked: int | None, default: int | None, prompt_len: int, inpu
     return asked
 
 
+def _constraints(body: SamplingFields) -> list[tuple[str, str, object]]:
+    """Each structured-output field set in ``body``: (param, ``GuidedDecoding`` kind, value)."""
+    out = []
+    rf = body.response_format
+    if rf is not None and rf.type == "json_object":
+        out.append(("response_format", "json_object", None))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.json_schema is None:
+            raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                           param="response_format")
+        out.append(("response_format", "json_schema", rf.json_schema.json_schema))
+    for kind, name in (("json_schema", "guided_json"), ("regex", "guided_regex"), ("choice", "guided_choice"),
+                       ("grammar", "guided_grammar")):
+        if getattr(body, name) is not None:
+            out.append((name, kind, getattr(body, name)))
+    so = body.structured_outputs
+    if so is not None:
+        given = [(kind, value) for kind, value in (("json_schema", so.json_), ("regex", so.regex),
+                                                   ("choice", so.choice), ("grammar", so.grammar)) if value is not None]
+        given += [("json_object", None)] if so.json_object else []
+        if len(given) != 1:
+            raise APIError(400, "structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
+                           param="structured_outputs")
+        out.append(("structured_outputs", *given[0]))
+    return out
+
+
+def guided_decoding(body: SamplingFields) -> GuidedDecoding | None:
+    """The constraint on the output that ``body`` asks for (at most one: ``response_format``,
+    ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``,
+    ``structured_outputs``, or in chat a required tool call); a 400 naming the field when it is
+    invalid or when several are given."""
+    asked = _constraints(body)
+    forced = tools.forced_calls(body) if isinstance(body, ChatCompletionRequest) else None
+    if forced is not None:
+        asked.append(("tool_choice", "grammar", forced))
+    if len(asked) > 1:
+        raise APIError(400, f"give at most one constraint on the output, got {', '.join(p for p, _, _ in asked)}",
+                       param=asked[1][0])
+    if not asked:
+        return None
+    param, kind, value = asked[0]
+    if isinstance(value, GuidedDecoding):
+        return value
+    try:
+        return GuidedDecoding(kind, value)
+    except ValueError as e:
+        raise APIError(400, f"{param}: {e}", param=param) from None
+
+
 def serve_requests(body: SamplingFields, request_id: str, prompt_ids: list[int], max_tokens: int,
                    logprobs: int, max_n: int = MAX_N, prompt_logprobs: int | None = None,
                    vocab_size: int = 1 << 31) -> list[Request]:
     """``n`` requests ``{request_id}-{i}`` (``requests_for``: with a seed, choice i samples with
-    ``seed + i``); ``prompt_logprobs``: see ``SamplingParams``."""
+    ``seed + i``); ``prompt_logprobs``: see ``SamplingParams``; ``guided``: ``guided_decoding``."""
     n = 1 if body.n is None else body.n
     if not 1 <= n <= max_n:
         raise APIError(400, f"n must be between 1 and {max_n}, got {n}", param="n")
@@ -136,7 +195,7 @@ def serve_requests(body: SamplingFields, request_id: str, prompt_ids: list[int],
     controls = dict(presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
                     repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                     min_p=body.min_p or 0.0, logit_bias=tuple(bias), stop_token_ids=tuple(body.stop_token_ids or ()),
-                    min_tokens=body.min_tokens or 0)
+                    min_tokens=body.min_tokens or 0, guided=guided_decoding(body))
     try:
         sp = SamplingParams(max_new_tokens=max_tokens, temperature=t, top_p=top_p, top_k=max(top_k, 0),
                             seed=body.seed, stop=tuple(stop), ignore_eos=bool(body.ignore_eos), n=n,

@@ -1,16 +1,19 @@
 """Request bodies of the OpenAI API, as far as tensorpar serves them.
 
-Fields that would change the output but are not implemented (``response_format``, ``tools``,
-``suffix``, guided decoding, ...: ``UNSUPPORTED``) are refused with a 400 naming them; other fields
-OpenAI defines (``user``, ``metadata``, ``store``, ...) are accepted and ignored, as clients send
-them by default. ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``
-and ``ignore_eos`` are extensions (as in vLLM). ``model`` may be left out: it then means the one
-model served.
+Fields that would change the output but are not implemented (``suffix``, ``functions``, ...:
+``UNSUPPORTED``; ``tools`` outside chat) are refused with a 400 naming them; other fields OpenAI
+defines (``user``, ``metadata``, ``store``, ...) are accepted and ignored, as clients send them by
+default. ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
+``ignore_eos`` and the structured-output fields ``guided_json``, ``guided_regex``,
+``guided_choice``, ``guided_grammar`` and ``structured_outputs`` are extensions (as in vLLM).
+``model`` may be left out: it then means the one model served.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
@@ -18,10 +21,38 @@ class _Body(BaseModel):
 
 
 # field -> the values that leave the output unchanged (sent by some clients by default)
-UNSUPPORTED = {"response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
-               "functions": ([],), "function_call": ("none", "auto"), "suffix": ("",), "guided_json": (),
-               "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
-               "prompt_logprobs": (), "logits_processors": ()}
+UNSUPPORTED = {"tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+               "suffix": ("",), "prompt_logprobs": (), "logits_processors": ()}
+
+
+class JSONSchemaFormat(_Body):
+    """``response_format.json_schema``: the schema under ``schema`` (``name``, ``description``
+    and ``strict`` are accepted; the schema is always enforced)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or
+    ``json_schema`` (JSON valid under ``json_schema.schema``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's ``structured_outputs``: one of ``json`` (a schema), ``regex``, ``choice``,
+    ``grammar`` (Lark), ``json_object``."""
+
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class StreamOptions(_Body):
@@ -48,6 +79,12 @@ class SamplingFields(_Body):
     logit_bias: dict[str, float] | None = None
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -60,8 +97,34 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
+class FunctionDefinition(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object (None: no arguments)
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    """One entry of ``tools``: a function the model may call."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    """``tool_choice`` naming the one function the model must call."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatMessage(BaseModel):
-    """One message; extra keys (``name``, ``tool_calls``, ...) pass through to the chat template."""
+    """One message; extra keys (``name``, ``tool_calls``, ``tool_call_id``, ...) pass through to
+    the chat template."""
 
     model_config = ConfigDict(extra="allow")
     role: str
@@ -75,6 +138,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(_Body):

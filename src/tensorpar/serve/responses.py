@@ -3,7 +3,8 @@
 ``CompletionFormat`` (``text_completion``) and ``ChatFormat`` (``chat.completion`` /
 ``chat.completion.chunk``) share one interface, so one streaming loop and one collecting loop
 serve both endpoints: ``opening`` (chunk sent per choice before any token: chat's role delta),
-``piece`` (one event's chunk), ``full`` (the non-streaming body).
+``piece`` (one event's chunks), ``full`` (the non-streaming body). Chat replies may carry tool
+calls (``ChatFormat``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from tensorpar.runtime.request import TokenEvent
+from tensorpar.serve import tools
 
 
 class TokenText:
@@ -152,7 +154,23 @@ class CompletionFormat(Format):
 
 
 class ChatFormat(Format):
+    """``tool_calls``: the model was offered tools, so its text is parsed for calls
+    (``tools.parse``): the message carries them as ``tool_calls`` and the text around them as
+    ``content`` (None when empty); ``finish_reason`` is ``"tool_calls"`` when the reply ended by
+    itself with at least one call (a reply the token budget cut keeps ``"length"``).
+
+    Streamed, such a reply is held back and sent whole when it ends: one delta with its
+    ``content`` and all its ``tool_calls`` (and the log-probabilities of all its tokens), then
+    the chunk with ``finish_reason``. Text that will turn out to be a call cannot be told from
+    content before the call is complete, so nothing is sent early.
+    """
+
     chunk_object, full_object = "chat.completion.chunk", "chat.completion"
+
+    def __init__(self, *args, tool_calls: bool = False, **kw):
+        super().__init__(*args, **kw)
+        self.tool_calls = tool_calls
+        self._held: dict[int, list[TokenEvent]] = {}  # per streamed choice, its events so far
 
     def _entry(self, token_id: int, logprob: float | None) -> dict:
         s = self.token_text(token_id)
@@ -165,11 +183,24 @@ class ChatFormat(Format):
                     "top_logprobs": [self._entry(t, lp) for t, lp in e.top_logprobs[: self.top_n]]} for e in events]
         return {"content": content, "refusal": None}
 
+    def _message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """The assistant message of a reply's ``text``, and its finish reason."""
+        if not self.tool_calls:
+            return {"role": "assistant", "content": text, "refusal": None}, finish_reason
+        content, calls = tools.parse(text)
+        message = {"role": "assistant", "content": content, "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        return message, finish_reason
+
     def opening(self, index: int) -> dict:
         return self.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None}])
 
     def piece(self, index: int, ev: TokenEvent, offset: int) -> list[dict]:
+        if self.tool_calls:
+            return self._whole(index, ev)
         out = []
         if ev.text_delta or (ev.token_id is not None and self.top_n is not None):
             lp = self._logprobs([ev]) if ev.token_id is not None else None
@@ -180,10 +211,29 @@ class ChatFormat(Format):
                                     "finish_reason": ev.finish_reason or "stop"}]))
         return out
 
+    def _whole(self, index: int, ev: TokenEvent) -> list[dict]:
+        """A reply parsed for tool calls: nothing until it ends, then all of it."""
+        held = self._held.setdefault(index, [])
+        held.append(ev)
+        if not ev.finished:
+            return []
+        del self._held[index]
+        message, reason = self._message("".join(e.text_delta for e in held), ev.finish_reason or "stop")
+        scored = [e for e in held if e.token_id is not None]
+        delta = {"content": message["content"]}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+        out = []
+        if message["content"] or "tool_calls" in message or (scored and self.top_n is not None):
+            out.append(self.chunk([{"index": index, "delta": delta, "logprobs": self._logprobs(scored),
+                                    "finish_reason": None}]))
+        out.append(self.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]))
+        return out
+
     def full(self, choices: list[Choice], prompt_tokens: int) -> dict:
-        return {**self._head(self.full_object),
-                "choices": [{"index": i,
-                             "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
-                             "logprobs": self._logprobs([e for e, _ in c.scored]),
-                             "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
-                "usage": usage(prompt_tokens, choices)}
+        out = []
+        for i, c in enumerate(choices):
+            message, reason = self._message("".join(c.text), c.finish_reason)
+            out.append({"index": i, "message": message, "logprobs": self._logprobs([e for e, _ in c.scored]),
+                        "finish_reason": reason})
+        return {**self._head(self.full_object), "choices": out, "usage": usage(prompt_tokens, choices)}
