@@ -75,11 +75,15 @@ def test_a_required_call_is_always_a_valid_call(compiler, tokenizer, tool_choice
 
 def test_which_tools_are_offered_and_when_a_call_is_forced():
     assert tools.offered(request()) == FUNCTIONS and tools.forced_calls(request()) is None  # auto
-    assert tools.offered(request(tool_choice="none")) is None and tools.forced_calls(request(tool_choice="none")) is None
+    assert tools.offered(request(tool_choice="none")) is None
+    assert tools.forced_calls(request(tool_choice="none")) is None
     assert tools.offered(ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}])) is None
     one = tools.forced_calls(request(tool_choice="required", parallel_tool_calls=False)).value
     many = tools.forced_calls(request(tool_choice="required")).value
     assert one.startswith("start: tool_call\n") and many.startswith('start: tool_call ("\\n" tool_call)*\n')
+    open_ended = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert tools._closed(open_ended) == {**open_ended, "additionalProperties": False}  # only declared parameters
+    assert tools._closed({**open_ended, "additionalProperties": True})["additionalProperties"] is True
     with pytest.raises(APIError) as e:
         tools.forced_calls(request(tool_choice={"type": "function", "function": {"name": "missing"}}))
     assert e.value.param == "tool_choice" and "missing" in e.value.message

@@ -65,9 +65,20 @@ def offered(body: ChatCompletionRequest) -> list[dict] | None:
     return [t.model_dump(exclude_none=True) for t in body.tools]
 
 
+def _closed(parameters: dict) -> dict:
+    """``parameters`` with ``additionalProperties: false`` where it declares properties and says
+    nothing of others: a forced call passes only the parameters the function declares (a small
+    model otherwise goes on inventing more)."""
+    if "properties" in parameters and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
+
+
 def forced_calls(body: ChatCompletionRequest) -> GuidedDecoding | None:
     """The grammar of the reply when a call is required: one or more calls (one only for a named
-    function, or with ``parallel_tool_calls=false``), one per line, nothing around them."""
+    function, or with ``parallel_tool_calls=false``), one per line, nothing around them. The
+    arguments of each are valid under the function's ``parameters`` and hold only the parameters
+    it declares (``_closed``)."""
     chosen = choice(body)
     if offered(body) is None or chosen == "auto":
         return None
@@ -75,7 +86,7 @@ def forced_calls(body: ChatCompletionRequest) -> GuidedDecoding | None:
     rules, alternatives = [], []
     for i, f in enumerate(tools):
         head = '{"name": ' + json.dumps(f.name) + ', "arguments": '
-        schema = {"x-guidance": JSON_OPTIONS, **(f.parameters if f.parameters is not None else NO_ARGUMENTS)}
+        schema = {"x-guidance": JSON_OPTIONS, **_closed(f.parameters if f.parameters is not None else NO_ARGUMENTS)}
         rules += [f"fn_{i}: {json.dumps(head)} args_{i} " + '"}"', f"args_{i}: %json {json.dumps(schema)}"]
         alternatives.append(f"fn_{i}")
     one = chosen != "required" or body.parallel_tool_calls is False
