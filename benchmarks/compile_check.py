@@ -19,10 +19,13 @@ import time
 import torch
 
 from tensorpar.distributed.groups import single_process_context
-from tensorpar.layers.attention import CAUSAL
 from tensorpar.loading import build_model, open_source
 from tensorpar.runtime import step as S
 from tensorpar.runtime.kv_cache import KVCache
+
+
+BLOCK = 16
+cache_blocks = 1024 // BLOCK + 1  # one sequence of up to 1024 positions, and the padding block
 
 
 def main() -> None:
@@ -35,13 +38,10 @@ def main() -> None:
     compiled = torch.compile(model, dynamic={"true": True, "false": False, "none": None}[args.dynamic])
 
     def runner(m):
-        cache = KVCache(model.kv_cache_shape(), 1, 1024, torch.float32, torch.device("cpu"))
+        cache = KVCache(model.kv_cache_shape(), cache_blocks, BLOCK, torch.float32, torch.device("cpu"))
 
         def run(message):
             batch = S.to_batch(message.header(), torch.tensor(message.payload()))
-            for part in batch.parts:
-                if part.kind == CAUSAL:
-                    cache.start(part.slot_start)
             with torch.no_grad():
                 t = time.perf_counter()
                 logits = model.lm_head(batch.last_tokens(m(batch.ids, batch.attention, cache)))
@@ -51,14 +51,15 @@ def main() -> None:
 
     eager, comp = runner(model), runner(compiled)
     prompt = list(range(300, 316))
-    first, _ = eager(S.prefill(prompt, 0))
-    comp(S.prefill(prompt, 0))
+    blocks = list(range(1, cache_blocks))  # one sequence's block table
+    first, _ = eager(S.step([S.chunk(prompt, 0, len(prompt), blocks, BLOCK)]))
+    comp(S.step([S.chunk(prompt, 0, len(prompt), blocks, BLOCK)]))
     tokens = [int(first.argmax())]
     times = {"eager": [], "compiled": []}
     worst_abs = worst_rel = 0.0
     flips = 0
     for i in range(args.steps):
-        message = S.decode([tokens[-1]], [len(prompt) + i], [0])
+        message = S.step([S.decode_part([tokens[-1]], [len(prompt) + i], [blocks], BLOCK)])
         a, ta = eager(message)
         b, tb = comp(message)
         times["eager"].append(ta)

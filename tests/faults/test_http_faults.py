@@ -1,7 +1,7 @@
 """The HTTP surface under abuse, on one real server (tp=2): a bounded fuzz of the OpenAI endpoints
 generated from the app's own OpenAPI schema (schemathesis), an oversized body, a slow client,
 clients that vanish mid-stream, and 64 concurrent streams of which a random half abort. Every
-response is an OpenAI-format success or 4xx, never a 5xx; afterwards every KV-cache slot is
+response is an OpenAI-format success or 4xx, never a 5xx; afterwards every KV-cache block is
 free, the processes' memory is back near idle, and a greedy request answers exactly as before."""
 
 from __future__ import annotations
@@ -62,12 +62,12 @@ def _gauges(url: str) -> dict:
 
 
 def _idle(url: str, timeout_s: float = 30) -> dict:
-    """Wait until nothing runs or waits and every slot is free; the gauges then."""
+    """Wait until nothing runs or waits and no KV-cache block is owned; the gauges then."""
     deadline = time.monotonic() + timeout_s
     while True:
         g = _gauges(url)
         if (g["tensorpar_num_requests_running"], g["tensorpar_num_requests_waiting"],
-                g["tensorpar_kv_cache_free_slots"]) == (0, 0, MAX_NUM_SEQS):
+                g["tensorpar_kv_cache_usage_ratio"]) == (0, 0, 0):
             return g
         assert time.monotonic() < deadline, f"the engine never went idle: {g}"
         time.sleep(0.1)
@@ -110,7 +110,7 @@ def test_a_fuzz_generated_from_the_openapi_schema_gets_no_5xx(server, record):
     seen = ", ".join(f"{n} x {s}" for s, n in sorted(statuses.items()))
     record(fault=f"{sum(statuses.values())} requests fuzzed from the OpenAPI schema (valid and invalid bodies)",
            command="serve", layout="tp=2", sees=f"OpenAI-format responses only: {seen}", seconds=round(seconds, 1),
-           lost="nothing (no 5xx; every slot free afterwards)")
+           lost="nothing (no 5xx; every KV block free afterwards)")
 
 
 def test_an_oversized_body_a_slow_client_and_vanishing_clients(server, record):
@@ -148,7 +148,7 @@ def test_an_oversized_body_a_slow_client_and_vanishing_clients(server, record):
     record(fault="a 100 kB body (limit 64 KiB), a client trickling its body over 2 s, 4 clients hanging up "
                  "mid-stream", command="serve", layout="tp=2",
            sees="413 request_too_large; the slow client gets its answer while others are served; the streams' "
-                "slots are freed", seconds=round(slow_s, 1), lost="nothing")
+                "KV blocks are freed", seconds=round(slow_s, 1), lost="nothing")
 
 
 def test_64_concurrent_streams_with_random_aborts_leave_nothing_behind(server, record):
@@ -187,6 +187,6 @@ def test_64_concurrent_streams_with_random_aborts_leave_nothing_behind(server, r
     again = httpx.post(f"{url}/v1/completions", json=GREEDY, timeout=30).json()["choices"][0]["text"]
     assert again == solo
     record(fault=f"64 concurrent streams, {64 - plan.count(None)} of them hung up at random", command="serve",
-           layout="tp=2", sees=f"{plan.count(None)} streams complete, every KV slot free afterwards, RSS within "
+           layout="tp=2", sees=f"{plan.count(None)} streams complete, every KV block free afterwards, RSS within "
                                f"{max(grown):.0f} MiB of idle, the solo greedy answer unchanged",
            seconds=round(seconds, 1), lost="nothing (only the aborted streams' own tokens)")

@@ -1,9 +1,11 @@
 """ServingEngine: continuous batching over real ranks. Requests joining a busy batch get exactly
-their solo greedy output; aborts free their slot; a dead rank turns the engine unhealthy and ends
-every request with an error naming it."""
+their solo greedy output (computed without prefix caching), also those whose prompt starts with
+a cached prefix; aborts free their blocks; a KV budget too small for one sequence is refused; a
+dead rank turns the engine unhealthy and ends every request with an error naming it."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -37,15 +39,18 @@ class Collector:
         return "".join(e.text_delta for e in self.events[rid])
 
 
+SYSTEM = ("You are a careful assistant. Answer in one short sentence, name your sources, and never guess: "
+          "when you do not know, say so plainly, and keep every answer polite and brief. ")
 PROMPTS = ["Once upon a time", "Tensor parallelism", "Hello", "The capital of France is", "def f(x):",
            "A B C", "One two three four five six seven", "Why?"]
+PREFIXED = [SYSTEM + q for q in ("What is rain?", "Why is the sky blue?", "Who wrote Hamlet?")]
 
 
 @pytest.fixture(scope="module")
 def solo(tiny_chat_checkpoint):
-    """Each prompt's greedy completion generated alone, in one process."""
-    with LLM(str(tiny_chat_checkpoint), tp=1, progress=False) as llm:
-        return {p: llm.generate([p], max_new_tokens=12, ignore_eos=True)[0] for p in PROMPTS}
+    """Each prompt's greedy completion generated alone, in one process, every prompt computed whole."""
+    with LLM(str(tiny_chat_checkpoint), tp=1, progress=False, prefix_caching=False) as llm:
+        return {p: llm.generate([p], max_new_tokens=12, ignore_eos=True)[0] for p in PROMPTS + PREFIXED}
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +83,41 @@ def test_busy_batch_gives_each_request_its_solo_output(engine, solo):
 
 
 @pytest.mark.timeout(120)
+def test_prompts_sharing_a_cached_prefix_skip_its_blocks_and_get_their_solo_output(engine, solo):
+    tok = engine.tokenizer
+    ids = {p: tok(p)["input_ids"] for p in PREFIXED}
+    shared = min(next(i for i, (a, b) in enumerate(zip(ids[PREFIXED[0]], ids[p])) if a != b) for p in PREFIXED[1:])
+    assert shared >= 32  # at least two blocks of 16 in common
+    before = engine.stats()
+    got = Collector()
+    engine.submit(Request("first", ids[PREFIXED[0]], SamplingParams(max_new_tokens=12, ignore_eos=True)), got)
+    got.wait(["first"])
+    for i, p in enumerate(PREFIXED[1:]):
+        engine.submit(Request(f"then{i}", ids[p], SamplingParams(max_new_tokens=12, ignore_eos=True)), got)
+    got.wait(["first", "then0", "then1"])
+    for rid, p in zip(("first", "then0", "then1"), PREFIXED):
+        assert got.tokens(rid) == solo[p].token_ids, rid
+    after = engine.stats()
+    hits = after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    assert hits >= 2 * (shared // 16 * 16)  # the two later prompts found the shared blocks
+    assert after["prefix_cache_queries"] - before["prefix_cache_queries"] == sum(len(v) for v in ids.values())
+    assert after["kv_cache_usage"] == 0 and after["free_blocks"] == after["kv_blocks"]
+
+
+@pytest.mark.timeout(60)
+def test_a_kv_budget_below_one_sequence_is_refused_before_serving(tiny_chat_checkpoint):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "tensorpar", "generate", "--model", str(tiny_chat_checkpoint), "--tp", "2",
+                        "--max-model-len", "64", "--kv-cache-memory", "4096", "--prompt", "Hi"],
+                       capture_output=True, text=True, timeout=50)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert re.search(r"--kv-cache-memory gives each rank 0\.0 MiB: \d+ positions of KV cache, less than one sequence "
+                     r"of --max-model-len 64", r.stderr), r.stderr
+
+
+@pytest.mark.timeout(120)
 def test_stop_strings_hold_back_text_and_cut_it(engine, solo):
     tok = engine.tokenizer
     full = solo[PROMPTS[0]].text
@@ -92,7 +132,7 @@ def test_stop_strings_hold_back_text_and_cut_it(engine, solo):
 
 
 @pytest.mark.timeout(120)
-def test_abort_frees_the_slot(engine):
+def test_abort_frees_the_blocks(engine):
     tok = engine.tokenizer
     got = Collector()
     engine.submit(Request("long", tok("x")["input_ids"], SamplingParams(max_new_tokens=2000, ignore_eos=True)), got)
@@ -101,4 +141,4 @@ def test_abort_frees_the_slot(engine):
     engine.abort("long")
     got.wait(["long"])
     assert got.events["long"][-1].finish_reason == "abort"
-    assert engine.stats()["running"] == 0
+    assert engine.stats()["running"] == 0 and engine.stats()["kv_cache_usage"] == 0

@@ -11,7 +11,7 @@ import tensorpar.layers.embedding as embedding_mod
 import tensorpar.layers.linear as linear_mod
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
-from tensorpar.layers.attention import CAUSAL, AttentionBatch
+from tensorpar.layers.attention import AttentionBatch
 from tensorpar.loading import build_model
 from tensorpar.loading.safetensors_source import SafetensorsSource
 from tensorpar.models.config import ModelConfig
@@ -253,22 +253,24 @@ def test_a_packed_step_equals_its_parts_run_alone_and_chunks_equal_a_whole_prefi
 
     def run(cache, message):
         batch = S.to_batch(message.header(), torch.tensor(message.payload()))
-        for part in batch.parts:
-            if part.kind == CAUSAL:  # a sequence starts in its slot
-                cache.start(part.slot_start)
         with torch.no_grad():
             return batch.last_tokens(model(batch.ids, batch.attention, cache))  # [rows, hidden]
 
+    blocks_a, blocks_b, blocks_c = [7, 2, 9, 4], [5, 1], [3, 11, 6, 10, 8]  # blocks of 4 positions, scattered
+
     def new_cache():
-        cache = KVCache(model.kv_cache_shape(), 3, 32, torch.float32, CPU)
-        run(cache, S.prefill(a, 0))  # a: 12 tokens cached, its next token at position 12
-        run(cache, S.step([S.chunk(c, 0, 5, 2)]))  # c: its first 5 tokens cached
+        cache = KVCache(model.kv_cache_shape(), 12, 4, torch.float32, CPU)
+        cache.zero_through(12)
+        run(cache, S.step([S.chunk(a, 0, 12, blocks_a, 4)]))  # a: 12 tokens cached, its next token at position 12
+        run(cache, S.step([S.chunk(c, 0, 5, blocks_c, 4)]))  # c: its first 5 tokens cached
         return cache
 
-    packed = run(new_cache(), S.step([S.decode_part([a[0]], [12], [0]), S.chunk(b, 0, 7, 1), S.chunk(c, 5, 18, 2)]))
+    packed = run(new_cache(), S.step([S.decode_part([a[0]], [12], [blocks_a], 4), S.chunk(b, 0, 7, blocks_b, 4),
+                                      S.chunk(c, 5, 18, blocks_c, 4)]))
     alone_cache = new_cache()
-    alone = torch.cat([run(alone_cache, S.decode([a[0]], [12], [0])), run(alone_cache, S.prefill(b, 1)),
-                       run(alone_cache, S.step([S.chunk(c, 5, 18, 2)]))])
+    alone = torch.cat([run(alone_cache, S.step([S.decode_part([a[0]], [12], [blocks_a], 4)])),
+                       run(alone_cache, S.step([S.chunk(b, 0, 7, blocks_b, 4)])),
+                       run(alone_cache, S.step([S.chunk(c, 5, 18, blocks_c, 4)]))])
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         whole = model(torch.tensor([c]))[:, -1]  # no cache, one causal pass

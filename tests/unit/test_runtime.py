@@ -59,18 +59,21 @@ def test_every_dtype_alias_is_accepted_everywhere():
 
 
 def test_messages_carry_what_the_ranks_need_in_the_header_and_part_table():
-    m = S.prefill([5, 6, 7], slot=4)
-    assert m.header() == [S.STEP, 1, 1, 3, 0, S.FULL, 0, 0]
-    assert m.payload() == [1, 3, 3, 2, 4, CAUSAL] + [5, 6, 7, 0, 1, 2, 4]
-    m = S.decode([9, 8], [6, 6], [2, 3], S.GREEDY)  # equal lengths, consecutive slots
+    m = S.step([S.chunk([5, 6, 7], 0, 3, [4, 9], block_size=2)], in_use=10)  # 3 positions: 2 blocks of 2
+    assert m.header() == [S.STEP, 1, 2, 3, 2 * 0, S.FULL, 10, 0]
+    assert m.payload() == [1, 3, 3, 2, 2, CAUSAL] + [5, 6, 7, 0, 1, 2, 4, 9]
+    m = S.step([S.decode_part([9, 8], [6, 6], [[2, 3], [4, 5]], 4)], S.GREEDY)  # equal lengths
     assert m.parts[0].table() == [2, 1, 7, 6, 2, ALL_KEYS] and m.logits == S.GREEDY
-    m = S.decode([9, 8, 7], [6, 3, 4], [5, 1, 2])  # mixed lengths, scattered slots
-    assert m.parts[0].table()[2:] == [7, 6, -1, BY_POSITION]
-    assert S.allocate(8, 128).header()[:5] == [S.ALLOC, 0, 8, 0, 128]
-    later = S.chunk([1, 2, 3, 4, 5], 2, 4, slot=6)  # prompt tokens 2:4 after 0:2 are cached
-    assert later.table() == [1, 2, 4, 3, 6, BY_POSITION] and later.ids == ((3, 4),)
-    mixed = S.step([S.decode_part([9, 8], [6, 3], [0, 1]), S.chunk([1, 2, 3], 0, 3, 2), later])
-    for message in (S.prefill([1, 2], 0), S.decode([3, 4], [5, 2], [1, 0]), S.score([7, 8, 9]), mixed):
+    m = S.step([S.decode_part([9, 8, 7], [6, 3, 4], [[5, 6], [1], [2, 3]], 4)])  # mixed lengths
+    assert m.parts[0].table()[2:] == [7, 6, 2, BY_POSITION]
+    assert m.parts[0].blocks == ((5, 6), (1, 0), (2, 3))  # a shorter row's table padded with block 0
+    assert S.allocate(8, 16).header()[:5] == [S.ALLOC, 0, 8, 0, 16]
+    later = S.chunk([1, 2, 3, 4, 5], 2, 4, [6, 7, 8], 2)  # tokens 2:4 after 0:2 are cached
+    assert later.table() == [1, 2, 4, 3, 2, BY_POSITION] and later.ids == ((3, 4),) and later.blocks == ((6, 7),)
+    mixed = S.step([S.decode_part([9, 8], [6, 3], [[0, 3, 4, 5], [1, 2]], 2), S.chunk([1, 2, 3], 0, 3, [7, 9], 2),
+                    later])
+    for message in (S.step([S.chunk([1, 2], 0, 2, [1], 2)]), S.step([S.decode_part([3, 4], [5, 2], [[1, 2, 3], [4, 5]], 2)]),
+                    S.score([7, 8, 9]), mixed):
         header = message.header()
         payload = torch.tensor(message.payload())
         assert len(payload) == S.Message.payload_size(header)
@@ -80,6 +83,7 @@ def test_messages_carry_what_the_ranks_need_in_the_header_and_part_table():
             assert part.positions.tolist() == [list(r) for r in sent.positions]
             assert part.max_position == max(max(r) for r in sent.positions) and part.kind == sent.kind
             assert part.kv_len == (sent.kv_len if message.op == S.STEP else 0)
+            assert (part.blocks.tolist() if message.op == S.STEP else []) == [list(t) for t in sent.blocks]
         flat = [t for row in message.ids for t in row]
         assert batch.ids.flatten().tolist() == flat
     batch = S.to_batch(mixed.header(), torch.tensor(mixed.payload()))
@@ -102,27 +106,40 @@ def test_attention_masks_follow_positions_and_windows():
     mask, causal = fresh.mask(window=3)  # keys reach further back than the window: explicit
     q, k = torch.arange(6).view(-1, 1), torch.arange(6).view(1, -1)
     assert not causal and torch.equal(mask[0, 0], (k <= q) & (k > q - 3))
-    decode = AttentionBatch(torch.tensor([[4], [4]]), ALL_KEYS, 4, kv_len=5, slots=torch.tensor([0, 1]), slot_start=0)
+    decode = AttentionBatch(torch.tensor([[4], [4]]), ALL_KEYS, 4, kv_len=5, blocks=torch.tensor([[1], [2]]))
     assert decode.mask() == (None, False) and decode.mask(window=5) == (None, False)
     assert torch.equal(decode.mask(window=2)[0][:, 0, 0], torch.tensor([[False, False, False, True, True]] * 2))
-    mixed = AttentionBatch(torch.tensor([[4], [1]]), BY_POSITION, 4, kv_len=5, slots=torch.tensor([3, 0]))
+    mixed = AttentionBatch(torch.tensor([[4], [1]]), BY_POSITION, 4, kv_len=5, blocks=torch.tensor([[3], [1]]))
     assert torch.equal(mixed.mask()[0][:, 0, 0], torch.tensor([[True] * 5, [True, True, False, False, False]]))
 
 
-def test_keys_values_write_the_new_tokens_into_their_slots_then_read_the_prefix():
-    cache = KVCache([(2, 4)], slots=3, max_len=8, dtype=torch.float32, device=torch.device("cpu"))
-    for s in range(3):
-        cache.start(s)
+def test_keys_values_write_the_new_tokens_into_their_blocks_then_read_each_rows_prefix():
+    cache = KVCache([(2, 4)], num_blocks=6, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    cache.zero_through(6)
+    past = torch.randn(6, 4, 2, 4)
+    cache.k[0].copy_(past)
     k, v = torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4)
-    batch = AttentionBatch(torch.tensor([[5], [2]]), BY_POSITION, 5, kv_len=6, slots=torch.tensor([2, 0]))
+    # row 0: positions 0..5 in blocks [3, 5] (the new token at 5: block 5, offset 1); row 1: position 2 in block [1]
+    batch = AttentionBatch(torch.tensor([[5], [2]]), BY_POSITION, 5, kv_len=6, blocks=torch.tensor([[3, 5], [1, 0]]))
     keys, values = batch.keys_values(k, v, cache.layer(0))
     assert keys.shape == values.shape == (2, 2, 6, 4)
-    assert torch.equal(cache.k[0][2, :, 5], k[0, 0]) and torch.equal(cache.v[0][0, :, 2], v[1, 0])
-    assert torch.equal(keys[0, :, 5], k[0, 0]) and torch.count_nonzero(cache.k[0][1]) == 0
-    consecutive = AttentionBatch(torch.tensor([[0], [0]]), ALL_KEYS, 0, kv_len=1, slots=torch.tensor([1, 2]),
-                                 slot_start=1)
-    keys, _ = consecutive.keys_values(k, v, cache.layer(0))
-    assert keys.data_ptr() == cache.k[0][1].data_ptr()  # a view of the cache, no gather
+    assert torch.equal(cache.k[0][5, 1], k[0, 0]) and torch.equal(cache.v[0][1, 2], v[1, 0])
+    assert torch.equal(keys[0, :, :4], past[3].transpose(0, 1))  # the first block as it was
+    assert torch.equal(keys[0, :, 4], past[5, 0]) and torch.equal(keys[0, :, 5], k[0, 0])
+    assert torch.equal(keys[1, :, :2], past[1, :2].transpose(0, 1)) and torch.equal(keys[1, :, 2], k[1, 0])
+    untouched = [b for b in range(6) if b not in (1, 5)]
+    assert torch.equal(cache.k[0][untouched], past[untouched])
+
+
+def test_a_cache_zeroes_each_block_the_first_time_it_is_used_and_never_again():
+    cache = KVCache([(1, 2)], num_blocks=4, block_size=2, dtype=torch.float32, device=torch.device("cpu"))
+    assert torch.count_nonzero(cache.k[0][0]) == 0 and cache.zeroed == 1  # the padding block
+    cache.k[0][1:].fill_(float("nan"))
+    cache.zero_through(3)
+    assert torch.count_nonzero(cache.k[0][1:3]) == 0 and torch.isnan(cache.k[0][3]).all()
+    cache.k[0][1].fill_(7.0)
+    cache.zero_through(2)  # (block 1 holds a sequence's keys now: left alone)
+    assert (cache.k[0][1] == 7).all()
 
 
 # ---------------------------------------------------------------- a sequence's rules
@@ -132,7 +149,7 @@ def run(tokenizer, ids, max_model_len=4096, **params) -> tuple[list, Sequence]:
     """Feed ``ids`` to a sequence after a fixed prompt until a rule ends it; its events and itself."""
     events = []
     prompt = tokenizer("Once upon a time")["input_ids"]
-    seq = Sequence(Request("r", prompt, SamplingParams(**params)), events.append, 0, tokenizer, {2}, max_model_len)
+    seq = Sequence(Request("r", prompt, SamplingParams(**params)), events.append, tokenizer, {2}, max_model_len)
     for t in ids:
         seq.append(t)
         if seq.finish_reason:
@@ -230,8 +247,8 @@ class FakeRunner:
     def expert_load(self):
         return {}
 
-    def allocate(self, slots, max_len):
-        self.cache = KVCache([], slots, max_len, torch.float32, torch.device("cpu"))
+    def allocate(self, num_blocks, block_size):
+        self.cache = KVCache([], num_blocks, block_size, torch.float32, torch.device("cpu"))
 
     def send(self, m: S.Message):
         self.sent.append(m)
@@ -291,7 +308,7 @@ def test_chunked_prefill_runs_a_long_prompt_beside_the_decodes_within_the_token_
         sched.step()
     steps = [m for m in runner.sent if m.op == S.STEP]
     assert all(sum(len(row) for row in m.ids) <= 8 for m in steps)  # the budget
-    chunks = [p for m in steps for p in m.parts if p.slots and len(p.ids[0]) > 1]
+    chunks = [p for m in steps for p in m.parts if p.blocks and len(p.ids[0]) > 1]
     assert [(p.positions[0][0], p.positions[0][-1], p.kv_len) for p in chunks] == [(0, 6, 7), (7, 13, 14),
                                                                                   (14, 20, 21), (21, 27, 28), (28, 29, 30)]
     assert chunks[0].kind == CAUSAL and all(p.kind == BY_POSITION for p in chunks[1:])
@@ -335,7 +352,7 @@ def test_scheduler_aborts_waiting_and_running_requests_and_refuses_after_close()
     sched.abort("b")
     sched.step()
     assert collect.finish["a"].finish_reason == "abort" and collect.finish["b"].finish_reason == "abort"
-    assert "b" not in collect.tokens and not sched.has_work() and sched.free == [0]
+    assert "b" not in collect.tokens and not sched.has_work() and sched.blocks.used == 0
     sched.close("error", "rank 1 of 2 failed")
     sched.add(Request("c", [1], SamplingParams()), collect)
     assert collect.finish["c"].finish_reason == "error" and collect.finish["c"].error == "rank 1 of 2 failed"

@@ -7,7 +7,7 @@ import argparse
 from tensorpar.dtypes import ALIASES, ENGINE_DTYPES
 from tensorpar.loading.open import ALIASES as MODEL_ALIASES
 from tensorpar.loading.open import DEFAULT_MODEL
-from tensorpar.runtime.spec import DEFAULT_MAX_NUM_BATCHED_TOKENS
+from tensorpar.runtime.spec import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 MODEL_HELP = (f"an alias ({', '.join(MODEL_ALIASES)}), a Hugging Face directory, a .gguf file, or a tensorpar "
               "training checkpoint")
@@ -66,6 +66,16 @@ def add_engine(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction, default=True,
                    help="split a prompt longer than what is left of a step's token budget into chunks run beside "
                         "the running decodes over several steps (default: on); off, prompts run whole")
+    p.add_argument("--kv-cache-memory", type=_budget, default=None, metavar="SIZE|FRACTION",
+                   help="KV cache per rank: bytes (e.g. 2GiB) or a fraction of the memory free after loading (e.g. "
+                        "0.5); requests are admitted while its blocks last (default: room for --max-num-seqs "
+                        "sequences of --max-model-len, resident only as used)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help="positions per KV-cache block (default: %(default)s)")
+    p.add_argument("--prefix-caching", "--enable-prefix-caching", dest="prefix_caching",
+                   action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV-cache blocks of a prompt prefix computed before, such as a shared system "
+                        "prompt (default: on)")
     p.add_argument("--timeout", type=float, default=None, help="seconds any collective may wait (default: 60)")
     p.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
                    help="bytes of weights one rank may hold, e.g. 8GiB: a layout needing more is refused before "
@@ -84,6 +94,15 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _budget(text: str) -> float | int:
+    from tensorpar.runtime.memory_guard import parse_budget
+
+    try:
+        return parse_budget(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
 
@@ -97,7 +116,8 @@ def engine_args(args: argparse.Namespace, progress: bool = True, dp: int = 1):
                    comm=args.comm,
                    max_model_len=args.max_model_len, progress=progress, tokenizer_cache=args.tokenizer_cache,
                    max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill,
-                   max_memory=args.max_memory)
+                   max_memory=args.max_memory, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+                   prefix_caching=args.prefix_caching)
     if args.timeout is not None:
         options["timeout_s"] = args.timeout
     return EngineArgs(**options)

@@ -1,9 +1,10 @@
-"""What one forward's attention needs, for every layer: positions, keys, masks and cache slots.
+"""What one forward's attention needs, for every layer: positions, keys, masks and cache blocks.
 
 A batch is B rows of S new tokens. Without a cache every row is a fresh sequence and its keys are
-its own tokens. With a cache (one slot of ``[kv_heads, max_len, head_dim]`` per sequence, see
-``tensorpar.runtime.kv_cache``) the new keys and values are written at their positions in the
-row's slot, and the queries attend to positions ``0..kv_len-1`` of it.
+its own tokens. With a cache (a pool of blocks of ``block_size`` positions, see
+``tensorpar.runtime.kv_cache``; each row names its blocks in order, its block table) the new keys
+and values are written at their positions in the row's blocks, and the queries attend to
+positions ``0..kv_len-1`` of the row, gathered from its blocks.
 
 Which keys a query may see is stated by ``kind``, decided by whoever knows the step (the
 runtime's leader, from Python lists), so that a layer never inspects tensor values:
@@ -20,7 +21,6 @@ explicit mask only when the keys reach further back than w.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 
@@ -32,18 +32,17 @@ class AttentionBatch:
     """positions: [B, S] absolute positions of the new tokens (where their keys go in the cache).
 
     max_position: the largest of them (a Python int: the rotary table's length is known without
-    a device sync). kv_len: cached keys each row attends to (0 without a cache). slots: [B] cache
-    slot of each row; slot_start: the first of them when they are consecutive (a view instead of
-    a gather), else None.
+    a device sync). kv_len: cached keys each row attends to (0 without a cache). blocks: [B, n]
+    each row's block table, n = ceil(kv_len / block_size) (shorter rows padded with block 0).
     """
 
     positions: torch.Tensor
     kind: int
     max_position: int
     kv_len: int = 0
-    slots: torch.Tensor | None = None
-    slot_start: int | None = None
+    blocks: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict, repr=False)
+    _cache_rows: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def fresh(cls, batch: int, length: int, device: torch.device) -> "AttentionBatch":
@@ -54,8 +53,7 @@ class AttentionBatch:
     def rows(self, start: int, stop: int) -> "AttentionBatch":
         """Rows ``start:stop`` of this batch (a micro-batch): same keys to attend, same table length."""
         return AttentionBatch(self.positions[start:stop], self.kind, self.max_position, self.kv_len,
-                              None if self.slots is None else self.slots[start:stop],
-                              None if self.slot_start is None else self.slot_start + start)
+                              None if self.blocks is None else self.blocks[start:stop])
 
     @property
     def num_keys(self) -> int:
@@ -83,23 +81,29 @@ class AttentionBatch:
             self._masks[window] = visible.unsqueeze(1)
         return self._masks[window], False
 
-    @cached_property
-    def _slot_rows(self) -> torch.Tensor:
-        return self.slots.unsqueeze(1).expand(self.positions.shape)  # [B, S]
+    def _rows(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of a layer's cache viewed as [blocks * block_size, kv_heads, D] (the same for
+        every layer): where each new token goes, [B * S], and each row's keys 0..kv_len-1, [B * kv_len]."""
+        if self._cache_rows is None or self._cache_rows[0] != block_size:
+            table = self.blocks * block_size  # [B, n]: each block's first row
+            new = table.gather(1, self.positions // block_size) + self.positions % block_size  # [B, S]
+            keys = (table[:, :, None] + torch.arange(block_size, device=table.device)).flatten(1)[:, : self.kv_len]
+            self._cache_rows = (block_size, new.reshape(-1), keys.reshape(-1))
+        return self._cache_rows[1], self._cache_rows[2]
 
     def keys_values(self, k: torch.Tensor, v: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None):
         """The keys and values to attend to, [B, kv_heads, L, D], from the new ones [B, S, kv_heads, D]
-        (written into ``cache``, one layer's [slots, kv_heads, max_len, D] pair, when there is one)."""
+        (written into ``cache``, one layer's [blocks, block_size, kv_heads, D] pair, when there is one)."""
         if cache is None:  # (a copy of v, so that backward does not keep the whole fused projection alive)
             return k.transpose(1, 2), v.transpose(1, 2).contiguous()
-        ck, cv = cache
-        ck[self._slot_rows, :, self.positions] = k  # write [B, S, kv, D] at (slot, :, position)
-        cv[self._slot_rows, :, self.positions] = v
+        ck, cv = (c.flatten(0, 1) for c in cache)  # [blocks * block_size, kv, D]
+        new, keys = self._rows(cache[0].shape[1])
+        B, S, kv, D = k.shape
+        ck.index_copy_(0, new, k.reshape(B * S, kv, D))
+        cv.index_copy_(0, new, v.reshape(B * S, kv, D))
         L = self.kv_len
-        if self.slot_start is not None:
-            rows = slice(self.slot_start, self.slot_start + self.positions.shape[0])
-            return ck[rows, :, :L], cv[rows, :, :L]
-        return ck[self.slots, :, :L], cv[self.slots, :, :L]
+        return (ck.index_select(0, keys).view(B, L, kv, D).transpose(1, 2),  # [B, kv, L, D]
+                cv.index_select(0, keys).view(B, L, kv, D).transpose(1, 2))
 
 
 class PackedBatch:

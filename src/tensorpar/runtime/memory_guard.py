@@ -35,6 +35,34 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def parse_budget(text: str) -> float | int:
+    """``--kv-cache-memory``: a fraction of the memory free after loading (``"0.5"``), or bytes
+    (``"4GiB"``, ``"2000000000"``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return parse_size(text)
+    if 0 < value <= 1:
+        return value
+    return parse_size(text)
+
+
+def kv_cache_bytes(budget: float | int, ranks_here: int, device: str) -> int:
+    """Bytes of KV cache one rank may take: ``budget`` bytes, or that fraction of the memory free
+    now (the device's, on CUDA; on CPUs the host's available memory shared by its ranks)."""
+    if isinstance(budget, int):
+        return budget
+    if device.startswith("cuda"):
+        import torch
+
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available / ranks_here
+    return int(budget * free)
+
+
 def show(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 

@@ -28,7 +28,6 @@ from tensorpar.distributed.collectives import broadcast, isend, recv, send
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.distributed.mesh import build_mesh
 from tensorpar.dtypes import torch_dtype
-from tensorpar.layers.attention import CAUSAL
 from tensorpar.loading import build_model
 from tensorpar.partition import even_splits, stage_layers
 from tensorpar.runtime import step as S
@@ -99,9 +98,13 @@ class ModelRunner:
                 broadcast(payload, self.ctx)
         return self._execute(S.to_batch(header, payload))
 
-    def allocate(self, slots: int, max_len: int) -> None:
-        if self.cache is None or not self.cache.fits(slots, max_len):
-            self.send(S.allocate(slots, max_len))
+    def allocate(self, num_blocks: int, block_size: int) -> None:
+        """A KV cache of ``num_blocks`` blocks on every rank (the old one, if any, dropped)."""
+        self.send(S.allocate(num_blocks, block_size))
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one KV-cache block takes on this rank."""
+        return KVCache.bytes_per_block(self.model.kv_cache_shape(), block_size, self.dtype)
 
     # ---- every rank --------------------------------------------------------------------------------
 
@@ -115,17 +118,14 @@ class ModelRunner:
     def _execute(self, batch: S.Batch):
         if batch.op == S.ALLOC:
             self.cache = None  # free the old cache before allocating the new one
-            self.cache = KVCache(self.model.kv_cache_shape(), batch.alloc_slots, batch.alloc_len, self.dtype,
+            self.cache = KVCache(self.model.kv_cache_shape(), batch.num_blocks, batch.block_size, self.dtype,
                                  self.ctx.device)
             return None
         if batch.op not in (S.SCORE, S.STEP):
             return None
         attn = batch.attention
         if batch.op == S.STEP:
-            for part in batch.parts:
-                if part.kind == CAUSAL:  # new sequences start in these slots
-                    for slot in range(part.slot_start, part.slot_start + part.positions.shape[0]):
-                        self.cache.start(slot)
+            self.cache.zero_through(batch.in_use)
         if self.pp == 1:
             return self._head(batch, self.model(batch.ids, attn, self.cache if batch.op == S.STEP else None))
         sent, results = [], []

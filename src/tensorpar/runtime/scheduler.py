@@ -1,11 +1,15 @@
 """Continuous batching on the leader: the one generation loop of ``LLM``, ``tensorpar generate``
 and ``tensorpar serve``.
 
-Requests wait in arrival order for a free KV-cache slot. Each ``step`` is one model step over a
-budget of ``max_num_batched_tokens`` new tokens: first one decode token for every running
-sequence that has its first token, then prompt tokens, oldest sequence first: the rest of a
-prompt already begun, then the prompts of newly admitted requests (every prompt of a step packed
-beside the decodes: ``step.Part``). With ``chunked_prefill``, while sequences decode, a prompt
+Requests wait in arrival order for KV-cache blocks (``block_manager``): one is admitted when
+the blocks its prompt needs, beyond those of a cached prefix it starts with, are free, and at
+most ``max_num_seqs`` run at once. Each ``step`` is one model step over a budget of
+``max_num_batched_tokens`` new tokens: first one decode token for every running sequence that
+has its first token, then prompt tokens, oldest sequence first: the rest of a prompt already
+begun, then the prompts of newly admitted requests (every prompt of a step packed beside the
+decodes: ``step.Part``). A decoding sequence takes a new block each ``block_size`` tokens; when
+none is left, the newest running sequence is preempted: its blocks go back (its full ones stay
+in the prefix cache) and it waits, ahead of every new request, to compute all its tokens again. With ``chunked_prefill``, while sequences decode, a prompt
 longer than what is left of the budget runs as chunks over several steps, so that a long prompt
 never stalls the running sequences for longer than one budget's worth of tokens. Otherwise
 prompts run whole, packed up to a budget of at least ``max_model_len`` beside the decodes (as vLLM
@@ -14,10 +18,12 @@ prompt in one piece prefills fastest (causal attention, the weights read once). 
 that reach the pretrained length always run whole (``ModelConfig.whole_prompts_from``).
 
 A request that asks for its prompt's log-probabilities is scored first, in a step of its own
-(``step.score``: every position's logits, without the cache), before it waits for a slot; one
+(``step.score``: every position's logits, without the cache), before it waits for blocks; one
 that asks for no new token (``max_new_tokens=0``) ends there. A prompt's last chunk yields its
 first token. A request joins and leaves the running batch at token granularity; its tokens, text
-and end are its ``Sequence``'s business, reported through its sink as ``TokenEvent``s.
+and end are its ``Sequence``'s business, reported through its sink as ``TokenEvent``s. A guided
+request's grammar is compiled when it is added (an error ends it there) and masks its logits
+after every other control, on the leader alone (``runtime.guided``).
 
 ``add``, ``abort`` and ``stats`` may be called from any thread; ``step`` runs on one.
 """
@@ -31,17 +37,23 @@ from collections import deque
 import torch
 
 from tensorpar.runtime import step as S
+from tensorpar.runtime.block_manager import BlockManager
+from tensorpar.runtime.guided import GuidedCompiler
 from tensorpar.runtime.model_runner import ModelRunner
 from tensorpar.runtime.request import Request, Sink, TokenEvent, score_prompt
 from tensorpar.runtime.sampling import apply_controls, sample
 from tensorpar.runtime.sequence import Sequence, final_event
-from tensorpar.runtime.spec import DEFAULT_MAX_NUM_BATCHED_TOKENS
+from tensorpar.runtime.spec import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, tokenizer, eos_ids: set[int], max_num_seqs: int, max_model_len: int,
-                 max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, chunked_prefill: bool = True):
+                 max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, chunked_prefill: bool = True,
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True, num_blocks: int | None = None):
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
+        self.block_size, self.prefix_caching = block_size, prefix_caching
+        self.blocks: BlockManager | None = None
+        self.num_blocks = num_blocks  # a KV cache of this many blocks (``--kv-cache-memory``), else sized by ``reserve``
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.max_num_batched_tokens, self.chunked_prefill = max_num_batched_tokens, chunked_prefill
         # new tokens of a step that runs whole prompts: any prompt fits beside the decodes
@@ -50,16 +62,24 @@ class Scheduler:
         self.whole_prompts_from = config.whole_prompts_from if config is not None else None
         self.lock = threading.Condition()
         self.waiting: deque[tuple[Request, Sink]] = deque()
-        self.running: dict[str, Sequence] = {}
+        self.running: dict[str, Sequence] = {}  # in order of admission
+        self.preempted: deque[Sequence] = deque()  # oldest first
+        self.preemptions = 0
         self.aborts: set[str] = set()
-        self.free: list[int] = []
         self.scored: set[str] = set()  # waiting requests whose prompt log-probabilities are sent
         self.closed: str | None = None  # why requests are refused, once ``close`` has run
+        self.guided = GuidedCompiler(tokenizer, eos_ids)  # grammars of guided requests (compiled on ``add``)
         self.timings = {"prefill_s": 0.0, "prefill_steps": 0, "decode_s": 0.0, "decode_steps": 0}
 
     # ---- any thread ----------------------------------------------------------------------------
 
     def add(self, request: Request, sink: Sink) -> None:
+        if request.params.guided is not None:
+            try:
+                self.guided.compile(request.params.guided)  # (kept for the sequence to start from)
+            except ValueError as e:
+                sink(final_event(request.request_id, "error", str(e)))
+                return
         with self.lock:
             if self.closed is not None:
                 sink(final_event(request.request_id, "error", self.closed))
@@ -74,11 +94,11 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self.lock:
-            used = sum(s.length for s in self.running.values())
-            capacity = self.runner.cache.slots * self.runner.cache.max_len if self.runner.cache else 0
-            counts = {"running": len(self.running), "waiting": len(self.waiting),
-                      "kv_cache_usage": used / capacity if capacity else 0.0,
-                      "free_slots": len(self.free)}
+            m = self.blocks
+            counts = {"running": len(self.running), "waiting": len(self.waiting) + len(self.preempted),
+                      "kv_cache_usage": m.used / m.capacity if m else 0.0, "kv_blocks": m.capacity if m else 0,
+                      "free_blocks": m.available if m else 0, "preemptions": self.preemptions,
+                      "prefix_cache_queries": m.queries if m else 0, "prefix_cache_hits": m.hits if m else 0}
         return {**counts, "experts": self.runner.expert_load()}  # (read without holding up the engine)
 
     def wait_for_work(self, timeout_s: float) -> bool:
@@ -91,21 +111,22 @@ class Scheduler:
     # ---- the stepping thread -------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.aborts)
+        return bool(self.waiting or self.running or self.preempted or self.aborts)
 
-    def reserve(self, slots: int, max_len: int) -> None:
-        """A KV cache of at least ``slots`` x ``max_len`` (grown only while nothing runs)."""
-        slots = min(slots, self.max_num_seqs)
-        max_len = min(max_len, self.max_model_len)
-        cache = self.runner.cache
-        if cache is not None and cache.fits(slots, max_len):
+    def reserve(self, sequences: int, tokens: int) -> None:
+        """A KV cache with room for ``sequences`` sequences of ``tokens`` positions at once (at
+        most ``max_num_seqs`` of ``max_model_len``), grown only while nothing runs; or, given
+        ``num_blocks``, that many blocks. Its memory becomes resident as it is used."""
+        sequences, tokens = min(sequences, self.max_num_seqs), min(tokens, self.max_model_len)
+        blocks = self.num_blocks or sequences * -(-tokens // self.block_size)
+        if self.blocks is not None and (self.num_blocks or self.blocks.capacity >= blocks):
             return
-        if self.running:
+        if self.running or self.preempted:
             raise RuntimeError("the KV cache cannot grow while sequences run")
-        if cache is not None:
-            slots, max_len = max(slots, cache.slots), max(max_len, cache.max_len)
-        self.runner.allocate(slots, max_len)
-        self.free = list(range(slots - 1, -1, -1))
+        blocks = max(blocks, self.blocks.capacity if self.blocks else 0)
+        self.blocks = None  # (the old pool's memory goes before the new one is taken)
+        self.runner.allocate(blocks + 1, self.block_size)
+        self.blocks = BlockManager(blocks + 1, self.block_size, self.prefix_caching)
 
     def step(self) -> None:
         """Aborts, prompt scoring, admissions, then one model step: decode tokens and prompt tokens
@@ -123,37 +144,87 @@ class Scheduler:
             for rid in aborts:
                 if rid in self.running:
                     self._retire(self.running[rid], "abort")
-            decodes = [s for s in self.running.values() if s.out]  # every one that has its first token
+            for seq in [s for s in self.preempted if s.request_id in aborts]:
+                self.preempted.remove(seq)
+                seq.end("abort")
+            decodes = self._grow([s for s in self.running.values() if s.decoding])
             chunking = self.chunked_prefill and bool(decodes)  # (chunks keep running streams at pace)
             budget = (self.max_num_batched_tokens if chunking else self.whole_budget) - len(decodes)
-            chunks: list[tuple[Sequence, int, int]] = []  # (sequence, first prompt token, last + 1)
-            for seq in [s for s in self.running.values() if not s.out]:  # prompts begun in earlier steps
+            chunks: list[tuple[Sequence, int, int]] = []  # (sequence, first token to compute, last + 1)
+            for seq in [s for s in self.running.values() if not s.decoding]:  # prompts begun in earlier steps
                 budget = self._take_prompt(seq, budget, chunks, chunking, bool(decodes))
-            while self.waiting and self.free and (budget > 0 or not (decodes or chunks)):
-                req, sink = self.waiting[0]
-                if not chunking and len(req.prompt_token_ids) > budget and (decodes or chunks):
-                    break  # a whole prompt waits for a step with room for it
-                if req.params.prompt_logprobs is not None and req.request_id not in self.scored:
-                    break  # scored at the next step's start
-                self.waiting.popleft()
-                self.scored.discard(req.request_id)
-                seq = Sequence(req, sink, self.free.pop(), self.tokenizer, self.eos_ids, self.max_model_len)
-                self.running[req.request_id] = seq
+            while budget > 0 or not (decodes or chunks):
+                seq = self._admit(budget, chunking, bool(decodes or chunks))
+                if seq is None:
+                    break
                 budget = self._take_prompt(seq, budget, chunks, chunking, bool(decodes))
         if not (decodes or chunks):
             return
+        bs = self.block_size
         parts = [S.decode_part([s.last_token for s in decodes], [s.length - 1 for s in decodes],
-                               [s.slot for s in decodes])] if decodes else []
-        parts += [S.chunk(seq.request.prompt_token_ids, start, stop, seq.slot) for seq, start, stop in chunks]
-        rows = decodes + [seq if stop == len(seq.request.prompt_token_ids) else None for seq, _, stop in chunks]
+                               [s.blocks for s in decodes], bs)] if decodes else []
+        parts += [S.chunk(seq.tokens, start, stop, seq.blocks, bs) for seq, start, stop in chunks]
+        rows = decodes + [seq if stop == seq.length else None for seq, _, stop in chunks]
         t = time.perf_counter()
-        out = self.runner.send(S.step(parts, self._logits_mode([s for s in rows if s is not None])))
+        out = self.runner.send(S.step(parts, self._logits_mode([s for s in rows if s is not None]), self.blocks.fresh))
+        for seq in decodes:
+            seq.computed += 1
         for seq, _, stop in chunks:
             seq.computed = stop
+        for seq in decodes + [seq for seq, _, _ in chunks]:
+            if self.prefix_caching and seq.computed // bs > len(seq.hashes):
+                self.blocks.register(seq.blocks, seq.hashes, seq.tokens, seq.computed)
         self._advance(rows, out)
         kind = "prefill" if chunks else "decode"
         self.timings[f"{kind}_s"] += time.perf_counter() - t
         self.timings[f"{kind}_steps"] += 1
+
+    def _grow(self, decodes: list[Sequence]) -> list[Sequence]:
+        """Give each decoding sequence, oldest first, the block its next token needs, preempting
+        the newest running sequences while none is left; the decoding sequences still running."""
+        for seq in decodes:
+            while seq.request_id in self.running and not self.blocks.grow(seq.blocks, seq.length):
+                self._preempt(next(reversed(self.running.values())))
+        return [s for s in decodes if s.request_id in self.running]
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take ``seq``'s blocks back; it waits, first in line, to compute its tokens again (lock held)."""
+        del self.running[seq.request_id]
+        self.blocks.release(seq.blocks)
+        seq.hashes, seq.computed = [], 0
+        self.preempted.appendleft(seq)
+        self.preemptions += 1
+
+    def _admit(self, budget: int, chunking: bool, busy: bool) -> Sequence | None:
+        """The next sequence to start (a preempted one first, else the oldest waiting request) with
+        its blocks, cached prefix included; None when there is none, or it has to wait: for a free
+        sequence, for blocks, for a step with room for its whole prompt, or to be scored first."""
+        if len(self.running) >= self.max_num_seqs or not (self.preempted or self.waiting):
+            return None
+        if self.preempted:
+            seq, tokens = self.preempted[0], self.preempted[0].tokens
+        else:
+            req, sink = self.waiting[0]
+            seq, tokens = None, req.prompt_token_ids
+            if req.params.prompt_logprobs is not None and req.request_id not in self.scored:
+                return None  # scored at the next step's start
+        if not chunking and len(tokens) > budget and busy:
+            return None  # a whole prompt waits for a step with room for it
+        got = self.blocks.admit(tokens)
+        if got is None:
+            return None
+        if seq is None:
+            self.waiting.popleft()
+            self.scored.discard(req.request_id)
+            seq = Sequence(req, sink, self.tokenizer, self.eos_ids, self.max_model_len)
+            if req.params.guided is not None:
+                seq.guided = self.guided.start(req.params.guided)
+        else:
+            self.preempted.popleft()
+        seq.blocks, seq.hashes = got
+        seq.computed = len(seq.hashes) * self.block_size
+        self.running[seq.request_id] = seq
+        return seq
 
     def _done_before_start(self, req: Request) -> bool:
         """Generates nothing, and has had its prompt scored if it asked for that."""
@@ -182,7 +253,7 @@ class Scheduler:
     def _take_prompt(self, seq: Sequence, budget: int, chunks: list, chunking: bool, decoding: bool) -> int:
         """Schedule what of ``seq``'s prompt fits in ``budget`` (all of it when not chunking, where
         the step has room or nothing else to run); the budget left."""
-        prompt = len(seq.request.prompt_token_ids)
+        prompt = seq.length
         left = prompt - seq.computed
         chunked = chunking and (self.whole_prompts_from is None or prompt < self.whole_prompts_from)
         take = min(left, budget) if chunked else left
@@ -198,6 +269,9 @@ class Scheduler:
             self.closed = error or "the engine is shut down"
             for seq in list(self.running.values()):
                 self._retire(seq, reason, error)
+            for seq in self.preempted:
+                seq.end(reason, error)
+            self.preempted.clear()
             for req, sink in self.waiting:
                 sink(final_event(req.request_id, reason, error))
             self.waiting.clear()
@@ -228,6 +302,9 @@ class Scheduler:
             chosen[live] = apply_controls(logits[live], [seqs[r].params for r in live],
                                           [seqs[r].request.prompt_token_ids for r in live], [seqs[r].out for r in live],
                                           [set() if seqs[r].params.ignore_eos else self.eos_ids for r in live])
+            for row in live:
+                if seqs[row].guided is not None:  # the grammar has the last word
+                    seqs[row].guided.mask_(chosen[row])
         best = chosen.argmax(dim=-1).tolist()  # every greedy row at once
         for row, seq in enumerate(seqs):
             if seq is None:
@@ -241,14 +318,16 @@ class Scheduler:
             self._take(seq, token, float(logits[row, token]) - norm[row], top)
 
     def _take(self, seq: Sequence, token: int, logprob: float, top: list) -> None:
+        if seq.guided is not None:
+            seq.guided.accept(token)
         seq.append(token, logprob, top)
         if seq.finish_reason is not None:
             with self.lock:
                 self._retire(seq, seq.finish_reason)
 
     def _retire(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        """Free ``seq``'s slot and send its final event (lock held)."""
+        """Give ``seq``'s blocks back and send its final event (lock held)."""
         if self.running.pop(seq.request_id, None) is None:
             return
-        self.free.append(seq.slot)
+        self.blocks.release(seq.blocks)
         seq.end(reason, error)

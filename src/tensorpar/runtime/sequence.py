@@ -1,4 +1,4 @@
-"""One request while it runs: its slot, its tokens, its random stream, its text, and when it ends.
+"""One request while it runs: its KV-cache blocks, its tokens, its random stream, its text, and when it ends.
 
 The rules, in the order they apply to each new token:
 
@@ -57,13 +57,16 @@ class Detokenizer:
 
 
 class Sequence:
-    def __init__(self, request: Request, sink: Sink, slot: int, tokenizer, eos_ids: set[int], max_model_len: int):
-        self.request, self.sink, self.slot = request, sink, slot
+    def __init__(self, request: Request, sink: Sink, tokenizer, eos_ids: set[int], max_model_len: int):
+        self.request, self.sink = request, sink
+        self.blocks: list[int] = []  # its KV-cache block table (``block_manager``); empty while it waits
+        self.hashes: list[int] = []  # the prefix-cache names of its full blocks
+        self.guided = None  # where it stands in its grammar (``runtime.guided.GuidedState``), if it has one
         self.params = request.params
         self.generator = self.params.generator()
         self.eos_ids, self.max_model_len = eos_ids, max_model_len
         self.out: list[int] = []
-        self.computed = 0  # prompt tokens whose keys and values are in the cache (prefill runs in chunks)
+        self.computed = 0  # positions whose keys and values are in the cache (prefill runs in chunks)
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.text = ""  # detokenized so far (cut at a stop string once one is found)
         self.sent = 0  # characters of text already in events
@@ -77,6 +80,17 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.request.prompt_token_ids) + len(self.out)
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt and generated tokens."""
+        return self.request.prompt_token_ids + self.out
+
+    @property
+    def decoding(self) -> bool:
+        """Has its first token, and every position before the last one cached: its next step is
+        one decode token (else it prefills: its prompt, or after a preemption all it had)."""
+        return bool(self.out) and self.computed == self.length - 1
 
     @property
     def last_token(self) -> int:

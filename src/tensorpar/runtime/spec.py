@@ -26,6 +26,7 @@ COMMS = ("auto", "gloo")
 MOE_DISPATCHES = ("auto", "reduce", "all_to_all")  # ``models.blocks.MoE``
 DEFAULT_MAX_NUM_SEQS = 256  # sequences a scheduler runs at once; more wait for a slot
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 256  # new tokens per model step (BENCHMARKS.md: chunked prefill)
+DEFAULT_BLOCK_SIZE = 16  # positions per KV-cache block
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class EngineSpec:
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     chunked_prefill: bool = True
     fault: str = ""  # a fault injected on purpose (``runtime.faults``; tests only)
+    kv_cache_memory: float | int | None = None
+    block_size: int = DEFAULT_BLOCK_SIZE
+    prefix_caching: bool = True
 
     @property
     def config(self):
@@ -83,8 +87,12 @@ class EngineArgs:
     is left of that budget runs in chunks over several steps beside the running decodes, instead
     of whole (``runtime.scheduler``). ``max_memory``: bytes of weights one rank may hold; a
     layout that needs more, or more than the host has available, is refused before loading
-    (``runtime.memory_guard``). ``fault``: a fault injected on purpose, for tests
-    (``runtime.faults``).
+    (``runtime.memory_guard``). ``kv_cache_memory``: the KV cache each rank holds, in bytes
+    (an int) or as a fraction of the memory free after loading (a float in (0, 1]); by default
+    room for ``max_num_seqs`` sequences of ``max_model_len`` (resident only as used). The cache
+    is blocks of ``block_size`` positions; ``prefix_caching`` reuses the full blocks of a prompt's
+    prefix computed before (``runtime.block_manager``). ``fault``: a fault injected on purpose, for
+    tests (``runtime.faults``).
     """
 
     model: str = DEFAULT_MODEL
@@ -106,6 +114,9 @@ class EngineArgs:
     chunked_prefill: bool = True
     fault: str = ""
     max_memory: int | None = None
+    kv_cache_memory: float | int | None = None
+    block_size: int = DEFAULT_BLOCK_SIZE
+    prefix_caching: bool = True
 
     def resolve(self, default_max_model_len: int | None = None) -> EngineSpec:
         """Check everything, open the model; ``default_max_model_len`` caps the context when
@@ -126,6 +137,12 @@ class EngineArgs:
             raise TensorparError(f"moe dispatch must be one of {', '.join(MOE_DISPATCHES)}, got {self.moe_dispatch!r}")
         if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
             raise TensorparError(f"--max-num-batched-tokens must be a positive integer, got {self.max_num_batched_tokens!r}")
+        if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 1024:
+            raise TensorparError(f"--block-size must be from 1 to 1024 positions, got {self.block_size!r}")
+        budget = self.kv_cache_memory
+        if budget is not None and not ((isinstance(budget, float) and 0 < budget <= 1)
+                                       or (isinstance(budget, int) and budget > 0)):
+            raise TensorparError(f"--kv-cache-memory must be a fraction in (0, 1] or a number of bytes, got {budget!r}")
         if self.fault:
             from tensorpar.runtime.faults import parse_fault
 
@@ -162,4 +179,4 @@ class EngineArgs:
                           max_model_len, self.progress, self.tokenizer_cache, {"metadata_s": metadata_s},
                           dims.describe_nodes(env.local_world_size if env else None), self.moe_dispatch,
                           self.quantization, self.quant_group, self.max_num_batched_tokens, self.chunked_prefill,
-                          self.fault)
+                          self.fault, self.kv_cache_memory, self.block_size, self.prefix_caching)

@@ -4,21 +4,22 @@ A message is a fixed header of eight integers, then, for model steps, a payload.
 the payload say everything a rank needs to know without looking at tensor values (so no rank,
 and no model, syncs with the device to find out):
 
-    header:  op, parts, slot entries, tokens, alloc_len, logits, 0, 0
-    payload: per part (rows, tokens, kv_len, max_position, slot_start, kind), then every part's
-             token ids, then their positions (row-major), then their cache slots
+    header:  op, parts, block-table entries, tokens, block_size, logits, blocks in use, 0
+    payload: per part (rows, tokens, kv_len, max_position, blocks per row, kind), then every
+             part's token ids, then their positions (row-major), then their block tables
 
 A model step is made of *parts*, each a rectangle of ``rows`` sequences of ``tokens`` new tokens
 that attend alike (``tensorpar.layers.attention``): the running sequences' decode tokens are one
 part, and each prompt (or chunk of a prompt) that a step prefills is another. ``kind`` is a
-part's attention pattern, ``slot_start`` its first slot when its slots are consecutive (else -1).
-A step of one part runs as a [rows, tokens] batch; a step of several runs packed, all tokens in one
+part's attention pattern; each of its rows has a block table of ``ceil(kv_len / block_size)``
+KV-cache blocks (``tensorpar.runtime.kv_cache``). A step of one part runs as a [rows, tokens] batch; a step of several runs packed, all tokens in one
 row, each part attending on its own (``PackedBatch``).
 
-- ``STEP``: write the new tokens into their cache slots; the leader gets the logits of every row's
-  last token, rows in part order, as ``logits`` says (``FULL`` or ``GREEDY``).
+- ``STEP``: write the new tokens into their cache blocks; the leader gets the logits of every row's
+  last token, rows in part order, as ``logits`` says (``FULL`` or ``GREEDY``). ``in_use``: the
+  blocks below it may be in use (every rank zeroes those it has never used, ``KVCache.zero_through``).
 - ``SCORE``: one fresh sequence without the cache; logits of every position go to the leader.
-- ``ALLOC``: a KV cache of ``alloc_slots`` slots of ``alloc_len`` positions.
+- ``ALLOC``: a KV cache of ``num_blocks`` blocks of ``block_size`` positions.
 - ``NOOP``: a keep-alive from an idle leader (followers then know it is alive).
 - ``END``: the end of one collective call (``Worker.generate`` / ``score``).
 - ``SHUTDOWN``: followers leave their loop.
@@ -44,10 +45,9 @@ class Part:
 
     ids: tuple[tuple[int, ...], ...]  # [rows][tokens]
     positions: tuple[tuple[int, ...], ...]
-    slots: tuple[int, ...] = ()  # one per row (none for SCORE)
+    blocks: tuple[tuple[int, ...], ...] = ()  # each row's block table, equally long (none for SCORE)
     kv_len: int = 0
     max_position: int = 0
-    slot_start: int = -1
     kind: int = CAUSAL
 
     @property
@@ -55,7 +55,7 @@ class Part:
         return len(self.ids), len(self.ids[0])
 
     def table(self) -> list[int]:
-        return [*self.shape, self.kv_len, self.max_position, self.slot_start, self.kind]
+        return [*self.shape, self.kv_len, self.max_position, len(self.blocks[0]) if self.blocks else 0, self.kind]
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,9 @@ class Message:
     op: int
     parts: tuple[Part, ...] = ()
     logits: int = FULL
-    alloc_slots: int = 0
-    alloc_len: int = 0
+    num_blocks: int = 0
+    block_size: int = 0
+    in_use: int = 0
 
     @property
     def ids(self) -> list[tuple[int, ...]]:
@@ -72,52 +73,45 @@ class Message:
         return [row for p in self.parts for row in p.ids]
 
     def header(self) -> list[int]:
-        slots = self.alloc_slots if self.op == ALLOC else sum(len(p.slots) for p in self.parts)
+        entries = self.num_blocks if self.op == ALLOC else sum(len(t) for p in self.parts for t in p.blocks)
         tokens = sum(len(p.ids) * len(p.ids[0]) for p in self.parts)
-        return [self.op, len(self.parts), slots, tokens, self.alloc_len, self.logits, 0, 0]
+        return [self.op, len(self.parts), entries, tokens, self.block_size, self.logits, self.in_use, 0]
 
     def payload(self) -> list[int]:
-        """The part table, ids, positions (row-major), slots."""
+        """The part table, ids, positions (row-major), block tables."""
         out = [v for p in self.parts for v in p.table()]
         out += [t for p in self.parts for row in p.ids for t in row]
         out += [q for p in self.parts for row in p.positions for q in row]
-        return out + [s for p in self.parts for s in p.slots]
+        return out + [b for p in self.parts for table in p.blocks for b in table]
 
     @staticmethod
     def payload_size(header: list[int]) -> int:
-        op, parts, slots, tokens = header[:4]
-        return PART_SIZE * parts + 2 * tokens + slots if op in (STEP, SCORE) else 0
+        op, parts, entries, tokens = header[:4]
+        return PART_SIZE * parts + 2 * tokens + entries if op in (STEP, SCORE) else 0
 
 
-def chunk(prompt: list[int], start: int, stop: int, slot: int) -> Part:
-    """Prompt tokens ``start:stop`` of a sequence in cache slot ``slot`` (``prompt[:start]`` already
-    cached): the whole prompt when ``start`` is 0 and ``stop`` its length (a fresh sequence, plain
-    causal attention), else a chunk that also attends to the cached positions before it."""
+def chunk(tokens: list[int], start: int, stop: int, blocks: list[int], block_size: int) -> Part:
+    """Tokens ``start:stop`` of a sequence whose block table is ``blocks`` (``tokens[:start]``
+    already cached): the whole prompt when ``start`` is 0 (a fresh sequence, plain causal
+    attention), else a chunk that also attends to the cached positions before it."""
     positions = tuple(range(start, stop))
-    return Part((tuple(prompt[start:stop]),), (positions,), (slot,), kv_len=stop, max_position=stop - 1,
-                slot_start=slot, kind=CAUSAL if start == 0 else BY_POSITION)
+    return Part((tuple(tokens[start:stop]),), (positions,), (tuple(blocks[: -(-stop // block_size)]),), kv_len=stop,
+                max_position=stop - 1, kind=CAUSAL if start == 0 else BY_POSITION)
 
 
-def decode_part(tokens: list[int], positions: list[int], slots: list[int]) -> Part:
-    """One new token for each running sequence, at its next position."""
+def decode_part(tokens: list[int], positions: list[int], blocks: list[list[int]], block_size: int) -> Part:
+    """One new token for each running sequence, at its next position; block tables padded with
+    block 0 to the longest row's."""
     kv_len = max(positions) + 1
-    consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+    n = -(-kv_len // block_size)
     kind = ALL_KEYS if all(p == kv_len - 1 for p in positions) else BY_POSITION
-    return Part(tuple((t,) for t in tokens), tuple((p,) for p in positions), tuple(slots), kv_len=kv_len,
-                max_position=kv_len - 1, slot_start=slots[0] if consecutive else -1, kind=kind)
+    tables = tuple(tuple(t[:n]) + (0,) * (n - min(len(t), n)) for t in blocks)
+    return Part(tuple((t,) for t in tokens), tuple((p,) for p in positions), tables, kv_len=kv_len,
+                max_position=kv_len - 1, kind=kind)
 
 
-def step(parts: list[Part], logits: int = FULL) -> Message:
-    return Message(STEP, tuple(parts), logits)
-
-
-def prefill(prompt: list[int], slot: int, logits: int = FULL) -> Message:
-    """A new sequence's whole prompt, from position 0, into cache slot ``slot``."""
-    return step([chunk(prompt, 0, len(prompt), slot)], logits)
-
-
-def decode(tokens: list[int], positions: list[int], slots: list[int], logits: int = FULL) -> Message:
-    return step([decode_part(tokens, positions, slots)], logits)
+def step(parts: list[Part], logits: int = FULL, in_use: int = 0) -> Message:
+    return Message(STEP, tuple(parts), logits, in_use=in_use)
 
 
 def score(prompt: list[int]) -> Message:
@@ -125,8 +119,8 @@ def score(prompt: list[int]) -> Message:
     return Message(SCORE, (Part((tuple(prompt),), (tuple(range(n)),), max_position=n - 1, kind=CAUSAL),))
 
 
-def allocate(slots: int, max_len: int) -> Message:
-    return Message(ALLOC, alloc_slots=slots, alloc_len=max_len)
+def allocate(num_blocks: int, block_size: int) -> Message:
+    return Message(ALLOC, num_blocks=num_blocks, block_size=block_size)
 
 
 @dataclass
@@ -139,8 +133,9 @@ class Batch:
     attention: AttentionBatch | PackedBatch | None = None
     parts: tuple[AttentionBatch, ...] = ()
     logits: int = FULL
-    alloc_slots: int = 0
-    alloc_len: int = 0
+    num_blocks: int = 0
+    block_size: int = 0
+    in_use: int = 0
 
     def last_tokens(self, out: torch.Tensor) -> torch.Tensor:
         """[rows, hidden]: each row's last token of the step's output ``out`` [.., .., hidden]."""
@@ -151,22 +146,22 @@ class Batch:
 
 def to_batch(header: list[int], payload: torch.Tensor | None) -> Batch:
     """What every rank runs, from the header and payload it received (the leader: that it sent)."""
-    op, n_parts, n_slots, n_tokens, alloc_len, logits = header[:6]
+    op, n_parts, n_entries, n_tokens, block_size, logits, in_use = header[:7]
     if op == ALLOC:
-        return Batch(op, alloc_slots=n_slots, alloc_len=alloc_len)
+        return Batch(op, num_blocks=n_entries, block_size=block_size)
     if op not in (STEP, SCORE):
         return Batch(op)
     table = payload[: PART_SIZE * n_parts].view(n_parts, PART_SIZE).tolist()
     at = PART_SIZE * n_parts
     ids, positions = payload[at : at + n_tokens], payload[at + n_tokens : at + 2 * n_tokens]
-    slots = payload[at + 2 * n_tokens :]
-    parts, token, row = [], 0, 0
-    for rows, tokens, kv_len, max_position, slot_start, kind in table:
+    entries = payload[at + 2 * n_tokens :]
+    parts, token, entry = [], 0, 0
+    for rows, tokens, kv_len, max_position, per_row, kind in table:
         n = rows * tokens
-        part_slots = slots[row : row + rows] if op == STEP else None
+        blocks = entries[entry : entry + rows * per_row].view(rows, per_row) if op == STEP else None
         parts.append(AttentionBatch(positions[token : token + n].view(rows, tokens), kind, max_position,
-                                    kv_len if op == STEP else 0, part_slots, slot_start if slot_start >= 0 else None))
-        token, row = token + n, row + rows
+                                    kv_len if op == STEP else 0, blocks))
+        token, entry = token + n, entry + rows * per_row
     if len(parts) == 1:
-        return Batch(op, ids.view(*table[0][:2]), parts[0], tuple(parts), logits)
-    return Batch(op, ids.view(1, n_tokens), PackedBatch(parts), tuple(parts), logits)
+        return Batch(op, ids.view(*table[0][:2]), parts[0], tuple(parts), logits, in_use=in_use)
+    return Batch(op, ids.view(1, n_tokens), PackedBatch(parts), tuple(parts), logits, in_use=in_use)

@@ -56,8 +56,30 @@ class Worker:
             if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
                 eos.add(self.tokenizer.eos_token_id)
             self.inputs = InputProcessor(self.tokenizer, config.vocab_size, spec.max_model_len, spec.model)
+        budget = self._kv_blocks() if spec.kv_cache_memory is not None else None
+        if ctx.is_leader:
             self.scheduler = Scheduler(self.runner, self.tokenizer, eos, max_num_seqs, spec.max_model_len,
-                                       spec.max_num_batched_tokens, spec.chunked_prefill)
+                                       spec.max_num_batched_tokens, spec.chunked_prefill, spec.block_size,
+                                       spec.prefix_caching, budget)
+
+    def _kv_blocks(self) -> int:
+        """KV-cache blocks for sequences within ``--kv-cache-memory`` on every rank (the fewest any
+        rank can hold); refused when one sequence of ``max_model_len`` would not fit."""
+        from tensorpar.distributed.launch import torchrun_env
+        from tensorpar.runtime.memory_guard import kv_cache_bytes, show
+
+        spec, env = self.spec, torchrun_env()
+        per_block = self.runner.kv_block_bytes(spec.block_size)
+        budget = kv_cache_bytes(spec.kv_cache_memory, env.local_world_size if env else spec.dims.world_size,
+                                spec.device)
+        blocks = min(all_gather_object(budget // per_block, self.ctx)) - 1  # (one block pads)
+        need = -(-spec.max_model_len // spec.block_size)
+        if blocks < need:
+            raise TensorparError(f"--kv-cache-memory gives each rank {show(budget)}: {max(blocks, 0) * spec.block_size} "
+                                 f"positions of KV cache, less than one sequence of --max-model-len "
+                                 f"{spec.max_model_len} ({show((need + 1) * per_block)}); give more, or a shorter "
+                                 "--max-model-len")
+        return blocks
 
     # ---- collective calls ------------------------------------------------------------------------
 
