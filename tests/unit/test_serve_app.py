@@ -48,6 +48,7 @@ class FakeEngine:
         self.submitted, self.aborted, self.to_abort = [], [], set()
         self.error: str | None = None
         self.emitted = 0
+        self.stats_extra: dict = {}  # more of ``stats()`` (the KV-cache figures a real engine reports)
         self.shutdown_calls = 0
         self.refuse = False  # submit raises
         self.stopping = False  # submit answers at once with an error event (as while shutting down)
@@ -76,7 +77,7 @@ class FakeEngine:
         with self.lock:
             return {"running": len(self.running), "waiting": len(self.waiting),
                     "kv_cache_usage": len(self.running) / self.max_num_seqs, "healthy": self.error is None,
-                    "error": self.error}
+                    "error": self.error, **self.stats_extra}
 
     def shutdown(self) -> None:
         self.shutdown_calls += 1

@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
                    help="independent replicas of the --tp x --pp layout behind the one endpoint; a request goes "
                         "to the replica with the fewest outstanding requests, and the others serve on when one fails")
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences that run at once (per replica); more wait")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="no log line per request (endpoint, tokens in and out, finish, time to first token, latency)")
     p.add_argument("--max-request-bytes", type=int, default=4 << 20,
                    help="largest request body accepted; larger ones get 413 (default: %(default)s)")
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -116,7 +118,8 @@ def run(args) -> int:
     threading.Thread(target=_watch, args=(engine, stop), daemon=True).start()
     try:
         run_server(engine, args.host, args.port, args.api_key, max_request_bytes=args.max_request_bytes,
-                   limits=Limits(args.max_n, args.max_tokens_limit), served_names=args.served_model_name)
+                   limits=Limits(args.max_n, args.max_tokens_limit), served_names=args.served_model_name,
+                   log_requests=not args.disable_log_requests)
     finally:
         stop.set()
     return 0 if engine.stats()["healthy"] else 1

@@ -57,7 +57,7 @@ class Handlers:
     """The handlers' shared state: the engine, its metrics, and token texts for logprobs."""
 
     def __init__(self, engine: ServingBackend, limits: params.Limits, names: list[str]):
-        self.engine, self.metrics, self.limits, self.names = engine, Metrics(engine), limits, names
+        self.engine, self.metrics, self.limits, self.names = engine, Metrics(engine, names[0]), limits, names
         self.token_text = TokenText(engine.tokenizer)
         self.created = int(time.time())
 
@@ -85,8 +85,9 @@ class Handlers:
         for k, r in enumerate(requests):  # engine request "{id}-{k}" is choice k
             r.request_id = f"{fmt.id}-{k}"
         self.check_healthy()
-        stream = RequestStream(self.engine, requests, self.metrics, arrived)
         prompt_tokens = sum(len(ids) for ids in prompts)
+        stream = RequestStream(self.engine, requests, self.metrics, arrived, f"{request.method} {request.url.path}",
+                               prompt_tokens)
         if body.stream:  # submitted once the stream starts: a client gone before then costs nothing
             return StreamingResponse(self._events(request, stream, fmt, prompt_tokens, len(requests)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

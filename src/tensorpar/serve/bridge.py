@@ -5,17 +5,23 @@ only hand each event to this request's ``asyncio.Queue`` (``loop.call_soon_threa
 handler reads them with ``next()``. ``close()`` aborts whatever has not finished: handlers call
 it in ``finally``, so a client that goes away (its stream cancelled, or a watcher seeing the
 disconnect) frees its sequences.
+
+When every sequence has ended (or the request is given up), one line is logged at info level on
+the ``tensorpar.serve.requests`` logger: the endpoint, the request's id, its prompt and generated
+tokens, how its sequences finished, its time to first token and its latency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from tensorpar.runtime.request import Request, TokenEvent
 from tensorpar.serve.metrics import Metrics
 
 _DISCONNECTED = object()
+log = logging.getLogger("tensorpar.serve.requests")
 
 
 class ClientDisconnected(Exception):
@@ -23,8 +29,12 @@ class ClientDisconnected(Exception):
 
 
 class RequestStream:
-    def __init__(self, engine, requests: list[Request], metrics: Metrics, arrived: float):
-        self.engine, self.metrics, self.arrived = engine, metrics, arrived
+    def __init__(self, engine, requests: list[Request], metrics: Metrics, arrived: float, label: str = "",
+                 prompt_tokens: int | None = None):
+        """``label``: the endpoint, for the log line; ``prompt_tokens``: of the request's prompts
+        (each counted once, however many choices it has; default: every sequence's)."""
+        self.engine, self.metrics, self.arrived, self.label = engine, metrics, arrived, label
+        self.prompt_tokens = sum(len(r.prompt_token_ids) for r in requests) if prompt_tokens is None else prompt_tokens
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.index = {r.request_id: i for i, r in enumerate(requests)}
@@ -32,6 +42,7 @@ class RequestStream:
         self.last_token: dict[str, float] = {}
         self.requests = requests
         self._watcher: asyncio.Task | None = None
+        self.generated, self.first_token_s, self.reasons = 0, None, []
 
     def _callback(self, event: TokenEvent) -> None:  # engine thread: hand over, never block
         try:
@@ -67,15 +78,22 @@ class RequestStream:
             now = time.perf_counter()
             if event.token_id is not None:
                 self.metrics.generation_tokens.inc()
+                self.generated += 1
                 last = self.last_token.get(rid)
                 if last is None:
                     self.metrics.ttft.observe(now - self.arrived)
+                    if self.first_token_s is None:
+                        self.first_token_s = now - self.arrived
                 else:
                     self.metrics.itl.observe(now - last)
                 self.last_token[rid] = now
             if event.finished:
                 self.pending.discard(rid)
                 self.metrics.e2e.observe(now - self.arrived)
+                self.metrics.finished(event.finish_reason or "stop")
+                self.reasons.append(event.finish_reason)
+                if not self.pending:
+                    self._log()
             return self.index[rid], event
         return None
 
@@ -84,9 +102,21 @@ class RequestStream:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+        if self.pending:
+            self.reasons += ["abort"] * len(self.pending)
+            self._log()
         for rid in sorted(self.pending):
             try:
                 self.engine.abort(rid)
             except Exception:
                 pass
         self.pending.clear()
+
+    def _log(self) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        rid = self.requests[0].request_id.rsplit("-", 1)[0] if self.requests else "?"
+        reasons = ",".join(sorted(set(r or "?" for r in self.reasons)))
+        ttft = "-" if self.first_token_s is None else f"{self.first_token_s:.3f}s"
+        log.info("%s %s prompt_tokens=%d completion_tokens=%d n=%d finish=%s ttft=%s latency=%.3fs", self.label, rid,
+                 self.prompt_tokens, self.generated, len(self.requests), reasons, ttft, time.perf_counter() - self.arrived)

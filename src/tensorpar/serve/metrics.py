@@ -2,6 +2,15 @@
 
 Each app has its own registry (so several apps in one process, as in tests, do not collide).
 The engine gauges are read from ``engine.stats()`` when scraped, never cached.
+
+Beside tensorpar's own series, the ones gateways and autoscalers already scrape from vLLM are
+exported under vLLM's names and label (``model_name``): ``vllm:num_requests_running``,
+``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc`` (and its older name
+``vllm:gpu_cache_usage_perc``; a ratio from 0 to 1, as vLLM's), ``vllm:prefix_cache_queries`` /
+``vllm:prefix_cache_hits`` (prompt tokens), ``vllm:num_preemptions``, ``vllm:prompt_tokens``,
+``vllm:generation_tokens``, ``vllm:request_success`` (by ``finished_reason``) and the
+``vllm:time_to_first_token_seconds``, ``vllm:inter_token_latency_seconds`` (also as
+``vllm:time_per_output_token_seconds``) and ``vllm:e2e_request_latency_seconds`` histograms.
 """
 
 from __future__ import annotations
@@ -22,15 +31,33 @@ class _EngineCollector:
     GAUGES = (
         ("tensorpar_num_requests_running", "Sequences the engine is generating now.", "running"),
         ("tensorpar_num_requests_waiting", "Sequences queued for a free slot.", "waiting"),
-        ("tensorpar_kv_cache_usage_ratio", "Fraction of the KV cache in use (0 to 1).", "kv_cache_usage"),
-        ("tensorpar_kv_cache_free_slots", "KV-cache slots free for new sequences.", "free_slots"),
+        ("tensorpar_kv_cache_usage_ratio", "Fraction of the KV cache's blocks owned by sequences (0 to 1).",
+         "kv_cache_usage"),
+        ("tensorpar_kv_cache_free_blocks", "KV-cache blocks free for sequences (cached prefixes included).",
+         "free_blocks"),
+        ("tensorpar_kv_cache_blocks", "KV-cache blocks in all.", "kv_blocks"),
         ("tensorpar_replica_outstanding_requests", "Requests sent to the replica and not yet finished.",
          "outstanding"),
         ("tensorpar_replica_healthy", "1 while every rank of the replica is alive, else 0.", "healthy"),
     )
 
-    def __init__(self, engine):
-        self.engine = engine
+    COUNTERS = (
+        ("tensorpar_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+        ("tensorpar_prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
+        ("tensorpar_preemptions", "Sequences preempted for want of KV-cache blocks.", "preemptions"),
+    )
+    VLLM = (  # (vLLM's name, gauge or counter, key): the sums over replicas (a ratio: their mean)
+        ("vllm:num_requests_running", GaugeMetricFamily, "running"),
+        ("vllm:num_requests_waiting", GaugeMetricFamily, "waiting"),
+        ("vllm:kv_cache_usage_perc", GaugeMetricFamily, "kv_cache_usage"),
+        ("vllm:gpu_cache_usage_perc", GaugeMetricFamily, "kv_cache_usage"),
+        ("vllm:prefix_cache_queries", CounterMetricFamily, "prefix_cache_queries"),
+        ("vllm:prefix_cache_hits", CounterMetricFamily, "prefix_cache_hits"),
+        ("vllm:num_preemptions", CounterMetricFamily, "preemptions"),
+    )
+
+    def __init__(self, engine, model_name: str):
+        self.engine, self.model_name = engine, model_name
 
     def collect(self):
         try:
@@ -42,6 +69,16 @@ class _EngineCollector:
             family = GaugeMetricFamily(name, doc, labels=["replica"])
             for i, r in enumerate(replicas):
                 family.add_metric([str(i)], float(r.get(key) or 0))
+            yield family
+        for name, doc, key in self.COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=["replica"])
+            for i, r in enumerate(replicas):
+                family.add_metric([str(i)], float(r.get(key) or 0))
+            yield family
+        for name, kind, key in self.VLLM:
+            total = sum(float(r.get(key) or 0) for r in replicas)
+            family = kind(name, f"vLLM's name for tensorpar's {key}.", labels=["model_name"])
+            family.add_metric([self.model_name], total / len(replicas) if key == "kv_cache_usage" else total)
             yield family
         requests = CounterMetricFamily("tensorpar_replica_requests", "Requests sent to the replica.", labels=["replica"])
         for i, r in enumerate(replicas):
@@ -63,20 +100,49 @@ class _EngineCollector:
                                 "else 0.", value=1.0 if s.get("healthy") else 0.0)
 
 
+class _Series:
+    """One measure under several names: each ``inc`` / ``observe`` goes to all of them."""
+
+    def __init__(self, *metrics):
+        self.metrics = metrics
+
+    def inc(self, amount: float = 1) -> None:
+        for m in self.metrics:
+            m.inc(amount)
+
+    def observe(self, value: float) -> None:
+        for m in self.metrics:
+            m.observe(value)
+
+
 class Metrics:
-    def __init__(self, engine):
+    def __init__(self, engine, model_name: str = ""):
         r = self.registry = CollectorRegistry()
+        model = [model_name]
+
+        def both(kind, name: str, doc: str, vllm: list[str], **kw):
+            ours = kind(f"tensorpar_{name}", doc, registry=r, **kw)
+            return _Series(ours, *(kind(f"vllm:{v}", doc, ["model_name"], registry=r, **kw).labels(*model)
+                                   for v in vllm))
+
         self.requests = Counter("tensorpar_requests", "HTTP requests by endpoint and status code.",
                                 ["endpoint", "status"], registry=r)
-        self.prompt_tokens = Counter("tensorpar_prompt_tokens", "Prompt tokens submitted.", registry=r)
-        self.generation_tokens = Counter("tensorpar_generation_tokens", "Tokens generated.", registry=r)
-        self.ttft = Histogram("tensorpar_time_to_first_token_seconds",
-                              "From the request's arrival to its first token.", buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("tensorpar_inter_token_latency_seconds",
-                             "Between consecutive tokens of one sequence.", buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("tensorpar_e2e_request_latency_seconds",
-                             "From the request's arrival to a sequence's end.", buckets=LATENCY_BUCKETS, registry=r)
-        r.register(_EngineCollector(engine))
+        self.prompt_tokens = both(Counter, "prompt_tokens", "Prompt tokens submitted.", ["prompt_tokens"])
+        self.generation_tokens = both(Counter, "generation_tokens", "Tokens generated.", ["generation_tokens"])
+        self.ttft = both(Histogram, "time_to_first_token_seconds", "From the request's arrival to its first token.",
+                         ["time_to_first_token_seconds"], buckets=LATENCY_BUCKETS)
+        self.itl = both(Histogram, "inter_token_latency_seconds", "Between consecutive tokens of one sequence.",
+                        ["inter_token_latency_seconds", "time_per_output_token_seconds"], buckets=LATENCY_BUCKETS)
+        self.e2e = both(Histogram, "e2e_request_latency_seconds", "From the request's arrival to a sequence's end.",
+                        ["e2e_request_latency_seconds"], buckets=LATENCY_BUCKETS)
+        self._success = Counter("vllm:request_success", "Sequences finished, by reason.", ["model_name", "finished_reason"],
+                                registry=r)
+        self.model_name = model_name
+        r.register(_EngineCollector(engine, model_name))
+
+    def finished(self, reason: str) -> None:
+        """A sequence ended for ``reason`` (``stop``, ``length``, ``abort``, ...)."""
+        self._success.labels(self.model_name, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

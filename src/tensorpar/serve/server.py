@@ -8,6 +8,7 @@ returns. A second Ctrl+C skips the wait.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 import threading
@@ -49,12 +50,25 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def log_to_stderr(requests: bool) -> None:
+    """The request log (``tensorpar.serve.requests``) at info level on stderr, or silenced."""
+    log = logging.getLogger("tensorpar.serve.requests")
+    log.setLevel(logging.INFO if requests else logging.WARNING)
+    if requests and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s tensorpar %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
 def run_server(engine: ServingBackend, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
                grace_s: float = 5.0, stop: threading.Event | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, limits: Limits = Limits(),
-               served_names: list[str] | None = None) -> None:
+               served_names: list[str] | None = None, log_requests: bool = True) -> None:
     """Serve ``engine`` at ``host:port`` until SIGINT/SIGTERM or until ``stop`` is set, then shut
-    the engine down. ``port=0`` picks a free port (the banner line on stderr names it)."""
+    the engine down. ``port=0`` picks a free port (the banner line on stderr names it).
+    ``log_requests``: one line per request on stderr (``tensorpar.serve.bridge``)."""
+    log_to_stderr(log_requests)
     app = create_app(engine, api_key, max_request_bytes, limits, served_names)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
     shown_host = f"[{host}]" if ":" in host else host
