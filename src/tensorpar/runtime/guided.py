@@ -12,6 +12,14 @@ Three pieces, from the request to the sampler:
   advances the grammar. Once the grammar is complete (``finished``) only an end-of-sequence
   token is allowed, so the sequence ends.
 
+In the scheduler::
+
+    compiler = GuidedCompiler(tokenizer, eos_ids)      # once
+    state = compiler.start(params.guided)              # per sequence
+    state.mask_(logits[row])                           # per token: after the other controls,
+    token = choose(logits[row])                        # before greedy or sampled choice
+    state.accept(token)
+
 JSON is generated with fixed separators (``", "`` and ``": "``) and no other whitespace, so a
 model cannot spend its budget on blank space.
 """
@@ -43,7 +51,8 @@ class GuidedDecoding:
     - ``json_object``: any JSON object (``value`` is None);
     - ``json_schema``: JSON valid under the schema ``value`` (given as a dict or JSON text; kept
       as compact JSON text, key order preserved: properties are generated in that order);
-    - ``regex``: text the regular expression ``value`` matches in full (Rust ``regex`` syntax);
+    - ``regex``: text the regular expression ``value`` matches in full (Rust ``regex`` syntax:
+      ``\\d`` is any Unicode digit, ``[0-9]`` the ASCII ones);
     - ``choice``: exactly one of the strings ``value`` (kept as a tuple);
     - ``grammar``: text of the Lark grammar ``value`` (llguidance's dialect, which may embed
       JSON schemas with ``%json {...}``).

@@ -32,12 +32,18 @@ NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": Fals
 
 
 def choice(body: ChatCompletionRequest) -> str:
-    """``tool_choice`` as ``"none"``, ``"auto"``, ``"required"`` or the name of the function the
-    model must call; its default is ``"auto"`` with tools and ``"none"`` without, as OpenAI's."""
+    """``tool_choice`` as ``"none"``, ``"auto"``, ``"required"`` or ``"function"`` (one function,
+    ``named(body)``, must be called); its default is ``"auto"`` with tools and ``"none"``
+    without, as OpenAI's."""
     tc = body.tool_choice
     if tc is None:
         return "auto" if body.tools else "none"
-    return tc if isinstance(tc, str) else tc.function.name
+    return tc if isinstance(tc, str) else "function"
+
+
+def named(body: ChatCompletionRequest) -> str | None:
+    """The function ``tool_choice`` names, if it names one."""
+    return None if body.tool_choice is None or isinstance(body.tool_choice, str) else body.tool_choice.function.name
 
 
 def _check(body: ChatCompletionRequest) -> None:
@@ -48,11 +54,10 @@ def _check(body: ChatCompletionRequest) -> None:
                            param="tools")
     if len(set(names)) != len(names):
         raise APIError(400, "tools has two functions of the same name", param="tools")
-    chosen = choice(body)
-    if chosen not in ("none", "auto") and not names:
-        raise APIError(400, f"tool_choice {chosen!r} needs tools", param="tool_choice")
-    if chosen not in ("none", "auto", "required") and chosen not in names:
-        raise APIError(400, f"tool_choice names the function {chosen!r}, which is not among tools "
+    if choice(body) in ("required", "function") and not names:
+        raise APIError(400, "tool_choice asks for a tool call, but no tools are given", param="tool_choice")
+    if choice(body) == "function" and named(body) not in names:
+        raise APIError(400, f"tool_choice names the function {named(body)!r}, which is not among tools "
                             f"({', '.join(names)})", param="tool_choice")
 
 
@@ -82,7 +87,7 @@ def forced_calls(body: ChatCompletionRequest) -> GuidedDecoding | None:
     chosen = choice(body)
     if offered(body) is None or chosen == "auto":
         return None
-    tools = [t.function for t in body.tools if chosen == "required" or t.function.name == chosen]
+    tools = [t.function for t in body.tools if chosen == "required" or t.function.name == named(body)]
     rules, alternatives = [], []
     for i, f in enumerate(tools):
         head = '{"name": ' + json.dumps(f.name) + ', "arguments": '
