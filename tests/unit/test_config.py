@@ -244,3 +244,32 @@ def test_longrope_matches_transformers():
     torch.testing.assert_close(long, want_long, rtol=1e-6, atol=0)
     assert Rotary(ours.head_dim, ours.rope_theta, ours.rope_scaling).factor == pytest.approx(factor)
     assert factor > 1
+
+
+def test_chat_template_and_generation_config_options(tmp_path):
+    import json
+
+    from tensorpar.errors import TensorparError
+    from tensorpar.runtime.spec import read_chat_template, sampling_defaults
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    assert read_chat_template(str(tmp_path / "t.jinja")) == template
+    assert read_chat_template(template) == template and read_chat_template(None) is None
+    with pytest.raises(TensorparError, match="--chat-template nope.jinja: no such file"):
+        read_chat_template("nope.jinja")
+
+    class Source:
+        sampling_defaults = {"temperature": 0.7}
+
+    assert sampling_defaults("auto", Source()) == {"temperature": 0.7} and sampling_defaults("vllm", Source()) == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.3, "top_p": 0.8, "min_p": 0.05, "repetition_penalty": 1.2,
+         "max_new_tokens": 64, "eos_token_id": 2}))
+    assert sampling_defaults(str(tmp_path), Source()) == {"temperature": 0.3, "top_p": 0.8, "min_p": 0.05,
+                                                         "repetition_penalty": 1.2, "max_new_tokens": 64}
+    (tmp_path / "greedy").mkdir()
+    (tmp_path / "greedy" / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.3}))
+    assert sampling_defaults(str(tmp_path / "greedy"), Source()) == {}  # a greedy config's temperature means nothing
+    with pytest.raises(TensorparError, match="--generation-config .*missing.*: cannot read"):
+        sampling_defaults(str(tmp_path / "missing"), Source())

@@ -49,6 +49,7 @@ class FakeEngine:
         self.error: str | None = None
         self.emitted = 0
         self.stats_extra: dict = {}  # more of ``stats()`` (the KV-cache figures a real engine reports)
+        self.sampling_defaults: dict = {}  # (``--generation-config``)
         self.shutdown_calls = 0
         self.refuse = False  # submit raises
         self.stopping = False  # submit answers at once with an error event (as while shutting down)

@@ -57,3 +57,20 @@ def test_each_request_is_logged_once_with_its_tokens_and_latency(engine, caplog)
     prompt = r["usage"]["prompt_tokens"]
     assert line.startswith(f"POST /v1/completions {r['id']} prompt_tokens={prompt} completion_tokens=6 n=2 ")
     assert "finish=length" in line and "ttft=" in line and "latency=" in line
+
+
+def test_generation_config_defaults_fill_only_what_a_request_leaves_out(engine):
+    engine.sampling_defaults = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1,
+                                "max_new_tokens": 7}
+    with TestClient(create_app(engine)) as client:
+        client.post("/v1/completions", json={"prompt": "Hi"})
+        p = engine.submitted[-1].params
+        assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_new_tokens) == (0.6, 0.9, 20, 1.1, 7)
+        client.post("/v1/chat/completions", json={**CHAT, "temperature": 0, "top_k": 3, "max_tokens": 2})
+        p = engine.submitted[-1].params
+        assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_new_tokens) == (0.0, 0.9, 3, 1.1, 2)
+    engine.sampling_defaults = {}
+    with TestClient(create_app(engine)) as client:
+        client.post("/v1/completions", json={"prompt": "Hi"})
+        p = engine.submitted[-1].params
+        assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_new_tokens) == (1.0, 1.0, 0, 1.0, 16)

@@ -76,6 +76,12 @@ def add_engine(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV-cache blocks of a prompt prefix computed before, such as a shared system "
                         "prompt (default: on)")
+    p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                   help="a Jinja chat template (a file, or the text) instead of the tokenizer's own")
+    p.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
+                   help="sampling defaults for what a request leaves out: auto, the model's generation_config.json "
+                        "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens); vllm, none; or a "
+                        "folder holding a generation_config.json (default: auto)")
     p.add_argument("--timeout", type=float, default=None, help="seconds any collective may wait (default: 60)")
     p.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
                    help="bytes of weights one rank may hold, e.g. 8GiB: a layout needing more is refused before "
@@ -117,7 +123,8 @@ def engine_args(args: argparse.Namespace, progress: bool = True, dp: int = 1):
                    max_model_len=args.max_model_len, progress=progress, tokenizer_cache=args.tokenizer_cache,
                    max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill,
                    max_memory=args.max_memory, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-                   prefix_caching=args.prefix_caching)
+                   prefix_caching=args.prefix_caching, chat_template=args.chat_template,
+                   generation_config=args.generation_config)
     if args.timeout is not None:
         options["timeout_s"] = args.timeout
     return EngineArgs(**options)

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from tensorpar.errors import CheckpointError
-from tensorpar.loading.sources import StoredTensorsSource, read_json, safetensors_trouble
+from tensorpar.loading.sources import StoredTensorsSource, generation_defaults, read_json, safetensors_trouble
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.registry import model_module
 
@@ -27,8 +27,7 @@ class SafetensorsSource(StoredTensorsSource):
             eos = gen.get("eos_token_id")
             eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
             config = replace(config, eos_token_ids=tuple(dict.fromkeys([*config.eos_token_ids, *eos])))
-            if gen.get("do_sample"):
-                self.sampling_defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k") if gen.get(k) is not None}
+            self.sampling_defaults = generation_defaults(gen)
         self.config = config
         index = path / "model.safetensors.index.json"
         single = path / "model.safetensors"

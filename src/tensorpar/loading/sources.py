@@ -25,6 +25,17 @@ if TYPE_CHECKING:
     from tensorpar.models.names import TensorRef
 
 
+GENERATION_SAMPLING = ("temperature", "top_p", "top_k", "min_p")  # meaningful only where do_sample is set
+
+
+def generation_defaults(gen: dict) -> dict:
+    """The ``SamplingParams`` fields a ``generation_config.json`` recommends: its sampling
+    settings where it samples (``do_sample``), its repetition penalty and ``max_new_tokens``."""
+    out = {k: gen[k] for k in GENERATION_SAMPLING if gen.get("do_sample") and gen.get(k) is not None}
+    out.update({k: gen[k] for k in ("repetition_penalty", "max_new_tokens") if gen.get(k) is not None})
+    return out
+
+
 class CheckpointSource(ABC):
     """A checkpoint that reads slices of tensors by their names in the model."""
 

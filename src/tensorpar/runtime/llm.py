@@ -62,9 +62,10 @@ class LLM:
         self.startup = {**self.spec.startup, "launch_s": time.perf_counter() - t1, **rank0, "total_s": self.load_s}
 
     def get_default_sampling_params(self, **overrides) -> SamplingParams:
-        """The model's own sampling defaults (``generation_config.json``: temperature, top-p, top-k
-        when it samples), with ``overrides``; tensorpar itself is greedy unless asked."""
-        return SamplingParams(**{**self.spec.source.sampling_defaults, **overrides})
+        """The sampling defaults ``generation_config`` names (by default the model's
+        ``generation_config.json``: temperature, top-p, top-k, min-p when it samples, its repetition
+        penalty and max_new_tokens), with ``overrides``; tensorpar itself is greedy unless asked."""
+        return SamplingParams(**{**self.spec.sampling_defaults, **overrides})
 
     @property
     def rank(self) -> int:

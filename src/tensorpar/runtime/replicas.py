@@ -137,6 +137,7 @@ class ReplicaSet:
         first = replicas[0]  # this process's ServingEngine: the tokenizer and the context check
         self.replicas = replicas
         self.model_name, self.tokenizer, self.inputs = first.model_name, first.tokenizer, first.inputs
+        self.sampling_defaults = getattr(first, "sampling_defaults", {})
         self.max_model_len, self.tp, self.layout = first.max_model_len, first.tp, layout
         self._outstanding = [0] * len(replicas)
         self._sent = [0] * len(replicas)

@@ -34,6 +34,7 @@ class ServingBackend(Protocol):
     max_model_len: int
     tp: int
     layout: str  # "tp=2 pp=2"
+    sampling_defaults: dict  # SamplingParams fields a request leaves out (``EngineArgs.generation_config``)
 
     def submit(self, request: Request, sink: Sink) -> None: ...
 
@@ -85,6 +86,7 @@ class ServingEngine:
         spec = worker.spec
         self.worker, self.scheduler = worker, worker.scheduler
         self.model_name, self.max_num_seqs, self.max_model_len = spec.model, max_num_seqs, spec.max_model_len
+        self.sampling_defaults = spec.sampling_defaults
         self.tp, self.backend = spec.dims.tp, worker.ctx.backend
         self.layout = spec.layout
         self.tokenizer, self.inputs = worker.tokenizer, worker.inputs

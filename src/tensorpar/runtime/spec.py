@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tensorpar.distributed import DEFAULT_TIMEOUT_S
@@ -52,6 +53,8 @@ class EngineSpec:
     kv_cache_memory: float | int | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
     prefix_caching: bool = True
+    chat_template: str | None = None  # the template's text, when it replaces the tokenizer's
+    sampling_defaults: dict = field(default_factory=dict)  # SamplingParams fields a request leaves out
 
     @property
     def config(self):
@@ -91,7 +94,11 @@ class EngineArgs:
     (an int) or as a fraction of the memory free after loading (a float in (0, 1]); by default
     room for ``max_num_seqs`` sequences of ``max_model_len`` (resident only as used). The cache
     is blocks of ``block_size`` positions; ``prefix_caching`` reuses the full blocks of a prompt's
-    prefix computed before (``runtime.block_manager``). ``fault``: a fault injected on purpose, for
+    prefix computed before (``runtime.block_manager``). ``chat_template``: a Jinja chat template
+    (a file, or the text itself) instead of the tokenizer's. ``generation_config``: where the
+    sampling defaults of requests come from, as in vLLM: ``auto`` the model's
+    ``generation_config.json``, ``vllm`` none (greedy ``LLM``, OpenAI's defaults when serving), or
+    a folder or file of a ``generation_config.json``. ``fault``: a fault injected on purpose, for
     tests (``runtime.faults``).
     """
 
@@ -117,6 +124,8 @@ class EngineArgs:
     kv_cache_memory: float | int | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
     prefix_caching: bool = True
+    chat_template: str | None = None
+    generation_config: str = "auto"
 
     def resolve(self, default_max_model_len: int | None = None) -> EngineSpec:
         """Check everything, open the model; ``default_max_model_len`` caps the context when
@@ -179,4 +188,35 @@ class EngineArgs:
                           max_model_len, self.progress, self.tokenizer_cache, {"metadata_s": metadata_s},
                           dims.describe_nodes(env.local_world_size if env else None), self.moe_dispatch,
                           self.quantization, self.quant_group, self.max_num_batched_tokens, self.chunked_prefill,
-                          self.fault, self.kv_cache_memory, self.block_size, self.prefix_caching)
+                          self.fault, self.kv_cache_memory, self.block_size, self.prefix_caching,
+                          read_chat_template(self.chat_template), sampling_defaults(self.generation_config, source))
+
+
+def read_chat_template(given: str | None) -> str | None:
+    """``--chat-template``: a file's text, or the template itself (it has Jinja tags)."""
+    if given is None:
+        return None
+    path = Path(given).expanduser()
+    if "{{" not in given and "{%" not in given:
+        if not path.is_file():
+            raise TensorparError(f"--chat-template {given}: no such file (give a Jinja template file, or the "
+                                 "template text)")
+        return path.read_text()
+    return given
+
+
+def sampling_defaults(generation_config: str, source) -> dict:
+    """The ``SamplingParams`` defaults ``--generation-config`` names (``EngineArgs``)."""
+    from tensorpar.loading.sources import generation_defaults, read_json
+
+    if generation_config == "auto":
+        return dict(source.sampling_defaults)
+    if generation_config == "vllm":
+        return {}
+    path = Path(generation_config).expanduser()
+    path = path / "generation_config.json" if path.is_dir() else path
+    try:
+        return generation_defaults(read_json(path))
+    except (OSError, ValueError, TensorparError) as e:
+        raise TensorparError(f"--generation-config {generation_config}: cannot read {path} ({e}); give auto, vllm, "
+                             "or a folder holding a generation_config.json") from None

@@ -55,7 +55,8 @@ class Worker:
             eos = set(config.eos_token_ids) | architecture_defaults(self.tokenizer, config)
             if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
                 eos.add(self.tokenizer.eos_token_id)
-            self.inputs = InputProcessor(self.tokenizer, config.vocab_size, spec.max_model_len, spec.model)
+            self.inputs = InputProcessor(self.tokenizer, config.vocab_size, spec.max_model_len, spec.model,
+                                         spec.chat_template)
         budget = self._kv_blocks() if spec.kv_cache_memory is not None else None
         if ctx.is_leader:
             self.scheduler = Scheduler(self.runner, self.tokenizer, eos, max_num_seqs, spec.max_model_len,

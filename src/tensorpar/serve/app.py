@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tensorpar import __version__
 from tensorpar.runtime.serving import ServingBackend
-from tensorpar.serve import params
+from tensorpar.serve import params, tools
 from tensorpar.serve.bridge import ClientDisconnected, RequestStream
 from tensorpar.serve.errors import DEFAULT_MAX_REQUEST_BYTES, APIError, BodyLimit, install_error_handlers
 from tensorpar.serve.metrics import CONTENT_TYPE, Metrics, RequestCounter
@@ -59,6 +59,7 @@ class Handlers:
     def __init__(self, engine: ServingBackend, limits: params.Limits, names: list[str]):
         self.engine, self.metrics, self.limits, self.names = engine, Metrics(engine, names[0]), limits, names
         self.token_text = TokenText(engine.tokenizer)
+        self.defaults = dict(getattr(engine, "sampling_defaults", None) or {})  # ``--generation-config``
         self.created = int(time.time())
 
     def check_model(self, model: str | None) -> None:
@@ -81,7 +82,7 @@ class Handlers:
         """Generate for each prompt (``n`` choices each, prompt-major: choice ``p * n + i``)."""
         requests = [r for ids, most in zip(prompts, max_tokens)
                     for r in params.serve_requests(body, fmt.id, ids, most, logprobs, self.limits.max_n, prompt_logprobs,
-                                                   self.engine.inputs.vocab_size)]
+                                                   self.engine.inputs.vocab_size, self.defaults)]
         for k, r in enumerate(requests):  # engine request "{id}-{k}" is choice k
             r.request_id = f"{fmt.id}-{k}"
         self.check_healthy()
@@ -190,8 +191,9 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
                                 f"({body.n or 1}) is served", param="best_of")
         prompts = params.completion_prompts(body, engine.inputs)
         echo = bool(body.echo)
-        max_tokens = [params.max_new_tokens(body.max_tokens, params.COMPLETION_DEFAULT_MAX_TOKENS, len(ids),
-                                            engine.inputs, "prompt", limits.max_tokens, echo) for ids, _ in prompts]
+        default = params.default_max_tokens(params.COMPLETION_DEFAULT_MAX_TOKENS, api.defaults)
+        max_tokens = [params.max_new_tokens(body.max_tokens, default, len(ids), engine.inputs, "prompt",
+                                            limits.max_tokens, echo) for ids, _ in prompts]
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         n = body.n or 1
         fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", names[0], api.token_text, body.logprobs,
@@ -210,16 +212,18 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         ids = params.chat_prompt_ids(body, engine.inputs)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = [params.max_new_tokens(asked, None, len(ids), engine.inputs, "messages", limits.max_tokens)]
+        max_tokens = [params.max_new_tokens(asked, params.default_max_tokens(None, api.defaults), len(ids),
+                                            engine.inputs, "messages", limits.max_tokens)]
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         top_n = (body.top_logprobs or 0) if body.logprobs else None
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", names[0], api.token_text, top_n, include_usage)
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", names[0], api.token_text, top_n, include_usage,
+                         tool_calls=tools.offered(body) is not None)
         return await api.run(request, body, fmt, [ids], max_tokens, top_n or 0, arrived)
 
     app.include_router(v1)
-    tools = APIRouter(dependencies=[Depends(_key_checker(api_key))] if api_key else [])
+    utility = APIRouter(dependencies=[Depends(_key_checker(api_key))] if api_key else [])
 
-    @tools.post("/tokenize")
+    @utility.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         api.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -233,7 +237,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
             ids = params.chat_prompt_ids(ChatCompletionRequest(messages=body.messages), engine.inputs)
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
 
-    @tools.post("/detokenize")
+    @utility.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         api.check_model(body.model)
         vocab = engine.inputs.vocab_size
@@ -241,7 +245,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
             raise APIError(400, f"token ids must be from 0 to {vocab - 1}", param="tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens)}
 
-    app.include_router(tools)
+    app.include_router(utility)
 
     @app.get("/version")
     async def version():

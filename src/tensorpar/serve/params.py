@@ -168,9 +168,12 @@ def guided_decoding(body: SamplingFields) -> GuidedDecoding | None:
 
 def serve_requests(body: SamplingFields, request_id: str, prompt_ids: list[int], max_tokens: int,
                    logprobs: int, max_n: int = MAX_N, prompt_logprobs: int | None = None,
-                   vocab_size: int = 1 << 31) -> list[Request]:
+                   vocab_size: int = 1 << 31, defaults: dict | None = None) -> list[Request]:
     """``n`` requests ``{request_id}-{i}`` (``requests_for``: with a seed, choice i samples with
-    ``seed + i``); ``prompt_logprobs``: see ``SamplingParams``; ``guided``: ``guided_decoding``."""
+    ``seed + i``); ``prompt_logprobs``: see ``SamplingParams``; ``guided``: ``guided_decoding``.
+    ``defaults``: the server's values of sampling fields the body leaves out (``--generation-config``;
+    else OpenAI's: temperature 1, top_p 1)."""
+    body = with_defaults(body, defaults or {})
     n = 1 if body.n is None else body.n
     if not 1 <= n <= max_n:
         raise APIError(400, f"n must be between 1 and {max_n}, got {n}", param="n")
@@ -203,6 +206,21 @@ def serve_requests(body: SamplingFields, request_id: str, prompt_ids: list[int],
     except ValueError as e:  # SamplingParams names the field first
         raise APIError(400, str(e), param=str(e).split()[0]) from None
     return requests_for(request_id, prompt_ids, sp)
+
+
+DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def with_defaults(body: SamplingFields, defaults: dict) -> SamplingFields:
+    """``body`` with each of ``DEFAULTABLE`` it leaves out taken from ``defaults``."""
+    missing = {k: defaults[k] for k in DEFAULTABLE if k in defaults and getattr(body, k) is None}
+    return body.model_copy(update=missing) if missing else body
+
+
+def default_max_tokens(fallback: int | None, defaults: dict) -> int | None:
+    """The completion budget of a request that gives none: the server's ``max_new_tokens``
+    (``--generation-config``), else ``fallback``."""
+    return defaults.get("max_new_tokens", fallback)
 
 
 def refuse_unsupported(body: SamplingFields) -> None:
