@@ -6,13 +6,18 @@
     print(outputs[0].outputs[0].text)
 
 The common arguments carry over with vLLM's meaning and defaults (``SamplingParams``: temperature
-1.0, ``max_tokens`` 16, ``top_k`` -1 or 0 for none). ``LLM`` takes ``tensor_parallel_size``,
-``pipeline_parallel_size``, ``dtype``, ``max_model_len``, ``max_num_seqs`` and ``seed`` (the
-default seed of sampling requests that give none); ``trust_remote_code``, ``enforce_eager`` and
-``gpu_memory_utilization`` are accepted and change nothing (tensorpar runs no remote code, has no
-CUDA graphs to skip, and sizes its KV cache per sequence); any other argument is a ``TypeError``
-naming it. ``generate`` and ``chat`` return ``RequestOutput``s whose ``outputs`` hold each
-choice's text, token ids and finish reason (per-token ``logprobs`` are not kept: None).
+1.0, ``max_tokens`` 16, ``top_k`` -1 or 0 for none; structured output as
+``structured_outputs=StructuredOutputsParams(json=...)`` or the older
+``guided_decoding=GuidedDecodingParams(...)``: ``json``, ``json_object``, ``regex``, ``choice``,
+``grammar``). ``LLM`` takes ``tensor_parallel_size``, ``pipeline_parallel_size``, ``dtype``,
+``max_model_len``, ``max_num_seqs``, ``seed`` (the default seed of sampling requests that give
+none), ``enable_prefix_caching``, ``block_size``, ``kv_cache_memory_bytes`` and
+``generation_config``; ``trust_remote_code``, ``enforce_eager`` and ``gpu_memory_utilization`` are
+accepted and change nothing (tensorpar runs no remote code, has no CUDA graphs to skip, and its KV
+budget is ``kv_cache_memory_bytes``); any other argument is a ``TypeError`` naming it. ``generate``
+and ``chat`` return ``RequestOutput``s whose ``outputs`` hold each choice's text, token ids,
+finish reason, ``cumulative_logprob`` and, when ``logprobs`` is asked, per token a dict of
+``Logprob``s: the chosen token's and the top ones', as vLLM gives them.
 """
 
 from __future__ import annotations
@@ -20,10 +25,40 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tensorpar.runtime.guided import GuidedDecoding
 from tensorpar.runtime.llm import LLM as _LLM
 from tensorpar.runtime.sampling import SamplingParams as _Params
 
 NO_EFFECT = ("trust_remote_code", "enforce_eager", "gpu_memory_utilization")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's constraint on the output: give one of them."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def guided(self) -> GuidedDecoding:
+        given = [(k, v) for k, v in (("json_schema", self.json), ("regex", self.regex), ("choice", self.choice),
+                                    ("grammar", self.grammar), ("json_object", self.json_object)) if v]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of json, regex, choice, grammar, json_object; got {len(given)}")
+        kind, value = given[0]
+        return GuidedDecoding(kind, None if kind == "json_object" else value)
+
+
+GuidedDecodingParams = StructuredOutputsParams  # (vLLM's earlier name)
+
+
+@dataclass(frozen=True)
+class Logprob:
+    logprob: float
+    rank: int | None = None  # 1 for the most likely token; None when not among the top ones asked for
+    decoded_token: str | None = None
 
 
 def SamplingParams(n: int = 1, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,  # noqa: N802
@@ -31,14 +66,17 @@ def SamplingParams(n: int = 1, presence_penalty: float = 0.0, frequency_penalty:
                    min_p: float = 0.0, seed: int | None = None, stop: str | list[str] | None = None,
                    stop_token_ids: list[int] | None = None, ignore_eos: bool = False, max_tokens: int = 16,
                    min_tokens: int = 0, logprobs: int | None = None, prompt_logprobs: int | None = None,
-                   logit_bias: dict[int, float] | None = None) -> _Params:
+                   logit_bias: dict[int, float] | None = None,
+                   structured_outputs: StructuredOutputsParams | None = None,
+                   guided_decoding: StructuredOutputsParams | None = None) -> _Params:
     """vLLM's ``SamplingParams`` (its names and defaults) as tensorpar's."""
+    constraint = structured_outputs or guided_decoding
     return _Params(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0), seed=seed,
                    stop=(stop,) if isinstance(stop, str) else tuple(stop or ()), ignore_eos=ignore_eos, n=n,
                    logprobs=logprobs or 0, prompt_logprobs=prompt_logprobs, presence_penalty=presence_penalty,
                    frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty, min_p=min_p,
                    logit_bias=tuple((logit_bias or {}).items()), stop_token_ids=tuple(stop_token_ids or ()),
-                   min_tokens=min_tokens)
+                   min_tokens=min_tokens, guided=constraint.guided() if constraint is not None else None)
 
 
 @dataclass
@@ -65,13 +103,29 @@ class LLM:
     """vLLM's ``LLM`` (module docstring)."""
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, dtype: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 256, seed: int | None = None, **kwargs):
+                 max_model_len: int | None = None, max_num_seqs: int = 256, seed: int | None = None,
+                 enable_prefix_caching: bool = True, block_size: int = 16, kv_cache_memory_bytes: int | None = None,
+                 generation_config: str = "auto", **kwargs):
         unknown = [k for k in kwargs if k not in NO_EFFECT]
         if unknown:
             raise TypeError(f"tensorpar.vllm.LLM does not take {unknown[0]!r}")
         self.seed = seed
         self.llm = _LLM(model, max_num_seqs=max_num_seqs, tp=tensor_parallel_size, pp=pipeline_parallel_size,
-                        dtype=dtype, max_model_len=max_model_len)
+                        dtype=dtype, max_model_len=max_model_len, prefix_caching=enable_prefix_caching,
+                        block_size=block_size, kv_cache_memory=kv_cache_memory_bytes,
+                        generation_config=generation_config)
+
+    def _logprobs(self, c, asked: int) -> list[dict[int, Logprob]] | None:
+        """vLLM's per-token logprobs: the chosen token's and the ``asked`` most likely ones'."""
+        if not asked:
+            return None
+        out = []
+        for token, own, top in zip(c.token_ids, c.logprobs, c.top_logprobs):
+            ranks = {t: r for r, (t, _) in enumerate(top, 1)}
+            step = {t: Logprob(lp, r) for r, (t, lp) in enumerate(top, 1)}
+            step.setdefault(token, Logprob(own, ranks.get(token)))
+            out.append(step)
+        return out
 
     def _run(self, prompts: list, texts: list, sampling_params, chat: bool) -> list[RequestOutput]:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()]
@@ -83,7 +137,9 @@ class LLM:
         for c in done:
             r = out[c.prompt_index]
             r.prompt_token_ids, r.prompt_logprobs = list(c.prompt_token_ids), c.prompt_logprobs
-            r.outputs.append(CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason))
+            asked = params[c.prompt_index].logprobs
+            r.outputs.append(CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason,
+                                              sum(c.logprobs) if c.logprobs else 0.0, self._logprobs(c, asked)))
         return out
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:

@@ -69,3 +69,26 @@ def test_generate_and_chat_through_the_vllm_api_equal_tensorpars(tiny_chat_check
         assert chat.outputs[0].token_ids == ours_chat.token_ids
         [scored] = llm.generate("The capital of France is", SamplingParams(max_tokens=1, prompt_logprobs=0))
         assert scored.prompt_logprobs[0][1] is None and len(scored.prompt_logprobs) == len(ours.prompt_token_ids)
+        [lp] = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4, logprobs=3,
+                                                                       ignore_eos=True))
+        first = lp.outputs[0]
+        assert first.token_ids == ours.token_ids[:4] and len(first.logprobs) == 4
+        for token, step in zip(first.token_ids, first.logprobs):
+            assert step[token].rank == 1 and len(step) == 3  # greedy: the chosen token is the most likely
+            assert sorted(p.rank for p in step.values()) == [1, 2, 3]
+        assert first.cumulative_logprob == pytest.approx(sum(s[t].logprob for t, s in zip(first.token_ids,
+                                                                                           first.logprobs)))
+        [plain] = llm.generate("The capital of France is", greedy)
+        assert plain.outputs[0].logprobs is None
+
+
+def test_structured_outputs_params_become_tensorpars_guided_decoding():
+    from tensorpar.runtime.guided import GuidedDecoding
+    from tensorpar.vllm import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
+
+    sp = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+    assert sp.guided == GuidedDecoding("choice", ("yes", "no"))
+    sp = SamplingParams(guided_decoding=GuidedDecodingParams(json={"type": "object"}))
+    assert sp.guided.kind == "json_schema" and SamplingParams().guided is None
+    with pytest.raises(ValueError, match="exactly one"):
+        SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+", choice=["a"]))

@@ -77,6 +77,8 @@ class Completion:
     index: int = 0
     prompt_index: int = 0
     prompt_logprobs: list[PromptToken] | None = None  # when asked for (``SamplingParams.prompt_logprobs``)
+    logprobs: list[float] = field(default_factory=list)  # each generated token's log-probability
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when asked for
 
 
 @dataclass
@@ -98,6 +100,8 @@ class Collector:
         self.text: dict[str, list[str]] = {}
         self.finish: dict[str, TokenEvent] = {}
         self.prompts: dict[str, list] = {}
+        self.logprobs: dict[str, list[float]] = {}
+        self.tops: dict[str, list] = {}
 
     def __call__(self, event: TokenEvent) -> None:
         rid = event.request_id
@@ -105,6 +109,8 @@ class Collector:
             self.prompts[rid] = event.prompt_logprobs
         if event.token_id is not None:
             self.tokens.setdefault(rid, []).append(event.token_id)
+            self.logprobs.setdefault(rid, []).append(event.logprob)
+            self.tops.setdefault(rid, []).append(event.top_logprobs)
         self.text.setdefault(rid, []).append(event.text_delta)
         if event.finished:
             self.finish[rid] = event
@@ -117,4 +123,5 @@ class Collector:
 
             raise TensorparError(end.error or "generation failed")
         return Completion(request.prompt_token_ids, self.tokens.get(rid, []), "".join(self.text.get(rid, [])),
-                          end.finish_reason, index, prompt_index, self.prompts.get(rid))
+                          end.finish_reason, index, prompt_index, self.prompts.get(rid), self.logprobs.get(rid, []),
+                          self.tops.get(rid, []) if request.params.logprobs else [])
