@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-from dataclasses import replace
+import math
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tensorpar.planner.arch import from_hf_config, resolve_model
+from tensorpar.planner.calibrate import nelder_mead
 from tensorpar.planner.comm import collective_time
 from tensorpar.planner.costs import Precision, busiest_shard
+from tensorpar.planner.engines import ENGINES
 from tensorpar.planner.hardware import (
     BUILTIN_DEVICES,
     NVLINK_LATENCY_PER_RANK_US,
@@ -30,15 +34,24 @@ from tensorpar.planner.training import model_flops, training_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
-QWQ_32B = from_hf_config(dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=27648,
-                              num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
-                              max_position_embeddings=40960, use_sliding_window=False), name="QwQ-32B")
-FT_13B = from_hf_config(dict(model_type="gpt2", vocab_size=50272, n_embd=5120, n_layer=40, n_head=40,
-                             n_positions=2048), name="13B (GPT, kipply)")
-GPT3_175B = from_hf_config(dict(model_type="gpt2", vocab_size=51200, n_embd=12288, n_layer=96, n_head=96,
-                                n_positions=2048), name="GPT-3 175B")
-MT_530B = from_hf_config(dict(model_type="gpt2", vocab_size=51200, n_embd=20480, n_layer=105, n_head=128,
-                              n_positions=2048), name="GPT 530B")
+
+
+def _gpt(name: str, vocab: int, h: int, layers: int, heads: int):
+    return from_hf_config(dict(model_type="gpt2", vocab_size=vocab, n_embd=h, n_layer=layers, n_head=heads,
+                               n_positions=2048), name=name)
+
+
+# Models of the rows that are not built in (their published shapes).
+CUSTOM_MODELS = {
+    "qwq-32b": from_hf_config(dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                                   num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                                   max_position_embeddings=40960, use_sliding_window=False), name="qwq-32b"),
+    "ft-13b": _gpt("ft-13b", 50272, 5120, 40, 40),                  # kipply's 13B GPT
+    "gpt-22b": _gpt("gpt-22b", 51200, 6144, 48, 64),                # Korthikanti et al. table 3
+    "gpt3-175b-megatron": _gpt("gpt3-175b-megatron", 51200, 12288, 96, 96),
+    "gpt-530b": _gpt("gpt-530b", 51200, 20480, 105, 128),
+    "gpt-1t": _gpt("gpt-1t", 51200, 25600, 128, 160),
+}
 
 
 def err(pred: float, meas: float) -> str:
@@ -148,132 +161,280 @@ def comm_tables(cal: Path) -> list[str]:
     return out
 
 
+# --- the rows: benchmarks/planner_validation/{inference,training}.csv ------------------------------
+
+DATA = Path(__file__).resolve().parent / "planner_validation"
+HELD_OUT_MODULUS = 3  # a row is held out when crc32(row id) % 3 == 0: fixed before any tuning
+
+TIME_METRICS = ("prefill ms", "first token ms", "TTFT ms", "decode ms/token", "ITL ms", "ms/token (whole request)",
+                "request ms")
+RATE_METRICS = ("tokens/s", "tokens/s/GPU", "MFU", "hardware TFLOP/s per GPU")
+
+
+def row_id(r: dict) -> str:
+    keys = ("source", "model", "device", "dtype", "tp", "pp", "dp", "batch", "global_batch", "prompt", "output",
+            "recompute", "metric")
+    return "|".join(str(r[k]) for k in keys if k in r)
+
+
+def held_out(r: dict) -> bool:
+    return zlib.crc32(row_id(r).encode()) % HELD_OUT_MODULUS == 0
+
+
+def load_rows(name: str) -> list[dict]:
+    with open(DATA / name) as f:
+        return list(csv.DictReader(f))
+
+
+def model_of(name: str):
+    return CUSTOM_MODELS[name] if name in CUSTOM_MODELS else resolve_model(name)
+
+
+@dataclass
+class Result:
+    """One row and its prediction; ``error`` is on time (predicted time / measured time - 1, so a
+    negative error is an optimistic prediction whatever the metric)."""
+
+    row: dict
+    kind: str
+    predicted: float
+    measured: float
+
+    @property
+    def error(self) -> float:
+        metric = self.row["metric"]
+        if metric in RATE_METRICS:
+            return self.measured / self.predicted - 1
+        return self.predicted / self.measured - 1
+
+    @property
+    def held_out(self) -> bool:
+        return held_out(self.row)
+
+
 # --- inference -------------------------------------------------------------------------------------
 
 
-def predict(arch, device: str, tp: int, batch: int, prompt: int, output: int, dtype: str = "bf16", kv=None):
-    dev = BUILTIN_DEVICES[device]
-    p = Precision(dtype, kv or ("fp8" if dtype == "fp8" else dtype if dtype != "int8" else "bf16"))
-    return inference_times(arch, busiest_shard(arch, tp), p, dev, Placement(tp, 1, 1, 1, dev.gpus_per_node),
-                           batch, prompt, output)
+def predict_inference(r: dict, engines: dict | None = None, devices: dict | None = None) -> float:
+    """The row's metric as predicted under its engine's profile (``engines``/``devices`` replace
+    the built-in profiles and devices while fitting)."""
+    arch = model_of(r["model"])
+    dev = (devices or BUILTIN_DEVICES)[r["device"]]
+    engine = (engines or ENGINES)[r["engine"]]
+    dtype, tp, batch = r["dtype"], int(r["tp"]), int(r["batch"])
+    prompt, output = int(r["prompt"]), int(r["output"])
+    kv = "fp8" if dtype == "fp8" else "bf16"
+    p = Precision(dtype, kv)
+    t = inference_times(arch, busiest_shard(arch, tp), p, dev, Placement(tp, 1, 1, 1, dev.gpus_per_node),
+                        batch, prompt, output, engine=engine)
+    request = t.ttft + (output - 1) * t.tpot
+    metric = r["metric"]
+    if metric in ("prefill ms", "first token ms", "TTFT ms"):
+        return t.ttft * 1e3
+    if metric in ("decode ms/token", "ITL ms"):
+        return t.tpot * 1e3
+    if metric == "ms/token (whole request)":
+        return request * 1e3 / output
+    if metric == "request ms":
+        return request * 1e3
+    if metric == "tokens/s":
+        return batch * output / request
+    if metric == "tokens/s/GPU":
+        return batch * output / request / tp
+    raise ValueError(f"unknown metric {metric!r}")
 
 
-INFERENCE = [
-    # (source, model, device, dtype, tp, batch, prompt, output, metric, measured, note)
-    ("FasterTransformer via kipply / llm-analysis", FT_13B, "a100-40gb-sxm", "fp16", 1, 1, 512, 10, "prefill ms", 63.17, ""),
-    ("FasterTransformer via kipply / llm-analysis", FT_13B, "a100-40gb-sxm", "fp16", 1, 1, 512, 10, "decode ms/token", 22.0, ""),
-    ("FasterTransformer via kipply / llm-analysis", FT_13B, "a100-40gb-sxm", "fp16", 2, 1, 512, 10, "prefill ms", 45.45, ""),
-    ("FasterTransformer via kipply / llm-analysis", FT_13B, "a100-40gb-sxm", "fp16", 2, 1, 512, 10, "decode ms/token", 13.5, ""),
-    ("gpt-fast README", "llama-2-7b", "a100-80gb-sxm", "bf16", 1, 1, 5, 200, "decode ms/token", 1e3 / 104.9, "330 W"),
-    ("gpt-fast README", "llama-2-7b", "a100-80gb-sxm", "bf16", 2, 1, 5, 200, "decode ms/token", 1e3 / 168.84, "330 W"),
-    ("gpt-fast README", "llama-2-7b", "a100-80gb-sxm", "bf16", 4, 1, 5, 200, "decode ms/token", 1e3 / 254.02, "330 W"),
-    ("gpt-fast README", "llama-2-7b", "a100-80gb-sxm", "bf16", 8, 1, 5, 200, "decode ms/token", 1e3 / 328.43, "330 W"),
-    ("gpt-fast README", "llama-2-70b", "a100-80gb-sxm", "bf16", 2, 1, 5, 200, "decode ms/token", 1e3 / 21.32, "330 W"),
-    ("gpt-fast README", "llama-2-70b", "a100-80gb-sxm", "bf16", 4, 1, 5, 200, "decode ms/token", 1e3 / 38.01, "330 W"),
-    ("gpt-fast README", "llama-2-70b", "a100-80gb-sxm", "bf16", 8, 1, 5, 200, "decode ms/token", 1e3 / 62.50, "330 W"),
-    ("vLLM issue 16300", QWQ_32B, "a100-80gb-sxm", "bf16", 2, 1, 1, 200, "ms/token (whole request)", 5500 / 200, ""),
-    ("vLLM issue 16300", QWQ_32B, "a100-80gb-sxm", "bf16", 4, 1, 1, 200, "ms/token (whole request)", 3910 / 200, ""),
-    ("vLLM issue 16300", QWQ_32B, "a100-80gb-sxm", "bf16", 8, 1, 1, 200, "ms/token (whole request)", 3150 / 200, ""),
-    ("TensorRT-LLM v0.5 performance.md", "llama-2-7b", "h100-sxm", "fp8", 1, 1, 128, 1, "first token ms", 7, ""),
-    ("TensorRT-LLM v0.5 performance.md", "llama-2-7b", "h100-sxm", "fp8", 1, 1, 2048, 1, "first token ms", 36, ""),
-    ("TensorRT-LLM v0.5 performance.md", "llama-2-70b", "h100-sxm", "fp8", 4, 1, 128, 1, "first token ms", 26, ""),
-    ("TensorRT-LLM v0.5 performance.md", "llama-2-70b", "h100-sxm", "fp8", 4, 1, 2048, 1, "first token ms", 109, ""),
-    ("TensorRT-LLM v0.5 performance.md", "llama-2-7b", "a100-80gb-sxm", "fp16", 1, 1, 128, 1, "first token ms", 16, "A100 size not stated"),
-    ("TensorRT-LLM v0.5 performance.md", "llama-2-7b", "a100-80gb-sxm", "fp16", 1, 1, 2048, 1, "first token ms", 133, "A100 size not stated"),
-    ("TensorRT-LLM v0.5 performance.md", "llama-2-70b", "a100-80gb-sxm", "fp16", 4, 1, 128, 1, "first token ms", 47, "A100 size not stated"),
-    ("TensorRT-LLM v0.5 performance.md", "llama-2-70b", "a100-80gb-sxm", "fp16", 4, 1, 2048, 1, "first token ms", 377, "A100 size not stated"),
-    ("NVIDIA NIM benchmarking (1.8.0)", "llama-3-70b", "h100-sxm", "fp8", 2, 1, 500, 2000, "TTFT ms", 47.77, "Llama-3.3-70B"),
-    ("NVIDIA NIM benchmarking (1.8.0)", "llama-3-70b", "h100-sxm", "fp8", 2, 1, 500, 2000, "ITL ms", 18.91, "Llama-3.3-70B"),
-    ("NVIDIA NIM benchmarking (1.8.0)", "llama-3-70b", "h100-sxm", "fp8", 2, 1, 5000, 500, "TTFT ms", 406.77, "Llama-3.3-70B"),
-    ("NVIDIA NIM benchmarking (1.8.0)", "llama-3-70b", "h100-sxm", "fp8", 2, 1, 5000, 500, "ITL ms", 18.58, "Llama-3.3-70B"),
-    ("vLLM CI latency test (buildkite build 9515)", "llama-3-8b", "h200-sxm", "bf16", 1, 8, 32, 128, "request ms", 833.42, "Llama-3.1-8B"),
-    ("vLLM CI latency test (buildkite build 9515)", "llama-3-70b", "h200-sxm", "bf16", 4, 8, 32, 128, "request ms", 2077.53, ""),
-    ("vLLM CI latency test (buildkite build 9515)", "mixtral-8x7b", "h200-sxm", "bf16", 2, 8, 32, 128, "request ms", 1917.44, "MoE"),
-]
+# Engine constants fitted on the fitting set, by engine: only those its rows can tell apart
+# (vLLM has no int8 rows and too few to fit a memory efficiency; TensorRT-LLM's 8-bit rows are
+# FP8 with native kernels; only vLLM's driver broadcasts inputs to its workers).
+FIT_PARAMS = {
+    "gpt-fast": ("step_overhead_us", "layer_overhead_us", "allreduce_latency_us", "memory_efficiency",
+                 "int8_weight_efficiency"),
+    "trtllm": ("step_overhead_us", "layer_overhead_us", "allreduce_latency_us", "memory_efficiency"),
+    "trtllm-0.6": ("gqa_kv_reads",),
+    "vllm": ("step_overhead_us", "layer_overhead_us", "allreduce_latency_us", "step_overhead_per_rank_us"),
+}
+START = {"step_overhead_us": 200.0, "layer_overhead_us": 20.0, "allreduce_latency_us": 20.0,
+         "memory_efficiency": 0.8, "int8_weight_efficiency": 0.9, "step_overhead_per_rank_us": 100.0,
+         "gqa_kv_reads": 2.0}
+BOUNDS = {"step_overhead_us": (10.0, 5000.0), "layer_overhead_us": (1.0, 500.0), "allreduce_latency_us": (5.0, 100.0),
+          "memory_efficiency": (0.3, 1.0), "int8_weight_efficiency": (0.3, 1.0), "step_overhead_per_rank_us": (0.0, 2000.0), "gqa_kv_reads": (1.0, 8.0),
+          "low_precision_efficiency": (0.3, 1.0)}  # physical ranges: a one-shot all-reduce takes at least 5 us
 
 
-def inference_table() -> list[str]:
-    out = ["| source | model | hardware | dtype | TP | batch | prompt / output | metric | measured | predicted | error |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    errors = []
-    for src, model, dev, dtype, tp, b, prompt, output, metric, meas, note in INFERENCE:
-        arch = resolve_model(model) if isinstance(model, str) else model
-        r = predict(arch, dev, tp, b, prompt, output, dtype)
-        if metric in ("prefill ms", "first token ms", "TTFT ms"):
-            pred = r.ttft * 1e3
-        elif metric in ("decode ms/token", "ITL ms"):
-            pred = r.tpot * 1e3
-        elif metric == "ms/token (whole request)":
-            pred = (r.ttft + (output - 1) * r.tpot) * 1e3 / output
-        else:
-            pred = (r.ttft + (output - 1) * r.tpot) * 1e3
-        errors.append(abs(pred / meas - 1))
-        name = arch.name + (f" ({note})" if note else "")
-        out.append(f"| {src} | {name} | {dev} | {dtype} | {tp} | {b} | {prompt} / {output} | {metric} | "
-                   f"{meas:.1f} | {pred:.1f} | {err(pred, meas)} |")
-    errors.sort()
-    out += ["", f"{len(errors)} rows: median absolute error {100 * errors[len(errors) // 2]:.0f}%, "
-                f"mean {100 * sum(errors) / len(errors):.0f}%, largest {100 * errors[-1]:.0f}%."]
-    return out
+def fit(iterations: int = 2000) -> dict:
+    """The constants ``engines`` and ``hardware`` call fitted (``FIT_PARAMS`` and the catalog's
+    ``low_precision_efficiency``), minimizing the absolute log error over the fitting set's
+    inference rows only (Nelder-Mead in log space)."""
+    rows = [r for r in load_rows("inference.csv") if not held_out(r)]
+    keys = [(e, f) for e, fields in FIT_PARAMS.items() for f in fields] + [(None, "low_precision_efficiency")]
 
+    def value(f, v):
+        lo, hi = BOUNDS[f]
+        return min(hi, max(lo, math.exp(v)))
 
-def plateau_table() -> list[str]:
-    out = ["| model | hardware | source | TP=4 ms/token | TP=8 ms/token | TP=8 speedup measured | predicted speedup "
-           "| weights alone |", "|---|---|---|---|---|---|---|---|"]
-    rows = [("llama-2-70b", "a100-80gb-sxm", "gpt-fast README (batch 1)", 1e3 / 38.01, 1e3 / 62.50, 5, 200),
-            (QWQ_32B, "a100-80gb-sxm", "vLLM issue 16300 (batch 1)", 3910 / 200, 3150 / 200, 1, 200),
-            ("llama-2-70b", "h100-sxm", "no published pair found; prediction only", None, None, 512, 128)]
-    for model, dev, src, m4, m8, prompt, output in rows:
-        arch = resolve_model(model) if isinstance(model, str) else model
-        t4 = predict(arch, dev, 4, 1, prompt, output)
-        t8 = predict(arch, dev, 8, 1, prompt, output)
-        w = t4.decode.breakdown.memory / t8.decode.breakdown.memory
-        meas = f"{m4 / m8:.2f}x" if m4 else "-"
-        out.append(f"| {arch.name} | {dev} | {src} | {m4 or t4.tpot * 1e3:.1f}{'' if m4 else ' (pred.)'} | "
-                   f"{m8 or t8.tpot * 1e3:.1f}{'' if m8 else ' (pred.)'} | {meas} | {t4.tpot / t8.tpot:.2f}x | {w:.2f}x |")
-    return out
+    def unpack(x):
+        engines, lp = dict(ENGINES), None
+        for (e, f), v in zip(keys, x):
+            if e is None:
+                lp = value(f, v)
+            elif e != "trtllm-0.6":
+                engines[e] = replace(engines[e], **{f: value(f, v)})
+        engines["trtllm-0.6"] = replace(engines["trtllm"], name="trtllm-0.6", gqa_kv_reads=value(
+            "gqa_kv_reads", x[keys.index(("trtllm-0.6", "gqa_kv_reads"))]))
+        devices = {k: replace(d, low_precision_efficiency=lp) for k, d in BUILTIN_DEVICES.items()}
+        return engines, devices, lp
+
+    def loss(x):
+        engines, devices, _ = unpack(x)
+        total = 0.0
+        for r in rows:
+            res = Result(r, "inference", predict_inference(r, engines, devices), float(r["measured"]))
+            total += abs(math.log(1 + res.error))
+        return total
+
+    x0 = [math.log(START.get(f, 0.5)) for _, f in keys]
+    best = nelder_mead(loss, x0, iterations=iterations)
+    best = nelder_mead(loss, best, step=0.2, iterations=iterations)  # a restart, as simplexes collapse
+    return {f"{e or 'catalog'}.{f}": round(value(f, v), 3) for (e, f), v in zip(keys, best)}
 
 
 # --- training --------------------------------------------------------------------------------------
 
 
-def training_table() -> list[str]:
-    a100 = BUILTIN_DEVICES["a100-80gb-sxm"]
-    p = Precision("bf16", "bf16")
-    out = ["| source | model | GPUs | TP / PP / DP | global batch x seq | recompute | measured MFU | predicted MFU "
-           "| measured step s | predicted step s | error (step) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows = [
-        ("Megatron-LM 2021 (153 TFLOP/s)", GPT3_175B, 8, 12, 4, 1536, "full", 153.0, None),
-        ("Megatron-LM 2021 (149 TFLOP/s)", GPT3_175B, 8, 12, 8, 1536, "full", 149.0, None),
-        ("Megatron-LM 2021 (141 TFLOP/s)", GPT3_175B, 8, 12, 16, 1536, "full", 141.0, None),
-        ("Korthikanti et al. 2022", MT_530B, 8, 35, 8, 2240, "full", None, 0.421),
-        ("Korthikanti et al. 2022", MT_530B, 8, 35, 8, 2240, "selective", None, 0.542),
-    ]
-    for src, arch, tp, pp, dp, gbs, rec, hw_tflops, mfu in rows:
-        s = 2048
-        gpus = tp * pp * dp
-        flops = model_flops(arch, s, gbs * s)
-        if hw_tflops is not None:
-            # the paper's FLOPs count recomputation: 96 B s l h^2 (1 + s / 6h + V / 16 l h)
-            B, l, h, V = gbs, arch.layers, arch.hidden, arch.vocab
-            hw = 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
-            step = hw / (gpus * hw_tflops * 1e12)
-        else:
-            step = flops / (gpus * 312e12 * mfu)
-        mfu_meas = flops / (step * gpus * 312e12)
-        t = training_time(arch, busiest_shard(arch, tp), p, a100, Placement(tp, pp, dp, 1, 8), s, 1, gbs, rec, False)
-        mfu_pred = flops / (t.step * gpus * 312e12)
-        out.append(f"| {src} | {arch.name} | {gpus} | {tp} / {pp} / {dp} | {gbs} x {s} | {rec} | "
-                   f"{100 * mfu_meas:.1f}% | {100 * mfu_pred:.1f}% | {step:.1f} | {t.step:.1f} | {err(t.step, step)} |")
+def predict_training(r: dict) -> tuple[float, float]:
+    """(predicted, measured) in the row's metric (MFU or hardware TFLOP/s per GPU)."""
+    arch = model_of(r["model"])
+    dev = BUILTIN_DEVICES[r["device"]]
+    tp, pp, dp, gbs, s = (int(r[k]) for k in ("tp", "pp", "dp", "global_batch", "seq"))
+    gpus = tp * pp * dp
+    peak = dev.peak_flops("bf16")
+    t = training_time(arch, busiest_shard(arch, tp), Precision("bf16", "bf16"), dev, Placement(tp, pp, dp, 1, 8),
+                      s, 1, gbs, r["recompute"], False)
+    if r["metric"] == "MFU":
+        return model_flops(arch, s, gbs * s) / (t.step * gpus * peak), float(r["measured"])
+    # the paper's TFLOP/s count the recomputed forward: 96 B s l h^2 (1 + s / 6h + V / 16 l h)
+    B, l, h, V = gbs, arch.layers, arch.hidden, arch.vocab
+    hw = 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
+    return hw / (t.step * gpus) / 1e12, float(r["measured"])
+
+
+# --- statistics and tables -------------------------------------------------------------------------
+
+
+def results() -> list[Result]:
+    out = []
+    for r in load_rows("inference.csv"):
+        out.append(Result(r, "inference", predict_inference(r), float(r["measured"])))
+    for r in load_rows("training.csv"):
+        pred, meas = predict_training(r)
+        out.append(Result(r, "training", pred, meas))
+    return out
+
+
+def stats(errors: list[float]) -> dict:
+    """median, p90 (nearest rank) and worst absolute error, and the signed median (bias)."""
+    a = sorted(abs(e) for e in errors)
+    s = sorted(errors)
+    n = len(a)
+
+    def median(v):
+        return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+    return {"n": n, "median": median(a), "p90": a[max(0, math.ceil(0.9 * n) - 1)], "worst": a[-1],
+            "bias": median(s)}
+
+
+def pct(x: float, signed: bool = False) -> str:
+    return f"{100 * x:+.0f}%" if signed else f"{100 * x:.0f}%"
+
+
+def stats_row(label: str, errors: list[float]) -> str:
+    s = stats(errors)
+    return (f"| {label} | {s['n']} | {pct(s['median'])} | {pct(s['p90'])} | {pct(s['worst'])} | "
+            f"{pct(s['bias'], True)} |")
+
+
+STATS_HEADER = ["| rows | n | median abs error | p90 | worst | signed median (bias) |", "|---|---|---|---|---|---|"]
+
+
+def summary_tables(res: list[Result]) -> list[str]:
+    fit = [r for r in res if not r.held_out]
+    held = [r for r in res if r.held_out]
+    out = ["### By set", "", *STATS_HEADER]
+    for label, rs in (("fitting set", fit), ("held-out set", held), ("all rows", res)):
+        out.append(stats_row(label, [r.error for r in rs]))
+    for title, key in (("By source", lambda r: r.row["source"]), ("By metric", lambda r: r.row["metric"])):
+        out += ["", f"### {title}", "",
+                "| " + title.split()[1] + " | set | n | median abs error | p90 | worst | signed median (bias) |",
+                "|---|---|---|---|---|---|---|"]
+        for k in sorted({key(r) for r in res}):
+            for label, rs in (("fitting", fit), ("held-out", held)):
+                group = [r.error for r in rs if key(r) == k]
+                if group:
+                    out.append(f"| {k} " + stats_row(label, group))
+    return out
+
+
+def inference_table(res: list[Result]) -> list[str]:
+    out = ["| set | source | model | hardware | dtype | TP | batch | prompt / output | engine | metric | measured "
+           "| predicted | error (time) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in res:
+        if x.kind != "inference":
+            continue
+        r = x.row
+        name = r["model"] + (f" ({r['note']})" if r["note"] else "")
+        out.append(f"| {'held-out' if x.held_out else 'fit'} | {r['source']} | {name} | {r['device']} | {r['dtype']} | "
+                   f"{r['tp']} | {r['batch']} | {r['prompt']} / {r['output']} | {r['engine']} | {r['metric']} | "
+                   f"{x.measured:,.1f} | {x.predicted:,.1f} | {pct(x.error, True)} |")
+    return out
+
+
+def training_table(res: list[Result]) -> list[str]:
+    out = ["| set | source | model | GPUs | TP / PP / DP | global batch x seq | recompute | metric | measured "
+           "| predicted | error (time) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in res:
+        if x.kind != "training":
+            continue
+        r = x.row
+        gpus = int(r["tp"]) * int(r["pp"]) * int(r["dp"])
+        fmt = "{:.1%}" if r["metric"] == "MFU" else "{:.0f}"
+        out.append(f"| {'held-out' if x.held_out else 'fit'} | {r['source']} | {r['model']} | {gpus} | "
+                   f"{r['tp']} / {r['pp']} / {r['dp']} | {r['global_batch']} x {r['seq']} | {r['recompute']} | "
+                   f"{r['metric']} | {fmt.format(x.measured)} | {fmt.format(x.predicted)} | {pct(x.error, True)} |")
+    return out
+
+
+def plateau_table() -> list[str]:
+    out = ["| model | hardware | engine | source | TP=4 ms/token | TP=8 ms/token | TP=8 speedup measured "
+           "| predicted speedup |", "|---|---|---|---|---|---|---|---|"]
+    rows = [("llama-2-70b", "a100-80gb-sxm", "gpt-fast", "gpt-fast README (batch 1)", 1e3 / 38.01, 1e3 / 62.50, 5, 200),
+            ("qwq-32b", "a100-80gb-sxm", "vllm", "vLLM issue 16300 (batch 1)", 3910 / 200, 3150 / 200, 1, 200),
+            ("llama-2-70b", "h100-sxm", "vllm", "no published pair found; prediction only", None, None, 512, 128)]
+    for model, dev, engine, src, m4, m8, prompt, output in rows:
+        base = dict(model=model, device=dev, dtype="bf16", batch=1, prompt=prompt, output=output,
+                    metric="decode ms/token", engine=engine)
+        t4 = predict_inference({**base, "tp": 4})
+        t8 = predict_inference({**base, "tp": 8})
+        meas = f"{m4 / m8:.2f}x" if m4 else "-"
+        out.append(f"| {model} | {dev} | {engine} | {src} | {m4 or t4:.1f}{'' if m4 else ' (pred.)'} | "
+                   f"{m8 or t8:.1f}{'' if m8 else ' (pred.)'} | {meas} | {t4 / t8:.2f}x |")
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calibration-dir", default=str(ROOT.parent / "shared" / "calibration"))
+    ap.add_argument("--fit", action="store_true", help="fit the engine constants on the fitting set and print them")
     args = ap.parse_args()
-    sections = [("Communication", comm_tables(Path(args.calibration_dir))), ("Inference", inference_table()),
-                ("Decode plateau", plateau_table()), ("Training", training_table())]
+    if args.fit:
+        for k, v in fit().items():
+            print(k, v)
+        return
+    res = results()
+    sections = [("Summary", summary_tables(res)), ("Communication", comm_tables(Path(args.calibration_dir))),
+                ("Inference", inference_table(res)), ("Decode plateau", plateau_table()),
+                ("Training", training_table(res))]
     for title, lines in sections:
         print(f"## {title}\n")
         print("\n".join(lines))

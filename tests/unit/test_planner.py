@@ -217,7 +217,8 @@ def test_roofline_op_time():
     big = matmul("gemm", 8192, 8192, 8192, BF16)
     t, compute_bound = op_time(big, 8192, H100, speeds)
     assert compute_bound
-    assert t == pytest.approx(big.flops / (989e12 * 0.75 * 8192 / (8192 + 32)))
+    # 64 x 64 = 4096 tiles of 128 x 128 in ceil(4096 / 132) = 32 waves of the 132 SMs
+    assert t == pytest.approx(big.flops / (989e12 * 0.75 * 8192 / (8192 + 32) * 4096 / (32 * 132)))
 
 
 def test_pipeline_bubble():

@@ -10,7 +10,9 @@ rank holds for an all-reduce, the gathered output for an all-gather):
     point-to-point send    t = alpha + S / bandwidth
 
 with ``alpha(n) = latency + (n - 1) * latency_per_rank`` and ``busbw = efficiency * bandwidth``.
-The all-reduce takes whichever algorithm is faster for the message (as NCCL's tuner does).
+The all-reduce takes whichever algorithm is faster for the message (as NCCL's tuner does). An
+inference engine with its own all-reduce kernel for small messages (``engines``: one-shot over
+peer memory inside a node) replaces ``alpha(n)`` by its latency for messages up to its limit.
 Inside a node the link is the GPU's (NVLink, PCIe, shared memory); a group spread over several
 nodes is limited by the node's inter-node bandwidth, shared by the ``concurrent`` groups that
 cross it at the same time, and pays the inter-node latency. Collectives measured by
@@ -20,6 +22,7 @@ sizes they were measured at.
 
 from __future__ import annotations
 
+from tensorpar.planner.engines import Engine
 from tensorpar.planner.hardware import Device, Link
 
 ALL_REDUCE = "all_reduce"
@@ -66,7 +69,7 @@ def _measured(device: Device, op: str, n: int):
 
 
 def collective_time(op: str, nbytes: float, n: int, device: Device, nodes: int = 1, concurrent: int = 1,
-                    oversubscribed: bool = False) -> float:
+                    oversubscribed: bool = False, engine: Engine | None = None) -> float:
     """Seconds for one collective of ``n`` ranks spread over ``nodes`` nodes (see module doc)."""
     if n <= 1:
         return 0.0
@@ -96,6 +99,9 @@ def collective_time(op: str, nbytes: float, n: int, device: Device, nodes: int =
         t = ring_all_reduce_time(nbytes, n, alpha, busbw)
         if sharp_bw is not None:
             t = min(t, sharp_all_reduce_time(nbytes, n, alpha, sharp_bw))
+        if (engine is not None and engine.allreduce_latency_us is not None and nodes == 1
+                and nbytes <= engine.allreduce_max_bytes):
+            t = min(t, ring_all_reduce_time(nbytes, n, engine.allreduce_latency_us * 1e-6, busbw))
         return t
     return ring_all_gather_time(nbytes, n, alpha, busbw)
 

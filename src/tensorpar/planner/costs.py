@@ -107,14 +107,18 @@ def decode_step(batch: int, context: int) -> Step:
 
 @dataclass(frozen=True)
 class Op:
-    """``kind``: "matmul" (roofline with the matmul rate at ``rows`` rows), "attention" (roofline
-    at the full matmul rate) or "memory" (bytes only)."""
+    """``kind``: "matmul" (roofline with the matmul rate of its shape: ``rows`` x ``n`` outputs
+    over ``k``, ``groups`` such matmuls side by side), "attention" (roofline at the 16-bit
+    attention rate) or "memory" (bytes only)."""
 
     name: str
     kind: str
     flops: float
     bytes: float
     rows: float = 0.0
+    n: int = 0
+    k: int = 0
+    groups: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -153,15 +157,17 @@ class Precision:
 
 def matmul(name: str, rows: float, k: int, n: int, p: Precision) -> Op:
     """``Y[rows, n] = X[rows, k] W[k, n]``: 2 rows k n FLOPs; k n weights + rows (k + n) activations."""
-    return Op(name, "matmul", 2.0 * rows * k * n, k * n * p.weight + rows * (k + n) * p.act, rows)
+    return Op(name, "matmul", 2.0 * rows * k * n, k * n * p.weight + rows * (k + n) * p.act, rows, n, k)
 
 
 def memory_op(name: str, nbytes: float) -> Op:
     return Op(name, "memory", 0.0, nbytes)
 
 
-def attention_ops(arch: ArchSpec, shard: Shard, step: Step, p: Precision) -> list[Op]:
-    """RoPE + cache write, then the attention core (see module doc)."""
+def attention_ops(arch: ArchSpec, shard: Shard, step: Step, p: Precision, kv_reads: float = 1.0) -> list[Op]:
+    """RoPE + cache write, then the attention core (see module doc). ``kv_reads``: how many times
+    decode reads each cached byte (1 for kernels that share a KV head across its query heads;
+    ``G`` for kernels that read it again for each of the ``G`` query heads of a group)."""
     d, T = arch.head_dim, step.tokens
     ctx = min(step.context, arch.sliding_window) if arch.sliding_window else step.context
     kv_read = min(step.kv_read, arch.sliding_window) if arch.sliding_window else step.kv_read
@@ -170,7 +176,7 @@ def attention_ops(arch: ArchSpec, shard: Shard, step: Step, p: Precision) -> lis
     ops = [memory_op("rope+cache write", rope + T * 2 * kv * p.kv)]
     flops = 4.0 * T * ctx * q
     if step.kv_read:
-        nbytes = step.batch * kv_read * 2 * kv * p.kv + 2 * T * q * p.act
+        nbytes = step.batch * kv_read * 2 * kv * p.kv * kv_reads + 2 * T * q * p.act
     else:
         nbytes = T * (2 * q + 2 * kv) * p.act
     ops.append(Op("attention", "attention", flops, nbytes))
@@ -203,7 +209,8 @@ def mlp_ops(arch: ArchSpec, shard: Shard, step: Step, p: Precision) -> list[Op]:
     routed = T / shard.tp if moe_dispatch_of(arch, shard, T) == "all_to_all" else T  # (each rank routes its slice)
     ops = [matmul("router", routed, h, arch.experts, p)]
     for name, k, n in (("experts up", h, up), ("experts down", f, h)):
-        ops.append(Op(name, "matmul", 2.0 * a * k * n, dist * k * n * p.weight + a * (k + n) * p.act, rows))
+        ops.append(Op(name, "matmul", 2.0 * a * k * n, dist * k * n * p.weight + a * (k + n) * p.act, rows, n, k,
+                      dist))
     ops.insert(2, memory_op("experts activation", a * act_bytes))
     ops.append(memory_op("experts combine", (a + T) * h * p.act))
     return ops
@@ -214,7 +221,8 @@ def moe_dispatch_of(arch: ArchSpec, shard: Shard, tokens: int) -> str:
     return moe_dispatch(tokens, arch.experts_per_token, shard.tp, whole_experts=shard.ep == shard.tp)
 
 
-def layer_ops(arch: ArchSpec, shard: Shard, step: Step, p: Precision) -> tuple[list[Op], list[Comm]]:
+def layer_ops(arch: ArchSpec, shard: Shard, step: Step, p: Precision,
+              kv_reads: float = 1.0) -> tuple[list[Op], list[Comm]]:
     """Every operator of one decoder layer on the busiest rank, and the layer's TP collectives.
     A mixture of experts ends with an all-reduce of the partial sums, or (``all_to_all``
     dispatch) sends each of its slice's T / tp x k (token, choice) rows to the experts and back
@@ -223,7 +231,7 @@ def layer_ops(arch: ArchSpec, shard: Shard, step: Step, p: Precision) -> tuple[l
     q, kv = shard.q_slots * d, shard.kv_heads * d
     norm = memory_op("norm", 2 * T * h * p.act)
     residual = memory_op("residual add", 3 * T * h * p.act)
-    ops = [norm, matmul("qkv", T, h, q + 2 * kv, p), *attention_ops(arch, shard, step, p),
+    ops = [norm, matmul("qkv", T, h, q + 2 * kv, p), *attention_ops(arch, shard, step, p, kv_reads),
            matmul("attention out", T, q, h, p), residual, norm, *mlp_ops(arch, shard, step, p), residual]
     comms = []
     if shard.tp > 1:

@@ -2,21 +2,45 @@
 
 Numbers are datasheet peaks (dense, no sparsity) plus achievable-efficiency factors:
 
-- ``matmul_efficiency``: the fraction of peak FLOP/s a large matmul reaches. One H100 measured
-  with PyTorch gave 798 of 989 TFLOP/s on an 8192^3 bf16 matmul (0.81); real layer shapes do
-  less, so GPUs use 0.75.
+- ``matmul_efficiency``: the fraction of the 16-bit (or 32-bit) peak FLOP/s a large matmul
+  reaches. One H100 measured with PyTorch gave 798 of 989 TFLOP/s on an 8192^3 bf16 matmul
+  (0.81); real layer shapes do less, so GPUs use 0.75. Smaller shapes lose more by tile and wave
+  quantization on the ``sm_count`` multiprocessors (``gemm``).
+- ``low_precision_efficiency``: the fraction of the datasheet 8-bit (fp8 / int8) peak a matmul
+  reaches end to end, activations quantized and scaled. The datasheet doubles the 16-bit rate;
+  achieved FP8 does not: 0.54 of 1979 TFLOP/s is 1.44x the 0.75 x 989 of bf16. The value is the
+  one fitted on the fitting set of ``docs/planner-validation.md`` (FP8 prefill and large-batch
+  rows of TensorRT-LLM on H100/H200), where the datasheet ratio made every FP8 row too fast.
+- ``attention_efficiency``: the fraction of the 16-bit peak the attention core reaches; it runs
+  in 16-bit whatever the weights (engines keep Q K^T and P V in bf16/fp16 even with FP8
+  weights). FlashAttention-2 reports 50-73% of the A100's peak in the forward pass (0.65 here);
+  on H100 FlashAttention-2 reaches about 35% and FlashAttention-3 up to 75% (0.5 here).
 - ``memory_efficiency``: the fraction of peak memory bandwidth that streaming weights reaches
   (0.85; an H100 device-to-device copy measured about 3.0 of 3.35 TB/s).
 - ``gemm_half_rows``: Hockney's n_1/2 for matmuls: a product with M rows (tokens) reaches
   ``M / (M + n_1/2)`` of the large-matmul rate.
 - ``layer_overhead_us``: fixed time per decoder layer per forward step that no roofline sees
   (kernel launches, framework bookkeeping).
-- ``intra_node`` / ``inter_node``: links for collectives (see ``comm``). The NVLink latency and
-  ring efficiency of the catalog come from one fit over every >= 1 MiB row of the published
-  DGX-H100 NCCL all-reduce measurements in ``shared/calibration`` (alpha(n) = 24.1 us +
-  0.86 us * (n - 1), bus bandwidth 0.765 x the 450 GB/s NVLink); NVLink SHARP (NVLS) moves
-  each byte once at about 0.6 of link bandwidth (nccl issue 1455: 480 GB/s bus bandwidth at 8
-  H100s). ``docs/planner-validation.md`` checks them against hardware they were not fitted on.
+- ``intra_node`` / ``inter_node``: links for collectives (see ``comm``), one fit per device
+  family, each over every >= 1 MiB row of a published NCCL all-reduce profile in
+  ``shared/calibration`` (``alpha(n) = alpha0 + (n - 1) alpha_rank``: latency grows with the
+  ranks as measured):
+
+  ========================  ===================================  =====================================
+  family                    alpha(n)                              bus bandwidth
+  ========================  ===================================  =====================================
+  NVLink 4 (H100, H200)     24.1 us + 0.86 us (n - 1) (DGX-H100)  0.765 x 450 GB/s (DGX-H100 fit);
+                                                                   NVLS 0.6 x 450 GB/s per byte once
+                                                                   (480 GB/s busbw at 8 H100s, nccl
+                                                                   issue 1455; 475 on H200, nccl-tests
+                                                                   issue 272)
+  NVLink 3 (A100)           39.9 us + 2.14 us (n - 1) (DGX-A100)  0.72 x 300 GB/s (200-233 GB/s in
+                                                                   nccl-tests issues 149, 175)
+  Infinity Fabric (MI300X)  40 us + 2 us (n - 1) (assumed: no     0.7 x 448 GB/s (7 links of 64 GB/s
+                            published RCCL profile was found)     per direction; assumed)
+  ========================  ===================================  =====================================
+
+  ``docs/planner-validation.md`` checks them against measurements they were not fitted on.
 - ``price_per_hour``: on-demand list price of one GPU-hour (USD, 2024-2025 clouds); override it
   with a JSON device file.
 
@@ -35,11 +59,16 @@ from tensorpar.planner.jsonfile import read_json_object
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}  # by short name (tensorpar.dtypes)
 DTYPES = tuple(DTYPE_BYTES)
 
-# Ring all-reduce over NVLink, fitted once on vidur_h100_dgx_all_reduce.csv (see module docstring).
+# Ring all-reduce over NVLink 4, fitted on vidur_h100_dgx_all_reduce.csv (see module docstring).
 NVLINK_LATENCY_US = 24.1
 NVLINK_LATENCY_PER_RANK_US = 0.86
 RING_EFFICIENCY = 0.765
 SHARP_EFFICIENCY = 0.6
+# NVLink 3 (A100): latency fitted on vidur_a100_dgx_all_reduce.csv (one node), bus bandwidth from
+# nccl-tests (216.5 of 300 GB/s, the middle of 200-233).
+NVLINK3_LATENCY_US = 39.9
+NVLINK3_LATENCY_PER_RANK_US = 2.14
+NVLINK3_RING_EFFICIENCY = 0.72
 GIB = float(1 << 30)
 
 
@@ -82,6 +111,9 @@ class Device:
     gpus_per_node: int
     price_per_hour: float
     matmul_efficiency: float = 0.75
+    low_precision_efficiency: float = 0.54
+    attention_efficiency: float = 0.5
+    sm_count: int | None = None
     memory_efficiency: float = 0.85
     gemm_half_rows: float = 32.0
     layer_overhead_us: float = 30.0
@@ -115,9 +147,27 @@ class Device:
     def peak_flops(self, weight_dtype: str) -> float:
         return self.peak_tflops[self.compute_dtype(weight_dtype)] * 1e12
 
+    def matmul_flops(self, weight_dtype: str) -> float:
+        """Achievable FLOP/s of a large matmul in the compute dtype: the datasheet peak times
+        ``matmul_efficiency`` (16/32-bit) or ``low_precision_efficiency`` (8-bit)."""
+        dtype = self.compute_dtype(weight_dtype)
+        eff = self.low_precision_efficiency if dtype in ("fp8", "int8") else self.matmul_efficiency
+        return self.peak_tflops[dtype] * 1e12 * eff
+
+    def attention_flops(self) -> float:
+        """Achievable FLOP/s of the attention core, always in 16 (or 32) bits."""
+        dtype = self.compute_dtype("bf16")
+        return self.peak_tflops[dtype] * 1e12 * self.attention_efficiency
+
 
 def _nvlink(bandwidth: float, sharp: bool = False) -> Link:
+    """NVLink 4 + NVSwitch (H100, H200)."""
     return Link(bandwidth, NVLINK_LATENCY_US, NVLINK_LATENCY_PER_RANK_US, RING_EFFICIENCY, sharp)
+
+
+def _nvlink3(bandwidth: float) -> Link:
+    """NVLink 3 + NVSwitch (A100)."""
+    return Link(bandwidth, NVLINK3_LATENCY_US, NVLINK3_LATENCY_PER_RANK_US, NVLINK3_RING_EFFICIENCY)
 
 
 def _pcie(bandwidth: float, latency_us: float = 30.0) -> Link:
@@ -129,30 +179,34 @@ H100_PEAKS = {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "int8":
 BUILTIN_DEVICES: dict[str, Device] = {
     "h100-sxm": Device(
         "h100-sxm", "NVIDIA H100 SXM 80GB (HBM3 3.35 TB/s, NVLink 4 + NVSwitch, 8 per node, 8x400G InfiniBand)",
-        H100_PEAKS, 79.6, 3350.0, _nvlink(450.0, sharp=True), Link(400.0, 45.0, 0.5, 0.9), 8, 2.99),
+        H100_PEAKS, 79.6, 3350.0, _nvlink(450.0, sharp=True), Link(400.0, 45.0, 0.5, 0.9), 8, 2.99, sm_count=132),
     "h200-sxm": Device(
         "h200-sxm", "NVIDIA H200 SXM 141GB (HBM3e 4.8 TB/s, NVLink 4 + NVSwitch, 8 per node, 8x400G InfiniBand)",
-        H100_PEAKS, 140.4, 4800.0, _nvlink(450.0, sharp=True), Link(400.0, 45.0, 0.5, 0.9), 8, 3.79),
+        H100_PEAKS, 140.4, 4800.0, _nvlink(450.0, sharp=True), Link(400.0, 45.0, 0.5, 0.9), 8, 3.79, sm_count=132),
     "a100-80gb-sxm": Device(
         "a100-80gb-sxm", "NVIDIA A100 SXM 80GB (HBM2e 2.04 TB/s, NVLink 3 + NVSwitch, 8 per node, 8x200G InfiniBand)",
-        {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0, "int8": 624.0}, 80.0, 2039.0, _nvlink(300.0),
-        Link(200.0, 45.0, 0.5, 0.9), 8, 1.79),
+        {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0, "int8": 624.0}, 80.0, 2039.0, _nvlink3(300.0),
+        Link(200.0, 45.0, 0.5, 0.9), 8, 1.79, attention_efficiency=0.65, sm_count=108),
     "a100-40gb-sxm": Device(
         "a100-40gb-sxm", "NVIDIA A100 SXM 40GB (HBM2 1.56 TB/s, NVLink 3 + NVSwitch, 8 per node, 8x200G InfiniBand)",
-        {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0, "int8": 624.0}, 40.0, 1555.0, _nvlink(300.0),
-        Link(200.0, 45.0, 0.5, 0.9), 8, 1.29),
+        {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0, "int8": 624.0}, 40.0, 1555.0, _nvlink3(300.0),
+        Link(200.0, 45.0, 0.5, 0.9), 8, 1.29, attention_efficiency=0.65, sm_count=108),
     "h100-pcie": Device(
         "h100-pcie", "NVIDIA H100 PCIe 80GB (HBM2e 2.0 TB/s, PCIe Gen5 x16 between GPUs, 8 per node)",
         {"fp32": 51.0, "bf16": 756.0, "fp16": 756.0, "fp8": 1513.0, "int8": 1513.0}, 79.6, 2000.0,
-        _pcie(64.0), Link(50.0, 45.0, 0.5, 0.9), 8, 2.49),
+        _pcie(64.0), Link(50.0, 45.0, 0.5, 0.9), 8, 2.49, sm_count=114),
     "l40s": Device(
         "l40s", "NVIDIA L40S 48GB (GDDR6 864 GB/s, PCIe Gen4 x16 only, 8 per node)",
         {"fp32": 91.6, "bf16": 362.0, "fp16": 362.0, "fp8": 733.0, "int8": 733.0}, 44.99, 864.0,
-        _pcie(32.0), Link(50.0, 45.0, 0.5, 0.9), 8, 1.09),
+        _pcie(32.0), Link(50.0, 45.0, 0.5, 0.9), 8, 1.09, sm_count=142),
     "rtx-4090": Device(
         "rtx-4090", "NVIDIA GeForce RTX 4090 24GB (GDDR6X 1.0 TB/s, PCIe Gen4 x16, no peer-to-peer, 8 per node)",
         {"fp32": 82.6, "bf16": 165.2, "fp16": 165.2, "fp8": 330.3, "int8": 660.6}, 23.99, 1008.0,
-        _pcie(32.0, latency_us=40.0), Link(12.5, 60.0, 0.5, 0.9), 8, 0.69),
+        _pcie(32.0, latency_us=40.0), Link(12.5, 60.0, 0.5, 0.9), 8, 0.69, sm_count=128),
+    "mi300x": Device(
+        "mi300x", "AMD Instinct MI300X 192GB (HBM3 5.3 TB/s, Infinity Fabric to 7 peers, 8 per node, 8x400G)",
+        {"fp32": 163.4, "bf16": 1307.4, "fp16": 1307.4, "fp8": 2614.9, "int8": 2614.9}, 191.5, 5300.0,
+        Link(448.0, 40.0, 2.0, 0.7), Link(400.0, 45.0, 0.5, 0.9), 8, 3.49, sm_count=304),
     # This kind of machine (PERF_NOTES.md, BENCHMARKS.md): 2 AVX-512 cores (peaks per core),
     # about 28 GB/s read per core and 43-53 GB/s for both; batch-1 matrix-vector products stream
     # about 18 GB/s (0.6 of read bandwidth) and run on one thread; prefill GEMMs reach about 70
@@ -162,7 +216,7 @@ BUILTIN_DEVICES: dict[str, Device] = {
     "cpu": Device(
         "cpu", "this machine's CPU cores, one rank per core (defaults from PERF_NOTES.md; refine with --calibrate)",
         {"fp32": 0.1}, 22.0, 28.0, Link(2.1, 4.0, 0.0, 1.0), None, 256, 0.05,
-        matmul_efficiency=0.7, memory_efficiency=0.6, gemm_half_rows=8.0, layer_overhead_us=270.0,
+        matmul_efficiency=0.7, attention_efficiency=0.7, memory_efficiency=0.6, gemm_half_rows=8.0, layer_overhead_us=270.0,
         runtime_reserve_gib=0.4, cores=2, node_memory_bandwidth_GBps=50.0, parallel_min_rows=64,
         memory_shared=True, oversubscribed_latency_us=40.0),
 }

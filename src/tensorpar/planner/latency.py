@@ -2,11 +2,16 @@
 
 Each operator takes the longer of its compute time and its memory time (a roofline):
 
-    t_op = max(FLOPs / (peak * matmul_efficiency * M / (M + n_1/2)),  bytes / (bandwidth * memory_efficiency))
+    t_op = max(FLOPs / (R * M / (M + n_1/2) * e(M, N, K)),  bytes / (bandwidth * memory_efficiency))
 
-(``M``: the matmul's rows; memory-bound operators have no FLOP term). A decoder layer adds its
-two TP all-reduces (``comm``) and a fixed ``layer_overhead``. A pipeline stage is its layers,
-plus the embedding on the first stage and the LM head on the last.
+``R`` is the achievable matmul rate of the compute dtype (``Device.matmul_flops``: 16-bit peak x
+``matmul_efficiency``, 8-bit peak x ``low_precision_efficiency``), ``M`` the matmul's rows and
+``e`` the tile and wave efficiency of its per-rank shape (``gemm``). The attention core runs at
+``Device.attention_flops`` (16-bit, whatever the weights); memory-bound operators have no FLOP
+term. A decoder layer adds its two TP all-reduces (``comm``; an engine's own small-message
+all-reduce where it has one) and a fixed per-layer overhead, and each forward step a fixed step
+overhead, both from the engine profile (``engines``). A pipeline stage is its layers, plus the
+embedding on the first stage and the LM head on the last.
 
 Pipeline with ``pp`` stages of times ``t_i`` and a batch cut into ``m = min(batch, pp)``
 micro-batches (``s`` = one stage-to-stage send):
@@ -46,6 +51,8 @@ from tensorpar.planner.costs import (
     layer_ops,
     prefill_step,
 )
+from tensorpar.planner.engines import Engine
+from tensorpar.planner.gemm import shape_efficiency
 from tensorpar.planner.hardware import Device
 
 
@@ -102,23 +109,33 @@ class Breakdown:
 @dataclass(frozen=True)
 class Speeds:
     """What one rank gets under a placement: threads, the lockstep factor of oversubscribed CPU
-    ranks, and the peak FLOP/s of one thread (or GPU) in the compute dtype."""
+    ranks, and the achievable FLOP/s of one thread (or GPU) for matmuls in the compute dtype and
+    for attention."""
 
     threads: int
     lockstep: float
     oversubscribed: bool
-    peak_flops: float
+    matmul_flops: float
     busy_cores: int
+    attention_flops: float
+    memory_efficiency: float
+    weight_memory_efficiency: float
 
 
-def rank_speeds(device: Device, place: Placement, weight_dtype: str) -> Speeds:
-    peak = device.peak_flops(weight_dtype)
+def rank_speeds(device: Device, place: Placement, weight_dtype: str, engine: Engine | None = None) -> Speeds:
+    """The engine's memory efficiency replaces the device's where it states one; matmuls over
+    8-bit weights stream them at ``int8_weight_efficiency`` of that (dequantization)."""
+    mm, attn = device.matmul_flops(weight_dtype), device.attention_flops()
+    mem = device.memory_efficiency
+    if engine is not None and engine.memory_efficiency is not None:
+        mem = engine.memory_efficiency
+    weights = mem * (engine.int8_weight_efficiency if engine is not None and weight_dtype in ("fp8", "int8") else 1.0)
     if not device.is_cpu:
-        return Speeds(1, 1, False, peak, 1)
+        return Speeds(1, 1, False, mm, 1, attn, mem, weights)
     ranks = place.ranks_per_node
     threads = max(1, device.cores // ranks)
     slowdown = max(ranks / device.cores, math.ceil(min(place.tp, ranks) / device.cores))
-    return Speeds(threads, slowdown, ranks > device.cores, peak, min(ranks * threads, device.cores))
+    return Speeds(threads, slowdown, ranks > device.cores, mm, min(ranks * threads, device.cores), attn, mem, weights)
 
 
 def op_time(op: Op, tokens: int, device: Device, speeds: Speeds) -> tuple[float, bool]:
@@ -127,18 +144,20 @@ def op_time(op: Op, tokens: int, device: Device, speeds: Speeds) -> tuple[float,
     bandwidth = device.memory_bandwidth_GBps * 1e9 * threads
     if device.node_memory_bandwidth_GBps is not None:
         bandwidth = min(bandwidth, device.node_memory_bandwidth_GBps * 1e9 * threads / speeds.busy_cores)
-    t_mem = op.bytes / (bandwidth * device.memory_efficiency)
+    t_mem = op.bytes / (bandwidth * (speeds.weight_memory_efficiency if op.kind == "matmul" else speeds.memory_efficiency))
     if op.kind == "memory" or op.flops == 0:
         return t_mem, False
-    rate = speeds.peak_flops * device.matmul_efficiency * threads
     if op.kind == "matmul":
-        rate *= op.rows / (op.rows + device.gemm_half_rows)
+        rate = speeds.matmul_flops * threads * op.rows / (op.rows + device.gemm_half_rows)
+        rate *= shape_efficiency(op.rows, op.n, op.k, device.sm_count, op.groups)
+    else:
+        rate = speeds.attention_flops * threads
     t_flop = op.flops / rate
     return (t_flop, True) if t_flop >= t_mem else (t_mem, False)
 
 
 def ops_time(ops: list[Op], comms: list[Comm], tokens: int, device: Device, speeds: Speeds,
-             place: Placement) -> Breakdown:
+             place: Placement, engine: Engine | None = None) -> Breakdown:
     b = Breakdown()
     for op in ops:
         t, compute_bound = op_time(op, tokens, device, speeds)
@@ -148,7 +167,7 @@ def ops_time(ops: list[Op], comms: list[Comm], tokens: int, device: Device, spee
             b.memory += t * speeds.lockstep
     for c in comms:
         b.comm += comm.collective_time(c.op, c.nbytes, place.tp, device, nodes=place.tp_nodes,
-                                       oversubscribed=speeds.oversubscribed)
+                                       oversubscribed=speeds.oversubscribed, engine=engine)
         b.collectives += 1
     return b
 
@@ -193,13 +212,23 @@ class StageParts:
         return b
 
 
+def layer_overhead_s(device: Device, engine: Engine | None) -> float:
+    """Fixed seconds per decoder layer per step: the engine's, else the device's."""
+    if engine is not None and engine.layer_overhead_us is not None:
+        return engine.layer_overhead_us * 1e-6
+    return device.layer_overhead_us * 1e-6
+
+
 def stage_parts(arch: ArchSpec, shard: Shard, step: Step, precision: Precision, device: Device,
-                place: Placement, logit_rows: int) -> StageParts:
-    speeds = rank_speeds(device, place, precision.weight_dtype)
-    layer = ops_time(*layer_ops(arch, shard, step, precision), step.tokens, device, speeds, place)
-    layer.overhead += device.layer_overhead_us * 1e-6 * speeds.lockstep
-    first = ops_time(*embedding_ops(arch, shard, step, precision), step.tokens, device, speeds, place)
-    last = ops_time(*head_ops(arch, shard, step, precision, logit_rows), step.tokens, device, speeds, place)
+                place: Placement, logit_rows: int, engine: Engine | None = None) -> StageParts:
+    speeds = rank_speeds(device, place, precision.weight_dtype, engine)
+    kv_reads = min(shard.q_slots / shard.kv_heads, engine.gqa_kv_reads) if engine is not None else 1.0
+    layer = ops_time(*layer_ops(arch, shard, step, precision, kv_reads), step.tokens, device, speeds, place, engine)
+    layer.overhead += layer_overhead_s(device, engine) * speeds.lockstep
+    first = ops_time(*embedding_ops(arch, shard, step, precision), step.tokens, device, speeds, place, engine)
+    if engine is not None:
+        first.overhead += (engine.step_overhead_us + (place.tp - 1) * engine.step_overhead_per_rank_us) * 1e-6
+    last = ops_time(*head_ops(arch, shard, step, precision, logit_rows), step.tokens, device, speeds, place, engine)
     counts = tuple(len(r) for r in even_splits(arch.layers, place.pp))
     return StageParts(layer, first, last, counts)
 
@@ -212,9 +241,10 @@ def stage_send_time(arch: ArchSpec, tokens: int, precision: Precision, device: D
 
 
 def step_time(arch: ArchSpec, shard: Shard, step: Step, precision: Precision, device: Device,
-              place: Placement, logit_rows: int, microbatches: int = 1) -> StepTime:
-    """Stage times of a forward step over ``step`` (one micro-batch of it)."""
-    parts = stage_parts(arch, shard, step, precision, device, place, logit_rows)
+              place: Placement, logit_rows: int, microbatches: int = 1, engine: Engine | None = None) -> StepTime:
+    """Stage times of a forward step over ``step`` (one micro-batch of it); the engine's step
+    overhead is paid on the first stage."""
+    parts = stage_parts(arch, shard, step, precision, device, place, logit_rows, engine)
     total, stages = Breakdown(), []
     for i in range(place.pp):
         b = parts.stage(i)
@@ -241,14 +271,17 @@ class PhaseTimes:
 
 
 def inference_times(arch: ArchSpec, shard: Shard, precision: Precision, device: Device, place: Placement,
-                    batch: int, prompt: int, output: int) -> PhaseTimes:
-    """Time to first token and time per output token (module docstring). Decode is taken at the
-    mean context of the generation, ``prompt + output / 2``."""
+                    batch: int, prompt: int, output: int, engine: Engine | None = None) -> PhaseTimes:
+    """Time to first token and time per output token (module docstring) under ``engine``'s fixed
+    costs (none: the device's per-layer overhead only). Decode is taken at the mean context of
+    the generation, ``prompt + output / 2``."""
     m = min(batch, place.pp)
     mb = math.ceil(batch / m)
-    pre = step_time(arch, shard, prefill_step(mb, prompt), precision, device, place, logit_rows=mb, microbatches=m)
+    pre = step_time(arch, shard, prefill_step(mb, prompt), precision, device, place, logit_rows=mb, microbatches=m,
+                    engine=engine)
     ttft = pre.through_all + (m - 1) * pre.slowest
     context = prompt + max(1, output) // 2
-    dec = step_time(arch, shard, decode_step(mb, context), precision, device, place, logit_rows=mb, microbatches=m)
+    dec = step_time(arch, shard, decode_step(mb, context), precision, device, place, logit_rows=mb, microbatches=m,
+                    engine=engine)
     tpot = max(dec.through_all + (place.pp > 1) * dec.send, m * dec.slowest)
     return PhaseTimes(ttft, tpot, pre, dec)

@@ -1,0 +1,92 @@
+"""Engine profiles: the fixed costs an inference engine adds to the roofline, which do not shrink
+with TP.
+
+The same hardware runs the same model at different speeds under different engines, mostly by
+costs no FLOP or byte count sees:
+
+- ``step_overhead_us``: once per forward step (prefill or decode): scheduling, input
+  preparation, sampling, returning tokens, launching the step's (graph of) kernels;
+- ``layer_overhead_us``: once per decoder layer per step: kernel launches and the small
+  elementwise kernels a fused engine avoids (``None``: the device's ``layer_overhead_us``);
+- ``step_overhead_per_rank_us``: more per step for each rank beyond the first, in an engine
+  whose driver process sends each step's inputs to every worker (vLLM);
+- ``allreduce_latency_us``: the latency of the engine's own small-message all-reduce kernel
+  (one-shot over NVLink peer memory; ``None``: NCCL, the link model of ``comm``) for messages of
+  at most ``allreduce_max_bytes``;
+- ``memory_efficiency``: the fraction of HBM bandwidth its weight-streaming kernels reach
+  (``None``: the device's), and ``int8_weight_efficiency`` the further fraction with 8-bit weights
+  (weight-only int8 kernels dequantize as they stream);
+- ``gqa_kv_reads``: how many times decode attention reads a KV head's cache for its group of
+  ``G`` query heads (capped at ``G``): once with kernels built for grouped-query attention;
+  more when a kernel walks the cache per query head and the cache (L2) catches only part of the
+  reuse. TensorRT-LLM before its XQA kernel (``docs/source/blogs/XQA-kernel.md`` of
+  NVIDIA/TensorRT-LLM) was such a kernel, which its v0.5/v0.6 tables show; profile
+  ``trtllm-0.6`` (the constants of ``trtllm`` with a fitted ``gqa_kv_reads``) is used by the
+  validation rows of those versions.
+
+Profiles (``tensorpar plan --engine``):
+
+==========  =======  ========  ==========  =======  =========================================
+engine      step us  layer us  all-reduce  memory   where the numbers come from
+==========  =======  ========  ==========  =======  =========================================
+tensorpar   630      device    NCCL        device   not measured on GPUs: vLLM's step cost (a
+                     (30)                           Python scheduler too), eager kernels (the
+                                                    device's per-layer figure), NCCL
+vllm        630      67        35 us       device   fitted on vLLM rows; + 240 us per step for
+                                                    each rank beyond the first
+trtllm      670      12        5 us        0.81     fitted on TensorRT-LLM, FasterTransformer
+                                                    and NIM rows
+gpt-fast    15       13        19 us       0.72     fitted on gpt-fast rows (int8 weights at
+                                                    0.71 of that)
+fitted      0        device    NCCL        device   ``--calibrate``: the device's fitted
+                                                    per-layer overhead and measured collectives
+==========  =======  ========  ==========  =======  =========================================
+
+"Fitted" means: the constants of each engine that its rows can tell apart, with the one ``low_precision_efficiency`` of
+the catalog, minimize the absolute log error over the *fitting* rows of
+``docs/planner-validation.md`` (``benchmarks/planner_validation.py --fit``); the held-out rows
+were never used. Rounded values are written here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+MIB = float(1 << 20)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Fixed costs of one inference engine (module docstring)."""
+
+    name: str
+    step_overhead_us: float
+    layer_overhead_us: float | None
+    allreduce_latency_us: float | None
+    description: str
+    memory_efficiency: float | None = None
+    int8_weight_efficiency: float = 1.0
+    step_overhead_per_rank_us: float = 0.0
+    gqa_kv_reads: float = 1.0
+    allreduce_max_bytes: float = 8 * MIB
+
+
+ENGINES: dict[str, Engine] = {
+    "tensorpar": Engine("tensorpar", 630.0, None, None,
+                        "tensorpar's engine (GPU constants assumed: vLLM's step cost, eager per-layer cost, NCCL)"),
+    "vllm": Engine("vllm", 630.0, 67.0, 35.0, "vLLM (fitted)", step_overhead_per_rank_us=240.0),
+    "trtllm": Engine("trtllm", 670.0, 12.0, 5.0, "TensorRT-LLM (fitted)", memory_efficiency=0.81),
+    "gpt-fast": Engine("gpt-fast", 15.0, 13.0, 19.0, "gpt-fast (fitted)", memory_efficiency=0.72,
+                       int8_weight_efficiency=0.71),
+    "fitted": Engine("fitted", 0.0, None, None, "the device as --calibrate fitted it"),
+}
+ENGINES["trtllm-0.6"] = replace(ENGINES["trtllm"], name="trtllm-0.6", gqa_kv_reads=3.0,
+                                description="TensorRT-LLM up to v0.6 (no XQA kernel)")
+ENGINE_NAMES = tuple(ENGINES)
+
+
+def resolve_engine(name: str) -> Engine:
+    key = name.strip().lower()
+    if key not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
+    return ENGINES[key]
