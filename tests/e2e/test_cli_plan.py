@@ -29,6 +29,19 @@ def test_table():
     assert "Recommended TP=8" in out and "two TP=4 replicas (DP=2)" in out
 
 
+def test_engine_profiles():
+    """The same hardware predicted for the engine the user runs: the fixed costs differ."""
+    tpot = {}
+    for engine in ("tensorpar", "vllm", "trtllm", "gpt-fast"):
+        r = cli(*EXAMPLE, "--engine", engine, "--json", timeout=60)
+        assert r.returncode == 0, r.stderr
+        data = json.loads(r.stdout)
+        tpot[engine] = [c["tpot_ms"] for c in data["configs"] if c["tp"] == 8][0]
+    assert len(set(tpot.values())) == 4
+    r = cli(*EXAMPLE, "--engine", "trtllm", timeout=60)
+    assert "engine: trtllm" in r.stdout
+
+
 def test_json_schema():
     r = cli(*EXAMPLE, "--json", timeout=60)
     assert r.returncode == 0, r.stderr
@@ -61,6 +74,7 @@ def test_plot(tmp_path):
     (["--gpu", "h300"], "unknown device 'h300'"),
     (["--model", "llama-3.1-405b"], "fits no configuration of 8 x h100-sxm"),
     (["--calibrate", "/nonexistent.json"], "cannot read calibration file"),
+    (["--engine", "nope"], "unknown engine 'nope'"),
 ])
 def test_errors_are_one_line(args, message):
     base = {"--model": "llama-2-70b", "--gpu": "h100-sxm", "--gpus": "8"}

@@ -41,6 +41,12 @@ def add_parser(sub) -> None:
     p.add_argument("--recompute", default="selective", help="training: none, selective or full (default: %(default)s)")
     p.add_argument("--distributed-optimizer", action="store_true",
                    help="training: shard master weights and Adam moments over data parallelism")
+    p.add_argument("--engine", default=None,
+                   help="inference engine whose fixed costs to add: tensorpar, vllm, trtllm, gpt-fast, or fitted "
+                        "(the device as --calibrate fitted it); default: fitted with --calibrate or --gpu cpu, "
+                        "else tensorpar")
+    p.add_argument("--virtual-stages", type=int, default=1,
+                   help="training: model chunks per pipeline stage (interleaved 1F1B; default: %(default)s, plain 1F1B)")
     p.add_argument("--calibrate", default=None, metavar="BENCH_JSON",
                    help="bench.json written by `tensorpar bench`: fit the device model to this machine")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -57,7 +63,8 @@ def run(args) -> int:
         output_len=args.output_len, batch=args.batch, dtype=args.dtype, kv_dtype=args.kv_dtype, slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms, objective=args.objective, mode=args.mode, global_batch=args.global_batch,
         seq_len=args.seq_len, micro_batch=args.micro_batch, sequence_parallel=args.sequence_parallel,
-        recompute=args.recompute, distributed_optimizer=args.distributed_optimizer, calibrate=args.calibrate)
+        recompute=args.recompute, distributed_optimizer=args.distributed_optimizer, calibrate=args.calibrate,
+        engine=args.engine, virtual_stages=args.virtual_stages)
     result = plan(request)
     print(render_json(result) if args.json else render_table(result))
     if args.plot:

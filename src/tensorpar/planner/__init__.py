@@ -9,7 +9,8 @@ answers in milliseconds.
 Modules: ``arch`` (model shapes), ``hardware`` (device catalog), ``costs`` (FLOPs and bytes per
 operator), ``comm`` (collectives), ``latency`` (roofline, prefill, decode, pipeline), ``memory``
 (weights, KV cache, activations), ``training`` (6ND, step time), ``calibrate`` (fit to
-``tensorpar bench``), ``search`` (enumerate, recommend, explain), ``report`` and ``plot``.
+``tensorpar bench``), ``gemm`` (tile and wave efficiency), ``engines`` (fixed costs by inference
+engine), ``search`` (enumerate, recommend, explain), ``report`` and ``plot``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tensorpar.dtypes import short_name
 from tensorpar.errors import TensorparError
 from tensorpar.planner.arch import ArchSpec, resolve_model
 from tensorpar.planner.costs import Precision
+from tensorpar.planner.engines import Engine, resolve_engine
 from tensorpar.planner.hardware import DTYPES, GIB, Device, resolve_device
 from tensorpar.planner.memory import RECOMPUTE
 from tensorpar.planner.search import OBJECTIVES, Config, PlanRequest, enumerate_configs, evaluate, recommend
@@ -46,6 +48,7 @@ class PlanResult:
     explanation: str
     calibration: object = None
     notes: list[str] = field(default_factory=list)
+    engine: Engine | None = None
 
     def to_json(self) -> dict:
         return {"configs": [c.to_json() for c in self.configs],
@@ -81,6 +84,8 @@ def _validate(r: PlanRequest) -> None:
     _positive("--slo-tpot-ms", r.slo_tpot_ms, allow_none=True)
     if r.recompute not in RECOMPUTE:
         raise PlanError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {r.recompute!r}")
+    if isinstance(r.virtual_stages, bool) or not isinstance(r.virtual_stages, int) or r.virtual_stages < 1:
+        raise PlanError(f"--virtual-stages must be a whole number of at least 1, got {r.virtual_stages!r}")
     if r.mode == "training" and r.dtype in ("fp8", "int8"):
         raise PlanError("training plans use fp32, bf16 or fp16 weights; --dtype fp8/int8 is for inference")
 
@@ -120,6 +125,7 @@ def plan(r: PlanRequest) -> PlanResult:
     try:
         arch = resolve_model(r.model)
         device = resolve_device(r.gpu)
+        engine = resolve_engine(r.engine or ("fitted" if r.calibrate or device.is_cpu else "tensorpar"))
     except ValueError as e:
         raise PlanError(str(e)) from None
     calibration = None
@@ -139,7 +145,7 @@ def plan(r: PlanRequest) -> PlanResult:
     kv = r.kv_dtype or ("fp32" if r.dtype == "fp32" else "bf16" if r.dtype in ("fp8", "int8") else r.dtype)
     precision = Precision(r.dtype, kv)
     objective = r.objective or ("throughput" if r.mode == "training" else "latency")
-    configs = [evaluate(arch, device, precision, gpn, r, c) for c in enumerate_configs(arch, r.gpus)]
+    configs = [evaluate(arch, device, precision, gpn, r, c, engine) for c in enumerate_configs(arch, r.gpus)]
     if not any(c.feasible for c in configs):
         raise PlanError(_fits_nowhere(arch, device, precision, r, configs))
     best, explanation = recommend(configs, objective, r.mode, r.objective is None,
@@ -149,7 +155,7 @@ def plan(r: PlanRequest) -> PlanResult:
         notes.append(f"{device.name} has no {r.dtype} matmul rate: {r.dtype} weights are widened to "
                      f"{device.compute_dtype(r.dtype)} for compute (weight-only quantization)")
     return PlanResult(r, arch, device, precision, gpn, nodes, objective, configs, best, explanation,
-                      calibration, notes)
+                      calibration, notes, engine)
 
 
 def _fits_nowhere(arch: ArchSpec, device: Device, precision: Precision, r: PlanRequest, configs: list[Config]) -> str:

@@ -41,10 +41,13 @@ def describe(result) -> list[str]:
             slo.append(f"TPOT <= {r.slo_tpot_ms:g} ms")
         lines.append(f"workload: {r.batch} concurrent sequence(s) per replica, prompt {r.prompt_len} + output "
                      f"{r.output_len} tokens" + (f"; SLO {', '.join(slo)}" if slo else ""))
+        if result.engine is not None:
+            lines.append(f"engine: {result.engine.name} - {result.engine.description}")
     else:
         lines.append(f"workload: training, global batch {r.global_batch} x {r.seq_len} tokens, micro-batch "
                      f"{r.micro_batch}, sequence parallel {'on' if r.sequence_parallel else 'off'}, "
-                     f"recompute {r.recompute}" + (", distributed optimizer" if r.distributed_optimizer else ""))
+                     f"recompute {r.recompute}" + (", distributed optimizer" if r.distributed_optimizer else "")
+                     + (f", interleaved 1F1B with {r.virtual_stages} virtual stages" if r.virtual_stages > 1 else ""))
     lines.extend(f"note: {n}" for n in result.notes)
     return lines
 

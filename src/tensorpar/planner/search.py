@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from tensorpar.planner.arch import ArchSpec
 from tensorpar.planner.costs import Precision, busiest_shard, engines_refuse
+from tensorpar.planner.engines import Engine
 from tensorpar.planner.hardware import GIB, Device
 from tensorpar.planner.latency import Breakdown, PhaseTimes, Placement, inference_times
 from tensorpar.planner.memory import MemoryUse, inference_memory, training_memory
@@ -147,6 +148,8 @@ class PlanRequest:
     recompute: str = "selective"
     distributed_optimizer: bool = False
     calibrate: str | None = None
+    engine: str | None = None
+    virtual_stages: int = 1
 
 
 def _structural_reason(arch: ArchSpec, c: Config, gpus_per_node: int, r: PlanRequest) -> str | None:
@@ -192,7 +195,7 @@ def runnable_by_tensorpar(arch: ArchSpec, c: Config, mode: str) -> bool:
 
 
 def evaluate(arch: ArchSpec, device: Device, precision: Precision, gpus_per_node: int,
-             r: PlanRequest, c: Config) -> Config:
+             r: PlanRequest, c: Config, engine: Engine | None = None) -> Config:
     """Fill in memory, times, throughput and cost of one configuration (or why it cannot run)."""
     c.runnable = runnable_by_tensorpar(arch, c, r.mode)
     reason = _structural_reason(arch, c, gpus_per_node, r)
@@ -208,7 +211,7 @@ def evaluate(arch: ArchSpec, device: Device, precision: Precision, gpus_per_node
         c.memory = training_memory(arch, shard, c.tp, c.pp, c.dp, device, place.ranks_per_node, r.seq_len,
                                    r.micro_batch, m, r.sequence_parallel, r.recompute, r.distributed_optimizer)
         c.training = training_time(arch, shard, precision, device, place, r.seq_len, r.micro_batch,
-                                   r.global_batch, r.recompute, r.distributed_optimizer)
+                                   r.global_batch, r.recompute, r.distributed_optimizer, r.virtual_stages)
         tokens = r.global_batch * r.seq_len
         c.throughput_tok_s = tokens / c.training.step
         c.mfu = model_flops(arch, r.seq_len, tokens) / (c.training.step * r.gpus * device.peak_flops(precision.weight_dtype))
@@ -218,7 +221,8 @@ def evaluate(arch: ArchSpec, device: Device, precision: Precision, gpus_per_node
         m = min(r.batch, c.pp)
         c.memory = inference_memory(arch, shard, c.pp, precision, device, place.ranks_per_node,
                                     math.ceil(r.batch / m), r.batch, r.prompt_len, r.output_len)
-        c.phases = inference_times(arch, shard, precision, device, place, r.batch, r.prompt_len, r.output_len)
+        c.phases = inference_times(arch, shard, precision, device, place, r.batch, r.prompt_len, r.output_len,
+                                   engine=engine)
         c.ttft_ms = c.phases.ttft * 1e3
         c.tpot_ms = c.phases.tpot * 1e3
         request_s = c.phases.ttft + (r.output_len - 1) * c.phases.tpot
@@ -280,7 +284,7 @@ def _decode_story(c: Config) -> str:
     if b.comm:
         parts.append(f"{b.collectives} collectives {b.comm * 1e3:.1f} ms")
     if b.overhead:
-        parts.append(f"fixed per-layer overhead {b.overhead * 1e3:.1f} ms")
+        parts.append(f"fixed per-layer and per-step overhead {b.overhead * 1e3:.1f} ms")
     fixed = (b.comm + b.overhead) / total
     story = f"A decode step at {_replica(c)}: " + ", ".join(parts) + "."
     if fixed > 0.25:

@@ -10,9 +10,13 @@ Time: one micro-batch's forward on each pipeline stage comes from the inference 
 twice the forward's compute and memory time and the same collectives (the conjugate all-reduces,
 or all-gather / reduce-scatter pairs of the same volume with sequence parallelism). Full
 recomputation repeats the forward; selective recomputation repeats the attention core. With
-``m`` micro-batches per step and ``pp`` stages (1F1B):
+``m`` micro-batches per step and ``pp`` stages, each stage holding ``v`` model chunks (``v = 1``:
+plain 1F1B; ``v > 1``: Megatron's interleaved 1F1B, Narayanan et al. 2021, section 2.2.2), a chunk
+takes ``1 / v`` of the stage's time, so the warm-up and cool-down shrink ``v`` times while every
+micro-batch crosses ``v`` times as many stage boundaries:
 
-    pipeline   (m + pp - 1) * (slowest stage's forward + backward + 2 sends)
+    pipeline   (m + (pp - 1) / v) * (slowest stage's forward + backward + 2 v sends)
+    bubble     (pp - 1) / (v m + pp - 1)   (the idle fraction)
     gradients  all-reduce of float32 gradients over the ``dp`` replicas (not overlapped), across
                nodes when replicas sit on different nodes (sharing the node's inter-node link
                with the other TP x PP groups)
@@ -47,9 +51,9 @@ def model_flops(arch: ArchSpec, seq_len: int, tokens: float) -> float:
             + attention_training_flops(arch.layers, seq_len, arch.q_dim, tokens))
 
 
-def pipeline_bubble(pp: int, microbatches: int) -> float:
-    """Idle fraction of a 1F1B pipeline step: ``(pp - 1) / (m + pp - 1)``."""
-    return (pp - 1) / (microbatches + pp - 1)
+def pipeline_bubble(pp: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """Idle fraction of a (interleaved) 1F1B pipeline step: ``(pp - 1) / (v m + pp - 1)``."""
+    return (pp - 1) / (virtual_stages * microbatches + pp - 1)
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class TrainingTime:
 
 def training_time(arch: ArchSpec, shard: Shard, precision: Precision, device: Device, place: Placement,
                   seq_len: int, micro_batch: int, global_batch: int, recompute: str,
-                  distributed_optimizer: bool) -> TrainingTime:
+                  distributed_optimizer: bool, virtual_stages: int = 1) -> TrainingTime:
     """One optimizer step (module docstring)."""
     m = global_batch // (place.dp * micro_batch)
     tokens = micro_batch * seq_len
@@ -90,7 +94,8 @@ def training_time(arch: ArchSpec, shard: Shard, precision: Precision, device: De
         stage_times.append(b.total)
         total.add(b)
     send = stage_send_time(arch, tokens, precision, device, place)
-    pipeline = (m + place.pp - 1) * (max(stage_times) + 2 * send)
+    v = virtual_stages if place.pp > 1 else 1
+    pipeline = (m + (place.pp - 1) / v) * (max(stage_times) + 2 * v * send)
     params = max(stage_weight_params(arch, shard, place.pp))
     nodes = max(1, math.ceil(place.gpus / place.gpus_per_node))
     dp_nodes = nodes if place.dp > 1 and place.gpus > place.gpus_per_node else 1
@@ -98,4 +103,4 @@ def training_time(arch: ArchSpec, shard: Shard, precision: Precision, device: De
                                      concurrent=min(place.tp * place.pp, place.gpus_per_node))
     optimizer = 2 * 16.0 * params / (device.memory_bandwidth_GBps * 1e9 * device.memory_efficiency)
     return TrainingTime(pipeline + gradients + optimizer, pipeline, gradients, optimizer, m,
-                        pipeline_bubble(place.pp, m), total)
+                        pipeline_bubble(place.pp, m, v), total)
