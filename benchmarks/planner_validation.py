@@ -1,11 +1,17 @@
 """Predictions of ``tensorpar plan``'s model against published measurements (docs/planner-validation.md).
 
     .venv/bin/python benchmarks/planner_validation.py [--calibration-dir ../shared/calibration]
+    .venv/bin/python benchmarks/planner_validation.py --fit      # refit the fitted constants
 
-Prints the markdown tables of docs/planner-validation.md. Nothing here is fitted to the rows it
-checks: the devices are the built-in catalog (datasheets, the one communication fit below, and
-efficiency factors fixed beforehand); only the communication constants are fitted, once, on the
-DGX-H100 NCCL file, and then checked on the DGX-A100 file and on published nccl-tests figures.
+Prints the markdown of docs/planner-validation.md (below its introduction). The rows are in
+``benchmarks/planner_validation/{inference,training}.csv``, each with its source. A row is held
+out when ``crc32(row id) % 3 == 0`` (the id joins source, model, device, dtype, degrees, batch,
+lengths and metric); that rule was fixed before anything was fitted, and ``--fit`` reads only
+the other rows. Fitted on those: the engine profiles' constants (``planner/engines.py``) and the
+catalog's ``low_precision_efficiency``; the collective constants come from the NCCL profiles in
+``shared/calibration``; everything else is datasheets and published efficiencies. Errors are on
+time (predicted time / measured time - 1, throughput and MFU inverted), so a negative error is an
+optimistic prediction whatever the metric.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from tensorpar.planner.costs import Precision, busiest_shard
 from tensorpar.planner.engines import ENGINES
 from tensorpar.planner.hardware import (
     BUILTIN_DEVICES,
+    NVLINK3_LATENCY_PER_RANK_US,
+    NVLINK3_LATENCY_US,
+    NVLINK3_RING_EFFICIENCY,
     NVLINK_LATENCY_PER_RANK_US,
     NVLINK_LATENCY_US,
     RING_EFFICIENCY,
@@ -83,7 +92,7 @@ def solve3(a, b):
     return out
 
 
-def fit_h100(rows) -> tuple[float, float, float]:
+def fit_profile(rows) -> tuple[float, float, float]:
     """t = a0 + a1 (n - 1) + 2 (n - 1) / n * S / busbw on every >= 1 MiB row, relative least squares."""
     big = [(n, s, t) for n, d, s, t in rows if s >= 1 << 20 and n == d]
     ata = [[0.0] * 3 for _ in range(3)]
@@ -101,11 +110,17 @@ def fit_h100(rows) -> tuple[float, float, float]:
 def comm_tables(cal: Path) -> list[str]:
     h100 = load_vidur(cal / "vidur_h100_dgx_all_reduce.csv")
     a100 = load_vidur(cal / "vidur_a100_dgx_all_reduce.csv")
-    a0, a1, busbw = fit_h100(h100)
-    out = ["### The fit (DGX-H100 file, every message >= 1 MiB, 2, 4 and 8 GPUs together)", "",
-           f"alpha(n) = {a0 * 1e6:.1f} us + {a1 * 1e6:.2f} us x (n - 1); bus bandwidth {busbw / 1e9:.0f} GB/s "
-           f"= {busbw / 450e9:.3f} x the 450 GB/s NVLink. The catalog uses {NVLINK_LATENCY_US} us, "
-           f"{NVLINK_LATENCY_PER_RANK_US} us and {RING_EFFICIENCY}.", ""]
+    a0, a1, busbw = fit_profile(h100)
+    b0, b1, bbw = fit_profile(a100)
+    out = ["### The fits (every message >= 1 MiB of one node, 2, 4 and 8 GPUs together)", "",
+           f"- NVLink 4 (DGX-H100 file): alpha(n) = {a0 * 1e6:.1f} us + {a1 * 1e6:.2f} us x (n - 1); bus bandwidth "
+           f"{busbw / 1e9:.0f} GB/s = {busbw / 450e9:.3f} x the 450 GB/s NVLink. The catalog's H100 and H200 use "
+           f"{NVLINK_LATENCY_US} us, {NVLINK_LATENCY_PER_RANK_US} us and {RING_EFFICIENCY}.",
+           f"- NVLink 3 (DGX-A100 file): alpha(n) = {b0 * 1e6:.1f} us + {b1 * 1e6:.2f} us x (n - 1); bus bandwidth "
+           f"{bbw / 1e9:.0f} GB/s = {bbw / 300e9:.3f} x the 300 GB/s NVLink. The catalog's A100 uses "
+           f"{NVLINK3_LATENCY_US} us and {NVLINK3_LATENCY_PER_RANK_US} us from this fit, and bus bandwidth "
+           f"{NVLINK3_RING_EFFICIENCY} x 300 GB/s from nccl-tests (200-233 GB/s published; this profile's "
+           f"{bbw / 1e9:.0f} GB/s is below every published figure).", ""]
 
     ring_h100 = replace(BUILTIN_DEVICES["h100-sxm"], intra_node=replace(BUILTIN_DEVICES["h100-sxm"].intra_node, sharp=False))
     a100_dev = BUILTIN_DEVICES["a100-80gb-sxm"]
@@ -136,7 +151,7 @@ def comm_tables(cal: Path) -> list[str]:
             "| file | group | >= 1 MiB rows: median / mean abs error | 64 MiB measured ms | predicted ms | error "
             "| <= 256 KiB median measured us | predicted us (64 KiB) | error |", "|---|---|---|---|---|---|---|---|---|"]
     out += table(h100, ring_h100, "H100 (fitted here)")
-    out += table(a100, a100_cluster, "A100 (not fitted)")
+    out += table(a100, a100_cluster, "A100 (latency fitted here, bandwidth from nccl-tests)")
     out += ["", "### Published nccl-tests bus bandwidth (large messages) against the model", "",
             "| hardware | published busbw GB/s | model GB/s | error | source |", "|---|---|---|---|---|"]
     h100 = BUILTIN_DEVICES["h100-sxm"]
@@ -364,6 +379,9 @@ def summary_tables(res: list[Result]) -> list[str]:
     out = ["### By set", "", *STATS_HEADER]
     for label, rs in (("fitting set", fit), ("held-out set", held), ("all rows", res)):
         out.append(stats_row(label, [r.error for r in rs]))
+    for kind in ("inference", "training"):
+        for label, rs in (("fitting", fit), ("held-out", held)):
+            out.append(stats_row(f"{label}, {kind}", [r.error for r in rs if r.kind == kind]))
     for title, key in (("By source", lambda r: r.row["source"]), ("By metric", lambda r: r.row["metric"])):
         out += ["", f"### {title}", "",
                 "| " + title.split()[1] + " | set | n | median abs error | p90 | worst | signed median (bias) |",
@@ -426,6 +444,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calibration-dir", default=str(ROOT.parent / "shared" / "calibration"))
     ap.add_argument("--fit", action="store_true", help="fit the engine constants on the fitting set and print them")
+    ap.add_argument("--write", action="store_true",
+                    help="replace the generated part of docs/planner-validation.md instead of printing it")
     args = ap.parse_args()
     if args.fit:
         for k, v in fit().items():
@@ -435,10 +455,18 @@ def main() -> None:
     sections = [("Summary", summary_tables(res)), ("Communication", comm_tables(Path(args.calibration_dir))),
                 ("Inference", inference_table(res)), ("Decode plateau", plateau_table()),
                 ("Training", training_table(res))]
-    for title, lines in sections:
-        print(f"## {title}\n")
-        print("\n".join(lines))
-        print()
+    text = "".join(f"## {title}\n\n" + "\n".join(lines) + "\n\n" for title, lines in sections)
+    if not args.write:
+        print(text, end="")
+        return
+    doc = ROOT / "docs" / "planner-validation.md"
+    old = doc.read_text()
+    a, b = old.index(BEGIN) + len(BEGIN), old.index(END)
+    doc.write_text(old[:a] + "\n\n" + text + old[b:])
+
+
+BEGIN = "<!-- generated by benchmarks/planner_validation.py --write: begin -->"
+END = "<!-- generated by benchmarks/planner_validation.py --write: end -->"
 
 
 if __name__ == "__main__":
