@@ -11,7 +11,9 @@ ignore_eos so every request makes the same number of tokens) from that many clie
 once. Reports output tokens/s, time to first token and inter-token latency (p50 / p99), prints a
 table and writes ``serving.json``. ``--prompt-words N`` makes each prompt longer by N filler words
 (about N tokens); each ``--variant`` starts every layout once more with extra ``tensorpar serve``
-flags (say ``--variant whole="--no-chunked-prefill"``), its rows labelled with its name.
+flags (say ``--variant whole="--no-chunked-prefill"``), its rows labelled with its name. Prefix
+caching is off, since the prompts repeat and each is meant to be computed (a variant may give
+``--prefix-caching``).
 """
 
 from __future__ import annotations
@@ -126,11 +128,11 @@ def main() -> None:
     for layout, (name, extra) in [(layout, v) for layout in args.tp.split(",") for v in variants]:
         tp, pp, dp = [int(v) for v in layout.split("x")] + [1] * (3 - len(layout.split("x")))
         port = free_port()
-        proc = start(args.model, tp, pp, dp, port, extra)
+        proc = start(args.model, tp, pp, dp, port, ["--no-prefix-caching", *extra])  # (prompts repeat: compute each)
         base = f"http://127.0.0.1:{port}"
         try:
             levels = [int(c) for c in args.concurrency.split(",")]
-            run_level(base, args.model, max(levels), max(levels), 4, filler)  # warm-up: every KV slot a level uses touched
+            run_level(base, args.model, max(levels), max(levels), 4, filler)  # warm-up: the KV blocks a level uses touched
             for c in levels:
                 row = {"tp": tp, "pp": pp, "dp": dp, "variant": name, "serve_flags": extra,
                        **run_level(base, args.model, c, max(args.requests, c), args.max_tokens, filler)}

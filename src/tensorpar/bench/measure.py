@@ -42,7 +42,7 @@ def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, 
     try:
         t0 = time.perf_counter()
         llm = LLM(model, tp=tp, pp=pp, ep=ep, moe_dispatch=moe_dispatch, quantization=quantization,
-                  quant_group=quant_group, progress=False)
+                  quant_group=quant_group, progress=False, prefix_caching=False)  # (repeats compute every prompt)
         if quantization != "none":
             row["quantization"] = quantization + (f" g{quant_group}" if quantization == "int4" else "")
         if llm.config.num_experts:
@@ -135,7 +135,7 @@ def measure_replicas(model: str, tp: int, pp: int, dp: int, batches: list[int], 
     threads = torch.get_num_threads()
     try:
         t0 = time.perf_counter()
-        spec = EngineArgs(model, tp=tp, pp=pp, dp=dp, progress=False).resolve()
+        spec = EngineArgs(model, tp=tp, pp=pp, dp=dp, progress=False, prefix_caching=False).resolve()
         backend = start_serving(spec, max(max(batches), 1))
         row["load_s"] = time.perf_counter() - t0
         config = spec.config
