@@ -34,18 +34,21 @@ tensorpar   630      device    NCCL        device   not measured on GPUs: vLLM's
                                                     device's per-layer figure), NCCL
 vllm        630      67        35 us       device   fitted on vLLM rows; + 240 us per step for
                                                     each rank beyond the first
-trtllm      670      12        5 us        0.81     fitted on TensorRT-LLM, FasterTransformer
-                                                    and NIM rows
+trtllm      670      12        5 us        0.81     fitted on TensorRT-LLM (v0.5, v0.6) and
+                                                    FasterTransformer rows (NIM's all fell in
+                                                    the held-out set); the all-reduce sits at
+                                                    the fit's 5 us floor (few rows with TP > 1)
 gpt-fast    15       13        19 us       0.72     fitted on gpt-fast rows (int8 weights at
                                                     0.71 of that)
 fitted      0        device    NCCL        device   ``--calibrate``: the device's fitted
                                                     per-layer overhead and measured collectives
 ==========  =======  ========  ==========  =======  =========================================
 
-"Fitted" means: the constants of each engine that its rows can tell apart, with the one ``low_precision_efficiency`` of
-the catalog, minimize the absolute log error over the *fitting* rows of
-``docs/planner-validation.md`` (``benchmarks/planner_validation.py --fit``); the held-out rows
-were never used. Rounded values are written here.
+"Fitted" means: the constants of each engine that its rows can tell apart, with the one
+``low_precision_efficiency`` of the catalog, minimize the absolute log error over the *fitting*
+rows of ``docs/planner-validation.md`` (``benchmarks/planner_validation.py --fit``); the
+held-out rows were never used. Rounded values are written here; ``trtllm-0.6`` adds ``gqa_kv_reads`` = 3.0
+(fitted too). The tensorpar and fitted profiles are not fitted.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ micro-batch crosses ``v`` times as many stage boundaries:
 
     pipeline   (m + (pp - 1) / v) * (slowest stage's forward + backward + 2 v sends)
     bubble     (pp - 1) / (v m + pp - 1)   (the idle fraction)
+
+(activation memory is counted as for plain 1F1B; interleaving holds somewhat more on the
+first stage).
     gradients  all-reduce of float32 gradients over the ``dp`` replicas (not overlapped), across
                nodes when replicas sit on different nodes (sharing the node's inter-node link
                with the other TP x PP groups)
