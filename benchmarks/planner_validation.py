@@ -276,7 +276,8 @@ START = {"step_overhead_us": 200.0, "layer_overhead_us": 20.0, "allreduce_latenc
          "memory_efficiency": 0.8, "int8_weight_efficiency": 0.9, "step_overhead_per_rank_us": 100.0,
          "gqa_kv_reads": 2.0}
 BOUNDS = {"step_overhead_us": (10.0, 5000.0), "layer_overhead_us": (1.0, 500.0), "allreduce_latency_us": (5.0, 100.0),
-          "memory_efficiency": (0.3, 1.0), "int8_weight_efficiency": (0.3, 1.0), "step_overhead_per_rank_us": (0.0, 2000.0), "gqa_kv_reads": (1.0, 8.0),
+          "memory_efficiency": (0.3, 1.0), "int8_weight_efficiency": (0.3, 1.0),
+          "step_overhead_per_rank_us": (0.0, 2000.0), "gqa_kv_reads": (1.0, 8.0),
           "low_precision_efficiency": (0.3, 1.0)}  # physical ranges: a one-shot all-reduce takes at least 5 us
 
 

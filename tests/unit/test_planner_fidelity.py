@@ -5,6 +5,7 @@ all-to-all volume, interleaved 1F1B."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -126,7 +127,7 @@ def test_engine_fixed_costs_by_hand():
     p4 = Placement(4, 1, 1, 1, 8)
     a = inference_times(arch, s4, BF16, H100, p4, 1, 128, 128, engine=ENGINES["vllm"])
     b = inference_times(arch, s4, BF16, H100, p4, 1, 128, 128,
-                        engine=ENGINES["vllm"].__class__(**{**ENGINES["vllm"].__dict__, "step_overhead_per_rank_us": 0.0}))
+                        engine=replace(ENGINES["vllm"], step_overhead_per_rank_us=0.0))
     assert a.tpot - b.tpot == pytest.approx(3 * 240e-6)
 
 
@@ -157,8 +158,10 @@ def test_resolve_engine_and_plan_engine():
     fast = plan(PlanRequest(**{**r.__dict__, "engine": "gpt-fast"}))
     slow = plan(PlanRequest(**{**r.__dict__, "engine": "vllm"}))
     assert fast.engine.name == "gpt-fast" and plan(r).engine.name == "tensorpar"
-    tp8 = [c for c in fast.configs if c.label == "TP=8"][0].tpot_ms, [c for c in slow.configs if c.label == "TP=8"][0].tpot_ms
-    assert tp8[0] < tp8[1]
+    def tp8(result):
+        return [c for c in result.configs if c.label == "TP=8"][0].tpot_ms
+
+    assert tp8(fast) < tp8(slow)
     with pytest.raises(PlanError, match="unknown engine"):
         plan(PlanRequest(**{**r.__dict__, "engine": "nope"}))
 

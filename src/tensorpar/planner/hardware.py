@@ -216,7 +216,8 @@ BUILTIN_DEVICES: dict[str, Device] = {
     "cpu": Device(
         "cpu", "this machine's CPU cores, one rank per core (defaults from PERF_NOTES.md; refine with --calibrate)",
         {"fp32": 0.1}, 22.0, 28.0, Link(2.1, 4.0, 0.0, 1.0), None, 256, 0.05,
-        matmul_efficiency=0.7, attention_efficiency=0.7, memory_efficiency=0.6, gemm_half_rows=8.0, layer_overhead_us=270.0,
+        matmul_efficiency=0.7, attention_efficiency=0.7, memory_efficiency=0.6, gemm_half_rows=8.0,
+        layer_overhead_us=270.0,
         runtime_reserve_gib=0.4, cores=2, node_memory_bandwidth_GBps=50.0, parallel_min_rows=64,
         memory_shared=True, oversubscribed_latency_us=40.0),
 }

@@ -144,7 +144,8 @@ def op_time(op: Op, tokens: int, device: Device, speeds: Speeds) -> tuple[float,
     bandwidth = device.memory_bandwidth_GBps * 1e9 * threads
     if device.node_memory_bandwidth_GBps is not None:
         bandwidth = min(bandwidth, device.node_memory_bandwidth_GBps * 1e9 * threads / speeds.busy_cores)
-    t_mem = op.bytes / (bandwidth * (speeds.weight_memory_efficiency if op.kind == "matmul" else speeds.memory_efficiency))
+    efficiency = speeds.weight_memory_efficiency if op.kind == "matmul" else speeds.memory_efficiency
+    t_mem = op.bytes / (bandwidth * efficiency)
     if op.kind == "memory" or op.flops == 0:
         return t_mem, False
     if op.kind == "matmul":
