@@ -41,8 +41,10 @@ Numbers are datasheet peaks (dense, no sparsity) plus achievable-efficiency fact
   ========================  ===================================  =====================================
 
   ``docs/planner-validation.md`` checks them against measurements they were not fitted on.
-- ``price_per_hour``: on-demand list price of one GPU-hour (USD, 2024-2025 clouds); override it
-  with a JSON device file.
+- ``price_per_hour``: on-demand list price of one GPU-hour (USD, 2024-2025 clouds; the MI300X's
+  is an estimate); override it with a JSON device file.
+- ``sm_count``: streaming multiprocessors (compute units on the MI300X), for the tile and wave
+  model of ``gemm``; none on CPUs.
 
 The ``cpu`` device is this kind of machine (the 2-core development host of PERF_NOTES.md):
 each rank is a process with at least one core; ``tensorpar bench`` results passed to
