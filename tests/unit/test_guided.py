@@ -28,18 +28,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tensorpar.loading import open_source, resolve_model
-
-    return open_source(resolve_model("smollm2-135m")).tokenizer()
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer):
-    return GuidedCompiler(tokenizer)
-
-
 def decode(compiler, tokenizer, guided: GuidedDecoding, seed: int, max_steps: int = 300) -> str:
     """Random decoding under ``guided``: each step's token drawn from softmax(random logits) after
     ``mask_``, then ``accept``ed; stops at an end-of-sequence token."""

@@ -148,13 +148,6 @@ class FakeEngine:
 
 # ---- fixtures and helpers ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tensorpar.loading import open_source
-
-    return open_source("smollm2-135m").tokenizer()
-
-
 @pytest.fixture
 def engine(tokenizer):
     e = FakeEngine(tokenizer)

@@ -8,11 +8,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tensorpar.serve.app import create_app
-from test_serve_app import CHAT, FakeEngine, tokenizer  # noqa: F401  (the tokenizer fixture)
+from test_serve_app import CHAT, FakeEngine
 
 
 @pytest.fixture
-def engine(tokenizer):  # noqa: F811
+def engine(tokenizer):
     return FakeEngine(tokenizer)
 
 

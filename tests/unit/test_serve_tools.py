@@ -9,7 +9,7 @@ import json
 
 import jsonschema_rs
 import pytest
-from test_guided import compiler, decode, one_thread, tokenizer  # noqa: F401 (fixtures)
+from test_guided import decode, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from tensorpar.runtime.request import TokenEvent
 from tensorpar.serve import tools

@@ -9,9 +9,10 @@ has its first token, then prompt tokens, oldest sequence first: the rest of a pr
 begun, then the prompts of newly admitted requests (every prompt of a step packed beside the
 decodes: ``step.Part``). A decoding sequence takes a new block each ``block_size`` tokens; when
 none is left, the newest running sequence is preempted: its blocks go back (its full ones stay
-in the prefix cache) and it waits, ahead of every new request, to compute all its tokens again. With ``chunked_prefill``, while sequences decode, a prompt
-longer than what is left of the budget runs as chunks over several steps, so that a long prompt
-never stalls the running sequences for longer than one budget's worth of tokens. Otherwise
+in the prefix cache) and it waits, ahead of every new request, to compute all its tokens again.
+With ``chunked_prefill``, while sequences decode, a prompt longer than what is left of the budget
+runs as chunks over several steps, so that a long prompt never stalls the running sequences for
+longer than one budget's worth of tokens. Otherwise
 prompts run whole, packed up to a budget of at least ``max_model_len`` beside the decodes (as vLLM
 requires without chunking): a step that decodes nothing has no stream to keep at pace, and a
 prompt in one piece prefills fastest (causal attention, the weights read once). LongRoPE prompts
