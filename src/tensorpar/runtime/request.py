@@ -90,6 +90,7 @@ class GenerationResult:
     peak_rss_mb: list[float] = field(default_factory=list)
     stage_busy: list[float] = field(default_factory=list)  # per pipeline stage: fraction of the call spent computing
     experts: dict = field(default_factory=dict)  # a mixture of experts' load in this call (``ModelRunner.expert_load``)
+    cache: dict = field(default_factory=dict)  # this call's prefix-cache queries and hits (tokens), and preemptions
 
 
 class Collector:

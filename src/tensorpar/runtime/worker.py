@@ -40,6 +40,9 @@ def architecture_defaults(tokenizer, config) -> set[int]:
     return {i for i in ids if i is not None and i != tokenizer.unk_token_id}
 
 
+CACHE_COUNTS = ("prefix_cache_queries", "prefix_cache_hits", "preemptions")
+
+
 class Worker:
     def __init__(self, ctx: ParallelContext, spec: EngineSpec, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS):
         self.ctx, self.spec = ctx, spec
@@ -130,7 +133,7 @@ class Worker:
             flat = [r for choices in requests for r in choices]
             sched = self.scheduler
             sched.reserve(len(flat), max(len(r.prompt_token_ids) + r.params.max_new_tokens for r in flat))
-            before, load = dict(sched.timings), self.runner.expert_load()
+            before, load, counts = dict(sched.timings), self.runner.expert_load(), sched.stats()
             collect = Collector()
             for r in flat:
                 sched.add(r, collect)
@@ -142,7 +145,8 @@ class Worker:
             steps = t["decode_steps"]
             return GenerationResult(completions, {"prefill_s": t["prefill_s"], "decode_steps": steps,
                                                   "decode_s_per_token": t["decode_s"] / steps if steps else 0.0},
-                                    experts=self.runner.expert_load(since=load))
+                                    experts=self.runner.expert_load(since=load),
+                                    cache={k: sched.stats()[k] - counts[k] for k in CACHE_COUNTS})
 
         return self._call(prepare, run)
 
