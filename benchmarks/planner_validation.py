@@ -23,7 +23,7 @@ import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tensorpar.planner.arch import from_hf_config, resolve_model
+from tensorpar.planner.arch import ArchSpec, from_hf_config, resolve_model
 from tensorpar.planner.calibrate import nelder_mead
 from tensorpar.planner.comm import collective_time
 from tensorpar.planner.costs import Precision, busiest_shard
@@ -61,6 +61,12 @@ CUSTOM_MODELS = {
     "gpt3-175b-megatron": _gpt("gpt3-175b-megatron", 51200, 12288, 96, 96),
     "gpt-530b": _gpt("gpt-530b", 51200, 20480, 105, 128),
     "gpt-1t": _gpt("gpt-1t", 51200, 25600, 128, 160),
+    # EleutherAI/gpt-j-6b config.json: 28 layers of 16 heads x 256, a 4x GELU MLP, rotary positions
+    "gpt-j-6b": ArchSpec("gpt-j-6b", "gptj", hidden=4096, layers=28, heads=16, kv_heads=16, head_dim=256,
+                         ffn=16384, vocab=50400, max_context=2048, gated_mlp=False, layer_norm=True),
+    # tiiuae/falcon-180B config.json: 80 layers of 232 query heads x 64 and 8 KV heads, a 4x GELU MLP
+    "falcon-180b": ArchSpec("falcon-180b", "falcon", hidden=14848, layers=80, heads=232, kv_heads=8, head_dim=64,
+                            ffn=4 * 14848, vocab=65024, max_context=2048, gated_mlp=False, layer_norm=True),
 }
 
 
@@ -300,40 +306,47 @@ FIT_PARAMS = {
     "gpt-fast": ("step_overhead_us", "layer_overhead_us", "allreduce_latency_us", "memory_efficiency",
                  "int8_weight_efficiency"),
     "trtllm": ("step_overhead_us", "layer_overhead_us", "allreduce_latency_us", "memory_efficiency"),
-    "trtllm-0.6": ("gqa_kv_reads",),
+    "trtllm-0.6": ("gqa_kv_reads", "prefill_overhead_us", "attention_memory_efficiency"),
     "vllm": ("step_overhead_us", "layer_overhead_us", "allreduce_latency_us", "step_overhead_per_rank_us"),
 }
 START = {"step_overhead_us": 200.0, "layer_overhead_us": 20.0, "allreduce_latency_us": 20.0,
          "memory_efficiency": 0.8, "int8_weight_efficiency": 0.9, "step_overhead_per_rank_us": 100.0,
-         "gqa_kv_reads": 2.0}
+         "gqa_kv_reads": 2.0, "prefill_overhead_us": 500.0, "attention_memory_efficiency": 0.8}
+# The catalog's constants fitted with them (every GPU of the catalog shares them).
+CATALOG_PARAMS = ("low_precision_efficiency",)
 BOUNDS = {"step_overhead_us": (10.0, 5000.0), "layer_overhead_us": (1.0, 500.0), "allreduce_latency_us": (5.0, 100.0),
           "memory_efficiency": (0.3, 1.0), "int8_weight_efficiency": (0.3, 1.0),
           "step_overhead_per_rank_us": (0.0, 2000.0), "gqa_kv_reads": (1.0, 8.0),
-          "low_precision_efficiency": (0.3, 1.0)}  # physical ranges: a one-shot all-reduce takes at least 5 us
+          "low_precision_efficiency": (0.3, 1.0), "prefill_overhead_us": (0.0, 20000.0),
+          "attention_memory_efficiency": (0.2, 1.0)}  # physical ranges: a one-shot all-reduce takes at least 5 us
 
 
-def fit(iterations: int = 2000) -> dict:
+def fit(iterations: int = 2000, only: tuple | None = None) -> dict:
     """The constants ``engines`` and ``hardware`` call fitted (``FIT_PARAMS`` and the catalog's
-    ``low_precision_efficiency``), minimizing the absolute log error over the fitting set's
+    ``CATALOG_PARAMS``; with ``only``, those engines' and the catalog's, the others kept as they
+    are), minimizing the absolute log error over the fitting set's
     inference rows only (Nelder-Mead in log space)."""
     rows = [r for r in load_rows("inference.csv") if not held_out(r) and not impossible(r)]
-    keys = [(e, f) for e, fields in FIT_PARAMS.items() for f in fields] + [(None, "low_precision_efficiency")]
+    keys = [(e, f) for e, fields in FIT_PARAMS.items() if only is None or e in only for f in fields]
+    keys += [(None, f) for f in CATALOG_PARAMS]
 
     def value(f, v):
         lo, hi = BOUNDS[f]
         return min(hi, max(lo, math.exp(v)))
 
     def unpack(x):
-        engines, lp = dict(ENGINES), None
+        engines, catalog, old = dict(ENGINES), {}, {}
+        old = {f: getattr(ENGINES["trtllm-0.6"], f) for f in FIT_PARAMS["trtllm-0.6"]}
         for (e, f), v in zip(keys, x):
             if e is None:
-                lp = value(f, v)
+                catalog[f] = value(f, v)
             elif e != "trtllm-0.6":
                 engines[e] = replace(engines[e], **{f: value(f, v)})
-        engines["trtllm-0.6"] = replace(engines["trtllm"], name="trtllm-0.6", gqa_kv_reads=value(
-            "gqa_kv_reads", x[keys.index(("trtllm-0.6", "gqa_kv_reads"))]))
-        devices = {k: replace(d, low_precision_efficiency=lp) for k, d in BUILTIN_DEVICES.items()}
-        return engines, devices, lp
+            else:
+                old[f] = value(f, v)
+        engines["trtllm-0.6"] = replace(engines["trtllm"], name="trtllm-0.6", **old)  # trtllm's constants, and its own
+        devices = {k: replace(d, **catalog) if not d.is_cpu else d for k, d in BUILTIN_DEVICES.items()}
+        return engines, devices, catalog
 
     def loss(x):
         engines, devices, _ = unpack(x)
@@ -343,7 +356,11 @@ def fit(iterations: int = 2000) -> dict:
             total += abs(math.log(1 + res.error))
         return total
 
-    x0 = [math.log(START.get(f, 0.5)) for _, f in keys]
+    def start(e, f):  # the current constants where set (a warm start), else START
+        cur = getattr(BUILTIN_DEVICES["h100-sxm"], f) if e is None else getattr(ENGINES[e], f, None)
+        return cur if cur not in (None, 0.0, 1.0) or f not in START else START[f]
+
+    x0 = [math.log(start(e, f)) for e, f in keys]
     best = nelder_mead(loss, x0, iterations=iterations)
     best = nelder_mead(loss, best, step=0.2, iterations=iterations)  # a restart, as simplexes collapse
     return {f"{e or 'catalog'}.{f}": round(value(f, v), 3) for (e, f), v in zip(keys, best)}
@@ -488,11 +505,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calibration-dir", default=str(ROOT.parent / "shared" / "calibration"))
     ap.add_argument("--fit", action="store_true", help="fit the engine constants on the fitting set and print them")
+    ap.add_argument("--engines", help="with --fit: refit only these engines' constants (comma-separated), and the "
+                    "catalog's; the others stay as they are")
     ap.add_argument("--write", action="store_true",
                     help="replace the generated part of docs/planner-validation.md instead of printing it")
     args = ap.parse_args()
     if args.fit:
-        for k, v in fit().items():
+        for k, v in fit(only=tuple(args.engines.split(",")) if args.engines else None).items():
             print(k, v)
         return
     res = results()

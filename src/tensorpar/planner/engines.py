@@ -21,8 +21,16 @@ costs no FLOP or byte count sees:
   more when a kernel walks the cache per query head and the cache (L2) catches only part of the
   reuse. TensorRT-LLM before its XQA kernel (``docs/source/blogs/XQA-kernel.md`` of
   NVIDIA/TensorRT-LLM) was such a kernel, which its v0.5/v0.6 tables show; profile
-  ``trtllm-0.6`` (the constants of ``trtllm`` with a fitted ``gqa_kv_reads``) is used by the
-  validation rows of those versions.
+  ``trtllm-0.6`` (the constants of ``trtllm`` with its own fitted ``gqa_kv_reads``,
+  ``prefill_overhead_us`` and ``attention_memory_efficiency``) is used by the validation rows of
+  those versions;
+- ``prefill_overhead_us``: once per request (per batch prefilled together), on the first token:
+  what a request costs before and after its forward steps (input copies and buffer setup,
+  the context phase's own launches, returning the token). TensorRT-LLM v0.5's first-token
+  latencies of 128-token prompts on FP8 H100s (GPT-J 6B: 7 ms) are milliseconds above their
+  weights and FLOPs, while its 2048-token ones are not;
+- ``attention_memory_efficiency``: the fraction of HBM bandwidth decode attention reaches reading
+  the KV cache (``None``: ``memory_efficiency``), apart from the weights' matmuls.
 
 Profiles (``tensorpar plan --engine``):
 
@@ -34,10 +42,10 @@ tensorpar   630      device    NCCL        device   not measured on GPUs: vLLM's
                                                     device's per-layer figure), NCCL
 vllm        630      67        35 us       device   fitted on vLLM rows; + 240 us per step for
                                                     each rank beyond the first
-trtllm      670      12        5 us        0.81     fitted on TensorRT-LLM (v0.5, v0.6) and
+trtllm      1390     5.6       38 us       0.74     fitted on TensorRT-LLM (v0.5, v0.6, v0.7a) and
                                                     FasterTransformer rows (NIM's all fell in
-                                                    the held-out set); the all-reduce sits at
-                                                    the fit's 5 us floor (few rows with TP > 1)
+                                                    the held-out set); 38 us is no faster than
+                                                    NCCL within a node, so NCCL's time is used
 gpt-fast    15       13        19 us       0.72     fitted on gpt-fast rows (int8 weights at
                                                     0.71 of that)
 fitted      0        device    NCCL        device   ``--calibrate``: the device's fitted
@@ -47,8 +55,11 @@ fitted      0        device    NCCL        device   ``--calibrate``: the device'
 "Fitted" means: the constants of each engine that its rows can tell apart, with the one
 ``low_precision_efficiency`` of the catalog, minimize the absolute log error over the *fitting*
 rows of ``docs/planner-validation.md`` (``benchmarks/planner_validation.py --fit``); the
-held-out rows were never used. Rounded values are written here; ``trtllm-0.6`` adds ``gqa_kv_reads`` = 3.0
-(fitted too). The tensorpar and fitted profiles are not fitted.
+held-out rows were never used. Rounded values are written here; ``trtllm-0.6`` adds
+``gqa_kv_reads`` = 5.9, ``prefill_overhead_us`` = 2570 and ``attention_memory_efficiency`` = 0.87
+(fitted too, in the second round of issue 16, with ``trtllm``'s constants and the catalog's
+``low_precision_efficiency``: ``--fit --engines trtllm,trtllm-0.6``; vLLM's and gpt-fast's are those
+of the first round, whose rows did not change). The tensorpar and fitted profiles are not fitted.
 """
 
 from __future__ import annotations
@@ -72,19 +83,22 @@ class Engine:
     step_overhead_per_rank_us: float = 0.0
     gqa_kv_reads: float = 1.0
     allreduce_max_bytes: float = 8 * MIB
+    prefill_overhead_us: float = 0.0
+    attention_memory_efficiency: float | None = None
 
 
 ENGINES: dict[str, Engine] = {
     "tensorpar": Engine("tensorpar", 630.0, None, None,
                         "tensorpar's engine (GPU constants assumed: vLLM's step cost, eager per-layer cost, NCCL)"),
     "vllm": Engine("vllm", 630.0, 67.0, 35.0, "vLLM (fitted)", step_overhead_per_rank_us=240.0),
-    "trtllm": Engine("trtllm", 670.0, 12.0, 5.0, "TensorRT-LLM (fitted)", memory_efficiency=0.81),
+    "trtllm": Engine("trtllm", 1390.0, 5.6, 38.0, "TensorRT-LLM (fitted)", memory_efficiency=0.74),
     "gpt-fast": Engine("gpt-fast", 15.0, 13.0, 19.0, "gpt-fast (fitted)", memory_efficiency=0.72,
                        int8_weight_efficiency=0.71),
     "fitted": Engine("fitted", 0.0, None, None, "the device as --calibrate fitted it"),
 }
-ENGINES["trtllm-0.6"] = replace(ENGINES["trtllm"], name="trtllm-0.6", gqa_kv_reads=3.0,
-                                description="TensorRT-LLM up to v0.6 (no XQA kernel)")
+ENGINES["trtllm-0.6"] = replace(ENGINES["trtllm"], name="trtllm-0.6", gqa_kv_reads=5.9, prefill_overhead_us=2570.0,
+                                attention_memory_efficiency=0.87,
+                                description="TensorRT-LLM up to v0.6 (no XQA kernel; gptSessionBenchmark)")
 ENGINE_NAMES = tuple(ENGINES)
 
 

@@ -8,9 +8,11 @@ Numbers are datasheet peaks (dense, no sparsity) plus achievable-efficiency fact
   quantization on the ``sm_count`` multiprocessors (``gemm``).
 - ``low_precision_efficiency``: the fraction of the datasheet 8-bit (fp8 / int8) peak a matmul
   reaches end to end, activations quantized and scaled. The datasheet doubles the 16-bit rate;
-  achieved FP8 does not: 0.54 of 1979 TFLOP/s is 1.44x the 0.75 x 989 of bf16. The value is the
+  achieved FP8 does not: 0.62 of 1979 TFLOP/s is 1.65x the 0.75 x 989 of bf16. The value is the
   one fitted on the fitting set of ``docs/planner-validation.md`` (FP8 prefill and large-batch
-  rows of TensorRT-LLM on H100/H200), where the datasheet ratio made every FP8 row too fast.
+  rows of TensorRT-LLM on H100/H200/L40S), where the datasheet ratio made every FP8 row too fast.
+  (The first fit, without a per-request cost in the engine profile, gave 0.54: the short-prompt
+  first-token rows, slow for reasons other than the matmul rate, pulled it down.)
 - ``attention_efficiency``: the fraction of the 16-bit peak the attention core reaches; it runs
   in 16-bit whatever the weights (engines keep Q K^T and P V in bf16/fp16 even with FP8
   weights). FlashAttention-2 reports 50-73% of the A100's peak in the forward pass (0.65 here);
@@ -113,7 +115,7 @@ class Device:
     gpus_per_node: int
     price_per_hour: float
     matmul_efficiency: float = 0.75
-    low_precision_efficiency: float = 0.54
+    low_precision_efficiency: float = 0.62
     attention_efficiency: float = 0.5
     sm_count: int | None = None
     memory_efficiency: float = 0.85

@@ -120,6 +120,7 @@ class Speeds:
     attention_flops: float
     memory_efficiency: float
     weight_memory_efficiency: float
+    attention_memory_efficiency: float | None = None
 
 
 def rank_speeds(device: Device, place: Placement, weight_dtype: str, engine: Engine | None = None) -> Speeds:
@@ -130,12 +131,14 @@ def rank_speeds(device: Device, place: Placement, weight_dtype: str, engine: Eng
     if engine is not None and engine.memory_efficiency is not None:
         mem = engine.memory_efficiency
     weights = mem * (engine.int8_weight_efficiency if engine is not None and weight_dtype in ("fp8", "int8") else 1.0)
+    kv = engine.attention_memory_efficiency if engine is not None else None
     if not device.is_cpu:
-        return Speeds(1, 1, False, mm, 1, attn, mem, weights)
+        return Speeds(1, 1, False, mm, 1, attn, mem, weights, kv)
     ranks = place.ranks_per_node
     threads = max(1, device.cores // ranks)
     slowdown = max(ranks / device.cores, math.ceil(min(place.tp, ranks) / device.cores))
-    return Speeds(threads, slowdown, ranks > device.cores, mm, min(ranks * threads, device.cores), attn, mem, weights)
+    return Speeds(threads, slowdown, ranks > device.cores, mm, min(ranks * threads, device.cores), attn, mem, weights,
+                  kv)
 
 
 def op_time(op: Op, tokens: int, device: Device, speeds: Speeds) -> tuple[float, bool]:
@@ -145,6 +148,8 @@ def op_time(op: Op, tokens: int, device: Device, speeds: Speeds) -> tuple[float,
     if device.node_memory_bandwidth_GBps is not None:
         bandwidth = min(bandwidth, device.node_memory_bandwidth_GBps * 1e9 * threads / speeds.busy_cores)
     efficiency = speeds.weight_memory_efficiency if op.kind == "matmul" else speeds.memory_efficiency
+    if op.kind == "attention" and speeds.attention_memory_efficiency is not None:
+        efficiency = speeds.attention_memory_efficiency
     t_mem = op.bytes / (bandwidth * efficiency)
     if op.kind == "memory" or op.flops == 0:
         return t_mem, False
@@ -274,13 +279,14 @@ class PhaseTimes:
 def inference_times(arch: ArchSpec, shard: Shard, precision: Precision, device: Device, place: Placement,
                     batch: int, prompt: int, output: int, engine: Engine | None = None) -> PhaseTimes:
     """Time to first token and time per output token (module docstring) under ``engine``'s fixed
-    costs (none: the device's per-layer overhead only). Decode is taken at the mean context of
+    costs (none: the device's per-layer overhead only); the engine's ``prefill_overhead_us`` is
+    paid once per request (per batch of requests prefilled together), on the first token. Decode is taken at the mean context of
     the generation, ``prompt + output / 2``."""
     m = min(batch, place.pp)
     mb = math.ceil(batch / m)
     pre = step_time(arch, shard, prefill_step(mb, prompt), precision, device, place, logit_rows=mb, microbatches=m,
                     engine=engine)
-    ttft = pre.through_all + (m - 1) * pre.slowest
+    ttft = pre.through_all + (m - 1) * pre.slowest + (engine.prefill_overhead_us * 1e-6 if engine is not None else 0.0)
     context = prompt + max(1, output) // 2
     dec = step_time(arch, shard, decode_step(mb, context), precision, device, place, logit_rows=mb, microbatches=m,
                     engine=engine)
