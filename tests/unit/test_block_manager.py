@@ -146,3 +146,40 @@ def test_a_preempted_sequence_computes_its_tokens_again_before_decoding_again(ca
         assert again[0].ids == (tuple(range(4, 13)),) and again[0].positions[0][0] == 0
     assert collect.completion(b, 0, 1).token_ids == [(6 + k) % 50 for k in range(1, 11)]
     assert collect.completion(a, 0, 0).token_ids == [(3 + k) % 50 for k in range(1, 11)]
+
+
+def test_chains_from_different_roots_never_share_blocks():
+    m = BlockManager(num_blocks=20, block_size=2)
+    tokens = [1, 2, 3, 4, 5]
+
+    def found(root=None) -> list[int]:
+        """The cached blocks a new sequence of ``tokens`` would start with (given back at once)."""
+        table, hashes = m.admit(tokens, root)
+        cached = table[: len(hashes)]
+        m.release(table)
+        return cached
+
+    table, hashes = m.admit(tokens)
+    m.register(table, hashes, tokens, computed=4)
+    assert found() == table[:2]  # the same rules: both full blocks found
+    assert found("long") == []  # keys written under other rules: none
+    long_table, long_hashes = m.admit(tokens, root="long")
+    m.register(long_table, long_hashes, tokens, computed=4, root="long")
+    assert found("long") == long_table[:2] and found() == table[:2]
+
+
+def test_longrope_prompts_past_the_pretrained_length_share_blocks_only_with_each_other():
+    runner = FakeRunner()
+    sched = Scheduler(runner, None, set(), max_num_seqs=4, max_model_len=64, block_size=4)
+    sched.whole_prompts_from = 16  # (LongRoPE's pretrained length, as a Phi-3 config gives it)
+    sched.reserve(4, 64)
+    collect = Collector()
+    words = [(3 * i) % 50 for i in range(24)]
+    for i, prompt in enumerate((words[:12], words[:20], words[:20] + [7], words[:12] + [9])):
+        sched.add(Request(f"r{i}", prompt, SamplingParams(max_new_tokens=1)), collect)
+        while sched.has_work():
+            sched.step()
+    starts = [p.positions[0][0] for m in runner.sent if m.op == S.STEP for p in m.parts]
+    # short: computed whole; long: none of the short one's blocks; long again: the long one's five;
+    # short again: the first short one's three
+    assert starts == [0, 0, 20, 12]

@@ -13,7 +13,10 @@ Prefix caching (vLLM's automatic prefix caching): once a block is full, it is na
 of its tokens and of every token before it, h_i = hash((h_{i-1}, tokens of block i)), so that
 equal hashes mean equal prefixes. A new sequence whose prompt starts with cached blocks takes
 them (``admit``) and computes only what follows; at least its last prompt token is always
-computed, since that one's logits give the first new token. Blocks whose owners have all ended
+computed, since that one's logits give the first new token. A chain may start from a ``root``
+other than None: keys written under other rules (LongRoPE's long factors, which a prompt past
+the pretrained length uses for all its tokens) are then found only by prompts under the same
+rules. Blocks whose owners have all ended
 stay cached, least recently released evicted first, when no free or fresh block is left.
 
 New blocks come from the free ones first (most recently released: their memory is resident),
@@ -68,13 +71,14 @@ class BlockManager:
             out.append(parent)
         return out
 
-    def admit(self, tokens: list[int]) -> tuple[list[int], list[int]] | None:
+    def admit(self, tokens: list[int], root: object = None) -> tuple[list[int], list[int]] | None:
         """Blocks for a sequence of ``tokens`` to compute: (its block table, the hashes of the
-        cached blocks it starts with), the cached ones first; None when too few blocks are left."""
+        cached blocks it starts with, chained from ``root``), the cached ones first; None when too
+        few blocks are left."""
         cached: list[int] = []
         hashes: list[int] = []
         if self.prefix_caching:
-            for h in self.hashes(tokens, (len(tokens) - 1) // self.block_size):
+            for h in self.hashes(tokens, (len(tokens) - 1) // self.block_size, root):
                 b = self.by_hash.get(h)
                 if b is None:
                     break
@@ -99,16 +103,18 @@ class BlockManager:
         table.extend(self._take() for _ in range(need))
         return True
 
-    def register(self, table: list[int], hashes: list[int], tokens: list[int], computed: int) -> None:
+    def register(self, table: list[int], hashes: list[int], tokens: list[int], computed: int,
+                 root: object = None) -> None:
         """Name the blocks of ``table`` that ``computed`` positions have filled and that have no
-        name yet (``hashes``, extended in place), so that later prompts can reuse them."""
+        name yet (``hashes``, chained from ``root``, extended in place), so that later prompts can
+        reuse them."""
         if not self.prefix_caching:
             return
         full = computed // self.block_size
         if full <= len(hashes):
             return
         start = len(hashes)
-        new = self.hashes(tokens, full - start, hashes[-1] if hashes else None, start)
+        new = self.hashes(tokens, full - start, hashes[-1] if hashes else root, start)
         for b, h in zip(table[start:full], new):
             if h not in self.by_hash and b not in self.hash_of:  # a twin computed at the same time stays unnamed
                 self.by_hash[h] = b

@@ -174,7 +174,7 @@ class Scheduler:
             seq.computed = stop
         for seq in decodes + [seq for seq, _, _ in chunks]:
             if self.prefix_caching and seq.computed // bs > len(seq.hashes):
-                self.blocks.register(seq.blocks, seq.hashes, seq.tokens, seq.computed)
+                self.blocks.register(seq.blocks, seq.hashes, seq.tokens, seq.computed, seq.cache_root)
         self._advance(rows, out)
         kind = "prefill" if chunks else "decode"
         self.timings[f"{kind}_s"] += time.perf_counter() - t
@@ -211,7 +211,10 @@ class Scheduler:
                 return None  # scored at the next step's start
         if not chunking and len(tokens) > budget and busy:
             return None  # a whole prompt waits for a step with room for it
-        got = self.blocks.admit(tokens)
+        # LongRoPE: a prompt that reaches the pretrained length rotates all its keys by the long
+        # factors, so it shares blocks only with prompts that do too
+        root = "long" if self.whole_prompts_from is not None and len(tokens) >= self.whole_prompts_from else None
+        got = self.blocks.admit(tokens, root)
         if got is None:
             return None
         if seq is None:
@@ -223,7 +226,7 @@ class Scheduler:
         else:
             self.preempted.popleft()
         seq.blocks, seq.hashes = got
-        seq.computed = len(seq.hashes) * self.block_size
+        seq.cache_root, seq.computed = root, len(seq.hashes) * self.block_size
         self.running[seq.request_id] = seq
         return seq
 

@@ -61,6 +61,7 @@ class Sequence:
         self.request, self.sink = request, sink
         self.blocks: list[int] = []  # its KV-cache block table (``block_manager``); empty while it waits
         self.hashes: list[int] = []  # the prefix-cache names of its full blocks
+        self.cache_root = None  # where their chain of names starts (``BlockManager.admit``)
         self.guided = None  # where it stands in its grammar (``runtime.guided.GuidedState``), if it has one
         self.params = request.params
         self.generator = self.params.generator()
