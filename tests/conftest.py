@@ -265,3 +265,19 @@ def record(request):
                 f.write(json.dumps({"case": request.node.name, **row}) + "\n")
 
     return write
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2-135M's tokenizer (its GGUF file's, converted once); some files define their own."""
+    from tensorpar.loading import open_source
+
+    return open_source("smollm2-135m").tokenizer()
+
+
+@pytest.fixture(scope="session")
+def compiler(tokenizer):
+    """Guided decoding's compiler for SmolLM2's tokenizer."""
+    from tensorpar.runtime.guided import GuidedCompiler
+
+    return GuidedCompiler(tokenizer)
