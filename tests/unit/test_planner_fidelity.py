@@ -244,3 +244,15 @@ def test_attention_memory_efficiency_by_hand():
     assert t0 == pytest.approx(core.bytes / (3350e9 * ENGINES["trtllm"].memory_efficiency))
     # and the weights' matmuls are not affected
     assert rank_speeds(H100, ONE, "bf16", eng).weight_memory_efficiency == ENGINES["trtllm"].memory_efficiency
+
+
+def test_engine_gemm_half_rows_by_hand():
+    # QKV of Llama-2-7B over a 128-token prompt on an A100: 2 x 128 x 4096 x 12288 FLOPs
+    op = Op("qkv", "matmul", 2.0 * 128 * 4096 * 12288, 4096 * 12288 * 2 + 128 * (4096 + 12288) * 2, 128, 12288, 4096)
+    shape = shape_efficiency(128, 12288, 4096, A100.sm_count)
+    eng = replace(ENGINES["trtllm"], gemm_half_rows=128.0)
+    t, compute_bound = op_time(op, 128, A100, rank_speeds(A100, ONE, "bf16", eng))
+    assert compute_bound and t == pytest.approx(op.flops / (312e12 * 0.75 * 128 / (128 + 128) * shape))
+    # without one, the device's n_1/2 (32 rows)
+    t0, _ = op_time(op, 128, A100, rank_speeds(A100, ONE, "bf16", ENGINES["trtllm"]))
+    assert t0 == pytest.approx(op.flops / (312e12 * 0.75 * 128 / (128 + 32) * shape))

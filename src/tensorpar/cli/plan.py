@@ -42,9 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--distributed-optimizer", action="store_true",
                    help="training: shard master weights and Adam moments over data parallelism")
     p.add_argument("--engine", default=None,
-                   help="inference engine whose fixed costs to add: tensorpar, vllm, trtllm, gpt-fast, or fitted "
-                        "(the device as --calibrate fitted it); default: fitted with --calibrate or --gpu cpu, "
-                        "else tensorpar")
+                   help="inference engine whose fixed costs to add: tensorpar, vllm, trtllm, trtllm-0.6, gpt-fast, "
+                        "lmdeploy, or fitted (the device as --calibrate fitted it); default: fitted with "
+                        "--calibrate or --gpu cpu, else tensorpar")
     p.add_argument("--virtual-stages", type=int, default=1,
                    help="training: model chunks per pipeline stage (interleaved 1F1B; default: %(default)s, plain 1F1B)")
     p.add_argument("--calibrate", default=None, metavar="BENCH_JSON",

@@ -121,6 +121,7 @@ class Speeds:
     memory_efficiency: float
     weight_memory_efficiency: float
     attention_memory_efficiency: float | None = None
+    half_rows: float | None = None
 
 
 def rank_speeds(device: Device, place: Placement, weight_dtype: str, engine: Engine | None = None) -> Speeds:
@@ -132,13 +133,14 @@ def rank_speeds(device: Device, place: Placement, weight_dtype: str, engine: Eng
         mem = engine.memory_efficiency
     weights = mem * (engine.int8_weight_efficiency if engine is not None and weight_dtype in ("fp8", "int8") else 1.0)
     kv = engine.attention_memory_efficiency if engine is not None else None
+    half = engine.gemm_half_rows if engine is not None else None
     if not device.is_cpu:
-        return Speeds(1, 1, False, mm, 1, attn, mem, weights, kv)
+        return Speeds(1, 1, False, mm, 1, attn, mem, weights, kv, half)
     ranks = place.ranks_per_node
     threads = max(1, device.cores // ranks)
     slowdown = max(ranks / device.cores, math.ceil(min(place.tp, ranks) / device.cores))
     return Speeds(threads, slowdown, ranks > device.cores, mm, min(ranks * threads, device.cores), attn, mem, weights,
-                  kv)
+                  kv, half)
 
 
 def op_time(op: Op, tokens: int, device: Device, speeds: Speeds) -> tuple[float, bool]:
@@ -154,7 +156,8 @@ def op_time(op: Op, tokens: int, device: Device, speeds: Speeds) -> tuple[float,
     if op.kind == "memory" or op.flops == 0:
         return t_mem, False
     if op.kind == "matmul":
-        rate = speeds.matmul_flops * threads * op.rows / (op.rows + device.gemm_half_rows)
+        half = device.gemm_half_rows if speeds.half_rows is None else speeds.half_rows
+        rate = speeds.matmul_flops * threads * op.rows / (op.rows + half)
         rate *= shape_efficiency(op.rows, op.n, op.k, device.sm_count, op.groups)
     else:
         rate = speeds.attention_flops * threads
