@@ -41,10 +41,14 @@ def parse_budget(text: str) -> float | int:
     try:
         value = float(text)
     except ValueError:
-        return parse_size(text)
-    if 0 < value <= 1:
+        value = None
+    if value is not None and 0 < value <= 1:
         return value
-    return parse_size(text)
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(f"not a KV budget: {text!r} (give a fraction of the free memory in (0, 1], or bytes, "
+                         "or a number with KB, MB, GB, KiB, MiB or GiB)") from None
 
 
 def kv_cache_bytes(budget: float | int, ranks_here: int, device: str) -> int:

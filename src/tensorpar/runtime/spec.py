@@ -215,6 +215,9 @@ def sampling_defaults(generation_config: str, source) -> dict:
         return {}
     path = Path(generation_config).expanduser()
     path = path / "generation_config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise TensorparError(f"--generation-config {generation_config}: no such file; give auto, vllm, or a folder "
+                             "holding a generation_config.json")
     try:
         return generation_defaults(read_json(path))
     except (OSError, ValueError, TensorparError) as e:
