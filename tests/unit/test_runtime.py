@@ -376,6 +376,25 @@ def test_sizes_and_the_weights_one_rank_holds():
     assert 28.3e6 * 4 + 106e6 < int8 < 28.4e6 * 4 + 107e6
 
 
+def test_kv_budgets_are_fractions_or_bytes(monkeypatch):
+    import psutil
+
+    from tensorpar.runtime.memory_guard import kv_cache_bytes, parse_budget
+
+    assert parse_budget("0.5") == 0.5 and parse_budget("1") == 1.0 and isinstance(parse_budget("1"), float)
+    assert parse_budget("2GiB") == 2 * 2**30 and parse_budget("4096") == 4096
+    for bad in ("0", "-0.5", "half", ""):
+        with pytest.raises(ValueError, match="not a KV budget"):
+            parse_budget(bad)
+
+    class Memory:
+        available = 8 * 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory)
+    assert kv_cache_bytes(0.5, ranks_here=2, device="cpu") == 2 * 2**30  # half of each rank's share
+    assert kv_cache_bytes(12345, ranks_here=2, device="cpu") == 12345
+
+
 def test_vllm_flag_names_are_aliases():
     from tensorpar.cli.main import build_parser
 
