@@ -140,13 +140,14 @@ class Worker:
             while sched.has_work():
                 sched.step()
             t = {k: sched.timings[k] - before[k] for k in before}
+            after = sched.stats()
             completions = [collect.completion(r, j, i) for i, choices in enumerate(requests)
                            for j, r in enumerate(choices)]
             steps = t["decode_steps"]
             return GenerationResult(completions, {"prefill_s": t["prefill_s"], "decode_steps": steps,
                                                   "decode_s_per_token": t["decode_s"] / steps if steps else 0.0},
                                     experts=self.runner.expert_load(since=load),
-                                    cache={k: sched.stats()[k] - counts[k] for k in CACHE_COUNTS})
+                                    cache={k: after[k] - counts[k] for k in CACHE_COUNTS})
 
         return self._call(prepare, run)
 
