@@ -31,6 +31,7 @@ from tensorpar.planner.engines import ENGINES
 from tensorpar.planner.hardware import (
     BUILTIN_DEVICES,
     DTYPE_BYTES,
+    LOW_PRECISION_EFFICIENCY,
     NVLINK3_LATENCY_PER_RANK_US,
     NVLINK3_LATENCY_US,
     NVLINK3_RING_EFFICIENCY,
@@ -306,19 +307,27 @@ FIT_PARAMS = {
     "gpt-fast": ("step_overhead_us", "layer_overhead_us", "allreduce_latency_us", "memory_efficiency",
                  "int8_weight_efficiency"),
     "trtllm": ("step_overhead_us", "layer_overhead_us", "allreduce_latency_us", "memory_efficiency"),
-    "trtllm-0.6": ("gqa_kv_reads", "prefill_overhead_us", "attention_memory_efficiency"),
+    "trtllm-0.6": ("gqa_kv_read_fraction", "gqa_kv_read_fraction_8bit", "prefill_overhead_us",
+                   "attention_memory_efficiency", "bandwidth_per_sm_GBps"),
     "vllm": ("step_overhead_us", "layer_overhead_us", "allreduce_latency_us", "step_overhead_per_rank_us"),
     "lmdeploy": ("step_overhead_us", "layer_overhead_us", "allreduce_latency_us", "memory_efficiency",
                  "prefill_overhead_us", "gemm_half_rows"),
 }
 START = {"step_overhead_us": 200.0, "layer_overhead_us": 20.0, "allreduce_latency_us": 20.0,
          "memory_efficiency": 0.8, "int8_weight_efficiency": 0.9, "step_overhead_per_rank_us": 100.0,
-         "gqa_kv_reads": 2.0, "prefill_overhead_us": 500.0, "attention_memory_efficiency": 0.8}
-# The catalog's constants fitted with them (every GPU of the catalog shares them).
+         "gqa_kv_read_fraction": 0.5, "gqa_kv_read_fraction_8bit": 0.5, "bandwidth_per_sm_GBps": 25.0,
+         "prefill_overhead_us": 500.0, "attention_memory_efficiency": 0.8}
+# The catalog's constants fitted with them (every GPU of the catalog that does not state its own
+# measured value shares them).
 CATALOG_PARAMS = ("low_precision_efficiency",)
+
+
+def shares_catalog(d) -> bool:
+    return not d.is_cpu and d.low_precision_efficiency == LOW_PRECISION_EFFICIENCY
 BOUNDS = {"step_overhead_us": (10.0, 5000.0), "layer_overhead_us": (1.0, 500.0), "allreduce_latency_us": (5.0, 100.0),
           "memory_efficiency": (0.3, 0.92), "int8_weight_efficiency": (0.3, 1.0),
-          "step_overhead_per_rank_us": (0.0, 2000.0), "gqa_kv_reads": (1.0, 8.0),
+          "step_overhead_per_rank_us": (0.0, 2000.0), "gqa_kv_read_fraction": (0.01, 1.0),
+          "gqa_kv_read_fraction_8bit": (0.01, 1.0), "bandwidth_per_sm_GBps": (10.0, 100.0),
           "low_precision_efficiency": (0.3, 1.0), "prefill_overhead_us": (0.0, 20000.0),
           "attention_memory_efficiency": (0.2, 0.92), "gemm_half_rows": (1.0, 4096.0)}
 # Physical ranges: a one-shot all-reduce takes at least 5 us; no kernel streams memory at more than
@@ -349,7 +358,7 @@ def fit(iterations: int = 2000, only: tuple | None = None) -> dict:
             else:
                 old[f] = value(f, v)
         engines["trtllm-0.6"] = replace(engines["trtllm"], name="trtllm-0.6", **old)  # trtllm's constants, and its own
-        devices = {k: replace(d, **catalog) if not d.is_cpu else d for k, d in BUILTIN_DEVICES.items()}
+        devices = {k: replace(d, **catalog) if shares_catalog(d) else d for k, d in BUILTIN_DEVICES.items()}
         return engines, devices, catalog
 
     def loss(x):

@@ -25,7 +25,14 @@ from tensorpar.planner.costs import (
 from tensorpar.planner.engines import ENGINES, resolve_engine
 from tensorpar.planner.gemm import shape_efficiency, tile_efficiency, tiles, wave_efficiency
 from tensorpar.planner.hardware import BUILTIN_DEVICES
-from tensorpar.planner.latency import Placement, inference_times, op_time, rank_speeds, stage_send_time
+from tensorpar.planner.latency import (
+    Placement,
+    inference_times,
+    op_time,
+    rank_speeds,
+    stage_parts,
+    stage_send_time,
+)
 from tensorpar.planner.training import pipeline_bubble, training_time
 
 BF16 = Precision("bf16", "bf16")
@@ -71,9 +78,9 @@ def test_smaller_per_rank_matrices_are_less_efficient():
 
 def test_fp8_is_not_twice_bf16_and_attention_stays_16_bit():
     assert H100.matmul_flops("bf16") == pytest.approx(989e12 * 0.75)
-    assert H100.matmul_flops("fp8") == pytest.approx(1979e12 * 0.62)
+    assert H100.matmul_flops("fp8") == pytest.approx(1979e12 * 0.654)
     assert 1.5 < H100.matmul_flops("fp8") / H100.matmul_flops("bf16") < 1.8
-    assert A100.matmul_flops("int8") == pytest.approx(624e12 * 0.62)
+    assert A100.matmul_flops("int8") == pytest.approx(624e12 * 0.654)
     assert H100.attention_flops() == pytest.approx(989e12 * 0.5)
     assert A100.attention_flops() == pytest.approx(312e12 * 0.65)
     core = Op("attention", "attention", 1e12, 0.0)
@@ -149,7 +156,51 @@ def test_gqa_kv_reads():
     thrice = attention_ops(arch, shard, step, BF16, kv_reads=3.0)[1].bytes
     kv = 32 * 1000 * 2 * 2 * 128 * 2             # batch x context x (K, V) x KV heads x head_dim x bytes
     assert thrice - plain == pytest.approx(2 * kv)
-    assert ENGINES["trtllm-0.6"].gqa_kv_reads == 5.9 and ENGINES["trtllm"].gqa_kv_reads == 1.0
+
+
+def test_gqa_kv_reads_grow_with_the_group():
+    old = replace(ENGINES["trtllm"], gqa_kv_read_fraction=0.25, gqa_kv_read_fraction_8bit=0.75)
+    assert old.kv_reads(8, "bf16") == pytest.approx(2.0)        # 0.25 x 8
+    assert old.kv_reads(29, "fp8") == pytest.approx(21.75)      # 0.75 x 29: Falcon-180B's group
+    assert old.kv_reads(1, "fp8") == 1.0 and old.kv_reads(2, "bf16") == 1.0   # never below one read
+    assert ENGINES["trtllm"].kv_reads(29, "fp8") == 1.0         # a kernel built for GQA
+    assert replace(old, gqa_kv_read_fraction_8bit=None).kv_reads(8, "int8") == pytest.approx(2.0)
+    # a layer's attention reads the cache that many times: Llama-2-70B at TP=8, one KV head per rank
+    llama = resolve_model("llama-2-70b")
+    shard = busiest_shard(llama, 8)               # 8 query slots, 1 KV head
+    step = decode_step(16, 512)
+    place = Placement(8, 1, 1, 1, 8)
+    speeds = rank_speeds(H100, place, "fp8", old)
+    got = stage_parts(llama, shard, step, FP8, H100, place, 16, old).layer.memory
+    ref = stage_parts(llama, shard, step, FP8, H100, place, 16, ENGINES["trtllm"]).layer.memory
+    cache = 16 * 512 * 2 * 1 * 128 * 1            # batch x context x (K, V) x 1 KV head x head_dim x 1 byte
+    assert got - ref == pytest.approx((6.0 - 1.0) * cache / (3350e9 * speeds.memory_efficiency))
+
+
+def test_bandwidth_per_sm_caps_a_faster_memory():
+    h200 = BUILTIN_DEVICES["h200-sxm"]
+    eng = replace(ENGINES["trtllm"], memory_efficiency=0.8, attention_memory_efficiency=0.9, bandwidth_per_sm_GBps=25.0)
+    cap = 25.0 * 132 / 4800                       # 3.3 TB/s over 4.8: 0.6875
+    s = rank_speeds(h200, ONE, "fp8", eng)
+    assert s.memory_efficiency == pytest.approx(cap) and s.weight_memory_efficiency == pytest.approx(cap)
+    assert s.attention_memory_efficiency == pytest.approx(cap)
+    # the H100 (same 132 SMs, 3.35 TB/s) is under the cap: 0.8 x 3.35 = 2.68 < 3.3 TB/s
+    s = rank_speeds(H100, ONE, "fp8", eng)
+    assert s.memory_efficiency == pytest.approx(0.8) and s.attention_memory_efficiency == pytest.approx(0.9)
+    # so the H200 streams weights at the same 3.3 TB/s whatever its datasheet says
+    op = Op("w", "matmul", 2.0 * 4096 * 4096, 4096 * 4096, 1, 4096, 4096)
+    t, _ = op_time(op, 1, h200, rank_speeds(h200, ONE, "fp8", eng))
+    assert t == pytest.approx(op.bytes / 3.3e12)
+    assert ENGINES["trtllm"].bandwidth_per_sm_GBps is None
+
+
+def test_mi300x_rates_are_its_measured_ones():
+    mi = BUILTIN_DEVICES["mi300x"]
+    assert mi.matmul_flops("fp8") == pytest.approx(2614.9e12 * 0.47)
+    assert mi.matmul_flops("bf16") == pytest.approx(1307.4e12 * 0.50)
+    assert rank_speeds(mi, ONE, "fp8").memory_efficiency == pytest.approx(0.74)
+    # AMD's RCCL acceptance table: 313 GB/s bus bandwidth at 1 GiB over 8 MI300X (6.00 ms)
+    assert collective_time("all_reduce", 2 ** 30, 8, mi) == pytest.approx(6.004e-3, rel=0.02)
 
 
 def test_resolve_engine_and_plan_engine():

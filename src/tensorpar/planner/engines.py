@@ -16,14 +16,16 @@ costs no FLOP or byte count sees:
 - ``memory_efficiency``: the fraction of HBM bandwidth its weight-streaming kernels reach
   (``None``: the device's), and ``int8_weight_efficiency`` the further fraction with 8-bit weights
   (weight-only int8 kernels dequantize as they stream);
-- ``gqa_kv_reads``: how many times decode attention reads a KV head's cache for its group of
-  ``G`` query heads (capped at ``G``): once with kernels built for grouped-query attention;
-  more when a kernel walks the cache per query head and the cache (L2) catches only part of the
-  reuse. TensorRT-LLM before its XQA kernel (``docs/source/blogs/XQA-kernel.md`` of
-  NVIDIA/TensorRT-LLM) was such a kernel, which its v0.5/v0.6 tables show; profile
-  ``trtllm-0.6`` (the constants of ``trtllm`` with its own fitted ``gqa_kv_reads``,
-  ``prefill_overhead_us`` and ``attention_memory_efficiency``) is used by the validation rows of
-  those versions;
+- ``gqa_kv_read_fraction``: how decode attention reads a KV head's cache for the ``G`` query
+  heads of its group on one rank (``G = query heads / KV heads`` of the shard): ``max(1, f G)``
+  times. ``f = 0`` (the default) is a kernel built for grouped-query attention, which reads each
+  KV head once; a kernel that walks the cache once per query head reads it ``G`` times, less what
+  the L2 cache catches, so ``f < 1``. TensorRT-LLM before its XQA kernel
+  (``docs/source/blogs/XQA-kernel.md`` of NVIDIA/TensorRT-LLM) was such a kernel, which its
+  v0.5/v0.6 tables show; ``gqa_kv_read_fraction_8bit`` is the fraction with an 8-bit (FP8/INT8)
+  cache (``None``: the same). Profile ``trtllm-0.6`` (the constants of ``trtllm`` with its own
+  fitted fractions, ``prefill_overhead_us`` and ``attention_memory_efficiency``) is used by the
+  validation rows of those versions;
 - ``prefill_overhead_us``: once per request (per batch prefilled together), on the first token:
   what a request costs before and after its forward steps (input copies and buffer setup,
   the context phase's own launches, returning the token). TensorRT-LLM v0.5's first-token
@@ -31,6 +33,13 @@ costs no FLOP or byte count sees:
   weights and FLOPs, while its 2048-token ones are not;
 - ``attention_memory_efficiency``: the fraction of HBM bandwidth decode attention reaches reading
   the KV cache (``None``: ``memory_efficiency``), apart from the weights' matmuls;
+- ``bandwidth_per_sm_GBps``: the most its memory-bound kernels stream per SM (``None``: no
+  limit). By Little's law a kernel's bandwidth is the bytes it keeps in flight over the memory
+  latency; the bytes in flight are set per SM by the kernel's registers and shared memory, so
+  the same kernel on a part with the same SMs and faster memory (an H200 against an H100: 132
+  SMs both, 4.8 against 3.35 TB/s) reaches no more than it did. The streaming efficiencies above
+  are capped at ``bandwidth_per_sm_GBps x SMs / datasheet bandwidth``. TensorRT-LLM v0.5's H200
+  launch rows are slower than its H100 rows scaled by bandwidth; fitted for ``trtllm-0.6`` only;
 - ``gemm_half_rows``: the engine's own Hockney n_1/2 for matmuls (``None``: the device's
   ``gemm_half_rows``): an engine whose GEMM kernels need more rows to reach their rate makes
   short prompts slower than their FLOPs say. LMDeploy v0.1's TurboMind takes 22 ms to a first
@@ -92,26 +101,37 @@ class Engine:
     memory_efficiency: float | None = None
     int8_weight_efficiency: float = 1.0
     step_overhead_per_rank_us: float = 0.0
-    gqa_kv_reads: float = 1.0
+    gqa_kv_read_fraction: float = 0.0
+    gqa_kv_read_fraction_8bit: float | None = None
     allreduce_max_bytes: float = 8 * MIB
     prefill_overhead_us: float = 0.0
     attention_memory_efficiency: float | None = None
     gemm_half_rows: float | None = None
+    bandwidth_per_sm_GBps: float | None = None
+
+    def kv_reads(self, group: float, kv_dtype: str) -> float:
+        """How many times decode attention reads each cached KV byte for a group of ``group``
+        query heads per KV head: ``max(1, f G)``, ``f`` the fraction for the cache's dtype."""
+        f = self.gqa_kv_read_fraction
+        if kv_dtype in ("fp8", "int8") and self.gqa_kv_read_fraction_8bit is not None:
+            f = self.gqa_kv_read_fraction_8bit
+        return max(1.0, f * group)
 
 
 ENGINES: dict[str, Engine] = {
     "tensorpar": Engine("tensorpar", 630.0, None, None,
                         "tensorpar's engine (GPU constants assumed: vLLM's step cost, eager per-layer cost, NCCL)"),
     "vllm": Engine("vllm", 630.0, 67.0, 35.0, "vLLM (fitted)", step_overhead_per_rank_us=240.0),
-    "trtllm": Engine("trtllm", 1390.0, 5.6, 38.0, "TensorRT-LLM (fitted)", memory_efficiency=0.74),
+    "trtllm": Engine("trtllm", 1690.0, 17.0, 35.0, "TensorRT-LLM (fitted)", memory_efficiency=0.77),
     "gpt-fast": Engine("gpt-fast", 15.0, 13.0, 19.0, "gpt-fast (fitted)", memory_efficiency=0.72,
                        int8_weight_efficiency=0.71),
     "lmdeploy": Engine("lmdeploy", 1630.0, 33.0, 15.0, "LMDeploy TurboMind v0.1 (fitted)", memory_efficiency=0.92,
                        prefill_overhead_us=4360.0, gemm_half_rows=90.0),
     "fitted": Engine("fitted", 0.0, None, None, "the device as --calibrate fitted it"),
 }
-ENGINES["trtllm-0.6"] = replace(ENGINES["trtllm"], name="trtllm-0.6", gqa_kv_reads=5.9, prefill_overhead_us=2570.0,
-                                attention_memory_efficiency=0.87,
+ENGINES["trtllm-0.6"] = replace(ENGINES["trtllm"], name="trtllm-0.6", gqa_kv_read_fraction=0.31,
+                                gqa_kv_read_fraction_8bit=0.90, prefill_overhead_us=2090.0,
+                                attention_memory_efficiency=0.88, bandwidth_per_sm_GBps=25.7,
                                 description="TensorRT-LLM up to v0.6 (no XQA kernel; gptSessionBenchmark)")
 ENGINE_NAMES = tuple(ENGINES)
 

@@ -126,7 +126,8 @@ class Speeds:
 
 def rank_speeds(device: Device, place: Placement, weight_dtype: str, engine: Engine | None = None) -> Speeds:
     """The engine's memory efficiency replaces the device's where it states one; matmuls over
-    8-bit weights stream them at ``int8_weight_efficiency`` of that (dequantization)."""
+    8-bit weights stream them at ``int8_weight_efficiency`` of that (dequantization); an engine's
+    ``bandwidth_per_sm_GBps`` caps every streaming efficiency at that rate times the SMs."""
     mm, attn = device.matmul_flops(weight_dtype), device.attention_flops()
     mem = device.memory_efficiency
     if engine is not None and engine.memory_efficiency is not None:
@@ -134,6 +135,9 @@ def rank_speeds(device: Device, place: Placement, weight_dtype: str, engine: Eng
     weights = mem * (engine.int8_weight_efficiency if engine is not None and weight_dtype in ("fp8", "int8") else 1.0)
     kv = engine.attention_memory_efficiency if engine is not None else None
     half = engine.gemm_half_rows if engine is not None else None
+    if engine is not None and engine.bandwidth_per_sm_GBps is not None and device.sm_count:
+        cap = engine.bandwidth_per_sm_GBps * device.sm_count / device.memory_bandwidth_GBps
+        mem, weights, kv = min(mem, cap), min(weights, cap), min(mem if kv is None else kv, cap)
     if not device.is_cpu:
         return Speeds(1, 1, False, mm, 1, attn, mem, weights, kv, half)
     ranks = place.ranks_per_node
@@ -231,7 +235,7 @@ def layer_overhead_s(device: Device, engine: Engine | None) -> float:
 def stage_parts(arch: ArchSpec, shard: Shard, step: Step, precision: Precision, device: Device,
                 place: Placement, logit_rows: int, engine: Engine | None = None) -> StageParts:
     speeds = rank_speeds(device, place, precision.weight_dtype, engine)
-    kv_reads = min(shard.q_slots / shard.kv_heads, engine.gqa_kv_reads) if engine is not None else 1.0
+    kv_reads = engine.kv_reads(shard.q_slots / shard.kv_heads, precision.kv_dtype) if engine is not None else 1.0
     layer = ops_time(*layer_ops(arch, shard, step, precision, kv_reads), step.tokens, device, speeds, place, engine)
     layer.overhead += layer_overhead_s(device, engine) * speeds.lockstep
     first = ops_time(*embedding_ops(arch, shard, step, precision), step.tokens, device, speeds, place, engine)
