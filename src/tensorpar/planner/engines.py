@@ -54,14 +54,14 @@ engine      step us  layer us  all-reduce  memory   where the numbers come from
 tensorpar   630      device    NCCL        device   not measured on GPUs: vLLM's step cost (a
                      (30)                           Python scheduler too), eager kernels (the
                                                     device's per-layer figure), NCCL
-vllm        630      67        35 us       device   fitted on vLLM rows; + 240 us per step for
+vllm        630      67        34 us       device   fitted on vLLM rows; + 257 us per step for
                                                     each rank beyond the first
-trtllm      1390     5.6       38 us       0.74     fitted on TensorRT-LLM (v0.5, v0.6, v0.7a) and
+trtllm      1690     17        35 us       0.77     fitted on TensorRT-LLM (v0.5, v0.6, v0.7a) and
                                                     FasterTransformer rows (NIM's all fell in
-                                                    the held-out set); 38 us is no faster than
+                                                    the held-out set); 35 us is no faster than
                                                     NCCL within a node, so NCCL's time is used
-gpt-fast    15       13        19 us       0.72     fitted on gpt-fast rows (int8 weights at
-                                                    0.71 of that)
+gpt-fast    14       14        19 us       0.72     fitted on gpt-fast rows (int8 weights at
+                                                    0.72 of that)
 lmdeploy    1630     33        15 us       0.92     fitted on LMDeploy v0.1 (TurboMind) rows
                                                     on A100: + 4.36 ms per request, matmul
                                                     n_1/2 90 rows; the memory efficiency
@@ -72,14 +72,12 @@ fitted      0        device    NCCL        device   ``--calibrate``: the device'
 
 "Fitted" means: the constants of each engine that its rows can tell apart, with the one
 ``low_precision_efficiency`` of the catalog, minimize the absolute log error over the *fitting*
-rows of ``docs/planner-validation.md`` (``benchmarks/planner_validation.py --fit``); the
-held-out rows were never used. Rounded values are written here; ``trtllm-0.6`` adds
-``gqa_kv_reads`` = 5.9, ``prefill_overhead_us`` = 2570 and ``attention_memory_efficiency`` = 0.87
-(fitted too, in the second round of issue 16, with ``trtllm``'s constants and the catalog's
-``low_precision_efficiency``: ``--fit --engines trtllm,trtllm-0.6``; vLLM's and gpt-fast's are those
-of the first round, whose rows did not change). ``lmdeploy`` (added in that round, with its own
-rows) is fitted alone: ``--fit --engines lmdeploy``. The tensorpar and fitted profiles are not
-fitted.
+rows of ``docs/planner-validation.md`` (``benchmarks/planner_validation.py --fit``, every engine
+at once, 1.4 min); the held-out rows were never used. Rounded values are written here;
+``trtllm-0.6`` adds ``gqa_kv_read_fraction`` = 0.31 (16-bit cache) and 0.90 (8-bit),
+``prefill_overhead_us`` = 2090, ``attention_memory_efficiency`` = 0.88 and
+``bandwidth_per_sm_GBps`` = 25.6 (3.4 TB/s on 132 SMs: it binds on the H200, not the H100).
+The tensorpar and fitted profiles are not fitted.
 """
 
 from __future__ import annotations
@@ -121,10 +119,10 @@ class Engine:
 ENGINES: dict[str, Engine] = {
     "tensorpar": Engine("tensorpar", 630.0, None, None,
                         "tensorpar's engine (GPU constants assumed: vLLM's step cost, eager per-layer cost, NCCL)"),
-    "vllm": Engine("vllm", 630.0, 67.0, 35.0, "vLLM (fitted)", step_overhead_per_rank_us=240.0),
+    "vllm": Engine("vllm", 630.0, 67.0, 34.0, "vLLM (fitted)", step_overhead_per_rank_us=257.0),
     "trtllm": Engine("trtllm", 1690.0, 17.0, 35.0, "TensorRT-LLM (fitted)", memory_efficiency=0.77),
-    "gpt-fast": Engine("gpt-fast", 15.0, 13.0, 19.0, "gpt-fast (fitted)", memory_efficiency=0.72,
-                       int8_weight_efficiency=0.71),
+    "gpt-fast": Engine("gpt-fast", 14.0, 14.0, 19.0, "gpt-fast (fitted)", memory_efficiency=0.72,
+                       int8_weight_efficiency=0.72),
     "lmdeploy": Engine("lmdeploy", 1630.0, 33.0, 15.0, "LMDeploy TurboMind v0.1 (fitted)", memory_efficiency=0.92,
                        prefill_overhead_us=4360.0, gemm_half_rows=90.0),
     "fitted": Engine("fitted", 0.0, None, None, "the device as --calibrate fitted it"),
