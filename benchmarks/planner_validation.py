@@ -337,10 +337,6 @@ START = {"step_overhead_us": 200.0, "layer_overhead_us": 20.0, "allreduce_latenc
 # The catalog's constants fitted with them (every GPU of the catalog that does not state its own
 # measured value shares them).
 CATALOG_PARAMS = ("low_precision_efficiency",)
-
-
-def shares_catalog(d) -> bool:
-    return not d.is_cpu and d.low_precision_efficiency == LOW_PRECISION_EFFICIENCY
 BOUNDS = {"step_overhead_us": (10.0, 5000.0), "layer_overhead_us": (1.0, 500.0), "allreduce_latency_us": (5.0, 100.0),
           "memory_efficiency": (0.3, 0.92), "int8_weight_efficiency": (0.3, 1.0),
           "step_overhead_per_rank_us": (0.0, 2000.0), "gqa_kv_read_fraction": (0.01, 1.0),
@@ -349,6 +345,11 @@ BOUNDS = {"step_overhead_us": (10.0, 5000.0), "layer_overhead_us": (1.0, 500.0),
           "attention_memory_efficiency": (0.2, 0.92), "gemm_half_rows": (1.0, 4096.0)}
 # Physical ranges: a one-shot all-reduce takes at least 5 us; no kernel streams memory at more than
 # about 0.9 of the datasheet bandwidth (an H100 device-to-device copy: 3.0 of 3.35 TB/s).
+
+
+def shares_catalog(d) -> bool:
+    """A GPU whose 8-bit rate is the catalog's fitted one (the MI300X states its measured rate)."""
+    return not d.is_cpu and d.low_precision_efficiency == LOW_PRECISION_EFFICIENCY
 
 
 def fit(iterations: int = 2000, only: tuple | None = None) -> dict:
