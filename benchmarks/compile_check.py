@@ -20,7 +20,7 @@ import torch
 
 from tensorpar.distributed.groups import single_process_context
 from tensorpar.loading import build_model, open_source
-from tensorpar.runtime import step as S
+from tensorpar.runtime import messages
 from tensorpar.runtime.kv_cache import KVCache
 
 
@@ -41,7 +41,7 @@ def main() -> None:
         cache = KVCache(model.kv_cache_shape(), cache_blocks, BLOCK, torch.float32, torch.device("cpu"))
 
         def run(message):
-            batch = S.to_batch(message.header(), torch.tensor(message.payload()))
+            batch = messages.to_batch(message.header(), torch.tensor(message.payload()))
             with torch.no_grad():
                 t = time.perf_counter()
                 logits = model.lm_head(batch.last_tokens(m(batch.ids, batch.attention, cache)))
@@ -52,14 +52,14 @@ def main() -> None:
     eager, comp = runner(model), runner(compiled)
     prompt = list(range(300, 316))
     blocks = list(range(1, cache_blocks))  # one sequence's block table
-    first, _ = eager(S.step([S.chunk(prompt, 0, len(prompt), blocks, BLOCK)]))
-    comp(S.step([S.chunk(prompt, 0, len(prompt), blocks, BLOCK)]))
+    first, _ = eager(messages.step([messages.chunk(prompt, 0, len(prompt), blocks, BLOCK)]))
+    comp(messages.step([messages.chunk(prompt, 0, len(prompt), blocks, BLOCK)]))
     tokens = [int(first.argmax())]
     times = {"eager": [], "compiled": []}
     worst_abs = worst_rel = 0.0
     flips = 0
     for i in range(args.steps):
-        message = S.step([S.decode_part([tokens[-1]], [len(prompt) + i], [blocks], BLOCK)])
+        message = messages.step([messages.decode_part([tokens[-1]], [len(prompt) + i], [blocks], BLOCK)])
         a, ta = eager(message)
         b, tb = comp(message)
         times["eager"].append(ta)

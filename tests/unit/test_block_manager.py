@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from tensorpar.runtime import step as S
+from tensorpar.runtime import messages
 from tensorpar.runtime.block_manager import BlockManager
 from tensorpar.runtime.request import Collector, Request
 from tensorpar.runtime.sampling import SamplingParams
 from tensorpar.runtime.scheduler import Scheduler
 
-from test_runtime import FakeRunner
+from helpers import run_until_idle
 
 
 def test_blocks_come_free_first_then_fresh_and_the_padding_block_is_never_given():
@@ -63,21 +63,23 @@ def test_released_named_blocks_stay_cached_until_evicted_least_recently_released
     assert m.admit([1, 2, 3, 4, 5]) is None  # nothing left
 
 
+def _steps(plans):
+    return [p.message for p in plans if p.message.op == messages.STEP]
+
+
 def test_sequences_sharing_a_prefix_compute_it_once_and_get_the_same_tokens():
-    runner = FakeRunner()
-    sched = Scheduler(runner, None, set(), max_num_seqs=4, max_model_len=128, block_size=4)
+    plans = []
+    sched = Scheduler(None, set(), max_num_seqs=4, max_model_len=128, block_size=4)
     sched.reserve(4, 128)
     collect = Collector()
     system = [(7 * i) % 50 for i in range(21)]
     reqs = [Request(f"q{i}", system + [i], SamplingParams(max_new_tokens=3)) for i in range(3)]
     sched.add(reqs[0], collect)
-    while sched.has_work():
-        sched.step()
+    plans += run_until_idle(sched)
     for r in reqs[1:]:
         sched.add(r, collect)
-    while sched.has_work():
-        sched.step()
-    computed = [p for m in runner.sent if m.op == S.STEP for p in m.parts if len(p.ids[0]) > 1]
+    plans += run_until_idle(sched)
+    computed = [p for m in _steps(plans) for p in m.parts if len(p.ids[0]) > 1]
     assert [p.positions[0][0] for p in computed] == [0, 20, 20]  # five cached blocks of 4 reused
     assert all(p.kv_len == 22 for p in computed)
     for i, r in enumerate(reqs):
@@ -87,33 +89,34 @@ def test_sequences_sharing_a_prefix_compute_it_once_and_get_the_same_tokens():
 
 
 def test_prefix_caching_off_computes_every_prompt_whole():
-    runner = FakeRunner()
-    sched = Scheduler(runner, None, set(), max_num_seqs=4, max_model_len=128, block_size=4, prefix_caching=False)
+    plans = []
+    sched = Scheduler(None, set(), max_num_seqs=4, max_model_len=128, block_size=4, prefix_caching=False)
     sched.reserve(4, 128)
     collect = Collector()
     for i in range(2):
         sched.add(Request(f"q{i}", list(range(21)), SamplingParams(max_new_tokens=2)), collect)
-        while sched.has_work():
-            sched.step()
-    firsts = [p.positions[0][0] for m in runner.sent if m.op == S.STEP for p in m.parts if len(p.ids[0]) > 1]
+        plans += run_until_idle(sched)
+    firsts = [p.positions[0][0] for m in _steps(plans) for p in m.parts if len(p.ids[0]) > 1]
     assert firsts == [0, 0] and sched.stats()["prefix_cache_hits"] == 0
 
 
 def test_a_fixed_kv_budget_admits_by_free_blocks_and_preempts_the_newest_when_decodes_need_more():
-    runner = FakeRunner()
     # 12 blocks of 4 positions: three 5-token prompts start at once (2 blocks each); as they grow
     # to 5 + 12 positions (5 blocks each) the pool runs out and the newest are preempted
-    sched = Scheduler(runner, None, set(), max_num_seqs=8, max_model_len=32, block_size=4, num_blocks=12)
+    sched = Scheduler(None, set(), max_num_seqs=8, max_model_len=32, block_size=4, num_blocks=12)
     sched.reserve(8, 32)
     collect = Collector()
     reqs = [Request(f"r{i}", [i, i, i, i, i], SamplingParams(max_new_tokens=12)) for i in range(4)]
     for r in reqs:
         sched.add(r, collect)
     most = 0
-    while sched.has_work():
-        sched.step()
+
+    def check(plan):
+        nonlocal most
         most = max(most, sched.stats()["running"])
         assert sched.blocks.used <= 12
+
+    run_until_idle(sched, check)
     assert most == 4  # 4 x 2 blocks fit at first: admission by blocks, not by max_num_seqs
     assert sched.stats()["preemptions"] > 0
     for i, r in enumerate(reqs):  # preempted ones compute again and go on where they were
@@ -123,18 +126,17 @@ def test_a_fixed_kv_budget_admits_by_free_blocks_and_preempts_the_newest_when_de
 
 @pytest.mark.parametrize("caching", [False, True])
 def test_a_preempted_sequence_computes_its_tokens_again_before_decoding_again(caching):
-    runner = FakeRunner()
-    sched = Scheduler(runner, None, set(), max_num_seqs=2, max_model_len=16, block_size=4, num_blocks=5,
+    plans = []
+    sched = Scheduler(None, set(), max_num_seqs=2, max_model_len=16, block_size=4, num_blocks=5,
                       prefix_caching=caching)
     sched.reserve(2, 16)
     collect = Collector()
     a, b = (Request(r, p, SamplingParams(max_new_tokens=10)) for r, p in (("a", [1, 2, 3]), ("b", [4, 5, 6])))
     sched.add(a, collect)
     sched.add(b, collect)
-    while sched.has_work():
-        sched.step()
+    plans += run_until_idle(sched)
     assert sched.stats()["preemptions"] == 1
-    parts = [p for m in runner.sent if m.op == S.STEP for p in m.parts]
+    parts = [p for m in _steps(plans) for p in m.parts]
     first_b = parts[0 + 1].blocks[0]  # b's block when it started: [4, 5, 6, 7] fills it
     # b (tokens 4..12 when preempted at 8 + 1 positions) computes its tokens again: all of them,
     # or with prefix caching only those after its two full blocks, in the very blocks it had
@@ -169,17 +171,16 @@ def test_chains_from_different_roots_never_share_blocks():
 
 
 def test_longrope_prompts_past_the_pretrained_length_share_blocks_only_with_each_other():
-    runner = FakeRunner()
-    sched = Scheduler(runner, None, set(), max_num_seqs=4, max_model_len=64, block_size=4)
+    plans = []
+    sched = Scheduler(None, set(), max_num_seqs=4, max_model_len=64, block_size=4)
     sched.whole_prompts_from = 16  # (LongRoPE's pretrained length, as a Phi-3 config gives it)
     sched.reserve(4, 64)
     collect = Collector()
     words = [(3 * i) % 50 for i in range(24)]
     for i, prompt in enumerate((words[:12], words[:20], words[:20] + [7], words[:12] + [9])):
         sched.add(Request(f"r{i}", prompt, SamplingParams(max_new_tokens=1)), collect)
-        while sched.has_work():
-            sched.step()
-    starts = [p.positions[0][0] for m in runner.sent if m.op == S.STEP for p in m.parts]
+        plans += run_until_idle(sched)
+    starts = [p.positions[0][0] for m in _steps(plans) for p in m.parts]
     # short: computed whole; long: none of the short one's blocks; long again: the long one's five;
     # short again: the first short one's three
     assert starts == [0, 0, 20, 12]

@@ -244,7 +244,7 @@ def test_a_packed_step_equals_its_parts_run_alone_and_chunks_equal_a_whole_prefi
     row the final hidden state it gets alone; a prompt prefilled in chunks ends where one whole
     prefill does (18 positions: past the sliding windows of 8 and Phi-3's switch to long factors at 16)."""
     from tensorpar.distributed.groups import single_process_context
-    from tensorpar.runtime import step as S
+    from tensorpar.runtime import messages
     from tensorpar.runtime.kv_cache import KVCache
 
     model = build_model(SafetensorsSource(tiny_checkpoints[arch]), single_process_context())
@@ -252,7 +252,7 @@ def test_a_packed_step_equals_its_parts_run_alone_and_chunks_equal_a_whole_prefi
     a, b, c = (torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (12, 7, 18))
 
     def run(cache, message):
-        batch = S.to_batch(message.header(), torch.tensor(message.payload()))
+        batch = messages.to_batch(message.header(), torch.tensor(message.payload()))
         with torch.no_grad():
             return batch.last_tokens(model(batch.ids, batch.attention, cache))  # [rows, hidden]
 
@@ -261,16 +261,16 @@ def test_a_packed_step_equals_its_parts_run_alone_and_chunks_equal_a_whole_prefi
     def new_cache():
         cache = KVCache(model.kv_cache_shape(), 12, 4, torch.float32, CPU)
         cache.zero_through(12)
-        run(cache, S.step([S.chunk(a, 0, 12, blocks_a, 4)]))  # a: 12 tokens cached, its next token at position 12
-        run(cache, S.step([S.chunk(c, 0, 5, blocks_c, 4)]))  # c: its first 5 tokens cached
+        run(cache, messages.step([messages.chunk(a, 0, 12, blocks_a, 4)]))  # a: 12 tokens cached, its next token at position 12
+        run(cache, messages.step([messages.chunk(c, 0, 5, blocks_c, 4)]))  # c: its first 5 tokens cached
         return cache
 
-    packed = run(new_cache(), S.step([S.decode_part([a[0]], [12], [blocks_a], 4), S.chunk(b, 0, 7, blocks_b, 4),
-                                      S.chunk(c, 5, 18, blocks_c, 4)]))
+    packed = run(new_cache(), messages.step([messages.decode_part([a[0]], [12], [blocks_a], 4), messages.chunk(b, 0, 7, blocks_b, 4),
+                                      messages.chunk(c, 5, 18, blocks_c, 4)]))
     alone_cache = new_cache()
-    alone = torch.cat([run(alone_cache, S.step([S.decode_part([a[0]], [12], [blocks_a], 4)])),
-                       run(alone_cache, S.step([S.chunk(b, 0, 7, blocks_b, 4)])),
-                       run(alone_cache, S.step([S.chunk(c, 5, 18, blocks_c, 4)]))])
+    alone = torch.cat([run(alone_cache, messages.step([messages.decode_part([a[0]], [12], [blocks_a], 4)])),
+                       run(alone_cache, messages.step([messages.chunk(b, 0, 7, blocks_b, 4)])),
+                       run(alone_cache, messages.step([messages.chunk(c, 5, 18, blocks_c, 4)]))])
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         whole = model(torch.tensor([c]))[:, -1]  # no cache, one causal pass

@@ -1,5 +1,5 @@
 """The runtime's parts without processes: the parallel layout, dtype names, step messages, attention
-batches, the per-sequence rules, the input checks, and the scheduler over a fake model runner."""
+batches, the per-sequence rules, the input checks, and the scheduler driven by hand-made outcomes, and the sampler."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from tensorpar.distributed.dims import ParallelDims
 from tensorpar.dtypes import engine_dtype, short_name, torch_dtype
 from tensorpar.errors import TensorparError
 from tensorpar.layers.attention import ALL_KEYS, BY_POSITION, CAUSAL, AttentionBatch
-from tensorpar.runtime import step as S
+from tensorpar.runtime import messages
 from tensorpar.runtime.inputs import ContextLengthError, InputProcessor
 from tensorpar.runtime.kv_cache import KVCache
 from tensorpar.runtime.request import Collector, Request, requests_for
 from tensorpar.runtime.sampling import SamplingParams
-from tensorpar.runtime.scheduler import Scheduler
+from tensorpar.runtime.scheduler import DECODE, PREFILL, SCORE, Scheduler
 from tensorpar.runtime.sequence import Detokenizer, Sequence
+
+from helpers import run_until_idle, step
 
 
 @pytest.fixture(scope="module")
@@ -59,34 +61,37 @@ def test_every_dtype_alias_is_accepted_everywhere():
 
 
 def test_messages_carry_what_the_ranks_need_in_the_header_and_part_table():
-    m = S.step([S.chunk([5, 6, 7], 0, 3, [4, 9], block_size=2)], in_use=10)  # 3 positions: 2 blocks of 2
-    assert m.header() == [S.STEP, 1, 2, 3, 2 * 0, S.FULL, 10, 0]
+    m = messages.step([messages.chunk([5, 6, 7], 0, 3, [4, 9], block_size=2)], in_use=10)  # 3 positions: 2 blocks of 2
+    assert m.header() == [messages.STEP, 1, 2, 3, 2 * 0, messages.FULL, 10, 0]
     assert m.payload() == [1, 3, 3, 2, 2, CAUSAL] + [5, 6, 7, 0, 1, 2, 4, 9]
-    m = S.step([S.decode_part([9, 8], [6, 6], [[2, 3], [4, 5]], 4)], S.GREEDY)  # equal lengths
-    assert m.parts[0].table() == [2, 1, 7, 6, 2, ALL_KEYS] and m.logits == S.GREEDY
-    m = S.step([S.decode_part([9, 8, 7], [6, 3, 4], [[5, 6], [1], [2, 3]], 4)])  # mixed lengths
+    m = messages.step([messages.decode_part([9, 8], [6, 6], [[2, 3], [4, 5]], 4)], messages.GREEDY)  # equal lengths
+    assert m.parts[0].table() == [2, 1, 7, 6, 2, ALL_KEYS] and m.logits == messages.GREEDY
+    m = messages.step([messages.decode_part([9, 8, 7], [6, 3, 4], [[5, 6], [1], [2, 3]], 4)])  # mixed lengths
     assert m.parts[0].table()[2:] == [7, 6, 2, BY_POSITION]
     assert m.parts[0].blocks == ((5, 6), (1, 0), (2, 3))  # a shorter row's table padded with block 0
-    assert S.allocate(8, 16).header()[:5] == [S.ALLOC, 0, 8, 0, 16]
-    later = S.chunk([1, 2, 3, 4, 5], 2, 4, [6, 7, 8], 2)  # tokens 2:4 after 0:2 are cached
+    assert messages.allocate(8, 16).header()[:5] == [messages.ALLOC, 0, 8, 0, 16]
+    later = messages.chunk([1, 2, 3, 4, 5], 2, 4, [6, 7, 8], 2)  # tokens 2:4 after 0:2 are cached
     assert later.table() == [1, 2, 4, 3, 2, BY_POSITION] and later.ids == ((3, 4),) and later.blocks == ((6, 7),)
-    mixed = S.step([S.decode_part([9, 8], [6, 3], [[0, 3, 4, 5], [1, 2]], 2), S.chunk([1, 2, 3], 0, 3, [7, 9], 2),
+    mixed = messages.step([messages.decode_part([9, 8], [6, 3], [[0, 3, 4, 5], [1, 2]], 2), messages.chunk([1, 2, 3], 0, 3, [7, 9], 2),
                     later])
-    for message in (S.step([S.chunk([1, 2], 0, 2, [1], 2)]), S.step([S.decode_part([3, 4], [5, 2], [[1, 2, 3], [4, 5]], 2)]),
-                    S.score([7, 8, 9]), mixed):
+    for message in (messages.step([messages.chunk([1, 2], 0, 2, [1], 2)]), messages.step([messages.decode_part([3, 4], [5, 2], [[1, 2, 3], [4, 5]], 2)]),
+                    messages.score([7, 8, 9]), mixed):
         header = message.header()
         payload = torch.tensor(message.payload())
-        assert len(payload) == S.Message.payload_size(header)
-        batch = S.to_batch(header, payload)
+        assert len(payload) == messages.Message.payload_size(header)
+        batch = messages.to_batch(header, payload)
+        mine = messages.to_batch(header, payload, table=message.table())  # the leader's: its own lists
+        assert message.table() == payload[: messages.PART_SIZE * len(message.parts)].view(-1, 6).tolist()
+        assert torch.equal(mine.ids, batch.ids) and len(mine.parts) == len(batch.parts)
         assert len(batch.parts) == len(message.parts)
         for part, sent in zip(batch.parts, message.parts):
             assert part.positions.tolist() == [list(r) for r in sent.positions]
             assert part.max_position == max(max(r) for r in sent.positions) and part.kind == sent.kind
-            assert part.kv_len == (sent.kv_len if message.op == S.STEP else 0)
-            assert (part.blocks.tolist() if message.op == S.STEP else []) == [list(t) for t in sent.blocks]
+            assert part.kv_len == (sent.kv_len if message.op == messages.STEP else 0)
+            assert (part.blocks.tolist() if message.op == messages.STEP else []) == [list(t) for t in sent.blocks]
         flat = [t for row in message.ids for t in row]
         assert batch.ids.flatten().tolist() == flat
-    batch = S.to_batch(mixed.header(), torch.tensor(mixed.payload()))
+    batch = messages.to_batch(mixed.header(), torch.tensor(mixed.payload()))
     assert batch.ids.shape == (1, 7) and batch.attention.positions.tolist() == [[6, 3, 0, 1, 2, 2, 3]]
     assert batch.attention.last.tolist() == [0, 1, 4, 6]  # each row's last token: 2 decodes, 2 prompts
     x = torch.arange(7.0).view(1, 7, 1)
@@ -236,77 +241,52 @@ def test_inputs_encode_and_check_like_every_front_end(tokenizer):
 # ---------------------------------------------------------------- the scheduler
 
 
-class FakeRunner:
-    """A model whose next token is (last token + 1) % vocab, as full logits or greedy ids."""
-
-    vocab = 50
-
-    def __init__(self):
-        self.cache, self.sent = None, []
-
-    def expert_load(self):
-        return {}
-
-    def allocate(self, num_blocks, block_size):
-        self.cache = KVCache([], num_blocks, block_size, torch.float32, torch.device("cpu"))
-
-    def send(self, m: S.Message):
-        self.sent.append(m)
-        last = [row[-1] for row in m.ids]
-        if m.logits == S.GREEDY:
-            return torch.tensor([(t + 1) % self.vocab for t in last]), torch.zeros(len(last))
-        logits = torch.zeros(len(last), self.vocab)
-        for i, t in enumerate(last):
-            logits[i, (t + 1) % self.vocab] = 5.0
-        return logits
+def _steps(plans):
+    """The model-step messages of ``plans``."""
+    return [p.message for p in plans if p.message.op == messages.STEP]
 
 
 def test_scheduler_queues_beyond_its_slots_and_each_request_gets_its_own_tokens():
-    runner = FakeRunner()
-    sched = Scheduler(runner, None, set(), max_num_seqs=2, max_model_len=64)
-    sched.reserve(2, 64)
+    sched = Scheduler(None, set(), max_num_seqs=2, max_model_len=64)
+    assert sched.reserve(2, 64) == 2 * 64 // 16 + 1  # blocks for the ranks' cache (block 0 pads)
+    assert sched.reserve(2, 64) is None  # room already
     collect = Collector()
     reqs = [Request(f"r{i}", [i], SamplingParams(max_new_tokens=3 + i, logprobs=1 if i == 2 else 0))
             for i in range(4)]
     for r in reqs:
         sched.add(r, collect)
-    first = True
-    while sched.has_work():
-        sched.step()
-        if first:
-            assert sched.stats()["running"] == 2 and sched.stats()["waiting"] == 2
-            first = False
+    first = step(sched)
+    assert sched.stats()["running"] == 2 and sched.stats()["waiting"] == 2
+    plans = [first] + run_until_idle(sched)
     for i, r in enumerate(reqs):
         c = collect.completion(r, 0, i)
         assert c.token_ids == [(i + k) % 50 for k in range(1, 4 + i)] and c.finish_reason == "length"
-    steps = [m for m in runner.sent if m.op == S.STEP]
+    steps = _steps(plans)
     assert max(len(m.ids) for m in steps) == 2  # never more than the slots
-    assert {m.logits for m in steps if any(row[-1] in (2, 3, 4) for row in m.ids)} >= {S.FULL}  # top-1 asked
+    assert {m.logits for m in steps if any(row[-1] in (2, 3, 4) for row in m.ids)} >= {messages.FULL}  # top-1 asked
     assert len(steps[0].parts) == 2 and steps[0].ids == [(0,), (1,)]  # both prompts in one step
-    assert steps[0].logits == S.GREEDY  # (neither asks for log-probabilities)
+    assert steps[0].logits == messages.GREEDY  # (neither asks for log-probabilities)
+    assert [p.kind for p in plans[:2]] == [PREFILL, DECODE]
 
 
 def _run_all(sched, collect, reqs):
     for r in reqs:
         sched.add(r, collect)
-    while sched.has_work():
-        sched.step()
-    return [collect.completion(r, 0, i) for i, r in enumerate(reqs)]
+    plans = run_until_idle(sched)
+    return [collect.completion(r, 0, i) for i, r in enumerate(reqs)], plans
 
 
 def test_chunked_prefill_runs_a_long_prompt_beside_the_decodes_within_the_token_budget():
-    runner = FakeRunner()
-    sched = Scheduler(runner, None, set(), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=8)
+    sched = Scheduler(None, set(), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=8)
     sched.reserve(4, 128)
     collect = Collector()
     short = Request("s", [7], SamplingParams(max_new_tokens=12))
     sched.add(short, collect)
-    sched.step()  # the short prompt alone: its first token
+    plans = [step(sched)]  # the short prompt alone: its first token
     long = Request("l", list(range(30)), SamplingParams(max_new_tokens=3))
     sched.add(long, collect)
-    while sched.has_work():
-        sched.step()
-    steps = [m for m in runner.sent if m.op == S.STEP]
+    plans += run_until_idle(sched)
+    steps = _steps(plans)
     assert all(sum(len(row) for row in m.ids) <= 8 for m in steps)  # the budget
     chunks = [p for m in steps for p in m.parts if p.blocks and len(p.ids[0]) > 1]
     assert [(p.positions[0][0], p.positions[0][-1], p.kv_len) for p in chunks] == [(0, 6, 7), (7, 13, 14),
@@ -314,48 +294,87 @@ def test_chunked_prefill_runs_a_long_prompt_beside_the_decodes_within_the_token_
     assert chunks[0].kind == CAUSAL and all(p.kind == BY_POSITION for p in chunks[1:])
     # every step while the long prompt was prefilled also decoded the short sequence
     assert all(len(m.parts) == 2 and len(m.parts[0].ids[0]) == 1 for m in steps[1:6])
+    assert [p.rows[1] for p in plans[1:5]] == [None] * 4  # chunks before the last yield no token
     assert collect.completion(short, 0, 0).token_ids == [(7 + k) % 50 for k in range(1, 13)]
     assert collect.completion(long, 0, 1).token_ids == [30, 31, 32]  # after its last prompt token (29)
 
 
 def test_without_chunking_prompts_run_whole_and_packed():
-    runner = FakeRunner()
-    sched = Scheduler(runner, None, set(), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=8,
+    sched = Scheduler(None, set(), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=8,
                       chunked_prefill=False)
     sched.reserve(4, 128)
     reqs = [Request(f"r{i}", list(range(n)), SamplingParams(max_new_tokens=2)) for i, n in enumerate((3, 4, 20))]
-    done = _run_all(sched, Collector(), reqs)
+    done, plans = _run_all(sched, Collector(), reqs)
     assert [c.token_ids for c in done] == [[3, 4], [4, 5], [20, 21]]
-    steps = [m for m in runner.sent if m.op == S.STEP]
+    steps = _steps(plans)
     assert steps[0].ids == [(0, 1, 2), (0, 1, 2, 3), tuple(range(20))]  # all three packed, each whole
     assert sched.whole_budget == 128 + 4  # unchunked, the budget holds a whole context beside the decodes
 
 
 def test_with_nothing_decoding_a_long_prompt_runs_whole():
-    runner = FakeRunner()
-    sched = Scheduler(runner, None, set(), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=8)
+    sched = Scheduler(None, set(), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=8)
     sched.reserve(4, 128)
-    done = _run_all(sched, Collector(), [Request("l", list(range(30)), SamplingParams(max_new_tokens=2))])
+    done, plans = _run_all(sched, Collector(), [Request("l", list(range(30)), SamplingParams(max_new_tokens=2))])
     assert done[0].token_ids == [30, 31]
-    assert runner.sent[0].ids == [tuple(range(30))]  # one step, whole
+    assert plans[0].message.ids == [tuple(range(30))]  # one step, whole
 
 
 def test_scheduler_aborts_waiting_and_running_requests_and_refuses_after_close():
-    runner = FakeRunner()
-    sched = Scheduler(runner, None, set(), max_num_seqs=1, max_model_len=64)
+    sched = Scheduler(None, set(), max_num_seqs=1, max_model_len=64)
     sched.reserve(1, 64)
     collect = Collector()
     sched.add(Request("a", [1], SamplingParams(max_new_tokens=50)), collect)
     sched.add(Request("b", [1], SamplingParams(max_new_tokens=50)), collect)
-    sched.step()
+    step(sched)
     sched.abort("a")
     sched.abort("b")
-    sched.step()
+    assert step(sched) is None  # both gone: nothing to run
     assert collect.finish["a"].finish_reason == "abort" and collect.finish["b"].finish_reason == "abort"
     assert "b" not in collect.tokens and not sched.has_work() and sched.blocks.used == 0
     sched.close("error", "rank 1 of 2 failed")
     sched.add(Request("c", [1], SamplingParams()), collect)
     assert collect.finish["c"].finish_reason == "error" and collect.finish["c"].error == "rank 1 of 2 failed"
+
+
+def test_prompts_to_score_come_first_as_plans_of_their_own_within_the_budget():
+    sched = Scheduler(None, set(), max_num_seqs=4, max_model_len=64, max_num_batched_tokens=8)
+    sched.reserve(4, 64)
+    collect = Collector()
+    scored = [Request(f"s{i}", [1, 2, 3, 4, 5], SamplingParams(max_new_tokens=0 if i == 0 else 2, prompt_logprobs=1))
+              for i in range(3)]
+    for r in scored:
+        sched.add(r, collect)
+    plans = run_until_idle(sched)
+    # 8 tokens of budget: two 5-token prompts scored (the second starts under budget), then a model step
+    assert [p.kind for p in plans[:4]] == [SCORE, SCORE, PREFILL, SCORE]
+    assert [p.scoring[0].request_id for p in plans if p.kind == SCORE] == ["s0", "s1", "s2"]
+    assert plans[0].message.op == messages.SCORE and plans[0].message.ids == [(1, 2, 3, 4, 5)]
+    assert collect.finish["s0"].finish_reason == "length" and "s0" not in collect.tokens  # scored, nothing more
+    assert collect.prompts["s1"][1] == (2, 0.0, [])
+    assert collect.completion(scored[2], 0, 2).token_ids == [6, 7]
+
+
+def test_the_sampler_reports_the_models_own_log_probabilities_and_applies_controls_per_row():
+    from tensorpar.runtime.sampler import Sampler
+    from tensorpar.runtime.scheduler import StepPlan
+    from tensorpar.runtime.sequence import Sequence
+
+    def seq(rid, **params):
+        return Sequence(Request(rid, [1, 2], SamplingParams(**params)), lambda e: None, None, {9}, 64)
+
+    logits = torch.tensor([[0.0, 2.0, 1.0, 0.0], [3.0, 0.0, 0.0, 2.5], [0.0, 0.0, 0.0, 0.0]])
+    rows = [seq("a", logprobs=2), seq("b", logit_bias=((3, 1.0),)), None]
+    plan = StepPlan(PREFILL, messages.step([]), rows)
+    a, b, none = Sampler({9}).choose(messages.StepOutput(logits=logits), plan)
+    norm = torch.logsumexp(logits, dim=-1)
+    assert a.token == 1 and a.logprob == pytest.approx(2.0 - norm[0].item())
+    assert [t for t, _ in a.top] == [1, 2] and a.top[1][1] == pytest.approx(1.0 - norm[0].item())
+    assert b.token == 3  # the bias moved the choice ...
+    assert b.logprob == pytest.approx(2.5 - norm[1].item()) and b.top == []  # ... not the reported log-probability
+    assert none is None
+    greedy = Sampler(set()).choose(messages.StepOutput(ids=torch.tensor([4, 5, 6]), logprobs=torch.tensor([-0.5, -1.0, 0.0])),
+                                   plan)
+    assert [(c.token, c.logprob) for c in greedy[:2]] == [(4, -0.5), (5, -1.0)] and greedy[2] is None
 
 
 def test_sizes_and_the_weights_one_rank_holds():

@@ -127,6 +127,19 @@ def broadcast(x: torch.Tensor, ctx: ParallelContext, src: int = 0) -> torch.Tens
     return x
 
 
+def broadcast_control(x: torch.Tensor, ctx: ParallelContext, src: int = 0) -> torch.Tensor:
+    """``broadcast`` of a CPU tensor on the control channel: shared memory or gloo on CPU groups,
+    the group's gloo companion (``ParallelContext.control_group``) beside NCCL, so that what a step
+    is never waits on, nor syncs with, a device."""
+    if ctx.world_size == 1:
+        return x
+    if ctx.shm is not None:
+        return ctx.shm.broadcast(x, src)
+    group = ctx.control_group if ctx.control_group is not None else ctx.group
+    dist.broadcast(x, src=dist.get_global_rank(group, src), group=group)
+    return x
+
+
 def send(x: torch.Tensor, ctx: ParallelContext, dst: int) -> None:
     """Point-to-point: ``x`` to rank ``dst`` of ``ctx``'s group (pipeline stages pass activations so)."""
     dist.send(x.contiguous(), dst=dist.get_global_rank(ctx.group, dst), group=ctx.group)

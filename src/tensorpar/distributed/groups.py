@@ -19,7 +19,9 @@ class ParallelContext:
     ``group`` is ``None`` for a single process, where every collective returns at once.
     ``shm`` is the shared-memory communicator that CPU collectives use when every rank of the
     group is on this host (``backend`` then reads ``"shm+gloo"``; gloo still carries the rare
-    object collectives). ``ep`` says how a mixture of experts is laid out over the group's ranks
+    object collectives). ``control_group`` is a gloo group over the same ranks beside an NCCL
+    ``group``: the control channel that step messages travel on (``collectives.broadcast_control``);
+    None where ``group`` is a CPU group already. ``ep`` says how a mixture of experts is laid out over the group's ranks
     (``tensorpar.plans``' ``experts`` style).
     """
 
@@ -29,6 +31,7 @@ class ParallelContext:
     backend: str
     group: dist.ProcessGroup | None = None
     shm: object | None = None
+    control_group: dist.ProcessGroup | None = None
     ep: int = 1  # expert-parallel degree within the group: experts are placed over ep sets of its ranks
 
     @property
@@ -76,7 +79,9 @@ def init_group(
         timeout=datetime.timedelta(seconds=timeout_s),
         **({"device_id": device} if backend == "nccl" else {}),
     )
-    shm = None
+    shm = control = None
+    if backend == "nccl":
+        control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     if backend == "gloo" and use_shm:
         from tensorpar.distributed import shm as shm_module
 
@@ -86,7 +91,8 @@ def init_group(
             shm = shm_module.create_group_communicator(rank, world_size, dist.group.WORLD, timeout_s)
             backend = "shm+gloo" if shm is not None else backend
     return ParallelContext(
-        rank=rank, world_size=world_size, device=device, backend=backend, group=dist.group.WORLD, shm=shm
+        rank=rank, world_size=world_size, device=device, backend=backend, group=dist.group.WORLD, shm=shm,
+        control_group=control,
     )
 
 

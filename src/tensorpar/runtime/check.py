@@ -16,11 +16,12 @@ see exactly the same tokens at every position (teacher forcing). Per prompt:
 At TP>1 it also scores the first prompt once more with every value the ranks of a tensor-parallel
 group hold replicated digested on each rank (the norm weights, the residual stream each layer
 leaves after its all-reduces), and names the first layer and tensor whose copies are not bit for
-bit the same (``LLM.replica_mismatch``): a rank that misses an all-reduce shows there first.
+bit the same (``LLM.replica_mismatch``, ``runtime.digests``): a rank that misses an all-reduce
+shows there first.
 
-Tolerances (``TOLERANCES``, relative logit error): the float32 contract of DESIGN.md, 1e-4; the
-rounding of bfloat16 and float16 weights and activations; and for quantized weights the error
-measured on SmolLM2 (``tests/integration/test_quantized.py``), with room.
+Tolerances (``TOLERANCES``, relative logit error): the float32 correctness contract the README
+states, 1e-4; the rounding of bfloat16 and float16 weights and activations; and for quantized
+weights the error measured on SmolLM2 (``tests/integration/test_quantized.py``), with room.
 """
 
 from __future__ import annotations

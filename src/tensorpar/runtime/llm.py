@@ -126,21 +126,9 @@ class LLM:
         value its ranks hold replicated (norm weights, the keys and values of a KV head held by
         several ranks, the residual stream after each layer) bit for bit: None where all agree,
         else the first layer and tensor that differ, and the ranks."""
-        digests = self._call("replica_digests", list(prompt))
-        dims = self.spec.dims
-        stages: dict[int, list[int]] = {}
-        for rank in range(len(digests)):
-            stages.setdefault(dims.coordinates(rank)[0], []).append(rank)
-        for stage, ranks in stages.items():
-            names = list(dict.fromkeys(n for r in ranks for n in digests[r]))  # in layer order, every rank's own
-            names.sort(key=lambda n: (_layer_of(n), min(list(digests[r]).index(n) for r in ranks if n in digests[r])))
-            for name in names:
-                holders = [r for r in ranks if name in digests[r]]
-                for rank in holders[1:]:
-                    if digests[rank][name] != digests[holders[0]][name]:
-                        return (f"{name} differs between rank {holders[0]} and rank {rank}"
-                                + (f" (stage {stage})" if dims.pp > 1 else ""))
-        return None
+        from tensorpar.runtime.digests import first_mismatch
+
+        return first_mismatch(self._call("replica_digests", list(prompt)), self.spec.dims)
 
     def close(self) -> None:
         if self._ranks is not None:
@@ -162,10 +150,3 @@ class LLM:
         except Exception:
             pass
 
-
-def _layer_of(name: str) -> float:
-    """The layer a digest's name belongs to ("model.layers.3.input_layernorm.weight": 3); after
-    every layer for the rest."""
-    if not name.startswith("model.layers."):
-        return float("inf")
-    return int(name.split(".")[2].split()[0])

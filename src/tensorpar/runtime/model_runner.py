@@ -1,10 +1,10 @@
 """The per-rank model runner: the model shard, its KV cache, and the step protocol.
 
-Rank 0 (the *leader*) decides every step: it broadcasts a ``step.Message`` (header, then payload)
-to every rank and runs the step itself; every other rank (a *follower*) receives it and runs the
-same step on its shards (``follow``). Only the leader gets logits: the vocabulary-parallel head
-gathers them to the first rank of its tensor-parallel group, in full, or for greedy steps as each
-row's argmax and log-probability.
+Rank 0 (the *leader*) decides every step: ``execute`` broadcasts a ``messages.Message`` (header,
+then payload, on the CPU control channel) to every rank and runs the step itself; every other rank
+(a *follower*) receives it and runs the same step on its shards (``follow``). Only the leader gets
+the step's ``StepOutput``: the vocabulary-parallel head gathers logits to the first rank of its
+tensor-parallel group, in full, or for greedy steps as each row's argmax and log-probability.
 
 With pipeline stages (``dims.pp > 1``; rank r is tensor-parallel rank r % tp of stage r // tp)
 each stage holds its layers and their KV cache. A stage receives its input hidden states
@@ -24,13 +24,13 @@ import time
 
 import torch
 
-from tensorpar.distributed.collectives import broadcast, isend, recv, send
+from tensorpar.distributed.collectives import broadcast_control, isend, recv, send
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.distributed.mesh import build_mesh
 from tensorpar.dtypes import torch_dtype
 from tensorpar.loading import build_model
 from tensorpar.partition import even_splits, stage_layers
-from tensorpar.runtime import step as S
+from tensorpar.runtime import messages
 from tensorpar.runtime.kv_cache import KVCache
 
 
@@ -40,12 +40,12 @@ class ModelRunner:
         self.config = spec.config
         self.dtype = torch_dtype(spec.dtype)
         dims = spec.dims
-        self.pp, self.tp = dims.pp, dims.width  # (tp: the ranks of a stage)
+        self.pp, self.width = dims.pp, dims.width  # (width: the ranks of a stage, max(tp, ep))
         self.stage, self.tp_rank = dims.coordinates(ctx.rank)
         self.tp_ctx = ctx
         layers = None
         if self.pp > 1:  # tensor-parallel groups of adjacent ranks, one per stage
-            self.tp_ctx = build_mesh(ctx, self.tp, self.pp, spec.timeout_s).tp
+            self.tp_ctx = build_mesh(ctx, self.width, self.pp, spec.timeout_s).tp
             layers = stage_layers(self.config.num_layers, self.pp, self.stage)
         t = time.perf_counter()
         self.model = build_model(spec.source, self.tp_ctx, self.dtype, progress=spec.progress and ctx.is_leader,
@@ -86,21 +86,23 @@ class ModelRunner:
 
     # ---- the leader's side ----------------------------------------------------------------------
 
-    def send(self, message: S.Message):
-        """Broadcast ``message`` and run it here; returns what the step gives the leader."""
+    def execute(self, message: messages.Message) -> messages.StepOutput | None:
+        """Broadcast ``message`` on the control channel and run it here; the step's output (None
+        for a message that is no model step). The leader's batch comes from the message's own
+        lists: nothing it decided is read back."""
         header = message.header()
         payload = None
-        if S.Message.payload_size(header):
-            payload = torch.tensor(message.payload(), dtype=torch.long, device=self.ctx.device)
+        if messages.Message.payload_size(header):
+            payload = torch.tensor(message.payload(), dtype=torch.long)
         if self.ctx.world_size > 1:
-            broadcast(torch.tensor(header, dtype=torch.long, device=self.ctx.device), self.ctx)
+            broadcast_control(torch.tensor(header, dtype=torch.long), self.ctx)
             if payload is not None:
-                broadcast(payload, self.ctx)
-        return self._execute(S.to_batch(header, payload))
+                broadcast_control(payload, self.ctx)
+        return self._execute(messages.to_batch(header, payload, self.ctx.device, table=message.table()))
 
     def allocate(self, num_blocks: int, block_size: int) -> None:
         """A KV cache of ``num_blocks`` blocks on every rank (the old one, if any, dropped)."""
-        self.send(S.allocate(num_blocks, block_size))
+        self.execute(messages.allocate(num_blocks, block_size))
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one KV-cache block takes on this rank."""
@@ -108,26 +110,28 @@ class ModelRunner:
 
     # ---- every rank --------------------------------------------------------------------------------
 
-    def _receive(self) -> S.Batch:
-        header = broadcast(torch.empty(S.HEADER_SIZE, dtype=torch.long, device=self.ctx.device), self.ctx).tolist()
-        n = S.Message.payload_size(header)
-        payload = broadcast(torch.empty(n, dtype=torch.long, device=self.ctx.device), self.ctx) if n else None
-        return S.to_batch(header, payload)
+    def _receive(self) -> messages.Batch:
+        """A follower's next batch: header and payload from the control channel (CPU tensors),
+        then one copy of its ids, positions and block tables to the device."""
+        header = broadcast_control(torch.empty(messages.HEADER_SIZE, dtype=torch.long), self.ctx).tolist()
+        n = messages.Message.payload_size(header)
+        payload = broadcast_control(torch.empty(n, dtype=torch.long), self.ctx) if n else None
+        return messages.to_batch(header, payload, self.ctx.device)
 
     @torch.no_grad()
-    def _execute(self, batch: S.Batch):
-        if batch.op == S.ALLOC:
+    def _execute(self, batch: messages.Batch) -> messages.StepOutput | None:
+        if batch.op == messages.ALLOC:
             self.cache = None  # free the old cache before allocating the new one
             self.cache = KVCache(self.model.kv_cache_shape(), batch.num_blocks, batch.block_size, self.dtype,
                                  self.ctx.device)
             return None
-        if batch.op not in (S.SCORE, S.STEP):
+        if batch.op not in (messages.SCORE, messages.STEP):
             return None
         attn = batch.attention
-        if batch.op == S.STEP:
+        if batch.op == messages.STEP:
             self.cache.zero_through(batch.in_use)
         if self.pp == 1:
-            return self._head(batch, self.model(batch.ids, attn, self.cache if batch.op == S.STEP else None))
+            return self._head(batch, self.model(batch.ids, attn, self.cache if batch.op == messages.STEP else None))
         sent, results = [], []
         for start, stop in self._micro_batches(batch):
             ids = batch.ids[start:stop]
@@ -135,11 +139,11 @@ class ModelRunner:
             hidden = None
             if self.stage > 0:  # [b, S, hidden] from the stage before
                 hidden = recv(torch.empty(*ids.shape, self.config.hidden_size, dtype=self.dtype,
-                                          device=self.ctx.device), self.ctx, self.ctx.rank - self.tp)
+                                          device=self.ctx.device), self.ctx, self.ctx.rank - self.width)
             t = time.perf_counter()
-            out = self.model(ids, part, self.cache if batch.op == S.STEP else None, hidden=hidden)
+            out = self.model(ids, part, self.cache if batch.op == messages.STEP else None, hidden=hidden)
             if self.stage < self.pp - 1:
-                sent.append((isend(out, self.ctx, self.ctx.rank + self.tp), out))
+                sent.append((isend(out, self.ctx, self.ctx.rank + self.width), out))
             else:
                 results.append(self._head(batch, out))
             self.busy_s += time.perf_counter() - t
@@ -148,38 +152,42 @@ class ModelRunner:
         if self.stage < self.pp - 1:
             return self._result_from_last_stage(batch)
         if self.tp_rank == 0:
-            send(_packed(_joined(results, batch), batch), self.ctx, 0)
+            send(_packed(_joined(results)), self.ctx, 0)
         return None
 
-    def _micro_batches(self, batch: S.Batch) -> list[tuple[int, int]]:
+    def _micro_batches(self, batch: messages.Batch) -> list[tuple[int, int]]:
         """Row spans: ``pp`` of them for a decode step of at least ``pp`` rows, else one."""
         rows, tokens = batch.ids.shape
-        if batch.op != S.STEP or tokens != 1 or rows < 2:
+        if batch.op != messages.STEP or tokens != 1 or rows < 2:
             return [(0, rows)]
         return [(r.start, r.stop) for r in even_splits(rows, min(self.pp, rows))]
 
-    def _head(self, batch: S.Batch, out: torch.Tensor):
-        """The step's result from the final hidden states, on the first rank of the (last) stage."""
+    def _head(self, batch: messages.Batch, out: torch.Tensor) -> messages.StepOutput | None:
+        """The step's output from the final hidden states, on the first rank of the (last) stage;
+        None on its other ranks."""
         head = self.model.lm_head
-        if batch.op == S.SCORE:
+        if batch.op == messages.SCORE:
             logits = head.logits_to_leader(out)
-            return None if logits is None else logits[0]  # [S, vocab]
+            return None if logits is None else messages.StepOutput(logits=logits[0])  # [S, vocab]
         last = batch.last_tokens(out)  # [rows, hidden]
-        if batch.logits == S.GREEDY:
-            return head.greedy_to_leader(last)  # (ids [rows], logprobs [rows])
-        return head.logits_to_leader(last)  # [rows, vocab]
+        if batch.logits == messages.GREEDY:
+            best = head.greedy_to_leader(last)  # (ids [rows], logprobs [rows])
+            return None if best is None else messages.StepOutput(ids=best[0], logprobs=best[1])
+        logits = head.logits_to_leader(last)  # [rows, vocab]
+        return None if logits is None else messages.StepOutput(logits=logits)
 
-    def _result_from_last_stage(self, batch: S.Batch):
-        """On the leader, the step's result as the last stage's first rank sent it; None elsewhere."""
+    def _result_from_last_stage(self, batch: messages.Batch) -> messages.StepOutput | None:
+        """On the leader, the step's output as the last stage's first rank sent it; None elsewhere."""
         if not self.ctx.is_leader:
             return None
         rows, tokens = sum(p.positions.shape[0] for p in batch.parts), batch.ids.shape[1]
-        greedy = batch.op == S.STEP and batch.logits == S.GREEDY
-        shape = (2, rows) if greedy else ((tokens if batch.op == S.SCORE else rows), self.config.vocab_size)
-        got = recv(torch.empty(shape, dtype=torch.float32, device=self.ctx.device), self.ctx, (self.pp - 1) * self.tp)
-        return (got[0].long(), got[1]) if greedy else got
+        greedy = batch.op == messages.STEP and batch.logits == messages.GREEDY
+        shape = (2, rows) if greedy else ((tokens if batch.op == messages.SCORE else rows), self.config.vocab_size)
+        got = recv(torch.empty(shape, dtype=torch.float32, device=self.ctx.device), self.ctx,
+                   (self.pp - 1) * self.width)
+        return messages.StepOutput(ids=got[0].long(), logprobs=got[1]) if greedy else messages.StepOutput(logits=got)
 
-    def follow(self, until: tuple[int, ...] = (S.END,)) -> int:
+    def follow(self, until: tuple[int, ...] = (messages.END,)) -> int:
         """Follower: run the leader's messages until it sends one of ``until``; return that op."""
         while True:
             batch = self._receive()
@@ -188,19 +196,19 @@ class ModelRunner:
             self._execute(batch)
 
 
-def _packed(result, batch: S.Batch) -> torch.Tensor:
-    """A step's result as one float32 tensor for the trip to the leader: greedy (ids, logprobs)
-    as [2, B] (token ids below 2^24 are exact in float32), logits as they are."""
-    if batch.op == S.STEP and batch.logits == S.GREEDY:
-        ids, logprobs = result
-        return torch.stack([ids.float(), logprobs.float()])
-    return result.float()
+def _packed(result: messages.StepOutput) -> torch.Tensor:
+    """A step's output as one float32 tensor for the trip to the leader: greedy ids and
+    log-probabilities as [2, B] (token ids below 2^24 are exact in float32), logits as they are."""
+    if result.ids is not None:
+        return torch.stack([result.ids.float(), result.logprobs.float()])
+    return result.logits.float()
 
 
-def _joined(results: list, batch: S.Batch):
-    """Micro-batches' results as one step's."""
+def _joined(results: list[messages.StepOutput]) -> messages.StepOutput:
+    """Micro-batches' outputs as one step's (rows in order)."""
     if len(results) == 1:
         return results[0]
-    if batch.op == S.STEP and batch.logits == S.GREEDY:
-        return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
-    return torch.cat(results)
+    if results[0].ids is not None:
+        return messages.StepOutput(ids=torch.cat([r.ids for r in results]),
+                                   logprobs=torch.cat([r.logprobs for r in results]))
+    return messages.StepOutput(logits=torch.cat([r.logits for r in results]))

@@ -1,13 +1,17 @@
-"""Continuous batching on the leader: the one generation loop of ``LLM``, ``tensorpar generate``
-and ``tensorpar serve``.
+"""Continuous batching on the leader: what each step of ``LLM``, ``tensorpar generate`` and
+``tensorpar serve`` computes, as data. ``schedule()`` returns a ``StepPlan`` (the message every
+rank runs, and which sequence each of its output rows belongs to); ``update(plan, sampled)`` takes
+what the sampler chose from the step's output. Executing the plan (``ModelRunner.execute``) and
+choosing tokens (``Sampler.choose``) happen between the two, elsewhere (``EngineCore.step``):
+the scheduler runs no model and samples nothing.
 
 Requests wait in arrival order for KV-cache blocks (``block_manager``): one is admitted when
 the blocks its prompt needs, beyond those of a cached prefix it starts with, are free, and at
-most ``max_num_seqs`` run at once. Each ``step`` is one model step over a budget of
+most ``max_num_seqs`` run at once. Each step is one model step over a budget of
 ``max_num_batched_tokens`` new tokens: first one decode token for every running sequence that
 has its first token, then prompt tokens, oldest sequence first: the rest of a prompt already
 begun, then the prompts of newly admitted requests (every prompt of a step packed beside the
-decodes: ``step.Part``). A decoding sequence takes a new block each ``block_size`` tokens; when
+decodes: ``messages.Part``). A decoding sequence takes a new block each ``block_size`` tokens; when
 none is left, the newest running sequence is preempted: its blocks go back (its full ones stay
 in the prefix cache) and it waits, ahead of every new request, to compute all its tokens again.
 With ``chunked_prefill``, while sequences decode, a prompt longer than what is left of the budget
@@ -16,42 +20,67 @@ longer than one budget's worth of tokens. Otherwise
 prompts run whole, packed up to a budget of at least ``max_model_len`` beside the decodes (as vLLM
 requires without chunking): a step that decodes nothing has no stream to keep at pace, and a
 prompt in one piece prefills fastest (causal attention, the weights read once). LongRoPE prompts
-that reach the pretrained length always run whole (``ModelConfig.whole_prompts_from``).
+that reach the pretrained length always run whole (``whole_prompts_from``).
 
-A request that asks for its prompt's log-probabilities is scored first, in a step of its own
-(``step.score``: every position's logits, without the cache), before it waits for blocks; one
-that asks for no new token (``max_new_tokens=0``) ends there. A prompt's last chunk yields its
-first token. A request joins and leaves the running batch at token granularity; its tokens, text
-and end are its ``Sequence``'s business, reported through its sink as ``TokenEvent``s. A guided
-request's grammar is compiled when it is added (an error ends it there) and masks its logits
-after every other control, on the leader alone (``runtime.guided``).
+A request that asks for its prompt's log-probabilities is scored first, in a plan of its own
+(``messages.score``: every position's logits, without the cache), before it waits for blocks:
+up to a step's token budget of such plans (at least one) come before each model step. One that
+asks for no new token (``max_new_tokens=0``) ends there. A prompt's last chunk yields its first
+token. A request joins and leaves the running batch at token granularity; its tokens, text and
+end are its ``Sequence``'s business, reported through its sink as ``TokenEvent``s. A guided
+request's grammar is compiled when it is added (an error ends it there).
 
-``add``, ``abort`` and ``stats`` may be called from any thread; ``step`` runs on one.
+``add``, ``abort`` and ``stats`` may be called from any thread; ``schedule`` and ``update`` run on one.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
+from dataclasses import dataclass, field
 
-import torch
-
-from tensorpar.runtime import step as S
+from tensorpar.runtime import messages
 from tensorpar.runtime.block_manager import BlockManager
 from tensorpar.runtime.guided import GuidedCompiler
-from tensorpar.runtime.model_runner import ModelRunner
-from tensorpar.runtime.request import Request, Sink, TokenEvent, score_prompt
-from tensorpar.runtime.sampling import apply_controls, sample
+from tensorpar.runtime.request import Request, Sink, TokenEvent
 from tensorpar.runtime.sequence import Sequence, final_event
 from tensorpar.runtime.spec import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
 
+PREFILL, DECODE, SCORE = "prefill", "decode", "score"
+
+
+@dataclass
+class StepPlan:
+    """One step, decided: the ``message`` every rank runs, and what its output is for.
+
+    ``kind``: ``DECODE`` (only decode tokens), ``PREFILL`` (prompt tokens, maybe beside decodes)
+    or ``SCORE`` (one waiting request's prompt, all positions' logits). ``rows``: per output row of
+    a model step, the sequence that takes its token (None: a prompt chunk before the last, whose
+    row yields none). ``computed``: each sequence of the step with how many of its tokens are in
+    the cache once it ran. ``scoring``: the request a ``SCORE`` plan scores, and its sink."""
+
+    kind: str
+    message: messages.Message
+    rows: list[Sequence | None] = field(default_factory=list)
+    computed: list[tuple[Sequence, int]] = field(default_factory=list)
+    scoring: tuple[Request, Sink] | None = None
+
+
+def score_plan(request: Request, sink: Sink | None = None) -> StepPlan:
+    """A plan that scores ``request``'s prompt (``LLM.score`` runs these too)."""
+    return StepPlan(SCORE, messages.score(request.prompt_token_ids), scoring=(request, sink))
+
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, tokenizer, eos_ids: set[int], max_num_seqs: int, max_model_len: int,
+    """Admission, chunking, preemption and retirement over the KV-cache blocks (module docstring).
+
+    ``whole_prompts_from``: prompts at least this long run whole (``ModelConfig.whole_prompts_from``)."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], max_num_seqs: int, max_model_len: int,
                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, chunked_prefill: bool = True,
-                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True, num_blocks: int | None = None):
-        self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True, num_blocks: int | None = None,
+                 whole_prompts_from: int | None = None):
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.block_size, self.prefix_caching = block_size, prefix_caching
         self.blocks: BlockManager | None = None
         self.num_blocks = num_blocks  # a KV cache of this many blocks (``--kv-cache-memory``), else sized by ``reserve``
@@ -59,8 +88,7 @@ class Scheduler:
         self.max_num_batched_tokens, self.chunked_prefill = max_num_batched_tokens, chunked_prefill
         # new tokens of a step that runs whole prompts: any prompt fits beside the decodes
         self.whole_budget = max(max_num_batched_tokens, max_model_len + max_num_seqs)
-        config = getattr(runner, "config", None)
-        self.whole_prompts_from = config.whole_prompts_from if config is not None else None
+        self.whole_prompts_from = whole_prompts_from
         self.lock = threading.Condition()
         self.waiting: deque[tuple[Request, Sink]] = deque()
         self.running: dict[str, Sequence] = {}  # in order of admission
@@ -68,9 +96,9 @@ class Scheduler:
         self.preemptions = 0
         self.aborts: set[str] = set()
         self.scored: set[str] = set()  # waiting requests whose prompt log-probabilities are sent
+        self.score_budget = max_num_batched_tokens  # prompt tokens still to score before the next model step
         self.closed: str | None = None  # why requests are refused, once ``close`` has run
         self.guided = GuidedCompiler(tokenizer, eos_ids)  # grammars of guided requests (compiled on ``add``)
-        self.timings = {"prefill_s": 0.0, "prefill_steps": 0, "decode_s": 0.0, "decode_steps": 0}
 
     # ---- any thread ----------------------------------------------------------------------------
 
@@ -96,11 +124,10 @@ class Scheduler:
     def stats(self) -> dict:
         with self.lock:
             m = self.blocks
-            counts = {"running": len(self.running), "waiting": len(self.waiting) + len(self.preempted),
-                      "kv_cache_usage": m.used / m.capacity if m else 0.0, "kv_blocks": m.capacity if m else 0,
-                      "free_blocks": m.available if m else 0, "preemptions": self.preemptions,
-                      "prefix_cache_queries": m.queries if m else 0, "prefix_cache_hits": m.hits if m else 0}
-        return {**counts, "experts": self.runner.expert_load()}  # (read without holding up the engine)
+            return {"running": len(self.running), "waiting": len(self.waiting) + len(self.preempted),
+                    "kv_cache_usage": m.used / m.capacity if m else 0.0, "kv_blocks": m.capacity if m else 0,
+                    "free_blocks": m.available if m else 0, "preemptions": self.preemptions,
+                    "prefix_cache_queries": m.queries if m else 0, "prefix_cache_hits": m.hits if m else 0}
 
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block until there is something to do (or ``timeout_s`` passes); whether there is."""
@@ -114,40 +141,34 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.preempted or self.aborts)
 
-    def reserve(self, sequences: int, tokens: int) -> None:
-        """A KV cache with room for ``sequences`` sequences of ``tokens`` positions at once (at
-        most ``max_num_seqs`` of ``max_model_len``), grown only while nothing runs; or, given
-        ``num_blocks``, that many blocks. Its memory becomes resident as it is used."""
+    def reserve(self, sequences: int, tokens: int) -> int | None:
+        """Room for ``sequences`` sequences of ``tokens`` positions at once (at most
+        ``max_num_seqs`` of ``max_model_len``), grown only while nothing runs; or, given
+        ``num_blocks``, that many blocks. Returns the number of blocks the ranks' KV cache must
+        now have (one more than the sequences' own: block 0 pads), or None when it has room."""
         sequences, tokens = min(sequences, self.max_num_seqs), min(tokens, self.max_model_len)
         blocks = self.num_blocks or sequences * -(-tokens // self.block_size)
         if self.blocks is not None and (self.num_blocks or self.blocks.capacity >= blocks):
-            return
+            return None
         if self.running or self.preempted:
             raise RuntimeError("the KV cache cannot grow while sequences run")
         blocks = max(blocks, self.blocks.capacity if self.blocks else 0)
-        self.blocks = None  # (the old pool's memory goes before the new one is taken)
-        self.runner.allocate(blocks + 1, self.block_size)
         self.blocks = BlockManager(blocks + 1, self.block_size, self.prefix_caching)
+        return blocks + 1
 
-    def step(self) -> None:
-        """Aborts, prompt scoring, admissions, then one model step: decode tokens and prompt tokens
-        within the budget."""
-        self._score_prompts()
+    def schedule(self) -> StepPlan | None:
+        """Aborts, then the next plan: a waiting request's prompt to score, or one model step of
+        decode tokens and prompt tokens within the budget; None when nothing can run now."""
         with self.lock:
-            aborts, self.aborts = self.aborts, set()
-            for req, sink in [(r, s) for r, s in self.waiting if r.request_id in aborts]:
-                sink(final_event(req.request_id, "abort"))
-            self.waiting = deque((r, s) for r, s in self.waiting if r.request_id not in aborts)
-            self.scored &= {r.request_id for r, _ in self.waiting}
+            self._apply_aborts()
+            scoring = self._next_to_score()
+            if scoring is not None:
+                self.score_budget -= len(scoring[0].prompt_token_ids)
+                return score_plan(*scoring)
+            self.score_budget = self.max_num_batched_tokens
             for req, sink in [(r, s) for r, s in self.waiting if self._done_before_start(r)]:
                 sink(final_event(req.request_id, "length"))
             self.waiting = deque((r, s) for r, s in self.waiting if not self._done_before_start(r))
-            for rid in aborts:
-                if rid in self.running:
-                    self._retire(self.running[rid], "abort")
-            for seq in [s for s in self.preempted if s.request_id in aborts]:
-                self.preempted.remove(seq)
-                seq.end("abort")
             decodes = self._grow([s for s in self.running.values() if s.decoding])
             chunking = self.chunked_prefill and bool(decodes)  # (chunks keep running streams at pace)
             budget = (self.max_num_batched_tokens if chunking else self.whole_budget) - len(decodes)
@@ -160,25 +181,79 @@ class Scheduler:
                     break
                 budget = self._take_prompt(seq, budget, chunks, chunking, bool(decodes))
         if not (decodes or chunks):
-            return
+            return None
         bs = self.block_size
-        parts = [S.decode_part([s.last_token for s in decodes], [s.length - 1 for s in decodes],
-                               [s.blocks for s in decodes], bs)] if decodes else []
-        parts += [S.chunk(seq.tokens, start, stop, seq.blocks, bs) for seq, start, stop in chunks]
+        parts = [messages.decode_part([s.last_token for s in decodes], [s.length - 1 for s in decodes],
+                                      [s.blocks for s in decodes], bs)] if decodes else []
+        parts += [messages.chunk(seq.tokens, start, stop, seq.blocks, bs) for seq, start, stop in chunks]
         rows = decodes + [seq if stop == seq.length else None for seq, _, stop in chunks]
-        t = time.perf_counter()
-        out = self.runner.send(S.step(parts, self._logits_mode([s for s in rows if s is not None]), self.blocks.fresh))
-        for seq in decodes:
-            seq.computed += 1
-        for seq, _, stop in chunks:
-            seq.computed = stop
-        for seq in decodes + [seq for seq, _, _ in chunks]:
-            if self.prefix_caching and seq.computed // bs > len(seq.hashes):
-                self.blocks.register(seq.blocks, seq.hashes, seq.tokens, seq.computed, seq.cache_root)
-        self._advance(rows, out)
-        kind = "prefill" if chunks else "decode"
-        self.timings[f"{kind}_s"] += time.perf_counter() - t
-        self.timings[f"{kind}_steps"] += 1
+        message = messages.step(parts, self._logits_mode([s for s in rows if s is not None]), self.blocks.fresh)
+        computed = [(s, s.computed + 1) for s in decodes] + [(seq, stop) for seq, _, stop in chunks]
+        return StepPlan(PREFILL if chunks else DECODE, message, rows, computed)
+
+    def update(self, plan: StepPlan, sampled: list) -> None:
+        """Apply a plan's outcome: a ``SCORE`` plan's prompt log-probabilities (``sampled``: the
+        list ``Sampler.choose`` made) go to its request; a model step's sequences advance to
+        what they computed, their full blocks join the prefix cache, and each row's ``Sampled``
+        token is appended (None: no token), retiring the sequences that finish."""
+        if plan.kind == SCORE:
+            request, sink = plan.scoring
+            sink(TokenEvent(request.request_id, None, "", prompt_logprobs=sampled))
+            with self.lock:
+                self.scored.add(request.request_id)
+            return
+        for seq, computed in plan.computed:
+            seq.computed = computed
+            if self.prefix_caching and computed // self.block_size > len(seq.hashes):
+                self.blocks.register(seq.blocks, seq.hashes, seq.tokens, computed, seq.cache_root)
+        for seq, choice in zip(plan.rows, sampled):
+            if seq is None:
+                continue
+            if seq.guided is not None:
+                seq.guided.accept(choice.token)
+            seq.append(choice.token, choice.logprob, choice.top)
+            if seq.finish_reason is not None:
+                with self.lock:
+                    self._retire(seq, seq.finish_reason)
+
+    def close(self, reason: str, error: str | None = None) -> None:
+        """End every request, running or waiting, and refuse new ones (shutdown, or a failure no
+        step can survive)."""
+        with self.lock:
+            self.closed = error or "the engine is shut down"
+            for seq in list(self.running.values()):
+                self._retire(seq, reason, error)
+            for seq in self.preempted:
+                seq.end(reason, error)
+            self.preempted.clear()
+            for req, sink in self.waiting:
+                sink(final_event(req.request_id, reason, error))
+            self.waiting.clear()
+
+    # ---- inside ``schedule`` (lock held) ------------------------------------------------------
+
+    def _apply_aborts(self) -> None:
+        aborts, self.aborts = self.aborts, set()
+        for req, sink in [(r, s) for r, s in self.waiting if r.request_id in aborts]:
+            sink(final_event(req.request_id, "abort"))
+        self.waiting = deque((r, s) for r, s in self.waiting if r.request_id not in aborts)
+        self.scored &= {r.request_id for r, _ in self.waiting}
+        for rid in aborts:
+            if rid in self.running:
+                self._retire(self.running[rid], "abort")
+        for seq in [s for s in self.preempted if s.request_id in aborts]:
+            self.preempted.remove(seq)
+            seq.end("abort")
+
+    def _next_to_score(self) -> tuple[Request, Sink] | None:
+        """The oldest waiting request whose prompt log-probabilities are still to send, while the
+        scoring budget before the next model step lasts (one is always let through)."""
+        if self.score_budget <= 0:
+            return None
+        for req, sink in self.waiting:
+            if req.params.prompt_logprobs is not None and req.request_id not in self.scored:
+                return req, sink
+        return None
 
     def _grow(self, decodes: list[Sequence]) -> list[Sequence]:
         """Give each decoding sequence, oldest first, the block its next token needs, preempting
@@ -189,7 +264,7 @@ class Scheduler:
         return [s for s in decodes if s.request_id in self.running]
 
     def _preempt(self, seq: Sequence) -> None:
-        """Take ``seq``'s blocks back; it waits, first in line, to compute its tokens again (lock held)."""
+        """Take ``seq``'s blocks back; it waits, first in line, to compute its tokens again."""
         del self.running[seq.request_id]
         self.blocks.release(seq.blocks)
         seq.hashes, seq.computed = [], 0
@@ -208,7 +283,7 @@ class Scheduler:
             req, sink = self.waiting[0]
             seq, tokens = None, req.prompt_token_ids
             if req.params.prompt_logprobs is not None and req.request_id not in self.scored:
-                return None  # scored at the next step's start
+                return None  # scored by a plan of its own first
         if not chunking and len(tokens) > budget and busy:
             return None  # a whole prompt waits for a step with room for it
         # LongRoPE: a prompt that reaches the pretrained length rotates all its keys by the long
@@ -234,26 +309,6 @@ class Scheduler:
         """Generates nothing, and has had its prompt scored if it asked for that."""
         return req.params.max_new_tokens == 0 and (req.params.prompt_logprobs is None or req.request_id in self.scored)
 
-    def _score_prompts(self) -> None:
-        """Send the prompt log-probabilities of waiting requests that ask for them, oldest first,
-        one scoring step each, up to the step's token budget (at least one prompt)."""
-        with self.lock:
-            todo = [(r, s) for r, s in self.waiting
-                    if r.params.prompt_logprobs is not None and r.request_id not in self.scored | self.aborts]
-        budget = self.max_num_batched_tokens
-        for req, sink in todo:
-            if budget <= 0:
-                break
-            prompt = req.prompt_token_ids
-            t = time.perf_counter()
-            logits = self.runner.send(S.score(prompt))  # [len(prompt), vocab]
-            sink(TokenEvent(req.request_id, None, "", prompt_logprobs=score_prompt(logits, prompt,
-                                                                                  req.params.prompt_logprobs)))
-            self.timings["prefill_s"] += time.perf_counter() - t
-            budget -= len(prompt)
-            with self.lock:
-                self.scored.add(req.request_id)
-
     def _take_prompt(self, seq: Sequence, budget: int, chunks: list, chunking: bool, decoding: bool) -> int:
         """Schedule what of ``seq``'s prompt fits in ``budget`` (all of it when not chunking, where
         the step has room or nothing else to run); the budget left."""
@@ -266,68 +321,11 @@ class Scheduler:
         chunks.append((seq, seq.computed, seq.computed + take))
         return budget - take
 
-    def close(self, reason: str, error: str | None = None) -> None:
-        """End every request, running or waiting, and refuse new ones (shutdown, or a failure no
-        step can survive)."""
-        with self.lock:
-            self.closed = error or "the engine is shut down"
-            for seq in list(self.running.values()):
-                self._retire(seq, reason, error)
-            for seq in self.preempted:
-                seq.end(reason, error)
-            self.preempted.clear()
-            for req, sink in self.waiting:
-                sink(final_event(req.request_id, reason, error))
-            self.waiting.clear()
-
-    # ---- inside a step -------------------------------------------------------------------------
-
     @staticmethod
     def _logits_mode(seqs: list[Sequence]) -> int:
         """Greedy rows that report no top log-probabilities need only their argmax and its log-probability."""
-        return S.GREEDY if all(s.params.greedy and not s.params.logprobs and not s.params.controls_logits
-                               for s in seqs) else S.FULL
-
-    def _advance(self, seqs: list[Sequence | None], out) -> None:
-        """Give each sequence its next token (from the step's output on the leader, a row each;
-        None: a row that yields no token, a prompt chunk before the last), retire finished ones."""
-        if isinstance(out, tuple):  # GREEDY: (ids [B], logprobs [B])
-            ids, logprobs = out[0].tolist(), out[1].tolist()
-            for seq, token, logprob in zip(seqs, ids, logprobs):
-                if seq is not None:
-                    self._take(seq, token, logprob, [])
-            return
-        logits = out.float()  # [B, vocab]
-        norm = torch.logsumexp(logits, dim=-1).tolist()  # log-prob = logit - logsumexp(logits)
-        live = [row for row, seq in enumerate(seqs) if seq is not None]
-        chosen = logits  # what the choice is made from: the logits after each row's controls
-        if any(seqs[row].params.controls_logits for row in live):
-            chosen = logits.clone()
-            chosen[live] = apply_controls(logits[live], [seqs[r].params for r in live],
-                                          [seqs[r].request.prompt_token_ids for r in live], [seqs[r].out for r in live],
-                                          [set() if seqs[r].params.ignore_eos else self.eos_ids for r in live])
-            for row in live:
-                if seqs[row].guided is not None:  # the grammar has the last word
-                    seqs[row].guided.mask_(chosen[row])
-        best = chosen.argmax(dim=-1).tolist()  # every greedy row at once
-        for row, seq in enumerate(seqs):
-            if seq is None:
-                continue
-            p = seq.params
-            token = best[row] if p.greedy else sample(chosen[row], p, seq.generator)
-            top = []
-            if p.logprobs:
-                values, ids = torch.topk(logits[row], p.logprobs)
-                top = [(i, v - norm[row]) for i, v in zip(ids.tolist(), values.tolist())]
-            self._take(seq, token, float(logits[row, token]) - norm[row], top)
-
-    def _take(self, seq: Sequence, token: int, logprob: float, top: list) -> None:
-        if seq.guided is not None:
-            seq.guided.accept(token)
-        seq.append(token, logprob, top)
-        if seq.finish_reason is not None:
-            with self.lock:
-                self._retire(seq, seq.finish_reason)
+        return messages.GREEDY if all(s.params.greedy and not s.params.logprobs and not s.params.controls_logits
+                                      for s in seqs) else messages.FULL
 
     def _retire(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         """Give ``seq``'s blocks back and send its final event (lock held)."""

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from tensorpar.distributed.launch import Ranks, launch
 from tensorpar.errors import RankFailure, TensorparError
-from tensorpar.runtime import step as S
+from tensorpar.runtime import messages
 from tensorpar.runtime.inputs import InputProcessor
 from tensorpar.runtime.request import Request, Sink
 from tensorpar.runtime.sequence import final_event
@@ -55,7 +55,7 @@ def launch_engine(spec: EngineSpec, max_num_seqs: int, cores: tuple[int, int | N
 
 
 class ServingEngine:
-    """The leader's side of serving (a ``ServingBackend``): ``Scheduler.step`` on a thread, over
+    """The leader's side of serving (a ``ServingBackend``): ``EngineCore.step`` on a thread, over
     requests that arrive at any time. All ranks run every step; followers run
     ``Worker.follow_forever``. An idle leader sends followers a keep-alive every ``IDLE_WAIT_S``.
 
@@ -84,7 +84,7 @@ class ServingEngine:
         self._ranks = ranks
         worker: Worker = ranks.local
         spec = worker.spec
-        self.worker, self.scheduler = worker, worker.scheduler
+        self.worker, self.core, self.scheduler = worker, worker.core, worker.core.scheduler
         self.model_name, self.max_num_seqs, self.max_model_len = spec.model, max_num_seqs, spec.max_model_len
         self.sampling_defaults = spec.sampling_defaults
         self.tp, self.backend = spec.dims.tp, worker.ctx.backend
@@ -94,7 +94,7 @@ class ServingEngine:
             ranks.close(force=True)
             raise TensorparError(f"{spec.model} ships no tokenizer; serving needs one")
         ranks.start("follow_forever")
-        self.scheduler.reserve(max_num_seqs, self.max_model_len)
+        self.core.reserve(max_num_seqs, self.max_model_len)
         self._stopping = False
         self.healthy, self.error, self.submitted = True, None, 0
         self._thread = threading.Thread(target=self._loop, name="tensorpar-engine", daemon=True)
@@ -113,7 +113,7 @@ class ServingEngine:
         self.scheduler.abort(request_id)
 
     def stats(self) -> dict:
-        return {**self.scheduler.stats(), "healthy": self.healthy, "error": self.error, "requests": self.submitted}
+        return {**self.core.stats(), "healthy": self.healthy, "error": self.error, "requests": self.submitted}
 
     def shutdown(self) -> None:
         """Stop admitting, end what runs with "abort", stop the follower ranks."""
@@ -129,11 +129,11 @@ class ServingEngine:
         try:
             while not self._stopping:
                 if self.scheduler.wait_for_work(self.IDLE_WAIT_S):
-                    self.scheduler.step()
+                    self.core.step()
                 elif not self._stopping:
-                    self.worker.runner.send(S.Message(S.NOOP))
+                    self.worker.runner.execute(messages.Message(messages.NOOP))
             self.scheduler.close("abort")
-            self.worker.runner.send(S.Message(S.SHUTDOWN))
+            self.worker.runner.execute(messages.Message(messages.SHUTDOWN))
         except Exception as e:  # a rank died or a collective failed: nothing more can run
             failure = self._ranks.failure()
             deadline = time.monotonic() + self.REAP_S

@@ -1,5 +1,5 @@
 """One rank of an engine: its ``ModelRunner``, and on the leader the tokenizer, the input processor
-and the ``Scheduler``.
+and the ``EngineCore`` (scheduler, sampler, and the runner they drive).
 
 ``generate`` and ``score`` are collective: every rank calls them (a spawned rank because ``LLM``
 sends the call to all; under torchrun because every rank's program makes it). The leader checks
@@ -18,10 +18,12 @@ from tensorpar.distributed.groups import ParallelContext
 from tensorpar.errors import TensorparError
 from tensorpar.models.registry import model_module
 from tensorpar.process import peak_rss_mb
-from tensorpar.runtime import step as S
+from tensorpar.runtime import messages
 from tensorpar.runtime.inputs import InputProcessor
+from tensorpar.runtime.engine_core import EngineCore
 from tensorpar.runtime.model_runner import ModelRunner
 from tensorpar.runtime.request import Collector, GenerationResult, requests_for
+from tensorpar.runtime.sampler import Sampler
 from tensorpar.runtime.sampling import SamplingParams
 from tensorpar.runtime.scheduler import Scheduler
 from tensorpar.runtime.spec import DEFAULT_MAX_NUM_SEQS, EngineSpec
@@ -47,7 +49,7 @@ class Worker:
     def __init__(self, ctx: ParallelContext, spec: EngineSpec, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS):
         self.ctx, self.spec = ctx, spec
         config = spec.config
-        self.tokenizer = self.inputs = self.scheduler = None
+        self.tokenizer = self.inputs = self.core = None
         t = time.perf_counter()
         if ctx.is_leader:  # the tokenizer first: a conversion's transient memory then does not stack on the weights
             self.tokenizer = spec.source.tokenizer(cache=spec.tokenizer_cache)
@@ -62,9 +64,10 @@ class Worker:
                                          spec.chat_template)
         budget = self._kv_blocks() if spec.kv_cache_memory is not None else None
         if ctx.is_leader:
-            self.scheduler = Scheduler(self.runner, self.tokenizer, eos, max_num_seqs, spec.max_model_len,
-                                       spec.max_num_batched_tokens, spec.chunked_prefill, spec.block_size,
-                                       spec.prefix_caching, budget)
+            scheduler = Scheduler(self.tokenizer, eos, max_num_seqs, spec.max_model_len, spec.max_num_batched_tokens,
+                                  spec.chunked_prefill, spec.block_size, spec.prefix_caching, budget,
+                                  config.whole_prompts_from)
+            self.core = EngineCore(self.runner, scheduler, Sampler(eos))
 
     def _kv_blocks(self) -> int:
         """KV-cache blocks for sequences within ``--kv-cache-memory`` on every rank (the fewest any
@@ -96,7 +99,7 @@ class Worker:
             except (ValueError, TensorparError) as e:
                 plan = e
             result = plan if isinstance(plan, Exception) else run(plan)
-            self.runner.send(S.Message(S.END))
+            self.runner.execute(messages.Message(messages.END))
         else:
             self.runner.follow()
             result = None
@@ -131,15 +134,15 @@ class Worker:
 
         def run(requests):
             flat = [r for choices in requests for r in choices]
-            sched = self.scheduler
-            sched.reserve(len(flat), max(len(r.prompt_token_ids) + r.params.max_new_tokens for r in flat))
-            before, load, counts = dict(sched.timings), self.runner.expert_load(), sched.stats()
+            core, sched = self.core, self.core.scheduler
+            core.reserve(len(flat), max(len(r.prompt_token_ids) + r.params.max_new_tokens for r in flat))
+            before, load, counts = dict(core.timings), self.runner.expert_load(), sched.stats()
             collect = Collector()
             for r in flat:
                 sched.add(r, collect)
             while sched.has_work():
-                sched.step()
-            t = {k: sched.timings[k] - before[k] for k in before}
+                core.step()
+            t = {k: core.timings[k] - before[k] for k in before}
             after = sched.stats()
             completions = [collect.completion(r, j, i) for i, choices in enumerate(requests)
                            for j, r in enumerate(choices)]
@@ -155,62 +158,18 @@ class Worker:
         """Full-vocabulary logits at every position of each prompt: [len(prompt), vocab] each."""
 
         def run(ids):
-            return [self.runner.send(S.score(p)).float().cpu() for p in ids]
+            return [self.core.score(p).float().cpu() for p in ids]
 
         return self._call(lambda: [self.inputs.encode(p) for p in prompts], run)
 
     def replica_digests(self, prompt: list[int]) -> list[dict]:
-        """Collective: score ``prompt`` once, digesting every value this rank holds replicated: each
-        layer's norm weights, the keys and values of each KV head it holds (a KV head held by
-        several ranks is replicated; the digest covers its weights, bias and input), and the
-        residual stream the layer leaves (after its all-reduces). Returns every rank's digests
-        (name -> hash, in layer order), in rank order."""
-        import hashlib
+        """Collective: every rank's digests of what it holds replicated, scoring ``prompt`` once
+        (``runtime.digests.replica_digests``)."""
+        from tensorpar.runtime.digests import replica_digests
 
-        from torch import nn
-
-        from tensorpar.models.blocks import RMSNorm
-
-        def digest(t) -> str:
-            return hashlib.blake2b(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes(),
-                                   digest_size=16).hexdigest()
-
-        model = self.runner.model
-        norms = {name: digest(p) for name, m in model.named_modules() if isinstance(m, (RMSNorm, nn.LayerNorm))
-                 for pname, p in m.named_parameters(recurse=False) for name in [f"{name}.{pname}"]}
-        heads: dict[int, dict] = {i: {} for i in model.layer_ids}
-        outputs: dict[int, str] = {}
-
-        def kv_digests(i, attn, qkv):  # qkv: [B, S, (slots + 2 kv) d]
-            d, kv = attn.head_dim, attn.num_kv_heads
-            k0 = attn.num_heads * d
-            for j, head in enumerate(attn.kv_heads):
-                for what, start in (("key", k0), ("value", k0 + kv * d)):
-                    heads[i][f"model.layers.{i}.self_attn {what} of KV head {head}"] = \
-                        digest(qkv[..., start + j * d: start + (j + 1) * d])
-
-        hooks = []
-        for i in model.layer_ids:
-            layer = model.model.layers[i]
-            hooks.append(layer.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, digest(out))))
-            attn = getattr(layer, "self_attn", None)
-            if hasattr(attn, "kv_heads"):
-                hooks.append(attn.qkv_proj.register_forward_hook(
-                    lambda m, args, out, i=i, attn=attn: kv_digests(i, attn, out)))
-        try:
-            self.score([prompt])
-        finally:
-            for h in hooks:
-                h.remove()
-        ordered = {}
-        for i in model.layer_ids:
-            ordered.update({k: v for k, v in norms.items() if k.startswith(f"model.layers.{i}.")})
-            ordered.update(heads[i])
-            ordered[f"model.layers.{i} output (the residual stream)"] = outputs[i]
-        ordered.update({k: v for k, v in norms.items() if not k.startswith("model.layers.")})
-        return all_gather_object(ordered, self.ctx)
+        return replica_digests(self.runner.model, lambda: self.score([prompt]), self.ctx)
 
     def follow_forever(self) -> None:
         """Follower of a serving leader: run its steps until it shuts the group down. The leader
         sends a keep-alive while idle, so a dead leader is still noticed."""
-        self.runner.follow(until=(S.SHUTDOWN,))
+        self.runner.follow(until=(messages.SHUTDOWN,))

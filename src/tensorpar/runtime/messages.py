@@ -1,8 +1,12 @@
-"""The messages the leader broadcasts to every rank, one before each thing all ranks do together.
+"""The messages the leader broadcasts to every rank, one before each thing all ranks do together,
+and what a step gives back (``StepOutput``).
 
 A message is a fixed header of eight integers, then, for model steps, a payload. The header and
 the payload say everything a rank needs to know without looking at tensor values (so no rank,
-and no model, syncs with the device to find out):
+and no model, syncs with the device to find out). Both travel on the control channel, a CPU one
+(``collectives.broadcast_control``); a rank copies the ids, positions and block tables to its
+device once (``to_batch``), and the leader reads nothing back: it builds its ``Batch`` from the
+message's own lists.
 
     header:  op, parts, block-table entries, tokens, block_size, logits, blocks in use, 0
     payload: per part (rows, tokens, kv_len, max_position, blocks per row, kind), then every
@@ -55,6 +59,7 @@ class Part:
         return len(self.ids), len(self.ids[0])
 
     def table(self) -> list[int]:
+        """The part's row of the part table: rows, tokens, kv_len, max_position, blocks per row, kind."""
         return [*self.shape, self.kv_len, self.max_position, len(self.blocks[0]) if self.blocks else 0, self.kind]
 
 
@@ -77,9 +82,13 @@ class Message:
         tokens = sum(len(p.ids) * len(p.ids[0]) for p in self.parts)
         return [self.op, len(self.parts), entries, tokens, self.block_size, self.logits, self.in_use, 0]
 
+    def table(self) -> list[list[int]]:
+        """The part table, a row per part (``Part.table``)."""
+        return [p.table() for p in self.parts]
+
     def payload(self) -> list[int]:
         """The part table, ids, positions (row-major), block tables."""
-        out = [v for p in self.parts for v in p.table()]
+        out = [v for row in self.table() for v in row]
         out += [t for p in self.parts for row in p.ids for t in row]
         out += [q for p in self.parts for row in p.positions for q in row]
         return out + [b for p in self.parts for table in p.blocks for b in table]
@@ -123,6 +132,18 @@ def allocate(num_blocks: int, block_size: int) -> Message:
     return Message(ALLOC, num_blocks=num_blocks, block_size=block_size)
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """What a step gives the leader. A ``GREEDY`` step: each row's argmax token ``ids`` [rows] and
+    its ``logprobs`` [rows] (log-softmax over the whole vocabulary). A ``FULL`` step: ``logits``
+    [rows, vocab], a row per sequence, rows in part order. A ``SCORE`` step: ``logits``
+    [positions, vocab], every position of the one prompt."""
+
+    ids: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
 @dataclass
 class Batch:
     """A model step as tensors on this rank's device: input ids ([rows, tokens] for one part, all
@@ -144,17 +165,21 @@ class Batch:
         return out[:, -1]
 
 
-def to_batch(header: list[int], payload: torch.Tensor | None) -> Batch:
-    """What every rank runs, from the header and payload it received (the leader: that it sent)."""
+def to_batch(header: list[int], payload: torch.Tensor | None, device: torch.device | str = "cpu",
+             table: list[list[int]] | None = None) -> Batch:
+    """What every rank runs, from the header and the payload (a CPU tensor: part table, ids,
+    positions, block tables) it received; the leader passes the part ``table`` it sent (its
+    ``Message.table()``), so nothing is read back. Ids, positions and block tables go to
+    ``device`` in one copy."""
     op, n_parts, n_entries, n_tokens, block_size, logits, in_use = header[:7]
     if op == ALLOC:
         return Batch(op, num_blocks=n_entries, block_size=block_size)
     if op not in (STEP, SCORE):
         return Batch(op)
-    table = payload[: PART_SIZE * n_parts].view(n_parts, PART_SIZE).tolist()
-    at = PART_SIZE * n_parts
-    ids, positions = payload[at : at + n_tokens], payload[at + n_tokens : at + 2 * n_tokens]
-    entries = payload[at + 2 * n_tokens :]
+    if table is None:
+        table = payload[: PART_SIZE * n_parts].view(n_parts, PART_SIZE).tolist()
+    data = payload[PART_SIZE * n_parts :].to(device)  # ids [T], positions [T], block-table entries
+    ids, positions, entries = data[:n_tokens], data[n_tokens : 2 * n_tokens], data[2 * n_tokens :]
     parts, token, entry = [], 0, 0
     for rows, tokens, kv_len, max_position, per_row, kind in table:
         n = rows * tokens

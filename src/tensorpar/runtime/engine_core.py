@@ -1,0 +1,53 @@
+"""One engine step on the leader, as vLLM's ``EngineCore.step`` reads:
+
+    plan = scheduler.schedule()            # what to run (data)
+    out = runner.execute(plan.message)     # every rank runs it; the leader gets a StepOutput
+    scheduler.update(plan, sampler.choose(out, plan))
+
+``Worker.generate`` drains it inside one collective call; ``ServingEngine`` steps it on a thread.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tensorpar.runtime.model_runner import ModelRunner
+from tensorpar.runtime.request import Request
+from tensorpar.runtime.sampler import Sampler
+from tensorpar.runtime.sampling import SamplingParams
+from tensorpar.runtime.scheduler import DECODE, SCORE, Scheduler, score_plan
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler):
+        self.runner, self.scheduler, self.sampler = runner, scheduler, sampler
+        self.timings = {"prefill_s": 0.0, "prefill_steps": 0, "decode_s": 0.0, "decode_steps": 0}
+
+    def step(self) -> None:
+        """Schedule, execute, sample, update: one plan, if anything can run."""
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return
+        t = time.perf_counter()
+        out = self.runner.execute(plan.message)
+        self.scheduler.update(plan, self.sampler.choose(out, plan))
+        kind = DECODE if plan.kind == DECODE else "prefill"  # (scoring counts as prefill time, not steps)
+        self.timings[f"{kind}_s"] += time.perf_counter() - t
+        if plan.kind != SCORE:
+            self.timings[f"{kind}_steps"] += 1
+
+    def reserve(self, sequences: int, tokens: int) -> None:
+        """A KV cache on every rank with room for ``sequences`` sequences of ``tokens`` positions
+        (``Scheduler.reserve``); its memory becomes resident as it is used."""
+        blocks = self.scheduler.reserve(sequences, tokens)
+        if blocks is not None:
+            self.runner.allocate(blocks, self.scheduler.block_size)
+
+    def score(self, prompt: list[int]):
+        """Full-vocabulary logits at every position of ``prompt``: [len(prompt), vocab]."""
+        plan = score_plan(Request("score", prompt, SamplingParams(max_new_tokens=0)))
+        return self.runner.execute(plan.message).logits
+
+    def stats(self) -> dict:
+        """The scheduler's counts and each MoE layer's expert loads."""
+        return {**self.scheduler.stats(), "experts": self.runner.expert_load()}
