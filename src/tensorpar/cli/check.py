@@ -9,7 +9,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from tensorpar.cli.common import add_engine, engine_args
+from tensorpar.cli.common import add_engine, add_json, engine_args
 
 
 def add_parser(sub) -> None:
@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=16,
                    help="greedy tokens the layout generates per prompt, then scored by both (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json(p)
     p.add_argument("--fault", default="", help=argparse.SUPPRESS)  # tests: a fault the check must catch
     p.set_defaults(run=run)
 

@@ -17,6 +17,14 @@ def add_model(p: argparse.ArgumentParser, extra: str = "") -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP}{extra} (default: %(default)s)")
 
 
+def add_json(p: argparse.ArgumentParser, what: str = "one JSON object on stdout") -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what}")
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_tp(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", "--tensor-parallel-size", "-tp", dest="tp", type=int, default=None,
                    help="tensor-parallel degree: any value from 1 to the number of query heads "

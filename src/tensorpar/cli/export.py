@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from tensorpar.cli.common import add_quiet
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="a training checkpoint -> a Hugging Face directory", description=__doc__)
     p.add_argument("checkpoint", metavar="DIR", help="a checkpoint (step-N) or a run directory (its latest)")
     p.add_argument("--hf", required=True, metavar="OUT", help="the new Hugging Face directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
     p.set_defaults(run=run)
 
 

@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from tensorpar.cli.common import add_engine, engine_args
+from tensorpar.cli.common import add_engine, add_json, add_quiet, engine_args
 
 
 def add_parser(sub) -> None:
@@ -22,8 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("-n", "--n", type=int, default=1, help="completions per prompt (default: 1)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_json(p)
+    add_quiet(p)
     p.set_defaults(run=run)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from tensorpar.cli.common import add_json
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="recommend a TP/PP/DP configuration for a model on given hardware",
@@ -49,7 +51,7 @@ def add_parser(sub) -> None:
                    help="training: model chunks per pipeline stage (interleaved 1F1B; default: %(default)s, plain 1F1B)")
     p.add_argument("--calibrate", default=None, metavar="BENCH_JSON",
                    help="bench.json written by `tensorpar bench`: fit the device model to this machine")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    add_json(p, "JSON instead of the table")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw latency and throughput against TP degree")
     p.set_defaults(run=run)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from tensorpar.cli.common import add_device, add_model, add_tp
+from tensorpar.cli.common import add_device, add_json, add_model, add_quiet, add_tp
 
 
 def add_parser(sub) -> None:
@@ -36,8 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="train-out", help="where losses.json and losses.png go (default: %(default)s)")
     add_device(p)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may wait (default: 300)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_json(p)
+    add_quiet(p)
     p.set_defaults(run=run)
 
 
