@@ -13,6 +13,7 @@ dictionary that its reader (and transformers) reads back.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -198,16 +199,15 @@ def gguf_llama(meta, key, fields: dict) -> dict:
     return dict(fields, architecture="mixtral" if fields.get("num_experts") else "llama")
 
 
-def gguf_qwen2(meta, key, fields: dict) -> dict:
-    return dict(fields, architecture="qwen2")
+def gguf_as(model_type: str, **choices) -> Callable[..., dict]:
+    """The GGUF reader of an architecture that the shared keys describe: they, with ``model_type``
+    for ``architecture`` and ``choices`` (``ModelConfig`` fields: ``qk_norm=True``) set."""
 
+    def read(meta, key, fields: dict) -> dict:
+        return dict(fields, architecture=model_type, **choices)
 
-def gguf_qwen3(meta, key, fields: dict) -> dict:
-    return dict(fields, architecture="qwen3", qk_norm=True)
-
-
-def gguf_qwen3_moe(meta, key, fields: dict) -> dict:
-    return dict(fields, architecture="qwen3_moe", qk_norm=True)
+    read.__name__ = read.__qualname__ = f"gguf_as({model_type!r})"
+    return read
 
 
 def gguf_gemma3(meta, key, fields: dict) -> dict:

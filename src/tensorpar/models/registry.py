@@ -1,7 +1,8 @@
-"""The architectures tensorpar runs: one row each, naming one module.
+"""The architectures tensorpar runs: one row each (``Architecture``), naming its module, the config
+types it reads, the readers that read them and what it can do. Several rows may share a module.
 
 An architecture module (``tensorpar.models.llama`` is the example) holds everything that is
-particular to the architecture:
+particular to the architecture's model:
 
 - ``MODEL``: the plain single-device ``nn.Module`` class, built as ``MODEL(config)`` on the
   ``meta`` device (most assemble ``tensorpar.models.blocks.CausalLM``, which the config's
@@ -10,18 +11,24 @@ particular to the architecture:
   (local KV heads, head dim) each layer caches. Fused linears list their parts in ``fused_parts``.
 - ``PLAN``: module path pattern -> sharding style (``tensorpar.plans``); a mixture-of-experts
   model also ``EXPERT_PLAN`` (its experts, placed by the expert-parallel degree).
-- ``hf_tensor(name, config, stored)`` and ``gguf_tensor(name, config, stored)``: where the
-  model's tensor ``name`` (a parameter path, fused linears split into their parts) is stored in
-  a safetensors checkpoint or a GGUF file whose tensor names are ``stored``: a
-  ``tensorpar.models.names.TensorRef`` (stored name, rows of a fused tensor, transposed), or None.
-- ``from_gguf_layout(name, tensor, config, gguf_architecture)``: undo what llama.cpp's converter
-  did to a tensor (given a slice whose rows hold whole attention heads).
+- ``hf_tensor(name, config, stored)``: where the model's tensor ``name`` (a parameter path, fused
+  linears split into their parts) is stored in a safetensors checkpoint whose tensor names are
+  ``stored``: a ``tensorpar.models.names.TensorRef`` (stored name, rows of a fused tensor,
+  transposed), or None.
+- for a row that reads GGUF files, ``gguf_tensor(name, config, stored)`` (the same in llama.cpp's
+  names) and ``from_gguf_layout(name, tensor, config, gguf_architecture)``: undo what llama.cpp's
+  converter did to a tensor (given a slice whose rows hold whole attention heads).
 - optionally ``CHAT_TEMPLATE`` and ``EOS_TOKENS``: for tokenizers (GGUF files) that lack them.
 
 The row says which Hugging Face ``model_type`` values and GGUF ``general.architecture`` values
-the module reads. Reading their configs is ``ModelConfig.from_hf`` / ``from_gguf``. Nothing in
-``loading/`` or ``runtime/`` names an architecture. This module imports no torch; the
-architecture module is imported on first use.
+the module reads and names the torch-free function that reads each kind of config
+(``tensorpar.models.readers``; a Llama-like config is ``read_llama``'s, whatever its model_type);
+``ModelConfig.from_hf`` / ``from_gguf`` dispatch through it, and ``to_hf`` through its writer.
+Its capabilities (``trainable``, ``writes_hf_config``) are what training and the planner ask.
+
+``ARCHITECTURES`` are the built-in rows; ``register`` adds one whose module lives elsewhere (a
+plugin, a test). Nothing in ``loading/``, ``train/`` or ``runtime/`` branches on an architecture. This
+module imports no torch; the architecture module is imported on first use.
 """
 
 from __future__ import annotations
@@ -84,10 +91,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  gguf_architectures=("llama",), read_gguf=readers.gguf_llama,
                  trainable=True, write_hf=readers.write_llama),
     Architecture("qwen2", _LLAMA, ("qwen2",), read_hf=readers.read_qwen2,
-                 gguf_architectures=("qwen2",), read_gguf=readers.gguf_qwen2,
+                 gguf_architectures=("qwen2",), read_gguf=readers.gguf_as("qwen2"),
                  trainable=True, write_hf=readers.write_qwen2),
     Architecture("qwen3", "tensorpar.models.qwen3", ("qwen3",), read_hf=readers.read_qwen3,
-                 gguf_architectures=("qwen3",), read_gguf=readers.gguf_qwen3),
+                 gguf_architectures=("qwen3",), read_gguf=readers.gguf_as("qwen3", qk_norm=True)),
     Architecture("gemma3", "tensorpar.models.gemma3", ("gemma3_text",), read_hf=readers.read_gemma3,
                  gguf_architectures=("gemma3",), read_gguf=readers.gguf_gemma3),
     Architecture("phi3", "tensorpar.models.phi3", ("phi3",), read_hf=readers.read_llama),
@@ -97,7 +104,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("mixtral", "tensorpar.models.mixtral", ("mixtral",), read_hf=readers.read_mixtral),
     Architecture("qwen2_moe", _QWEN_MOE, ("qwen2_moe",), read_hf=readers.read_qwen2_moe),
     Architecture("qwen3_moe", _QWEN_MOE, ("qwen3_moe",), read_hf=readers.read_qwen3_moe,
-                 gguf_architectures=("qwen3moe",), read_gguf=readers.gguf_qwen3_moe),
+                 gguf_architectures=("qwen3moe",), read_gguf=readers.gguf_as("qwen3_moe", qk_norm=True)),
 )
 
 MODEL_TYPES: tuple[str, ...] = tuple(t for a in ARCHITECTURES for t in a.hf_model_types)
