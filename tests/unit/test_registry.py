@@ -3,6 +3,8 @@ beside the built-in ones."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from tensorpar.models import readers, registry
@@ -12,6 +14,7 @@ from tensorpar.models.registry import ARCHITECTURES, Architecture, for_gguf, for
 
 def test_every_built_in_row_names_a_reader_for_what_it_reads():
     for arch in ARCHITECTURES:
+        assert pickle.loads(pickle.dumps(arch)) == arch  # a checkpoint source carries its row to the ranks
         assert callable(arch.read_hf) and arch.hf_model_types
         assert callable(arch.read_gguf) == bool(arch.gguf_architectures)
         for gguf in arch.gguf_architectures:

@@ -13,7 +13,7 @@ dictionary that its reader (and transformers) reads back.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -199,15 +199,22 @@ def gguf_llama(meta, key, fields: dict) -> dict:
     return dict(fields, architecture="mixtral" if fields.get("num_experts") else "llama")
 
 
-def gguf_as(model_type: str, **choices) -> Callable[..., dict]:
+@dataclass(frozen=True)
+class SharedKeysReader:
     """The GGUF reader of an architecture that the shared keys describe: they, with ``model_type``
-    for ``architecture`` and ``choices`` (``ModelConfig`` fields: ``qk_norm=True``) set."""
+    for ``architecture`` and ``choices`` (``ModelConfig`` fields and values) set. A value, so that
+    a row holding it pickles (checkpoint sources travel to the ranks with their row)."""
 
-    def read(meta, key, fields: dict) -> dict:
-        return dict(fields, architecture=model_type, **choices)
+    model_type: str
+    choices: tuple[tuple[str, object], ...] = ()
 
-    read.__name__ = read.__qualname__ = f"gguf_as({model_type!r})"
-    return read
+    def __call__(self, meta, key, fields: dict) -> dict:
+        return dict(fields, architecture=self.model_type, **dict(self.choices))
+
+
+def gguf_as(model_type: str, **choices) -> SharedKeysReader:
+    """``SharedKeysReader`` of ``model_type`` with ``choices`` (``qk_norm=True``)."""
+    return SharedKeysReader(model_type, tuple(sorted(choices.items())))
 
 
 def gguf_gemma3(meta, key, fields: dict) -> dict:

@@ -51,6 +51,8 @@ class Architecture:
     ``gguf_architectures``: the GGUF ``general.architecture`` values it reads, with ``read_gguf``.
     ``trainable``: ``tensorpar train`` runs it. ``write_hf``: ``ModelConfig`` -> config.json, for a
     model read from GGUF whose checkpoint is written back (training, export); None where there is none.
+    A row travels to the ranks with a checkpoint source: its readers must pickle (module-level
+    functions, or values such as ``readers.gguf_as(...)``).
     """
 
     name: str
