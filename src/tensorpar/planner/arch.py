@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tensorpar.models.config import ModelConfig
-from tensorpar.models.registry import MODEL_TYPES
+from tensorpar.models.registry import model_types
 from tensorpar.planner.jsonfile import read_json_object
 
 LLAMA2 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -214,11 +214,11 @@ def from_hf_config(cfg: dict, name: str = "") -> ArchSpec:
     Every type the engine reads goes through ``ModelConfig.from_hf``.
     """
     kind = cfg.get("model_type")
-    if kind in MODEL_TYPES:
+    if kind in model_types():
         return from_model_config(ModelConfig.from_hf(cfg), name=name)
     raise ValueError(
         f"unsupported model_type {kind!r} in config.json; the planner reads "
-        f"{', '.join(MODEL_TYPES)}"
+        f"{', '.join(model_types())}"
     )
 
 

@@ -183,12 +183,12 @@ def runnable_by_tensorpar(arch: ArchSpec, c: Config, mode: str) -> bool:
     """Whether tensorpar's engine runs ``c`` for ``arch``: dense architectures it has a module for,
     TP x PP x DP for inference (replicas through ``serve --dp``; a mixture of experts also with
     EP dividing TP), TP x DP for training."""
-    from tensorpar.models.registry import MODEL_TYPES
+    from tensorpar.models.registry import for_model_type, model_types
 
-    if arch.family not in MODEL_TYPES or c.tp > arch.heads:
+    if arch.family not in model_types() or c.tp > arch.heads:
         return False
     if mode == "training":
-        return c.pp == 1 and c.ep == 1 and arch.family in ("llama", "mistral", "qwen2")
+        return c.pp == 1 and c.ep == 1 and for_model_type(arch.family).trainable
     if c.ep > 1 and (c.tp % c.ep or c.ep > arch.experts):
         return False
     return c.pp <= arch.layers

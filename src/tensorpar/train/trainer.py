@@ -25,7 +25,7 @@ from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.loader import build_model, fill_parameter
 from tensorpar.loading.tensorpar_checkpoint import ShardedCheckpointSource, find_checkpoint
 from tensorpar.models.config import ModelConfig
-from tensorpar.models.registry import checkpoint_shapes
+from tensorpar.models.registry import architectures, checkpoint_shapes, for_model_type
 from tensorpar.plans import set_sequence_parallel
 from tensorpar.process import peak_rss_mb
 from tensorpar.train.checkpoint import save_checkpoint
@@ -82,9 +82,6 @@ class TrainConfig:
             raise TensorparError("--data FILE.txt is required")
 
 
-TRAINABLE = ("llama", "mistral", "qwen2")  # what save, resume and export write back as Hugging Face checkpoints
-
-
 @dataclass(frozen=True)
 class TrainSpec:
     """A training run resolved once, before any rank starts: the degrees and the seed settled
@@ -117,8 +114,9 @@ class TrainSpec:
             if cfg.save and any(Path(cfg.save).glob("step-*")):
                 raise TensorparError(f"{cfg.save} already holds checkpoints of another run: continue it with "
                                      f"--resume {cfg.save}, or save a new run elsewhere")
-        if config.architecture not in TRAINABLE:
-            raise TensorparError(f"training runs the Llama family ({', '.join(TRAINABLE)}); "
+        if not for_model_type(config.architecture).trainable:
+            trainable = [t for a in architectures() if a.trainable for t in a.hf_model_types]
+            raise TensorparError(f"training runs the Llama family ({', '.join(trainable)}); "
                                  f"{config.architecture} models run in generate, serve and bench only")
         dims = ParallelDims.resolve(config.num_heads, cfg.tp, cfg.dp, torchrun_world_size, supported=("tp", "dp"))
         return cls(replace(cfg, tp=dims.tp, seed=seed), dims, config, model, start, checkpoint)
