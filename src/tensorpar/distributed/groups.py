@@ -29,7 +29,6 @@ class ParallelContext:
     backend: str
     group: dist.ProcessGroup | None = None
     shm: object | None = None
-    ep: int = 1  # expert-parallel degree within the group: experts are placed over ep sets of its ranks
 
     @property
     def is_leader(self) -> bool:

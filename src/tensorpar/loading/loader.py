@@ -136,6 +136,7 @@ def build_model(
     layers: range | None = None,
     ep: int = 1,
     attention_tp: int | None = None,
+    moe_dispatch: str = "auto",
     quantization: str = "none",
     quant_group: int = 32,
 ) -> nn.Module:
@@ -146,8 +147,9 @@ def build_model(
     ``trainable``: parameters require gradients, train mode, the plain layout. The degree is the
     caller's to have checked (``tensorpar.distributed.dims.ParallelDims``).
 
-    A mixture of experts places its experts over ``ctx``'s ranks in ``ep`` sets; the rest of the
-    model is split over them too, or (``attention_tp=1`` on several ranks) replicated on each.
+    A mixture of experts places its experts over ``ctx``'s ranks in ``ep`` sets and sends them
+    tokens by ``moe_dispatch`` (``layers.experts.ExpertParallelMoE``); the rest of the model is
+    split over them too, or (``attention_tp=1`` on several ranks) replicated on each.
     ``quantization`` (inference): the loaded shards packed as ``layers.quant`` says; ``gguf``:
     packed from the file's own blocks instead of loaded as float (``pack_file_blocks``).
     """
@@ -162,11 +164,9 @@ def build_model(
 
         dense_ctx = single_process_context(ctx.device)
     moe = cfg.num_experts > 0  # (its dense-MLP patterns match only the layers that have one, if any)
-    apply_plan(model, arch.PLAN, dense_ctx, stage=stage or moe)
+    apply_plan(model, arch.PLAN, dense_ctx, strict=not (stage or moe))
     if moe:
-        import dataclasses
-
-        apply_plan(model, arch.EXPERT_PLAN, dataclasses.replace(ctx, ep=ep), stage=True)
+        apply_plan(model, arch.EXPERT_PLAN, ctx, ep=ep, moe_dispatch=moe_dispatch)
     model.to(dtype).to_empty(device=ctx.device)
     if cfg.tie_word_embeddings:
         if not stage:
