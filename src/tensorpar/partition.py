@@ -153,7 +153,7 @@ A2A_MIN_TOKENS = 64  # below this a step is latency-bound: one all-reduce beats 
 
 
 def moe_dispatch(tokens: int, top_k: int, ranks: int, whole_experts: bool = True) -> str:
-    """How ``auto`` sends a step's ``tokens`` to the experts on ``ranks`` ranks (``models.blocks.MoE``).
+    """How ``auto`` sends a step's ``tokens`` to the experts on ``ranks`` ranks (``layers.experts``).
 
     Per rank, the ``reduce`` dispatch moves 2 (n - 1) / n T h values (a ring all-reduce of the
     partial sums); ``all_to_all`` moves 2 (T / n) k (n - 1) / n h (each (token, choice) row there

@@ -230,7 +230,7 @@ def test_longrope_matches_transformers():
     from transformers import Phi3Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from tensorpar.models.blocks import Rotary, inverse_frequencies
+    from tensorpar.models.rope import Rotary, inverse_frequencies
 
     scaling = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
                "long_factor": [2.0 + 0.5 * i for i in range(8)]}

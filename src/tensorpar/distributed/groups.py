@@ -21,8 +21,7 @@ class ParallelContext:
     group is on this host (``backend`` then reads ``"shm+gloo"``; gloo still carries the rare
     object collectives). ``control_group`` is a gloo group over the same ranks beside an NCCL
     ``group``: the control channel that step messages travel on (``collectives.broadcast_control``);
-    None where ``group`` is a CPU group already. ``ep`` says how a mixture of experts is laid out over the group's ranks
-    (``tensorpar.plans``' ``experts`` style).
+    None where ``group`` is a CPU group already.
     """
 
     rank: int
@@ -32,7 +31,6 @@ class ParallelContext:
     group: dist.ProcessGroup | None = None
     shm: object | None = None
     control_group: dist.ProcessGroup | None = None
-    ep: int = 1  # expert-parallel degree within the group: experts are placed over ep sets of its ranks
 
     @property
     def is_leader(self) -> bool:

@@ -1,7 +1,9 @@
-"""Tensor-parallel building blocks: column/row-parallel linear, vocab-parallel embedding and LM head."""
+"""Tensor-parallel building blocks: column/row-parallel linear, vocab-parallel embedding and LM head,
+the expert-parallel mixture of experts."""
 
 from tensorpar.layers.cross_entropy import vocab_parallel_cross_entropy
 from tensorpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tensorpar.layers.experts import ExpertParallelMoE
 from tensorpar.layers.linear import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -11,6 +13,7 @@ from tensorpar.layers.linear import (
 
 __all__ = [
     "ColumnParallelLinear",
+    "ExpertParallelMoE",
     "RowParallelLinear",
     "Segment",
     "VocabParallelEmbedding",

@@ -1,8 +1,9 @@
 """Weight-only quantized weights for inference, and the one ``linear`` the parallel layers call.
 
 After loading, a layer's float weight W [out, in] (its own shard) can be replaced by a module that
-holds it packed and computes y = x W^T. Every packed format is a ``BlockCodes``: small integer codes
-and one scale (and, for affine formats, one bias) per group of ``group`` consecutive inputs,
+holds it packed and computes y = x W^T (``loading.quantize`` does so for a whole model). Every
+packed format is a ``BlockCodes``: small integer codes and one scale (and, for affine formats, one
+bias) per group of ``group`` consecutive inputs,
 
     W[r, c] = scale[r, c // group] * (codes[r, c] - offset) + bias[r, c // group].
 
@@ -356,38 +357,3 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
         y = weight(x)
         return y + bias if bias is not None else y
     return F.linear(x, weight, bias)
-
-
-def packable_modules(model: nn.Module):
-    """(module, its float weight) for every column-, row-parallel linear and LM head of ``model``
-    that holds a float weight on the CPU: the matrices a quantization replaces."""
-    from tensorpar.layers.embedding import ParallelLMHead
-    from tensorpar.layers.linear import ColumnParallelLinear, RowParallelLinear
-
-    for module in model.modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
-            weight = module.weight
-            if not isinstance(weight, QuantizedWeight) and weight.device.type == "cpu":
-                yield module, weight
-
-
-def set_packed(module: nn.Module, packed: QuantizedWeight) -> None:
-    """Replace ``module``'s float weight by ``packed`` (a tied head's shared parameter stays with
-    the embedding)."""
-    if "weight" in module._parameters:
-        del module._parameters["weight"]
-    module.weight = packed
-
-
-def quantize_model(model: nn.Module, scheme: str, group: int = DEFAULT_GROUP) -> dict:
-    """Replace the weight of every column-, row-parallel linear and LM head of ``model`` (this
-    rank's shards) by its ``scheme`` packing, in place; the embedding stays float (a tied head
-    gets a packed copy of its rows). Returns {scheme used: matrices}."""
-    used: dict[str, int] = {}
-    if scheme == "none":
-        return used
-    for module, weight in list(packable_modules(model)):
-        packed = quantize_weight(weight, scheme, group)
-        set_packed(module, packed)
-        used[packed.scheme] = used.get(packed.scheme, 0) + 1
-    return used

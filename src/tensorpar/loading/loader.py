@@ -18,6 +18,7 @@ from tensorpar.distributed.groups import ParallelContext
 from tensorpar.errors import CheckpointError
 from tensorpar.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, use_streaming_layout
 from tensorpar.layers.pieces import ParamPieces, fill_from_pieces, model_pieces
+from tensorpar.loading.quantize import packable_modules, quantize_model, set_packed
 from tensorpar.loading.sources import CheckpointSource
 from tensorpar.models.registry import checkpoint_shapes, model_module
 from tensorpar.plans import apply_plan, tie_embeddings
@@ -90,7 +91,7 @@ def pack_file_blocks(model: nn.Module, source: CheckpointSource, progress: bool 
     replace were never touched, so never resident). The embedding keeps its rows as codes too
     (``CodesTable``). A matrix whose file type has no codes stays float and is loaded as usual. Returns {kernel: matrices}, ``float`` for those left."""
     from tensorpar.layers.embedding import VocabParallelEmbedding
-    from tensorpar.layers.quant import CodesTable, packable_modules, set_packed
+    from tensorpar.layers.quant import CodesTable
 
     expected = checkpoint_shapes(model.config)
     owners = {id(pp.param): pp for pp in model_pieces(model)}  # (a tied head: the embedding's pieces)
@@ -136,6 +137,7 @@ def build_model(
     layers: range | None = None,
     ep: int = 1,
     attention_tp: int | None = None,
+    moe_dispatch: str = "auto",
     quantization: str = "none",
     quant_group: int = 32,
 ) -> nn.Module:
@@ -146,9 +148,10 @@ def build_model(
     ``trainable``: parameters require gradients, train mode, the plain layout. The degree is the
     caller's to have checked (``tensorpar.distributed.dims.ParallelDims``).
 
-    A mixture of experts places its experts over ``ctx``'s ranks in ``ep`` sets; the rest of the
-    model is split over them too, or (``attention_tp=1`` on several ranks) replicated on each.
-    ``quantization`` (inference): the loaded shards packed as ``layers.quant`` says; ``gguf``:
+    A mixture of experts places its experts over ``ctx``'s ranks in ``ep`` sets and sends them
+    tokens by ``moe_dispatch`` (``layers.experts.ExpertParallelMoE``); the rest of the model is
+    split over them too, or (``attention_tp=1`` on several ranks) replicated on each.
+    ``quantization`` (inference): the loaded shards packed as ``loading.quantize`` says; ``gguf``:
     packed from the file's own blocks instead of loaded as float (``pack_file_blocks``).
     """
     cfg = source.config
@@ -162,11 +165,9 @@ def build_model(
 
         dense_ctx = single_process_context(ctx.device)
     moe = cfg.num_experts > 0  # (its dense-MLP patterns match only the layers that have one, if any)
-    apply_plan(model, arch.PLAN, dense_ctx, stage=stage or moe)
+    apply_plan(model, arch.PLAN, dense_ctx, strict=not (stage or moe))
     if moe:
-        import dataclasses
-
-        apply_plan(model, arch.EXPERT_PLAN, dataclasses.replace(ctx, ep=ep), stage=True)
+        apply_plan(model, arch.EXPERT_PLAN, ctx, ep=ep, moe_dispatch=moe_dispatch)
     model.to(dtype).to_empty(device=ctx.device)
     if cfg.tie_word_embeddings:
         if not stage:
@@ -186,7 +187,5 @@ def build_model(
     if trainable:
         return model.train().requires_grad_(True)
     if quantization in ("int8", "int4"):
-        from tensorpar.layers.quant import quantize_model
-
         quantize_model(model, quantization, quant_group)
     return model.eval().requires_grad_(False)

@@ -1,4 +1,6 @@
-"""Plain single-device model code; parallelism is applied afterwards by ``tensorpar.plans``.
+"""Plain single-device model code; parallelism is applied afterwards by ``tensorpar.plans``
+(which swaps in the sharded layers of ``tensorpar.layers``: a mixture of experts' placement over
+ranks and its token dispatch are ``layers.experts``). Nothing here imports ``tensorpar.distributed``.
 
 ``ModelConfig`` is torch-free; the model classes import torch on first use.
 """

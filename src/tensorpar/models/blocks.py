@@ -1,5 +1,6 @@
-"""The blocks every architecture module assembles: norms, rotary embeddings, attention, MLPs, the
-decoder layer and the causal LM around them, shaped by a ``ModelConfig``'s choices.
+"""The blocks every architecture module assembles: norms, MLPs, the mixture of experts, attention,
+the decoder layer and the causal LM around them, shaped by a ``ModelConfig``'s choices (rotary
+positions: ``tensorpar.models.rope``).
 
 Plain single-device PyTorch; parallelism is applied afterwards by a plan. Module and parameter
 names follow Hugging Face's Llama, except that Q/K/V and gate/up are fused into ``qkv_proj`` and
@@ -10,8 +11,9 @@ its local head counts from ``num_heads`` / ``num_kv_heads``, which a sharding pl
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from contextlib import nullcontext
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from torch import nn
 
 from tensorpar.layers.attention import AttentionBatch, PackedBatch
 from tensorpar.models.config import ModelConfig
+from tensorpar.models.rope import Rotary, apply_rope
 
 _NO_DROPOUT = nullcontext()  # reusable: entered on every inference step
 
@@ -146,244 +149,79 @@ class MLP(nn.Module):
         return self.down_proj(activation(self.act, gate, inplace=True).mul_(up))
 
 
+class Router(nn.Linear):
+    """The router of a mixture of experts (its weight is the checkpoint's ``gate``): for each token
+    x, p = softmax(W x) over the E experts (in float32), its top-k (i_1..i_k, torch.topk's order:
+    ties to the lower index) with weights w_j = p[i_j] (divided by their sum when ``renormalize``)."""
+
+    def __init__(self, hidden: int, experts: int, top_k: int, renormalize: bool):
+        super().__init__(hidden, experts, bias=False)
+        self.top_k, self.renormalize = top_k, renormalize
+
+    def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] in t's dtype, expert indices [T, k]) of tokens ``t`` [T, hidden]."""
+        probs = torch.softmax(self(t).float(), dim=-1)  # [T, E]
+        weights, index = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(t.dtype), index
+
+
+class Experts(nn.ModuleList):
+    """The experts E_0 .. E_{E-1} of a mixture, each an MLP of the expert size, run on the tokens
+    routed to them: y = sum_j w_j E_{i_j}(x) over the choices j whose expert is ``held``."""
+
+    def forward(self, t: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
+                held: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``t`` [T, hidden] and their routing (``weights``, ``index``: [T, k]) -> (y [T, hidden]
+        over the experts ``held`` (default: all), the (token, choice) rows routed to each expert [E]).
+
+        The T k rows are sorted by expert once (stably: within an expert, in token order) and each
+        held expert runs on its run of them; reading the runs' lengths is the one host sync."""
+        k = index.shape[1]
+        choice = index.flatten()  # [T k]: row r is token r // k's choice r % k
+        order = torch.argsort(choice, stable=True)  # [T k]: the rows grouped by expert
+        per_expert = torch.bincount(choice, minlength=len(self))  # [E]
+        sizes = per_expert.tolist()
+        starts = [0, *accumulate(sizes)]
+        w = weights.flatten()  # [T k]
+        out = torch.zeros_like(t)
+        for e in range(len(self)) if held is None else held:
+            if sizes[e]:
+                rows = order[starts[e]:starts[e + 1]]  # [n_e]
+                tokens = rows // k
+                out.index_add_(0, tokens, self[e](t[tokens]) * w[rows, None])
+        return out, per_expert
+
+
 class MoE(nn.Module):
     """A mixture of experts in place of the MLP (Mixtral, Qwen2-MoE, Qwen3-MoE), as transformers
-    computes it: for each token x, p = softmax(gate(x)) over the experts (in float32), its top-k
-    (i_1..i_k, torch.topk's order: ties to the lower index) with weights w = p[i] (divided by
-    their sum when ``norm_topk_prob``), and y = sum_j w_j * expert_{i_j}(x); a shared expert adds
-    sigmoid(shared_expert_gate(x)) * shared_expert(x).
+    computes it: y = sum_j w_j E_{i_j}(x) over the router's top-k choices (``Router``); a shared
+    expert S adds sigmoid(s x) S(x), s the ``shared_expert_gate`` row.
 
-    Sharded (``place``), the group's ranks form expert sets, each holding some experts whole or
-    split by intermediate rows over the set's ranks. The tokens enter replicated on every rank and
-    leave so, by one of two dispatches:
-
-    - ``reduce``: every rank routes every token, runs its experts on the tokens routed to them, and
-      the partial sums are all-reduced (one all-reduce of [T, hidden]; the shared expert's partial
-      sum joins the same one).
-    - ``all_to_all`` (experts whole, one rank per set): rank r routes only its slice of the tokens
-      (T / ranks), sends each (token, choice) row to the rank holding the chosen expert (a
-      variable-sized all-to-all), gets the expert outputs back the same way, weights and adds them,
-      and the slices are all-gathered. Traffic per rank: about 2 T k / ranks rows plus the
-      gather's T rows, against the all-reduce's 2 T rows, and the routing is split too.
-
-    ``dispatch``: one of the two, or ``auto`` (``partition.moe_dispatch``: ``all_to_all`` only when
-    it moves fewer bytes, with more than 2 k ranks, and for steps of many tokens). ``counts``: tokens routed to each expert in the forward passes so far (all experts, local or
-    not), for load-balance figures.
+    Single-device: every expert is here, whole. A plan's ``experts`` style replaces this module by
+    ``tensorpar.layers.experts.ExpertParallelMoE``, which places the experts over ranks and takes
+    over the router, the experts and the shared expert as they are (``gate``, ``experts``,
+    ``shared``, ``shared_expert``, ``shared_expert_gate``).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, e = cfg.hidden_size, cfg.num_experts
-        self.top_k, self.norm_topk = cfg.experts_per_token, cfg.norm_topk_prob
-        self.gate = nn.Linear(h, e, bias=False)
-        self.experts = nn.ModuleList(MLP(cfg, cfg.moe_intermediate_size) for _ in range(e))
-        self.local: list[int] = list(range(e))
-        self.sets: list[list[int]] = [self.local]  # the experts of each expert set
-        self.ctx = None  # the group whose partial sums add up to y (None: all experts are here, whole)
-        self.whole = True  # each expert lives on one rank (no expert tensor parallelism)
-        self.dispatch = "auto"
+        self.gate = Router(h, e, cfg.experts_per_token, cfg.norm_topk_prob)
+        self.experts = Experts(MLP(cfg, cfg.moe_intermediate_size) for _ in range(e))
         self.shared = cfg.shared_expert_size > 0
-        self.shared_partial = False  # the shared expert's sum over the group is left to this module
         if self.shared:
             self.shared_expert = MLP(cfg, cfg.shared_expert_size)
             self.shared_expert_gate = nn.Linear(h, 1, bias=False)
-        self.counts: torch.Tensor | None = None  # [num_experts] tokens routed so far
-
-    def place(self, sets: list[list[int]], set_index: int, expert_tp: int, ctx) -> None:
-        """This rank holds expert set ``set_index`` of ``sets``, each expert split over ``expert_tp``
-        ranks, on group ``ctx`` (None: a group of one). A shared expert split over the same group
-        (row-parallel down projection without bias) leaves its reduction to this module's."""
-        self.sets, self.local, self.ctx, self.whole = sets, sets[set_index], ctx, expert_tp == 1
-        if self.shared and ctx is not None:
-            down = self.shared_expert.down_proj
-            if getattr(down, "ctx", None) is not None and down.ctx.world_size == ctx.world_size and down.bias is None:
-                down.reduce, self.shared_partial = False, True
-
-    def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [T, k] in t's dtype, expert indices [T, k]) of tokens ``t`` [T, hidden]."""
-        probs = torch.softmax(self.gate(t).float(), dim=-1)
-        weights, index = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(t.dtype), index
-
-    def uses_all_to_all(self, tokens: int) -> bool:
-        if self.ctx is None or not self.whole or torch.is_grad_enabled() or self.dispatch == "reduce":
-            return False
-        if self.dispatch == "all_to_all":
-            return True
-        from tensorpar.partition import moe_dispatch
-
-        return moe_dispatch(tokens, self.top_k, self.ctx.world_size) == "all_to_all"
-
-    def _count(self, routed: torch.Tensor) -> None:
-        self.counts = routed if self.counts is None else self.counts + routed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from tensorpar.distributed.collectives import all_reduce, reduce_from_tp
-
         shape = x.shape
         t = x.reshape(-1, shape[-1])  # [T, hidden]
-        a2a = self.uses_all_to_all(t.shape[0])
-        out = self._all_to_all(t) if a2a else self._local_experts(t)
-        shared = torch.sigmoid(self.shared_expert_gate(t)) * self.shared_expert(t) if self.shared else None
-        if self.shared_partial and not a2a:
-            out = out + shared  # one reduction for both
-            shared = None
-        if self.ctx is not None and not a2a:
-            out = reduce_from_tp(out, self.ctx)
-        if shared is not None:
-            out = out + (all_reduce(shared, self.ctx) if self.shared_partial else shared)
+        out, _ = self.experts(t, *self.gate.route(t))
+        if self.shared:
+            out = out + torch.sigmoid(self.shared_expert_gate(t)) * self.shared_expert(t)
         return out.view(shape)
-
-    def _local_experts(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's experts' part of y for every token: [T, hidden], a partial sum over the group."""
-        weights, index = self.route(t)
-        self._count(torch.bincount(index.flatten(), minlength=len(self.experts)))
-        out = torch.zeros_like(t)
-        for e in self.local:
-            tokens, k = torch.where(index == e)
-            if tokens.numel():
-                out.index_add_(0, tokens, self.experts[e](t[tokens]) * weights[tokens, k, None])
-        return out
-
-    def _all_to_all(self, t: torch.Tensor) -> torch.Tensor:
-        """y for every token [T, hidden], each rank routing its slice and the rows travelling to
-        their experts and back (see the class docstring)."""
-        from tensorpar.distributed.collectives import all_gather_dim, all_to_all
-
-        ctx, n, k = self.ctx, self.ctx.world_size, self.top_k
-        total, step = t.shape[0], -(-t.shape[0] // self.ctx.world_size)
-        lo, hi = min(total, ctx.rank * step), min(total, (ctx.rank + 1) * step)
-        mine = t[lo:hi]  # [t_r, hidden]: this rank's slice
-        weights, index = self.route(mine)  # [t_r, k]
-        choice = index.flatten()  # [t_r * k]
-        order = torch.argsort(choice, stable=True)  # the (token, choice) rows grouped by expert
-        per_expert = torch.bincount(choice, minlength=len(self.experts))  # [E]
-        table = all_gather_dim(per_expert[None], ctx, 0)  # [n, E]: rows each rank routes to each expert
-        self._count(table.sum(0))
-        owner = torch.empty(len(self.experts), dtype=torch.long, device=t.device)
-        for r, experts in enumerate(self.sets):
-            owner[experts] = r
-        rows = table.new_zeros(n, n).index_add_(1, owner, table)  # [n, n]: rank p -> rank q
-        got = all_to_all(mine[order // k], rows, ctx)  # [R, hidden]: by sender, by expert within
-        local = table[:, self.local]  # [n, L]
-        label = torch.arange(len(self.local), device=t.device).repeat(n).repeat_interleave(local.flatten())  # [R]
-        by_expert = torch.argsort(label, stable=True)
-        result = torch.empty_like(got)
-        start = 0
-        for e, size in zip(self.local, local.sum(0).tolist()):
-            if size:
-                idx = by_expert[start:start + size]
-                result[idx] = self.experts[e](got[idx])
-            start += size
-        back = all_to_all(result, rows.T.contiguous(), ctx)  # [t_r * k, hidden], in ``order``
-        part = t.new_zeros(step, t.shape[1])  # [T / n, hidden], padded
-        part.index_add_(0, order // k, back * weights.flatten()[order, None])
-        return all_gather_dim(part, ctx, 0)[:total]  # [T, hidden]
-
-
-# --- rotary positions -------------------------------------------------------------------------
-
-
-def inverse_frequencies(head_dim: int, base: float, scaling: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """theta_i = base^(-2i/d), scaled as ``scaling`` says: (inverse frequencies [d/2], and for
-    LongRoPE the long-context ones, else None).
-
-    linear: theta_i / factor. llama3: low frequencies / factor, high ones kept, a smooth ramp
-    between. longrope: theta_i / short_factor_i (long_factor_i beyond the pretrained length).
-    factors (llama.cpp's rope_freqs): theta_i / factors_i.
-    """
-    d = head_dim
-    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    kind = (scaling or {}).get("rope_type", "default")
-    if kind == "default":
-        return inv.float(), None
-    if kind == "linear":
-        return (inv / scaling["factor"]).float(), None
-    if kind == "factors":
-        return (inv / torch.tensor(scaling["factors"], dtype=torch.float64)).float(), None
-    if kind == "longrope":  # transformers computes these in float32: so do we
-        shape = torch.arange(0, d, 2, dtype=torch.int64).float() / d
-        short, long = (1.0 / (torch.tensor(scaling[k], dtype=torch.float32) * base ** shape)
-                       for k in ("short_factor", "long_factor"))
-        return short, long
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return torch.where(medium, smoothed, scaled).float(), None
-    raise ValueError(f"unsupported rope scaling type {kind!r}")
-
-
-def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """The (global layers', short-context) inverse frequencies of ``cfg``."""
-    return inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)[0]
-
-
-def longrope_attention_factor(scaling: dict) -> float:
-    """LongRoPE scales cos and sin by sqrt(1 + ln(factor) / ln(original length)) (1 when factor <= 1)."""
-    if scaling.get("attention_factor") is not None:
-        return float(scaling["attention_factor"])
-    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
-    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-
-
-class Rotary:
-    """cos and sign-folded sin tables (see ``apply_rope``) for one (base, scaling), grown on demand.
-
-    LongRoPE: a row whose largest position is at or beyond the pretrained length uses the long
-    factors for all its tokens, as transformers does for a forward whose positions reach so far
-    (keys already cached keep the rotation they were written with).
-    """
-
-    def __init__(self, head_dim: int, base: float, scaling: dict | None):
-        self.head_dim, self.base, self.scaling = head_dim, base, scaling
-        longrope = (scaling or {}).get("rope_type") == "longrope"
-        self.switch_at = scaling["original_max_position_embeddings"] if longrope else None
-        self.factor = longrope_attention_factor(scaling) if longrope else 1.0
-        self._tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _table(self, long: bool, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self._tables.get(long)
-        if t is None or t[0].shape[0] < length or t[0].device != device:
-            n = max(length, 2 * (t[0].shape[0] if t else 256))
-            with torch.device("cpu"):  # (the model may have been built under the meta device)
-                short_inv, long_inv = inverse_frequencies(self.head_dim, self.base, self.scaling)
-            inv = (long_inv if long else short_inv).to(device)
-            freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            sign = torch.cat((-torch.ones_like(inv), torch.ones_like(inv)))
-            t = self._tables[long] = (emb.cos() * self.factor, emb.sin() * self.factor * sign)
-        return t
-
-    def __call__(self, batch: AttentionBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin at the batch's positions, [B, S, 1, D] each."""
-        if isinstance(batch, PackedBatch) and self.switch_at is not None:  # the long factors go by sequence
-            tables = [self(part, dtype) for part in batch.parts]
-            return tuple(torch.cat([t[i].reshape(1, -1, 1, self.head_dim) for t in tables], dim=1) for i in (0, 1))
-        pos, n = batch.positions, batch.max_position + 1
-        cos, sin = self._table(False, n, pos.device)
-        cos, sin = cos[pos], sin[pos]
-        if self.switch_at is not None and n > self.switch_at:
-            long = (pos.amax(dim=1) + 1 > self.switch_at).view(-1, 1, 1)  # [B, 1, 1]
-            lcos, lsin = self._table(True, n, pos.device)
-            cos, sin = torch.where(long, lcos[pos], cos), torch.where(long, lsin[pos], sin)
-        return cos.unsqueeze(2).to(dtype), sin.unsqueeze(2).to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] for x = [x1, x2].
-
-    rotate_half(x) = roll(x, D/2) * [-1..-1, 1..1], so the sign is folded into ``signed_sin``.
-    x: [B, S, heads, D], cos / signed_sin: [B, S, 1, D].
-    """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 # --- attention and the decoder layer -----------------------------------------------------------
@@ -591,12 +429,14 @@ PLAN: dict[str, str] = {
 }
 
 # Mixture-of-experts models: the dense plan (whose MLP rows a model of MoE layers alone does not
-# use), a shared expert split like a dense MLP, and the experts, placed over the group's ranks by
-# ``ep`` (the ``experts`` style), applied with the group's context even where the dense parts
-# are replicated (attention tp=1 beside ep > 1).
+# use) with a shared expert split like a dense MLP; then, applied with the whole group's context
+# even where the dense parts are replicated (attention tp=1 beside ep > 1) and after the dense
+# plan, the MoE layers: the ``experts`` style makes each an ``ExpertParallelMoE`` whose experts
+# are placed over the group's ranks by the expert-parallel degree (a dense MLP between MoE layers
+# is left as the dense plan split it).
 MOE_PLAN: dict[str, str] = {
     **PLAN,
     "model.layers.*.mlp.shared_expert.gate_up_proj": "colwise",
     "model.layers.*.mlp.shared_expert.down_proj": "rowwise",
 }
-EXPERT_PLAN: dict[str, str] = {"model.layers.*.mlp.experts": "experts"}
+EXPERT_PLAN: dict[str, str] = {"model.layers.*.mlp": "experts"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 
+from tensorpar.models.blocks import PLAN as DENSE_PLAN
 from tensorpar.models.blocks import CausalLM
 from tensorpar.models.names import TensorRef, fused_rows, gguf_from_hf
 
@@ -21,14 +22,8 @@ __all__ = ["MODEL", "PLAN", "from_gguf_layout", "gguf_tensor", "hf_tensor"]
 
 MODEL = CausalLM
 
-PLAN: dict[str, str] = {
-    "model.embed_tokens": "vocab_embedding",
-    "model.layers.*.self_attn.qkv_proj": "colwise_heads",
-    "model.layers.*.self_attn.o_proj": "rowwise_heads",
-    "model.layers.*.mlp.up_proj": "colwise",
-    "model.layers.*.mlp.down_proj": "rowwise",
-    "lm_head": "vocab_head",
-}
+# The dense plan, its MLP's input projection plain ``up_proj`` (no gate to fuse with).
+PLAN: dict[str, str] = {p.replace(".mlp.gate_up_proj", ".mlp.up_proj"): style for p, style in DENSE_PLAN.items()}
 
 _GLOBAL = {"model.embed_tokens": "wte", "model.embed_positions": "wpe", "model.norm": "ln_f", "lm_head": "lm_head"}
 _LAYER = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attn.o_proj": "attn.c_proj",

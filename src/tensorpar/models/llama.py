@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from tensorpar.models.blocks import PLAN, CausalLM, DecoderLayer, RMSNorm, rope_inverse_frequencies
+from tensorpar.models.blocks import PLAN, CausalLM, DecoderLayer, RMSNorm
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.names import gguf_from_hf, same_name
+from tensorpar.models.rope import rope_inverse_frequencies
 
 __all__ = ["MODEL", "PLAN", "CausalLM", "DecoderLayer", "LlamaForCausalLM", "RMSNorm", "from_gguf_layout",
            "gguf_tensor", "hf_tensor", "rope_inverse_frequencies", "unpermute_rows"]

@@ -10,7 +10,8 @@ particular to the architecture's model:
   [B, S, hidden]; ``logits`` maps them to the vocabulary; ``kv_cache_shape()`` gives the
   (local KV heads, head dim) each layer caches. Fused linears list their parts in ``fused_parts``.
 - ``PLAN``: module path pattern -> sharding style (``tensorpar.plans``); a mixture-of-experts
-  model also ``EXPERT_PLAN`` (its experts, placed by the expert-parallel degree).
+  model also ``EXPERT_PLAN``: its MoE layers, which the ``experts`` style replaces by
+  ``layers.experts.ExpertParallelMoE``, placed by the expert-parallel degree (``apply_plan(ep=)``).
 - ``hf_tensor(name, config, stored)``: where the model's tensor ``name`` (a parameter path, fused
   linears split into their parts) is stored in a safetensors checkpoint whose tensor names are
   ``stored``: a ``tensorpar.models.names.TensorRef`` (stored name, rows of a fused tensor,

@@ -10,12 +10,13 @@ Styles (the whole vocabulary of plans):
 - ``rowwise_heads``   row-parallel output projection over the same head slots.
 - ``vocab_embedding`` vocabulary-parallel embedding.
 - ``vocab_head``      vocabulary-parallel LM head (``tie_embeddings`` shares the embedding's shard).
-- ``experts``         the experts of an MoE layer (a ``ModuleList`` of gated MLPs) over the group's
-                      ``ctx.ep`` expert sets: set g of ep (ranks g*t .. g*t + t - 1, t = size / ep)
-                      holds experts ``even_split(E, ep, g)`` whole, each split by intermediate rows
-                      over its t ranks (expert TP); the others become empty placeholders, so that
-                      names keep the checkpoint's expert numbers. The parent sums its partial
-                      outputs with one all-reduce over the group.
+- ``experts``         an MoE layer (``models.blocks.MoE``) becomes an ``ExpertParallelMoE`` with
+                      its experts over ``ep`` expert sets of the group (``apply_plan(ep=)``): set g
+                      (ranks g*t .. g*t + t - 1, t = size / ep) holds experts ``even_split(E, ep, g)``
+                      whole, each split by intermediate rows over its t ranks (expert TP); the
+                      others become empty placeholders, so that names keep the checkpoint's expert
+                      numbers. Tokens reach the experts by ``apply_plan(moe_dispatch=)``. A dense
+                      MLP the pattern also matches (between MoE layers) is left as it is.
 
 Modules that no pattern names are replicated. Apply a plan to a model on the ``meta`` device,
 then materialize (each rank allocates only its shards), then tie.
@@ -24,13 +25,15 @@ then materialize (each rank allocates only its shards), then tie.
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
+from functools import partial
 
 import torch
 from torch import nn
 
-from tensorpar.distributed.groups import ParallelContext
+from tensorpar.distributed.groups import ParallelContext, single_process_context
 from tensorpar.layers import (
     ColumnParallelLinear,
+    ExpertParallelMoE,
     ParallelLMHead,
     RowParallelLinear,
     Segment,
@@ -81,30 +84,27 @@ def _vocab_head(name, module, parent, cfg, ctx: ParallelContext):
     return ParallelLMHead(span, sizes, module.in_features, ctx, name.rsplit(".", 1)[-1])
 
 
-def _experts(name, module, parent, cfg, ctx: ParallelContext):
-    from tensorpar.distributed.groups import single_process_context
-
-    n, ep = ctx.world_size, ctx.ep
+def _experts(name, module, parent, cfg, ctx: ParallelContext, ep: int = 1, dispatch: str = "auto"):
+    if not hasattr(module, "experts"):  # a dense MLP between MoE layers
+        return module
+    n, experts = ctx.world_size, module.experts
     if n % ep:
         raise ValueError(f"ep={ep} must divide the {n} ranks the experts are placed over")
     width = n // ep  # ranks sharing each expert (expert tensor parallelism)
     group, j = divmod(ctx.rank, width)
-    local = list(even_split(len(module), ep, group))
+    sets = [list(even_split(len(experts), ep, g)) for g in range(ep)]
     rows = even_split(cfg.moe_intermediate_size, width, j)
     alone = single_process_context(ctx.device)  # an expert's slices: no reduction of their own
-    out = nn.ModuleList()
-    for e, expert in enumerate(module):
-        if e not in local:
-            out.append(nn.Module())
+    for e in range(len(experts)):
+        if e not in sets[group]:
+            experts[e] = nn.Module()
             continue
-        gate_up, down = expert.gate_up_proj, expert.down_proj
-        expert.gate_up_proj = ColumnParallelLinear(
+        gate_up, down = experts[e].gate_up_proj, experts[e].down_proj
+        experts[e].gate_up_proj = ColumnParallelLinear(
             gate_up.in_features, [Segment(p, rows) for p, _ in gate_up.fused_parts], gate_up.bias is not None, alone)
-        expert.down_proj = RowParallelLinear([Segment("down_proj", rows)], down.out_features, down.bias is not None,
-                                             alone)
-        out.append(expert)
-    parent.place([list(even_split(len(module), ep, g)) for g in range(ep)], group, width, ctx if n > 1 else None)
-    return out
+        experts[e].down_proj = RowParallelLinear([Segment("down_proj", rows)], down.out_features, down.bias is not None,
+                                                 alone)
+    return ExpertParallelMoE(module, sets, group, ctx, dispatch)
 
 
 BUILDERS = {
@@ -119,25 +119,29 @@ BUILDERS = {
 STYLES = tuple(BUILDERS)
 
 
-def apply_plan(model: nn.Module, plan: dict[str, str], ctx: ParallelContext, stage: bool = False) -> nn.Module:
+def apply_plan(model: nn.Module, plan: dict[str, str], ctx: ParallelContext, *, strict: bool = True,
+               ep: int = 1, moe_dispatch: str = "auto") -> nn.Module:
     """Replace every module whose path matches a plan pattern by its sharded counterpart.
 
-    ``*`` matches any characters, dots included; a pattern that matches nothing is an error,
-    except in a pipeline ``stage`` (which lacks the embedding or the head).
+    ``*`` matches any characters, dots included. ``strict``: a pattern that matches nothing is an
+    error; pass False where some may (a pipeline stage lacks the embedding or the head; a mixture
+    of experts may have no dense MLP). ``ep`` and ``moe_dispatch``: the expert-parallel degree and
+    the token dispatch of the ``experts`` style.
     """
+    builders = {**BUILDERS, "experts": partial(_experts, ep=ep, dispatch=moe_dispatch)}
     modules = dict(model.named_modules())
     for pattern, style in plan.items():
         matched = [n for n in modules if n and fnmatchcase(n, pattern)]
-        if not matched and not stage:
+        if not matched and strict:
             raise ValueError(f"plan pattern {pattern!r} matches no module of {type(model).__name__}")
         for name in matched:
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             old = modules[name]
             with torch.device(next(old.parameters()).device):  # a meta model stays on meta
-                if style not in BUILDERS:
+                if style not in builders:
                     raise ValueError(f"unknown plan style {style!r} for {name}; styles: {', '.join(STYLES)}")
-                setattr(parent, leaf, BUILDERS[style](name, old, parent, model.config, ctx))
+                setattr(parent, leaf, builders[style](name, old, parent, model.config, ctx))
     return model
 
 

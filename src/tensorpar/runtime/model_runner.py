@@ -49,19 +49,17 @@ class ModelRunner:
             layers = stage_layers(self.config.num_layers, self.pp, self.stage)
         t = time.perf_counter()
         self.model = build_model(spec.source, self.tp_ctx, self.dtype, progress=spec.progress and ctx.is_leader,
-                                 layers=layers, ep=dims.ep, attention_tp=dims.tp,
+                                 layers=layers, ep=dims.ep, attention_tp=dims.tp, moe_dispatch=spec.moe_dispatch,
                                  quantization=spec.quantization, quant_group=spec.quant_group)
         self.load_s = time.perf_counter() - t
         if spec.fault:
             from tensorpar.runtime.faults import apply_fault
 
             apply_fault(self.model, spec.fault)
-        from tensorpar.models.blocks import MoE
+        from tensorpar.layers.experts import ExpertParallelMoE
 
         self.moe_layers = [(int(name.split(".")[2]), m)  # (name: model.layers.<i>.mlp)
-                           for name, m in self.model.named_modules() if isinstance(m, MoE)]
-        for _, moe in self.moe_layers:
-            moe.dispatch = spec.moe_dispatch
+                           for name, m in self.model.named_modules() if isinstance(m, ExpertParallelMoE)]
         self.cache: KVCache | None = None
         self.busy_s = 0.0  # seconds spent computing steps (not waiting for another stage)
 

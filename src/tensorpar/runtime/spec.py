@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from tensorpar.loading.sources import CheckpointSource
 
 COMMS = ("auto", "gloo")
-MOE_DISPATCHES = ("auto", "reduce", "all_to_all")  # ``models.blocks.MoE``
+MOE_DISPATCHES = ("auto", "reduce", "all_to_all")  # ``layers.experts.ExpertParallelMoE``
 DEFAULT_MAX_NUM_SEQS = 256  # sequences a scheduler runs at once; more wait for a slot
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 256  # new tokens per model step (BENCHMARKS.md: chunked prefill)
 DEFAULT_BLOCK_SIZE = 16  # positions per KV-cache block
@@ -82,7 +82,7 @@ class EngineArgs:
     plus completion (default: the model's context). ``tokenizer_cache``: keep a GGUF file's
     converted tokenizer in the user's cache directory. ``moe_dispatch``: how a mixture of experts
     sends tokens to the ranks of their experts, ``reduce``, ``all_to_all`` or ``auto``
-    (``models.blocks.MoE``). ``quantization``: ``none`` (the checkpoint's weights as loaded),
+    (``layers.experts``). ``quantization``: ``none`` (the checkpoint's weights as loaded),
     weight-only ``int8`` (per output row) / ``int4`` (in groups of ``quant_group`` inputs), packed
     by each rank after loading its shards, or ``gguf``: a GGUF file's own blocks, packed as read
     (``layers.quant``; CPU only). ``max_num_batched_tokens``: new tokens one model step runs at
