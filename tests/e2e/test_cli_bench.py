@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import cli
+from helpers import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

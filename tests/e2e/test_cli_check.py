@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli
+from helpers import cli
 
 
 @pytest.mark.timeout(200)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import cli
+from helpers import cli
 
 EXAMPLE = ["plan", "--model", "llama-2-70b", "--gpu", "h100-sxm", "--gpus", "8", "--prompt-len", "512",
            "--output-len", "128", "--batch", "1"]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import cli
+from helpers import cli
 
 from tensorpar.distributed.launch import free_port
 

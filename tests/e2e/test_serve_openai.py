@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import cli, rank_processes
+from helpers import cli, rank_processes
 
 from tensorpar.distributed.launch import free_port
 

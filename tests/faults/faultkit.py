@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import rank_processes
+from helpers import rank_processes
 
 EXE = str(Path(sys.executable).with_name("tensorpar"))
 

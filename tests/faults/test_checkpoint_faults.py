@@ -11,7 +11,7 @@ import struct
 import time
 
 import pytest
-from conftest import cli
+from helpers import cli
 from faultkit import error_line
 from gguf_tiny import write_gguf
 from safetensors.torch import load_file, save_file

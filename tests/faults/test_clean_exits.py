@@ -11,7 +11,7 @@ import sys
 import httpx
 import psutil
 import pytest
-from conftest import cli
+from helpers import cli
 from faultkit import finish, leftovers, served_port, start
 
 NOISE = ("warn", "Warn", "leaked", "Traceback", "Error", "error")

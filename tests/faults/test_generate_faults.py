@@ -78,7 +78,7 @@ def test_sigstop_of_a_rank_mid_decode_is_a_timeout_naming_it(tiny_chat_checkpoin
 @pytest.mark.parametrize("where, why", [("/dev/null", "a file, not a directory"),
                                         ("/nonexistent/shm", "a directory that does not exist")])
 def test_no_room_for_the_shared_memory_segment_falls_back_to_gloo(where, why, tiny_chat_checkpoint, record):
-    from conftest import cli
+    from helpers import cli
 
     before = leftovers()
     t = time.monotonic()
@@ -103,7 +103,7 @@ def test_no_room_for_the_shared_memory_segment_falls_back_to_gloo(where, why, ti
 
 @pytest.mark.timeout(120)
 def test_weights_that_do_not_fit_are_refused_before_loading(tiny_chat_checkpoint, record):
-    from conftest import cli
+    from helpers import cli
 
     t = time.monotonic()
     r = cli("generate", "--model", str(tiny_chat_checkpoint), "--tp", "2", "--prompt", "hi", "--max-memory", "2MiB",

@@ -76,7 +76,7 @@ def test_a_rank_fails_under_the_server(tp, victim, sig, phase, tiny_chat_checkpo
 def test_a_port_already_in_use_is_named_before_the_model_loads(tiny_chat_checkpoint, record):
     import socket
 
-    from conftest import cli
+    from helpers import cli
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ import signal
 import time
 
 import pytest
-from conftest import cli
+from helpers import cli
 from faultkit import error_line, finish, leftovers, nothing_left, ranks_of, start
 
 TEXT = "Tensor parallelism splits each weight matrix across devices. The quick brown fox. " * 200

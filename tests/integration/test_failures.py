@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import cli
+from helpers import cli
 
 
 @pytest.mark.timeout(60)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import cli, greedy_reference
+from helpers import cli, greedy_reference
 
 from tensorpar import LLM, SamplingParams
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, hf_reference
+from helpers import TINY_CONFIGS, hf_reference
 from gguf_tiny import write_gguf
 
 from tensorpar import LLM, SamplingParams

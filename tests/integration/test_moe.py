@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, hf_logits_and_greedy
+from helpers import TINY_CONFIGS, hf_logits_and_greedy
 
 from tensorpar import LLM, SamplingParams
 
@@ -48,7 +48,7 @@ def gguf_moe(tiny_checkpoints, tmp_path_factory):
     """llama.cpp-style GGUF files (experts stacked per layer) of the tiny Mixtral and of a
     Qwen3-MoE whose layers are all sparse (GGUF has no dense layers beside experts), each with
     transformers' logits and greedy tokens on the safetensors weights it was written from."""
-    from conftest import write_tiny_checkpoint
+    from helpers import write_tiny_checkpoint
     from gguf_tiny import write_gguf
 
     root = tmp_path_factory.mktemp("gguf-moe")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, hf_logits_and_greedy, num_heads
+from helpers import TINY_CONFIGS, hf_logits_and_greedy, num_heads
 
 from tensorpar import LLM, SamplingParams
 

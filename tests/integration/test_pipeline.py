@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, hf_reference
+from helpers import TINY_CONFIGS, hf_reference
 
 from tensorpar import LLM, SamplingParams
 from tensorpar.distributed.dims import ParallelDims

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli, greedy_reference
+from helpers import cli, greedy_reference
 
 from tensorpar import LLM, SamplingParams
 

@@ -71,7 +71,7 @@ def test_table_aligns_columns_and_shows_missing_values():
 
 
 def test_weight_bytes_of_a_mixture_of_experts_count_the_chosen_experts_only():
-    from conftest import TINY_CONFIGS
+    from helpers import TINY_CONFIGS
 
 
     cfg = ModelConfig.from_hf(TINY_CONFIGS["mixtral"])  # 8 experts, top-2, 2 layers

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS
+from helpers import TINY_CONFIGS
 
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.llama import rope_inverse_frequencies

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIGS, hf_reference
+from helpers import TINY_CONFIGS, hf_reference
 from safetensors.torch import load_file, save_file
 
 from tensorpar.distributed.groups import single_process_context

@@ -87,7 +87,7 @@ def test_parameter_count_formulas_by_hand():
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "gpt2"])
 def test_planner_counts_match_the_engine_model(arch):
     """Principle 9: the planner reads the same ModelConfig the engine builds its model from."""
-    from conftest import TINY_CONFIGS
+    from helpers import TINY_CONFIGS
 
     from tensorpar.models.config import ModelConfig
     from tensorpar.models.registry import checkpoint_shapes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS
+from helpers import TINY_CONFIGS
 from torch import nn
 
 import tensorpar.layers.embedding as embedding_mod
