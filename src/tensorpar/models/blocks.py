@@ -11,217 +11,26 @@ its local head counts from ``num_heads`` / ``num_kv_heads``, which a sharding pl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import nullcontext
-from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorpar.layers import fused
 from tensorpar.layers.attention import AttentionBatch, PackedBatch
 from tensorpar.models.config import ModelConfig
+from tensorpar.models.feedforward import MLP, Experts, MoE, Router, activation, fused_linear  # noqa: F401
+from tensorpar.models.norms import RMSNorm, add_and_norm, norm  # noqa: F401
 from tensorpar.models.rope import Rotary, apply_rope
 
 _NO_DROPOUT = nullcontext()  # reusable: entered on every inference step
-
-
-def fused_linear(in_features: int, parts: list[tuple[str, int]], bias: bool) -> nn.Linear:
-    """One nn.Linear whose output rows stack the checkpoint tensors ``parts`` [(name, rows)]."""
-    layer = nn.Linear(in_features, sum(n for _, n in parts), bias=bias)
-    layer.fused_parts = tuple(parts)
-    return layer
 
 
 def embedding(num: int, dim: int) -> nn.Embedding:
     """An embedding left uninitialized: weights come from a checkpoint (random init on the meta
     device costs a second of imports)."""
     return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
-
-
-# --- norms ------------------------------------------------------------------------------------
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """y = x r w with r = 1 / sqrt(mean(x^2) + eps), storing only x and r for backward.
-
-    With x_hat = x r and g = dy * w: dw = sum(dy * x_hat) over all but the last dim, and
-    dx = r (g - x_hat mean(g * x_hat)). (Autograd through the composite would also keep x_hat.)
-    """
-
-    @staticmethod
-    def forward(fctx, x, weight, eps):
-        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        fctx.save_for_backward(x, r, weight)
-        return x * r * weight
-
-    @staticmethod
-    def backward(fctx, dy):
-        x, r, weight = fctx.saved_tensors
-        x_hat = x * r
-        dw = (dy * x_hat).reshape(-1, x.shape[-1]).sum(0)
-        g = dy * weight
-        dx = r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
-        return dx, dw, None
-
-
-class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * (offset + w), normalized in float32 (Gemma: offset 1)."""
-
-    def __init__(self, dim: int, eps: float, offset: float = 0.0):
-        super().__init__()
-        self.eps = eps
-        self.offset = offset
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight if not self.offset else self.weight.float() + self.offset
-        if x.dtype == torch.float32:
-            if torch.is_grad_enabled() and not self.offset:
-                return _RMSNormFunction.apply(x, w, self.eps)
-            return F.rms_norm(x, w.shape, w, self.eps)
-        return (w * F.rms_norm(x.float(), w.shape, None, self.eps)).to(x.dtype)
-
-
-def norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
-    """The architecture's norm over ``dim`` (default: hidden) features."""
-    if cfg.layer_norm:
-        return nn.LayerNorm(dim or cfg.hidden_size, eps=cfg.rms_norm_eps)
-    return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-
-
-# --- activations and MLPs ---------------------------------------------------------------------
-
-
-class _SwiGLUFunction(torch.autograd.Function):
-    """[gate, up] -> silu(gate) * up, storing only its input for backward.
-
-    d gate = dy * up * s (1 + gate (1 - s)) with s = sigmoid(gate); d up = dy * silu(gate).
-    (Autograd through the composite would also keep silu(gate).)
-    """
-
-    @staticmethod
-    def forward(fctx, gate_up):
-        fctx.save_for_backward(gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(fctx, dy):
-        (gate_up,) = fctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        s = torch.sigmoid(gate)
-        return torch.cat([dy * up * s * (1 + gate * (1 - s)), dy * gate * s], dim=-1)
-
-
-def activation(name: str, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """silu(x) = x sigmoid(x); gelu_new / gelu_pytorch_tanh = 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)));
-    gelu = x Phi(x)."""
-    if name == "silu":
-        return F.silu(x, inplace=inplace)
-    return F.gelu(x, approximate="none" if name == "gelu" else "tanh")
-
-
-class MLP(nn.Module):
-    """Gated: down(act(gate(x)) * up(x)), gate and up fused. Plain (GPT-2): down(act(up(x))).
-    ``size``: the intermediate size (default the config's; an expert's is its own)."""
-
-    def __init__(self, cfg: ModelConfig, size: int | None = None):
-        super().__init__()
-        i, h = size or cfg.intermediate_size, cfg.hidden_size
-        self.act, self.gated = cfg.hidden_act, cfg.gated_mlp
-        if self.gated:
-            self.gate_up_proj = fused_linear(h, [("gate_proj", i), ("up_proj", i)], cfg.mlp_bias)
-        else:
-            self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
-
-    def forward(self, x):
-        if not self.gated:
-            return self.down_proj(activation(self.act, self.up_proj(x), inplace=not torch.is_grad_enabled()))
-        gate_up = self.gate_up_proj(x)
-        if torch.is_grad_enabled():
-            if self.act == "silu":
-                return self.down_proj(_SwiGLUFunction.apply(gate_up))
-            gate, up = gate_up.chunk(2, dim=-1)
-            return self.down_proj(activation(self.act, gate) * up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(activation(self.act, gate, inplace=True).mul_(up))
-
-
-class Router(nn.Linear):
-    """The router of a mixture of experts (its weight is the checkpoint's ``gate``): for each token
-    x, p = softmax(W x) over the E experts (in float32), its top-k (i_1..i_k, torch.topk's order:
-    ties to the lower index) with weights w_j = p[i_j] (divided by their sum when ``renormalize``)."""
-
-    def __init__(self, hidden: int, experts: int, top_k: int, renormalize: bool):
-        super().__init__(hidden, experts, bias=False)
-        self.top_k, self.renormalize = top_k, renormalize
-
-    def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [T, k] in t's dtype, expert indices [T, k]) of tokens ``t`` [T, hidden]."""
-        probs = torch.softmax(self(t).float(), dim=-1)  # [T, E]
-        weights, index = torch.topk(probs, self.top_k, dim=-1)
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(t.dtype), index
-
-
-class Experts(nn.ModuleList):
-    """The experts E_0 .. E_{E-1} of a mixture, each an MLP of the expert size, run on the tokens
-    routed to them: y = sum_j w_j E_{i_j}(x) over the choices j whose expert is ``held``."""
-
-    def forward(self, t: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
-                held: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``t`` [T, hidden] and their routing (``weights``, ``index``: [T, k]) -> (y [T, hidden]
-        over the experts ``held`` (default: all), the (token, choice) rows routed to each expert [E]).
-
-        The T k rows are sorted by expert once (stably: within an expert, in token order) and each
-        held expert runs on its run of them; reading the runs' lengths is the one host sync."""
-        k = index.shape[1]
-        choice = index.flatten()  # [T k]: row r is token r // k's choice r % k
-        order = torch.argsort(choice, stable=True)  # [T k]: the rows grouped by expert
-        per_expert = torch.bincount(choice, minlength=len(self))  # [E]
-        sizes = per_expert.tolist()
-        starts = [0, *accumulate(sizes)]
-        w = weights.flatten()  # [T k]
-        out = torch.zeros_like(t)
-        for e in range(len(self)) if held is None else held:
-            if sizes[e]:
-                rows = order[starts[e]:starts[e + 1]]  # [n_e]
-                tokens = rows // k
-                out.index_add_(0, tokens, self[e](t[tokens]) * w[rows, None])
-        return out, per_expert
-
-
-class MoE(nn.Module):
-    """A mixture of experts in place of the MLP (Mixtral, Qwen2-MoE, Qwen3-MoE), as transformers
-    computes it: y = sum_j w_j E_{i_j}(x) over the router's top-k choices (``Router``); a shared
-    expert S adds sigmoid(s x) S(x), s the ``shared_expert_gate`` row.
-
-    Single-device: every expert is here, whole. A plan's ``experts`` style replaces this module by
-    ``tensorpar.layers.experts.ExpertParallelMoE``, which places the experts over ranks and takes
-    over the router, the experts and the shared expert as they are (``gate``, ``experts``,
-    ``shared``, ``shared_expert``, ``shared_expert_gate``).
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        h, e = cfg.hidden_size, cfg.num_experts
-        self.gate = Router(h, e, cfg.experts_per_token, cfg.norm_topk_prob)
-        self.experts = Experts(MLP(cfg, cfg.moe_intermediate_size) for _ in range(e))
-        self.shared = cfg.shared_expert_size > 0
-        if self.shared:
-            self.shared_expert = MLP(cfg, cfg.shared_expert_size)
-            self.shared_expert_gate = nn.Linear(h, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        t = x.reshape(-1, shape[-1])  # [T, hidden]
-        out, _ = self.experts(t, *self.gate.route(t))
-        if self.shared:
-            out = out + torch.sigmoid(self.shared_expert_gate(t)) * self.shared_expert(t)
-        return out.view(shape)
 
 
 # --- attention and the decoder layer -----------------------------------------------------------
@@ -263,6 +72,13 @@ class Attention(nn.Module):
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [B, S, (h + 2 kv) d]; S is the whole sequence under sequence parallelism
         B, S, _ = qkv.shape
+        if S == 1 and cache is not None and isinstance(batch, AttentionBatch) and fused.active(qkv):
+            # decode: norms, rotation, cache write and attention over the paged cache in one call
+            out = fused.decode_attention(qkv.view(B, -1).contiguous(), cache, batch.blocks, batch.positions.view(B),
+                                         None if rope is None else (rope[0].view(B, d), rope[1].view(B, d)), h, kv,
+                                         d, self.scale if self.scale is not None else d ** -0.5,
+                                         self.sliding_window, (self.q_norm, self.k_norm) if self.qk_norm else None)
+            return self.o_proj(out.view(B, 1, h * d))
         qk = qkv[..., : (h + kv) * d].view(B, S, h + kv, d)
         if self.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])], dim=2)
@@ -318,6 +134,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg)
 
     def forward(self, x, batch, rope, cache):
+        if not torch.is_grad_enabled():  # inference: residual adds in place, each fused with the norm after it
+            attn = self.self_attn(self.input_layernorm(x), batch, rope, cache)
+            if self.sandwich:
+                h = add_and_norm(self.pre_feedforward_layernorm, x, self.post_attention_layernorm(attn))
+                return x.add_(self.post_feedforward_layernorm(self.mlp(h)))
+            return x.add_(self.mlp(add_and_norm(self.post_attention_layernorm, x, attn)))
         attn = self.self_attn(self.input_layernorm(x), batch, rope, cache)
         if self.sandwich:
             attn = self.post_attention_layernorm(attn)
@@ -326,7 +148,7 @@ class DecoderLayer(nn.Module):
         else:
             x = x + self._dropout(attn)
             mlp = self._dropout(self.mlp(self.post_attention_layernorm(x)))
-        return x + mlp if torch.is_grad_enabled() else x.add_(mlp)  # the norm keeps x for backward
+        return x + mlp  # (out of place: the norm keeps x for backward)
 
 
 class DecoderModel(nn.Module):

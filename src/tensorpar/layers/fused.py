@@ -1,0 +1,149 @@
+"""Fused CPU kernels of the decode step, and their plain-torch twins.
+
+A decode step runs about forty small operations per layer between its weight products: norms,
+rotary positions, KV-cache writes, attention, activations, residual adds. Each is a call with its
+own dispatch and parallel region, starting on caches that the product before it has just flushed.
+Three C++ operators (``csrc/decode_cpu.cpp``, compiled on first use with torch's own extension
+builder and cached) do that work in one call each:
+
+- ``rms_norm(x, residual, w)``: x += residual (in place, when given), then
+  y = x / sqrt(mean(x^2) + eps) * (w + offset);
+- ``glu(gate_up, act)``: act(gate) * up, act silu or gelu (tanh);
+- ``decode_attention``: one new token per row: its query and key heads RMS-normed and rotated
+  where the model does that, its key and value written into the paged KV cache through the row's
+  block table, then softmax(q k^T scale) v over the row's keys (within a sliding window), read
+  from the cache blocks in place with an online softmax: no gather of the row's keys.
+
+Each computes in float32 whatever the dtype (float32 or bfloat16). ``available()`` says whether
+the kernels are built; where they cannot be (no compiler), or with ``TENSORPAR_FUSED=0``, the
+model runs its plain torch operations instead, with one line saying so. The ``*_reference``
+functions are the same math in plain torch; tests run both on the same inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.cpp"
+SILU, GELU_TANH = 0, 1
+ACTIVATIONS = {"silu": SILU, "gelu_pytorch_tanh": GELU_TANH, "gelu_new": GELU_TANH}
+
+_state: dict = {"loaded": None, "on": os.environ.get("TENSORPAR_FUSED", "1") != "0"}
+
+
+def _load() -> bool:
+    """Build (first use on this machine) or load the kernels; False, said once, where they cannot be."""
+    if _state["loaded"] is None:
+        try:
+            from torch.utils.cpp_extension import load
+
+            load(name="tensorpar_decode_cpu", sources=[str(SOURCE)], is_python_module=False, verbose=False,
+                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"])
+            _state["loaded"] = True
+        except Exception as e:  # no compiler, no ninja, a build error: run unfused
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+            print(f"tensorpar: warning: cannot build the fused CPU decode kernels ({first}); "
+                  "decode runs unfused (slower)", file=sys.stderr)
+            _state["loaded"] = False
+    return _state["loaded"]
+
+
+def available() -> bool:
+    """Whether the fused kernels run (built, and not turned off)."""
+    return _state["on"] and _load()
+
+
+def active(x: torch.Tensor) -> bool:
+    """Whether inference on ``x`` goes through the fused kernels: on CPU, float32 or bfloat16,
+    outside autograd, with the kernels available."""
+    return (_state["on"] and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_grad_enabled() and _load())
+
+
+@contextmanager
+def enabled(on: bool):
+    """Run the enclosed code with the fused kernels on or off (tests compare the two)."""
+    before = _state["on"]
+    _state["on"] = on
+    try:
+        yield
+    finally:
+        _state["on"] = before
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., n] -> [..., n]: x += residual in place (when given), then the norm of x."""
+    return torch.ops.tensorpar.rms_norm(x, residual, weight, eps, offset)
+
+
+def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """[..., 2i] -> [..., i]: act(gate) * up."""
+    return torch.ops.tensorpar.glu(gate_up, ACTIVATIONS[act])
+
+
+def decode_attention(qkv: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], blocks: torch.Tensor,
+                     positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, heads: int,
+                     kv_heads: int, head_dim: int, scale: float, window: int | None,
+                     qk_norms: tuple | None = None) -> torch.Tensor:
+    """qkv [B, (h + 2 kv) d] of one new token per row -> [B, h d] (see the module docstring).
+    ``rope``: cos and sign-folded sin, [B, d] each; ``qk_norms``: the q and k head ``RMSNorm``s."""
+    q_norm = k_norm = None
+    eps = offset = 0.0
+    if qk_norms is not None:
+        q_norm, k_norm = qk_norms[0].weight, qk_norms[1].weight
+        eps, offset = qk_norms[0].eps, qk_norms[0].offset
+    cos, sin = rope if rope is not None else (None, None)
+    return torch.ops.tensorpar.decode_attention(qkv, cache[0], cache[1], blocks, positions, cos, sin, q_norm, k_norm,
+                                                heads, kv_heads, head_dim, scale, window or 0, eps, offset)
+
+
+# ---- the plain-torch twins -------------------------------------------------------------------
+
+
+def rms_norm_reference(x, weight, eps, offset=0.0, residual=None):
+    if residual is not None:
+        x.add_(residual)
+    y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (weight.float() + offset)).to(x.dtype)
+
+
+def glu_reference(gate_up, act):
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    a = torch.nn.functional.silu(gate) if ACTIVATIONS[act] == SILU else torch.nn.functional.gelu(gate, approximate="tanh")
+    return (a * up).to(gate_up.dtype)
+
+
+def decode_attention_reference(qkv, cache, blocks, positions, rope, heads, kv_heads, head_dim, scale, window,
+                               qk_norms=None):
+    """The same as ``decode_attention``, a row and a head at a time in plain torch."""
+    B, d, group = qkv.shape[0], head_dim, heads // kv_heads
+    k_cache, v_cache = cache
+    bs = k_cache.shape[1]
+    out = torch.empty(B, heads * d, dtype=qkv.dtype)
+    for b in range(B):
+        pos = int(positions[b])
+        heads_ = qkv[b].float().view(heads + 2 * kv_heads, d)
+        q, k, v = heads_[:heads], heads_[heads: heads + kv_heads], heads_[heads + kv_heads:]
+        if qk_norms is not None:
+            q = rms_norm_reference(q.clone(), qk_norms[0].weight, qk_norms[0].eps, qk_norms[0].offset)
+            k = rms_norm_reference(k.clone(), qk_norms[1].weight, qk_norms[1].eps, qk_norms[1].offset)
+        if rope is not None:
+            cos, sin = rope[0][b].float(), rope[1][b].float()
+            q, k = (t * cos + t.roll(d // 2, dims=-1) * sin for t in (q, k))
+        k_cache[blocks[b, pos // bs], pos % bs] = k.to(k_cache.dtype)
+        v_cache[blocks[b, pos // bs], pos % bs] = v.to(v_cache.dtype)
+        first = max(0, pos - window + 1) if window else 0
+        slots = [(int(blocks[b, p // bs]), p % bs) for p in range(first, pos + 1)]
+        keys = torch.stack([k_cache[i, j] for i, j in slots]).float()  # [L, kv, d]
+        values = torch.stack([v_cache[i, j] for i, j in slots]).float()
+        for head in range(heads):
+            g = head // group
+            p = torch.softmax(keys[:, g] @ q[head] * scale, dim=0)
+            out[b, head * d: (head + 1) * d] = (p @ values[:, g]).to(qkv.dtype)
+    return out

@@ -1,0 +1,116 @@
+"""The fused CPU decode kernels against their plain-torch twins, and whole decode steps of every
+tiny architecture with the fused path on against the same steps with it off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorpar.distributed.groups import single_process_context
+from tensorpar.layers import fused
+from tensorpar.layers.attention import ALL_KEYS, BY_POSITION, AttentionBatch
+from tensorpar.loading import build_model
+from tensorpar.loading.safetensors_source import SafetensorsSource
+from tensorpar.models.norms import RMSNorm
+from tensorpar.runtime.kv_cache import KVCache
+
+from helpers import TINY_CONFIGS
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="no compiler for the fused kernels here")
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_with_and_without_a_residual(dtype, offset):
+    torch.manual_seed(0)
+    x, r, w = torch.randn(5, 72, dtype=dtype), torch.randn(5, 72, dtype=dtype), torch.randn(72, dtype=dtype)
+    assert torch.allclose(fused.rms_norm(x, w, 1e-5, offset), fused.rms_norm_reference(x, w, 1e-5, offset),
+                          atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    mine, theirs = x.clone(), x.clone()
+    got = fused.rms_norm(mine, w, 1e-5, offset, residual=r)
+    want = fused.rms_norm_reference(theirs, w, 1e-5, offset, residual=r)
+    assert torch.equal(mine, theirs)  # x += residual, in place, the same bits
+    assert torch.allclose(got, want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_glu(act):
+    g = torch.randn(3, 2 * 50) * 3
+    assert torch.allclose(fused.glu(g, act), fused.glu_reference(g, act), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,norms,rope", [(None, False, True), (5, True, True), (None, False, False),
+                                               (30, True, False)])
+def test_decode_attention_writes_the_cache_and_attends_over_the_blocks_in_place(dtype, window, norms, rope):
+    torch.manual_seed(1)
+    B, h, kv, d, bs = 3, 6, 2, 16, 4
+    k_cache, v_cache = torch.randn(20, bs, kv, d, dtype=dtype), torch.randn(20, bs, kv, d, dtype=dtype)
+    qkv = torch.randn(B, (h + 2 * kv) * d, dtype=dtype)
+    blocks = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0], [9, 10, 11, 12, 13]])  # shorter rows padded
+    positions = torch.tensor([17, 9, 13])
+    tables = (torch.randn(B, d, dtype=dtype), torch.randn(B, d, dtype=dtype)) if rope else None
+    qk_norms = None
+    if norms:
+        qk_norms = tuple(RMSNorm(d, 1e-6, 1.0).to(dtype) for _ in range(2))
+        for n in qk_norms:
+            n.weight.data.normal_()
+    mine, theirs = (k_cache.clone(), v_cache.clone()), (k_cache.clone(), v_cache.clone())
+    got = fused.decode_attention(qkv, mine, blocks, positions, tables, h, kv, d, 0.25, window, qk_norms)
+    want = fused.decode_attention_reference(qkv, theirs, blocks, positions, tables, h, kv, d, 0.25, window, qk_norms)
+    assert torch.allclose(got.float(), want.float(), atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    assert torch.equal(mine[1], theirs[1])  # values written as they came
+    assert torch.allclose(mine[0].float(), theirs[0].float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert not torch.equal(mine[0], k_cache)  # (the new keys were written)
+
+
+def test_the_kernels_refuse_what_they_do_not_handle():
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        fused.glu(torch.zeros(2, 4, dtype=torch.float64), "silu")
+    with pytest.raises(RuntimeError, match=r"qkv must be \[B, \(h \+ 2 kv\) d\]"):
+        fused.decode_attention(torch.zeros(1, 10), (torch.zeros(2, 4, 1, 2),) * 2, torch.zeros(1, 1, dtype=torch.long),
+                               torch.zeros(1, dtype=torch.long), None, 2, 1, 2, 1.0, None)
+
+
+def _decode_logits(model, prompt: list[int], steps: int, dtype, fed=None) -> tuple[list, list]:
+    """Prefill ``prompt``, then ``steps`` decode steps of two rows (the prompt, and the prompt
+    without its last token, so the rows' lengths differ), each fed its greedy token or, given
+    ``fed``, those tokens (teacher forcing): each step's logits [2, vocab], and the tokens fed."""
+    cache = KVCache(model.kv_cache_shape(), 16, 4, dtype, torch.device("cpu"))
+    cache.zero_through(16)  # (as the runtime does before blocks are used)
+    blocks = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14]])
+    rows = [list(prompt), list(prompt[:-1])]
+    out, tokens = [], []
+    with torch.no_grad():
+        for r, ids in enumerate(rows):  # each row's prompt, causal, into its blocks
+            n = len(ids)
+            batch = AttentionBatch(torch.arange(n).view(1, n), BY_POSITION, n - 1, n, blocks[r:r + 1, : -(-n // 4)])
+            model(torch.tensor([ids]), batch, cache)
+        last = [ids[-1] for ids in rows]
+        for _ in range(steps):
+            pos = torch.tensor([[len(rows[0]) - 1], [len(rows[1]) - 1]])
+            kv_len = len(rows[0])
+            batch = AttentionBatch(pos, BY_POSITION if pos[0, 0] != pos[1, 0] else ALL_KEYS, kv_len - 1, kv_len,
+                                   blocks[:, : -(-kv_len // 4)])
+            logits = model.logits(model(torch.tensor([[t] for t in last]), batch, cache))[:, -1]
+            out.append(logits.float())
+            last = logits.argmax(-1).tolist() if fed is None else fed[len(tokens)]
+            tokens.append(last)
+            for row, t in zip(rows, last):
+                row.append(t)
+    return out, tokens
+
+
+@pytest.mark.parametrize("arch", sorted(set(TINY_CONFIGS) - {"llama7"}))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_is_the_same_fused_and_unfused(arch, dtype, tiny_checkpoints):
+    model = build_model(SafetensorsSource(tiny_checkpoints[arch]), single_process_context(), dtype)
+    prompt = [(7 * i + 3) % 100 for i in range(11)]
+    with fused.enabled(False):
+        plain, tokens = _decode_logits(model, prompt, 6, dtype)
+    with fused.enabled(True):
+        fast, _ = _decode_logits(model, prompt, 6, dtype, fed=tokens)
+    for a, b in zip(fast, plain):
+        scale = b.abs().max()
+        assert (a - b).abs().max() / scale < (1e-5 if dtype == torch.float32 else 3e-2)
