@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench peers clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/memory.py --out bench-out
+
+# the current llama.cpp (llama-bench, llama-server, llama-quantize) for `tensorpar bench` and
+# benchmarks/serving.py to measure against; about 15 minutes on 2 cores, never part of `make test`
+peers: setup
+	PIP=$(BIN)/pip bash benchmarks/build_llama_cpp.sh
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache
