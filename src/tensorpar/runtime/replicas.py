@@ -26,7 +26,9 @@ import threading
 import time
 from multiprocessing.connection import Client, Connection, Listener
 
-from tensorpar.distributed.launch import _describe_exit, configure_rank_process, torchrun_env, torchrun_store
+from tensorpar.distributed.host import configure_rank_process
+from tensorpar.distributed.launch import torchrun_env, torchrun_store
+from tensorpar.distributed.ranks import describe_exit
 from tensorpar.errors import TensorparError, one_line
 from tensorpar.runtime.request import Request, Sink, TokenEvent
 from tensorpar.runtime.sequence import final_event
@@ -115,7 +117,7 @@ class RemoteReplica:
         if self.process is not None:
             self.process.join(timeout=2)
             if self.process.exitcode is not None:
-                return f"its leader process (pid {self.process.pid}) {_describe_exit(self.process.exitcode)}"
+                return f"its leader process (pid {self.process.pid}) {describe_exit(self.process.exitcode)}"
         return "its leader process closed the connection"
 
     def _down(self, why: str) -> None:
@@ -297,7 +299,7 @@ def _accept(listener: Listener, procs: list, deadline: float) -> list[RemoteRepl
                     raise TensorparError(f"replica {i} of {n} failed to start: {payload}")
                 ready[i] = RemoteReplica(i, conn, proc)
             elif proc is not None and proc.exitcode is not None:
-                raise TensorparError(f"replica {i} of {n} failed to start: its process {_describe_exit(proc.exitcode)}")
+                raise TensorparError(f"replica {i} of {n} failed to start: its process {describe_exit(proc.exitcode)}")
         if time.monotonic() > deadline:
             missing = [i for i in range(1, n) if i not in ready]
             raise TensorparError(f"replicas {missing} of {n} did not start within {STARTUP_S:.0f} s")
