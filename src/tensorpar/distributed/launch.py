@@ -93,6 +93,13 @@ def launch(
     """Bring up ``world_size`` ranks, each running ``factory(ctx, *args)`` (or no worker yet, for
     ``rebuild`` to give them one: ranks kept for one model after another).
 
+    ``factory`` has one form: a class (or function) defined at the top level of a module, such as
+    ``Worker`` (``LLM``, serving) or ``Trainer`` (training). Spawned ranks receive it pickled, that
+    is by its module and name, and import it themselves, so it must be importable by name: no
+    lambda, closure or bound method (``args`` are pickled too). Passing the class itself, not a
+    string naming it, lets a reader, and any tool that follows imports, go from the caller to the
+    code the ranks run.
+
     Under torchrun this process joins its group (``world_size`` must be torchrun's; the caller
     has checked) and builds its own worker. One rank runs in this process. Otherwise the ranks
     are spawned; with ``leader_here`` this process is rank 0 (its worker is ``ranks.local``) and

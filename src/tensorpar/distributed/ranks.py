@@ -27,7 +27,6 @@ import signal
 import sys
 import time
 import traceback
-from importlib import import_module
 from typing import TYPE_CHECKING, Any, Callable
 
 from tensorpar.distributed import DEFAULT_TIMEOUT_S
@@ -37,24 +36,15 @@ from tensorpar.errors import RankFailure, TensorparError
 if TYPE_CHECKING:
     from tensorpar.distributed.groups import ParallelContext
 
-Factory = Callable[..., Any] | str  # a worker factory, or its "module:name" (imported by the ranks themselves)
-
+Factory = Callable[..., Any]  # a module-level class or function, ``factory(ctx, *args)``: see ``launch``
 
 BUILD = "__build__"  # the call that replaces a rank's worker by factory(ctx, *args)
-
-
-def _factory(factory: Factory | None) -> Callable[..., Any] | None:
-    if isinstance(factory, str):
-        module, _, name = factory.partition(":")
-        return getattr(import_module(module), name)
-    return factory
 
 
 def build_worker(factory: Factory | None, ctx, args: tuple, old=None):
     """A new worker for ``ctx`` (None without a factory); the old one is closed first."""
     if old is not None and hasattr(old, "close"):
         old.close()
-    factory = _factory(factory)
     return None if factory is None else factory(ctx, *args)
 
 
@@ -68,10 +58,9 @@ def _rank_main(rank, world_size, port, device_type, timeout_s, use_shm, conn, sp
     try:
         t = time.perf_counter()
         configure_rank_process(cores[0] + rank, cores[1] or world_size)
-        factory, args = conn.recv()
+        factory, args = conn.recv()  # (unpickling the factory imports its module)
         from tensorpar.distributed.groups import init_group
 
-        _factory(factory)
         started["import_s"] = time.perf_counter() - t  # torch and the worker's code
         device = rank_device(device_type, rank)
         t = time.perf_counter()
