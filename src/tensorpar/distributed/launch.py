@@ -15,6 +15,7 @@ supervised: if any rank dies or raises, the others are stopped and the caller ge
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -75,6 +76,14 @@ def torchrun_store(env: TorchrunEnv, timeout_s: float = DEFAULT_TIMEOUT_S):
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                          is_master=env.rank == 0 and not agent_store, timeout=datetime.timedelta(seconds=timeout_s),
                          wait_for_workers=False)
+
+
+def torchrun_host_address() -> str:
+    """This host's address on the interface that reaches torchrun's store (loopback when the
+    store is on this host)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])))
+        return s.getsockname()[0]
 
 
 
