@@ -2,9 +2,9 @@
 
 Each replica is a ``ServingEngine`` over a process group of its own, led by a process of its own.
 ``distributed/replicas.py`` launches them (``launch_replicas``: replica 0's leader is the server's
-process; the other leaders are spawned here, or are torchrun's ranks ``d * tp * pp``) and hands the
-server a connection to each other leader once its engine is ready. ``ServingRole`` is what runs in
-each replica.
+process; the other leaders are spawned by it, or are torchrun's ranks ``d * tp * pp``) and hands
+the server a connection to each other leader once its engine is ready. ``ServingRole`` is what runs
+in each replica.
 
 After that handshake a connection carries this protocol (``RemoteReplica`` on the server's side,
 ``serve_replica`` on the replica's), one ``(kind, payload)`` tuple a message:
