@@ -23,13 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # (the ranks import this module by name)
-
-from tensorpar.runtime.worker import Worker  # noqa: E402
+from tensorpar.runtime.worker import Worker
 
 GEMV = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
 ATTENTION = ("aten::scaled_dot_product_attention",)
@@ -120,7 +117,7 @@ def main() -> None:
     results = []
     for tp in [int(t) for t in args.tp.split(",")]:
         spec = EngineArgs(args.model, tp=tp, quantization=args.quantization, progress=False).resolve()
-        ranks = launch(spec.dims.world_size, "decode_profile:ProfiledWorker", (spec, 1), spec.device, spec.timeout_s,
+        ranks = launch(spec.dims.world_size, ProfiledWorker, (spec, 1), spec.device, spec.timeout_s,
                        spec.use_shm)
         try:
             rows = ranks.call("profile", batch_prompts(spec.config.vocab_size, 1)[0], args.new_tokens)

@@ -120,7 +120,7 @@ def main() -> None:
     import shlex
 
     from tensorpar.bench.run import machine_info
-    from tensorpar.distributed.launch import free_port
+    from tensorpar.distributed.host import free_port
 
     variants = [("default", [])] + [(v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variant]
     filler = "word " * args.prompt_words

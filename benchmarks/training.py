@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from tensorpar.distributed.collectives import all_gather_object
-from tensorpar.distributed.launch import SpawnedRanks
+from tensorpar.distributed.ranks import SpawnedRanks
 from tensorpar.models.llama import DecoderLayer
 from tensorpar.planner.arch import from_model_config
 from tensorpar.planner.memory import activation_bytes_per_layer

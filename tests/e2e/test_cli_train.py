@@ -11,7 +11,7 @@ import sys
 import pytest
 from helpers import cli
 
-from tensorpar.distributed.launch import free_port
+from tensorpar.distributed.host import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from helpers import cli, rank_processes
 
-from tensorpar.distributed.launch import free_port
+from tensorpar.distributed.host import free_port
 
 openai = pytest.importorskip("openai")
 

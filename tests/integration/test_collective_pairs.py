@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tensorpar.distributed.launch import SpawnedRanks
+from tensorpar.distributed.ranks import SpawnedRanks
 
 pytestmark = pytest.mark.timeout(120)
 WORLD = 3

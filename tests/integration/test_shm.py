@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tensorpar.distributed import shm as shm_module
-from tensorpar.distributed.launch import SpawnedRanks
+from tensorpar.distributed.ranks import SpawnedRanks
 from tensorpar.errors import RankFailure
 
 pytestmark = pytest.mark.skipif(not shm_module.available(), reason="shared-memory collectives need x86-64 and /dev/shm")

@@ -12,7 +12,7 @@ import torch
 from test_train_parallel import TOKENS, spec
 
 from tensorpar.distributed.groups import single_process_context
-from tensorpar.distributed.launch import SpawnedRanks
+from tensorpar.distributed.ranks import SpawnedRanks
 from tensorpar.errors import RankFailure
 from tensorpar.loading import ShardedCheckpointSource, find_checkpoint
 from tensorpar.loading.loader import load_weights

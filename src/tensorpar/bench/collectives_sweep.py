@@ -189,7 +189,7 @@ def call_with_timeout(ranks, timeout_s: float, method: str, *args):
 
 def run_sweep(world_size: int, sizes: list[int], iters: int, warmup: int, timeout_s: float = 600.0) -> list[dict]:
     """Spawn ``world_size`` ranks, sweep every backend they offer, and stop them."""
-    from tensorpar.distributed.launch import SpawnedRanks
+    from tensorpar.distributed.ranks import SpawnedRanks
 
     ranks = SpawnedRanks(world_size, make_collective_bench, (), "cpu", timeout_s=min(timeout_s, 120.0))
     try:

@@ -14,8 +14,6 @@ from tensorpar.runtime.spec import DEFAULT_MAX_NUM_SEQS, EngineArgs
 if TYPE_CHECKING:
     from tensorpar.runtime.request import GenerationResult
 
-WORKER = "tensorpar.runtime.worker:Worker"  # imported by the ranks; this process stays free of torch until needed
-
 
 class LLM:
     """A model sharded over ``tp`` ranks.
@@ -42,16 +40,18 @@ class LLM:
             raise TensorparError("LLM runs one replica of tp x pp ranks; `tensorpar serve --dp N` serves N replicas")
         self.spec = EngineArgs(**({"model": model} if model is not None else {}), **options).resolve()
         self.config = self.spec.config
+        from tensorpar.runtime.worker import Worker  # (here, not above: importing LLM imports no torch)
+
         t1 = time.perf_counter()
         self._owns_ranks = ranks is None
         if ranks is None:
-            ranks = launch(self.spec.dims.world_size, WORKER, (self.spec, max_num_seqs), self.spec.device,
+            ranks = launch(self.spec.dims.world_size, Worker, (self.spec, max_num_seqs), self.spec.device,
                            self.spec.timeout_s, self.spec.use_shm)
         elif ranks.world_size != self.spec.dims.world_size:
             raise TensorparError(f"--tp {self.spec.dims.tp} needs {self.spec.dims.world_size} ranks; "
                                  f"the ranks given are {ranks.world_size}")
         else:
-            ranks.rebuild(WORKER, (self.spec, max_num_seqs))
+            ranks.rebuild(Worker, (self.spec, max_num_seqs))
         self._ranks = ranks
         self.load_s = time.perf_counter() - t0
         leader = self._ranks.ready_info.get(0, {})

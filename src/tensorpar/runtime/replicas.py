@@ -1,11 +1,18 @@
 """Data-parallel serving: ``dp`` independent replicas of one tp x pp layout behind one endpoint.
 
-Each replica is a ``ServingEngine`` over a process group of its own (one group per process, so
-every replica's leader is a process of its own). Replica 0's leader is the server's process; the
-leaders of replicas 1..dp-1 are spawned here (each spawning its own ranks), or are torchrun's
-ranks ``d * tp * pp``. They connect back over a ``multiprocessing.connection`` socket, which
-carries requests in and token events and stats out (``RemoteReplica`` on the server's side,
-``serve_replica`` on the replica's).
+Each replica is a ``ServingEngine`` over a process group of its own, led by a process of its own.
+``distributed/replicas.py`` launches them (``launch_replicas``: replica 0's leader is the server's
+process; the other leaders are spawned by it, or are torchrun's ranks ``d * tp * pp``) and hands
+the server a connection to each other leader once its engine is ready. ``ServingRole`` is what runs
+in each replica.
+
+After that handshake a connection carries this protocol (``RemoteReplica`` on the server's side,
+``serve_replica`` on the replica's), one ``(kind, payload)`` tuple a message:
+
+- server to replica: ``("submit", Request)``, ``("abort", request_id)``, ``("shutdown", None)``;
+- replica to server: ``("event", TokenEvent)`` for each token and each request's end,
+  ``("stats", dict)`` every ``STATS_EVERY_S``, and ``("down", why)`` when its engine fails, its
+  last message.
 
 ``ReplicaSet`` is the ``ServingBackend`` the HTTP layer sees: each request goes to the healthy
 replica with the fewest outstanding requests (ties to the lowest index). It is healthy while any
@@ -17,25 +24,19 @@ whole job when one of its ranks dies).
 from __future__ import annotations
 
 import dataclasses
-import json
-import multiprocessing as mp
-import os
-import secrets
-import socket
 import threading
 import time
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Connection
 
-from tensorpar.distributed.launch import _describe_exit, configure_rank_process, torchrun_env, torchrun_store
-from tensorpar.errors import TensorparError, one_line
+from tensorpar.distributed.ranks import Ranks, describe_exit
+from tensorpar.distributed.replicas import launch_replicas
 from tensorpar.runtime.request import Request, Sink, TokenEvent
 from tensorpar.runtime.sequence import final_event
-from tensorpar.runtime.serving import ServingEngine, launch_engine
+from tensorpar.runtime.serving import ServingEngine
 from tensorpar.runtime.spec import EngineSpec
+from tensorpar.runtime.worker import Worker
 
-STARTUP_S = 900.0  # how long the server waits for a replica to load its model
 STATS_EVERY_S = 0.25  # how often a replica reports its stats to the server
-ROUTER_KEY = "tensorpar/router"  # where, in torchrun's store, the server says where replica leaders connect
 
 
 # ---- the server's side ---------------------------------------------------------------------------
@@ -115,7 +116,7 @@ class RemoteReplica:
         if self.process is not None:
             self.process.join(timeout=2)
             if self.process.exitcode is not None:
-                return f"its leader process (pid {self.process.pid}) {_describe_exit(self.process.exitcode)}"
+                return f"its leader process (pid {self.process.pid}) {describe_exit(self.process.exitcode)}"
         return "its leader process closed the connection"
 
     def _down(self, why: str) -> None:
@@ -239,137 +240,40 @@ def serve_replica(conn: Connection, engine: ServingEngine) -> None:
         conn.close()
 
 
-def _lead_replica(ranks, max_num_seqs: int, conn: Connection) -> bool:
-    """Lead a replica for the server at ``conn``: say whether its engine started, serve until told
-    to stop; whether it ended healthy."""
-    try:
-        engine = ServingEngine(ranks=ranks, max_num_seqs=max_num_seqs)
-    except BaseException as e:  # noqa: BLE001 - the server reports it
-        conn.send(("failed", one_line(e)))
-        conn.close()
-        return False
-    conn.send(("ready", None))
-    serve_replica(conn, engine)
-    return engine.healthy
+@dataclasses.dataclass(frozen=True)
+class ServingRole:
+    """What runs in each serving replica (``launch_replicas``' ``ReplicaRole``): a ``ServingEngine``
+    on its leader; ``serve_replica`` for the leaders of replicas 1..dp-1."""
 
+    max_num_seqs: int
 
-def _replica_main(index: int, spec: EngineSpec, max_num_seqs: int, address, authkey: bytes) -> None:
-    """Body of a spawned replica leader: connect to the server, launch the replica's ranks, serve."""
-    size = spec.dims.replica_size
-    configure_rank_process(index * size, spec.dims.world_size)  # named, dies with the server
-    conn = Client(address, authkey=authkey)
-    conn.send(index)
-    try:
-        ranks = launch_engine(spec, max_num_seqs, cores=(index * size, spec.dims.world_size))
-    except BaseException as e:  # noqa: BLE001
-        conn.send(("failed", one_line(e)))
-        conn.close()
-        os._exit(1)
-    os._exit(0 if _lead_replica(ranks, max_num_seqs, conn) else 1)
+    def start(self, ranks: Ranks) -> ServingEngine:
+        return ServingEngine(ranks=ranks, max_num_seqs=self.max_num_seqs)
 
+    def serve(self, engine: ServingEngine, conn: Connection) -> bool:
+        serve_replica(conn, engine)
+        return engine.healthy
 
-def _accept(listener: Listener, procs: list, deadline: float) -> list[RemoteReplica]:
-    """The connections of replicas 1..len(procs), once each has loaded its model."""
-    conns: dict[int, Connection] = {}
+    def follow(self, ranks: Ranks) -> None:
+        try:
+            ranks.local.follow_forever()
+        finally:
+            ranks.close()
 
-    def accept() -> None:
-        for _ in procs:
-            try:
-                conn = listener.accept()
-                conns[conn.recv()] = conn
-            except (OSError, EOFError):
-                return
-
-    threading.Thread(target=accept, name="tensorpar-accept", daemon=True).start()
-    n = len(procs) + 1
-    ready: dict[int, RemoteReplica] = {}
-    while len(ready) < len(procs):
-        for i in range(1, n):
-            if i in ready:
-                continue
-            conn, proc = conns.get(i), procs[i - 1]
-            if conn is not None and conn.poll():
-                try:
-                    kind, payload = conn.recv()
-                except EOFError:
-                    kind, payload = "failed", "it closed its connection"
-                if kind == "failed":
-                    raise TensorparError(f"replica {i} of {n} failed to start: {payload}")
-                ready[i] = RemoteReplica(i, conn, proc)
-            elif proc is not None and proc.exitcode is not None:
-                raise TensorparError(f"replica {i} of {n} failed to start: its process {_describe_exit(proc.exitcode)}")
-        if time.monotonic() > deadline:
-            missing = [i for i in range(1, n) if i not in ready]
-            raise TensorparError(f"replicas {missing} of {n} did not start within {STARTUP_S:.0f} s")
-        time.sleep(0.05)
-    return [ready[i] for i in range(1, n)]
-
-
-def _reachable_host(env) -> str:
-    """This host's address on the interface that reaches torchrun's store (loopback when it is here)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])))
-        return s.getsockname()[0]
+    def stop(self, engine: ServingEngine) -> None:
+        engine.shutdown()
 
 
 def start_serving(spec: EngineSpec, max_num_seqs: int):
     """The ``ServingBackend`` of ``spec``'s layout with this process as the server, or None when
     this process is another torchrun rank: it then follows its leader, or leads a replica for the
     server, and returns when that ends."""
-    dp, env = spec.dims.dp, torchrun_env()
-    if env is None and dp == 1:
-        return ServingEngine(ranks=launch_engine(spec, max_num_seqs), max_num_seqs=max_num_seqs)
-    if env is not None:
-        return _torchrun_serving(spec, max_num_seqs, env)
-    authkey = secrets.token_bytes(32)
-    listener = Listener(("127.0.0.1", 0), authkey=authkey)
     quiet = dataclasses.replace(spec, progress=False)  # one set of progress bars: this process's
-    mpc = mp.get_context("spawn")
-    procs = [mpc.Process(target=_replica_main, args=(i, quiet, max_num_seqs, listener.address, authkey),
-                         name=f"tensorpar-dp{i}", daemon=False) for i in range(1, dp)]
-    for p in procs:
-        p.start()
-    replicas: list = []
-    try:
-        replicas.append(ServingEngine(ranks=launch_engine(spec, max_num_seqs, cores=(0, spec.dims.world_size)),
-                                      max_num_seqs=max_num_seqs))
-        replicas += _accept(listener, procs, time.monotonic() + STARTUP_S)
-    except BaseException:
-        for r in replicas:
-            r.shutdown()
-        for p in procs:
-            p.kill()
-            p.join()
-        raise
-    finally:
-        listener.close()
-    return ReplicaSet(replicas, spec.layout)
-
-
-def _torchrun_serving(spec: EngineSpec, max_num_seqs: int, env):
-    ranks = launch_engine(spec, max_num_seqs)
-    if not ranks.is_leader:  # follow this replica's leader
-        try:
-            ranks.local.follow_forever()
-        finally:
-            ranks.close()
+    launched = launch_replicas(spec.dims, Worker, (spec, max_num_seqs), ServingRole(max_num_seqs), spec.device,
+                               spec.timeout_s, spec.use_shm, spawned_args=(quiet, max_num_seqs))
+    if launched is None:
         return None
-    if spec.dims.dp == 1:
-        return ServingEngine(ranks=ranks, max_num_seqs=max_num_seqs)
-    store = torchrun_store(env, STARTUP_S)
-    if ranks.replica == 0:
-        authkey = secrets.token_bytes(32)
-        listener = Listener((_reachable_host(env), 0), authkey=authkey)
-        host, port = listener.address
-        store.set(ROUTER_KEY, json.dumps({"host": host, "port": port, "authkey": authkey.hex()}))
-        try:
-            local = ServingEngine(ranks=ranks, max_num_seqs=max_num_seqs)
-            remotes = _accept(listener, [None] * (spec.dims.dp - 1), time.monotonic() + STARTUP_S)
-        finally:
-            listener.close()
-        return ReplicaSet([local, *remotes], spec.layout)
-    where = json.loads(store.get(ROUTER_KEY))
-    conn = Client((where["host"], where["port"]), authkey=bytes.fromhex(where["authkey"]))
-    conn.send(ranks.replica)
-    _lead_replica(ranks, max_num_seqs, conn)
-    return None
+    if not launched.leaders:
+        return launched.engine
+    remotes = [RemoteReplica(leader.index, leader.conn, leader.process) for leader in launched.leaders]
+    return ReplicaSet([launched.engine, *remotes], spec.layout)
