@@ -219,36 +219,29 @@ _GatherSeq = _conjugate("_GatherSeq", _gather_seq, _reduce_scatter_seq)
 _ReduceScatterSeq = _conjugate("_ReduceScatterSeq", _reduce_scatter_seq, _gather_seq)
 
 
-def _paired(function, raw, x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """``function`` under autograd, the raw collective otherwise, nothing on a group of one."""
-    if ctx.world_size == 1:
-        return x
-    if torch.is_grad_enabled() and x.requires_grad:
-        return function.apply(x, ctx)
-    return raw(x, ctx)
+def _paired(name: str, function, raw, doc: str):
+    """The collective ``name``: the autograd ``function`` under autograd, the ``raw`` collective
+    otherwise, nothing on a group of one."""
+
+    def collective(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+        if ctx.world_size == 1:
+            return x
+        if torch.is_grad_enabled() and x.requires_grad:
+            return function.apply(x, ctx)
+        return raw(x, ctx)
+
+    collective.__name__ = collective.__qualname__ = name
+    collective.__doc__ = doc
+    return collective
 
 
-def copy_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    return _paired(_CopyToTP, _identity, x, ctx)
-
-
-def reduce_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    return _paired(_ReduceFromTP, all_reduce, x, ctx)
-
-
-def gather_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    return _paired(_GatherFromTP, all_gather_last, x, ctx)
-
-
-def scatter_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    return _paired(_ScatterToTP, split_last, x, ctx)
-
-
-def gather_seq(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """[B, S/p, ...] -> [B, S, ...]; enters a tensor-parallel region from a sequence-parallel one."""
-    return _paired(_GatherSeq, _gather_seq, x, ctx)
-
-
-def reduce_scatter_seq(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """[B, S, ...] partial sums -> [B, S/p, ...] summed; leaves a tensor-parallel region."""
-    return _paired(_ReduceScatterSeq, _reduce_scatter_seq, x, ctx)
+copy_to_tp = _paired("copy_to_tp", _CopyToTP, _identity, "identity forward, all-reduce backward")
+reduce_from_tp = _paired("reduce_from_tp", _ReduceFromTP, all_reduce, "all-reduce forward, identity backward")
+gather_from_tp = _paired("gather_from_tp", _GatherFromTP, all_gather_last,
+                         "[..., n] -> [..., p n] forward (all-gather), split backward")
+scatter_to_tp = _paired("scatter_to_tp", _ScatterToTP, split_last,
+                        "[..., p n] -> [..., n] forward (this rank's slice), all-gather backward")
+gather_seq = _paired("gather_seq", _GatherSeq, _gather_seq,
+                     "[B, S/p, ...] -> [B, S, ...]; enters a tensor-parallel region from a sequence-parallel one")
+reduce_scatter_seq = _paired("reduce_scatter_seq", _ReduceScatterSeq, _reduce_scatter_seq,
+                             "[B, S, ...] partial sums -> [B, S/p, ...] summed; leaves a tensor-parallel region")

@@ -180,12 +180,17 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
         api.check_model(model)
         return model_card(model)
 
-    @v1.post("/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    def admitted(body, top_n: int | None, field: str) -> float:
+        """When a request arrived, once its model and fields are checked."""
         arrived = time.perf_counter()
         api.check_model(body.model)
         params.refuse_unsupported(body)
-        params.check_top_n(body.logprobs, "logprobs")
+        params.check_top_n(top_n, field)
+        return arrived
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        arrived = admitted(body, body.logprobs, "logprobs")
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise APIError(400, f"best_of {body.best_of} is not supported: only best_of equal to n "
                                 f"({body.n or 1}) is served", param="best_of")
@@ -204,10 +209,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        arrived = time.perf_counter()
-        api.check_model(body.model)
-        params.refuse_unsupported(body)
-        params.check_top_n(body.top_logprobs, "top_logprobs")
+        arrived = admitted(body, body.top_logprobs, "top_logprobs")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         ids = params.chat_prompt_ids(body, engine.inputs)
