@@ -19,7 +19,7 @@ fi
 cmake -S "$OUT/src-$VERSION/llama.cpp" -B "$OUT/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
   -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF > "$OUT/cmake.log"
-nice -n 10 cmake --build "$OUT/build" -j "$JOBS" --target llama-bench llama-server llama-quantize > "$OUT/build.log"
+nice -n 10 cmake --build "$OUT/build" -j "$JOBS" --target llama-bench llama-server llama-quantize > "$OUT/build.log" 2>&1
 mkdir -p "$OUT/bin"
 for tool in llama-bench llama-server llama-quantize; do
   cp "$(find "$OUT/build" -type f -name "$tool" -perm -u+x | head -1)" "$OUT/bin/"

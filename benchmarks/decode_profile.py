@@ -12,7 +12,8 @@ profile is split by operator into:
 - ``gemv``: ``aten::mm`` / ``addmm`` / ``bmm`` and the packed int8 / int4 kernels (self time);
 - ``collectives``: the shared-memory all-reduce, gather, all-gather and broadcast (including the
   wait for the slowest rank), and gloo's;
-- ``attention``: ``scaled_dot_product_attention`` (total: its own small ops included);
+- ``attention``: ``scaled_dot_product_attention``, or the fused ``tensorpar::decode_attention``
+  (total: its own small ops included);
 - ``other``: the profiled step time less the above.
 
 All in ms per decode step (the profiled run's decode steps, warm-up excluded). The profiler adds
@@ -29,8 +30,8 @@ from pathlib import Path
 from tensorpar.runtime.worker import Worker
 
 GEMV = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
-ATTENTION = ("aten::scaled_dot_product_attention",)
-COLLECTIVE_PREFIXES = ("tensorpar::", "gloo:", "c10d::")
+ATTENTION = ("aten::scaled_dot_product_attention", "tensorpar::decode_attention")
+COLLECTIVE_PREFIXES = ("tensorpar::shm.", "gloo:", "c10d::")
 
 
 def _mark_collectives() -> None:
