@@ -9,7 +9,8 @@ plainly (the step time as ``tensorpar bench`` reports it) and once under ``torch
 every rank, with the shared-memory collectives marked by ``record_function``. Each rank's
 profile is split by operator into:
 
-- ``gemv``: ``aten::mm`` / ``addmm`` / ``bmm`` and the packed int8 / int4 kernels (self time);
+- ``gemv``: ``aten::mm`` / ``addmm`` / ``bmm``, the packed int8 / int4 kernels and the fused products
+  (``tensorpar::dense_linear`` / ``codes_linear``) (self time);
 - ``collectives``: the shared-memory all-reduce, gather, all-gather and broadcast (including the
   wait for the slowest rank), and gloo's;
 - ``attention``: ``scaled_dot_product_attention``, or the fused ``tensorpar::decode_attention``
@@ -29,7 +30,8 @@ from pathlib import Path
 
 from tensorpar.runtime.worker import Worker
 
-GEMV = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
+GEMV = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
+        "tensorpar::dense_linear", "tensorpar::codes_linear")
 ATTENTION = ("aten::scaled_dot_product_attention", "tensorpar::decode_attention")
 COLLECTIVE_PREFIXES = ("tensorpar::shm.", "gloo:", "c10d::")
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_cpu.cpp", "linear_cpu.cpp")]
+DECODE_ROWS = 16  # products of at most this many rows of x stream the weights here; more go to torch's GEMM
 SILU, GELU_TANH = 0, 1
 ACTIVATIONS = {"silu": SILU, "gelu_pytorch_tanh": GELU_TANH, "gelu_new": GELU_TANH}
 
@@ -42,8 +43,10 @@ def _load() -> bool:
         try:
             from torch.utils.cpp_extension import load
 
-            load(name="tensorpar_decode_cpu", sources=[str(SOURCE)], is_python_module=False, verbose=False,
-                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"])
+            # (-fopenmp: the kernels' parallel regions run on torch's own OpenMP runtime and threads)
+            load(name="tensorpar_decode_cpu", sources=[str(s) for s in SOURCES], is_python_module=False,
+                 verbose=False, extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+                 extra_ldflags=["-fopenmp"])
             _state["loaded"] = True
         except Exception as e:  # no compiler, no ninja, a build error: run unfused
             first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
@@ -74,6 +77,26 @@ def enabled(on: bool):
         yield
     finally:
         _state["on"] = before
+
+
+def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x W^T goes through ``dense_linear``: a decode step's few rows, a float32 or bfloat16
+    weight stored [out, in]."""
+    return (x.numel() // x.shape[-1] <= DECODE_ROWS and weight.dtype in (torch.float32, torch.bfloat16)
+            and weight.is_contiguous() and active(x))
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., K] -> [..., N]: x W^T + b, W [N, K] read once, row by row."""
+    lead = x.shape[:-1]
+    return torch.ops.tensorpar.dense_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*lead, weight.shape[0])
+
+
+def codes_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+                 bits: int) -> torch.Tensor:
+    """[T, K] -> [T, N] for W as codes in groups: W[n, k] c-summed as
+    y[t, n] = sum_g scale[n, g] dot(c[n, g], x[t, g]) + zero[n, g] sum(x[t, g])."""
+    return torch.ops.tensorpar.codes_linear(x, codes, scale, zero, group, bits)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,

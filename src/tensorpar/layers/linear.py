@@ -24,6 +24,7 @@ from tensorpar.distributed.collectives import (
     reduce_scatter_seq,
 )
 from tensorpar.distributed.groups import ParallelContext
+from tensorpar.layers import fused
 from tensorpar.layers.pieces import Piece, split_pieces
 from tensorpar.layers.quant import linear
 
@@ -42,8 +43,11 @@ def use_streaming_layout(weight: torch.Tensor) -> None:
     The values and the logical shape are unchanged (``F.linear`` sees the same matrix); only the
     memory order changes. For batch-1 decode on CPU, a matrix-vector product over a wide
     [out, in] matrix streams about 1.5-2x as fast from the [in, out] order, while tall or square
-    ones prefer [out, in] (BENCHMARKS.md, "Weight layout").
+    ones prefer [out, in] (BENCHMARKS.md, "Weight layout"). Where the fused products run
+    (``layers.fused``), every weight stays [out, in]: they stream that order at the memory floor.
     """
+    if fused.available():
+        return
     if weight.dim() == 2 and weight.shape[0] > weight.shape[1] and weight.is_contiguous():
         weight.data = weight.data.t().contiguous().t()
 

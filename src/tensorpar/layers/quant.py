@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tensorpar.layers import fused
+
 QUANTIZATIONS = ("none", "int8", "int4", "gguf")
 DEFAULT_GROUP = 32
 GROUPS = (32, 64, 128, 256)  # the group sizes ``--quant-group`` takes
@@ -352,8 +354,11 @@ def quantize_weight(weight: torch.Tensor, scheme: str, group: int = DEFAULT_GROU
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b for a float or a quantized W."""
+    """y = x W^T + b for a float or a quantized W (a decode step's few rows on the fused product
+    where it runs)."""
     if isinstance(weight, QuantizedWeight):
         y = weight(x)
         return y + bias if bias is not None else y
+    if fused.streams(x, weight):
+        return fused.dense_linear(x, weight, bias)
     return F.linear(x, weight, bias)

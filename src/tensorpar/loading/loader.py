@@ -18,6 +18,7 @@ from tensorpar.distributed.groups import ParallelContext
 from tensorpar.errors import CheckpointError
 from tensorpar.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, use_streaming_layout
 from tensorpar.layers.pieces import ParamPieces, fill_from_pieces, model_pieces
+from tensorpar.loading.huge_pages import move_to_huge_pages
 from tensorpar.loading.quantize import packable_modules, quantize_model, set_packed
 from tensorpar.loading.sources import CheckpointSource
 from tensorpar.models.registry import checkpoint_shapes, model_module
@@ -188,4 +189,6 @@ def build_model(
         return model.train().requires_grad_(True)
     if quantization in ("int8", "int4"):
         quantize_model(model, quantization, quant_group)
+    if ctx.device.type == "cpu":
+        move_to_huge_pages(model)
     return model.eval().requires_grad_(False)

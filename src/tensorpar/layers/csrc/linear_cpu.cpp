@@ -1,0 +1,221 @@
+// Weight-streaming products of the decode step (tensorpar.layers.fused): y = x W^T for a few rows
+// of x, W read once, row by row, by one parallel region over the output rows. Float32 and
+// bfloat16 weights [N, K], and weights as integer codes in groups with a scale each:
+//   W[n, k] = scale[n, g] * c[n, k] + zero[n, g] / g_size ... summed as
+//   y[t, n] = sum_g scale[n, g] * dot(c[n, g], x[t, g]) + zero[n, g] * sum(x[t, g]),
+// codes signed 8-bit, or 4-bit packed two to a byte (per group of 32: byte j holds element j in
+// its low nibble and element j + 16 in its high one, as GGUF's Q4 blocks do).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <vector>
+
+namespace {
+
+constexpr int64_t MAX_ROWS = 8;  // rows of x a pass keeps accumulators for
+
+#if defined(__AVX512F__)
+constexpr int V = 16;
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vload(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline vec vload_i8(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vset(float v) { return _mm512_set1_ps(v); }
+inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+// 16 codes of a 32-group: the low nibbles of 16 bytes, or their high nibbles
+inline void vload_nibbles(const uint8_t* p, vec& lo, vec& hi) {
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+#elif defined(__AVX2__)
+constexpr int V = 8;
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vload(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline vec vload_i8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vset(float v) { return _mm256_set1_ps(v); }
+inline float vsum(vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+#else
+#error "the fused CPU kernels need AVX2 or AVX-512"
+#endif
+
+template <typename T>
+inline float scalar(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// rows [n0, n1) of y [T, N] = x [T, K] W^T (W [N, K] float or bfloat16), T <= MAX_ROWS
+template <typename W>
+void dense_rows(const float* x, const W* w, float* y, int64_t T, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t body = K / V * V;
+  for (int64_t n = n0; n < n1; ++n) {
+    const W* row = w + n * K;
+    vec acc[MAX_ROWS], acc2[MAX_ROWS];
+    for (int64_t t = 0; t < T; ++t) acc[t] = acc2[t] = vzero();
+    int64_t k = 0;
+    for (; k + 2 * V <= body; k += 2 * V) {  // two chains per row of x: FMA latency hidden at T = 1
+      const vec a = vload(row + k), b = vload(row + k + V);
+      for (int64_t t = 0; t < T; ++t) {
+        acc[t] = vfma(a, vload(x + t * K + k), acc[t]);
+        acc2[t] = vfma(b, vload(x + t * K + k + V), acc2[t]);
+      }
+    }
+    for (; k < body; k += V) {
+      const vec a = vload(row + k);
+      for (int64_t t = 0; t < T; ++t) acc[t] = vfma(a, vload(x + t * K + k), acc[t]);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      float s = vsum(acc[t]) + vsum(acc2[t]);
+      for (int64_t j = body; j < K; ++j) s += scalar(row, j) * x[t * K + j];
+      y[t * N + n] = s;
+    }
+  }
+}
+
+// rows [n0, n1) of y = x W^T for W as codes in groups (see the file's comment); sums [T, K / g]
+// holds each group's sum of x (for the zero terms)
+void codes_rows(const float* x, const void* codes, int64_t bits, const float* scale, const float* zero,
+                const float* sums, float* y, int64_t T, int64_t K, int64_t N, int64_t g, int64_t n0, int64_t n1) {
+  const int64_t groups = K / g;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* sc = scale + n * groups;
+    vec acc[MAX_ROWS];
+    for (int64_t t = 0; t < T; ++t) acc[t] = vzero();
+    if (bits == 8) {
+      const int8_t* row = static_cast<const int8_t*>(codes) + n * K;
+      for (int64_t q = 0; q < groups; ++q) {
+        const vec s = vset(sc[q]);
+        for (int64_t k = q * g; k < (q + 1) * g; k += V) {
+          const vec c = vmul(vload_i8(row + k), s);
+          for (int64_t t = 0; t < T; ++t) acc[t] = vfma(c, vload(x + t * K + k), acc[t]);
+        }
+      }
+    } else {
+      const uint8_t* row = static_cast<const uint8_t*>(codes) + n * (K / 2);
+      for (int64_t q = 0; q < groups; ++q) {
+        const vec s = vset(sc[q]);
+        for (int64_t k = q * g; k < (q + 1) * g; k += 32) {
+          const uint8_t* b = row + k / 2;
+          for (int64_t h = 0; h < 16; h += V) {  // 16 bytes: elements k + h.. (low) and k + 16 + h.. (high)
+            vec lo, hi;
+#if defined(__AVX512F__)
+            vload_nibbles(b + h, lo, hi);
+#else
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(b + h)));
+            lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+            hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+#endif
+            lo = vmul(lo, s);
+            hi = vmul(hi, s);
+            for (int64_t t = 0; t < T; ++t) {
+              acc[t] = vfma(lo, vload(x + t * K + k + h), acc[t]);
+              acc[t] = vfma(hi, vload(x + t * K + k + 16 + h), acc[t]);
+            }
+          }
+        }
+      }
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      float s = vsum(acc[t]);
+      if (zero != nullptr) {
+        const float* z = zero + n * groups;
+        const float* sx = sums + t * groups;
+        for (int64_t q = 0; q < groups; ++q) s += z[q] * sx[q];
+      }
+      y[t * N + n] = s;
+    }
+  }
+}
+
+// the output rows each task takes: whole cache lines of y, about 64 KiB of weights
+int64_t grain(int64_t N, int64_t row_bytes) { return std::max<int64_t>(16, (65536 / std::max<int64_t>(row_bytes, 1)) / 16 * 16); }
+
+at::Tensor finish(at::Tensor y, const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
+  if (bias.has_value()) y.add_(*bias);
+  return y.to(x.scalar_type());
+}
+
+// x [T, K] (float32 or bfloat16) -> x W^T + b [T, N] in x's dtype, W [N, K] float32 or bfloat16
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "dense_linear: x [T, K], W [N, K]");
+  TORCH_CHECK(weight.is_contiguous(), "dense_linear: W must be contiguous [N, K]");
+  const auto xf = x.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), K = x.size(1), N = weight.size(0);
+  auto y = at::empty({T, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t row_bytes = K * weight.element_size();
+  at::parallel_for(0, N, grain(N, row_bytes), [&](int64_t n0, int64_t n1) {
+    for (int64_t t0 = 0; t0 < T; t0 += MAX_ROWS) {
+      const int64_t tn = std::min(MAX_ROWS, T - t0);
+      if (weight.scalar_type() == at::kFloat) {
+        dense_rows(xp + t0 * K, weight.data_ptr<float>(), yp + t0 * N, tn, K, N, n0, n1);
+      } else {
+        dense_rows(xp + t0 * K, weight.data_ptr<c10::BFloat16>(), yp + t0 * N, tn, K, N, n0, n1);
+      }
+    }
+  });
+  return finish(y, bias, x);
+}
+
+// x [T, K] -> x W^T [T, N] for W as ``codes`` (int8 [N, K], or uint8 [N, K / 2] of 4-bit codes),
+// ``scale`` and optional ``zero`` [N, K / group] float32
+at::Tensor codes_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                        const c10::optional<at::Tensor>& zero, int64_t group, int64_t bits) {
+  const int64_t T = x.size(0), K = x.size(1), N = codes.size(0);
+  TORCH_CHECK(x.dim() == 2 && (bits == 8 || bits == 4), "codes_linear: x [T, K], 8- or 4-bit codes");
+  TORCH_CHECK(K % group == 0 && group % (bits == 4 ? 32 : V) == 0, "codes_linear: groups of a multiple of ",
+              bits == 4 ? 32 : V, " dividing K");
+  TORCH_CHECK(codes.is_contiguous() && codes.size(1) == (bits == 4 ? K / 2 : K) &&
+                  codes.scalar_type() == (bits == 4 ? at::kByte : at::kChar),
+              "codes_linear: codes must be int8 [N, K] or uint8 [N, K / 2]");
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == N * (K / group),
+              "codes_linear: scale float32 [N, K / group]");
+  const auto xf = x.to(at::kFloat).contiguous();
+  at::Tensor sums;
+  if (zero.has_value()) {
+    TORCH_CHECK(zero->is_contiguous() && zero->scalar_type() == at::kFloat && zero->numel() == N * (K / group),
+                "codes_linear: zero float32 [N, K / group]");
+    sums = xf.view({T, K / group, group}).sum(-1).contiguous();
+  }
+  auto y = at::empty({T, N}, xf.options());
+  const int64_t row_bytes = bits == 4 ? K / 2 : K;
+  at::parallel_for(0, N, grain(N, row_bytes), [&](int64_t n0, int64_t n1) {
+    for (int64_t t0 = 0; t0 < T; t0 += MAX_ROWS) {
+      const int64_t tn = std::min(MAX_ROWS, T - t0);
+      codes_rows(xf.data_ptr<float>() + t0 * K, codes.data_ptr(), bits, scale.data_ptr<float>(),
+                 zero.has_value() ? zero->data_ptr<float>() : nullptr,
+                 zero.has_value() ? sums.data_ptr<float>() + t0 * (K / group) : nullptr, y.data_ptr<float>() + t0 * N,
+                 tn, K, N, group, n0, n1);
+    }
+  });
+  return y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tensorpar, m) {
+  m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("codes_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int group, int bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tensorpar, CPU, m) {
+  m.impl("dense_linear", dense_linear);
+  m.impl("codes_linear", codes_linear);
+}
