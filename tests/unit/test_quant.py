@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tensorpar.layers.quant import Int8Weight, NibbleWeight, linear, quantize_weight
+from tensorpar.layers import fused
+from tensorpar.layers.quant import GroupCodesWeight, Int8Weight, NibbleWeight, linear, quantize_weight
 
 
 def weights(out: int, k: int, transposed: bool = False) -> torch.Tensor:
@@ -18,10 +19,17 @@ def weights(out: int, k: int, transposed: bool = False) -> torch.Tensor:
 
 @pytest.mark.parametrize("scheme, group", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
 @pytest.mark.parametrize("out, k", [(96, 128), (640, 256), (64, 384)])
-def test_packed_weight_computes_with_what_it_dequantizes_to(scheme, group, out, k):
+@pytest.mark.parametrize("fast", [False, True], ids=["torch-kernels", "fused"])
+def test_packed_weight_computes_with_what_it_dequantizes_to(scheme, group, out, k, fast):
+    if fast and not fused.available():
+        pytest.skip("no compiler for the fused kernels here")
     w = weights(out, k, transposed=out > k)
-    packed = quantize_weight(w, scheme, group)
-    assert isinstance(packed, Int8Weight if scheme == "int8" or k % group else NibbleWeight)
+    with fused.enabled(fast):
+        packed = quantize_weight(w, scheme, group)
+    if fast:  # the fused product: int8 rows, or int4 codes in their groups
+        assert isinstance(packed, GroupCodesWeight) and packed.bits == (8 if scheme == "int8" or k % group else 4)
+    else:
+        assert isinstance(packed, Int8Weight if scheme == "int8" or k % group else NibbleWeight)
     deq = packed.dequantize()
     assert deq.shape == (out, k)
     # rounding: int8 within half a step of 1/127 of the row's largest value; int4 within half of 1/15 of the group's range
@@ -40,8 +48,11 @@ def test_packed_weight_computes_with_what_it_dequantizes_to(scheme, group, out, 
 
 def test_int4_falls_back_to_int8_where_the_group_does_not_tile_the_shard():
     w = weights(64, 320)  # 5 heads of 64: groups of 128 do not tile it
-    assert isinstance(quantize_weight(w, "int4", 128), Int8Weight)
-    assert isinstance(quantize_weight(w, "int4", 64), NibbleWeight)
+    with fused.enabled(False):
+        assert isinstance(quantize_weight(w, "int4", 128), Int8Weight)
+        assert isinstance(quantize_weight(w, "int4", 64), NibbleWeight)
+    if fused.available():
+        assert quantize_weight(w, "int4", 128).bits == 8 and quantize_weight(w, "int4", 64).bits == 4
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize_weight(w, "fp4")
 

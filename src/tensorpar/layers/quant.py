@@ -290,6 +290,87 @@ class RowBlocksWeight(_Padded):
         return self._cols(w.view(out, k))
 
 
+class GroupCodesWeight(_Padded):
+    """Codes in groups on the fused product (``layers.fused.codes_linear``), as compact as they
+    come: codes of up to 4 bits two to a byte (per group of 32: byte j holds element j in its low
+    nibble, element j + 16 in its high one), others one signed byte each, a float16 scale and
+    zero per group (Q4_1's 20 bytes per 32 weights). With c the stored code,
+
+        W[n, k] = scale[n, g] c[n, k] + zero[n, g]   (g = k // group),
+
+    so y[t, n] = sum_g scale[n, g] dot(c[n, g], x[t, g]) + zero[n, g] sum(x[t, g]): an 8-bit code
+    is stored as code - 128 and zero = scale (128 - offset) + bias; a 4-bit one as it is, and
+    zero = bias - scale offset. A step of more than ``fused.DECODE_ROWS`` rows (a prefill) runs on
+    torch's GEMM instead, the weight dequantized a block of rows at a time."""
+
+    activation_dtype = torch.float32
+    BLOCK_VALUES = 1 << 15  # rows dequantized at a time for a prefill: 128 KB of float32
+
+    def __init__(self, codes: BlockCodes, pad: tuple[int, int] = (0, 0), scheme: str = "gguf"):
+        super().__init__(codes, pad)
+        self.scheme, self.group = scheme, codes.group
+        out, k = codes.shape
+        self.k, self.bits = k, 4 if codes.bits <= 4 else 8
+        scale = codes.scale.float()
+        bias = codes.bias.float() if codes.bias is not None else torch.zeros_like(scale)
+        if self.bits == 4:
+            quads = codes.codes.view(out, k // 32, 2, 16)
+            packed = (quads[:, :, 0] | (quads[:, :, 1] << 4)).reshape(out, k // 2)
+            zero = bias - scale * codes.offset
+        else:
+            packed = (codes.codes.to(torch.int16) - 128).to(torch.int8)
+            zero = bias + scale * (128 - codes.offset)
+        self._store(packed, scale, zero)
+
+    @classmethod
+    def symmetric_rows(cls, weight: torch.Tensor, scheme: str = "int8") -> GroupCodesWeight:
+        """``weight`` [out, in] as int8 with one scale per row: W_rj ~ s_r q_rj, q in [-127, 127],
+        s_r = max_j |W_rj| / 127 (no zero term)."""
+        w = weight.detach().float().contiguous()
+        scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)  # [out, 1]: one group per row
+        self = cls.__new__(cls)
+        _Padded.__init__(self, BlockCodes.zeros(w.shape[0], w.shape[1], w.shape[1]), (0, 0))
+        self.scheme, self.group, self.k, self.bits = scheme, w.shape[1], w.shape[1], 8
+        self._store(torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale, None)
+        return self
+
+    def _store(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+        """Codes, and scales and zeros in float16 (GGUF's own scales are float16 already)."""
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scale", scale.to(torch.float16).contiguous())
+        self.register_buffer("zero", None if zero is None or not zero.any() else zero.to(torch.float16).contiguous())
+        self._buffer = torch.empty(0)
+
+    def _rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W[r0:r1] as float32 [r1 - r0, in + pads]."""
+        n, k, g = r1 - r0, self.k, self.group
+        c = self.codes[r0:r1]
+        if self.bits == 4:
+            c = c.view(n, k // 32, 16)
+            c = torch.stack([c & 15, c >> 4], dim=2)  # [n, k / 32, low / high nibbles, 16]
+        c = c.reshape(n, k // g, g)
+        w = torch.mul(c, self.scale[r0:r1, :, None].float(), out=None if out is None else out.view(n, k // g, g))
+        if self.zero is not None:
+            w.add_(self.zero[r0:r1, :, None].float())
+        return w.view(n, k)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= fused.DECODE_ROWS and fused.active(x):
+            return fused.codes_linear(x, self.codes, self.scale, self.zero, self.group, self.bits)
+        out = self.codes.shape[0]
+        block = max(1, self.BLOCK_VALUES // self.k)
+        if self._buffer.numel() < block * self.k:
+            self._buffer = torch.empty(block * self.k)
+        yt = x.new_empty(out, x.shape[0])  # [out, n]
+        for r in range(0, out, block):
+            n = min(block, out - r)
+            torch.mm(self._rows(r, r + n, self._buffer[: n * self.k]), x.t(), out=yt[r: r + n])
+        return yt.t()
+
+    def dequantize(self) -> torch.Tensor:
+        return self._cols(self._rows(0, self.codes.shape[0]))
+
+
 class StackedRows(QuantizedWeight):
     """Packed weights for consecutive runs of output rows (a fused projection whose parts are
     stored in formats of different group sizes); y = [x W_1^T, x W_2^T, ...]."""
@@ -336,8 +417,11 @@ def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
 
 
 def pack_codes(codes: BlockCodes, pad: tuple[int, int] = (0, 0), scheme: str = "gguf") -> QuantizedWeight:
-    """The fastest kernel for ``codes``: the int4 kernel where its groups are multiples of 32 and
-    the codes have at most 8 bits, otherwise row blocks."""
+    """The fastest kernel for ``codes``: the fused product where it runs (groups of a multiple of
+    32, or 16 for codes of more than 4 bits), else the int4 kernel where its groups are multiples
+    of 32 and the codes have at most 8 bits, otherwise row blocks."""
+    if fused.available() and codes.bits <= 8 and codes.group % (32 if codes.bits <= 4 else 16) == 0:
+        return GroupCodesWeight(codes, pad, scheme)
     if codes.group % KERNEL_GROUP == 0 and codes.bits <= 8:
         return NibbleWeight(codes, pad, scheme)
     return RowBlocksWeight(codes, pad, scheme)
@@ -347,8 +431,10 @@ def quantize_weight(weight: torch.Tensor, scheme: str, group: int = DEFAULT_GROU
     """``weight`` [out, in] packed as ``scheme`` (``int4`` falls back to ``int8`` where ``group``
     does not divide ``in``)."""
     if scheme == "int4" and weight.shape[1] % group == 0:
-        return NibbleWeight(int4_codes(weight, group))
+        return pack_codes(int4_codes(weight, group), scheme="int4")
     if scheme in ("int8", "int4"):
+        if fused.available() and weight.shape[1] % 16 == 0:
+            return GroupCodesWeight.symmetric_rows(weight)
         return Int8Weight(weight)
     raise ValueError(f"unknown quantization {scheme!r}; choose from int8, int4")
 

@@ -1,7 +1,7 @@
 // Weight-streaming products of the decode step (tensorpar.layers.fused): y = x W^T for a few rows
 // of x, W read once, row by row, by one parallel region over the output rows. Float32 and
-// bfloat16 weights [N, K], and weights as integer codes in groups with a scale each:
-//   W[n, k] = scale[n, g] * c[n, k] + zero[n, g] / g_size ... summed as
+// bfloat16 weights [N, K], and weights as integer codes in groups with a float16 scale and zero
+// each, W[n, k] = scale[n, g] c[n, k] + zero[n, g], so that
 //   y[t, n] = sum_g scale[n, g] * dot(c[n, g], x[t, g]) + zero[n, g] * sum(x[t, g]),
 // codes signed 8-bit, or 4-bit packed two to a byte (per group of 32: byte j holds element j in
 // its low nibble and element j + 16 in its high one, as GGUF's Q4 blocks do).
@@ -11,6 +11,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -60,13 +61,14 @@ inline float vsum(vec v) {
 template <typename T>
 inline float scalar(const T* p, int64_t i) { return static_cast<float>(p[i]); }
 
-// rows [n0, n1) of y [T, N] = x [T, K] W^T (W [N, K] float or bfloat16), T <= MAX_ROWS
-template <typename W>
-void dense_rows(const float* x, const W* w, float* y, int64_t T, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+// rows [n0, n1) of y [T, N] = x [T, K] W^T (W [N, K] float or bfloat16), T <= MAX_ROWS (a
+// template argument, so that the accumulators live in registers)
+template <int T, typename W>
+void dense_rows(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   const int64_t body = K / V * V;
   for (int64_t n = n0; n < n1; ++n) {
     const W* row = w + n * K;
-    vec acc[MAX_ROWS], acc2[MAX_ROWS];
+    vec acc[T], acc2[T];
     for (int64_t t = 0; t < T; ++t) acc[t] = acc2[t] = vzero();
     int64_t k = 0;
     for (; k + 2 * V <= body; k += 2 * V) {  // two chains per row of x: FMA latency hidden at T = 1
@@ -90,17 +92,18 @@ void dense_rows(const float* x, const W* w, float* y, int64_t T, int64_t K, int6
 
 // rows [n0, n1) of y = x W^T for W as codes in groups (see the file's comment); sums [T, K / g]
 // holds each group's sum of x (for the zero terms)
-void codes_rows(const float* x, const void* codes, int64_t bits, const float* scale, const float* zero,
-                const float* sums, float* y, int64_t T, int64_t K, int64_t N, int64_t g, int64_t n0, int64_t n1) {
+template <int T>
+void codes_rows(const float* x, const void* codes, int64_t bits, const c10::Half* scale, const c10::Half* zero,
+                const float* sums, float* y, int64_t K, int64_t N, int64_t g, int64_t n0, int64_t n1) {
   const int64_t groups = K / g;
   for (int64_t n = n0; n < n1; ++n) {
-    const float* sc = scale + n * groups;
-    vec acc[MAX_ROWS];
+    const c10::Half* sc = scale + n * groups;
+    vec acc[T];
     for (int64_t t = 0; t < T; ++t) acc[t] = vzero();
     if (bits == 8) {
       const int8_t* row = static_cast<const int8_t*>(codes) + n * K;
       for (int64_t q = 0; q < groups; ++q) {
-        const vec s = vset(sc[q]);
+        const vec s = vset(static_cast<float>(sc[q]));
         for (int64_t k = q * g; k < (q + 1) * g; k += V) {
           const vec c = vmul(vload_i8(row + k), s);
           for (int64_t t = 0; t < T; ++t) acc[t] = vfma(c, vload(x + t * K + k), acc[t]);
@@ -109,7 +112,7 @@ void codes_rows(const float* x, const void* codes, int64_t bits, const float* sc
     } else {
       const uint8_t* row = static_cast<const uint8_t*>(codes) + n * (K / 2);
       for (int64_t q = 0; q < groups; ++q) {
-        const vec s = vset(sc[q]);
+        const vec s = vset(static_cast<float>(sc[q]));
         for (int64_t k = q * g; k < (q + 1) * g; k += 32) {
           const uint8_t* b = row + k / 2;
           for (int64_t h = 0; h < 16; h += V) {  // 16 bytes: elements k + h.. (low) and k + 16 + h.. (high)
@@ -134,12 +137,27 @@ void codes_rows(const float* x, const void* codes, int64_t bits, const float* sc
     for (int64_t t = 0; t < T; ++t) {
       float s = vsum(acc[t]);
       if (zero != nullptr) {
-        const float* z = zero + n * groups;
+        const c10::Half* z = zero + n * groups;
         const float* sx = sums + t * groups;
-        for (int64_t q = 0; q < groups; ++q) s += z[q] * sx[q];
+        for (int64_t q = 0; q < groups; ++q) s += static_cast<float>(z[q]) * sx[q];
       }
       y[t * N + n] = s;
     }
+  }
+}
+
+// f.template operator()<T>() for T = rows (1..MAX_ROWS)
+template <typename F>
+void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
   }
 }
 
@@ -163,19 +181,21 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const c10
   const int64_t row_bytes = K * weight.element_size();
   at::parallel_for(0, N, grain(N, row_bytes), [&](int64_t n0, int64_t n1) {
     for (int64_t t0 = 0; t0 < T; t0 += MAX_ROWS) {
-      const int64_t tn = std::min(MAX_ROWS, T - t0);
-      if (weight.scalar_type() == at::kFloat) {
-        dense_rows(xp + t0 * K, weight.data_ptr<float>(), yp + t0 * N, tn, K, N, n0, n1);
-      } else {
-        dense_rows(xp + t0 * K, weight.data_ptr<c10::BFloat16>(), yp + t0 * N, tn, K, N, n0, n1);
-      }
+      with_rows(std::min(MAX_ROWS, T - t0), [&](auto rows) {
+        constexpr int R = decltype(rows)::value;
+        if (weight.scalar_type() == at::kFloat) {
+          dense_rows<R>(xp + t0 * K, weight.data_ptr<float>(), yp + t0 * N, K, N, n0, n1);
+        } else {
+          dense_rows<R>(xp + t0 * K, weight.data_ptr<c10::BFloat16>(), yp + t0 * N, K, N, n0, n1);
+        }
+      });
     }
   });
   return finish(y, bias, x);
 }
 
 // x [T, K] -> x W^T [T, N] for W as ``codes`` (int8 [N, K], or uint8 [N, K / 2] of 4-bit codes),
-// ``scale`` and optional ``zero`` [N, K / group] float32
+// ``scale`` and optional ``zero`` [N, K / group] float16
 at::Tensor codes_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                         const c10::optional<at::Tensor>& zero, int64_t group, int64_t bits) {
   const int64_t T = x.size(0), K = x.size(1), N = codes.size(0);
@@ -185,24 +205,26 @@ at::Tensor codes_linear(const at::Tensor& x, const at::Tensor& codes, const at::
   TORCH_CHECK(codes.is_contiguous() && codes.size(1) == (bits == 4 ? K / 2 : K) &&
                   codes.scalar_type() == (bits == 4 ? at::kByte : at::kChar),
               "codes_linear: codes must be int8 [N, K] or uint8 [N, K / 2]");
-  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == N * (K / group),
-              "codes_linear: scale float32 [N, K / group]");
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kHalf && scale.numel() == N * (K / group),
+              "codes_linear: scale float16 [N, K / group]");
   const auto xf = x.to(at::kFloat).contiguous();
   at::Tensor sums;
   if (zero.has_value()) {
-    TORCH_CHECK(zero->is_contiguous() && zero->scalar_type() == at::kFloat && zero->numel() == N * (K / group),
-                "codes_linear: zero float32 [N, K / group]");
+    TORCH_CHECK(zero->is_contiguous() && zero->scalar_type() == at::kHalf && zero->numel() == N * (K / group),
+                "codes_linear: zero float16 [N, K / group]");
     sums = xf.view({T, K / group, group}).sum(-1).contiguous();
   }
   auto y = at::empty({T, N}, xf.options());
   const int64_t row_bytes = bits == 4 ? K / 2 : K;
   at::parallel_for(0, N, grain(N, row_bytes), [&](int64_t n0, int64_t n1) {
     for (int64_t t0 = 0; t0 < T; t0 += MAX_ROWS) {
-      const int64_t tn = std::min(MAX_ROWS, T - t0);
-      codes_rows(xf.data_ptr<float>() + t0 * K, codes.data_ptr(), bits, scale.data_ptr<float>(),
-                 zero.has_value() ? zero->data_ptr<float>() : nullptr,
-                 zero.has_value() ? sums.data_ptr<float>() + t0 * (K / group) : nullptr, y.data_ptr<float>() + t0 * N,
-                 tn, K, N, group, n0, n1);
+      with_rows(std::min(MAX_ROWS, T - t0), [&](auto rows) {
+        codes_rows<decltype(rows)::value>(xf.data_ptr<float>() + t0 * K, codes.data_ptr(), bits,
+                                          scale.data_ptr<c10::Half>(),
+                                          zero.has_value() ? zero->data_ptr<c10::Half>() : nullptr,
+                                          zero.has_value() ? sums.data_ptr<float>() + t0 * (K / group) : nullptr,
+                                          y.data_ptr<float>() + t0 * N, K, N, group, n0, n1);
+      });
     }
   });
   return y.to(x.scalar_type());
