@@ -12,7 +12,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-from tensorpar.layers.quant import BlockCodes, NibbleWeight, RowBlocksWeight, StackedRows, pack_codes
+from tensorpar.layers import fused
+from tensorpar.layers.quant import BlockCodes, GroupCodesWeight, NibbleWeight, RowBlocksWeight, StackedRows, pack_codes
 from tensorpar.loading.gguf_codes import PACKED_TYPES, decode
 
 FLOAT16_FIELDS = {  # byte offsets of each block's float16 scales (d, m / dmin)
@@ -51,19 +52,28 @@ def test_an_unsupported_type_has_no_codes():
 
 @pytest.mark.parametrize("name", PACKED_TYPES)
 @pytest.mark.parametrize("pad", [(0, 0), (7, 9)])
-def test_the_kernel_multiplies_with_the_codes(name, pad):
-    """x W^T within bfloat16 rounding of the exact product (float32 rounding for row blocks),
-    including a shard whose columns start 7 in and end 9 before its groups' edges."""
+@pytest.mark.parametrize("fast", [False, True], ids=["torch-kernels", "fused"])
+def test_the_kernel_multiplies_with_the_codes(name, pad, fast):
+    """x W^T within bfloat16 rounding of the exact product (float32 rounding for row blocks), or on
+    the fused product within float16 rounding of the scales (and for 4-bit codes the activations'
+    8-bit codes), including a shard whose columns start 7 in and end 9 before its groups' edges."""
+    if fast and not fused.available():
+        pytest.skip("no compiler for the fused kernels here")
     qtype = Q[name]
     codes = decode(random_blocks(qtype, 40, 2, seed=1), qtype)  # 40 rows: not a multiple of 16
     w = codes.dequantize()
-    packed = pack_codes(codes, pad)
-    assert isinstance(packed, RowBlocksWeight if name == "Q6_K" else NibbleWeight)
+    with fused.enabled(fast):
+        packed = pack_codes(codes, pad)
+    if fast:
+        assert isinstance(packed, GroupCodesWeight) and packed.bits == (4 if codes.bits <= 4 else 8)
+    else:
+        assert isinstance(packed, RowBlocksWeight if name == "Q6_K" else NibbleWeight)
     assert packed.shape == (40, w.shape[1] - sum(pad))
     x = torch.randn(3, packed.shape[1], generator=torch.Generator().manual_seed(2))
     exact = F.pad(x.to(packed.activation_dtype).float(), pad) @ w.t()
-    got = packed(x)
-    tol = 1e-6 if name == "Q6_K" else 1e-2
+    with torch.no_grad():
+        got = packed(x)
+    tol = (3e-2 if packed.bits == 4 else 2e-3) if fast else 1e-6 if name == "Q6_K" else 1e-2
     assert got.shape == (3, 40) and float((got - exact).abs().max() / exact.abs().max()) < tol
     assert torch.allclose(packed.dequantize(), w[:, pad[0] : w.shape[1] - pad[1]], rtol=tol, atol=tol * float(w.abs().max()))
 

@@ -298,9 +298,9 @@ class GroupCodesWeight(_Padded):
 
         W[n, k] = scale[n, g] c[n, k] + zero[n, g]   (g = k // group),
 
-    so y[t, n] = sum_g scale[n, g] dot(c[n, g], x[t, g]) + zero[n, g] sum(x[t, g]): an 8-bit code
-    is stored as code - 128 and zero = scale (128 - offset) + bias; a 4-bit one as it is, and
-    zero = bias - scale offset. A step of more than ``fused.DECODE_ROWS`` rows (a prefill) runs on
+    so y[t, n] = sum_g scale[n, g] dot(c[n, g], x[t, g]) + zero[n, g] sum(x[t, g]): a code of more
+    than 4 bits is stored as code - offset where that fits a signed byte (zero = bias), else as
+    code - 128 (zero = scale (128 - offset) + bias); a 4-bit one as it is, zero = bias - scale offset. A step of more than ``fused.DECODE_ROWS`` rows (a prefill) runs on
     torch's GEMM instead, the weight dequantized a block of rows at a time."""
 
     activation_dtype = torch.float32
@@ -317,9 +317,10 @@ class GroupCodesWeight(_Padded):
             quads = codes.codes.view(out, k // 32, 2, 16)
             packed = (quads[:, :, 0] | (quads[:, :, 1] << 4)).reshape(out, k // 2)
             zero = bias - scale * codes.offset
-        else:
-            packed = (codes.codes.to(torch.int16) - 128).to(torch.int8)
-            zero = bias + scale * (128 - codes.offset)
+        else:  # c - offset where it fits a signed byte (every GGUF type), else c - 128
+            shift = codes.offset if codes.offset - 128 <= 0 <= codes.offset + 127 - (2**codes.bits - 1) else 128
+            packed = (codes.codes.to(torch.int16) - shift).to(torch.int8)
+            zero = bias + scale * (shift - codes.offset)
         self._store(packed, scale, zero)
 
     @classmethod

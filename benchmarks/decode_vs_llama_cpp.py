@@ -1,0 +1,100 @@
+"""Batch-1 decode of tensorpar beside the current llama.cpp (``make peers``), interleaved, in one run.
+
+    python benchmarks/decode_vs_llama_cpp.py [--model smollm2-135m] [--tp 1,2] [--quantization none,gguf,int8]
+                                             [--rounds 3] [--new-tokens 64] [--json FILE]
+
+Each round runs, for every quantization, ``tensorpar generate --tp N --quantization Q --json``
+(64 new tokens after a 10-token prompt, EOS ignored; ``timings.decode_s_per_token``) at each TP
+degree, then ``llama-bench -p 0 -n 64 -t 2 -r 1`` on the same file at the matching type (``none``:
+F32 written by ``llama-quantize``; ``gguf``: the file's own; ``int8``: Q8_0), so slow drifts of a
+shared machine fall on both alike. Reports the best of the rounds per row (ms/token) and the ratio
+to llama.cpp; every figure of every round goes to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(os.environ.get("TENSORPAR_LLAMA_CPP_BIN", ROOT / ".peers" / "llama.cpp" / "bin"))
+PROMPT = "Once upon a time, in a land far away,"
+LLAMA_TYPE = {"none": "F32", "int8": "Q8_0", "gguf": None}
+
+
+def tensorpar_ms(model: str, tp: int, quantization: str, new_tokens: int) -> float:
+    cmd = [sys.executable, "-m", "tensorpar", "generate", "--model", model, "--tp", str(tp), "--quantization",
+           quantization, "--prompt", PROMPT, "--max-new-tokens", str(new_tokens), "--ignore-eos", "--json", "--quiet"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
+    return json.loads(out)["timings"]["decode_s_per_token"] * 1e3
+
+
+def llama_file(gguf: Path, kind: str | None, cache: Path) -> Path:
+    """The GGUF file llama.cpp runs for a quantization: the file itself, or one written by llama-quantize."""
+    if kind is None:
+        return gguf
+    out = cache / f"{gguf.stem}.{kind}.gguf"
+    if not out.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(BIN / "llama-quantize"), "--allow-requantize", str(gguf), str(out), kind],
+                       capture_output=True, timeout=900, check=True)
+    return out
+
+
+def llama_ms(path: Path, new_tokens: int, threads: int) -> float:
+    out = subprocess.run([str(BIN / "llama-bench"), "-m", str(path), "-p", "0", "-n", str(new_tokens), "-t",
+                          str(threads), "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=900,
+                         check=True).stdout
+    return 1e3 / json.loads(out)[0]["avg_ts"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tp", default="1,2")
+    p.add_argument("--quantization", default="none,gguf,int8")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    if not (BIN / "llama-bench").exists():
+        sys.exit(f"no llama-bench in {BIN}: run `make peers` (or set TENSORPAR_LLAMA_CPP_BIN)")
+    from tensorpar.loading import resolve_model
+
+    gguf = Path(resolve_model(a.model))
+    tps = [int(t) for t in a.tp.split(",")]
+    quants = a.quantization.split(",")
+    cache = Path.home() / ".cache" / "tensorpar" / "llama.cpp"
+    rows: dict[str, list[float]] = {}
+    for r in range(a.rounds):
+        for q in quants:
+            for tp in tps:
+                rows.setdefault(f"tensorpar {q} tp={tp}", []).append(tensorpar_ms(a.model, tp, q, a.new_tokens))
+            kind = LLAMA_TYPE[q]
+            rows.setdefault(f"llama.cpp {q} ({kind or 'file'})", []).append(
+                llama_ms(llama_file(gguf, kind, cache), a.new_tokens, os.cpu_count() or 1))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
+    print(f"\n{a.model}, batch 1, ms/token, best of {a.rounds} interleaved rounds")
+    for q in quants:
+        peer = min(rows[f"llama.cpp {q} ({LLAMA_TYPE[q] or 'file'})"])
+        print(f"  {q:5s} llama.cpp {peer:6.2f}" + "".join(
+            f"   tp={tp} {min(rows[f'tensorpar {q} tp={tp}']):6.2f} ({min(rows[f'tensorpar {q} tp={tp}']) / peer:.2f}x)"
+            for tp in tps))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"model": a.model, "rounds": rows, "cpu": _cpu()}, indent=1))
+
+
+def _cpu() -> str:
+    try:
+        return re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
