@@ -191,10 +191,31 @@ class _Padded(QuantizedWeight):
     """Codes whose columns run ``pad = (before, after)`` past the rank's own on either side (whole
     GGUF blocks around a shard that cuts one): the activations are zero-padded to match."""
 
+    BLOCK_VALUES = 1 << 15  # rows dequantized at a time by ``_by_row_blocks``: 128 KB of float32, kept in cache
+
     def __init__(self, codes: BlockCodes, pad: tuple[int, int]):
         super().__init__()
         self.pad = pad
         self.shape = torch.Size((codes.shape[0], codes.shape[1] - pad[0] - pad[1]))
+        self._buffer = torch.empty(0)
+
+    def _rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W[r0:r1] as float32 [r1 - r0, in + pads] (into ``out`` when given)."""
+        raise NotImplementedError
+
+    def _by_row_blocks(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """x [n, k] -> x W^T [n, rows]: ``BLOCK_VALUES`` values' worth of W's rows at a time
+        dequantized into one reused buffer (``_rows``), each block then multiplied
+        (y^T[block] = W[block] x^T)."""
+        k = x.shape[1]
+        block = max(1, self.BLOCK_VALUES // k)
+        if self._buffer.numel() < block * k:
+            self._buffer = torch.empty(block * k)
+        yt = x.new_empty(rows, x.shape[0])  # [rows, n]
+        for r in range(0, rows, block):
+            n = min(block, rows - r)
+            torch.mm(self._rows(r, r + n, self._buffer[: n * k]), x.t(), out=yt[r : r + n])
+        return yt.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(F.pad(x, self.pad) if any(self.pad) else x)
@@ -248,12 +269,10 @@ class NibbleWeight(_Padded):
 
 
 class RowBlocksWeight(_Padded):
-    """Codes in groups the int4 kernel does not take (Q6_K's 16), in float32: dequantized
-    ``BLOCK_VALUES`` values' worth of rows at a time into one reused buffer, each block then
-    multiplied (y^T[rows] = W[rows] x^T)."""
+    """Codes in groups the int4 kernel does not take (Q6_K's 16), in float32: dequantized a block
+    of rows at a time into one reused buffer, each block then multiplied (``_by_row_blocks``)."""
 
     activation_dtype = torch.float32
-    BLOCK_VALUES = 1 << 15  # 128 KB of float32: the buffer stays in the core's cache
 
     def __init__(self, codes: BlockCodes, pad: tuple[int, int] = (0, 0), scheme: str = "gguf"):
         super().__init__(codes, pad)
@@ -263,31 +282,21 @@ class RowBlocksWeight(_Padded):
         self.register_buffer("q", q.to(torch.int8 if small else torch.int16).contiguous())
         self.register_buffer("scale", codes.scale.contiguous())
         self.register_buffer("bias", None if codes.bias is None else codes.bias.contiguous())
-        out, k = codes.shape
-        self.k, self.block = k, max(1, self.BLOCK_VALUES // k)
-        self._buffer = torch.empty(0)
+        self.k = codes.shape[1]
+
+    def _rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        n, k, g = r1 - r0, self.k, self.group
+        w = torch.mul(self.q[r0:r1].view(n, k // g, g), self.scale[r0:r1, :, None],
+                      out=None if out is None else out.view(n, k // g, g))
+        if self.bias is not None:
+            w.add_(self.bias[r0:r1, :, None])
+        return w.view(n, k)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        out, k, g = self.q.shape[0], self.k, self.group
-        if self._buffer.numel() < self.block * k:
-            self._buffer = torch.empty(self.block * k)
-        yt = x.new_empty(out, x.shape[0])  # [out, n]
-        xt = x.t()
-        for r in range(0, out, self.block):
-            n = min(self.block, out - r)
-            buf = self._buffer[: n * k].view(n, k // g, g)
-            torch.mul(self.q[r : r + n].view(n, k // g, g), self.scale[r : r + n, :, None], out=buf)
-            if self.bias is not None:
-                buf.add_(self.bias[r : r + n, :, None])
-            torch.mm(buf.view(n, k), xt, out=yt[r : r + n])
-        return yt.t()
+        return self._by_row_blocks(x, self.q.shape[0])
 
     def dequantize(self) -> torch.Tensor:
-        out, k, g = self.q.shape[0], self.k, self.group
-        w = self.q.float().view(out, k // g, g) * self.scale[..., None]
-        if self.bias is not None:
-            w = w + self.bias[..., None]
-        return self._cols(w.view(out, k))
+        return self._cols(self._rows(0, self.q.shape[0]))
 
 
 class GroupCodesWeight(_Padded):
@@ -300,11 +309,11 @@ class GroupCodesWeight(_Padded):
 
     so y[t, n] = sum_g scale[n, g] dot(c[n, g], x[t, g]) + zero[n, g] sum(x[t, g]): a code of more
     than 4 bits is stored as code - offset where that fits a signed byte (zero = bias), else as
-    code - 128 (zero = scale (128 - offset) + bias); a 4-bit one as it is, zero = bias - scale offset. A step of more than ``fused.DECODE_ROWS`` rows (a prefill) runs on
-    torch's GEMM instead, the weight dequantized a block of rows at a time."""
+    code - 128 (zero = scale (128 - offset) + bias); a 4-bit one as it is (zero = bias - scale
+    offset). A prefill (more than ``fused.DECODE_ROWS`` rows) runs on torch's GEMM instead, the
+    weight dequantized a block of rows at a time."""
 
     activation_dtype = torch.float32
-    BLOCK_VALUES = 1 << 15  # rows dequantized at a time for a prefill: 128 KB of float32
 
     def __init__(self, codes: BlockCodes, pad: tuple[int, int] = (0, 0), scheme: str = "gguf"):
         super().__init__(codes, pad)
@@ -330,20 +339,17 @@ class GroupCodesWeight(_Padded):
         w = weight.detach().float().contiguous()
         scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)  # [out, 1]: one group per row
         self = cls.__new__(cls)
-        _Padded.__init__(self, BlockCodes.zeros(w.shape[0], w.shape[1], w.shape[1]), (0, 0))
+        _Padded.__init__(self, BlockCodes.zeros(*w.shape, w.shape[1]), (0, 0))
         self.scheme, self.group, self.k, self.bits = scheme, w.shape[1], w.shape[1], 8
         self._store(torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale, None)
         return self
 
     def _store(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
-        """Codes, and scales and zeros in float16 (GGUF's own scales are float16 already)."""
-        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("codes", codes.contiguous())  # (scales in float16, as GGUF's own)
         self.register_buffer("scale", scale.to(torch.float16).contiguous())
         self.register_buffer("zero", None if zero is None or not zero.any() else zero.to(torch.float16).contiguous())
-        self._buffer = torch.empty(0)
 
     def _rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """W[r0:r1] as float32 [r1 - r0, in + pads]."""
         n, k, g = r1 - r0, self.k, self.group
         c = self.codes[r0:r1]
         if self.bits == 4:
@@ -358,15 +364,7 @@ class GroupCodesWeight(_Padded):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= fused.DECODE_ROWS and fused.active(x):
             return fused.codes_linear(x, self.codes, self.scale, self.zero, self.group, self.bits)
-        out = self.codes.shape[0]
-        block = max(1, self.BLOCK_VALUES // self.k)
-        if self._buffer.numel() < block * self.k:
-            self._buffer = torch.empty(block * self.k)
-        yt = x.new_empty(out, x.shape[0])  # [out, n]
-        for r in range(0, out, block):
-            n = min(block, out - r)
-            torch.mm(self._rows(r, r + n, self._buffer[: n * self.k]), x.t(), out=yt[r: r + n])
-        return yt.t()
+        return self._by_row_blocks(x, self.codes.shape[0])
 
     def dequantize(self) -> torch.Tensor:
         return self._cols(self._rows(0, self.codes.shape[0]))
