@@ -3,8 +3,8 @@
 A decode step runs about forty small operations per layer between its weight products: norms,
 rotary positions, KV-cache writes, attention, activations, residual adds. Each is a call with its
 own dispatch and parallel region, starting on caches that the product before it has just flushed.
-Three C++ operators (``csrc/decode_cpu.cpp``, compiled on first use with torch's own extension
-builder and cached) do that work in one call each:
+C++ operators (``csrc/``, compiled on first use with torch's own extension builder and cached:
+``build_directory``) do that work in one call each, and stream the weights themselves:
 
 - ``rms_norm(x, residual, w)``: x += residual (in place, when given), then
   y = x / sqrt(mean(x^2) + eps) * (w + offset);
@@ -12,7 +12,10 @@ builder and cached) do that work in one call each:
 - ``decode_attention``: one new token per row: its query and key heads RMS-normed and rotated
   where the model does that, its key and value written into the paged KV cache through the row's
   block table, then softmax(q k^T scale) v over the row's keys (within a sliding window), read
-  from the cache blocks in place with an online softmax: no gather of the row's keys.
+  from the cache blocks in place with an online softmax: no gather of the row's keys;
+- ``dense_linear`` (float32 / bfloat16 W [out, in]) and ``codes_linear`` (8- or 4-bit codes in
+  groups with a scale and zero each): y = x W^T for a step's few rows (at most ``DECODE_ROWS``),
+  W read once, row by row, in one parallel region over the output rows.
 
 Each computes in float32 whatever the dtype (float32 or bfloat16). ``available()`` says whether
 the kernels are built; where they cannot be (no compiler), or with ``TENSORPAR_FUSED=0``, the
@@ -22,7 +25,9 @@ functions are the same math in plain torch; tests run both on the same inputs.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,16 +42,36 @@ ACTIVATIONS = {"silu": SILU, "gelu_pytorch_tanh": GELU_TANH, "gelu_new": GELU_TA
 _state: dict = {"loaded": None, "on": os.environ.get("TENSORPAR_FUSED", "1") != "0"}
 
 
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]  # (-fopenmp: torch's own OpenMP runtime)
+
+
+def build_directory() -> Path:
+    """Where the kernels are built: one directory per content of the sources and flags, holding
+    its own copy of the sources, so that checkouts with the same sources share one build and
+    different ones never rebuild each other's."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    return root / "tensorpar" / digest
+
+
 def _load() -> bool:
     """Build (first use on this machine) or load the kernels; False, said once, where they cannot be."""
     if _state["loaded"] is None:
         try:
             from torch.utils.cpp_extension import load
 
-            # (-fopenmp: the kernels' parallel regions run on torch's own OpenMP runtime and threads)
-            load(name="tensorpar_decode_cpu", sources=[str(s) for s in SOURCES], is_python_module=False,
-                 verbose=False, extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
-                 extra_ldflags=["-fopenmp"])
+            build = build_directory()
+            build.mkdir(parents=True, exist_ok=True)
+            sources = []
+            for source in SOURCES:
+                copy = build / source.name
+                if not copy.exists():  # written whole, then renamed: a concurrent rank never reads half a file
+                    part = build / f".{source.name}.{os.getpid()}"
+                    shutil.copyfile(source, part)
+                    os.replace(part, copy)
+                sources.append(str(copy))
+            load(name=f"tensorpar_kernels_{build.name}", sources=sources, build_directory=str(build),
+                 is_python_module=False, verbose=False, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
             _state["loaded"] = True
         except Exception as e:  # no compiler, no ninja, a build error: run unfused
             first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
