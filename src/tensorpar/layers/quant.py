@@ -193,10 +193,10 @@ class _Padded(QuantizedWeight):
 
     BLOCK_VALUES = 1 << 15  # rows dequantized at a time by ``_by_row_blocks``: 128 KB of float32, kept in cache
 
-    def __init__(self, codes: BlockCodes, pad: tuple[int, int]):
+    def __init__(self, codes_shape: torch.Size, pad: tuple[int, int]):
         super().__init__()
         self.pad = pad
-        self.shape = torch.Size((codes.shape[0], codes.shape[1] - pad[0] - pad[1]))
+        self.shape = torch.Size((codes_shape[0], codes_shape[1] - pad[0] - pad[1]))
         self._buffer = torch.empty(0)
 
     def _rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -228,7 +228,7 @@ class NibbleWeight(_Padded):
     """Codes of up to 8 bits in groups of a multiple of 32, as nibble planes on the int4 kernel."""
 
     def __init__(self, codes: BlockCodes, pad: tuple[int, int] = (0, 0), scheme: str = "int4"):
-        super().__init__(codes, pad)
+        super().__init__(codes.shape, pad)
         c = codes.regroup(KERNEL_GROUP)
         out, k = c.shape
         self.scheme, self.planes = scheme, -(-c.bits // 4)
@@ -275,7 +275,7 @@ class RowBlocksWeight(_Padded):
     activation_dtype = torch.float32
 
     def __init__(self, codes: BlockCodes, pad: tuple[int, int] = (0, 0), scheme: str = "gguf"):
-        super().__init__(codes, pad)
+        super().__init__(codes.shape, pad)
         self.scheme, self.group = scheme, codes.group
         q = codes.codes.to(torch.int16) - codes.offset
         small = int(q.min()) >= -128 and int(q.max()) <= 127
@@ -316,7 +316,7 @@ class GroupCodesWeight(_Padded):
     activation_dtype = torch.float32
 
     def __init__(self, codes: BlockCodes, pad: tuple[int, int] = (0, 0), scheme: str = "gguf"):
-        super().__init__(codes, pad)
+        super().__init__(codes.shape, pad)
         self.scheme, self.group = scheme, codes.group
         out, k = codes.shape
         self.k, self.bits = k, 4 if codes.bits <= 4 else 8
@@ -339,7 +339,7 @@ class GroupCodesWeight(_Padded):
         w = weight.detach().float().contiguous()
         scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)  # [out, 1]: one group per row
         self = cls.__new__(cls)
-        _Padded.__init__(self, BlockCodes.zeros(*w.shape, w.shape[1]), (0, 0))
+        _Padded.__init__(self, w.shape, (0, 0))
         self.scheme, self.group, self.k, self.bits = scheme, w.shape[1], w.shape[1], 8
         self._store(torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale, None)
         return self
