@@ -1,5 +1,6 @@
-"""The fused CPU decode kernels against their plain-torch twins, and whole decode steps of every
-tiny architecture with the fused path on against the same steps with it off."""
+"""The fused CPU decode kernels against their plain-torch twins, whole decode steps of every
+tiny architecture with the fused path on against the same steps with it off, and the C++
+decoder-layer stack against the same kernels called module by module."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import pytest
 import torch
 
 from tensorpar.distributed.groups import single_process_context
-from tensorpar.layers import fused
+from tensorpar.layers import decode_stack, fused
+from tensorpar.layers.linear import ColumnParallelLinear, RowParallelLinear
+from tensorpar.layers.quant import GroupCodesWeight
 from tensorpar.layers.attention import ALL_KEYS, BY_POSITION, AttentionBatch
 from tensorpar.loading import build_model
+from tensorpar.loading.quantize import quantize_model
 from tensorpar.loading.safetensors_source import SafetensorsSource
+from tensorpar.models import blocks
 from tensorpar.models.norms import RMSNorm
 from tensorpar.runtime.kv_cache import KVCache
 
@@ -114,3 +119,44 @@ def test_a_decode_step_is_the_same_fused_and_unfused(arch, dtype, tiny_checkpoin
     for a, b in zip(fast, plain):
         scale = b.abs().max()
         assert (a - b).abs().max() / scale < (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+STACKED = {"llama", "mistral", "qwen2", "llama7", "qwen3", "gemma3", "phi3"}  # gated MLPs and RMSNorms throughout
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("dtype,quantization", [(torch.float32, "none"), (torch.bfloat16, "none"),
+                                                (torch.float32, "int8"), (torch.float32, "int4")])
+def test_the_layer_stack_decodes_as_the_modules_do(arch, dtype, quantization, tiny_checkpoints):
+    """The same kernels in the same order: one C++ call per step against a Python call per
+    operation gives the same logits, bit for bit; architectures with other parts run the modules."""
+    model = build_model(SafetensorsSource(tiny_checkpoints[arch]), single_process_context(), dtype)
+    quantize_model(model, quantization, group=32)
+    prompt = [(5 * i + 2) % 100 for i in range(9)]
+    with decode_stack.enabled(False):
+        plain, tokens = _decode_logits(model, prompt, 5, dtype)
+    assert model not in blocks._DECODE_STACKS
+    fast, _ = _decode_logits(model, prompt, 5, dtype, fed=tokens)
+    packed = [m.weight for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    runs_here = all(isinstance(w, torch.Tensor) or (isinstance(w, GroupCodesWeight) and not any(w.pad)) for w in packed)
+    assert bool(blocks._DECODE_STACKS[model]) == (arch in STACKED and runs_here)
+    if arch == "mistral":  # widths of whole groups: its codes run in the stack
+        assert blocks._DECODE_STACKS[model]
+    for a, b in zip(fast, plain):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+def test_the_layer_stack_follows_replaced_weights(tiny_checkpoints):
+    """A stack holds the weights it was built on; replacing them (a quantization after a first
+    step) builds it again, so the step sees the new ones."""
+    model = build_model(SafetensorsSource(tiny_checkpoints["mistral"]), single_process_context(), torch.float32)
+    prompt = [3, 14, 15, 92, 65]
+    before, tokens = _decode_logits(model, prompt, 2, torch.float32)
+    first = blocks._DECODE_STACKS[model]
+    quantize_model(model, "int8")
+    after, _ = _decode_logits(model, prompt, 2, torch.float32, fed=tokens)
+    assert first and blocks._DECODE_STACKS[model] and blocks._DECODE_STACKS[model] is not first
+    with decode_stack.enabled(False):
+        modules, _ = _decode_logits(model, prompt, 2, torch.float32, fed=tokens)
+    assert all(torch.equal(a, b) for a, b in zip(after, modules))
+    assert not torch.equal(after[0], before[0])

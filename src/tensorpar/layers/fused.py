@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_cpu.cpp", "linear_cpu.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("decode_cpu.cpp", "linear_cpu.cpp", "layer_cpu.cpp")]
+HEADERS = [CSRC / "kernels.h"]
 DECODE_ROWS = 16  # products of at most this many rows of x stream the weights here; more go to torch's GEMM
 SILU, GELU_TANH = 0, 1
 ACTIVATIONS = {"silu": SILU, "gelu_pytorch_tanh": GELU_TANH, "gelu_new": GELU_TANH}
@@ -49,7 +51,7 @@ def build_directory() -> Path:
     """Where the kernels are built: one directory per content of the sources and flags, holding
     its own copy of the sources, so that checkouts with the same sources share one build and
     different ones never rebuild each other's."""
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(CFLAGS).encode()).hexdigest()[:16]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
     return root / "tensorpar" / digest
 
@@ -63,13 +65,14 @@ def _load() -> bool:
             build = build_directory()
             build.mkdir(parents=True, exist_ok=True)
             sources = []
-            for source in SOURCES:
+            for source in HEADERS + SOURCES:
                 copy = build / source.name
                 if not copy.exists():  # written whole, then renamed: a concurrent rank never reads half a file
                     part = build / f".{source.name}.{os.getpid()}"
                     shutil.copyfile(source, part)
                     os.replace(part, copy)
-                sources.append(str(copy))
+                if source in SOURCES:
+                    sources.append(str(copy))
             load(name=f"tensorpar_kernels_{build.name}", sources=sources, build_directory=str(build),
                  is_python_module=False, verbose=False, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
             _state["loaded"] = True

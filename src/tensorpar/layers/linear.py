@@ -153,7 +153,14 @@ class RowParallelLinear(nn.Module):
         y = linear(x, self.weight)
         if not self.reduce:
             return y
-        y = reduce_scatter_seq(y, self.ctx) if self.sequence_parallel else reduce_from_tp(y, self.ctx)
+        if self.sequence_parallel:
+            y = reduce_scatter_seq(y, self.ctx)
+            return y + self.bias if self.bias is not None else y
+        return self.finish(y)
+
+    def finish(self, partial: torch.Tensor) -> torch.Tensor:
+        """The partial sum X_i A_i -> Y: all-reduce, then the bias."""
+        y = reduce_from_tp(partial, self.ctx)
         return y + self.bias if self.bias is not None else y
 
     def pieces(self) -> dict[str, list[Piece]]:

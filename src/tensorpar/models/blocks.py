@@ -11,13 +11,14 @@ its local head counts from ``num_heads`` / ``num_kv_heads``, which a sharding pl
 
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.layers import fused
+from tensorpar.layers import decode_stack, fused
 from tensorpar.layers.attention import AttentionBatch, PackedBatch
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.feedforward import MLP, Experts, MoE, Router, activation, fused_linear  # noqa: F401
@@ -25,6 +26,7 @@ from tensorpar.models.norms import RMSNorm, add_and_norm, norm  # noqa: F401
 from tensorpar.models.rope import Rotary, apply_rope
 
 _NO_DROPOUT = nullcontext()  # reusable: entered on every inference step
+_DECODE_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # CausalLM -> its DecodeStack, or False
 
 
 def embedding(num: int, dim: int) -> nn.Embedding:
@@ -133,6 +135,28 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm(cfg)
         self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg)
 
+    def decode_halves(self, rope: int, cache: int) -> list | None:
+        """This layer as the attention and MLP halves of ``layers.decode_stack`` (rotary table
+        ``rope``, KV cache layer ``cache``), or None where it has parts the stack lacks (a mixture
+        of experts, an ungated MLP, layer norms)."""
+        attn, mlp = self.self_attn, self.mlp
+        norms = [self.input_layernorm, self.post_attention_layernorm]
+        if self.sandwich:
+            norms += [self.pre_feedforward_layernorm, self.post_feedforward_layernorm]
+        if type(mlp) is not MLP or not mlp.gated or not all(isinstance(n, RMSNorm) for n in norms):
+            return None
+        d = attn.head_dim
+        return [
+            decode_stack.AttentionHalf(
+                self.input_layernorm, self.post_attention_layernorm if self.sandwich else None, attn.qkv_proj,
+                attn.o_proj, attn.q_norm if attn.qk_norm else None, attn.k_norm if attn.qk_norm else None,
+                attn.num_heads, attn.num_kv_heads, d, attn.scale if attn.scale is not None else d ** -0.5,
+                attn.sliding_window or 0, rope, cache),
+            decode_stack.MLPHalf(
+                self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm,
+                self.post_feedforward_layernorm if self.sandwich else None, mlp.gate_up_proj, mlp.down_proj, mlp.act),
+        ]
+
     def forward(self, x, batch, rope, cache):
         if not torch.is_grad_enabled():  # inference: residual adds in place, each fused with the norm after it
             attn = self.self_attn(self.input_layernorm(x), batch, rope, cache)
@@ -219,12 +243,45 @@ class CausalLM(nn.Module):
                 x = x + self.model.embed_positions(batch.positions)
         else:
             x = hidden
+        if (x.shape[1] == 1 and cache is not None and isinstance(batch, AttentionBatch) and batch.blocks is not None
+                and x.shape[0] <= fused.DECODE_ROWS and not self.training and decode_stack.active() and fused.active(x)):
+            stack = self._decode_stack()
+            if stack:
+                return self._decode(stack, x, batch, cache)
         ropes = {key: rot(batch, x.dtype) for key, rot in self._rotaries.items()}
         for j, i in enumerate(self.layer_ids):
             key = self._layer_rope[i]
             x = self.model.layers[i](x, batch, None if key is None else ropes[key],
                                      None if cache is None else cache.layer(j))
         return self.model.norm(x) if self.is_last else x
+
+    def _decode_stack(self) -> decode_stack.DecodeStack | None:
+        """This stage's layers as one ``DecodeStack`` (built on first use, again when the weights
+        are replaced), or None where a layer cannot run there."""
+        stack = _DECODE_STACKS.get(self)
+        if stack is None or (stack and not stack.current()):
+            tables = list(self._rotaries)
+            halves = []
+            for j, i in enumerate(self.layer_ids):
+                key = self._layer_rope[i]
+                layer = self.model.layers[i].decode_halves(-1 if key is None else tables.index(key), j)
+                if layer is None:
+                    halves = []
+                    break
+                halves += layer
+            stack = _DECODE_STACKS[self] = decode_stack.build(halves) or False
+        return stack or None
+
+    def _decode(self, stack: decode_stack.DecodeStack, x: torch.Tensor, batch: AttentionBatch, cache) -> torch.Tensor:
+        """One new token per row through ``stack``: x [B, 1, hidden] -> as ``forward``."""
+        B = x.shape[0]
+        ropes = [tuple(t.view(B, -1).float() for t in rot(batch, x.dtype)) for rot in self._rotaries.values()]
+        x = x.contiguous()
+        delta = stack(x.view(B, -1), cache, batch.blocks, batch.positions.view(B), ropes).view_as(x)
+        last = self.model.layers[self.layer_ids[-1]]
+        if last.sandwich:
+            delta = last.post_feedforward_layernorm(delta)
+        return add_and_norm(self.model.norm, x, delta) if self.is_last else x.add_(delta)
 
     def kv_cache_shape(self) -> list[tuple[int, int]]:
         """(local KV heads, head dim) of the cache of every layer this model runs."""

@@ -6,6 +6,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -65,6 +67,10 @@ void rms_norm_impl(at::Tensor& x, const c10::optional<at::Tensor>& residual, con
   else run(weight.data_ptr<c10::BFloat16>());
 }
 
+}  // namespace
+
+namespace tensorpar {
+
 // [..., n] -> normed [..., n]; with ``residual``, x += residual first, in place.
 at::Tensor rms_norm(at::Tensor x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight, double eps,
                     double offset) {
@@ -78,6 +84,10 @@ at::Tensor rms_norm(at::Tensor x, const c10::optional<at::Tensor>& residual, con
   else TORCH_CHECK(false, "rms_norm: float32 or bfloat16 only");
   return out;
 }
+
+}  // namespace tensorpar
+
+namespace {
 
 // [..., 2i] = [gate, up] -> act(gate) * up [..., i]; act 0: silu, 1: gelu (tanh approximation).
 template <typename T>
@@ -101,6 +111,10 @@ void glu_impl(const at::Tensor& gate_up, at::Tensor& out, int64_t act) {
   });
 }
 
+}  // namespace
+
+namespace tensorpar {
+
 at::Tensor glu(const at::Tensor& gate_up, int64_t act) {
   TORCH_CHECK(gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0, "glu: contiguous [..., 2i] only");
   auto sizes = gate_up.sizes().vec();
@@ -111,6 +125,10 @@ at::Tensor glu(const at::Tensor& gate_up, int64_t act) {
   else TORCH_CHECK(false, "glu: float32 or bfloat16 only");
   return out;
 }
+
+}  // namespace tensorpar
+
+namespace {
 
 struct HeadNorm {
   const void* weight = nullptr;
@@ -220,6 +238,10 @@ HeadNorm head_norm(const c10::optional<at::Tensor>& w, double eps, double offset
   return n;
 }
 
+}  // namespace
+
+namespace tensorpar {
+
 // One new token per row: qkv [B, (h + 2 kv) d] -> attention output [B, h d], writing each row's
 // new key and value into the paged cache [blocks, block_size, kv, d] at ``positions`` [B] through
 // its block table ``blocks`` [B, n]. Query and key heads are RMS-normed (q_norm / k_norm) and
@@ -258,7 +280,8 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor k_cache, at::Tenso
   return out;
 }
 
-}  // namespace
+}  // namespace tensorpar
+
 
 TORCH_LIBRARY(tensorpar, m) {
   m.def("rms_norm(Tensor(a!) x, Tensor? residual, Tensor weight, float eps, float offset) -> Tensor");
@@ -269,7 +292,7 @@ TORCH_LIBRARY(tensorpar, m) {
 }
 
 TORCH_LIBRARY_IMPL(tensorpar, CPU, m) {
-  m.impl("rms_norm", rms_norm);
-  m.impl("glu", glu);
-  m.impl("decode_attention", decode_attention);
+  m.impl("rms_norm", tensorpar::rms_norm);
+  m.impl("glu", tensorpar::glu);
+  m.impl("decode_attention", tensorpar::decode_attention);
 }

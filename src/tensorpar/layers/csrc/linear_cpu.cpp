@@ -11,6 +11,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "kernels.h"
+
 #include <type_traits>
 #include <vector>
 
@@ -169,6 +171,10 @@ at::Tensor finish(at::Tensor y, const c10::optional<at::Tensor>& bias, const at:
   return y.to(x.scalar_type());
 }
 
+}  // namespace
+
+namespace tensorpar {
+
 // x [T, K] (float32 or bfloat16) -> x W^T + b [T, N] in x's dtype, W [N, K] float32 or bfloat16
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "dense_linear: x [T, K], W [N, K]");
@@ -193,6 +199,7 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const c10
   });
   return finish(y, bias, x);
 }
+
 
 // x [T, K] -> x W^T [T, N] for W as ``codes`` (int8 [N, K], or uint8 [N, K / 2] of 4-bit codes),
 // ``scale`` and optional ``zero`` [N, K / group] float16
@@ -230,7 +237,8 @@ at::Tensor codes_linear(const at::Tensor& x, const at::Tensor& codes, const at::
   return y.to(x.scalar_type());
 }
 
-}  // namespace
+}  // namespace tensorpar
+
 
 TORCH_LIBRARY_FRAGMENT(tensorpar, m) {
   m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
@@ -238,6 +246,6 @@ TORCH_LIBRARY_FRAGMENT(tensorpar, m) {
 }
 
 TORCH_LIBRARY_IMPL(tensorpar, CPU, m) {
-  m.impl("dense_linear", dense_linear);
-  m.impl("codes_linear", codes_linear);
+  m.impl("dense_linear", tensorpar::dense_linear);
+  m.impl("codes_linear", tensorpar::codes_linear);
 }
