@@ -174,10 +174,11 @@ class DecodeStack:
             self.stack.set_cache([k for k, _ in layers], [v for _, v in layers])
             self._cache_key = key
         cos, sin = [c for c, _ in ropes], [s for _, s in ropes]
+        quantize_x = fused._state["quantize_x"]
         delta, begin, n = None, 0, len(self.finishers)
         for i, finish in enumerate(self.finishers):
             if finish is not None or i == n - 1:
-                delta = self.stack.run(x, delta, begin, i + 1, blocks, positions, cos, sin)
+                delta = self.stack.run(x, delta, begin, i + 1, blocks, positions, cos, sin, quantize_x)
                 if finish is not None:
                     delta = finish(delta)
                 begin = i + 1

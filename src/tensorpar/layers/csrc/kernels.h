@@ -18,8 +18,9 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor k_cache, at::Tenso
                             int64_t head_dim, double scale, int64_t window, double norm_eps, double norm_offset);
 // x [T, K] -> x W^T + b [T, N], W [N, K] float32 or bfloat16.
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
-// x [T, K] -> x W^T [T, N], W as 8- or 4-bit codes in groups with float16 scale (and zero).
+// x [T, K] -> x W^T [T, N], W as 8- or 4-bit codes in groups with float16 scale (and zero);
+// ``quantize_x``: 4-bit codes meet x quantized to 8 bits per 32 values, on VNNI where the CPU has it.
 at::Tensor codes_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                        const c10::optional<at::Tensor>& zero, int64_t group, int64_t bits);
+                        const c10::optional<at::Tensor>& zero, int64_t group, int64_t bits, bool quantize_x);
 
 }  // namespace tensorpar

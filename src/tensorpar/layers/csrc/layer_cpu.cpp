@@ -5,9 +5,11 @@
 //   in:    h = norm(x), u = h W_in^T (+ b)
 //   core:  attention (norms, rotation, paged KV write, softmax over the cache) or act(gate) * up
 //   out:   partial = core W_out^T (+ b)      (the rank's share; the caller reduces it)
-// run(begin, end) chains halves with no reduction between them (one rank), so a whole decode step
+// Products of 4-bit codes take x quantized to 8 bits per 32 values where ``quantize_x`` (see
+// codes_linear). run(begin, end) chains halves with no reduction between them (one rank), so a whole decode step
 // of a single-rank model is one call; with several ranks the caller reduces between halves.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -25,10 +27,11 @@ struct Projection {
   int64_t group = 0, bits = 0;
   OptTensor bias;
 
-  at::Tensor operator()(const at::Tensor& x) const {
+  at::Tensor operator()(const at::Tensor& x, bool quantize_x) const {
+    RECORD_FUNCTION(bits == 0 ? "tensorpar::dense_linear" : "tensorpar::codes_linear", std::vector<c10::IValue>());
     if (bits == 0) return tensorpar::dense_linear(x, weight[0], bias);
     auto y = tensorpar::codes_linear(x, weight[0], weight[1], weight.size() > 2 ? OptTensor(weight[2]) : c10::nullopt,
-                                     group, bits);
+                                     group, bits, quantize_x);
     if (bias.has_value()) y.add_(*bias);
     return y;
   }
@@ -104,7 +107,7 @@ struct DecodeStack : torch::CustomClassHolder {
   // x [B, hidden] (updated in place) -> the partial output [B, hidden] of half end - 1, after halves
   // begin .. end - 1 ran in turn; ``delta`` is the reduced output of half begin - 1 (none at 0).
   at::Tensor run(at::Tensor x, OptTensor delta, int64_t begin, int64_t end, at::Tensor blocks, at::Tensor positions,
-                 std::vector<at::Tensor> cos, std::vector<at::Tensor> sin) {
+                 std::vector<at::Tensor> cos, std::vector<at::Tensor> sin, bool quantize_x) {
     TORCH_CHECK(0 <= begin && begin < end && end <= size(), "DecodeStack.run: halves ", begin, "..", end, " of ",
                 size());
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "DecodeStack.run: x must be [B, hidden], contiguous");
@@ -115,10 +118,11 @@ struct DecodeStack : torch::CustomClassHolder {
         delta = tensorpar::rms_norm(*delta, c10::nullopt, *prev.post, prev.eps, prev.offset);
       }
       const at::Tensor h = tensorpar::rms_norm(x, delta, half.norm, half.eps, half.offset);  // x += delta first
-      const at::Tensor u = half.in(h);
+      const at::Tensor u = half.in(h, quantize_x);
       at::Tensor core;
       if (half.attention) {
         TORCH_CHECK(half.cache < static_cast<int64_t>(k_cache.size()), "DecodeStack.run: no KV cache set");
+        RECORD_FUNCTION("tensorpar::decode_attention", std::vector<c10::IValue>());  // (profiles see the parts)
         const bool rotate = half.rope >= 0;
         core = tensorpar::decode_attention(u, k_cache[half.cache], v_cache[half.cache], blocks, positions,
                                            rotate ? OptTensor(cos[half.rope]) : c10::nullopt,
@@ -128,7 +132,7 @@ struct DecodeStack : torch::CustomClassHolder {
       } else {
         core = tensorpar::glu(u, half.act);
       }
-      delta = half.out(core);
+      delta = half.out(core, quantize_x);
     }
     return *delta;
   }

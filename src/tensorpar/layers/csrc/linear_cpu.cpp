@@ -13,6 +13,7 @@
 
 #include "kernels.h"
 
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -31,6 +32,7 @@ inline vec vload(const c10::BFloat16* p) {
 inline vec vload_i8(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline vec vset(float v) { return _mm512_set1_ps(v); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 // 16 codes of a 32-group: the low nibbles of 16 bytes, or their high nibbles
@@ -50,6 +52,7 @@ inline vec vload(const c10::BFloat16* p) {
 inline vec vload_i8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline vec vset(float v) { return _mm256_set1_ps(v); }
 inline float vsum(vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -62,6 +65,8 @@ inline float vsum(vec v) {
 
 template <typename T>
 inline float scalar(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+
+inline float half_to_float(c10::Half h) { return _cvtsh_ss(h.x); }  // F16C, not c10's bit-twiddling
 
 // rows [n0, n1) of y [T, N] = x [T, K] W^T (W [N, K] float or bfloat16), T <= MAX_ROWS (a
 // template argument, so that the accumulators live in registers)
@@ -93,31 +98,38 @@ void dense_rows(const float* x, const W* w, float* y, int64_t K, int64_t N, int6
 }
 
 // rows [n0, n1) of y = x W^T for W as codes in groups (see the file's comment); sums [T, K / g]
-// holds each group's sum of x (for the zero terms)
+// holds each group's sum of x (for the zero terms). Independent accumulator chains (low and high
+// nibbles, even and odd groups or vectors) keep several FMAs in flight: one chain would wait out
+// the FMA latency on every 16 codes.
 template <int T>
 void codes_rows(const float* x, const void* codes, int64_t bits, const c10::Half* scale, const c10::Half* zero,
                 const float* sums, float* y, int64_t K, int64_t N, int64_t g, int64_t n0, int64_t n1) {
+  constexpr int P = T <= 4 ? 2 : 1;  // chains per row of x and nibble half, as registers allow
   const int64_t groups = K / g;
   for (int64_t n = n0; n < n1; ++n) {
     const c10::Half* sc = scale + n * groups;
-    vec acc[T];
-    for (int64_t t = 0; t < T; ++t) acc[t] = vzero();
+    vec acc[P][2][T];
+    for (int p = 0; p < P; ++p)
+      for (int64_t t = 0; t < T; ++t) acc[p][0][t] = acc[p][1][t] = vzero();
     if (bits == 8) {
       const int8_t* row = static_cast<const int8_t*>(codes) + n * K;
+      int64_t i = 0;
       for (int64_t q = 0; q < groups; ++q) {
-        const vec s = vset(static_cast<float>(sc[q]));
-        for (int64_t k = q * g; k < (q + 1) * g; k += V) {
+        const vec s = vset(half_to_float(sc[q]));
+        for (int64_t k = q * g; k < (q + 1) * g; k += V, ++i) {
           const vec c = vmul(vload_i8(row + k), s);
-          for (int64_t t = 0; t < T; ++t) acc[t] = vfma(c, vload(x + t * K + k), acc[t]);
+          vec* a = acc[(i >> 1) % P][i & 1];
+          for (int64_t t = 0; t < T; ++t) a[t] = vfma(c, vload(x + t * K + k), a[t]);
         }
       }
     } else {
       const uint8_t* row = static_cast<const uint8_t*>(codes) + n * (K / 2);
+      int64_t i = 0;
       for (int64_t q = 0; q < groups; ++q) {
-        const vec s = vset(static_cast<float>(sc[q]));
+        const vec s = vset(half_to_float(sc[q]));
         for (int64_t k = q * g; k < (q + 1) * g; k += 32) {
           const uint8_t* b = row + k / 2;
-          for (int64_t h = 0; h < 16; h += V) {  // 16 bytes: elements k + h.. (low) and k + 16 + h.. (high)
+          for (int64_t h = 0; h < 16; h += V, ++i) {  // 16 bytes: elements k + h.. (low) and k + 16 + h.. (high)
             vec lo, hi;
 #if defined(__AVX512F__)
             vload_nibbles(b + h, lo, hi);
@@ -128,25 +140,107 @@ void codes_rows(const float* x, const void* codes, int64_t bits, const c10::Half
 #endif
             lo = vmul(lo, s);
             hi = vmul(hi, s);
+            vec(&a)[2][T] = acc[i % P];
             for (int64_t t = 0; t < T; ++t) {
-              acc[t] = vfma(lo, vload(x + t * K + k + h), acc[t]);
-              acc[t] = vfma(hi, vload(x + t * K + k + 16 + h), acc[t]);
+              a[0][t] = vfma(lo, vload(x + t * K + k + h), a[0][t]);
+              a[1][t] = vfma(hi, vload(x + t * K + k + 16 + h), a[1][t]);
             }
           }
         }
       }
     }
     for (int64_t t = 0; t < T; ++t) {
-      float s = vsum(acc[t]);
+      vec total = vzero();
+      for (int p = 0; p < P; ++p) total = vadd(total, vadd(acc[p][0][t], acc[p][1][t]));
+      float s = vsum(total);
       if (zero != nullptr) {
         const c10::Half* z = zero + n * groups;
         const float* sx = sums + t * groups;
-        for (int64_t q = 0; q < groups; ++q) s += static_cast<float>(z[q]) * sx[q];
+        for (int64_t q = 0; q < groups; ++q) s += half_to_float(z[q]) * sx[q];
       }
       y[t * N + n] = s;
     }
   }
 }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool VNNI = true;
+// The order a pair of 32-groups of 4-bit codes unpacks to (low nibbles of both, then high ones):
+// b0[0:16] b1[0:16] b0[16:32] b1[16:32]; each int32 lane of a VNNI dot product sums 4 of them, so
+// lanes 0-3 and 8-11 belong to b0, 4-7 and 12-15 to b1.
+const __m512i PAIR_LANES = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+
+// x [T, K] -> xq [T, K] int8 (pairs of 32-blocks in the unpacked codes' order) and dx [T, K / 64, 16]
+// (each block's scale d = max|x_b| / 127, spread over its lanes): x_b ~ d q_b, as llama.cpp's Q8 blocks.
+void quantize_pairs(const float* x, int64_t T, int64_t K, int8_t* xq, float* dx) {
+  const int64_t pairs = K / 64;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t p = 0; p < pairs; ++p) {
+      const float* b = x + t * K + p * 64;
+      float d[2], inv[2];
+      for (int j = 0; j < 2; ++j) {
+        const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(b + 32 * j)), c = _mm512_abs_ps(_mm512_loadu_ps(b + 32 * j + 16));
+        d[j] = _mm512_reduce_max_ps(_mm512_max_ps(a, c)) / 127.f;
+        inv[j] = d[j] > 0.f ? 1.f / d[j] : 0.f;
+      }
+      int8_t* o = xq + t * K + p * 64;
+      for (int j = 0; j < 2; ++j) {  // block j: elements 0-15 to o[16 j..], 16-31 to o[32 + 16 j..]
+        for (int h = 0; h < 2; ++h) {
+          const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(b + 32 * j + 16 * h), _mm512_set1_ps(inv[j])));
+          _mm_storeu_si128((__m128i*)(o + 32 * h + 16 * j), _mm512_cvtsepi32_epi8(q));
+        }
+      }
+      _mm512_storeu_ps(dx + (t * pairs + p) * 16, _mm512_permutexvar_ps(PAIR_LANES, _mm512_castps128_ps512(_mm_setr_ps(d[0], d[1], 0.f, 0.f))));
+    }
+  }
+}
+
+// rows [n0, n1) of y = x W^T for 4-bit codes in groups of 32 or of a multiple of 64, x as quantize_pairs
+// gives it: per pair of blocks one VNNI dot product (u8 codes x s8 activations) per row of x, its
+// int32 sums scaled by the weights' and the activations' block scales.
+template <int T>
+void codes4_rows_vnni(const int8_t* xq, const float* dx, const uint8_t* codes, const c10::Half* scale,
+                      const c10::Half* zero, const float* sums, float* y, int64_t K, int64_t N, int64_t g, int64_t n0,
+                      int64_t n1) {
+  const int64_t groups = K / g, pairs = K / 64;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + n * (K / 2);
+    const c10::Half* sc = scale + n * groups;
+    __m512 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(row + p * 32));
+      const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
+                                           _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
+      __m512 sw;
+      if (g == 32) {
+        int32_t two;
+        std::memcpy(&two, sc + 2 * p, 4);
+        sw = _mm512_permutexvar_ps(PAIR_LANES, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(two))));
+      } else {
+        sw = _mm512_set1_ps(half_to_float(sc[p * 64 / g]));
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xq + t * K + p * 64));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_loadu_ps(dx + (t * pairs + p) * 16)),
+                                 acc[t]);
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      float s = _mm512_reduce_add_ps(acc[t]);
+      if (zero != nullptr) {
+        const c10::Half* z = zero + n * groups;
+        const float* sx = sums + t * groups;
+        for (int64_t q = 0; q < groups; ++q) s += half_to_float(z[q]) * sx[q];
+      }
+      y[t * N + n] = s;
+    }
+  }
+}
+#else
+constexpr bool VNNI = false;
+#endif
 
 // f.template operator()<T>() for T = rows (1..MAX_ROWS)
 template <typename F>
@@ -204,7 +298,7 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const c10
 // x [T, K] -> x W^T [T, N] for W as ``codes`` (int8 [N, K], or uint8 [N, K / 2] of 4-bit codes),
 // ``scale`` and optional ``zero`` [N, K / group] float16
 at::Tensor codes_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                        const c10::optional<at::Tensor>& zero, int64_t group, int64_t bits) {
+                        const c10::optional<at::Tensor>& zero, int64_t group, int64_t bits, bool quantize_x) {
   const int64_t T = x.size(0), K = x.size(1), N = codes.size(0);
   TORCH_CHECK(x.dim() == 2 && (bits == 8 || bits == 4), "codes_linear: x [T, K], 8- or 4-bit codes");
   TORCH_CHECK(K % group == 0 && group % (bits == 4 ? 32 : V) == 0, "codes_linear: groups of a multiple of ",
@@ -223,6 +317,25 @@ at::Tensor codes_linear(const at::Tensor& x, const at::Tensor& codes, const at::
   }
   auto y = at::empty({T, N}, xf.options());
   const int64_t row_bytes = bits == 4 ? K / 2 : K;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (quantize_x && bits == 4 && K % 64 == 0 && (group == 32 || group % 64 == 0)) {
+    auto xq = at::empty({T, K}, xf.options().dtype(at::kChar));
+    auto dx = at::empty({T, K / 64, 16}, xf.options());
+    quantize_pairs(xf.data_ptr<float>(), T, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>());
+    at::parallel_for(0, N, grain(N, row_bytes), [&](int64_t n0, int64_t n1) {
+      for (int64_t t0 = 0; t0 < T; t0 += MAX_ROWS) {
+        with_rows(std::min(MAX_ROWS, T - t0), [&](auto rows) {
+          codes4_rows_vnni<decltype(rows)::value>(xq.data_ptr<int8_t>() + t0 * K, dx.data_ptr<float>() + t0 * (K / 4),
+                                                  codes.data_ptr<uint8_t>(), scale.data_ptr<c10::Half>(),
+                                                  zero.has_value() ? zero->data_ptr<c10::Half>() : nullptr,
+                                                  zero.has_value() ? sums.data_ptr<float>() + t0 * (K / group) : nullptr,
+                                                  y.data_ptr<float>() + t0 * N, K, N, group, n0, n1);
+        });
+      }
+    });
+    return y.to(x.scalar_type());
+  }
+#endif
   at::parallel_for(0, N, grain(N, row_bytes), [&](int64_t n0, int64_t n1) {
     for (int64_t t0 = 0; t0 < T; t0 += MAX_ROWS) {
       with_rows(std::min(MAX_ROWS, T - t0), [&](auto rows) {
@@ -242,7 +355,8 @@ at::Tensor codes_linear(const at::Tensor& x, const at::Tensor& codes, const at::
 
 TORCH_LIBRARY_FRAGMENT(tensorpar, m) {
   m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("codes_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int group, int bits) -> Tensor");
+  m.def("codes_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int group, int bits, bool quantize_x) -> Tensor");
+  m.def("vnni() -> bool", []() { return VNNI; });
 }
 
 TORCH_LIBRARY_IMPL(tensorpar, CPU, m) {
