@@ -133,18 +133,22 @@ def test_recorded_llama_bench_output_gives_decode_and_prefill():
     entries = parse_llama_bench(RECORDED)
     assert [(e["n_prompt"], e["n_gen"]) for e in entries] == [(64, 0), (0, 4)]
     d = decode_ms(entries)
-    assert d["best"] == pytest.approx(1e3 / 68.0379)  # the faster of the two repetitions
+    assert d["best"] == pytest.approx(58790799 / 4 / 1e6)  # the faster of the two repetitions: 14.698 ms/token
+    assert d["best"] == pytest.approx(1e3 / 68.0379, rel=1e-5)  # (its samples_ts, rounded)
     assert d["mean"] == pytest.approx(1e3 / 67.599129)  # 1000 / avg_ts
-    assert d["best"] == pytest.approx(14.6977, abs=1e-4) and (d["tokens"], d["repetitions"]) == (4, 2)
+    assert (d["tokens"], d["repetitions"]) == (4, 2)
     p = prefill_tokens_per_s(entries)
-    assert p["best"] == pytest.approx(561.292) and p["mean"] == pytest.approx(559.933927) and p["tokens"] == 64
+    assert p["best"] == pytest.approx(64 / 114022547e-9) and p["best"] == pytest.approx(561.292, rel=1e-5)
+    assert p["mean"] == pytest.approx(559.933927) and p["tokens"] == 64
     assert llama_bin.build_of(entries) == "28a0537 (build 194)"
 
 
 def test_a_decode_only_run_has_no_prefill_and_noise_before_the_json_is_skipped():
-    decode_only = json.dumps([e for e in json.loads(RECORDED) if e["n_gen"]])  # what -p 0 -n 4 prints
-    entries = parse_llama_bench("build: 28a0537 (194)\n" + decode_only)
+    decode_only = [e for e in json.loads(RECORDED) if e["n_gen"]]  # what -p 0 -n 4 prints
+    entries = parse_llama_bench("build: 28a0537 (194)\n" + json.dumps(decode_only))
     assert decode_ms(entries)["mean"] == pytest.approx(1e3 / 67.599129)
+    del decode_only[0]["samples_ns"]  # without nanoseconds: its fastest tokens/s
+    assert decode_ms(decode_only)["best"] == pytest.approx(1e3 / 68.0379)
     assert prefill_tokens_per_s(entries) is None
     with pytest.raises(ValueError, match="no JSON list"):
         parse_llama_bench("error: failed to load model")
@@ -286,9 +290,10 @@ def test_bench_peer_rows_from_llama_bench(tmp_path, monkeypatch):
         ("native", "Q4_1", "ok"), ("F32", "F32", "ok"), ("Q8_0", "Q8_0", "ok")]
     native, f32, _ = rows
     assert native["peer"] == "llama.cpp (current build)" and native["threads"] == 2 and native["file"] == str(src)
-    assert native["decode_ms_per_token"]["1"] == pytest.approx(1e3 / 68.0379)
+    assert native["decode_ms_per_token"]["1"] == pytest.approx(58790799 / 4 / 1e6)
     assert native["decode_ms_per_token_mean"]["1"] == pytest.approx(1e3 / 67.599129)
-    assert native["prefill_tokens_per_s"] == pytest.approx(561.292) and native["build"] == "28a0537 (build 194)"
+    assert native["prefill_tokens_per_s"] == pytest.approx(64 / 114022547e-9)
+    assert native["build"] == "28a0537 (build 194)"
     converted_f32 = tmp_path / "cache" / "llama.cpp" / "model.F32.gguf"
     assert f32["file"] == str(converted_f32) and said[0].startswith("writing model.gguf as F32")
     runs = (bin_dir / "bench.log").read_text().splitlines()

@@ -166,14 +166,23 @@ def _test(entries: list[dict], decode: bool) -> dict | None:
                 None)
 
 
+def _best_ts(e: dict, tokens: int) -> tuple[float, int]:
+    """The fastest repetition's tokens/s, from its nanoseconds where given (``samples_ts`` is
+    rounded to 4 decimals), and the number of repetitions."""
+    if e.get("samples_ns"):
+        return tokens * 1e9 / min(e["samples_ns"]), len(e["samples_ns"])
+    samples = e.get("samples_ts") or [e["avg_ts"]]
+    return max(samples), len(samples)
+
+
 def decode_ms(entries: list[dict]) -> dict | None:
     """The decode test's ms/token: ``best`` (its fastest repetition, as ``tensorpar bench`` takes
     the best of its repeats) and ``mean`` (1000 / ``avg_ts``), or None without a decode test."""
     e = _test(entries, decode=True)
     if e is None:
         return None
-    samples = e.get("samples_ts") or [e["avg_ts"]]
-    return {"best": 1e3 / max(samples), "mean": 1e3 / e["avg_ts"], "tokens": e["n_gen"], "repetitions": len(samples)}
+    best, n = _best_ts(e, e["n_gen"])
+    return {"best": 1e3 / best, "mean": 1e3 / e["avg_ts"], "tokens": e["n_gen"], "repetitions": n}
 
 
 def prefill_tokens_per_s(entries: list[dict]) -> dict | None:
@@ -181,8 +190,8 @@ def prefill_tokens_per_s(entries: list[dict]) -> dict | None:
     e = _test(entries, decode=False)
     if e is None:
         return None
-    samples = e.get("samples_ts") or [e["avg_ts"]]
-    return {"best": max(samples), "mean": e["avg_ts"], "tokens": e["n_prompt"], "repetitions": len(samples)}
+    best, n = _best_ts(e, e["n_prompt"])
+    return {"best": best, "mean": e["avg_ts"], "tokens": e["n_prompt"], "repetitions": n}
 
 
 def build_of(entries: list[dict]) -> str | None:
