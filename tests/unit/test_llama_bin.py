@@ -440,3 +440,17 @@ def test_server_that_exits_at_start_says_why(tmp_path):
         server.start()
     assert server.proc is None
 
+
+@pytest.mark.timeout(60)
+def test_serving_py_without_llama_server_says_so_before_anything_runs(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "serving.py"
+    env = dict(os.environ, TENSORPAR_LLAMA_CPP=str(tmp_path / "empty"))
+    r = subprocess.run([sys.executable, str(script), "--tp", "1", "--llama-server", "smollm2-135m",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=50, env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"llama.cpp (current build): no llama-server in {tmp_path / 'empty'}; "
+                                f"{llama_bin.HOW_TO_GET}")
+    assert not (tmp_path / "out" / "serving.json").exists()
