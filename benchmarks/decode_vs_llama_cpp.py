@@ -8,7 +8,9 @@ Each round runs, for every quantization, ``tensorpar generate --tp N --quantizat
 degree, then ``llama-bench -p 0 -n 64 -t 2 -r 1`` on the same file at the matching type (``none``:
 F32 written by ``llama-quantize``; ``gguf``: the file's own; ``int8``: Q8_0), so slow drifts of a
 shared machine fall on both alike. Reports the best of the rounds per row (ms/token) and the ratio
-to llama.cpp; every figure of every round goes to ``--json``.
+to llama.cpp; every figure of every round goes to ``--json``. The llama.cpp tools are found, and
+the converted files cached, as ``tensorpar bench`` does (``tensorpar.bench.llama_bin``:
+``$TENSORPAR_LLAMA_CPP``, else ``.peers/llama.cpp/bin``).
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(os.environ.get("TENSORPAR_LLAMA_CPP_BIN", ROOT / ".peers" / "llama.cpp" / "bin"))
 PROMPT = "Once upon a time, in a land far away,"
 LLAMA_TYPE = {"none": "F32", "int8": "Q8_0", "gguf": None}
 
@@ -34,23 +34,17 @@ def tensorpar_ms(model: str, tp: int, quantization: str, new_tokens: int) -> flo
     return json.loads(out)["timings"]["decode_s_per_token"] * 1e3
 
 
-def llama_file(gguf: Path, kind: str | None, cache: Path) -> Path:
-    """The GGUF file llama.cpp runs for a quantization: the file itself, or one written by llama-quantize."""
-    if kind is None:
-        return gguf
-    out = cache / f"{gguf.stem}.{kind}.gguf"
-    if not out.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(BIN / "llama-quantize"), "--allow-requantize", str(gguf), str(out), kind],
-                       capture_output=True, timeout=900, check=True)
-    return out
+def llama_file(bin_dir: Path, gguf: Path, kind: str | None) -> Path:
+    """The GGUF file llama.cpp runs for a quantization: the file itself, or one written once by llama-quantize."""
+    from tensorpar.bench.llama_bin import converted
+
+    return gguf if kind is None else converted(bin_dir, gguf, kind, log=lambda m: print(m, flush=True))
 
 
-def llama_ms(path: Path, new_tokens: int, threads: int) -> float:
-    out = subprocess.run([str(BIN / "llama-bench"), "-m", str(path), "-p", "0", "-n", str(new_tokens), "-t",
-                          str(threads), "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=900,
-                         check=True).stdout
-    return 1e3 / json.loads(out)[0]["avg_ts"]
+def llama_ms(bin_dir: Path, path: Path, new_tokens: int, threads: int) -> float:
+    from tensorpar.bench.llama_bin import decode_ms, run_llama_bench
+
+    return decode_ms(run_llama_bench(bin_dir, path, threads, new_tokens, repeats=1, timeout_s=900))["best"]
 
 
 def main() -> None:
@@ -62,14 +56,16 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    if not (BIN / "llama-bench").exists():
-        sys.exit(f"no llama-bench in {BIN}: run `make peers` (or set TENSORPAR_LLAMA_CPP_BIN)")
+    from tensorpar.bench.llama_bin import absent_message, find_bin_dir
     from tensorpar.loading import resolve_model
+
+    bin_dir = find_bin_dir("llama-bench")
+    if bin_dir is None:
+        sys.exit(absent_message("llama-bench"))
 
     gguf = Path(resolve_model(a.model))
     tps = [int(t) for t in a.tp.split(",")]
     quants = a.quantization.split(",")
-    cache = Path.home() / ".cache" / "tensorpar" / "llama.cpp"
     rows: dict[str, list[float]] = {}
     for r in range(a.rounds):
         for q in quants:
@@ -77,7 +73,7 @@ def main() -> None:
                 rows.setdefault(f"tensorpar {q} tp={tp}", []).append(tensorpar_ms(a.model, tp, q, a.new_tokens))
             kind = LLAMA_TYPE[q]
             rows.setdefault(f"llama.cpp {q} ({kind or 'file'})", []).append(
-                llama_ms(llama_file(gguf, kind, cache), a.new_tokens, os.cpu_count() or 1))
+                llama_ms(bin_dir, llama_file(bin_dir, gguf, kind), a.new_tokens, os.cpu_count() or 1))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
     print(f"\n{a.model}, batch 1, ms/token, best of {a.rounds} interleaved rounds")
     for q in quants:

@@ -3,11 +3,14 @@
 - ``transformers`` in one process (default threads, float32, same checkpoint);
 - ``transformers`` with ``tp_plan="auto"`` under ``torchrun`` (gloo on CPU) at a TP degree. Where it
   fails (SmolLM2's 9 heads do not split over 2 ranks), the failure's one-line reason is the result;
-- llama.cpp (``llama-cpp-python``, where installed) on a GGUF model, batch 1, at each weight type
-  matching a measured ``--quantization`` (``LLAMA_TYPES``) and thread count.
+- llama.cpp of 2025 (``llama-cpp-python``, where installed) on a GGUF model, batch 1, at each weight
+  type matching a measured ``--quantization`` (``LLAMA_TYPES``) and thread count;
+- the current llama.cpp build's own ``llama-bench`` (``make peers``, found by ``llama_bin``) on the
+  same GGUF file, batch 1, at the file's own type, F32, and the types of a measured ``int8`` /
+  ``int4``, at the thread count tensorpar's runs use.
 
-The measuring itself is in ``hf_worker`` and ``llama_cpp_worker``; this module launches them and
-reads their answers.
+The measuring itself is in ``hf_worker``, ``llama_cpp_worker`` and ``llama-bench``; this module
+launches them and reads their answers.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tensorpar.bench.hf_worker import ERROR, RESULT
 
@@ -118,6 +122,8 @@ def transformers_tp_plan(model, tp, batches, new_tokens, prompt_len, repeats=2, 
     return _outcome("transformers tp_plan=auto", tp, code, out, err, timeout_s)
 
 
+LLAMA_CPP_PYTHON = "llama.cpp 2025 (llama-cpp-python)"
+
 # llama.cpp's weight type beside each --quantization: the file's own blocks, float32 written by llama.cpp,
 # and its 8- and 4-bit block types for our int8 / int4.
 LLAMA_TYPES = {"gguf": "native", "none": "F32", "int8": "Q8_0", "int4": "Q4_0"}
@@ -132,7 +138,7 @@ def llama_cpp(model, quantizations: list[str], threads: list[int], new_tokens: i
     from tensorpar.loading import resolve_model
 
     path = resolve_model(model)
-    row = {"peer": "llama.cpp", "tp": 1}
+    row = {"peer": LLAMA_CPP_PYTHON, "tp": 1}
     if path.suffix != ".gguf":
         return [{**row, "status": "skipped", "reason": f"{path.name} is not a GGUF file"}]
     if importlib.util.find_spec("llama_cpp") is None:
@@ -147,4 +153,49 @@ def llama_cpp(model, quantizations: list[str], threads: list[int], new_tokens: i
     if not rows:
         reason = f"timed out after {timeout_s:.0f} s" if code is None else _last_error_line(err or f"exit code {code}")
         rows.append({**row, "status": "failed", "reason": reason})
+    return rows
+
+
+def llama_cpp_current(model, quantizations: list[str], threads: int, new_tokens: int, prompt_len: int,
+                      repeats: int = 2, timeout_s: float = 600.0, log=None, env=None) -> list[dict]:
+    """The current llama.cpp build's ``llama-bench`` at batch 1 on ``model``'s GGUF file: a row per
+    weight type (``native``: the file's own; ``F32``; ``Q8_0`` / ``Q4_0`` where ``int8`` / ``int4``
+    are measured), each from one ``llama-bench -p PROMPT_LEN -n NEW_TOKENS -t THREADS -r REPEATS``
+    (a prefill and a decode test). Types other than the file's own are written once by
+    ``llama-quantize`` (``llama_bin.converted``). One skipped row when the model is not a GGUF file
+    or ``llama-bench`` is not found (its reason says how to get it)."""
+    from tensorpar.bench import llama_bin
+    from tensorpar.errors import one_line
+    from tensorpar.loading import resolve_model
+
+    path = Path(resolve_model(model))
+    row = {"peer": llama_bin.LABEL, "tp": 1}
+    if path.suffix != ".gguf":
+        return [{**row, "status": "skipped", "reason": f"{path.name} is not a GGUF file"}]
+    bin_dir = llama_bin.find_bin_dir("llama-bench", env)
+    if bin_dir is None:
+        return [{**row, "status": "skipped", "reason": llama_bin.absent_message("llama-bench", env)}]
+    own = llama_bin.file_type(path)
+    kinds = ["native", "F32"] + [LLAMA_TYPES[q] for q in quantizations if q in ("int8", "int4")]
+    kinds = [k for k in dict.fromkeys(kinds) if k == "native" or k != own]  # an F32 file is its own F32 row
+    rows = []
+    for kind in kinds:
+        r = {**row, "type": kind, "file_type": own if kind == "native" else kind, "threads": threads,
+             "bin_dir": str(bin_dir)}
+        try:
+            file = path if kind == "native" else llama_bin.converted(bin_dir, path, kind, threads=threads,
+                                                                     timeout_s=timeout_s, log=log)
+            entries = llama_bin.run_llama_bench(bin_dir, file, threads, new_tokens, prompt_len, repeats, timeout_s)
+            decode, prefill = llama_bin.decode_ms(entries), llama_bin.prefill_tokens_per_s(entries)
+            if decode is None or prefill is None:
+                raise RuntimeError("llama-bench's JSON lacks its decode or prefill test")
+            rows.append({**r, "status": "ok", "file": str(file), "file_bytes": file.stat().st_size,
+                         "build": llama_bin.build_of(entries), "repeats": repeats,
+                         "decode_ms_per_token": {"1": decode["best"]},
+                         "decode_ms_per_token_mean": {"1": decode["mean"]},
+                         "prefill_tokens_per_s": prefill["best"], "prefill_tokens_per_s_mean": prefill["mean"],
+                         "prefill_s": prompt_len / prefill["best"], "new_tokens": new_tokens, "prompt_len": prompt_len,
+                         "command": llama_bin.bench_command(bin_dir, file, threads, new_tokens, prompt_len, repeats)})
+        except Exception as e:  # noqa: BLE001 - the failure is the result
+            rows.append({**r, "status": "failed", "reason": one_line(e, 300)})
     return rows

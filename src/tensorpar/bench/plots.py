@@ -2,7 +2,8 @@
 
 - ``latency_vs_tp.png``: decode ms/token against TP degree, one line per batch size for
   tensorpar, the transformers peers (one process: horizontal lines; ``tp_plan="auto"``: points,
-  failures marked), and the weight-streaming roofline.
+  failures marked), llama.cpp at batch 1 (each build's rows at its most threads: horizontal lines in
+  batch 1's colour), and the weight-streaming roofline.
 - ``collectives.png``: latency against message size, log-log, one line per
   backend x collective x world size.
 - ``experts.png`` (a mixture of experts): tokens per expert, per layer and phase.
@@ -49,6 +50,10 @@ def plot_latency_vs_tp(result: dict, path: Path) -> Path:
         ax.annotate(f"transformers tp_plan=auto failed at TP={p['tp']}", (p["tp"], 0.03),
                     xycoords=("data", "axes fraction"), xytext=(3, 0), textcoords="offset points",
                     rotation=90, ha="left", va="bottom", fontsize=7, color="0.4")
+    for style, r in _llama_cpp_lines(result):
+        kind = f"{r['type']} ({r['file_type']})" if r["type"] == "native" and r.get("file_type") else r["type"]
+        ax.axhline(r["decode_ms_per_token"]["1"], color=colors[0], lw=1, ls=style,
+                   label=f"{r['peer']}, {kind}, {r['threads']} threads, batch 1")
     roof = result.get("roofline") or {}
     if roof.get("per_tp"):
         pts = [(r["tp"], r["roofline_ms"]) for r in roof["per_tp"]]
@@ -66,6 +71,18 @@ def plot_latency_vs_tp(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _llama_cpp_lines(result: dict) -> list[tuple[object, dict]]:
+    """The llama.cpp rows drawn (batch 1, at each build's most threads) with a line style each."""
+    peers = result.get("peers") or {}
+    styles = [(0, (6, 2, 1, 2)), (0, (1, 1.5)), (0, (8, 3)), (0, (3, 1, 1, 1, 1, 1))]
+    out = []
+    for key in ("llama_cpp_current", "llama_cpp"):
+        ok = [r for r in peers.get(key) or [] if r.get("status") == "ok" and "1" in r.get("decode_ms_per_token", {})]
+        most = max((r["threads"] for r in ok), default=None)
+        out += [r for r in ok if r["threads"] == most]
+    return [(styles[i % len(styles)], r) for i, r in enumerate(out)]
 
 
 def plot_collectives(result: dict, path: Path) -> Path:

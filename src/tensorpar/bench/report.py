@@ -98,9 +98,11 @@ def peers_table(result: dict) -> str:
 
 
 def llama_cpp_table(result: dict) -> str:
-    """llama.cpp's rows, and beside each tensorpar's batch-1 decode at every TP degree for the
-    matching --quantization, as a ratio to llama.cpp's time (below 1: tensorpar is faster)."""
-    rows_in = (result.get("peers") or {}).get("llama_cpp") or []
+    """llama.cpp's rows (the 2025 build through llama-cpp-python, then the current build's
+    llama-bench), and beside each tensorpar's batch-1 decode at every TP degree for the matching
+    --quantization, as a ratio to llama.cpp's time (below 1: tensorpar is faster)."""
+    peers = result.get("peers") or {}
+    rows_in = [*(peers.get("llama_cpp") or []), *(peers.get("llama_cpp_current") or [])]
     if not rows_in:
         return ""
     ours = {}
@@ -111,23 +113,30 @@ def llama_cpp_table(result: dict) -> str:
 
     by_type = {t: q for q, t in LLAMA_TYPES.items()}
     tps = sorted({tp for _, tp in ours})
-    headers = ["llama.cpp type", "threads", "decode ms/tok b=1", "prefill tok/s", "--quantization",
+    headers = ["peer", "llama.cpp type", "threads", "decode ms/tok b=1", "prefill tok/s", "--quantization",
                *[f"tensorpar TP={tp} ms (x llama.cpp)" for tp in tps], "result"]
     rows = []
     for r in rows_in:
+        kind = r.get("type")
+        if kind == "native" and r.get("file_type"):
+            kind = f"native ({r['file_type']})"
         if r.get("status") != "ok":
-            rows.append([r.get("type"), r.get("threads"), None, None, None, *[None] * len(tps),
+            rows.append([r.get("peer"), kind, r.get("threads"), None, None, None, *[None] * len(tps),
                          f"{r['status'].upper()}: {r.get('reason')}"])
             continue
         ms = r["decode_ms_per_token"]["1"]
         quant = by_type.get(r["type"])
+        if r["type"] == "native" and r.get("file_type") == "F32":
+            quant = "none"  # a float32 file: its own blocks are float32
         side = []
         for tp in tps:
             t = ours.get((quant, tp))
             side.append(None if t is None else f"{t:.2f} ({t / ms:.2f}x)")
-        rows.append([r["type"], r["threads"], _f(ms, 2), _f(r["prefill_tokens_per_s"], 0), quant, *side, "ok"])
-    return table(headers, rows, left_last=True, title="llama.cpp on the same GGUF file and prompts (fresh process; "
-                                                      "native: the file's own blocks, others written by llama.cpp)")
+        rows.append([r.get("peer"), kind, r["threads"], _f(ms, 2), _f(r["prefill_tokens_per_s"], 0), quant, *side,
+                     "ok"])
+    return table(headers, rows, left_last=True, title="llama.cpp on the same GGUF file (fresh processes; native: the "
+                                                      "file's own blocks, others written by llama.cpp; best of the "
+                                                      "repeats)")
 
 
 def roofline_table(result: dict) -> str:

@@ -183,10 +183,18 @@ def run_bench(cfg: BenchConfig) -> dict:
             tp_plan.append(peers.transformers_tp_plan(cfg.model, tp, cfg.batch, new_tokens, prompt_len,
                                                       cfg.repeats, cfg.timeout_s))
         threads = sorted({1, cores()})
-        _log(f"peer: llama.cpp, {'/'.join(map(str, threads))} threads")
+        _log(f"peer: {peers.LLAMA_CPP_PYTHON}, {'/'.join(map(str, threads))} threads")
         llama = peers.llama_cpp(cfg.model, cfg.quantization, threads, new_tokens, prompt_len, config.vocab_size,
                                 cfg.repeats, cfg.timeout_s)
-        peer_result = {"transformers": single, "transformers_tp_plan": tp_plan, "llama_cpp": llama}
+        _log(f"peer: llama.cpp (current build), llama-bench, {cores()} threads")
+        current = peers.llama_cpp_current(cfg.model, cfg.quantization, cores(), new_tokens, prompt_len, cfg.repeats,
+                                          cfg.timeout_s, log=_log)
+        for r in current:  # an absent llama-bench: one line saying how to get it
+            if r["status"] != "ok":
+                _log(r["reason"] if r["reason"].startswith(r["peer"]) else
+                     f"{r['peer']}{' ' + r['type'] if 'type' in r else ''} {r['status']}: {r['reason']}")
+        peer_result = {"transformers": single, "transformers_tp_plan": tp_plan, "llama_cpp": llama,
+                       "llama_cpp_current": current}
 
     coll_rows, coll_failures = None, []
     if cfg.sweep:
@@ -235,7 +243,14 @@ METHODS = {
     "peak_rss": "VmHWM of each rank at the end (tensorpar TP=1: the benchmark process itself)",
     "transformers_decode": "(time of generate with min_new_tokens=max_new_tokens=N - time of generate with 1 "
                            "token) / (N-1), greedy, best of `repeats` each, after a warm-up",
-    "llama_cpp": "llama-cpp-python on the same GGUF file, batch 1, in a fresh process: after the 16-token prompt, "
+    "llama_cpp_current": "the current llama.cpp build's llama-bench (make peers) on the same GGUF file, batch 1, "
+                         "at the thread count of tensorpar's runs (the machine's cores): llama-bench -p prompt_len "
+                         "-n N -t threads -r repeats -o json, its prefill and decode tests each repeated after a "
+                         "warm-up; decode ms/token = 1000 / the fastest repetition's tokens/s (the mean, 1000 / "
+                         "avg_ts, beside it), prefill likewise; weight types: the file's own (native), F32, and "
+                         "Q8_0 / Q4_0 for int8 / int4, written once by llama-quantize --allow-requantize",
+    "llama_cpp": "llama-cpp-python (llama.cpp of 2025) on the same GGUF file, batch 1, in a fresh process: "
+                 "after the 16-token prompt, "
                  "N-1 single-token eval calls with an argmax each, timed together; prefill = prompt_len / eval of "
                  "the long prompt; best of `repeats` after a warm-up; weight type per --quantization "
                  "(gguf: the file's own, none: F32, int8: Q8_0, int4: Q4_0, written by llama.cpp's quantize API)",

@@ -1,5 +1,6 @@
 """``tensorpar bench``: decode latency, prefill throughput and peak memory at several TP degrees,
-against Hugging Face transformers peers, a weight-streaming roofline, and a collective sweep.
+against Hugging Face transformers and llama.cpp peers (llama-cpp-python, and the current build's
+llama-bench that `make peers` builds), a weight-streaming roofline, and a collective sweep.
 Prints tables; writes DIR/bench.json, DIR/latency_vs_tp.png and DIR/collectives.png."""
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=None, help="prefill prompt length in tokens (default: 512; --quick: 64)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per decode run (default: 32; --quick: 4)")
     p.add_argument("--out", default="bench-out", help="output directory (default: %(default)s)")
-    p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the transformers peers")
+    p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the peers (transformers and llama.cpp)")
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the collective sweep")
     p.add_argument("--sweep-max-bytes", type=int, default=None,
                    help="largest collective message in bytes (default: 67108864; --quick: 65536)")
