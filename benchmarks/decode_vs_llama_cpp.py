@@ -5,7 +5,7 @@
 
 Each round runs, for every quantization, ``tensorpar generate --tp N --quantization Q --json``
 (64 new tokens after a 10-token prompt, EOS ignored; ``timings.decode_s_per_token``) at each TP
-degree, then ``llama-bench -p 0 -n 64 -t 2 -r 1`` on the same file at the matching type (``none``:
+degree (``gguf+q8``: the file's blocks with ``TENSORPAR_Q8_ACTIVATIONS=1``, llama.cpp's arithmetic), then ``llama-bench -p 0 -n 64 -t 2 -r 1`` on the same file at the matching type (``none``:
 F32 written by ``llama-quantize``; ``gguf``: the file's own; ``int8``: Q8_0), so slow drifts of a
 shared machine fall on both alike. Reports the best of the rounds per row (ms/token) and the ratio
 to llama.cpp; every figure of every round goes to ``--json``. The llama.cpp tools are found, and
@@ -24,13 +24,15 @@ import sys
 from pathlib import Path
 
 PROMPT = "Once upon a time, in a land far away,"
-LLAMA_TYPE = {"none": "F32", "int8": "Q8_0", "gguf": None}
+LLAMA_TYPE = {"none": "F32", "int8": "Q8_0", "gguf": None, "gguf+q8": None}  # +q8: TENSORPAR_Q8_ACTIVATIONS=1
 
 
 def tensorpar_ms(model: str, tp: int, quantization: str, new_tokens: int) -> float:
+    weights, _, q8 = quantization.partition("+")
     cmd = [sys.executable, "-m", "tensorpar", "generate", "--model", model, "--tp", str(tp), "--quantization",
-           quantization, "--prompt", PROMPT, "--max-new-tokens", str(new_tokens), "--ignore-eos", "--json", "--quiet"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
+           weights, "--prompt", PROMPT, "--max-new-tokens", str(new_tokens), "--ignore-eos", "--json", "--quiet"]
+    env = dict(os.environ, TENSORPAR_Q8_ACTIVATIONS="1" if q8 == "q8" else "0")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True, env=env).stdout
     return json.loads(out)["timings"]["decode_s_per_token"] * 1e3
 
 
@@ -78,7 +80,7 @@ def main() -> None:
     print(f"\n{a.model}, batch 1, ms/token, best of {a.rounds} interleaved rounds")
     for q in quants:
         peer = min(rows[f"llama.cpp {q} ({LLAMA_TYPE[q] or 'file'})"])
-        print(f"  {q:5s} llama.cpp {peer:6.2f}" + "".join(
+        print(f"  {q:8s} llama.cpp {peer:6.2f}" + "".join(
             f"   tp={tp} {min(rows[f'tensorpar {q} tp={tp}']):6.2f} ({min(rows[f'tensorpar {q} tp={tp}']) / peer:.2f}x)"
             for tp in tps))
     if a.json:

@@ -8,6 +8,7 @@
 // Products of 4-bit codes take x quantized to 8 bits per 32 values where ``quantize_x`` (see
 // codes_linear). run(begin, end) chains halves with no reduction between them (one rank), so a whole decode step
 // of a single-rank model is one call; with several ranks the caller reduces between halves.
+#include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 #include <torch/custom_class.h>
@@ -49,6 +50,18 @@ struct Half {
   double scale = 1;
   // MLP
   int64_t act = 0;
+};
+
+// Lets other Python threads run (a server's event loop) while a call computes, where the caller
+// holds the GIL; restored on every way out.
+struct WithoutGIL {
+  PyThreadState* state = nullptr;
+  WithoutGIL() {
+    if (Py_IsInitialized() && PyGILState_Check()) state = PyEval_SaveThread();
+  }
+  ~WithoutGIL() {
+    if (state != nullptr) PyEval_RestoreThread(state);
+  }
 };
 
 struct DecodeStack : torch::CustomClassHolder {
@@ -111,6 +124,7 @@ struct DecodeStack : torch::CustomClassHolder {
     TORCH_CHECK(0 <= begin && begin < end && end <= size(), "DecodeStack.run: halves ", begin, "..", end, " of ",
                 size());
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "DecodeStack.run: x must be [B, hidden], contiguous");
+    WithoutGIL released;
     for (int64_t i = begin; i < end; ++i) {
       const Half& half = halves[i];
       if (delta.has_value() && i > 0 && halves[i - 1].post.has_value()) {
