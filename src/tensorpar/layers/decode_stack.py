@@ -18,7 +18,6 @@ and the model then runs its modules one by one (each on the fused kernels of ``l
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,15 +31,9 @@ from tensorpar.layers.quant import GroupCodesWeight
 _state = {"on": os.environ.get("TENSORPAR_DECODE_STACK", "1") != "0"}
 
 
-@contextmanager
 def enabled(on: bool):
     """Run the enclosed code with the stack on or off (off: the modules one by one; tests compare the two)."""
-    before = _state["on"]
-    _state["on"] = on
-    try:
-        yield
-    finally:
-        _state["on"] = before
+    return fused.switched(_state, "on", on)
 
 
 def active() -> bool:

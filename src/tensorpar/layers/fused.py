@@ -98,14 +98,19 @@ def active(x: torch.Tensor) -> bool:
 
 
 @contextmanager
-def enabled(on: bool):
-    """Run the enclosed code with the fused kernels on or off (tests compare the two)."""
-    before = _state["on"]
-    _state["on"] = on
+def switched(state: dict, key: str, value):
+    """Run the enclosed code with ``state[key] = value``, the value before restored after."""
+    before = state[key]
+    state[key] = value
     try:
         yield
     finally:
-        _state["on"] = before
+        state[key] = before
+
+
+def enabled(on: bool):
+    """Run the enclosed code with the fused kernels on or off (tests compare the two)."""
+    return switched(_state, "on", on)
 
 
 def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -139,15 +144,9 @@ def quantizes_activations() -> bool:
     return _state["quantize_x"] and available() and torch.ops.tensorpar.vnni()
 
 
-@contextmanager
 def q8_activations(on: bool = True):
     """Run the enclosed code with (or without) 8-bit activations in the 4-bit products."""
-    before = _state["quantize_x"]
-    _state["quantize_x"] = on
-    try:
-        yield
-    finally:
-        _state["quantize_x"] = before
+    return switched(_state, "quantize_x", on)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
