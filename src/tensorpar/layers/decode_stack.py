@@ -147,10 +147,17 @@ class DecodeStack:
         self.signature = self._signature()
         self._cache_key = None
 
-    def _signature(self) -> tuple:
-        """Where each source module's weight lives now."""
-        return tuple((w.codes if isinstance(w, GroupCodesWeight) else w).data_ptr() if isinstance(
-            w, (GroupCodesWeight, torch.Tensor)) else id(w) for w in (m.weight for m in self.sources))
+    def _signature(self) -> list:
+        """Where each source module's weight lives now (read from the modules' own dicts: a step
+        checks about 180 of them)."""
+        out = []
+        for m in self.sources:
+            w = m._parameters.get("weight")
+            if w is None:
+                w = m._modules.get("weight") or m.__dict__.get("weight")
+            out.append((w.codes if isinstance(w, GroupCodesWeight) else w).data_ptr()
+                       if isinstance(w, (GroupCodesWeight, torch.Tensor)) else id(w))
+        return out
 
     def current(self) -> bool:
         """Whether the model's weights are still those this stack was built on (not replaced or moved)."""
