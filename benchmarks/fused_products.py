@@ -5,7 +5,8 @@
 For each shape [out, in] (QKV, gate/up, down, the LM head) enough distinct weights are made to
 exceed the caches (about 300 MB), and each call multiplies the next one, as a decode step does:
 torch's ``F.linear`` (float32), ``dense_linear`` on float32 weights in ordinary 4 KiB pages and
-after ``move_to_huge_pages``, and ``codes_linear`` on int8 rows and int4 codes in groups of 32.
+after ``move_to_huge_pages``, and ``codes_linear`` on int8 rows and int4 codes in groups of 32 (with
+float32 activations, and with 8-bit ones where the CPU has VNNI: ``fused.q8_activations``).
 GB/s counts the bytes each format stores (codes, scales and zeros included).
 """
 
@@ -60,6 +61,9 @@ def main() -> None:
                 "int8 rows": (per_call(lambda w: w(x), int8), int8[0].nbytes),
                 "int4 g32": (per_call(lambda w: w(x), int4), int4[0].nbytes),
             }
+            if torch.ops.tensorpar.vnni():
+                with fused.q8_activations():
+                    rows["int4 g32, 8-bit activations"] = (per_call(lambda w: w(x), int4), int4[0].nbytes)
             print(f"[{out}, {k}]: " + ", ".join(f"{name} {b / s / 1e9:.1f} ({s * 1e6:.0f})"
                                                for name, (s, b) in rows.items()))
 
