@@ -10,6 +10,7 @@ import pytest
 
 from tensorpar.planner import PlanError, PlanRequest, plan
 from tensorpar.planner.arch import BUILTIN_MODELS, from_hf_config, from_model_config, resolve_model
+from tensorpar.planner.report import render_json, render_table
 from tensorpar.planner.comm import (
     collective_time,
     p2p_time,
@@ -406,3 +407,26 @@ def test_moe_dispatch_is_the_engines_rule_and_the_all_to_all_is_costed():
     assert names(busiest_shard(arch, 8, 4), prefill) == ["attention all-reduce", "mlp all-reduce"]
     a2a = [c for c in layer_ops(arch, busiest_shard(arch, 8, 8), prefill, p)[1] if c.op == "all_to_all"]
     assert a2a[0].nbytes == 512 / 8 * 2 * arch.hidden * 2  # 64 tokens x top-2 rows of bf16
+
+
+def test_the_plan_says_what_each_lost_gpu_costs():
+    """Llama-3-70B on 4 x H100: losing one GPU re-plans on 3, then 2 (slower each time, the
+    weights split fewer ways), and at 1 nothing fits, which ends the chain with the reason."""
+    result = plan(PlanRequest(model="llama-3-70b", gpu="h100-sxm", gpus=4))
+    chain = result.degrades_to
+    assert [s["gpus"] for s in chain] == [3, 2, 1]
+    assert [s["layout"] for s in chain[:2]] == ["TP=3", "TP=2"]
+    assert 1 < chain[0]["tpot_x"] < chain[1]["tpot_x"]
+    for step in chain[:2]:  # each step is the recommendation of a plan at that size
+        alone = plan(PlanRequest(model="llama-3-70b", gpu="h100-sxm", gpus=step["gpus"])).recommended
+        assert (step["tp"], step["pp"], step["dp"], step["tpot_ms"]) == (alone.tp, alone.pp, alone.dp,
+                                                                       round(alone.tpot_ms, 3))
+    assert chain[2]["layout"] is None and "fits no configuration of 1 x h100-sxm" in chain[2]["reason"]
+    assert json.loads(render_json(result))["degrades_to"] == chain
+    text = render_table(result)
+    assert "If GPUs are lost, the best layout of those left: at 3, TP=3:" in text
+    assert "at 1 nothing fits" in text
+
+
+def test_one_gpu_has_nothing_to_lose():
+    assert plan(PlanRequest(model="smollm2-135m", gpu="h100-sxm", gpus=1)).degrades_to == []

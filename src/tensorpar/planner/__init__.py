@@ -25,7 +25,7 @@ from tensorpar.planner.costs import Precision
 from tensorpar.planner.engines import Engine, resolve_engine
 from tensorpar.planner.hardware import DTYPES, GIB, Device, resolve_device
 from tensorpar.planner.memory import RECOMPUTE
-from tensorpar.planner.search import OBJECTIVES, Config, PlanRequest, enumerate_configs, evaluate, recommend
+from tensorpar.planner.search import OBJECTIVES, Config, PlanRequest, _round, enumerate_configs, evaluate, recommend
 
 MODES = ("inference", "training")
 
@@ -49,11 +49,12 @@ class PlanResult:
     calibration: object = None
     notes: list[str] = field(default_factory=list)
     engine: Engine | None = None
+    degrades_to: list[dict] = field(default_factory=list)  # ``degradation``: the layouts left as ranks are lost
 
     def to_json(self) -> dict:
         return {"configs": [c.to_json() for c in self.configs],
                 "recommended": self.recommended.to_json() if self.recommended else None,
-                "explanation": self.explanation}
+                "explanation": self.explanation, "degrades_to": self.degrades_to}
 
 
 def _positive(name: str, value, allow_none: bool = False) -> None:
@@ -118,8 +119,36 @@ def _dtypes(r: PlanRequest) -> PlanRequest:
     return replace(r, dtype=dtype, kv_dtype=kv)
 
 
-def plan(r: PlanRequest) -> PlanResult:
-    """Evaluate every configuration of ``r.gpus`` GPUs for ``r.model`` and recommend one."""
+LOSSES = 3  # ranks lost in turn that ``degradation`` looks at
+
+
+def degradation(r: PlanRequest, best: Config) -> list[dict]:
+    """What the recommendation becomes as ranks are lost one after another, the model
+    re-partitioned over the survivors (at any degree: the heads need not divide): per loss the
+    best layout of the GPUs left, its latency and throughput against the full layout's, or why
+    nothing fits any more (the chain stops there)."""
+    out = []
+    for lost in range(1, min(LOSSES, r.gpus - 1) + 1):
+        gpus = r.gpus - lost
+        try:
+            left = plan(replace(r, gpus=gpus, nodes=None), degrade=False).recommended
+        except PlanError as e:
+            out.append({"gpus": gpus, "layout": None, "reason": str(e)})
+            break
+        step = {"gpus": gpus, "layout": left.label, "tp": left.tp, "pp": left.pp, "dp": left.dp,
+                "tpot_ms": _round(left.tpot_ms), "ttft_ms": _round(left.ttft_ms),
+                "throughput_tok_s": _round(left.throughput_tok_s), "reason": None}
+        if left.tpot_ms and best.tpot_ms:
+            step["tpot_x"] = round(left.tpot_ms / best.tpot_ms, 3)
+        if left.throughput_tok_s and best.throughput_tok_s:
+            step["throughput_x"] = round(left.throughput_tok_s / best.throughput_tok_s, 3)
+        out.append(step)
+    return out
+
+
+def plan(r: PlanRequest, degrade: bool = True) -> PlanResult:
+    """Evaluate every configuration of ``r.gpus`` GPUs for ``r.model`` and recommend one; with
+    ``degrade``, also what it becomes as ranks are lost (``degradation``)."""
     r = _dtypes(r)
     _validate(r)
     try:
@@ -155,7 +184,7 @@ def plan(r: PlanRequest) -> PlanResult:
         notes.append(f"{device.name} has no {r.dtype} matmul rate: {r.dtype} weights are widened to "
                      f"{device.compute_dtype(r.dtype)} for compute (weight-only quantization)")
     return PlanResult(r, arch, device, precision, gpn, nodes, objective, configs, best, explanation,
-                      calibration, notes, engine)
+                      calibration, notes, engine, degradation(r, best) if degrade and best is not None else [])
 
 
 def _fits_nowhere(arch: ArchSpec, device: Device, precision: Precision, r: PlanRequest, configs: list[Config]) -> str:

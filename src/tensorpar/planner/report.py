@@ -97,7 +97,27 @@ def render_table(result) -> str:
         lines.extend(render_calibration(result.calibration))
     lines.append("")
     lines.append(wrap(result.explanation))
+    if result.degrades_to:
+        lines.append("")
+        lines.append(wrap(render_degradation(result)))
     return "\n".join(lines)
+
+
+def render_degradation(result) -> str:
+    """One sentence: what the recommendation becomes as ranks are lost (``planner.degradation``)."""
+    unit = "CPU ranks" if result.device.is_cpu else "GPUs"
+    inference = result.request.mode == "inference"
+    parts = []
+    for step in result.degrades_to:
+        if step["layout"] is None:
+            parts.append(f"at {step['gpus']} nothing fits ({step['reason'].split(':')[0]})")
+        elif inference and step.get("tpot_x") is not None:
+            parts.append(f"at {step['gpus']}, {step['layout']}: {step['tpot_ms']:.2f} ms per token "
+                         f"({step['tpot_x']:.2f}x), {step['throughput_tok_s']:,.0f} tok/s")
+        else:
+            x = f" ({step['throughput_x']:.2f}x)" if step.get("throughput_x") is not None else ""
+            parts.append(f"at {step['gpus']}, {step['layout']}: {step['throughput_tok_s']:,.0f} tok/s{x}")
+    return (f"If {unit} are lost, the best layout of those left: " + "; ".join(parts) + ".")
 
 
 def render_calibration(report) -> list[str]:
