@@ -14,6 +14,8 @@ supervised: if any rank dies or raises, the others are stopped and the caller ge
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import os
 import socket
 from dataclasses import dataclass
@@ -98,6 +100,7 @@ def launch(
     leader_here: bool = False,
     replicas: int = 1,
     cores: tuple[int, int | None] = (0, None),
+    step_thread: bool = False,
 ) -> Ranks:
     """Bring up ``world_size`` ranks, each running ``factory(ctx, *args)`` (or no worker yet, for
     ``rebuild`` to give them one: ranks kept for one model after another).
@@ -118,6 +121,12 @@ def launch(
     ranks (data-parallel replicas; replica ``d`` is ranks ``d * world_size ...``), and this process
     joins its replica's group (``ranks.replica`` says which); elsewhere it is ignored (each replica
     on this host is launched by its own leader). ``cores``: see ``SpawnedRanks``.
+
+    ``step_thread``: the worker here will be stepped on another thread (a server's engine thread).
+    This thread then builds it with one compute thread, so that it never forms an OpenMP team of its
+    own: beside the stepping thread's team, a second one makes the same kernels about 20% slower
+    on 2 cores (BENCHMARKS.md, issue 30). ``ranks.compute_threads`` is the share the stepping
+    thread takes (``take_compute_threads``).
     """
     device_type = device.split(":")[0]
     env = torchrun_env()
@@ -128,7 +137,11 @@ def launch(
             raise TensorparError(f"{world_size * replicas} ranks were asked for, but torchrun started {env.world_size}")
         ctx = join_torchrun(env, device_type, timeout_s, use_shm, world_size)
         try:
-            return InProcessRanks(build_worker(factory, ctx, args), ctx, owns_group=True, replica=env.rank // world_size)
+            with _threads_for(step_thread) as threads:
+                ranks = InProcessRanks(build_worker(factory, ctx, args), ctx, owns_group=True,
+                                       replica=env.rank // world_size)
+            ranks.compute_threads = threads
+            return ranks
         except BaseException:
             groups.destroy_group(ctx)
             raise
@@ -138,7 +151,10 @@ def launch(
         if cores[1]:  # one of several single-rank groups on this host
             configure_rank_process(cores[0], cores[1], spawned=False)
         ctx = groups.single_process_context(device)
-        return InProcessRanks(build_worker(factory, ctx, args), ctx, owns_group=False)
+        with _threads_for(step_thread) as threads:
+            ranks = InProcessRanks(build_worker(factory, ctx, args), ctx, owns_group=False)
+        ranks.compute_threads = threads
+        return ranks
     if device_type == "cuda":
         import torch
 
@@ -154,7 +170,8 @@ def launch(
 
         configure_rank_process(cores[0], cores[1] or world_size, spawned=False)
         ranks.ctx = groups.init_group(0, world_size, ranks.init_method, rank_device(device_type, 0), timeout_s, use_shm)
-        ranks.local = build_worker(factory, ranks.ctx, args)
+        with _threads_for(step_thread) as ranks.compute_threads:
+            ranks.local = build_worker(factory, ranks.ctx, args)
         ranks.wait_ready()
     except BaseException:
         failure = ranks.failure()
@@ -163,3 +180,26 @@ def launch(
             raise failure from None
         raise
     return ranks
+
+
+@contextmanager
+def _threads_for(step_thread: bool):
+    """Yields this thread's compute-thread count (None when not ``step_thread``); with
+    ``step_thread``, this thread computes on one thread from then on (see ``launch``)."""
+    if not step_thread:
+        yield None
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (and so it stays: this thread now serves, the stepping one computes)
+    yield threads
+
+
+def take_compute_threads(ranks) -> None:
+    """On the thread that steps a worker ``launch(step_thread=True)`` built: its share of the cores."""
+    threads = getattr(ranks, "compute_threads", None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

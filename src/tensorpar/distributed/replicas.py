@@ -107,7 +107,8 @@ class _Plan:
         dims = self.dims
         cores = (index * dims.replica_size, dims.world_size) if dims.dp > 1 else (0, None)
         return launch(dims.replica_size, self.factory, self.args, self.device, self.timeout_s, self.use_shm,
-                      leader_here=True, replicas=dims.dp, cores=cores)
+                      leader_here=True, replicas=dims.dp, cores=cores,
+                      step_thread=getattr(self.role, "steps_on_thread", False))
 
 
 def launch_replicas(

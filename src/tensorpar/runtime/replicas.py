@@ -246,6 +246,7 @@ class ServingRole:
     on its leader; ``serve_replica`` for the leaders of replicas 1..dp-1."""
 
     max_num_seqs: int
+    steps_on_thread = True  # a ServingEngine steps its worker on its engine thread (``launch(step_thread=)``)
 
     def start(self, ranks: Ranks) -> ServingEngine:
         return ServingEngine(ranks=ranks, max_num_seqs=self.max_num_seqs)

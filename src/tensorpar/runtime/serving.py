@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Protocol
 
-from tensorpar.distributed.launch import Ranks, launch
+from tensorpar.distributed.launch import Ranks, launch, take_compute_threads
 from tensorpar.errors import RankFailure, TensorparError
 from tensorpar.runtime import messages
 from tensorpar.runtime.inputs import InputProcessor
@@ -51,7 +51,7 @@ def launch_engine(spec: EngineSpec, max_num_seqs: int, cores: tuple[int, int | N
     """The ranks of one serving replica, its rank 0 (the scheduler's) in this process; under
     torchrun, those of this rank's replica (``cores``: see ``launch``)."""
     return launch(spec.dims.replica_size, Worker, (spec, max_num_seqs), spec.device, spec.timeout_s, spec.use_shm,
-                  leader_here=True, replicas=spec.dims.dp, cores=cores)
+                  leader_here=True, replicas=spec.dims.dp, cores=cores, step_thread=True)
 
 
 class ServingEngine:
@@ -126,6 +126,7 @@ class ServingEngine:
     # ---- the engine thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
+        take_compute_threads(self._ranks)
         try:
             while not self._stopping:
                 if self.scheduler.wait_for_work(self.IDLE_WAIT_S):
