@@ -150,7 +150,7 @@ def prepare_llama_server(args) -> dict:
     """Find llama-server, resolve (and if asked convert) its file, before anything runs: a missing
     binary is one line at the start, not after the tensorpar layouts."""
     from tensorpar.bench import llama_bin
-    from tensorpar.bench.peers import run_with_timeout
+    from tensorpar.bench.processes import run_with_timeout
     from tensorpar.bench.run import cores
     from tensorpar.loading import resolve_model
 

@@ -16,7 +16,7 @@ and ``benchmarks/serving.py`` find and run them through this module.
 - ``LlamaServer``: ``llama-server`` on a loopback port, ready once ``/health`` answers 200, stopped
   (SIGTERM, then SIGKILL) on leaving the ``with`` block, by an error or Ctrl-C too.
 
-Every command runs under a timeout (``peers.run_with_timeout``).
+Every command runs under a timeout (``processes.run_with_timeout``).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def converted(bin_dir: Path, source: Path, kind: str, cache: Path | None = None,
               timeout_s: float = 900.0, log: Callable[[str], None] | None = None) -> Path:
     """``source`` written as ``kind`` by ``llama-quantize``, once: the file in ``cache`` is reused
     while its ``.source.json`` matches ``source`` (path, size, modification time)."""
-    from tensorpar.bench.peers import run_with_timeout
+    from tensorpar.bench.processes import run_with_timeout
 
     source = Path(source)
     cache = cache_dir() if cache is None else Path(cache)
@@ -202,7 +202,7 @@ def build_of(entries: list[dict]) -> str | None:
 def run_llama_bench(bin_dir: Path, model: Path, threads: int, new_tokens: int, prompt_len: int = 0, repeats: int = 1,
                     timeout_s: float = 600.0) -> list[dict]:
     """Run ``llama-bench`` (``bench_command``) and return its entries; a failure raises with its reason."""
-    from tensorpar.bench.peers import run_with_timeout
+    from tensorpar.bench.processes import run_with_timeout
 
     code, out, err = run_with_timeout(bench_command(bin_dir, model, threads, new_tokens, prompt_len, repeats),
                                       timeout_s)
