@@ -46,7 +46,8 @@ def test_json_schema():
     r = cli(*EXAMPLE, "--json", timeout=60)
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    assert set(data) == {"configs", "recommended", "explanation"}
+    assert set(data) == {"configs", "recommended", "explanation", "degrades_to"}
+    assert [s["gpus"] for s in data["degrades_to"]] == [7, 6, 5]
     assert len(data["configs"]) == 10  # every (TP, PP, DP) of 8 GPUs
     for c in data["configs"]:
         assert set(c) == CONFIG_KEYS
