@@ -174,7 +174,7 @@ class DecodeStack:
             self.stack.set_cache([k for k, _ in layers], [v for _, v in layers])
             self._cache_key = key
         cos, sin = [c for c, _ in ropes], [s for _, s in ropes]
-        quantize_x = fused._state["quantize_x"]
+        quantize_x = fused.quantizes_activations()
         delta, begin, n = None, 0, len(self.finishers)
         for i, finish in enumerate(self.finishers):
             if finish is not None or i == n - 1:
