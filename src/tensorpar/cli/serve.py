@@ -20,6 +20,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dp", "--data-parallel-size", "-dp", dest="dp", type=int, default=1,
                    help="independent replicas of the --tp x --pp layout behind the one endpoint; a request goes "
                         "to the replica with the fewest outstanding requests, and the others serve on when one fails")
+    p.add_argument("--elastic", action="store_true",
+                   help="survive a rank that dies or stops answering (--timeout): the HTTP server runs in a process "
+                        "without weights, the replica restarts one rank smaller (tp 3 -> 2), and the requests in "
+                        "flight resume where their streams stopped. Without it a dead rank stops the server at once")
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences that run at once (per replica); more wait")
     p.add_argument("--disable-log-requests", action="store_true",
                    help="no log line per request (endpoint, tokens in and out, finish, time to first token, latency)")
@@ -58,12 +62,13 @@ def apply_plan_file(args) -> None:
 
 
 def _watch(engine, stop: threading.Event) -> None:
-    """Say when a replica goes down; when none is left, say why and stop the server (it then
-    exits non-zero)."""
+    """Say when a replica goes down (a front end says it itself); when none is left, say why and
+    stop the server (it then exits non-zero)."""
     said = None
+    quiet = getattr(engine, "says_failures", False)
     while not stop.wait(0.2):
         stats = engine.stats()
-        if stats["error"] and stats["error"] != said and stats["healthy"]:
+        if stats["error"] and stats["error"] != said and stats["healthy"] and not quiet:
             live = sum(r["healthy"] for r in stats.get("replicas", []))
             print(f"tensorpar: error: {stats['error']}; serving on {live} replica(s)", file=sys.stderr, flush=True)
             said = stats["error"]
@@ -93,10 +98,29 @@ def _check_port(host: str, port: int) -> None:
             raise TensorparError(f"could not listen on http://{shown}:{port}: {e.strerror.lower()}") from None
 
 
-def run(args) -> int:
+def start_engine(args):
+    """The engine behind the server: on one host, with ``--elastic`` or ``--dp`` above 1, a front
+    end without weights over spawned replicas that it restarts (``runtime.frontend``); otherwise the
+    replicas with the first one's leader in this process (``runtime.replicas``). None on a torchrun
+    rank that is not the server's."""
+    from tensorpar.distributed.launch import torchrun_env
+    from tensorpar.errors import TensorparError
+
+    options = engine_args(args, dp=args.dp)
+    if torchrun_env() is None and (args.elastic or args.dp > 1):
+        from tensorpar.runtime.frontend import Frontend
+
+        return Frontend(options, args.max_num_seqs, elastic=args.elastic)
+    if args.elastic:
+        raise TensorparError("--elastic restarts replicas on this host; under torchrun a rank that dies ends the "
+                             "job, and torchrun's own restarts (--max-restarts) bring it back")
     from tensorpar.runtime.replicas import start_serving
     from tensorpar.runtime.serving import DEFAULT_MAX_MODEL_LEN
 
+    return start_serving(options.resolve(DEFAULT_MAX_MODEL_LEN), args.max_num_seqs)
+
+
+def run(args) -> int:
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
     if args.max_request_bytes < 1:
@@ -108,7 +132,7 @@ def run(args) -> int:
     if args.plan:
         apply_plan_file(args)
     _check_port(args.host, args.port)
-    engine = start_serving(engine_args(args, dp=args.dp).resolve(DEFAULT_MAX_MODEL_LEN), args.max_num_seqs)
+    engine = start_engine(args)
     if engine is None:  # another rank under torchrun: it has followed its leader to the end
         return 0
     from tensorpar.serve.params import Limits

@@ -152,7 +152,7 @@ def launch_replicas(
         listener.close()
         _kill(procs)
         raise
-    return _gather(role, ranks, listener, procs)
+    return _gather(role, ranks, listener, dict(enumerate(procs, 1)), dims.dp)
 
 
 def _torchrun_replicas(plan: _Plan, env: TorchrunEnv) -> LaunchedReplicas | None:
@@ -169,7 +169,7 @@ def _torchrun_replicas(plan: _Plan, env: TorchrunEnv) -> LaunchedReplicas | None
         listener = Listener((torchrun_host_address(), 0), authkey=authkey)
         host, port = listener.address
         store.set(ROUTER_KEY, json.dumps({"host": host, "port": port, "authkey": authkey.hex()}))
-        return _gather(plan.role, ranks, listener, [None] * (dp - 1))
+        return _gather(plan.role, ranks, listener, dict.fromkeys(range(1, dp)), dp)
     where = json.loads(store.get(ROUTER_KEY))
     conn = Client((where["host"], where["port"]), authkey=bytes.fromhex(where["authkey"]))
     conn.send(ranks.replica)
@@ -186,10 +186,15 @@ def _leader_main(plan: _Plan, index: int, address, authkey: bytes) -> None:
     try:
         ranks = plan.launch(index)
     except BaseException as e:  # noqa: BLE001 - replica 0's leader reports it
-        conn.send(("failed", one_line(e)))
+        conn.send(("failed", _why(e)))
         conn.close()
         os._exit(1)
     os._exit(0 if _lead(plan.role, ranks, conn) else 1)
+
+
+def _why(e: BaseException) -> str:
+    """A failure to start in one line: a ``TensorparError``'s message as the user would see it."""
+    return one_line(e) if not isinstance(e, TensorparError) else str(e).strip().splitlines()[0]
 
 
 def _lead(role: ReplicaRole, ranks: Ranks, conn: Connection) -> bool:
@@ -198,32 +203,57 @@ def _lead(role: ReplicaRole, ranks: Ranks, conn: Connection) -> bool:
     try:
         engine = role.start(ranks)
     except BaseException as e:  # noqa: BLE001 - replica 0's leader reports it
-        conn.send(("failed", one_line(e)))
+        conn.send(("failed", _why(e)))
         conn.close()
         return False
     conn.send(("ready", None))
     return role.serve(engine, conn)
 
 
-def _gather(role: ReplicaRole, ranks: Ranks, listener: Listener, procs: list) -> LaunchedReplicas:
+def spawn_replica(dims: ParallelDims, factory: Factory, args: tuple, role: ReplicaRole, index: int = 0,
+                  device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, use_shm: bool = True,
+                  starter=None) -> ReplicaLeader:
+    """Spawn the leader of replica ``index`` of ``dims`` (its cores, its processes' names) from
+    this process, which runs no rank of it, and return it once its engine is ready. Raises
+    ``TensorparError`` naming why it did not start (its process is gone by then).
+
+    The leader dies with the thread that started it (Linux's parent-death signal follows the
+    thread): ``starter(process.start)`` runs the start on a thread that lives as long as the
+    leader should (default: this one)."""
+    plan = _Plan(dims, factory, args, role, device, timeout_s, use_shm)
+    authkey = secrets.token_bytes(32)
+    listener = Listener(("127.0.0.1", 0), authkey=authkey)
+    proc = mp.get_context("spawn").Process(target=_leader_main, args=(plan, index, listener.address, authkey),
+                                           name=f"tensorpar-dp{index}", daemon=False)
+    (starter or (lambda start: start()))(proc.start)
+    try:
+        return _accept(listener, {index: proc}, time.monotonic() + STARTUP_S, dims.dp)[0]
+    except BaseException:
+        _kill([proc])
+        raise
+    finally:
+        listener.close()
+
+
+def _gather(role: ReplicaRole, ranks: Ranks, listener: Listener, procs: dict, n: int) -> LaunchedReplicas:
     """Start replica 0's engine, then wait for the other leaders; on any failure stop what started."""
     engine = None
     try:
         engine = role.start(ranks)
-        leaders = _accept(listener, procs, time.monotonic() + STARTUP_S)
+        leaders = _accept(listener, procs, time.monotonic() + STARTUP_S, n)
     except BaseException:
         if engine is not None:
             role.stop(engine)
-        _kill(procs)
+        _kill(procs.values())
         raise
     finally:
         listener.close()
     return LaunchedReplicas(ranks, engine, leaders)
 
 
-def _accept(listener: Listener, procs: list, deadline: float) -> list[ReplicaLeader]:
-    """The leaders of replicas 1..len(procs), once each is ready (``procs``: their processes, or
-    None where torchrun started them)."""
+def _accept(listener: Listener, procs: dict, deadline: float, n: int) -> list[ReplicaLeader]:
+    """The leaders of the replicas ``procs`` names (of ``n``), in order, once each is ready
+    (``procs``: replica index -> its process, or None where torchrun started it)."""
     conns: dict[int, Connection] = {}
 
     def accept() -> None:
@@ -235,31 +265,31 @@ def _accept(listener: Listener, procs: list, deadline: float) -> list[ReplicaLea
                 return
 
     threading.Thread(target=accept, name="tensorpar-accept", daemon=True).start()
-    n = len(procs) + 1
     ready: dict[int, ReplicaLeader] = {}
     while len(ready) < len(procs):
-        for i in range(1, n):
+        for i, proc in procs.items():
             if i in ready:
                 continue
-            conn, proc = conns.get(i), procs[i - 1]
+            conn = conns.get(i)
             if conn is not None and conn.poll():
                 try:
                     kind, payload = conn.recv()
                 except EOFError:
                     kind, payload = "failed", "it closed its connection"
                 if kind == "failed":
-                    raise TensorparError(f"replica {i} of {n} failed to start: {payload}")
+                    raise TensorparError(f"replica {i} of {n} failed to start: {payload}" if n > 1 else payload)
                 ready[i] = ReplicaLeader(i, conn, proc)
             elif proc is not None and proc.exitcode is not None:
-                raise TensorparError(f"replica {i} of {n} failed to start: its process {describe_exit(proc.exitcode)}")
+                raise TensorparError(f"replica {i} of {n} failed to start: its process {describe_exit(proc.exitcode)}"
+                                     if n > 1 else f"the engine's leader process {describe_exit(proc.exitcode)}")
         if time.monotonic() > deadline:
-            missing = [i for i in range(1, n) if i not in ready]
+            missing = sorted(set(procs) - set(ready))
             raise TensorparError(f"replicas {missing} of {n} did not start within {STARTUP_S:.0f} s")
-        time.sleep(0.05)
-    return [ready[i] for i in range(1, n)]
+        time.sleep(0.02)
+    return [ready[i] for i in sorted(procs)]
 
 
-def _kill(procs: list) -> None:
+def _kill(procs) -> None:
     for p in procs:
         if p is not None:
             p.kill()

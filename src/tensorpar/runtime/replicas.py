@@ -44,11 +44,16 @@ STATS_EVERY_S = 0.25  # how often a replica reports its stats to the server
 
 class RemoteReplica:
     """A replica whose leader is another process, seen through its connection: the same
-    ``submit`` / ``abort`` / ``stats`` / ``shutdown`` / ``healthy`` as a ``ServingEngine``."""
+    ``submit`` / ``abort`` / ``stats`` / ``shutdown`` / ``healthy`` as a ``ServingEngine``.
 
-    def __init__(self, index: int, conn: Connection, process=None):
-        self.index, self.conn, self.process = index, conn, process
+    When it fails it ends its requests with "error", or, given ``on_down``, calls
+    ``on_down(self, why)`` instead, which then owns them. ``heard``: when it last sent anything
+    (``time.monotonic()``; it sends its stats every ``STATS_EVERY_S``)."""
+
+    def __init__(self, index: int, conn: Connection, process=None, on_down=None):
+        self.index, self.conn, self.process, self.on_down = index, conn, process, on_down
         self.healthy, self.error = True, None
+        self.heard = time.monotonic()
         self._stats: dict = {"running": 0, "waiting": 0, "kv_cache_usage": 0.0}
         self._sinks: dict[str, Sink] = {}
         self._lock, self._send_lock = threading.Lock(), threading.Lock()
@@ -95,6 +100,7 @@ class RemoteReplica:
         try:
             while True:
                 kind, payload = self.conn.recv()
+                self.heard = time.monotonic()
                 if kind == "event":
                     self._deliver(payload)
                 elif kind == "stats":
@@ -119,13 +125,24 @@ class RemoteReplica:
                 return f"its leader process (pid {self.process.pid}) {describe_exit(self.process.exitcode)}"
         return "its leader process closed the connection"
 
+    def kill(self, why: str) -> None:
+        """Declare it failed (``why``) and kill its leader, whose ranks die with it."""
+        self._down(why)
+        self._closing = True
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+
     def _down(self, why: str) -> None:
-        """Mark the replica down and end what it was running with "error" (once)."""
+        """Mark the replica down and end what it was running with "error", or hand it to
+        ``on_down`` (once)."""
         with self._lock:
             if not self.healthy:
                 return
             self.healthy, self.error = False, why
             sinks, self._sinks = self._sinks, {}
+        if self.on_down is not None:
+            self.on_down(self, why)
+            return
         for request_id, sink in sinks.items():
             sink(final_event(request_id, "error", f"replica {self.index} failed: {why}"))
 
@@ -213,6 +230,8 @@ def serve_replica(conn: Connection, engine: ServingEngine) -> None:
             pass
 
     def sink(event: TokenEvent) -> None:  # on the engine thread
+        if event.finish_reason == "error" and not engine.healthy:
+            return  # the engine failed: the server ends or resumes its requests on ("down", why)
         send(("event", event))
 
     last = 0.0

@@ -11,11 +11,14 @@ from tensorpar.runtime.sampling import SamplingParams
 @dataclass
 class Request:
     """One sequence to generate: its prompt and how to sample (``params.n`` is 1: the choices of
-    a prompt are separate requests, see ``requests_for``)."""
+    a prompt are separate requests, see ``requests_for``). ``emitted``: tokens it already generated
+    and streamed elsewhere (an engine that failed): it resumes after them, computing prompt and
+    ``emitted`` again as a preempted sequence does, and sends events only for what follows."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    emitted: list[int] = field(default_factory=list)
 
 
 def requests_for(request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Request]:

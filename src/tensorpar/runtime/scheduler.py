@@ -28,7 +28,8 @@ up to a step's token budget of such plans (at least one) come before each model 
 asks for no new token (``max_new_tokens=0``) ends there. A prompt's last chunk yields its first
 token. A request joins and leaves the running batch at token granularity; its tokens, text and
 end are its ``Sequence``'s business, reported through its sink as ``TokenEvent``s. A guided
-request's grammar is compiled when it is added (an error ends it there).
+request's grammar is compiled when it is added (an error ends it there). A request resumed after
+tokens it already streamed elsewhere (``Request.emitted``) waits as a preempted sequence.
 
 ``add``, ``abort`` and ``stats`` may be called from any thread; ``schedule`` and ``update`` run on one.
 """
@@ -113,7 +114,10 @@ class Scheduler:
             if self.closed is not None:
                 sink(final_event(request.request_id, "error", self.closed))
                 return
-            self.waiting.append((request, sink))
+            if request.emitted:
+                self._resume(request, sink)
+            else:
+                self.waiting.append((request, sink))
             self.lock.notify()
 
     def abort(self, request_id: str) -> None:
@@ -244,6 +248,18 @@ class Scheduler:
         for seq in [s for s in self.preempted if s.request_id in aborts]:
             self.preempted.remove(seq)
             seq.end("abort")
+
+    def _resume(self, request: Request, sink: Sink) -> None:
+        """A request resumed after its ``emitted`` tokens waits as a preempted sequence does (ahead
+        of new requests), to compute them again; ends at once when they ended it."""
+        seq = Sequence(request, sink, self.tokenizer, self.eos_ids, self.max_model_len)
+        if request.params.guided is not None:
+            seq.guided = self.guided.start(request.params.guided)
+        seq.replay(request.emitted)
+        if seq.finish_reason is not None:
+            seq.end(seq.finish_reason)
+        else:
+            self.preempted.append(seq)
 
     def _next_to_score(self) -> tuple[Request, Sink] | None:
         """The oldest waiting request whose prompt log-probabilities are still to send, while the

@@ -121,6 +121,20 @@ class Sequence:
         self.sent += len(delta)
         self.sink(TokenEvent(self.request_id, token, delta, logprob, top or []))
 
+    def replay(self, tokens: list[int]) -> None:
+        """Take ``tokens`` as generated and already sent (``Request.emitted``): its grammar, text
+        and end rules advance as they did, and no event is sent."""
+        sink, self.sink = self.sink, lambda event: None
+        try:
+            for token in tokens:
+                if self.guided is not None:
+                    self.guided.accept(token)
+                self.append(token)
+                if self.finish_reason is not None:
+                    break
+        finally:
+            self.sink = sink
+
     def end(self, reason: str, error: str | None = None) -> None:
         """Send the final event (after the token events; alone for an abort or a failure)."""
         self.sink(final_event(self.request_id, reason, error))

@@ -42,6 +42,18 @@ def architecture_defaults(tokenizer, config) -> set[int]:
     return {i for i in ids if i is not None and i != tokenizer.unk_token_id}
 
 
+def leader_inputs(spec: EngineSpec) -> tuple[object, set[int], InputProcessor]:
+    """What reads requests, on an engine's leader or a front end without weights: the tokenizer
+    (None when the checkpoint ships none), the end-of-sequence ids, the input processor."""
+    config = spec.config
+    tokenizer = spec.source.tokenizer(cache=spec.tokenizer_cache)
+    eos = set(config.eos_token_ids) | architecture_defaults(tokenizer, config)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return tokenizer, eos, InputProcessor(tokenizer, config.vocab_size, spec.max_model_len, spec.model,
+                                          spec.chat_template)
+
+
 CACHE_COUNTS = ("prefix_cache_queries", "prefix_cache_hits", "preemptions")
 
 
@@ -52,16 +64,10 @@ class Worker:
         self.tokenizer = self.inputs = self.core = None
         t = time.perf_counter()
         if ctx.is_leader:  # the tokenizer first: a conversion's transient memory then does not stack on the weights
-            self.tokenizer = spec.source.tokenizer(cache=spec.tokenizer_cache)
+            self.tokenizer, eos, self.inputs = leader_inputs(spec)
         tokenizer_s = time.perf_counter() - t
         self.runner = ModelRunner(spec, ctx)
         self.info = {"backend": ctx.backend, "tokenizer_s": tokenizer_s, "weights_s": self.runner.load_s}
-        if ctx.is_leader:
-            eos = set(config.eos_token_ids) | architecture_defaults(self.tokenizer, config)
-            if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-                eos.add(self.tokenizer.eos_token_id)
-            self.inputs = InputProcessor(self.tokenizer, config.vocab_size, spec.max_model_len, spec.model,
-                                         spec.chat_template)
         budget = self._kv_blocks() if spec.kv_cache_memory is not None else None
         if ctx.is_leader:
             scheduler = Scheduler(self.tokenizer, eos, max_num_seqs, spec.max_model_len, spec.max_num_batched_tokens,
