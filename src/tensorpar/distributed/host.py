@@ -46,12 +46,13 @@ def _prctl(option: int, arg) -> None:
         pass
 
 
-def configure_rank_process(rank: int, world_size: int, threads: int | None = None, spawned: bool = True) -> None:
+def configure_rank_process(rank: int, world_size: int, threads: int | None = None, spawned: bool = True,
+                           name: str | None = None) -> None:
     """Set a rank's compute threads: an equal share of the cores, each rank pinned to its own
     cores when there are at least as many cores as ranks. A spawned rank also names itself
-    ``tensorpar-rN`` (seen in ps/top) and dies with its parent."""
+    (``name``, by default ``tensorpar-rN``: seen in ps/top) and dies with its parent."""
     if spawned:
-        _prctl(_PR_SET_NAME, f"tensorpar-r{rank}".encode())
+        _prctl(_PR_SET_NAME, (name or f"tensorpar-r{rank}").encode())
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         from tqdm import tqdm
 

@@ -29,7 +29,9 @@ exits or is late fails the whole start, with one message naming it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -42,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tensorpar.distributed import DEFAULT_TIMEOUT_S
 from tensorpar.distributed.host import configure_rank_process
 from tensorpar.distributed.launch import TorchrunEnv, launch, torchrun_env, torchrun_host_address, torchrun_store
-from tensorpar.distributed.ranks import Factory, Ranks, describe_exit
+from tensorpar.distributed.ranks import Factory, Ranks, describe_exit, fork_ranks_from_server
 from tensorpar.errors import TensorparError, one_line
 
 if TYPE_CHECKING:
@@ -142,7 +144,7 @@ def launch_replicas(
     listener = Listener(("127.0.0.1", 0), authkey=authkey)
     theirs = plan if spawned_args is None else dataclasses.replace(plan, args=spawned_args)
     mpc = mp.get_context("spawn")
-    procs = [mpc.Process(target=_leader_main, args=(theirs, i, listener.address, authkey),
+    procs = [mpc.Process(target=_leader_main, args=(listener.address, authkey, (), theirs, i),
                          name=f"tensorpar-dp{i}", daemon=False) for i in range(1, dims.dp)]
     for p in procs:
         p.start()
@@ -177,15 +179,26 @@ def _torchrun_replicas(plan: _Plan, env: TorchrunEnv) -> LaunchedReplicas | None
     return None
 
 
-def _leader_main(plan: _Plan, index: int, address, authkey: bytes) -> None:
-    """Body of a spawned replica leader: connect to replica 0's leader, launch the replica's ranks,
-    lead them."""
-    configure_rank_process(index * plan.dims.replica_size, plan.dims.world_size)  # named, dies with its parent
+def _leader_main(address, authkey: bytes, preload: tuple[str, ...] = (), plan: _Plan | None = None,
+                 index: int = 0) -> None:
+    """Body of a spawned replica leader: connect to the process that serves, launch the replica's
+    ranks, lead them. Given its ``plan`` it leads replica ``index`` at once (``launch_replicas``);
+    without, it imports ``preload`` and warms a fork server for its ranks first, then waits to be
+    sent the plan and the index (``ReplicaStarter``)."""
+    configure_rank_process(0, 1, name=None if plan else "tensorpar-standby")  # dies with its parent
+    if plan is None:
+        for module in preload:
+            importlib.import_module(module)
+        fork_ranks_from_server(preload)
     conn = Client(address, authkey=authkey)
-    conn.send(index)
+    if plan is None:
+        plan, index = conn.recv()
+    else:
+        conn.send(index)
+    configure_rank_process(index * plan.dims.replica_size, plan.dims.world_size)
     try:
         ranks = plan.launch(index)
-    except BaseException as e:  # noqa: BLE001 - replica 0's leader reports it
+    except BaseException as e:  # noqa: BLE001 - the serving process reports it
         conn.send(("failed", _why(e)))
         conn.close()
         os._exit(1)
@@ -210,29 +223,93 @@ def _lead(role: ReplicaRole, ranks: Ranks, conn: Connection) -> bool:
     return role.serve(engine, conn)
 
 
-def spawn_replica(dims: ParallelDims, factory: Factory, args: tuple, role: ReplicaRole, index: int = 0,
-                  device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, use_shm: bool = True,
-                  starter=None) -> ReplicaLeader:
-    """Spawn the leader of replica ``index`` of ``dims`` (its cores, its processes' names) from
-    this process, which runs no rank of it, and return it once its engine is ready. Raises
-    ``TensorparError`` naming why it did not start (its process is gone by then).
+class ReplicaStarter:
+    """Starts replica leaders from this process, which runs no rank of them (a server's front end
+    without weights), keeping one started ahead of need once ``warm`` is called: a standby that
+    has imported ``preload`` (and torch) and warmed the fork server its ranks will come from
+    (``fork_ranks_from_server``), so that a replica replacing a failed one starts in its weights'
+    load time instead of two interpreter starts more.
 
-    The leader dies with the thread that started it (Linux's parent-death signal follows the
-    thread): ``starter(process.start)`` runs the start on a thread that lives as long as the
-    leader should (default: this one)."""
-    plan = _Plan(dims, factory, args, role, device, timeout_s, use_shm)
-    authkey = secrets.token_bytes(32)
-    listener = Listener(("127.0.0.1", 0), authkey=authkey)
-    proc = mp.get_context("spawn").Process(target=_leader_main, args=(plan, index, listener.address, authkey),
-                                           name=f"tensorpar-dp{index}", daemon=False)
-    (starter or (lambda start: start()))(proc.start)
-    try:
-        return _accept(listener, {index: proc}, time.monotonic() + STARTUP_S, dims.dp)[0]
-    except BaseException:
-        _kill([proc])
-        raise
-    finally:
-        listener.close()
+    Leaders die with the thread that started them (Linux's parent-death signal follows the
+    thread), so one thread of this starter, alive as long as it is, starts them all."""
+
+    def __init__(self, preload: tuple[str, ...] = ()):
+        self.preload = preload
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tensorpar-spawn")
+        self._lock = threading.Lock()
+        self._standby: concurrent.futures.Future | None = None  # of (process, connection)
+        self._closed = False
+
+    def start(self, dims: ParallelDims, factory: Factory, args: tuple, role: ReplicaRole, index: int = 0,
+              device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, use_shm: bool = True) -> ReplicaLeader:
+        """Replica ``index`` of ``dims`` led by the standby (or a leader started now), once its
+        engine is ready. Raises ``TensorparError`` naming why it did not start (its process is
+        gone by then)."""
+        with self._lock:
+            standby, self._standby = self._standby, None
+        deadline = time.monotonic() + STARTUP_S
+        proc, conn = standby.result() if standby is not None else self._spawn()
+        try:
+            conn.send((_Plan(dims, factory, args, role, device, timeout_s, use_shm), index))
+            while not conn.poll(0.02):
+                if proc.exitcode is not None:
+                    raise TensorparError(f"the replica's leader process {describe_exit(proc.exitcode)}")
+                if time.monotonic() > deadline:
+                    raise TensorparError(f"the replica did not start within {STARTUP_S:.0f} s")
+            kind, payload = conn.recv()
+            if kind == "failed":
+                raise TensorparError(f"replica {index} of {dims.dp} failed to start: {payload}" if dims.dp > 1 else payload)
+        except (OSError, EOFError):
+            _kill([proc])
+            raise TensorparError(f"the replica's leader process {describe_exit(proc.exitcode)}") from None
+        except BaseException:
+            _kill([proc])
+            raise
+        return ReplicaLeader(index, conn, proc)
+
+    def warm(self) -> None:
+        """Start a standby leader in the background, unless one is."""
+        with self._lock:
+            if self._standby is None and not self._closed:
+                self._standby = concurrent.futures.ThreadPoolExecutor(1).submit(self._spawn)
+
+    def close(self) -> None:
+        """Stop the standby, if any."""
+        with self._lock:
+            standby, self._standby, self._closed = self._standby, None, True
+        if standby is not None:
+            try:
+                proc, conn = standby.result()
+                conn.close()
+                _kill([proc])
+            except TensorparError:
+                pass
+        self._thread.shutdown(wait=False)
+
+    def _spawn(self):
+        """A leader process, connected, waiting to be told which replica to lead: (process, connection)."""
+        authkey = secrets.token_bytes(32)
+        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        proc = mp.get_context("spawn").Process(target=_leader_main, args=(listener.address, authkey, self.preload),
+                                               name="tensorpar-standby", daemon=False)
+        self._thread.submit(proc.start).result()
+        got: list = []
+
+        def accept() -> None:
+            try:
+                got.append(listener.accept())
+            except OSError:
+                pass
+
+        threading.Thread(target=accept, daemon=True).start()
+        try:
+            while not got:
+                if proc.exitcode is not None:
+                    raise TensorparError(f"a replica's leader process {describe_exit(proc.exitcode)} as it started")
+                time.sleep(0.02)
+        finally:
+            listener.close()
+        return proc, got[0]
 
 
 def _gather(role: ReplicaRole, ranks: Ranks, listener: Listener, procs: dict, n: int) -> LaunchedReplicas:

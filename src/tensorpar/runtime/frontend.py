@@ -26,15 +26,14 @@ end with "error" and the server exits with one line naming why (``cli/serve.py``
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import sys
 import threading
 import time
 
 from tensorpar.distributed.ranks import describe_exit
-from tensorpar.distributed.replicas import spawn_replica
-from tensorpar.errors import RankFailure, TensorparError
+from tensorpar.distributed.replicas import ReplicaStarter
+from tensorpar.errors import RankFailure, TensorparError, one_line
 from tensorpar.runtime.replicas import STATS_EVERY_S, RemoteReplica, ServingRole
 from tensorpar.runtime.request import Request, Sink, TokenEvent
 from tensorpar.runtime.sequence import final_event
@@ -42,6 +41,7 @@ from tensorpar.runtime.serving import DEFAULT_MAX_MODEL_LEN
 from tensorpar.runtime.spec import EngineArgs, EngineSpec
 from tensorpar.runtime.worker import Worker, leader_inputs
 
+PRELOAD = ("tensorpar.runtime.worker", "transformers")  # what a standby leader imports ahead (the tokenizer's)
 RESTARTS = 3  # tries to bring a failed replica back at its own layout (without --elastic)
 BACKOFF_S = 1.0  # before the first; doubled before each next
 
@@ -98,8 +98,7 @@ class Frontend:
         self._flights: dict[str, _Flight] = {}
         self._slots = [_Slot(i, args, spec) for i in range(spec.dims.dp)]
         self._stopping, self.submitted, self.fatal = False, 0, None
-        # leaders die with the thread that started them: one thread, alive as long as this, starts them all
-        self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tensorpar-spawn")
+        self._starter = ReplicaStarter(PRELOAD)
         starts = [threading.Thread(target=self._first_start, args=(s,), daemon=True) for s in self._slots]
         for t in starts:
             t.start()
@@ -117,6 +116,7 @@ class Frontend:
             raise TensorparError(f"{spec.model} ships no tokenizer; serving needs one")
         self._watchdog = threading.Thread(target=self._watch_silence, name="tensorpar-frontend", daemon=True)
         self._watchdog.start()
+        self._starter.warm()
 
     # ---- the HTTP side's interface (``ServingBackend``) ----------------------------------------
 
@@ -181,6 +181,7 @@ class Frontend:
         threads = [threading.Thread(target=r.shutdown) for r in replicas]
         for t in threads:
             t.start()
+        self._starter.close()
         for t in threads:
             t.join()
 
@@ -228,16 +229,15 @@ class Frontend:
 
     def _start(self, slot: _Slot) -> RemoteReplica:
         spec = slot.spec if slot.index == 0 and not slot.rank_failures else dataclasses.replace(slot.spec, progress=False)
-        leader = spawn_replica(spec.dims, Worker, (spec, self.max_num_seqs), ServingRole(self.max_num_seqs), slot.index,
-                               spec.device, spec.timeout_s, spec.use_shm,
-                               starter=lambda start: self._spawner.submit(start).result())
+        leader = self._starter.start(spec.dims, Worker, (spec, self.max_num_seqs), ServingRole(self.max_num_seqs),
+                                     slot.index, spec.device, spec.timeout_s, spec.use_shm)
         return RemoteReplica(leader.index, leader.conn, leader.process, on_down=self._failed)
 
     def _first_start(self, slot: _Slot) -> None:
         try:
             replica = self._start(slot)
-        except TensorparError as e:
-            slot.degraded, slot.starting = str(e), False
+        except Exception as e:  # noqa: BLE001 - said by __init__
+            slot.degraded, slot.starting = str(e) if isinstance(e, TensorparError) else one_line(e), False
             return
         with self._lock:
             slot.replica, slot.starting = replica, False
@@ -294,8 +294,9 @@ class Frontend:
                 return
             try:
                 replica = self._start(slot)
-            except TensorparError as e:
-                say(f"warning: replica {slot.index} did not start again ({attempt + 1} of {tries}): {e}")
+            except Exception as e:  # noqa: BLE001 - said, and tried again or given up
+                why = str(e) if isinstance(e, TensorparError) else one_line(e)
+                say(f"warning: the replica did not start again ({attempt + 1} of {tries}): {why}")
                 continue
             with self._lock:
                 if self._stopping:
@@ -307,6 +308,7 @@ class Frontend:
                 held = [f for f in self._flights.values() if f.slot is None]
                 for f in held:
                     self._dispatch(f)
+            self._starter.warm()
             say(f"serving again at {slot.layout} after {time.monotonic() - since:.1f} s"
                 + (f" (replica {slot.index})" if len(self._slots) > 1 else "")
                 + (f"; {len(held)} request(s) resumed" if held else ""))
