@@ -132,6 +132,35 @@ def test_stop_strings_hold_back_text_and_cut_it(engine, solo):
 
 
 @pytest.mark.timeout(120)
+def test_a_request_resumed_after_its_emitted_tokens_sends_exactly_the_rest(engine):
+    """``Request.emitted`` (an elastic server's resume): after k tokens already streamed, the
+    events are those of the undisturbed run from token k on: the same tokens, and text deltas
+    that join to the rest of its text (with a stop string holding text back, and with a regex
+    grammar that the replayed tokens must advance)."""
+    from tensorpar.runtime.guided import GuidedDecoding
+
+    tok = engine.tokenizer
+    prompt = tok(PROMPTS[0])["input_ids"]
+    cases = {"stop": SamplingParams(max_new_tokens=16, ignore_eos=True, stop=("zzzq",)),
+             "regex": SamplingParams(max_new_tokens=16, guided=GuidedDecoding("regex", "[a-z ]{16,40}"))}
+    for name, params in cases.items():
+        whole = Collector()
+        engine.submit(Request(name, prompt, params), whole)
+        whole.wait([name])
+        tokens, deltas = whole.tokens(name), [e.text_delta for e in whole.events[name]]
+        assert len(tokens) >= 4, tokens
+        for k in (1, 3):
+            got = Collector()
+            rid = f"{name}-{k}"
+            engine.submit(Request(rid, prompt, params, emitted=tokens[:k]), got)
+            got.wait([rid])
+            assert got.tokens(rid) == tokens[k:]
+            assert got.text(rid) == "".join(deltas[k:])
+            assert got.events[rid][-1].finish_reason == whole.events[name][-1].finish_reason
+    assert engine.stats()["running"] == 0
+
+
+@pytest.mark.timeout(120)
 def test_abort_frees_the_blocks(engine):
     tok = engine.tokenizer
     got = Collector()

@@ -113,7 +113,8 @@ class ServingEngine:
         self.scheduler.abort(request_id)
 
     def stats(self) -> dict:
-        return {**self.core.stats(), "healthy": self.healthy, "error": self.error, "requests": self.submitted}
+        return {**self.core.stats(), "healthy": self.healthy, "error": self.error, "requests": self.submitted,
+                "tp": self.tp}
 
     def shutdown(self) -> None:
         """Stop admitting, end what runs with "abort", stop the follower ranks."""

@@ -39,12 +39,16 @@ class _EngineCollector:
         ("tensorpar_replica_outstanding_requests", "Requests sent to the replica and not yet finished.",
          "outstanding"),
         ("tensorpar_replica_healthy", "1 while every rank of the replica is alive, else 0.", "healthy"),
+        ("tensorpar_replica_tensor_parallel_size", "The replica's tensor-parallel degree now (smaller after an elastic "
+         "restart).", "tp"),
     )
 
     COUNTERS = (
         ("tensorpar_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
         ("tensorpar_prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
         ("tensorpar_preemptions", "Sequences preempted for want of KV-cache blocks.", "preemptions"),
+        ("tensorpar_rank_failures", "Times a rank of the replica died or stopped answering and the replica was "
+         "restarted (serve --elastic, --dp).", "rank_failures"),
     )
     VLLM = (  # (vLLM's name, gauge or counter, key): the sums over replicas (a ratio: their mean)
         ("vllm:num_requests_running", GaugeMetricFamily, "running"),
