@@ -8,11 +8,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 from helpers import cli
 from faultkit import error_line, finish, leftovers, nothing_left, ranks_of, start
+
+from tensorpar.distributed.host import free_port
 
 TEXT = "Tensor parallelism splits each weight matrix across devices. The quick brown fox. " * 200
 COMMON = ["--model", "random-llama-tiny", "--seq-len", "32", "--batch", "4", "--seed", "7", "--quiet"]
@@ -55,3 +61,62 @@ def test_sigkill_of_a_rank_while_saving_every_step(tp, victim, tmp_path, record)
     record(fault=f"SIGKILL of rank {victim} while training and saving every step", command="train",
            layout=f"tp={tp}", sees=line, seconds=round(seconds, 1),
            lost=f"the steps after the newest complete checkpoint (step {steps[-1]}); it resumes from there")
+
+
+def _listens_on(proc: psutil.Process, port: int) -> bool:
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in proc.net_connections())
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.timeout(240)
+def test_a_node_killed_under_torchrun_elastic_resumes_at_the_smaller_size(tmp_path, record):
+    """Two torchrun agents (``--nnodes 1:2``, one rank each, tp=2) train with ``--resume auto``,
+    saving every step. SIGKILL of the agent that does not host the rendezvous, and of its rank:
+    the other agent restarts its rank, which resumes from the newest complete checkpoint at tp=1;
+    its losses equal those of a run started afresh at tp=1 from that checkpoint."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    run, out = tmp_path / "run", tmp_path / "out"
+    port = free_port()
+    train = ["-m", "tensorpar", "train", "--data", str(corpus), "--steps", "30", "--save", str(run), "--save-every", "1",
+             "--resume", "auto", "--out", str(out), "--timeout", "20", *COMMON]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
+                                "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                                "--rdzv-id", "elastic-test", "--rdzv-conf", "last_call_timeout=1", *train],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while len([p for p in run.glob("step-*") if (p / "metadata.json").is_file()]) < 3:
+            assert time.monotonic() < deadline and all(a.poll() is None for a in agents), "no checkpoint was saved"
+            time.sleep(0.05)
+        host = next(a for a in agents if _listens_on(psutil.Process(a.pid), port))
+        victim = next(a for a in agents if a is not host)
+        node = psutil.Process(victim.pid)
+        for p in node.children(recursive=True):
+            p.kill()
+        node.kill()
+        t = time.monotonic()
+        _, err = host.communicate(timeout=180)
+        seconds = time.monotonic() - t
+        assert host.returncode == 0, err[-3000:]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+            a.communicate()
+    job = json.loads((out / "losses.json").read_text())
+    resumed = Path(job["resumed_from"])
+    assert job["tp"] == 1 and resumed.parent == run and job["steps"][-1] == 30
+    step = int(resumed.name.split("-")[1])
+    assert step >= 3 and job["first_step"] == step + 1
+    fresh = cli("train", "--data", str(corpus), "--resume", str(resumed), "--steps", "30", "--tp", "1",
+                "--out", str(tmp_path / "fresh"), "--json", "--quiet", *COMMON[:-1], timeout=150)
+    assert fresh.returncode == 0, fresh.stderr
+    assert json.loads(fresh.stdout)["losses"] == job["losses"]
+    record(fault="SIGKILL of a node (its torchrun agent and rank) while training under torchrun --nnodes 1:2",
+           command="train", layout="tp=2 -> 1",
+           sees=f"the other agent restarts its rank, which resumes from step {step} at tp=1 and finishes; its losses "
+                "equal a fresh tp=1 run from that checkpoint",
+           seconds=round(seconds, 1), lost=f"the steps after the newest complete checkpoint (step {step}); redone at tp=1")

@@ -32,7 +32,9 @@ def add_parser(sub) -> None:
                    help="initialization (random models), batch order and dropout (default: 0, or the checkpoint's)")
     p.add_argument("--save", default=None, metavar="DIR", help="write a checkpoint DIR/step-N at the end")
     p.add_argument("--save-every", type=int, default=0, metavar="K", help="also every K steps")
-    p.add_argument("--resume", default=None, metavar="DIR", help="a checkpoint, or a run directory (its latest)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="a checkpoint, or a run directory (its latest); `auto`: --save's latest if it has one, else "
+                        "start afresh (a job that torchrun restarts, at whatever world size is left, continues)")
     p.add_argument("--out", default="train-out", help="where losses.json and losses.png go (default: %(default)s)")
     add_device(p)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may wait (default: 300)")

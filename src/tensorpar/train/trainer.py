@@ -101,6 +101,11 @@ class TrainSpec:
         if not Path(cfg.data).is_file():
             raise TensorparError(f"training data {cfg.data!r} is not a file")
         checkpoint = None
+        if cfg.resume == "auto":  # the newest complete checkpoint under --save; none yet: from the start
+            if not cfg.save:
+                raise TensorparError("--resume auto continues from --save DIR's newest checkpoint: give --save")
+            done = [p for p in Path(cfg.save).glob("step-*") if (p / "metadata.json").is_file()]
+            cfg = replace(cfg, resume=str(max(done, key=lambda p: p.name)) if done else None)
         if cfg.resume:
             checkpoint = find_checkpoint(cfg.resume)
             source = ShardedCheckpointSource(checkpoint)
