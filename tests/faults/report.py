@@ -15,7 +15,9 @@ HEAD = """# Reliability
 
 What a user sees when something breaks: one row per fault, command and layout, written by
 `tests/faults/report.py` from a run of the fault suite (`tests/faults/`, part of `make test`). Each
-case injects the fault into the real command, asserts the outcome and its bound, and records it:
+case injects the fault into the real command, asserts the outcome and its bound, and records it
+("seconds": from the fault to the command's exit, or, where it serves or trains on, to its next
+streamed token or to the end of the resumed run):
 
     TENSORPAR_FAULT_RESULTS=/tmp/faults.jsonl .venv/bin/python -m pytest tests/faults
     .venv/bin/python tests/faults/report.py /tmp/faults.jsonl > RELIABILITY.md
@@ -27,7 +29,7 @@ def main(path: str) -> None:
     rows = [json.loads(line) for line in open(path) if line.strip()]
     out = [HEAD, f"Run on {date.today().isoformat()}, {platform.machine()}, Python {platform.python_version()}; "
                  f"{len(rows)} cases.\n",
-           "| fault | command | layout | what the user sees | seconds to exit | lost |",
+           "| fault | command | layout | what the user sees | seconds | lost |",
            "|---|---|---|---|---:|---|"]
     for r in sorted(rows, key=lambda r: (r["command"], r["fault"], r["layout"])):
         sees = r["sees"].replace("|", "\\|")

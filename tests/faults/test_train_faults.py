@@ -80,7 +80,7 @@ def test_a_node_killed_under_torchrun_elastic_resumes_at_the_smaller_size(tmp_pa
     corpus.write_text(TEXT)
     run, out = tmp_path / "run", tmp_path / "out"
     port = free_port()
-    train = ["-m", "tensorpar", "train", "--data", str(corpus), "--steps", "30", "--save", str(run), "--save-every", "1",
+    train = ["-m", "tensorpar", "train", "--data", str(corpus), "--steps", "12", "--save", str(run), "--save-every", "1",
              "--resume", "auto", "--out", str(out), "--timeout", "20", *COMMON]
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
                                 "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
@@ -108,10 +108,10 @@ def test_a_node_killed_under_torchrun_elastic_resumes_at_the_smaller_size(tmp_pa
             a.communicate()
     job = json.loads((out / "losses.json").read_text())
     resumed = Path(job["resumed_from"])
-    assert job["tp"] == 1 and resumed.parent == run and job["steps"][-1] == 30
+    assert job["tp"] == 1 and resumed.parent == run and job["steps"][-1] == 12
     step = int(resumed.name.split("-")[1])
     assert step >= 3 and job["first_step"] == step + 1
-    fresh = cli("train", "--data", str(corpus), "--resume", str(resumed), "--steps", "30", "--tp", "1",
+    fresh = cli("train", "--data", str(corpus), "--resume", str(resumed), "--steps", "12", "--tp", "1",
                 "--out", str(tmp_path / "fresh"), "--json", "--quiet", *COMMON[:-1], timeout=150)
     assert fresh.returncode == 0, fresh.stderr
     assert json.loads(fresh.stdout)["losses"] == job["losses"]
