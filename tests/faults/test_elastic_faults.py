@@ -18,6 +18,7 @@ import pytest
 from faultkit import error_line, finish, leftovers, served_port, start
 
 TOKENS = 64
+LONG = 256  # (--dp 2 runs 4 streams a replica at tp=1: 64 tokens may be over before the kill lands)
 PROMPTS = [f"Elastic request {i}:" for i in range(4)]
 
 
@@ -43,9 +44,9 @@ class Streams:
     """Greedy streamed completions of ``prompts``, one thread each: every chunk's time, the text,
     the finish reason and the usage each stream ended with."""
 
-    def __init__(self, base: str, model: str, prompts: list[str]):
+    def __init__(self, base: str, model: str, prompts: list[str], tokens: int = TOKENS):
         self.client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        self.model, self.n = model, len(prompts)
+        self.model, self.n, self.max_tokens = model, len(prompts), tokens
         self.stamps: list[list[float]] = [[] for _ in prompts]
         self.text, self.finish, self.tokens = [""] * self.n, [None] * self.n, [0] * self.n
         self.errors: list = []
@@ -55,7 +56,7 @@ class Streams:
 
     def _run(self, i: int, prompt: str) -> None:
         try:
-            for chunk in self.client.completions.create(model=self.model, prompt=prompt, max_tokens=TOKENS,
+            for chunk in self.client.completions.create(model=self.model, prompt=prompt, max_tokens=self.max_tokens,
                                                         temperature=0, stream=True, extra_body={"ignore_eos": True},
                                                         stream_options={"include_usage": True}):
                 if chunk.choices:
@@ -78,15 +79,15 @@ class Streams:
         for t in self.threads:
             t.join(120)
         assert not self.errors, self.errors
-        assert self.finish == ["length"] * self.n and self.tokens == [TOKENS] * self.n, (self.finish, self.tokens)
+        assert self.finish == ["length"] * self.n and self.tokens == [self.max_tokens] * self.n, (self.finish, self.tokens)
         after = [next((t for t in s if t > since), None) for s in self.stamps]
         assert all(a is not None for a in after), "a stream ended before the fault"
         return max(after) - since
 
 
-def _undisturbed(base: str, model: str, prompts: list[str]) -> list[str]:
+def _undisturbed(base: str, model: str, prompts: list[str], tokens: int = TOKENS) -> list[str]:
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
-    return [client.completions.create(model=model, prompt=p, max_tokens=TOKENS, temperature=0,
+    return [client.completions.create(model=model, prompt=p, max_tokens=tokens, temperature=0,
                                       extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
 
 
@@ -111,7 +112,18 @@ def _fault_and_resume(proc, base, model, victim: str, sig, tp: int) -> tuple[flo
     assert error.endswith(f"; tp {tp} -> {tp - 1}"), error
     assert _metric(base, "tensorpar_replica_tensor_parallel_size") == tp - 1
     equal = streams.text == _undisturbed(base, model, PROMPTS)  # served at tp - 1 now
+    _no_block_held(base)
     return seconds, error, equal
+
+
+def _no_block_held(base: str, replicas: str = "0") -> None:
+    """Once every request has ended, no sequence runs and the replicas' KV blocks are all free."""
+    for _ in range(50):
+        if all(_metric(base, "tensorpar_num_requests_running", r) == 0
+               and _metric(base, "tensorpar_kv_cache_usage_ratio", r) == 0 for r in replicas):
+            return
+        time.sleep(0.1)
+    raise AssertionError(httpx.get(f"{base}/metrics").text)
 
 
 @pytest.mark.timeout(240)
@@ -190,7 +202,7 @@ def test_a_stopped_scheduler_rank_is_replaced_after_the_timeout(tiny_chat_checkp
 
 @pytest.mark.timeout(240)
 def test_a_killed_replica_heals_and_its_streams_finish_on_the_other(tiny_chat_checkpoint, record):
-    """--dp 2 (tp=1 each): SIGKILL of replica 1's leader with 8 streams in flight: all 8 complete
+    """--dp 2 (tp=1 each): SIGKILL of replica 1's leader with 8 streams of 256 tokens in flight: all 8 complete
     (replica 1's resume on replica 0), /health is degraded until replica 1 is back, which it is
     within 60 s, and it serves again."""
     before = leftovers()
@@ -200,8 +212,8 @@ def test_a_killed_replica_heals_and_its_streams_finish_on_the_other(tiny_chat_ch
     try:
         first = _ranks(proc)
         assert set(first) == {"tensorpar-r0", "tensorpar-r1"}  # each replica's leader; the server holds no weights
-        solo = _undisturbed(base, model, prompts)
-        streams = Streams(base, model, prompts)
+        solo = _undisturbed(base, model, prompts, LONG)
+        streams = Streams(base, model, prompts, LONG)
         streams.wait_until_each_has(3)
         assert _metric(base, "tensorpar_replica_outstanding_requests", "1") == 4  # the least busy replica took each
         t = time.monotonic()
@@ -216,10 +228,11 @@ def test_a_killed_replica_heals_and_its_streams_finish_on_the_other(tiny_chat_ch
             time.sleep(0.2)
         back = time.monotonic() - t
         served = _metric(base, "tensorpar_replica_requests_total", "1")
-        again = Streams(base, model, prompts[:4])  # at once: the least busy replica takes each
+        again = Streams(base, model, prompts[:4], LONG)  # at once: the least busy replica takes each
         again.join(0.0)
         assert again.text == solo[:4]
         assert _metric(base, "tensorpar_replica_requests_total", "1") > served  # it serves again
+        _no_block_held(base, "01")
         group = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
         err = finish(proc, 60)

@@ -50,3 +50,25 @@ def test_ranks_that_die_at_start_up_fail_the_launch_instead_of_hanging(tmp_path)
     assert r.returncode != 0
     assert "RankFailure" in r.stderr and "of 2 failed" in r.stderr
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.timeout(180)
+def test_an_elastic_llm_runs_again_one_rank_smaller(tiny_chat_checkpoint, capfd):
+    """``LLM(elastic=True)`` at tp=3: a rank SIGKILLed between calls makes the next call launch
+    tp=2 and return its results (for this model, the tp=3 ones); a second shrinks to tp=1 (one
+    rank: this process)."""
+    import os
+    import signal
+
+    from tensorpar import LLM
+
+    prompts = ["Elastic offline 1", "Elastic offline 2"]
+    with LLM(str(tiny_chat_checkpoint), tp=3, elastic=True, progress=False) as llm:
+        before = [c.token_ids for c in llm.generate(prompts, max_new_tokens=8, ignore_eos=True)]
+        for victim, tp in ((2, 2), (0, 1)):
+            os.kill(llm.worker_pids[victim], signal.SIGKILL)
+            time.sleep(0.3)
+            assert [c.token_ids for c in llm.generate(prompts, max_new_tokens=8, ignore_eos=True)] == before
+            assert llm.tp == tp and llm.rank_failures == 3 - tp
+            assert f"rank {victim} of {tp + 1} failed: killed by signal SIGKILL; running again at tp={tp}" \
+                in capfd.readouterr().err

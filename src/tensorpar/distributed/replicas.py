@@ -21,6 +21,10 @@ The handshake, from the leader of replica d (1..dp-1) to replica 0's leader, ove
 3. from then on the connection is the role's (``serve`` on this side, the caller's proxy on
    replica 0's).
 
+``ReplicaStarter`` starts leaders from a process that leads no replica (a server's front end
+without weights): the same leader body, told its plan and index over its connection once needed,
+and one such leader kept waiting ahead of need, warm.
+
 Under torchrun replica 0's leader listens on the interface that reaches torchrun's store and
 publishes where, as JSON ``{"host", "port", "authkey"}`` under ``ROUTER_KEY`` in that store.
 Replica 0's leader waits up to ``STARTUP_S`` for every replica to be ready; one that fails,

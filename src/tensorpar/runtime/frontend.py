@@ -3,8 +3,9 @@ on one host.
 
 The HTTP server's process keeps the tokenizer and, for every request in flight, its prompt, its
 sampling parameters and the tokens it has streamed. The model runs in replicas this process
-spawns, each a group of ranks led by a process of its own (``distributed.replicas.spawn_replica``,
-the same ``ServingRole`` as every replica), reached through a ``RemoteReplica``. So any rank may
+starts, each a group of ranks led by a process of its own (``distributed.replicas.ReplicaStarter``,
+which keeps one more leader warm; the same ``ServingRole`` as every replica), reached through a
+``RemoteReplica``. So any rank may
 die, the one that runs a replica's scheduler included, and the server lives on:
 
 - a replica has failed when its leader says so (a rank died, or did not answer within
@@ -38,7 +39,7 @@ from tensorpar.runtime.replicas import STATS_EVERY_S, RemoteReplica, ServingRole
 from tensorpar.runtime.request import Request, Sink, TokenEvent
 from tensorpar.runtime.sequence import final_event
 from tensorpar.runtime.serving import DEFAULT_MAX_MODEL_LEN
-from tensorpar.runtime.spec import EngineArgs, EngineSpec
+from tensorpar.runtime.spec import EngineArgs, EngineSpec, one_rank_fewer
 from tensorpar.runtime.worker import Worker, leader_inputs
 
 PRELOAD = ("tensorpar.runtime.worker", "transformers")  # what a standby leader imports ahead (the tokenizer's)
@@ -278,14 +279,17 @@ class Frontend:
                          name=f"tensorpar-restart{slot.index}").start()
 
     def _restart(self, slot: _Slot, old: RemoteReplica, since: float) -> None:
-        """Bring ``slot`` back (smaller with ``elastic``); the requests held for it then run."""
+        """Bring ``slot`` back (smaller with ``elastic``); the requests held for it then run. When
+        it cannot, and no other replica serves, the server has failed (``fatal``)."""
         old.kill(old.error or "failed")
         before, cause = slot.layout, slot.degraded
         tries = 1 if self.elastic else RESTARTS
+        why = ""
         for attempt in range(tries):
             if self.elastic:
                 shrunk = self._shrink(slot)
-                if shrunk is None:
+                if isinstance(shrunk, str):
+                    why = shrunk
                     break
                 slot.args, slot.spec = shrunk
             else:
@@ -315,27 +319,23 @@ class Frontend:
             return
         with self._lock:
             slot.starting = False
+            slot.degraded = f"{cause}; {why}" if self.elastic else f"{cause}; it did not start again in {tries} tries"
             if not any(s.replica is not None or s.starting for s in self._slots):
-                self.fatal = f"{cause}; no smaller layout is left to serve on" if self.elastic else \
-                    f"{cause}; it did not start again after {tries} tries"
+                self.fatal = slot.degraded
                 for f in list(self._flights.values()):
                     self._finish(f, final_event(f.request.request_id, "error", self.fatal))
 
-    def _shrink(self, slot: _Slot) -> tuple[EngineArgs, EngineSpec] | None:
-        """The layout one rank smaller than ``slot``'s (tp - 1, else pp - 1) and its spec; None
-        when it has one rank, or the smaller layout does not fit (it is then said why)."""
-        dims = slot.spec.dims
-        if dims.tp > 1:
-            args = dataclasses.replace(slot.args, tp=dims.tp - 1, pp=dims.pp)
-        elif dims.pp > 1:
-            args = dataclasses.replace(slot.args, tp=1, pp=dims.pp - 1)
-        else:
-            return None
+    @staticmethod
+    def _shrink(slot: _Slot) -> tuple[EngineArgs, EngineSpec] | str:
+        """The layout one rank smaller than ``slot``'s (tp - 1, else pp - 1) and its spec, or why
+        there is none: it has one rank, or the smaller layout does not fit."""
+        args = one_rank_fewer(slot.args, slot.spec.dims)
+        if args is None:
+            return "no smaller layout is left to serve on"
         try:
             return args, args.resolve(DEFAULT_MAX_MODEL_LEN)
         except TensorparError as e:
-            say(f"warning: {e}")
-            return None
+            return f"the smaller layout does not fit: {e}"
 
 
 def _change(before: str, after: str) -> str:

@@ -3,13 +3,14 @@ same scheduler as the server."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING
 
-from tensorpar.distributed.launch import launch
+from tensorpar.distributed.launch import launch, torchrun_env
 from tensorpar.errors import RankFailure, TensorparError
 from tensorpar.runtime.sampling import SamplingParams
-from tensorpar.runtime.spec import DEFAULT_MAX_NUM_SEQS, EngineArgs
+from tensorpar.runtime.spec import DEFAULT_MAX_NUM_SEQS, EngineArgs, one_rank_fewer
 
 if TYPE_CHECKING:
     from tensorpar.runtime.request import GenerationResult
@@ -30,36 +31,55 @@ class LLM:
 
     ``ranks``: run on ranks already launched (``tensorpar.distributed.launch.launch(tp)``), to load
     one model after another without starting processes again; they stay up when this LLM closes.
+
+    ``elastic``: when a spawned rank dies or stops answering, launch one rank fewer (tp - 1, else
+    pp - 1; ``one_rank_fewer``) and make the call again, instead of raising; ``rank_failures``
+    counts them. Nothing of a call is kept, so its results are those of the smaller degree.
     """
 
-    def __init__(self, model: str | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, ranks=None, **options):
+    def __init__(self, model: str | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, ranks=None,
+                 elastic: bool = False, **options):
         t0 = time.perf_counter()
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if options.get("dp", 1) != 1:
             raise TensorparError("LLM runs one replica of tp x pp ranks; `tensorpar serve --dp N` serves N replicas")
-        self.spec = EngineArgs(**({"model": model} if model is not None else {}), **options).resolve()
+        self._args = EngineArgs(**({"model": model} if model is not None else {}), **options)
+        self.spec = self._args.resolve()
         self.config = self.spec.config
-        from tensorpar.runtime.worker import Worker  # (here, not above: importing LLM imports no torch)
-
+        self.elastic, self.rank_failures, self._max_num_seqs = elastic, 0, max_num_seqs
+        if elastic and (ranks is not None or torchrun_env() is not None):
+            raise TensorparError("elastic=True launches ranks again on this host: not with ranks given, nor under "
+                                 "torchrun (whose own restarts bring a job back)")
         t1 = time.perf_counter()
         self._owns_ranks = ranks is None
         if ranks is None:
-            ranks = launch(self.spec.dims.world_size, Worker, (self.spec, max_num_seqs), self.spec.device,
-                           self.spec.timeout_s, self.spec.use_shm)
+            ranks = self._launch()
         elif ranks.world_size != self.spec.dims.world_size:
             raise TensorparError(f"--tp {self.spec.dims.tp} needs {self.spec.dims.world_size} ranks; "
                                  f"the ranks given are {ranks.world_size}")
         else:
+            from tensorpar.runtime.worker import Worker
+
             ranks.rebuild(Worker, (self.spec, max_num_seqs))
         self._ranks = ranks
         self.load_s = time.perf_counter() - t0
         leader = self._ranks.ready_info.get(0, {})
-        self.tp, self.pp = self.spec.dims.tp, self.spec.dims.pp
-        self.layout = self.spec.layout
-        self.backend = leader.get("backend") or self._ranks.local.ctx.backend
+        self._describe()
         rank0 = {f"rank0_{k}": v for k, v in leader.items() if k.endswith("_s")}
         self.startup = {**self.spec.startup, "launch_s": time.perf_counter() - t1, **rank0, "total_s": self.load_s}
+
+    def _launch(self):
+        from tensorpar.runtime.worker import Worker  # (here, not above: importing LLM imports no torch)
+
+        return launch(self.spec.dims.world_size, Worker, (self.spec, self._max_num_seqs), self.spec.device,
+                      self.spec.timeout_s, self.spec.use_shm)
+
+    def _describe(self) -> None:
+        self.tp, self.pp = self.spec.dims.tp, self.spec.dims.pp
+        self.layout = self.spec.layout
+        leader = self._ranks.ready_info.get(0, {})
+        self.backend = leader.get("backend") or self._ranks.local.ctx.backend
 
     def get_default_sampling_params(self, **overrides) -> SamplingParams:
         """The sampling defaults ``generation_config`` names (by default the model's
@@ -78,10 +98,21 @@ class LLM:
     def _call(self, method: str, *args):
         if self._ranks is None:
             raise TensorparError("this LLM has been closed")
-        try:
-            return self._ranks.call(method, *args)
-        except RankFailure as e:
-            raise e.placed(self.spec.dims.place) from None
+        while True:
+            try:
+                return self._ranks.call(method, *args)
+            except RankFailure as e:
+                failure = e.placed(self.spec.dims.place)
+                smaller = one_rank_fewer(self._args, self.spec.dims) if self.elastic else None
+                if smaller is None:
+                    raise failure from None
+            self._ranks.close(force=True)
+            self._ranks, self.rank_failures = None, self.rank_failures + 1
+            self._args, self.spec = smaller, smaller.resolve()
+            print(f"tensorpar: warning: {failure}; running again at {self.spec.dims.describe()}", file=sys.stderr,
+                  flush=True)
+            self._ranks = self._launch()
+            self._describe()
 
     def generate_full(
         self,

@@ -14,11 +14,12 @@ After that handshake a connection carries this protocol (``RemoteReplica`` on th
   ``("stats", dict)`` every ``STATS_EVERY_S``, and ``("down", why)`` when its engine fails, its
   last message.
 
-``ReplicaSet`` is the ``ServingBackend`` the HTTP layer sees: each request goes to the healthy
-replica with the fewest outstanding requests (ties to the lowest index). It is healthy while any
-replica is; its ``error`` names each replica that is down. A replica that fails ends its own
-requests with "error" and the others go on (on one machine; under torchrun, torchrun ends the
-whole job when one of its ranks dies).
+``ReplicaSet`` is the ``ServingBackend`` the HTTP layer sees under torchrun: each request goes to
+the healthy replica with the fewest outstanding requests (ties to the lowest index). It is healthy
+while any replica is; its ``error`` names each replica that is down. A replica that fails ends its
+own requests with "error" and the others go on (torchrun ends the whole job when one of its ranks
+dies). On one host, ``serve --dp N`` and ``--elastic`` run a front end without weights instead
+(``runtime.frontend``), which resumes a failed replica's requests and restarts it.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class RemoteReplica:
             if self.healthy:
                 self._sinks[request.request_id] = sink
         if request.request_id not in self._sinks:
-            sink(final_event(request.request_id, "error", f"replica {self.index} is down: {self.error}"))
+            if self.on_down is None:  # (else its owner, told of the failure, resumes it)
+                sink(final_event(request.request_id, "error", f"replica {self.index} is down: {self.error}"))
             return
         self._send(("submit", request))
 

@@ -10,7 +10,7 @@ handles) and trust it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,6 +190,16 @@ class EngineArgs:
                           self.quantization, self.quant_group, self.max_num_batched_tokens, self.chunked_prefill,
                           self.fault, self.kv_cache_memory, self.block_size, self.prefix_caching,
                           read_chat_template(self.chat_template), sampling_defaults(self.generation_config, source))
+
+
+def one_rank_fewer(args: EngineArgs, dims: ParallelDims) -> EngineArgs | None:
+    """The layout left when a rank of ``dims`` is lost (elastic serving, ``LLM(elastic=True)``):
+    tp - 1, else at tp 1 one pipeline stage fewer; None at one rank."""
+    if dims.tp > 1:
+        return replace(args, tp=dims.tp - 1, pp=dims.pp)
+    if dims.pp > 1:
+        return replace(args, tp=1, pp=dims.pp - 1)
+    return None
 
 
 def read_chat_template(given: str | None) -> str | None:
