@@ -16,8 +16,8 @@ HEAD = """# Reliability
 What a user sees when something breaks: one row per fault, command and layout, written by
 `tests/faults/report.py` from a run of the fault suite (`tests/faults/`, part of `make test`). Each
 case injects the fault into the real command, asserts the outcome and its bound, and records it
-("seconds": from the fault to the command's exit, or, where it serves or trains on, to its next
-streamed token or to the end of the resumed run):
+("seconds": from the fault to the command's exit, or, where it serves or trains on, the longest
+pause of a stream or the time to the end of the resumed run):
 
     TENSORPAR_FAULT_RESULTS=/tmp/faults.jsonl .venv/bin/python -m pytest tests/faults
     .venv/bin/python tests/faults/report.py /tmp/faults.jsonl > RELIABILITY.md

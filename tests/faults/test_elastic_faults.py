@@ -75,14 +75,18 @@ class Streams:
             time.sleep(0.005)
 
     def join(self, since: float) -> float:
-        """Wait for every stream; the seconds from ``since`` to the last stream's first chunk after it."""
+        """Wait for every stream; the longest pause any of them saw after ``since`` (the fault),
+        from ``since`` to its next chunk or between two chunks after it."""
         for t in self.threads:
             t.join(120)
         assert not self.errors, self.errors
         assert self.finish == ["length"] * self.n and self.tokens == [self.max_tokens] * self.n, (self.finish, self.tokens)
-        after = [next((t for t in s if t > since), None) for s in self.stamps]
-        assert all(a is not None for a in after), "a stream ended before the fault"
-        return max(after) - since
+        pauses = []
+        for stamps in self.stamps:
+            times = [since] + [t for t in stamps if t > since]
+            assert len(times) > 1, "a stream ended before the fault"
+            pauses.append(max(b - a for a, b in zip(times, times[1:])))
+        return max(pauses)
 
 
 def _undisturbed(base: str, model: str, prompts: list[str], tokens: int = TOKENS) -> list[str]:
@@ -98,8 +102,8 @@ def _metric(base: str, name: str, replica: str = "0") -> float:
 
 def _fault_and_resume(proc, base, model, victim: str, sig, tp: int) -> tuple[float, str, bool]:
     """``sig`` to rank ``victim`` while 4 streams run at ``tp``: they complete, the server is at
-    tp - 1 and says so. Returns the seconds to the next token, /health's error, and whether each
-    text equals an undisturbed run at tp - 1."""
+    tp - 1 and says so. Returns the longest pause of a stream (seconds), /health's error, and
+    whether each text equals an undisturbed run at tp - 1."""
     streams = Streams(base, model, PROMPTS)
     streams.wait_until_each_has(3)
     target = _ranks(proc)[victim]

@@ -245,12 +245,13 @@ class ReplicaStarter:
         self._closed = False
 
     def start(self, dims: ParallelDims, factory: Factory, args: tuple, role: ReplicaRole, index: int = 0,
-              device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, use_shm: bool = True) -> ReplicaLeader:
-        """Replica ``index`` of ``dims`` led by the standby (or a leader started now), once its
-        engine is ready. Raises ``TensorparError`` naming why it did not start (its process is
-        gone by then)."""
+              device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, use_shm: bool = True,
+              standby: bool = True) -> ReplicaLeader:
+        """Replica ``index`` of ``dims`` led by the standby (or, without one or with ``standby``
+        False, a leader started now), once its engine is ready. Raises ``TensorparError`` naming
+        why it did not start (its process is gone by then)."""
         with self._lock:
-            standby, self._standby = self._standby, None
+            standby, self._standby = (self._standby, None) if standby else (None, self._standby)
         deadline = time.monotonic() + STARTUP_S
         proc, conn = standby.result() if standby is not None else self._spawn()
         try:
@@ -276,6 +277,14 @@ class ReplicaStarter:
         with self._lock:
             if self._standby is None and not self._closed:
                 self._standby = concurrent.futures.ThreadPoolExecutor(1).submit(self._spawn)
+
+    def wait_warm(self) -> None:
+        """Wait until the standby, if one is starting, is ready (one that failed is dropped)."""
+        standby = self._standby
+        if standby is not None and standby.exception() is not None:
+            with self._lock:
+                if self._standby is standby:
+                    self._standby = None
 
     def close(self) -> None:
         """Stop the standby, if any."""

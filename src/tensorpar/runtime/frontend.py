@@ -100,6 +100,7 @@ class Frontend:
         self._slots = [_Slot(i, args, spec) for i in range(spec.dims.dp)]
         self._stopping, self.submitted, self.fatal = False, 0, None
         self._starter = ReplicaStarter(PRELOAD)
+        self._starter.warm()  # (beside the first replicas: ready by the time they are)
         starts = [threading.Thread(target=self._first_start, args=(s,), daemon=True) for s in self._slots]
         for t in starts:
             t.start()
@@ -115,9 +116,9 @@ class Frontend:
         if self.tokenizer is None:
             self.shutdown()
             raise TensorparError(f"{spec.model} ships no tokenizer; serving needs one")
+        self._starter.wait_warm()  # so that a failure from the first request on costs a warm restart
         self._watchdog = threading.Thread(target=self._watch_silence, name="tensorpar-frontend", daemon=True)
         self._watchdog.start()
-        self._starter.warm()
 
     # ---- the HTTP side's interface (``ServingBackend``) ----------------------------------------
 
@@ -228,15 +229,15 @@ class Frontend:
 
     # ---- replicas ------------------------------------------------------------------------------
 
-    def _start(self, slot: _Slot) -> RemoteReplica:
+    def _start(self, slot: _Slot, standby: bool = True) -> RemoteReplica:
         spec = slot.spec if slot.index == 0 and not slot.rank_failures else dataclasses.replace(slot.spec, progress=False)
         leader = self._starter.start(spec.dims, Worker, (spec, self.max_num_seqs), ServingRole(self.max_num_seqs),
-                                     slot.index, spec.device, spec.timeout_s, spec.use_shm)
+                                     slot.index, spec.device, spec.timeout_s, spec.use_shm, standby)
         return RemoteReplica(leader.index, leader.conn, leader.process, on_down=self._failed)
 
     def _first_start(self, slot: _Slot) -> None:
         try:
-            replica = self._start(slot)
+            replica = self._start(slot, standby=False)
         except Exception as e:  # noqa: BLE001 - said by __init__
             slot.degraded, slot.starting = str(e) if isinstance(e, TensorparError) else one_line(e), False
             return
