@@ -78,7 +78,7 @@ def one_request(base: str, model: str, prompt: str, max_tokens: int, n_predict: 
     if n_predict:
         body["n_predict"] = max_tokens
     t0 = time.perf_counter()
-    stamps = []
+    stamps, text, finish = [], [], None
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -86,8 +86,12 @@ def one_request(base: str, model: str, prompt: str, max_tokens: int, n_predict: 
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     stamps.append(time.perf_counter())
+                    text.append(chunk["choices"][0]["text"])
+                if chunk.get("choices"):
+                    finish = chunk["choices"][0].get("finish_reason") or finish
     return {"ttft": stamps[0] - t0 if stamps else float("nan"),
-            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps), "e2e": time.perf_counter() - t0}
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps), "e2e": time.perf_counter() - t0,
+            "stamps": stamps, "text": "".join(text), "finish": finish}
 
 
 def run_level(base: str, model: str, concurrency: int, requests: int, max_tokens: int, filler: str = "",
