@@ -7,6 +7,7 @@ is left behind once the server stops."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -120,6 +121,22 @@ def _fault_and_resume(proc, base, model, victim: str, sig, tp: int) -> tuple[flo
     return seconds, error, equal
 
 
+def _stop(proc) -> str:
+    """SIGTERM: the server drains and exits 0, without a traceback. Its remaining stderr."""
+    proc.send_signal(signal.SIGTERM)
+    err = finish(proc, 60)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    return err
+
+
+def _nothing_left(processes: list, before: set) -> None:
+    """None of ``processes`` is left (zombies aside), nor any new shared-memory name."""
+    time.sleep(0.5)
+    alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, alive
+    assert leftovers() <= before, leftovers() - before
+
+
 def _no_block_held(base: str, replicas: str = "0") -> None:
     """Once every request has ended, no sequence runs and the replicas' KV blocks are all free."""
     for _ in range(50):
@@ -156,18 +173,13 @@ def test_a_rank_killed_mid_stream_costs_a_degree_not_the_streams(victim, tiny_ch
             assert error_line(err) == ("tensorpar: error: rank 0 of 1 failed: killed by signal SIGKILL; "
                                        "no smaller layout is left to serve on")
         else:
-            proc.send_signal(signal.SIGTERM)
-            err = finish(proc, 60)
-            assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
-        assert f"warning: rank {victim} of 3 failed: killed by signal SIGKILL; 4 request(s) in flight resume" in err \
-            or victim == 0  # (victim 0's lines came before the part of stderr read here)
+            err = _stop(proc)
+        assert f"warning: rank {victim} of 3 failed: killed by signal SIGKILL; 4 request(s) in flight resume" in err
+        assert re.search(r"serving again at tp=2 after [\d.]+ s; 4 request\(s\) resumed", err), err[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    time.sleep(0.5)
-    alive = [p for group in seen for p in group if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, alive
-    assert leftovers() <= before, leftovers() - before
+    _nothing_left([p for group in seen for p in group], before)
     layouts = "tp=3 -> 2 -> 1" if victim == 0 else "tp=3 -> 2"
     record(fault=f"SIGKILL of rank {victim} while 4 streams run" + (", then of rank 1, then of rank 0" if victim == 0 else ""),
            command="serve --elastic", layout=layouts,
@@ -189,15 +201,11 @@ def test_a_stopped_scheduler_rank_is_replaced_after_the_timeout(tiny_chat_checkp
         seconds, error, equal = _fault_and_resume(proc, base, model, "tensorpar-r0", signal.SIGSTOP, 3)
         assert error.startswith("rank 0 of 3 failed: did not answer within 5 s") and equal, error
         assert 5 <= seconds < 20
-        proc.send_signal(signal.SIGTERM)
-        err = finish(proc, 60)
-        assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+        _stop(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-    time.sleep(0.5)
-    assert not [p for p in group if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert leftovers() <= before, leftovers() - before
+    _nothing_left(group, before)
     record(fault="SIGSTOP of rank 0 while 4 streams run (--timeout 5)", command="serve --elastic", layout="tp=3 -> 2",
            sees=f"4 streams pause and complete, text {'equal to' if equal else 'unlike'} an undisturbed tp=2 run; "
                 f"/health: degraded, {error}",
@@ -238,15 +246,11 @@ def test_a_killed_replica_heals_and_its_streams_finish_on_the_other(tiny_chat_ch
         assert _metric(base, "tensorpar_replica_requests_total", "1") > served  # it serves again
         _no_block_held(base, "01")
         group = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGTERM)
-        err = finish(proc, 60)
-        assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+        _stop(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-    time.sleep(0.5)
-    assert not [p for p in group + list(first.values()) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert leftovers() <= before, leftovers() - before
+    _nothing_left(group + list(first.values()), before)
     record(fault="SIGKILL of replica 1's leader while 8 streams run", command="serve", layout="tp=1 x dp=2",
            sees=f"8 streams complete, text unchanged; /health degraded until replica 1 is back, after {back:.1f} s",
            seconds=round(seconds, 1), lost="nothing (replica 1's requests resume on replica 0)")

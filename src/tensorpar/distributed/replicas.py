@@ -196,7 +196,10 @@ def _leader_main(address, authkey: bytes, preload: tuple[str, ...] = (), plan: _
         fork_ranks_from_server(preload)
     conn = Client(address, authkey=authkey)
     if plan is None:
-        plan, index = conn.recv()
+        try:
+            plan, index = conn.recv()
+        except (EOFError, OSError):  # a standby no longer needed
+            os._exit(0)
     else:
         conn.send(index)
     configure_rank_process(index * plan.dims.replica_size, plan.dims.world_size)
