@@ -45,6 +45,14 @@ def even_splits(n: int, parts: int) -> list[range]:
     return [even_split(n, parts, i) for i in range(parts)]
 
 
+def grid_split(n: int, chunk: int, parts: int, index: int) -> range:
+    """The span part ``index`` of ``parts`` owns when ``range(n)`` is cut into chunks of ``chunk``
+    (the last one shorter) and the chunks, whole, are split evenly: a split whose boundaries lie on
+    a grid that does not depend on ``parts`` (deterministic mode's reduction grid)."""
+    whole = even_split(-(-n // chunk), parts, index)
+    return range(min(whole.start * chunk, n), min(whole.stop * chunk, n))
+
+
 def stage_layers(num_layers: int, pp: int, stage: int) -> range:
     """The contiguous layers pipeline stage ``stage`` of ``pp`` runs: an even split, the first
     stages taking one more when ``pp`` does not divide ``num_layers`` (the planner splits so too).

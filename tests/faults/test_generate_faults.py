@@ -12,11 +12,11 @@ import time
 import pytest
 from faultkit import error_line, finish, leftovers, nothing_left, ranks_of, start
 
-LONG_PROMPT = "Once upon a time " * 400  # about 1600 tokens: a prefill that lasts
+LONG_PROMPT = "Once upon a time " * 400  # about 1600 tokens: a prefill that lasts (and, with 6000 new, fits 8192)
 
 
 def _generate(model, tp: int, prompt: str = "Once upon a time", until: str = "generating", timeout_s=None):
-    args = ["generate", "--model", str(model), "--tp", str(tp), "--ignore-eos", "--max-new-tokens", "8000",
+    args = ["generate", "--model", str(model), "--tp", str(tp), "--ignore-eos", "--max-new-tokens", "6000",
             "--prompt", prompt] + (["--timeout", str(timeout_s)] if timeout_s else [])
     return start(*args, until=until)[0]
 

@@ -84,6 +84,10 @@ def add_engine(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV-cache blocks of a prompt prefix computed before, such as a shared system "
                         "prompt (default: on)")
+    p.add_argument("--deterministic", "--enable-deterministic-inference", dest="deterministic", action="store_true",
+                   help="logits bitwise equal at every tensor-parallel degree: every product in one fixed order, "
+                        "row-parallel sums over a grid the degree does not change (float32 dense models on CPU; "
+                        "slower)")
     p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                    help="a Jinja chat template (a file, or the text) instead of the tokenizer's own")
     p.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
@@ -132,7 +136,7 @@ def engine_args(args: argparse.Namespace, progress: bool = True, dp: int = 1):
                    max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill,
                    max_memory=args.max_memory, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
                    prefix_caching=args.prefix_caching, chat_template=args.chat_template,
-                   generation_config=args.generation_config)
+                   generation_config=args.generation_config, deterministic=args.deterministic)
     if args.timeout is not None:
         options["timeout_s"] = args.timeout
     return EngineArgs(**options)

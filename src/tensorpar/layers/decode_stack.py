@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tensorpar.layers import fused
+from tensorpar.layers import deterministic, fused
 from tensorpar.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tensorpar.layers.quant import GroupCodesWeight
 
@@ -37,7 +37,8 @@ def enabled(on: bool):
 
 
 def active() -> bool:
-    return _state["on"]
+    """On, and not in deterministic mode (whose row-parallel products reduce over a grid)."""
+    return _state["on"] and not deterministic.enabled()
 
 
 @dataclass

@@ -24,7 +24,7 @@ from tensorpar.distributed.collectives import (
     reduce_scatter_seq,
 )
 from tensorpar.distributed.groups import ParallelContext
-from tensorpar.layers import fused
+from tensorpar.layers import deterministic, fused
 from tensorpar.layers.pieces import Piece, split_pieces
 from tensorpar.layers.quant import linear
 
@@ -136,6 +136,7 @@ class RowParallelLinear(nn.Module):
 
     sequence_parallel = False
     reduce = True  # False: return the partial sum X_i A_i, for the caller to reduce (no bias then)
+    grid: list[tuple[int, range]] = []  # deterministic mode: (global chunk, local columns) of each chunk held
 
     def __init__(
         self, segments: list[Segment], out_features: int, bias: bool, ctx: ParallelContext
@@ -150,6 +151,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_local] (sharded) -> [..., out] (replicated) or [B, S/p, out] (sequence-parallel)
+        if deterministic.enabled() and self.reduce and not self.sequence_parallel:
+            return deterministic.grid_product(x, self)
         y = linear(x, self.weight)
         if not self.reduce:
             return y

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tensorpar.layers import fused
+from tensorpar.layers import deterministic, fused
 
 QUANTIZATIONS = ("none", "int8", "int4", "gguf")
 DEFAULT_GROUP = 32
@@ -444,6 +444,8 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     if isinstance(weight, QuantizedWeight):
         y = weight(x)
         return y + bias if bias is not None else y
+    if deterministic.enabled():
+        return deterministic.linear(x, weight, bias)
     if fused.streams(x, weight):
         return fused.dense_linear(x, weight, bias)
     return F.linear(x, weight, bias)

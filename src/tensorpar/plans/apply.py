@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from tensorpar.distributed.groups import ParallelContext, single_process_context
+from tensorpar.layers import deterministic
 from tensorpar.layers import (
     ColumnParallelLinear,
     ExpertParallelMoE,
@@ -39,18 +40,31 @@ from tensorpar.layers import (
     Segment,
     VocabParallelEmbedding,
 )
-from tensorpar.partition import even_split, even_splits, head_rows, head_shard, slot_segments, vocab_shard
+from tensorpar.partition import even_split, even_splits, grid_split, head_rows, head_shard, slot_segments, vocab_shard
+
+
+def _inner_split(n: int, cfg, ctx: ParallelContext) -> range:
+    """This rank's span of an inner dimension (a column-parallel output that a row-parallel product
+    takes in): an even split, or in deterministic mode whole chunks of its reduction grid."""
+    if deterministic.enabled():
+        return grid_split(n, deterministic.grid_chunk(n, cfg.num_heads), ctx.world_size, ctx.rank)
+    return even_split(n, ctx.world_size, ctx.rank)
 
 
 def _colwise(name, module, parent, cfg, ctx: ParallelContext):
     parts = getattr(module, "fused_parts", ((name.rsplit(".", 1)[-1], module.out_features),))
-    segs = [Segment(p, even_split(n, ctx.world_size, ctx.rank)) for p, n in parts]
+    segs = [Segment(p, _inner_split(n, cfg, ctx)) for p, n in parts]
     return ColumnParallelLinear(module.in_features, segs, module.bias is not None, ctx)
 
 
 def _rowwise(name, module, parent, cfg, ctx: ParallelContext):
-    seg = Segment(name.rsplit(".", 1)[-1], even_split(module.in_features, ctx.world_size, ctx.rank))
-    return RowParallelLinear([seg], module.out_features, module.bias is not None, ctx)
+    span = _inner_split(module.in_features, cfg, ctx)
+    layer = RowParallelLinear([Segment(name.rsplit(".", 1)[-1], span)], module.out_features, module.bias is not None, ctx)
+    if deterministic.enabled():
+        chunk = deterministic.grid_chunk(module.in_features, cfg.num_heads)
+        layer.grid = [(g, range(max(g * chunk, span.start) - span.start, min((g + 1) * chunk, span.stop) - span.start))
+                      for g in range(span.start // chunk, -(-span.stop // chunk))]
+    return layer
 
 
 def _head_segments(part: str, shard, head_dim: int) -> list[Segment]:
@@ -70,7 +84,17 @@ def _colwise_heads(name, module, parent, cfg, ctx: ParallelContext):
 def _rowwise_heads(name, module, parent, cfg, ctx: ParallelContext):
     shard = head_shard(cfg.num_heads, cfg.num_kv_heads, ctx.world_size, ctx.rank)
     segs = _head_segments(name.rsplit(".", 1)[-1], shard, cfg.head_dim)
-    return RowParallelLinear(segs, module.out_features, module.bias is not None, ctx)
+    layer = RowParallelLinear(segs, module.out_features, module.bias is not None, ctx)
+    if deterministic.enabled():  # the reduction grid: one chunk per head (padding slots hold none)
+        d, local = cfg.head_dim, range(0, 0)
+        layer.grid = []
+        for seg in segs:
+            local = range(local.stop, local.stop + len(seg.span))
+            if seg.part is not None:
+                layer.grid += [(h, range(local.start + (h - seg.span.start // d) * d,
+                                         local.start + (h - seg.span.start // d + 1) * d))
+                               for h in range(seg.span.start // d, seg.span.stop // d)]
+    return layer
 
 
 def _vocab_embedding(name, module, parent, cfg, ctx: ParallelContext):

@@ -28,7 +28,7 @@ from tensorpar.distributed.collectives import broadcast_control, isend, recv, se
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.distributed.mesh import build_mesh
 from tensorpar.dtypes import torch_dtype
-from tensorpar.layers import fused
+from tensorpar.layers import deterministic, fused
 from tensorpar.loading import build_model
 from tensorpar.partition import even_splits, stage_layers
 from tensorpar.runtime import messages
@@ -50,6 +50,7 @@ class ModelRunner:
             layers = stage_layers(self.config.num_layers, self.pp, self.stage)
         if ctx.device.type == "cpu":
             fused.available()  # the fused decode kernels: built on first use on this machine, then loaded
+        deterministic.enable(spec.deterministic)  # (before the model is split: it sets the split)
         t = time.perf_counter()
         self.model = build_model(spec.source, self.tp_ctx, self.dtype, progress=spec.progress and ctx.is_leader,
                                  layers=layers, ep=dims.ep, attention_tp=dims.tp, moe_dispatch=spec.moe_dispatch,

@@ -55,6 +55,7 @@ class EngineSpec:
     prefix_caching: bool = True
     chat_template: str | None = None  # the template's text, when it replaces the tokenizer's
     sampling_defaults: dict = field(default_factory=dict)  # SamplingParams fields a request leaves out
+    deterministic: bool = False  # logits bitwise equal at every degree (``layers.deterministic``)
 
     @property
     def config(self):
@@ -126,6 +127,7 @@ class EngineArgs:
     prefix_caching: bool = True
     chat_template: str | None = None
     generation_config: str = "auto"
+    deterministic: bool = False
 
     def resolve(self, default_max_model_len: int | None = None) -> EngineSpec:
         """Check everything, open the model; ``default_max_model_len`` caps the context when
@@ -167,6 +169,8 @@ class EngineArgs:
             raise TensorparError(f"--quantization gguf keeps a GGUF file's own blocks; {self.model} is not a GGUF file "
                                  "(quantize it at load with --quantization int8 or int4)")
         config = source.config
+        if self.deterministic:
+            _check_deterministic(self, dtype, config)
         env = torchrun_env()
         dims = ParallelDims.resolve(config.num_heads, self.tp, torchrun_world_size=env.world_size if env else None,
                                     supported=("tp", "pp", "dp", "ep"), pp=self.pp, dp=self.dp,
@@ -189,7 +193,23 @@ class EngineArgs:
                           dims.describe_nodes(env.local_world_size if env else None), self.moe_dispatch,
                           self.quantization, self.quant_group, self.max_num_batched_tokens, self.chunked_prefill,
                           self.fault, self.kv_cache_memory, self.block_size, self.prefix_caching,
-                          read_chat_template(self.chat_template), sampling_defaults(self.generation_config, source))
+                          read_chat_template(self.chat_template), sampling_defaults(self.generation_config, source),
+                          self.deterministic)
+
+
+def _check_deterministic(args: EngineArgs, dtype: str, config) -> None:
+    """Refuse, before any rank starts, what deterministic mode does not cover yet."""
+    why = []
+    if args.device != "cpu":
+        why.append(f"--device {args.device} (CPU only)")
+    if torch_name(dtype) != "float32":
+        why.append(f"--dtype {dtype} (float32 only)")
+    if args.quantization != "none":
+        why.append(f"--quantization {args.quantization} (float weights only)")
+    if config.num_experts:
+        why.append("a mixture of experts (dense models only)")
+    if why:
+        raise TensorparError("--deterministic does not cover " + ", ".join(why) + " yet")
 
 
 def one_rank_fewer(args: EngineArgs, dims: ParallelDims) -> EngineArgs | None:

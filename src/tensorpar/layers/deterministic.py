@@ -1,0 +1,107 @@
+"""Deterministic mode: every value computed in an order that the model alone fixes, so that logits
+are bitwise equal at every tensor-parallel degree (``--deterministic``, ``LLM(deterministic=True)``).
+
+Floating-point addition is not associative, so a sum is only reproducible if its terms are added
+in the same order. What a degree changes, and what this mode fixes:
+
+- **Row-parallel products** (attention's output projection, the MLP's down projection) sum over
+  their input dimension K, which the degree splits. Here K is cut into a *reduction grid* of chunks
+  that does not depend on the degree: one chunk per attention head, and for any other row-parallel
+  product chunks of ``grid_chunk(K, H)`` columns (H query heads, the highest degree; the degree then
+  splits whole chunks, ``partition.grid_split``). Each rank computes the partial product of each
+  of its chunks on its own, the group gathers them all, and every rank sums them in chunk order:
+
+      y = (...((P_0 + P_1) + P_2) + ...) + P_{n-1},   P_c = x[:, chunk c] W[:, chunk c]^T
+
+  which is the same sum, term for term, at TP=1 and at TP=p.
+- **Every product** (the chunks above, and the column-parallel ones: QKV, gate/up, the head) runs on
+  ``dense_linear``, whose value y[t, n] is a dot product accumulated in one fixed order (two
+  chains of 16 lanes along K, then a fixed horizontal sum): independent of the number of rows,
+  the number of columns a rank holds, and the threads.
+- Everything else is already degree-invariant: a head's attention runs whole on one rank, norms
+  and the residual stream are replicated, the vocabulary-parallel embedding sums one value with
+  zeros, the head's logits are gathered.
+
+The price: a row-parallel product gathers its chunks' partials (n chunks of [T, out] instead of one
+all-reduce), and all products take the streaming kernel even where a GEMM would be faster.
+
+The mode is per process (each rank sets it before building its model): ``enable``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tensorpar.distributed.collectives import all_gather_dim, all_gather_object
+from tensorpar.layers import fused
+
+_state = {"on": False}
+
+
+def enable(on: bool = True) -> None:
+    """Turn the mode on (or off) in this process, before its model is built."""
+    if on and not fused.available():
+        from tensorpar.errors import TensorparError
+
+        raise TensorparError("--deterministic needs tensorpar's C++ kernels, which could not be built here")
+    _state["on"] = on
+
+
+def enabled() -> bool:
+    return _state["on"]
+
+
+def grid_chunk(k: int, num_heads: int) -> int:
+    """The reduction grid's chunk for a row-parallel product over ``k`` inputs that is not split by
+    heads: a multiple of 16 (the kernel's lanes) small enough for ``num_heads`` ranks (the highest
+    degree) to get a chunk each."""
+    return max(16, (k // num_heads) // 16 * 16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b on ``dense_linear``, whatever the number of rows."""
+    return fused.dense_linear(x, weight, bias)
+
+
+def grid_product(x: torch.Tensor, layer) -> torch.Tensor:
+    """A row-parallel layer's Y = X A + b over its reduction grid (module docstring):
+    x [..., in_local] -> [..., out]. ``layer.grid``: (global chunk, local columns) of each chunk
+    this rank holds, in order."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [T, in_local]
+    weights = _chunk_weights(layer)
+    parts = [linear(x2[:, span].contiguous(), w) for (_, span), w in zip(layer.grid, weights)]  # each [T, out]
+    ctx = layer.ctx
+    if ctx.world_size == 1:
+        order = parts
+    else:
+        chunks = _group_chunks(layer)  # global chunk of each gathered slot, per rank
+        most = max(len(c) for c in chunks)
+        mine = torch.stack(parts + [parts[0]] * (most - len(parts))) if parts else x2.new_zeros(most, x2.shape[0],
+                                                                                               layer.out_features)
+        gathered = all_gather_dim(mine, ctx, 0)  # [world * most, T, out]
+        slots = {g: r * most + i for r, owned in enumerate(chunks) for i, g in enumerate(owned)}
+        order = [gathered[slots[g]] for g in sorted(slots)]
+    y = order[0].clone()
+    for p in order[1:]:
+        y += p
+    if layer.bias is not None:
+        y += layer.bias
+    return y.view(*lead, layer.out_features)
+
+
+def _chunk_weights(layer) -> list[torch.Tensor]:
+    """Each chunk's columns of the layer's weight, contiguous [out, chunk] (made once per weight)."""
+    cached = getattr(layer, "_grid_weights", None)
+    if cached is None or cached[0] is not layer.weight:
+        w = layer.weight.detach()
+        cached = layer._grid_weights = (layer.weight, [w[:, span].contiguous() for _, span in layer.grid])
+    return cached[1]
+
+
+def _group_chunks(layer) -> list[list[int]]:
+    """The global chunks each rank of the group holds, in rank order (gathered once per layer)."""
+    chunks = getattr(layer, "_group_grid", None)
+    if chunks is None:
+        chunks = layer._group_grid = all_gather_object([g for g, _ in layer.grid], layer.ctx)
+    return chunks
