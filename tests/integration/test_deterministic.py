@@ -10,7 +10,9 @@ import torch
 from helpers import cli
 
 from tensorpar import LLM
+from tensorpar.errors import TensorparError
 from tensorpar.layers import deterministic
+from tensorpar.runtime.spec import EngineArgs
 
 PROMPTS = ["The deterministic mode makes every degree agree on every bit", "Tensor parallelism"]
 
@@ -39,11 +41,10 @@ def test_logits_are_bitwise_equal_at_every_degree(tiny_chat_checkpoint, restores
 
 
 def test_what_it_does_not_cover_is_refused_before_any_rank_starts(tiny_chat_checkpoint, tiny_moe_chat_checkpoint):
-    r = cli("generate", "--model", str(tiny_chat_checkpoint), "--tp", "2", "--deterministic", "--dtype", "bfloat16",
-            "--prompt", "hi")
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "--deterministic does not cover --dtype bfloat16 (float32 only) yet" in r.stderr
+    with pytest.raises(TensorparError, match=r"^--deterministic does not cover --dtype bfloat16 \(float32 only\) yet$"):
+        EngineArgs(str(tiny_chat_checkpoint), tp=2, deterministic=True, dtype="bfloat16").resolve()
     r = cli("generate", "--model", str(tiny_moe_chat_checkpoint), "--deterministic", "--quantization", "int8",
             "--prompt", "hi")
-    assert ("--deterministic does not cover --quantization int8 (float weights only), a mixture of experts "
-            "(dense models only) yet") in r.stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("tensorpar: error: --deterministic does not cover --quantization int8 (float weights "
+                                "only), a mixture of experts (dense models only) yet")

@@ -203,7 +203,7 @@ def _check_deterministic(args: EngineArgs, dtype: str, config) -> None:
     if args.device != "cpu":
         why.append(f"--device {args.device} (CPU only)")
     if torch_name(dtype) != "float32":
-        why.append(f"--dtype {dtype} (float32 only)")
+        why.append(f"--dtype {args.dtype if args.dtype != 'auto' else torch_name(dtype)} (float32 only)")
     if args.quantization != "none":
         why.append(f"--quantization {args.quantization} (float weights only)")
     if config.num_experts:
