@@ -70,3 +70,15 @@ def test_check_passes_smollm2_at_tp3(tmp_path):
     out = json.loads(r.stdout)
     assert out["passed"] and out["replicated_values"] == "bit-identical" and out["layout"] == "tp=3"
     assert out["prompts"][0]["max_rel_error"] < 1e-4
+
+
+@pytest.mark.timeout(200)
+def test_check_deterministic_at_tp3_reports_every_prompt_bit_identical(tiny_chat_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\n\ndef add(a, b):\n")
+    r = cli("check", "--model", str(tiny_chat_checkpoint), "--tp", "3", "--deterministic", "--prompts", str(prompts),
+            "--max-new-tokens", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["passed"] and out["layout"] == "tp=3"
+    assert [(p["verdict"], p["max_rel_error"]) for p in out["prompts"]] == [("bit-identical", 0.0)] * 2

@@ -18,9 +18,11 @@ in the same order. What a degree changes, and what this mode fixes:
   ``dense_linear``, whose value y[t, n] is a dot product accumulated in one fixed order (two
   chains of 16 lanes along K, then a fixed horizontal sum): independent of the number of rows,
   the number of columns a rank holds, and the threads.
-- Everything else is already degree-invariant: a head's attention runs whole on one rank, norms
-  and the residual stream are replicated, the vocabulary-parallel embedding sums one value with
-  zeros, the head's logits are gathered.
+- **Attention** runs whole on one rank per head, but a batched matmul's order may depend on how
+  many heads it is given: each head's two products run on the same kernel (``attention``), and a
+  decode step's on the C++ decode kernel, one head at a time already.
+- Everything else is already degree-invariant: norms and the residual stream are replicated, the
+  vocabulary-parallel embedding sums one value with zeros, the head's logits are gathered.
 
 The price: a row-parallel product gathers its chunks' partials (n chunks of [T, out] instead of one
 all-reduce), and all products take the streaming kernel even where a GEMM would be faster.
@@ -61,6 +63,26 @@ def grid_chunk(k: int, num_heads: int) -> int:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b on ``dense_linear``, whatever the number of rows."""
     return fused.dense_linear(x, weight, bias)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+              scale: float | None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v head by head, each product on the fixed-order kernel:
+    q [B, h, S, d], keys and values [B, h, L, d] (one per query head) -> [B, h, S, d]. (A batched
+    matmul's order may depend on how many heads it is given, which the degree sets.)"""
+    B, h, S, d = q.shape
+    L = keys.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    if causal:  # fresh sequences: query i sees keys 0..i
+        mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril().view(1, 1, S, L)
+    out = torch.empty_like(q)
+    for b in range(B):
+        for j in range(h):
+            scores = linear(q[b, j].contiguous(), keys[b, j].contiguous()) * scale  # [S, L]
+            if mask is not None:
+                scores = scores.masked_fill(~mask[b if mask.shape[0] > 1 else 0, 0], float("-inf"))
+            out[b, j] = linear(torch.softmax(scores, dim=-1), values[b, j].t().contiguous())  # [S, d]
+    return out
 
 
 def grid_product(x: torch.Tensor, layer) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.layers import decode_stack, fused
+from tensorpar.layers import decode_stack, deterministic, fused
 from tensorpar.layers.attention import AttentionBatch, PackedBatch
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.feedforward import MLP, Experts, MoE, Router, activation, fused_linear  # noqa: F401
@@ -98,12 +98,18 @@ class Attention(nn.Module):
     def _attend(self, batch: AttentionBatch, q, k, v, cache) -> torch.Tensor:
         """q [B, S, h, d], k and v [B, S, kv, d] (the new tokens') -> [B, S, h, d]."""
         keys, values = batch.keys_values(k, v, cache)  # [B, kv, L, d]
+        gqa = self.num_heads != self.num_kv_heads
+        if gqa and deterministic.enabled():  # one key and value per query head: the same kernel at any grouping
+            group = self.num_heads // self.num_kv_heads
+            keys, values, gqa = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1), False  # [B, h, L, d]
         mask, causal = batch.mask(self.sliding_window)
+        if deterministic.enabled():
+            return deterministic.attention(q.transpose(1, 2), keys, values, mask, causal, self.scale).transpose(1, 2)
         p = self.dropout if self.training else 0.0
         with self.dropout_rng() if p else _NO_DROPOUT:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, dropout_p=p,
-                enable_gqa=self.num_heads != self.num_kv_heads, scale=self.scale,
+                enable_gqa=gqa, scale=self.scale,
             )  # [B, h, S, d]
         return out.transpose(1, 2)
 

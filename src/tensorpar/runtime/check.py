@@ -11,7 +11,9 @@ see exactly the same tokens at every position (teacher forcing). Per prompt:
   reference's argmax, with ``margin``, the reference's top-1 minus top-2 logit there; a divergence
   whose margin is below ``near_tie`` is a near-tie (float reordering may flip it), not a failure;
 - ``verdict``: ``ok``, ``near-tie`` (it diverged only at one), or ``MISMATCH`` (the error is above
-  the tolerance, or the tokens part where the reference is sure).
+  the tolerance, or the tokens part where the reference is sure). With ``--deterministic`` (the
+  reference deterministic too) the logits must be equal bit for bit: ``bit-identical``, or else
+  ``MISMATCH``.
 
 At TP>1 it also scores the first prompt once more with every value the ranks of a tensor-parallel
 group hold replicated digested on each rank (the norm weights, the residual stream each layer
@@ -55,9 +57,11 @@ def tolerance(dtype: str, quantization: str) -> tuple[float, float]:
 
 
 def compare(prompt: str, prompt_len: int, completion: list[int], got: torch.Tensor, want: torch.Tensor,
-            tol: float, near_tie: float) -> PromptCheck:
+            tol: float, near_tie: float, exact: bool = False) -> PromptCheck:
     """One prompt's verdict from the candidate's and the reference's logits [positions, vocab]
-    over prompt + completion (the logits at position i predict token i + 1)."""
+    over prompt + completion (the logits at position i predict token i + 1). ``exact``
+    (deterministic mode): ``bit-identical``, or else ``MISMATCH``."""
+    identical = exact and torch.equal(got, want)
     got, want = got.float(), want.float()
     diff = (got - want).abs()
     max_rel = (diff.max() / want.abs().max()).item()
@@ -70,7 +74,9 @@ def compare(prompt: str, prompt_len: int, completion: list[int], got: torch.Tens
             top2 = predictors[i].topk(2).values
             first, margin = i, (top2[0] - top2[1]).item()
             break
-    if max_rel > tol or (margin is not None and margin >= near_tie):
+    if exact:
+        verdict = "bit-identical" if identical else "MISMATCH"
+    elif max_rel > tol or (margin is not None and margin >= near_tie):
         verdict = "MISMATCH"
     else:
         verdict = "ok" if first is None else "near-tie"
@@ -103,7 +109,7 @@ def run_check(args, prompts: list[str], new_tokens: int, chat: bool = False) -> 
     with LLM(**asdict(reference)) as ref:
         want = ref.score(sequences)
     tol, near_tie = tolerance(dtype, args.quantization)
-    checks = [compare(p, len(c.prompt_token_ids), list(c.token_ids), g, w, tol, near_tie)
+    checks = [compare(p, len(c.prompt_token_ids), list(c.token_ids), g, w, tol, near_tie, args.deterministic)
               for p, c, g, w in zip(prompts, done.completions, got, want)]
     return {"model": args.model, "layout": layout, "quantization": args.quantization, "dtype": dtype,
             "reference": "tp=1, weights as loaded", "tolerance": tol, "near_tie": near_tie,
