@@ -88,42 +88,30 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
 def grid_product(x: torch.Tensor, layer) -> torch.Tensor:
     """A row-parallel layer's Y = X A + b over its reduction grid (module docstring):
     x [..., in_local] -> [..., out]. ``layer.grid``: (global chunk, local columns) of each chunk
-    this rank holds, in order."""
+    this rank holds."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [T, in_local]
-    weights = _chunk_weights(layer)
-    parts = [linear(x2[:, span].contiguous(), w) for (_, span), w in zip(layer.grid, weights)]  # each [T, out]
-    ctx = layer.ctx
-    if ctx.world_size == 1:
-        order = parts
-    else:
-        chunks = _group_chunks(layer)  # global chunk of each gathered slot, per rank
-        most = max(len(c) for c in chunks)
-        mine = torch.stack(parts + [parts[0]] * (most - len(parts))) if parts else x2.new_zeros(most, x2.shape[0],
-                                                                                               layer.out_features)
-        gathered = all_gather_dim(mine, ctx, 0)  # [world * most, T, out]
-        slots = {g: r * most + i for r, owned in enumerate(chunks) for i, g in enumerate(owned)}
-        order = [gathered[slots[g]] for g in sorted(slots)]
-    y = order[0].clone()
-    for p in order[1:]:
-        y += p
+    spans, order = _grid_plan(layer)
+    parts = torch.ops.tensorpar.chunk_products(x2, layer.weight, spans)  # [chunks here, T, out]
+    if layer.ctx.world_size > 1:
+        most = max(len(c) for c in layer._group_grid)
+        if parts.shape[0] < most:  # equal shapes for the gather
+            parts = torch.cat([parts, parts.new_zeros(most - parts.shape[0], *parts.shape[1:])])
+        parts = all_gather_dim(parts, layer.ctx, 0)  # [world * most, T, out]
+    y = torch.ops.tensorpar.ordered_sum(parts.index_select(0, order))  # chunk 0 + chunk 1 + ...
     if layer.bias is not None:
         y += layer.bias
     return y.view(*lead, layer.out_features)
 
 
-def _chunk_weights(layer) -> list[torch.Tensor]:
-    """Each chunk's columns of the layer's weight, contiguous [out, chunk] (made once per weight)."""
-    cached = getattr(layer, "_grid_weights", None)
-    if cached is None or cached[0] is not layer.weight:
-        w = layer.weight.detach()
-        cached = layer._grid_weights = (layer.weight, [w[:, span].contiguous() for _, span in layer.grid])
-    return cached[1]
-
-
-def _group_chunks(layer) -> list[list[int]]:
-    """The global chunks each rank of the group holds, in rank order (gathered once per layer)."""
-    chunks = getattr(layer, "_group_grid", None)
-    if chunks is None:
+def _grid_plan(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's chunk spans [chunks, 2], and where each global chunk lies among the partials
+    the group gathers, in chunk order), made once per layer (the group's chunks: one gather)."""
+    plan = getattr(layer, "_grid_plan", None)
+    if plan is None:
+        spans = torch.tensor([[s.start, s.stop] for _, s in layer.grid], dtype=torch.long).view(-1, 2)
         chunks = layer._group_grid = all_gather_object([g for g, _ in layer.grid], layer.ctx)
-    return chunks
+        most = max(len(c) for c in chunks)
+        slots = {g: r * most + i for r, owned in enumerate(chunks) for i, g in enumerate(owned)}
+        plan = layer._grid_plan = (spans, torch.tensor([slots[g] for g in sorted(slots)], dtype=torch.long))
+    return plan

@@ -70,28 +70,30 @@ inline float half_to_float(c10::Half h) { return _cvtsh_ss(h.x); }  // F16C, not
 
 // rows [n0, n1) of y [T, N] = x [T, K] W^T (W [N, K] float or bfloat16), T <= MAX_ROWS (a
 // template argument, so that the accumulators live in registers)
+// (``ld``: the distance between rows of x and of W, K unless a product over K of wider rows)
 template <int T, typename W>
-void dense_rows(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+void dense_rows(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t ld = -1) {
+  if (ld < 0) ld = K;
   const int64_t body = K / V * V;
   for (int64_t n = n0; n < n1; ++n) {
-    const W* row = w + n * K;
+    const W* row = w + n * ld;
     vec acc[T], acc2[T];
     for (int64_t t = 0; t < T; ++t) acc[t] = acc2[t] = vzero();
     int64_t k = 0;
     for (; k + 2 * V <= body; k += 2 * V) {  // two chains per row of x: FMA latency hidden at T = 1
       const vec a = vload(row + k), b = vload(row + k + V);
       for (int64_t t = 0; t < T; ++t) {
-        acc[t] = vfma(a, vload(x + t * K + k), acc[t]);
-        acc2[t] = vfma(b, vload(x + t * K + k + V), acc2[t]);
+        acc[t] = vfma(a, vload(x + t * ld + k), acc[t]);
+        acc2[t] = vfma(b, vload(x + t * ld + k + V), acc2[t]);
       }
     }
     for (; k < body; k += V) {
       const vec a = vload(row + k);
-      for (int64_t t = 0; t < T; ++t) acc[t] = vfma(a, vload(x + t * K + k), acc[t]);
+      for (int64_t t = 0; t < T; ++t) acc[t] = vfma(a, vload(x + t * ld + k), acc[t]);
     }
     for (int64_t t = 0; t < T; ++t) {
       float s = vsum(acc[t]) + vsum(acc2[t]);
-      for (int64_t j = body; j < K; ++j) s += scalar(row, j) * x[t * K + j];
+      for (int64_t j = body; j < K; ++j) s += scalar(row, j) * x[t * ld + j];
       y[t * N + n] = s;
     }
   }
@@ -295,6 +297,50 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const c10
 }
 
 
+// x [T, K], W [N, K] float32, spans [C, 2] (int64 column ranges) -> [C, T, N]: each span's partial
+// product x[:, a:b] W[:, a:b]^T, every value summed in the order dense_linear sums a product over
+// b - a columns (deterministic mode's reduction grid)
+at::Tensor chunk_products(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& spans) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "chunk_products: x [T, K], W [N, K]");
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kFloat, "chunk_products: W float32 [N, K]");
+  TORCH_CHECK(spans.dim() == 2 && spans.size(1) == 2 && spans.scalar_type() == at::kLong, "chunk_products: spans [C, 2]");
+  const auto xf = x.to(at::kFloat).contiguous();
+  const auto sp = spans.contiguous();
+  const int64_t T = x.size(0), K = x.size(1), N = weight.size(0), C = spans.size(0);
+  auto y = at::empty({C, T, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const int64_t* bp = sp.data_ptr<int64_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(N, K * 4), [&](int64_t n0, int64_t n1) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t a = bp[2 * c], len = bp[2 * c + 1] - a;
+      for (int64_t t0 = 0; t0 < T; t0 += MAX_ROWS) {
+        with_rows(std::min(MAX_ROWS, T - t0), [&](auto rows) {
+          dense_rows<decltype(rows)::value>(xp + t0 * K + a, wp + a, yp + (c * T + t0) * N, len, N, n0, n1, K);
+        });
+      }
+    }
+  });
+  return y;
+}
+
+// parts [C, ...] -> parts[0] + parts[1] + ... + parts[C - 1], added in that order
+at::Tensor ordered_sum(const at::Tensor& parts) {
+  TORCH_CHECK(parts.dim() >= 1 && parts.size(0) >= 1 && parts.scalar_type() == at::kFloat, "ordered_sum: float32 [C, ...]");
+  const auto p = parts.contiguous();
+  const int64_t C = p.size(0), M = p.numel() / C;
+  auto y = p[0].clone();
+  float* yp = y.data_ptr<float>();
+  const float* pp = p.data_ptr<float>();
+  at::parallel_for(0, M, 4096, [&](int64_t m0, int64_t m1) {
+    for (int64_t c = 1; c < C; ++c)
+      for (int64_t m = m0; m < m1; ++m) yp[m] += pp[c * M + m];
+  });
+  return y;
+}
+
+
 // x [T, K] -> x W^T [T, N] for W as ``codes`` (int8 [N, K], or uint8 [N, K / 2] of 4-bit codes),
 // ``scale`` and optional ``zero`` [N, K / group] float16
 at::Tensor codes_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
@@ -355,11 +401,15 @@ at::Tensor codes_linear(const at::Tensor& x, const at::Tensor& codes, const at::
 
 TORCH_LIBRARY_FRAGMENT(tensorpar, m) {
   m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("chunk_products(Tensor x, Tensor weight, Tensor spans) -> Tensor");
+  m.def("ordered_sum(Tensor parts) -> Tensor");
   m.def("codes_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int group, int bits, bool quantize_x) -> Tensor");
   m.def("vnni() -> bool", []() { return VNNI; });
 }
 
 TORCH_LIBRARY_IMPL(tensorpar, CPU, m) {
   m.impl("dense_linear", tensorpar::dense_linear);
+  m.impl("chunk_products", tensorpar::chunk_products);
+  m.impl("ordered_sum", tensorpar::ordered_sum);
   m.impl("codes_linear", tensorpar::codes_linear);
 }
