@@ -70,6 +70,26 @@ def test_decode_attention_writes_the_cache_and_attends_over_the_blocks_in_place(
     assert not torch.equal(mine[0], k_cache)  # (the new keys were written)
 
 
+def test_chunk_products_and_their_ordered_sum_are_the_grid_sum():
+    """Deterministic mode's kernels: each span's partial product equals ``dense_linear`` of that
+    span alone, bit for bit (a span's order depends on its width only), whatever the rows; their
+    sum in order equals adding them one by one, and the whole is the product."""
+    torch.manual_seed(0)
+    w = torch.randn(40, 88)
+    spans = torch.tensor([[0, 16], [16, 32], [40, 56], [32, 40], [56, 88]])
+    for rows in (1, 5, 13):
+        x = torch.randn(rows, 88)
+        parts = torch.ops.tensorpar.chunk_products(x, w, spans)
+        alone = [torch.ops.tensorpar.dense_linear(x[:, a:b].contiguous(), w[:, a:b].contiguous(), None)
+                 for a, b in spans.tolist()]
+        assert all(torch.equal(p, q) for p, q in zip(parts, alone))
+        one_by_one = alone[0].clone()
+        for q in alone[1:]:
+            one_by_one += q
+        assert torch.equal(torch.ops.tensorpar.ordered_sum(parts), one_by_one)
+        assert torch.allclose(one_by_one, x @ w.t(), atol=1e-4)
+
+
 @pytest.mark.skipif(not (fused.available() and torch.ops.tensorpar.vnni()), reason="no AVX-512 VNNI here")
 @pytest.mark.parametrize("rows", [1, 3, 11])
 @pytest.mark.parametrize("group", [32, 64, 128])
