@@ -50,3 +50,31 @@ def test_what_it_does_not_cover_is_refused_before_any_rank_starts(tiny_chat_chec
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip() == ("tensorpar: error: --deterministic does not cover --quantization int8 (float weights "
                                 "only), a mixture of experts (dense models only) yet")
+
+
+@pytest.mark.timeout(300)
+def test_a_sequence_is_the_same_alone_beside_others_in_chunks_and_teacher_forced(tiny_chat_checkpoint,
+                                                                                 restores_the_mode):
+    """Batch invariance: a greedy sequence's tokens and their log-probabilities are the same
+    computed alone (tp=2), packed beside other prompts, and at tp=3 with its prompt prefilled in
+    chunks of at most 7 tokens beside a running decode (``max_num_batched_tokens=8``, two sequences
+    at a time: the prompt is admitted when a short request ends); its teacher-forced logits pick
+    the same tokens."""
+    from tensorpar import SamplingParams
+
+    model, prompt = str(tiny_chat_checkpoint), PROMPTS[0]
+    others = ["A B C D E F G H I J K L M N O P", "Short"]
+    params = [SamplingParams(max_new_tokens=40, ignore_eos=True), SamplingParams(max_new_tokens=3, ignore_eos=True),
+              SamplingParams(max_new_tokens=20, ignore_eos=True)]
+    with LLM(model, tp=2, deterministic=True, progress=False) as llm:
+        alone = llm.generate_full([prompt], params[-1]).completions[0]
+        packed = llm.generate_full([*others, prompt], params).completions[-1]
+        scored = llm.score([list(alone.prompt_token_ids) + list(alone.token_ids)])[0]
+    with LLM(model, max_num_seqs=2, tp=3, deterministic=True, progress=False, max_num_batched_tokens=8) as llm:
+        run = llm.generate_full([*others, prompt], params)
+    chunked = run.completions[-1]
+    assert len(alone.prompt_token_ids) > 7 and run.timings["decode_steps"] > 0
+    assert alone.token_ids == packed.token_ids == chunked.token_ids
+    assert alone.logprobs == packed.logprobs == chunked.logprobs  # floats, compared exactly
+    n = len(alone.prompt_token_ids)
+    assert scored[n - 1:-1].argmax(-1).tolist() == list(alone.token_ids)

@@ -18,9 +18,9 @@ in the same order. What a degree changes, and what this mode fixes:
   ``dense_linear``, whose value y[t, n] is a dot product accumulated in one fixed order (two
   chains of 16 lanes along K, then a fixed horizontal sum): independent of the number of rows,
   the number of columns a rank holds, and the threads.
-- **Attention** runs whole on one rank per head, but a batched matmul's order may depend on how
-  many heads it is given: each head's two products run on the same kernel (``attention``), and a
-  decode step's on the C++ decode kernel, one head at a time already.
+- **Attention** runs whole on one rank per head, but a batched matmul's or a softmax's order may
+  depend on how many heads, rows or keys it is given: each head runs on the same kernel, its keys
+  padded to a fixed grid (``attention``), in a prompt and at decode alike.
 - Everything else is already degree-invariant: norms and the residual stream are replicated, the
   vocabulary-parallel embedding sums one value with zeros, the head's logits are gathered.
 
@@ -33,6 +33,7 @@ The mode is per process (each rank sets it before building its model): ``enable`
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from tensorpar.distributed.collectives import all_gather_dim, all_gather_object
 from tensorpar.layers import fused
@@ -65,24 +66,50 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return fused.dense_linear(x, weight, bias)
 
 
+KEY_GRID = 32  # keys are padded to a multiple of this: the kernel's two chains of 16 lanes
+
+
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal: bool,
               scale: float | None) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v head by head, each product on the fixed-order kernel:
-    q [B, h, S, d], keys and values [B, h, L, d] (one per query head) -> [B, h, S, d]. (A batched
-    matmul's order may depend on how many heads it is given, which the degree sets.)"""
+    """softmax(q k^T * scale + mask) v head by head, every sum on the fixed-order kernel:
+    q [B, h, S, d], keys and values [B, h, L, d] (one per query head) -> [B, h, S, d].
+
+    With e = exp(s - max(s)) (masked scores -inf, so e = 0 there), out = (e v) / (e 1). The keys
+    are padded with masked ones to a multiple of ``KEY_GRID``, so key j always meets the same lane
+    and chain of the kernel whatever the number of keys: a query's output is the same computed in a
+    whole prompt, in a chunk, or alone at decode, beside any other sequence, at any degree (a
+    batched matmul's or softmax's order may change with the heads, rows or keys it is given)."""
     B, h, S, d = q.shape
     L = keys.shape[2]
     scale = d ** -0.5 if scale is None else scale
     if causal:  # fresh sequences: query i sees keys 0..i
         mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril().view(1, 1, S, L)
+    elif mask is None:
+        mask = torch.ones(1, 1, S, L, dtype=torch.bool, device=q.device)
+    pad = -L % KEY_GRID
+    if pad:
+        keys, values = F.pad(keys, (0, 0, 0, pad)), F.pad(values, (0, 0, 0, pad))  # [B, h, L + pad, d]
+        mask = F.pad(mask, (0, pad), value=False)
+    ones = q.new_ones(1, L + pad)
     out = torch.empty_like(q)
     for b in range(B):
+        visible = mask[b if mask.shape[0] > 1 else 0, 0]  # [S, L + pad]
         for j in range(h):
-            scores = linear(q[b, j].contiguous(), keys[b, j].contiguous()) * scale  # [S, L]
-            if mask is not None:
-                scores = scores.masked_fill(~mask[b if mask.shape[0] > 1 else 0, 0], float("-inf"))
-            out[b, j] = linear(torch.softmax(scores, dim=-1), values[b, j].t().contiguous())  # [S, d]
+            scores = (linear(q[b, j].contiguous(), keys[b, j].contiguous()) * scale).masked_fill(~visible, float("-inf"))
+            e = torch.exp(scores - scores.amax(-1, keepdim=True))  # [S, L + pad]
+            out[b, j] = linear(e, values[b, j].t().contiguous()) / linear(e, ones)  # [S, d] / [S, 1]
     return out
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(x))) over the last dimension, [..., V] -> [...], in one fixed order: the max
+    (exact in any order), then the sum of exp(x - max) on the kernel, padded with zeros to the key
+    grid (torch's reduction may split a row differently as the number of rows changes)."""
+    m = x.amax(-1, keepdim=True)
+    e = torch.exp(x - m).reshape(-1, x.shape[-1])
+    e = F.pad(e, (0, -e.shape[-1] % KEY_GRID))
+    total = linear(e, e.new_ones(1, e.shape[-1])).view(*x.shape[:-1], 1)
+    return (m + torch.log(total)).squeeze(-1)
 
 
 def grid_product(x: torch.Tensor, layer) -> torch.Tensor:

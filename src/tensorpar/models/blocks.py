@@ -74,7 +74,8 @@ class Attention(nn.Module):
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [B, S, (h + 2 kv) d]; S is the whole sequence under sequence parallelism
         B, S, _ = qkv.shape
-        if S == 1 and cache is not None and isinstance(batch, AttentionBatch) and fused.active(qkv):
+        if (S == 1 and cache is not None and isinstance(batch, AttentionBatch) and fused.active(qkv)
+                and not deterministic.enabled()):  # (deterministic: decode attends as a prompt does)
             # decode: norms, rotation, cache write and attention over the paged cache in one call
             out = fused.decode_attention(qkv.view(B, -1).contiguous(), cache, batch.blocks, batch.positions.view(B),
                                          None if rope is None else (rope[0].view(B, d), rope[1].view(B, d)), h, kv,

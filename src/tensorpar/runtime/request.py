@@ -50,13 +50,22 @@ class TokenEvent:
 PromptToken = tuple[int, float | None, list[tuple[int, float]]]  # (token id, its log-probability, top ones)
 
 
+def logsumexp(x):
+    """torch's over the last dimension, or in deterministic mode the fixed-order one."""
+    import torch
+
+    from tensorpar.layers import deterministic
+
+    return deterministic.logsumexp(x) if deterministic.enabled() else torch.logsumexp(x, dim=-1)
+
+
 def score_prompt(logits, prompt: list[int], top: int) -> list[PromptToken]:
     """Per prompt token: its log-probability under the logits of the position before it (None
     for the first) and the ``top`` most likely tokens there. ``logits``: [len(prompt), vocab]."""
     import torch
 
     logits = logits.float()
-    logp = logits[:-1] - torch.logsumexp(logits[:-1], dim=-1, keepdim=True)  # [S - 1, vocab]
+    logp = logits[:-1] - logsumexp(logits[:-1]).unsqueeze(-1)  # [S - 1, vocab]
     ids = torch.tensor(prompt[1:], dtype=torch.long)
     own = logp.gather(1, ids[:, None])[:, 0].tolist()
     tops = [[] for _ in own]

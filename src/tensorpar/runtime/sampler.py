@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tensorpar.runtime.messages import StepOutput
-from tensorpar.runtime.request import score_prompt
+from tensorpar.runtime.request import logsumexp, score_prompt
 from tensorpar.runtime.sampling import apply_controls, sample
 from tensorpar.runtime.scheduler import SCORE, StepPlan
 
@@ -49,7 +49,7 @@ class Sampler:
             return [None if seq is None else Sampled(token, logprob)
                     for seq, token, logprob in zip(rows, out.ids.tolist(), out.logprobs.tolist())]
         logits = out.logits.float()  # [B, vocab]
-        norm = torch.logsumexp(logits, dim=-1).tolist()  # log-prob = logit - logsumexp(logits)
+        norm = logsumexp(logits).tolist()  # log-prob = logit - logsumexp(logits)
         live = [row for row, seq in enumerate(rows) if seq is not None]
         chosen = logits  # what the choice is made from: the logits after each row's controls
         if any(rows[row].params.controls_logits for row in live):

@@ -40,6 +40,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+from tensorpar.layers import deterministic
 from tensorpar.runtime import messages
 from tensorpar.runtime.block_manager import BlockManager
 from tensorpar.runtime.guided import GuidedCompiler
@@ -339,8 +340,10 @@ class Scheduler:
 
     @staticmethod
     def _logits_mode(seqs: list[Sequence]) -> int:
-        """Greedy rows that report no top log-probabilities need only their argmax and its log-probability."""
-        return messages.GREEDY if all(s.params.greedy and not s.params.logprobs and not s.params.controls_logits
+        """Greedy rows that report no top log-probabilities need only their argmax and its log-probability
+        (each rank's share, combined: in deterministic mode the whole logits go to the leader, whose
+        log-probabilities are summed in one fixed order instead)."""
+        return messages.GREEDY if not deterministic.enabled() and all(s.params.greedy and not s.params.logprobs and not s.params.controls_logits
                                       for s in seqs) else messages.FULL
 
     def _retire(self, seq: Sequence, reason: str, error: str | None = None) -> None:
