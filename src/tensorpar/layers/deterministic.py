@@ -66,39 +66,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return fused.dense_linear(x, weight, bias)
 
 
-KEY_GRID = 32  # keys are padded to a multiple of this: the kernel's two chains of 16 lanes
+KEY_GRID = 32  # a sum over a row on the kernel is padded with zeros to a multiple of this: its two chains of 16 lanes
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal: bool,
               scale: float | None) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v head by head, every sum on the fixed-order kernel:
-    q [B, h, S, d], keys and values [B, h, L, d] (one per query head) -> [B, h, S, d].
-
-    With e = exp(s - max(s)) (masked scores -inf, so e = 0 there), out = (e v) / (e 1). The keys
-    are padded with masked ones to a multiple of ``KEY_GRID``, so key j always meets the same lane
-    and chain of the kernel whatever the number of keys: a query's output is the same computed in a
-    whole prompt, in a chunk, or alone at decode, beside any other sequence, at any degree (a
-    batched matmul's or softmax's order may change with the heads, rows or keys it is given)."""
+    """softmax(q k^T * scale + mask) v on ``grid_attention``: q [B, h, S, d], keys and values
+    [B, h, L, d] (one per query head) -> [B, h, S, d]. Its sums add their terms in an order that
+    no shape changes (key after key), so a query's output is the same computed in a whole prompt,
+    in a chunk, or alone at decode, beside any other sequence, at any degree (a batched matmul's or
+    softmax's order may change with the heads, rows or keys it is given)."""
     B, h, S, d = q.shape
     L = keys.shape[2]
-    scale = d ** -0.5 if scale is None else scale
     if causal:  # fresh sequences: query i sees keys 0..i
         mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril().view(1, 1, S, L)
     elif mask is None:
         mask = torch.ones(1, 1, S, L, dtype=torch.bool, device=q.device)
-    pad = -L % KEY_GRID
-    if pad:
-        keys, values = F.pad(keys, (0, 0, 0, pad)), F.pad(values, (0, 0, 0, pad))  # [B, h, L + pad, d]
-        mask = F.pad(mask, (0, pad), value=False)
-    ones = q.new_ones(1, L + pad)
-    out = torch.empty_like(q)
-    for b in range(B):
-        visible = mask[b if mask.shape[0] > 1 else 0, 0]  # [S, L + pad]
-        for j in range(h):
-            scores = (linear(q[b, j].contiguous(), keys[b, j].contiguous()) * scale).masked_fill(~visible, float("-inf"))
-            e = torch.exp(scores - scores.amax(-1, keepdim=True))  # [S, L + pad]
-            out[b, j] = linear(e, values[b, j].t().contiguous()) / linear(e, ones)  # [S, d] / [S, 1]
-    return out
+    return torch.ops.tensorpar.grid_attention(q, keys, values, mask[:, 0], d ** -0.5 if scale is None else scale)
 
 
 def logsumexp(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@
 
 #include "kernels.h"
 
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -325,6 +326,58 @@ at::Tensor chunk_products(const at::Tensor& x, const at::Tensor& weight, const a
   return y;
 }
 
+// q [B, h, S, d], keys and values [B, h, L, d] float32, visible [B or 1, S, L] bool, scale ->
+// softmax(q k^T * scale, over the visible keys) v [B, h, S, d]. Every sum runs over its terms
+// in one order that no shape changes: a score is a loop over d; e = exp(score - max) (the max is
+// exact in any order); the output and the normalizer add key after key, so a query's result
+// does not depend on how many keys follow it (masked), rows share its step, or heads a rank holds.
+at::Tensor grid_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                          const at::Tensor& visible, double scale) {
+  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes() && q.size(3) == keys.size(3) &&
+                  q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat,
+              "grid_attention: float32 q [B, h, S, d], keys and values [B, h, L, d]");
+  const auto qc = q.contiguous(), kc = keys.contiguous(), vc = values.contiguous();
+  const auto mc = visible.to(at::kBool).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), L = keys.size(2);
+  TORCH_CHECK(mc.dim() == 3 && mc.size(1) == S && mc.size(2) == L && (mc.size(0) == 1 || mc.size(0) == B),
+              "grid_attention: visible [B or 1, S, L]");
+  auto out = at::empty_like(qc);
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  const bool* mp = mc.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * H * S, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> e(L);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / (H * S), s = r % S;
+      const float* qi = qp + r * D;
+      const float* kb = kp + (r / S) * L * D;
+      const float* vb = vp + (r / S) * L * D;
+      const bool* m = mp + ((mc.size(0) == 1 ? 0 : b) * S + s) * L;
+      float best = -INFINITY;
+      for (int64_t l = 0; l < L; ++l) {
+        float dot = 0.f;
+        for (int64_t c = 0; c < D; ++c) dot += qi[c] * kb[l * D + c];
+        e[l] = m[l] ? dot * sc : -INFINITY;
+        best = std::max(best, e[l]);
+      }
+      float* o = op + r * D;
+      for (int64_t c = 0; c < D; ++c) o[c] = 0.f;
+      float total = 0.f;
+      for (int64_t l = 0; l < L; ++l) {
+        if (!m[l]) continue;
+        const float w = std::exp(e[l] - best);
+        total += w;
+        for (int64_t c = 0; c < D; ++c) o[c] += w * vb[l * D + c];
+      }
+      for (int64_t c = 0; c < D; ++c) o[c] /= total;
+    }
+  });
+  return out;
+}
+
 // parts [C, ...] -> parts[0] + parts[1] + ... + parts[C - 1], added in that order
 at::Tensor ordered_sum(const at::Tensor& parts) {
   TORCH_CHECK(parts.dim() >= 1 && parts.size(0) >= 1 && parts.scalar_type() == at::kFloat, "ordered_sum: float32 [C, ...]");
@@ -403,6 +456,7 @@ TORCH_LIBRARY_FRAGMENT(tensorpar, m) {
   m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("chunk_products(Tensor x, Tensor weight, Tensor spans) -> Tensor");
   m.def("ordered_sum(Tensor parts) -> Tensor");
+  m.def("grid_attention(Tensor q, Tensor keys, Tensor values, Tensor visible, float scale) -> Tensor");
   m.def("codes_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int group, int bits, bool quantize_x) -> Tensor");
   m.def("vnni() -> bool", []() { return VNNI; });
 }
@@ -411,5 +465,6 @@ TORCH_LIBRARY_IMPL(tensorpar, CPU, m) {
   m.impl("dense_linear", tensorpar::dense_linear);
   m.impl("chunk_products", tensorpar::chunk_products);
   m.impl("ordered_sum", tensorpar::ordered_sum);
+  m.impl("grid_attention", tensorpar::grid_attention);
   m.impl("codes_linear", tensorpar::codes_linear);
 }
