@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The CPU build of torch available on this kind of machine; the package itself accepts torch>=2.4.
 TORCH  := torch==2.13.0
-PYTEST_ARGS ?= --durations=25
+PYTEST_ARGS ?=
 
 .PHONY: setup demo test bench peers clean
 
@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/tensorpar generate --tp 2 --prompt "The capital of France is" --max-new-tokens 32
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/memory.py --out bench-out
