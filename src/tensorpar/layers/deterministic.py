@@ -102,10 +102,9 @@ def grid_product(x: torch.Tensor, layer) -> torch.Tensor:
     this rank holds."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [T, in_local]
-    spans, order = _grid_plan(layer)
+    spans, order, most = _grid_plan(layer)
     parts = torch.ops.tensorpar.chunk_products(x2, layer.weight, spans)  # [chunks here, T, out]
     if layer.ctx.world_size > 1:
-        most = max(len(c) for c in layer._group_grid)
         if parts.shape[0] < most:  # equal shapes for the gather
             parts = torch.cat([parts, parts.new_zeros(most - parts.shape[0], *parts.shape[1:])])
         parts = all_gather_dim(parts, layer.ctx, 0)  # [world * most, T, out]
@@ -115,14 +114,15 @@ def grid_product(x: torch.Tensor, layer) -> torch.Tensor:
     return y.view(*lead, layer.out_features)
 
 
-def _grid_plan(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(this rank's chunk spans [chunks, 2], and where each global chunk lies among the partials
-    the group gathers, in chunk order), made once per layer (the group's chunks: one gather)."""
+def _grid_plan(layer) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """This rank's chunk spans [chunks, 2]; where each global chunk lies among the partials the
+    group gathers, in chunk order; and the most chunks a rank holds (the gather's padding). Made
+    once per layer (the group's chunks: one gather)."""
     plan = getattr(layer, "_grid_plan", None)
     if plan is None:
         spans = torch.tensor([[s.start, s.stop] for _, s in layer.grid], dtype=torch.long).view(-1, 2)
-        chunks = layer._group_grid = all_gather_object([g for g, _ in layer.grid], layer.ctx)
+        chunks = all_gather_object([g for g, _ in layer.grid], layer.ctx)
         most = max(len(c) for c in chunks)
         slots = {g: r * most + i for r, owned in enumerate(chunks) for i, g in enumerate(owned)}
-        plan = layer._grid_plan = (spans, torch.tensor([slots[g] for g in sorted(slots)], dtype=torch.long))
+        plan = layer._grid_plan = (spans, torch.tensor([slots[g] for g in sorted(slots)], dtype=torch.long), most)
     return plan
