@@ -78,3 +78,48 @@ def test_a_sequence_is_the_same_alone_beside_others_in_chunks_and_teacher_forced
     assert alone.logprobs == packed.logprobs == chunked.logprobs  # floats, compared exactly
     n = len(alone.prompt_token_ids)
     assert scored[n - 1:-1].argmax(-1).tolist() == list(alone.token_ids)
+
+
+@pytest.mark.timeout(400)
+def test_stages_backend_threads_prefix_hits_and_preemption_change_no_bit(tiny_chat_checkpoint, restores_the_mode):
+    """The same greedy sequences, their log-probabilities and their teacher-forced logits, equal
+    bit for bit: at tp=1 on one and on two threads, over two pipeline stages of tp=2, over gloo
+    instead of shared memory, and at tp=3 under a KV budget that preempts and recomputes, with a
+    second run of the prompts served from the prefix cache."""
+    from tensorpar import SamplingParams
+
+    model = str(tiny_chat_checkpoint)
+    prompts = [PROMPTS[0], "A B C D E F G H I J K L M N O P", "Short", PROMPTS[1]]
+    sp = SamplingParams(max_new_tokens=32, ignore_eos=True)
+
+    def run(llm, twice=False):
+        runs = [llm.generate_full(prompts, sp) for _ in range(2 if twice else 1)]
+        done = runs[-1].completions
+        scored = llm.score([list(c.prompt_token_ids) + list(c.token_ids) for c in done])
+        return [(c.token_ids, c.logprobs) for c in done], scored, runs
+
+    torch_threads = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with LLM(model, tp=1, deterministic=True, progress=False) as llm:
+                results[f"tp=1 threads={threads}"] = run(llm)[:2]
+    finally:
+        torch.set_num_threads(torch_threads)
+    with LLM(model, tp=2, pp=2, deterministic=True, progress=False) as llm:
+        results["tp=2 pp=2"] = run(llm)[:2]
+    with LLM(model, tp=2, comm="gloo", deterministic=True, progress=False) as llm:
+        results["tp=2 gloo"] = run(llm)[:2]
+    # tp=3: a KV budget of 14 blocks of 4 positions, less than the 4 sequences' 40-odd positions
+    # each: the newest are preempted as the oldest grow
+    with LLM(model, tp=3, deterministic=True, progress=False, block_size=4, max_model_len=56,
+             kv_cache_memory=32 * 512) as llm:
+        completions, scored, runs = run(llm, twice=True)
+        results["tp=3 preempted, prefix hits"] = (completions, scored)
+    assert runs[0].cache["preemptions"] > 0 and runs[1].cache["prefix_cache_hits"] > 0, [r.cache for r in runs]
+    (tokens, logits) = results.pop("tp=1 threads=1")
+    for name, (other_tokens, other_logits) in results.items():
+        assert other_tokens == tokens, name  # token ids and log-probabilities, floats compared exactly
+        for a, b in zip(other_logits, logits):
+            assert torch.equal(a, b), (name, (a - b).abs().max())
