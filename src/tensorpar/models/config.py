@@ -87,6 +87,13 @@ class ModelConfig:
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types lists {len(self.layer_types)} layers, the model has {self.num_layers}")
 
+    def differences(self, other: "ModelConfig") -> list[str]:
+        """What tells ``other`` apart as a model to compute (``name: mine != other's``); empty when
+        its weights can replace these (its context length and special tokens may differ)."""
+        kept = ("max_position_embeddings", "bos_token_id", "eos_token_ids", "hf_config")
+        return [f"{f}: {getattr(self, f)!r} != {getattr(other, f)!r}" for f in self.__dataclass_fields__
+                if f not in kept and getattr(self, f) != getattr(other, f)]
+
     def is_moe(self, layer: int) -> bool:
         """Whether layer ``layer``'s MLP is a mixture of experts."""
         return self.num_experts > 0 and layer not in self.dense_layers

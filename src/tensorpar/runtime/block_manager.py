@@ -133,6 +133,13 @@ class BlockManager:
                     self.free.append(b)
         table.clear()
 
+    def forget_prefixes(self) -> None:
+        """No block names a prefix any more (after new weights: its keys and values are stale)."""
+        self.free.extend(self.cached)
+        self.cached.clear()
+        self.by_hash.clear()
+        self.hash_of.clear()
+
     def reset_stats(self) -> None:
         self.queries = self.hits = 0
 

@@ -43,6 +43,18 @@ class EngineCore:
         if blocks is not None:
             self.runner.allocate(blocks, self.scheduler.block_size)
 
+    def load_weights(self, path: str) -> float:
+        """The weights of the checkpoint at ``path`` in place of these on every rank
+        (``ModelRunner.load_weights``), while no sequence runs, and the prefix cache forgotten;
+        seconds taken."""
+        if self.scheduler.running or self.scheduler.preempted:
+            raise RuntimeError("weights are replaced only while no sequence runs")
+        t = time.perf_counter()
+        self.runner.load_weights(path)
+        if self.scheduler.blocks is not None:
+            self.scheduler.blocks.forget_prefixes()
+        return time.perf_counter() - t
+
     def score(self, prompt: list[int]):
         """Full-vocabulary logits at every position of ``prompt``: [len(prompt), vocab]."""
         plan = score_plan(Request("score", prompt, SamplingParams(max_new_tokens=0)))

@@ -38,7 +38,7 @@ from tensorpar.errors import RankFailure, TensorparError, one_line
 from tensorpar.runtime.replicas import STATS_EVERY_S, RemoteReplica, ServingRole
 from tensorpar.runtime.request import Request, Sink, TokenEvent
 from tensorpar.runtime.sequence import final_event
-from tensorpar.runtime.serving import DEFAULT_MAX_MODEL_LEN
+from tensorpar.runtime.serving import DEFAULT_MAX_MODEL_LEN, reload_refused
 from tensorpar.runtime.spec import EngineArgs, EngineSpec, one_rank_fewer
 from tensorpar.runtime.worker import Worker, leader_inputs
 
@@ -172,6 +172,8 @@ class Frontend:
                 "kv_cache_usage": sum(e.get("kv_cache_usage", 0.0) for e in serving) / len(serving) if serving else 0.0,
                 "healthy": healthy, "error": self.fatal or "; ".join(down) or None, "requests": self.submitted,
                 "replicas": each}
+
+    load_weights = reload_refused
 
     def shutdown(self) -> None:
         """End what runs with "abort" (each replica's own shutdown), stop every replica."""

@@ -48,6 +48,7 @@ class LLM:
         self.spec = self._args.resolve()
         self.config = self.spec.config
         self.elastic, self.rank_failures, self._max_num_seqs = elastic, 0, max_num_seqs
+        self._weights: str | None = None  # a checkpoint loaded since (``load_weights``)
         if elastic and (ranks is not None or torchrun_env() is not None):
             raise TensorparError("elastic=True launches ranks again on this host: not with ranks given, nor under "
                                  "torchrun (whose own restarts bring a job back)")
@@ -112,6 +113,8 @@ class LLM:
             print(f"tensorpar: warning: {failure}; running again at {self.spec.dims.describe()}", file=sys.stderr,
                   flush=True)
             self._ranks = self._launch()
+            if self._weights is not None:
+                self._ranks.call("load_weights", self._weights)
             self._describe()
 
     def generate_full(
@@ -151,6 +154,15 @@ class LLM:
     def score(self, prompts: list) -> list:
         """Full-vocabulary logits [len(prompt), vocab] at every position of each prompt."""
         return self._call("score", list(prompts))
+
+    def load_weights(self, path) -> float:
+        """Replace the weights by those of the checkpoint at ``path`` (a newer training step's, say),
+        without a restart: every rank reads its own slices, whatever layout it was saved at, and
+        the prefix cache is forgotten. It must hold the same model (refused, weights untouched, if
+        not); a model packed by ``quantization`` cannot be reloaded. Seconds taken."""
+        seconds = self._call("load_weights", str(path))
+        self._weights = str(path)
+        return seconds
 
     def replica_mismatch(self, prompt: list[int]) -> str | None:
         """Score ``prompt`` (token ids) once and compare, within each tensor-parallel group, every

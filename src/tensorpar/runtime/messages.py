@@ -24,6 +24,8 @@ row, each part attending on its own (``PackedBatch``).
   blocks below it may be in use (every rank zeroes those it has never used, ``KVCache.zero_through``).
 - ``SCORE``: one fresh sequence without the cache; logits of every position go to the leader.
 - ``ALLOC``: a KV cache of ``num_blocks`` blocks of ``block_size`` positions.
+- ``RELOAD``: replace the weights in place by those of the checkpoint whose path is the payload
+  (its UTF-8 bytes, one per integer; ``tokens`` in the header is their count).
 - ``NOOP``: a keep-alive from an idle leader (followers then know it is alive).
 - ``END``: the end of one collective call (``Worker.generate`` / ``score``).
 - ``SHUTDOWN``: followers leave their loop.
@@ -37,7 +39,7 @@ import torch
 
 from tensorpar.layers.attention import ALL_KEYS, BY_POSITION, CAUSAL, AttentionBatch, PackedBatch
 
-END, STEP, SCORE, ALLOC, NOOP, SHUTDOWN = range(6)
+END, STEP, SCORE, ALLOC, NOOP, SHUTDOWN, RELOAD = range(7)
 FULL, GREEDY = 0, 1  # the leader gets full-vocabulary logits, or each row's argmax and its log-probability
 HEADER_SIZE = 8
 PART_SIZE = 6  # integers per part in the payload
@@ -71,6 +73,7 @@ class Message:
     num_blocks: int = 0
     block_size: int = 0
     in_use: int = 0
+    path: str = ""  # RELOAD's checkpoint
 
     @property
     def ids(self) -> list[tuple[int, ...]]:
@@ -79,7 +82,7 @@ class Message:
 
     def header(self) -> list[int]:
         entries = self.num_blocks if self.op == ALLOC else sum(len(t) for p in self.parts for t in p.blocks)
-        tokens = sum(len(p.ids) * len(p.ids[0]) for p in self.parts)
+        tokens = len(self.path.encode()) if self.op == RELOAD else sum(len(p.ids) * len(p.ids[0]) for p in self.parts)
         return [self.op, len(self.parts), entries, tokens, self.block_size, self.logits, self.in_use, 0]
 
     def table(self) -> list[list[int]]:
@@ -87,7 +90,9 @@ class Message:
         return [p.table() for p in self.parts]
 
     def payload(self) -> list[int]:
-        """The part table, ids, positions (row-major), block tables."""
+        """The part table, ids, positions (row-major), block tables; RELOAD's path."""
+        if self.op == RELOAD:
+            return list(self.path.encode())
         out = [v for row in self.table() for v in row]
         out += [t for p in self.parts for row in p.ids for t in row]
         out += [q for p in self.parts for row in p.positions for q in row]
@@ -96,6 +101,8 @@ class Message:
     @staticmethod
     def payload_size(header: list[int]) -> int:
         op, parts, entries, tokens = header[:4]
+        if op == RELOAD:
+            return tokens
         return PART_SIZE * parts + 2 * tokens + entries if op in (STEP, SCORE) else 0
 
 
@@ -132,6 +139,10 @@ def allocate(num_blocks: int, block_size: int) -> Message:
     return Message(ALLOC, num_blocks=num_blocks, block_size=block_size)
 
 
+def reload(path: str) -> Message:
+    return Message(RELOAD, path=path)
+
+
 @dataclass(frozen=True)
 class StepOutput:
     """What a step gives the leader. A ``GREEDY`` step: each row's argmax token ``ids`` [rows] and
@@ -157,6 +168,7 @@ class Batch:
     num_blocks: int = 0
     block_size: int = 0
     in_use: int = 0
+    path: str = ""
 
     def last_tokens(self, out: torch.Tensor) -> torch.Tensor:
         """[rows, hidden]: each row's last token of the step's output ``out`` [.., .., hidden]."""
@@ -174,6 +186,8 @@ def to_batch(header: list[int], payload: torch.Tensor | None, device: torch.devi
     op, n_parts, n_entries, n_tokens, block_size, logits, in_use = header[:7]
     if op == ALLOC:
         return Batch(op, num_blocks=n_entries, block_size=block_size)
+    if op == RELOAD:
+        return Batch(op, path=bytes(payload.tolist()).decode())
     if op not in (STEP, SCORE):
         return Batch(op)
     if table is None:

@@ -28,6 +28,7 @@ from tensorpar.distributed.collectives import broadcast_control, isend, recv, se
 from tensorpar.distributed.groups import ParallelContext
 from tensorpar.distributed.mesh import build_mesh
 from tensorpar.dtypes import torch_dtype
+from tensorpar.errors import TensorparError
 from tensorpar.layers import deterministic, fused
 from tensorpar.loading import build_model
 from tensorpar.partition import even_splits, stage_layers
@@ -106,6 +107,27 @@ class ModelRunner:
         """A KV cache of ``num_blocks`` blocks on every rank (the old one, if any, dropped)."""
         self.execute(messages.allocate(num_blocks, block_size))
 
+    def load_weights(self, path: str) -> None:
+        """Replace every rank's weights in place by those of the checkpoint at ``path``: the same
+        model, saved at any layout (``checked_weights``); each rank reads only its own slices, as at
+        start-up. The KV cache's contents are then stale: the caller runs nothing on them again
+        (``EngineCore.load_weights``)."""
+        self.execute(messages.reload(self.checked_weights(path)))
+
+    def checked_weights(self, path: str) -> str:
+        """The checkpoint at ``path`` resolved, once it is known to hold this model; refused before
+        any rank is told, if not."""
+        from tensorpar.loading.open import open_source
+
+        if self.spec.quantization != "none":
+            raise TensorparError(f"weights cannot be reloaded into a model packed by --quantization "
+                                 f"{self.spec.quantization}")
+        source = open_source(path)
+        differ = self.config.differences(source.config)
+        if differ:
+            raise TensorparError(f"{path} holds another model than the one loaded: {'; '.join(differ[:3])}")
+        return str(source.path)
+
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one KV-cache block takes on this rank."""
         return KVCache.bytes_per_block(self.model.kv_cache_shape(), block_size, self.dtype)
@@ -126,6 +148,12 @@ class ModelRunner:
             self.cache = None  # free the old cache before allocating the new one
             self.cache = KVCache(self.model.kv_cache_shape(), batch.num_blocks, batch.block_size, self.dtype,
                                  self.ctx.device)
+            return None
+        if batch.op == messages.RELOAD:
+            from tensorpar.loading.loader import load_weights
+            from tensorpar.loading.open import open_source
+
+            load_weights(self.model, open_source(batch.path))
             return None
         if batch.op not in (messages.SCORE, messages.STEP):
             return None

@@ -33,7 +33,7 @@ from tensorpar.distributed.ranks import Ranks, describe_exit
 from tensorpar.distributed.replicas import launch_replicas
 from tensorpar.runtime.request import Request, Sink, TokenEvent
 from tensorpar.runtime.sequence import final_event
-from tensorpar.runtime.serving import ServingEngine
+from tensorpar.runtime.serving import ServingEngine, reload_refused
 from tensorpar.runtime.spec import EngineSpec
 from tensorpar.runtime.worker import Worker
 
@@ -206,6 +206,8 @@ class ReplicaSet:
         return {"running": sum(s.get("running", 0) for s in live), "waiting": sum(s.get("waiting", 0) for s in live),
                 "kv_cache_usage": sum(s.get("kv_cache_usage", 0.0) for s in live) / len(live) if live else 0.0,
                 "healthy": bool(live), "error": "; ".join(down) or None, "replicas": each}
+
+    load_weights = reload_refused
 
     def shutdown(self) -> None:
         """Shut every replica down at once (each ends what it runs with "abort")."""

@@ -100,6 +100,7 @@ class Scheduler:
         self.scored: set[str] = set()  # waiting requests whose prompt log-probabilities are sent
         self.score_budget = max_num_batched_tokens  # prompt tokens still to score before the next model step
         self.closed: str | None = None  # why requests are refused, once ``close`` has run
+        self.holding = False  # admit and score no new request (new weights wait for the running ones to end)
         self.guided = GuidedCompiler(tokenizer, eos_ids)  # grammars of guided requests (compiled on ``add``)
 
     # ---- any thread ----------------------------------------------------------------------------
@@ -265,7 +266,7 @@ class Scheduler:
     def _next_to_score(self) -> tuple[Request, Sink] | None:
         """The oldest waiting request whose prompt log-probabilities are still to send, while the
         scoring budget before the next model step lasts (one is always let through)."""
-        if self.score_budget <= 0:
+        if self.score_budget <= 0 or self.holding:
             return None
         for req, sink in self.waiting:
             if req.params.prompt_logprobs is not None and req.request_id not in self.scored:
@@ -292,7 +293,7 @@ class Scheduler:
         """The next sequence to start (a preempted one first, else the oldest waiting request) with
         its blocks, cached prefix included; None when there is none, or it has to wait: for a free
         sequence, for blocks, for a step with room for its whole prompt, or to be scored first."""
-        if len(self.running) >= self.max_num_seqs or not (self.preempted or self.waiting):
+        if len(self.running) >= self.max_num_seqs or not (self.preempted or (self.waiting and not self.holding)):
             return None
         if self.preempted:
             seq, tokens = self.preempted[0], self.preempted[0].tokens

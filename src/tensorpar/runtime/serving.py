@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future
 from typing import Protocol
 
 from tensorpar.distributed.launch import Ranks, launch, take_compute_threads
@@ -45,6 +47,15 @@ class ServingBackend(Protocol):
         ``requests`` (submitted so far); with replicas also ``replicas``, each one's."""
 
     def shutdown(self) -> None: ...
+
+    def load_weights(self, path: str) -> float:
+        """Replace the weights by those of the checkpoint at ``path`` (``LLM.load_weights``);
+        seconds taken. Raises ``TensorparError`` when it cannot."""
+
+
+def reload_refused(backend, path: str) -> float:
+    """``load_weights`` of the backends that spawn their replicas (``--dp``, ``--elastic``)."""
+    raise TensorparError("weights are reloaded in place into a server of one replica; not with --dp or --elastic yet")
 
 
 def launch_engine(spec: EngineSpec, max_num_seqs: int, cores: tuple[int, int | None] = (0, None)) -> Ranks:
@@ -96,6 +107,7 @@ class ServingEngine:
         ranks.start("follow_forever")
         self.core.reserve(max_num_seqs, self.max_model_len)
         self._stopping = False
+        self._reloads: deque[tuple[str, Future]] = deque()  # asked for, not yet done
         self.healthy, self.error, self.submitted = True, None, 0
         self._thread = threading.Thread(target=self._loop, name="tensorpar-engine", daemon=True)
         self._thread.start()
@@ -116,6 +128,20 @@ class ServingEngine:
         return {**self.core.stats(), "healthy": self.healthy, "error": self.error, "requests": self.submitted,
                 "tp": self.tp}
 
+    def load_weights(self, path: str) -> float:
+        """Replace every rank's weights by those of the checkpoint at ``path`` (resharded to this
+        degree; ``EngineCore.load_weights``) between steps: requests that arrive meanwhile wait,
+        those running finish on the old weights first, so that no answer mixes the two. Blocks
+        until done; seconds the weights took."""
+        done: Future = Future()
+        with self.scheduler.lock:
+            if not self.healthy or self._stopping:
+                raise TensorparError(self.error or "the server is shutting down")
+            self._reloads.append((path, done))
+            self.scheduler.holding = True
+            self.scheduler.lock.notify()
+        return done.result()
+
     def shutdown(self) -> None:
         """Stop admitting, end what runs with "abort", stop the follower ranks."""
         self._stopping = True
@@ -130,7 +156,9 @@ class ServingEngine:
         take_compute_threads(self._ranks)
         try:
             while not self._stopping:
-                if self.scheduler.wait_for_work(self.IDLE_WAIT_S):
+                if self._reloads and not (self.scheduler.running or self.scheduler.preempted):
+                    self._reload()
+                elif self.scheduler.wait_for_work(self.IDLE_WAIT_S):
                     self.core.step()
                 elif not self._stopping:
                     self.worker.runner.execute(messages.Message(messages.NOOP))
@@ -148,3 +176,22 @@ class ServingEngine:
             self.error = str(failure) if failure is not None else f"{type(e).__name__}: {e}"
             self.healthy = False
             self.scheduler.close("error", self.error)
+            while self._reloads:
+                self._reloads.popleft()[1].set_exception(TensorparError(self.error))
+
+    def _reload(self) -> None:
+        """The oldest weight reload asked for, with nothing running; the scheduler admits again
+        once none is left. A checkpoint refused leaves the weights as they were; a rank lost on
+        the way ends the loop as any step's would."""
+        path, done = self._reloads[0]
+        try:
+            seconds = self.core.load_weights(path)
+        except TensorparError as e:
+            if isinstance(e, RankFailure):
+                raise
+            done.set_exception(e)
+        else:
+            done.set_result(seconds)
+        with self.scheduler.lock:
+            self._reloads.popleft()
+            self.scheduler.holding = bool(self._reloads)

@@ -168,6 +168,10 @@ class Worker:
 
         return self._call(lambda: [self.inputs.encode(p) for p in prompts], run)
 
+    def load_weights(self, path: str) -> float:
+        """Every rank's weights replaced by those of the checkpoint at ``path`` (``EngineCore.load_weights``)."""
+        return self._call(lambda: self.runner.checked_weights(path), lambda checked: self.core.load_weights(checked))
+
     def replica_digests(self, prompt: list[int]) -> list[dict]:
         """Collective: every rank's digests of what it holds replicated, scoring ``prompt`` once
         (``runtime.digests.replica_digests``)."""

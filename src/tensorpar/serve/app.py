@@ -2,8 +2,11 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming as server-sent events
 or not), GET /v1/models, POST /tokenize and /detokenize, GET /version, GET /health (200 "ok", or
-"degraded" naming the replicas that are down while others serve; 503 when none can), GET /metrics. With ``api_key`` set, /v1/*, /tokenize and
-/detokenize require ``Authorization: Bearer <api_key>``; /health, /metrics and /version stay open.
+"degraded" naming the replicas that are down while others serve; 503 when none can), GET /metrics,
+and POST /update_weights_from_disk (SGLang's: ``{"model_path": ...}`` replaces the weights in place,
+``ServingBackend.load_weights``). With ``api_key`` set, /v1/*, /tokenize, /detokenize and
+/update_weights_from_disk require ``Authorization: Bearer <api_key>``; /health, /metrics and
+/version stay open.
 The model answers to each of ``served_names`` (default: the name it was loaded by); responses
 carry the first.
 
@@ -15,6 +18,7 @@ went away, an error) it aborts what is still running, so the engine frees those 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -24,13 +28,14 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tensorpar import __version__
+from tensorpar.errors import TensorparError
 from tensorpar.runtime.serving import ServingBackend
 from tensorpar.serve import params, tools
 from tensorpar.serve.bridge import ClientDisconnected, RequestStream
 from tensorpar.serve.errors import DEFAULT_MAX_REQUEST_BYTES, APIError, BodyLimit, install_error_handlers
 from tensorpar.serve.metrics import CONTENT_TYPE, Metrics, RequestCounter
 from tensorpar.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
-                                      TokenizeRequest)
+                                      TokenizeRequest, UpdateWeightsRequest)
 from tensorpar.serve.responses import ChatFormat, CompletionFormat, Format, TokenText, usage
 
 
@@ -246,6 +251,17 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be from 0 to {vocab - 1}", param="tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+    @utility.post("/update_weights_from_disk")
+    async def update_weights_from_disk(body: UpdateWeightsRequest):
+        if body.load_format not in (None, "auto"):
+            raise APIError(400, f"load_format {body.load_format!r} is not supported: the format is read from the "
+                                "checkpoint", param="load_format")
+        try:
+            seconds = await asyncio.to_thread(engine.load_weights, body.model_path)
+        except TensorparError as e:
+            return JSONResponse({"success": False, "message": str(e)}, status_code=400)
+        return {"success": True, "message": f"weights of {body.model_path} loaded in {seconds:.2f} s"}
 
     app.include_router(utility)
 

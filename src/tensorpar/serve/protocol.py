@@ -151,6 +151,13 @@ class TokenizeRequest(_Body):
     messages: list[ChatMessage] | None = None
 
 
+class UpdateWeightsRequest(_Body):
+    """POST /update_weights_from_disk (SGLang's): the checkpoint whose weights replace the served ones."""
+
+    model_path: str
+    load_format: str | None = None
+
+
 class DetokenizeRequest(_Body):
     """POST /detokenize (vLLM's)."""
 

@@ -1,0 +1,55 @@
+"""Weights replaced in a running engine, as reinforcement-learning loops need (``LLM.load_weights``,
+``POST /update_weights_from_disk``): a training checkpoint saved at tp=2 and loaded into an LLM at
+tp=3 gives, bit for bit in deterministic mode, the logits and tokens of that checkpoint loaded
+afresh at tp=1, with no stale prefix-cache hit; another model is refused and the weights stay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import cli
+
+from tensorpar import LLM, SamplingParams
+from tensorpar.errors import TensorparError
+from tensorpar.layers import deterministic
+
+PROMPT = "The weights of a newer training step, loaded in place"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_chat_checkpoint):
+    """Two steps of the tiny chat model at tp=2 with a large learning rate, saved."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 100)
+    r = cli("train", "--model", str(tiny_chat_checkpoint), "--data", str(corpus), "--steps", "2", "--seq-len", "16",
+            "--batch", "2", "--tp", "2", "--lr", "0.05", "--save", str(root / "ckpt"), "--quiet", timeout=200)
+    assert r.returncode == 0, r.stderr
+    return next((root / "ckpt").glob("step-*"))
+
+
+@pytest.fixture
+def restores_the_mode():
+    yield
+    deterministic.enable(False)
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_saved_at_tp2_loads_into_a_running_tp3_llm_bit_for_bit(tiny_chat_checkpoint, tiny_moe_chat_checkpoint,
+                                                                          trained, restores_the_mode):
+    with LLM(str(trained), tp=1, deterministic=True, progress=False) as fresh:
+        want = fresh.generate([PROMPT], max_new_tokens=16, ignore_eos=True)[0]
+        want_logits = fresh.score([list(want.prompt_token_ids) + list(want.token_ids)])[0]
+    with LLM(str(tiny_chat_checkpoint), tp=3, deterministic=True, progress=False) as llm:
+        before = llm.generate([PROMPT], max_new_tokens=16, ignore_eos=True)[0]  # (its prompt's blocks now cached)
+        with pytest.raises(TensorparError, match="holds another model than the one loaded: architecture: "):
+            llm.load_weights(tiny_moe_chat_checkpoint)
+        assert llm.generate([PROMPT], max_new_tokens=16, ignore_eos=True)[0].token_ids == before.token_ids
+        assert llm.load_weights(trained) > 0
+        run = llm.generate_full([PROMPT], SamplingParams(max_new_tokens=16, ignore_eos=True))
+        after = run.completions[0]
+        logits = llm.score([list(after.prompt_token_ids) + list(after.token_ids)])[0]
+    assert run.cache["prefix_cache_hits"] == 0  # the old weights' keys and values were forgotten
+    assert before.token_ids != want.token_ids  # the training steps changed the answer
+    assert after.token_ids == want.token_ids
+    assert torch.equal(logits, want_logits), (logits - want_logits).abs().max()
