@@ -56,6 +56,21 @@ def tiny_moe_chat_checkpoint(tmp_path_factory) -> Path:
     return write_chat_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen2-moe-chat", "qwen2_moe")
 
 
+@pytest.fixture(scope="session")
+def trained_chat_checkpoint(tmp_path_factory, tiny_chat_checkpoint) -> Path:
+    """The tiny chat model after two training steps at tp=2 with a large learning rate, saved
+    (a tensorpar checkpoint, tokenizer included): its answers differ from the tiny chat model's."""
+    from helpers import cli
+
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 100)
+    r = cli("train", "--model", str(tiny_chat_checkpoint), "--data", str(corpus), "--steps", "2", "--seq-len", "16",
+            "--batch", "2", "--tp", "2", "--lr", "0.05", "--save", str(root / "ckpt"), "--quiet", timeout=200)
+    assert r.returncode == 0, r.stderr
+    return next((root / "ckpt").glob("step-*"))
+
+
 @pytest.fixture(scope="module")
 def rank_pool():
     """Ranks shared by a module's tests: ``rank_pool(n)`` is a group of ``n`` ranks, launched on

@@ -407,3 +407,42 @@ def client_text(llm, token: int) -> str:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(llm.spec.model).decode([token])
+
+
+@pytest.mark.timeout(300)
+def test_update_weights_from_disk_waits_for_running_streams_then_serves_the_new_checkpoint(
+        tiny_chat_checkpoint, tiny_moe_chat_checkpoint, trained_chat_checkpoint):
+    """SGLang's route, as RL loops call it: at tp=3 in deterministic mode, a stream running when
+    the reload is asked for ends on the old weights; afterwards the server answers as the trained
+    checkpoint does at tp=1; another model is refused with a 400 and nothing changes."""
+    proc, base = start_server(tiny_chat_checkpoint, "--tp", "3", "--deterministic")
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        model = str(tiny_chat_checkpoint)
+
+        def complete(max_tokens=12):
+            return client.completions.create(model=model, prompt="Once upon a time", max_tokens=max_tokens,
+                                             temperature=0).choices[0].text
+
+        old, old_long = complete(), complete(64)
+        refused = httpx.post(f"{base}/update_weights_from_disk", json={"model_path": str(tiny_moe_chat_checkpoint)},
+                             timeout=60)
+        assert refused.status_code == 400 and refused.json()["success"] is False
+        assert "holds another model than the one loaded" in refused.json()["message"]
+        assert complete() == old
+        stream = client.completions.create(model=model, prompt="Once upon a time", max_tokens=64, temperature=0,
+                                           stream=True)
+        chunks = iter(stream)
+        first = next(chunks).choices[0].text  # running now
+        answers = {}
+        reload = threading.Thread(target=lambda: answers.update(r=httpx.post(
+            f"{base}/update_weights_from_disk", json={"model_path": str(trained_chat_checkpoint)}, timeout=120)))
+        reload.start()
+        assert first + "".join(ch.choices[0].text for ch in chunks if ch.choices) == old_long
+        reload.join(timeout=120)
+        assert answers["r"].status_code == 200 and answers["r"].json()["success"] is True, answers["r"].text
+        want = generate(str(trained_chat_checkpoint), "Once upon a time", "--tp", "1", "--deterministic")
+        assert complete() == want["text"] != old
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()

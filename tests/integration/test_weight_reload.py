@@ -7,25 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import cli
 
 from tensorpar import LLM, SamplingParams
 from tensorpar.errors import TensorparError
 from tensorpar.layers import deterministic
 
 PROMPT = "The weights of a newer training step, loaded in place"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_chat_checkpoint):
-    """Two steps of the tiny chat model at tp=2 with a large learning rate, saved."""
-    root = tmp_path_factory.mktemp("trained")
-    corpus = root / "corpus.txt"
-    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 100)
-    r = cli("train", "--model", str(tiny_chat_checkpoint), "--data", str(corpus), "--steps", "2", "--seq-len", "16",
-            "--batch", "2", "--tp", "2", "--lr", "0.05", "--save", str(root / "ckpt"), "--quiet", timeout=200)
-    assert r.returncode == 0, r.stderr
-    return next((root / "ckpt").glob("step-*"))
 
 
 @pytest.fixture
@@ -36,7 +23,8 @@ def restores_the_mode():
 
 @pytest.mark.timeout(300)
 def test_a_checkpoint_saved_at_tp2_loads_into_a_running_tp3_llm_bit_for_bit(tiny_chat_checkpoint, tiny_moe_chat_checkpoint,
-                                                                          trained, restores_the_mode):
+                                                                          trained_chat_checkpoint, restores_the_mode):
+    trained = trained_chat_checkpoint
     with LLM(str(trained), tp=1, deterministic=True, progress=False) as fresh:
         want = fresh.generate([PROMPT], max_new_tokens=16, ignore_eos=True)[0]
         want_logits = fresh.score([list(want.prompt_token_ids) + list(want.token_ids)])[0]
