@@ -123,3 +123,29 @@ def test_stages_backend_threads_prefix_hits_and_preemption_change_no_bit(tiny_ch
         assert other_tokens == tokens, name  # token ids and log-probabilities, floats compared exactly
         for a, b in zip(other_logits, logits):
             assert torch.equal(a, b), (name, (a - b).abs().max())
+
+
+@pytest.mark.timeout(300)
+def test_the_trainers_logprobs_equal_the_engines_prompt_logprobs_at_another_degree(tiny_chat_checkpoint,
+                                                                                  restores_the_mode):
+    """Reinforcement learning's parity: the per-token log-probabilities a trainer at tp=2 computes
+    for rollouts equal, by ``==``, the ``prompt_logprobs`` an engine at tp=3 returns for them."""
+    from tensorpar import SamplingParams
+    from tensorpar.distributed.ranks import SpawnedRanks
+    from tensorpar.train.trainer import TrainConfig, Trainer, TrainSpec
+
+    model = str(tiny_chat_checkpoint)
+    with LLM(model, tp=3, deterministic=True, progress=False) as llm:
+        rollouts = [list(c.prompt_token_ids) + list(c.token_ids)
+                    for c in llm.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)]
+        scored = llm.generate_full(rollouts, SamplingParams(max_new_tokens=0, prompt_logprobs=0)).completions
+    engine = [[logprob for _, logprob, _ in c.prompt_logprobs[1:]] for c in scored]
+    spec = TrainSpec.resolve(TrainConfig(data=__file__, model=model, tp=2, steps=1, seq_len=16, batch=2,
+                                         deterministic=True, timeout_s=120.0))
+    ranks = SpawnedRanks(2, Trainer, (spec, torch.randint(0, 1000, (256,))), timeout_s=120)
+    try:
+        trainer = ranks.call("token_logprobs", rollouts)
+    finally:
+        ranks.close()
+    assert [len(t) for t in trainer] == [len(r) - 1 for r in rollouts]
+    assert trainer == engine  # floats, compared exactly

@@ -96,6 +96,11 @@ def logsumexp(x: torch.Tensor) -> torch.Tensor:
     return (m + torch.log(total)).squeeze(-1)
 
 
+def logsumexp_rows(x: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(x))) over the last dimension: in this mode the fixed-order ``logsumexp``, else torch's."""
+    return logsumexp(x) if enabled() else torch.logsumexp(x, dim=-1)
+
+
 def grid_product(x: torch.Tensor, layer) -> torch.Tensor:
     """A row-parallel layer's Y = X A + b over its reduction grid (module docstring):
     x [..., in_local] -> [..., out]. ``layer.grid``: (global chunk, local columns) of each chunk

@@ -52,11 +52,9 @@ PromptToken = tuple[int, float | None, list[tuple[int, float]]]  # (token id, it
 
 def logsumexp(x):
     """torch's over the last dimension, or in deterministic mode the fixed-order one."""
-    import torch
+    from tensorpar.layers.deterministic import logsumexp_rows
 
-    from tensorpar.layers import deterministic
-
-    return deterministic.logsumexp(x) if deterministic.enabled() else torch.logsumexp(x, dim=-1)
+    return logsumexp_rows(x)
 
 
 def score_prompt(logits, prompt: list[int], top: int) -> list[PromptToken]:

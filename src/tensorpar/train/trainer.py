@@ -20,7 +20,7 @@ from tensorpar.distributed.dims import ParallelDims
 from tensorpar.distributed.groups import DEFAULT_TIMEOUT_S, ParallelContext
 from tensorpar.distributed.mesh import build_mesh, destroy_mesh
 from tensorpar.errors import TensorparError
-from tensorpar.layers import vocab_parallel_cross_entropy
+from tensorpar.layers import deterministic, vocab_parallel_cross_entropy
 from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.loader import build_model, fill_parameter
 from tensorpar.loading.tensorpar_checkpoint import ShardedCheckpointSource, find_checkpoint
@@ -59,6 +59,7 @@ class TrainConfig:
     resume: str | None = None
     device: str = "cpu"
     timeout_s: float = 5 * DEFAULT_TIMEOUT_S
+    deterministic: bool = False  # ``layers.deterministic``: the forward pass computed as the engine's, bit for bit
 
     def validate(self) -> None:
         for name in ("dp", "steps", "seq_len", "batch"):
@@ -80,6 +81,8 @@ class TrainConfig:
         replica_rows(self.batch, self.dp, 0)
         if self.data is None:
             raise TensorparError("--data FILE.txt is required")
+        if self.deterministic and self.device != "cpu":
+            raise TensorparError(f"--deterministic runs on CPU only, not --device {self.device}")
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class Trainer:
         self.spec, self.config, self.model_name = spec, spec.config, spec.model_name
         self.mesh = build_mesh(world, spec.dims.tp, spec.dims.dp, cfg.timeout_s)
         self.step_done = spec.start_step
+        deterministic.enable(cfg.deterministic)  # (before the model is split: it sets the split)
         source = ShardedCheckpointSource(spec.checkpoint) if spec.checkpoint else training_source(cfg.model, cfg.seed)
         self.tokenizer = source.tokenizer() if world.rank == 0 else None
         self.model = build_model(source, self.mesh.tp, trainable=True)
@@ -241,6 +245,28 @@ class Trainer:
     def run_steps(self, n: int) -> list[dict]:
         """``n`` optimizer steps (see ``train_step``)."""
         return [self.train_step() for _ in range(n)]
+
+    @torch.no_grad()
+    def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]] | None:
+        """Each sequence's log p(token t | tokens before it), t = 1..n-1, as the current weights
+        give them (on rank 0; None elsewhere): in deterministic mode bitwise equal to the
+        ``prompt_logprobs`` an engine of the same weights returns at any degree (the same
+        kernels, reductions and log-softmax), as reinforcement learning's importance ratios need."""
+        out = []
+        set_sequence_parallel(self.model, False)  # (whole sequences, no dropout)
+        self.model.eval()
+        try:
+            for ids in sequences:
+                x = torch.tensor([ids], dtype=torch.long, device=self.mesh.tp.device)
+                logits = self.model.lm_head.logits_to_leader(self.model(x))  # [1, S, vocab] on rank 0
+                if logits is not None:
+                    logits = logits[0, :-1].float()  # [S - 1, vocab]
+                    chosen = logits.gather(1, x[0, 1:, None].to(logits.device))[:, 0]
+                    out.append((chosen - deterministic.logsumexp_rows(logits)).tolist())
+        finally:
+            set_sequence_parallel(self.model, self.spec.sequence_parallel)
+            self.model.train()
+        return out if self.mesh.world.rank == 0 else None
 
     # ------------------------------------------------------------------ state
 
