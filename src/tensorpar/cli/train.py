@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
                         "start afresh (a job that torchrun restarts, at whatever world size is left, continues)")
     p.add_argument("--out", default="train-out", help="where losses.json and losses.png go (default: %(default)s)")
     add_device(p)
+    p.add_argument("--deterministic", action="store_true",
+                   help="losses and gradients bitwise equal at every --tp, logits equal to an engine's (README)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may wait (default: 300)")
     add_json(p)
     add_quiet(p)
@@ -51,7 +53,7 @@ def run(args) -> int:
         data=args.data, model=args.model, tp=args.tp, dp=args.dp, sp=args.sp, steps=args.steps,
         seq_len=args.seq_len, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, dropout=args.dropout, seed=args.seed, save=args.save, save_every=args.save_every,
-        resume=args.resume, device=args.device, timeout_s=args.timeout,
+        resume=args.resume, device=args.device, timeout_s=args.timeout, deterministic=args.deterministic,
     )
     result = run_training(cfg, args.out, progress=not (args.quiet or args.json))
     if result is None:  # a torchrun rank other than 0

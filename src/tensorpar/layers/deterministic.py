@@ -90,7 +90,7 @@ def logsumexp(x: torch.Tensor) -> torch.Tensor:
     (exact in any order), then the sum of exp(x - max) on the kernel, padded with zeros to the key
     grid (torch's reduction may split a row differently as the number of rows changes)."""
     m = x.amax(-1, keepdim=True)
-    e = torch.exp(x - m).reshape(-1, x.shape[-1])
+    e = torch.ops.tensorpar.exp_rows(x.reshape(-1, x.shape[-1]), m.reshape(-1))  # (scalar: no vector tails)
     e = F.pad(e, (0, -e.shape[-1] % KEY_GRID))
     total = linear(e, e.new_ones(1, e.shape[-1])).view(*x.shape[:-1], 1)
     return (m + torch.log(total)).squeeze(-1)
@@ -105,29 +105,40 @@ def grid_product(x: torch.Tensor, layer) -> torch.Tensor:
     """A row-parallel layer's Y = X A + b over its reduction grid (module docstring):
     x [..., in_local] -> [..., out]. ``layer.grid``: (global chunk, local columns) of each chunk
     this rank holds."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])  # [T, in_local]
-    spans, order, most = _grid_plan(layer)
-    parts = torch.ops.tensorpar.chunk_products(x2, layer.weight, spans)  # [chunks here, T, out]
-    if layer.ctx.world_size > 1:
-        if parts.shape[0] < most:  # equal shapes for the gather
-            parts = torch.cat([parts, parts.new_zeros(most - parts.shape[0], *parts.shape[1:])])
-        parts = all_gather_dim(parts, layer.ctx, 0)  # [world * most, T, out]
-    y = torch.ops.tensorpar.ordered_sum(parts.index_select(0, order))  # chunk 0 + chunk 1 + ...
+    y = grid_sum(x.reshape(-1, x.shape[-1]), layer.weight, layer.grid, layer, "_grid_plan")  # [T, out]
     if layer.bias is not None:
         y += layer.bias
-    return y.view(*lead, layer.out_features)
+    return y.view(*x.shape[:-1], layer.out_features)
 
 
-def _grid_plan(layer) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """This rank's chunk spans [chunks, 2]; where each global chunk lies among the partials the
-    group gathers, in chunk order; and the most chunks a rank holds (the gather's padding). Made
-    once per layer (the group's chunks: one gather)."""
-    plan = getattr(layer, "_grid_plan", None)
+def grid_sum(x: torch.Tensor, weight: torch.Tensor, grid: list, owner, name: str) -> torch.Tensor:
+    """sum over the chunks c of ``grid`` of x[:, c] W[:, c]^T, in the order of their global keys:
+    x [T, K_local], W [N, K_local] -> [T, N] on every rank of ``owner.ctx``. ``grid``: (global key,
+    local columns) of each chunk this rank holds; a key several ranks hold (a replicated KV head)
+    counts once. Each rank computes its chunks' partial products, the group gathers them, and
+    every rank adds them in key order; the plan is kept on ``owner`` as ``name``."""
+    spans, order, most = _grid_plan(owner, grid, name)
+    parts = torch.ops.tensorpar.chunk_products(x, weight, spans)  # [chunks here, T, N]
+    if owner.ctx.world_size > 1:
+        if parts.shape[0] < most:  # equal shapes for the gather
+            parts = torch.cat([parts, parts.new_zeros(most - parts.shape[0], *parts.shape[1:])])
+        parts = all_gather_dim(parts, owner.ctx, 0)  # [world * most, T, N]
+    return torch.ops.tensorpar.ordered_sum(parts.index_select(0, order))  # chunk 0 + chunk 1 + ...
+
+
+def _grid_plan(owner, grid: list, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """This rank's chunk spans [chunks, 2]; where each global key's partial lies among those the
+    group gathers (its first holder's), in key order; and the most chunks a rank holds (the
+    gather's padding). Made once per grid (the group's keys: one gather)."""
+    plan = getattr(owner, name, None)
     if plan is None:
-        spans = torch.tensor([[s.start, s.stop] for _, s in layer.grid], dtype=torch.long).view(-1, 2)
-        chunks = all_gather_object([g for g, _ in layer.grid], layer.ctx)
-        most = max(len(c) for c in chunks)
-        slots = {g: r * most + i for r, owned in enumerate(chunks) for i, g in enumerate(owned)}
-        plan = layer._grid_plan = (spans, torch.tensor([slots[g] for g in sorted(slots)], dtype=torch.long), most)
+        spans = torch.tensor([[s.start, s.stop] for _, s in grid], dtype=torch.long).view(-1, 2)
+        keys = all_gather_object([g for g, _ in grid], owner.ctx)
+        most = max(len(k) for k in keys)
+        slots: dict = {}
+        for r, owned in enumerate(keys):
+            for i, g in enumerate(owned):
+                slots.setdefault(g, r * most + i)
+        plan = (spans, torch.tensor([slots[g] for g in sorted(slots)], dtype=torch.long), most)
+        setattr(owner, name, plan)
     return plan

@@ -11,6 +11,7 @@ from torch import nn
 
 from tensorpar.distributed.collectives import copy_to_tp, gather, gather_from_tp, reduce_from_tp, reduce_scatter_seq
 from tensorpar.distributed.groups import ParallelContext
+from tensorpar.layers import deterministic, deterministic_grads
 from tensorpar.layers.linear import gathered_linear
 from tensorpar.layers.quant import embedding, linear
 from tensorpar.layers.pieces import Piece
@@ -68,6 +69,7 @@ class ParallelLMHead(nn.Module):
     """
 
     sequence_parallel = False
+    out_grid: list[tuple[tuple, range]] = []  # deterministic mode: (global chunk, local rows) of each vocabulary chunk
 
     def __init__(self, span: range, shard_sizes: list[int], dim: int, ctx: ParallelContext, part: str):
         super().__init__()
@@ -90,6 +92,8 @@ class ParallelLMHead(nn.Module):
         # h: [..., dim] or [B, S/p, dim] (sequence-parallel) -> [..., len(span)]
         if self.sequence_parallel:
             return gathered_linear(h, self.weight, None, self.ctx)
+        if deterministic.enabled() and deterministic_grads.wanted(h, self.weight):
+            return deterministic_grads.column(h, self)
         return linear(copy_to_tp(h, self.ctx), self.weight)
 
     def _padded(self, local: torch.Tensor) -> torch.Tensor:

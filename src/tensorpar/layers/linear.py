@@ -24,7 +24,7 @@ from tensorpar.distributed.collectives import (
     reduce_scatter_seq,
 )
 from tensorpar.distributed.groups import ParallelContext
-from tensorpar.layers import deterministic, fused
+from tensorpar.layers import deterministic, deterministic_grads, fused
 from tensorpar.layers.pieces import Piece, split_pieces
 from tensorpar.layers.quant import linear
 
@@ -96,6 +96,7 @@ class ColumnParallelLinear(nn.Module):
     """
 
     sequence_parallel = False
+    out_grid: list[tuple[tuple, range]] = []  # deterministic mode: (global chunk, local rows) of each output chunk
 
     def __init__(
         self, in_features: int, segments: list[Segment], bias: bool, ctx: ParallelContext
@@ -112,6 +113,8 @@ class ColumnParallelLinear(nn.Module):
         # x: [..., in] (replicated) or [B, S/p, in] (sequence-parallel) -> [..., out_local]
         if self.sequence_parallel:
             return gathered_linear(x, self.weight, self.bias, self.ctx)
+        if deterministic.enabled() and deterministic_grads.wanted(x, self.weight):
+            return deterministic_grads.column(x, self, bias=self.bias)
         return linear(copy_to_tp(x, self.ctx), self.weight, self.bias)
 
     def pieces(self) -> dict[str, list[Piece]]:
@@ -152,6 +155,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_local] (sharded) -> [..., out] (replicated) or [B, S/p, out] (sequence-parallel)
         if deterministic.enabled() and self.reduce and not self.sequence_parallel:
+            if deterministic_grads.wanted(x, self.weight):
+                return deterministic_grads.row(x, self)
             return deterministic.grid_product(x, self)
         y = linear(x, self.weight)
         if not self.reduce:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.layers import decode_stack, deterministic, fused
+from tensorpar.layers import decode_stack, deterministic, deterministic_grads, fused
 from tensorpar.layers.attention import AttentionBatch, PackedBatch
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.feedforward import MLP, Experts, MoE, Router, activation, fused_linear  # noqa: F401
@@ -100,6 +100,10 @@ class Attention(nn.Module):
         """q [B, S, h, d], k and v [B, S, kv, d] (the new tokens') -> [B, S, h, d]."""
         keys, values = batch.keys_values(k, v, cache)  # [B, kv, L, d]
         gqa = self.num_heads != self.num_kv_heads
+        if deterministic.enabled() and deterministic_grads.wanted(q, keys):  # training: a backward in a fixed order too
+            mask, causal = batch.mask(self.sliding_window)
+            return deterministic_grads.attention(q.transpose(1, 2), keys, values, mask, causal, self.scale,
+                                                 self).transpose(1, 2)
         if gqa and deterministic.enabled():  # one key and value per query head: the same kernel at any grouping
             group = self.num_heads // self.num_kv_heads
             keys, values, gqa = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1), False  # [B, h, L, d]

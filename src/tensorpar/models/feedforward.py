@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.layers import fused
+from tensorpar.layers import deterministic, deterministic_grads, fused
 from tensorpar.models.config import ModelConfig
 
 
@@ -69,6 +69,8 @@ class MLP(nn.Module):
         if not self.gated:
             return self.down_proj(activation(self.act, self.up_proj(x), inplace=not torch.is_grad_enabled()))
         gate_up = self.gate_up_proj(x)
+        if deterministic.enabled() and deterministic_grads.wanted(gate_up) and self.act in fused.ACTIVATIONS:
+            return self.down_proj(deterministic_grads.glu(gate_up, self.act))
         if torch.is_grad_enabled():
             if self.act == "silu":
                 return self.down_proj(_SwiGLUFunction.apply(gate_up))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpar.layers import fused
+from tensorpar.layers import deterministic, deterministic_grads, fused
 from tensorpar.models.config import ModelConfig
 
 
@@ -47,6 +47,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused.active(x) and x.is_contiguous():
             return fused.rms_norm(x, self.weight, self.eps, self.offset)
+        if deterministic.enabled() and deterministic_grads.wanted(x, self.weight):
+            return deterministic_grads.rms_norm(x, self)
         w = self.weight if not self.offset else self.weight.float() + self.offset
         if x.dtype == torch.float32:
             if torch.is_grad_enabled() and not self.offset:

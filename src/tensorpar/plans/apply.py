@@ -40,7 +40,7 @@ from tensorpar.layers import (
     Segment,
     VocabParallelEmbedding,
 )
-from tensorpar.partition import even_split, even_splits, grid_split, head_rows, head_shard, slot_segments, vocab_shard
+from tensorpar.partition import even_split, grid_split, head_rows, head_shard, slot_segments, vocab_shard
 
 
 def _inner_split(n: int, cfg, ctx: ParallelContext) -> range:
@@ -51,10 +51,23 @@ def _inner_split(n: int, cfg, ctx: ParallelContext) -> range:
     return even_split(n, ctx.world_size, ctx.rank)
 
 
+def _chunks(key: tuple, span: range, chunk: int, first_row: int) -> list[tuple[tuple, range]]:
+    """Deterministic mode's grid over a column-parallel output (its backward sums dX over it):
+    ((key, global chunk), local rows) of each whole chunk of ``span``, whose rows start at ``first_row``."""
+    return [((*key, c), range(first_row + c * chunk - span.start, first_row + min((c + 1) * chunk, span.stop) - span.start))
+            for c in range(span.start // chunk, -(-span.stop // chunk))]
+
+
 def _colwise(name, module, parent, cfg, ctx: ParallelContext):
     parts = getattr(module, "fused_parts", ((name.rsplit(".", 1)[-1], module.out_features),))
     segs = [Segment(p, _inner_split(n, cfg, ctx)) for p, n in parts]
-    return ColumnParallelLinear(module.in_features, segs, module.bias is not None, ctx)
+    layer = ColumnParallelLinear(module.in_features, segs, module.bias is not None, ctx)
+    if deterministic.enabled():
+        row, layer.out_grid = 0, []
+        for i, ((_, n), seg) in enumerate(zip(parts, segs)):
+            layer.out_grid += _chunks((i,), seg.span, deterministic.grid_chunk(n, cfg.num_heads), row)
+            row += len(seg.span)
+    return layer
 
 
 def _rowwise(name, module, parent, cfg, ctx: ParallelContext):
@@ -78,7 +91,15 @@ def _colwise_heads(name, module, parent, cfg, ctx: ParallelContext):
     kv = head_rows(shard.kv_heads, cfg.head_dim)
     segs = _head_segments(q, shard, cfg.head_dim) + [Segment(k, kv), Segment(v, kv)]
     parent.num_heads, parent.num_kv_heads, parent.kv_heads = shard.num_slots, shard.num_kv, shard.kv_heads
-    return ColumnParallelLinear(module.in_features, segs, module.bias is not None, ctx)
+    layer = ColumnParallelLinear(module.in_features, segs, module.bias is not None, ctx)
+    if deterministic.enabled():  # a chunk per query head, then per key head, then per value head
+        d, slots = cfg.head_dim, len(shard.q_slots)
+        parent.q_slots, parent.q_per_kv = shard.q_slots, cfg.num_heads // cfg.num_kv_heads
+        layer.out_grid = [((0, h), range(i * d, (i + 1) * d)) for i, h in enumerate(shard.q_slots) if h is not None]
+        for part, first in ((1, slots), (2, slots + len(kv) // d)):
+            layer.out_grid += [((part, j), range((first + m) * d, (first + m + 1) * d))
+                               for m, j in enumerate(shard.kv_heads)]
+    return layer
 
 
 def _rowwise_heads(name, module, parent, cfg, ctx: ParallelContext):
@@ -97,15 +118,26 @@ def _rowwise_heads(name, module, parent, cfg, ctx: ParallelContext):
     return layer
 
 
+def _vocab_spans(cfg, ctx: ParallelContext) -> list[range]:
+    """Every rank's vocabulary rows: an even split, or in deterministic mode whole chunks of the
+    head's grid (``_chunks``)."""
+    if deterministic.enabled():
+        chunk = deterministic.grid_chunk(cfg.vocab_size, cfg.num_heads)
+        return [grid_split(cfg.vocab_size, chunk, ctx.world_size, r) for r in range(ctx.world_size)]
+    return [vocab_shard(cfg.vocab_size, ctx.world_size, r) for r in range(ctx.world_size)]
+
+
 def _vocab_embedding(name, module, parent, cfg, ctx: ParallelContext):
-    span = vocab_shard(cfg.vocab_size, ctx.world_size, ctx.rank)
+    span = _vocab_spans(cfg, ctx)[ctx.rank]
     return VocabParallelEmbedding(span, module.embedding_dim, ctx, name.rsplit(".", 1)[-1])
 
 
 def _vocab_head(name, module, parent, cfg, ctx: ParallelContext):
-    sizes = [len(s) for s in even_splits(cfg.vocab_size, ctx.world_size)]
-    span = vocab_shard(cfg.vocab_size, ctx.world_size, ctx.rank)
-    return ParallelLMHead(span, sizes, module.in_features, ctx, name.rsplit(".", 1)[-1])
+    spans = _vocab_spans(cfg, ctx)
+    head = ParallelLMHead(spans[ctx.rank], [len(s) for s in spans], module.in_features, ctx, name.rsplit(".", 1)[-1])
+    if deterministic.enabled():
+        head.out_grid = _chunks((0,), spans[ctx.rank], deterministic.grid_chunk(cfg.vocab_size, cfg.num_heads), 0)
+    return head
 
 
 def _experts(name, module, parent, cfg, ctx: ParallelContext, ep: int = 1, dispatch: str = "auto"):

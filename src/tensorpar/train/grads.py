@@ -8,7 +8,9 @@ After ``loss.backward()`` on each rank, three kinds of entries still differ from
    that rank's query heads only; under sequence parallelism a replicated tensor (norm weights,
    row-parallel biases) gets, on each rank, the gradient from that rank's sequence shard only.
    The true gradient is the sum over the holders: the partial tensors are scattered into full-size
-   buffers, summed over the tensor-parallel group in one all-reduce, and read back.
+   buffers, summed over the tensor-parallel group in one all-reduce, and read back. (In
+   deterministic mode a KV head's gradient is already whole on every holder,
+   ``layers.deterministic_grads``: nothing is partial.)
 3. **Data parallelism.** Each replica's loss is its share of the global mean (token losses
    summed, divided by the global token count), so the replicas' gradients are summed over the
    data-parallel group. The sums start while backward is still running (``DataParallelBuckets``);
@@ -22,6 +24,7 @@ import torch.distributed as dist
 
 from tensorpar.distributed.collectives import all_gather_object, all_reduce
 from tensorpar.distributed.mesh import Mesh
+from tensorpar.layers import deterministic
 from tensorpar.layers.pieces import model_pieces
 from tensorpar.models.registry import checkpoint_shapes
 
@@ -102,7 +105,7 @@ class GradientSync:
                 if pc.part is not None and pc.axis is not None:
                     held.setdefault(pp.full_name(pc), []).append((pc.span.start, pc.span.stop))
         partial = set()
-        if mesh.tp.world_size > 1:
+        if mesh.tp.world_size > 1 and not deterministic.enabled():
             merged: dict[str, list[tuple[int, int]]] = {}
             for rank_held in all_gather_object(held, mesh.tp):
                 for name, spans in rank_held.items():

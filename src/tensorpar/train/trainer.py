@@ -20,7 +20,7 @@ from tensorpar.distributed.dims import ParallelDims
 from tensorpar.distributed.groups import DEFAULT_TIMEOUT_S, ParallelContext
 from tensorpar.distributed.mesh import build_mesh, destroy_mesh
 from tensorpar.errors import TensorparError
-from tensorpar.layers import deterministic, vocab_parallel_cross_entropy
+from tensorpar.layers import deterministic, deterministic_grads, vocab_parallel_cross_entropy
 from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.loader import build_model, fill_parameter
 from tensorpar.loading.tensorpar_checkpoint import ShardedCheckpointSource, find_checkpoint
@@ -81,8 +81,13 @@ class TrainConfig:
         replica_rows(self.batch, self.dp, 0)
         if self.data is None:
             raise TensorparError("--data FILE.txt is required")
-        if self.deterministic and self.device != "cpu":
-            raise TensorparError(f"--deterministic runs on CPU only, not --device {self.device}")
+        if self.deterministic:
+            why = [what for what, off in ((f"--device {self.device} (CPU only)", self.device == "cpu"),
+                                          ("--sp", not self.sp), (f"--dp {self.dp} (at most 2)", self.dp <= 2),
+                                          ("--dropout", not self.dropout),
+                                          ("--label-smoothing", not self.label_smoothing)) if not off]
+            if why:
+                raise TensorparError("train --deterministic does not cover " + ", ".join(why) + " yet")
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,10 @@ class Trainer:
         if self.model.lm_head.sequence_parallel:
             inputs, labels = pad_sequence(inputs, labels, self.mesh.tp.world_size)
         hidden = self.model(inputs)  # [B, S, hidden], or [B, S/tp, hidden] under sequence parallelism
+        if deterministic.enabled():  # whole logits on every rank; the loss summed in one order
+            losses = deterministic_grads.cross_entropy(self.model.lm_head(hidden), labels, IGNORE_INDEX)
+            count = all_reduce((labels != IGNORE_INDEX).sum().float(), self.mesh.dp)
+            return deterministic_grads.total(losses) / count, count
         logits = self.model.lm_head.local_logits(hidden)  # [B, S, vocab_local]
         losses = vocab_parallel_cross_entropy(
             logits, labels, self.model.lm_head.span, self.config.vocab_size, self.mesh.tp,

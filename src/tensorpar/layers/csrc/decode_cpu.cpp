@@ -115,6 +115,53 @@ void glu_impl(const at::Tensor& gate_up, at::Tensor& out, int64_t act) {
 
 namespace tensorpar {
 
+// the gradient of glu: d[gate, up] [..., 2i] from grad [..., i], float32, element by element
+// (scalar code: a value does not depend on where in a row, or on which thread, it falls)
+at::Tensor glu_backward(const at::Tensor& gate_up, const at::Tensor& grad, int64_t act) {
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.scalar_type() == at::kFloat && gate_up.size(-1) % 2 == 0,
+              "glu_backward: contiguous float32 [..., 2i]");
+  const auto gc = grad.contiguous();
+  TORCH_CHECK(gc.numel() * 2 == gate_up.numel() && gc.scalar_type() == at::kFloat, "glu_backward: grad [..., i]");
+  const int64_t i2 = gate_up.size(-1), n = i2 / 2, rows = gate_up.numel() / i2;
+  auto out = at::empty_like(gate_up);
+  const float* gp = gate_up.data_ptr<float>();
+  const float* dy = gc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows * n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t r = j / n, c = j % n;
+      const float g = gp[r * i2 + c], u = gp[r * i2 + n + c];
+      float a, da;
+      if (act == 0) {  // silu: a = g s, a' = s (1 + g (1 - s)), s = sigmoid(g)
+        const float s = 1.f / (1.f + std::exp(-g));
+        a = g * s;
+        da = s * (1.f + g * (1.f - s));
+      } else {  // gelu, tanh approximation
+        const float k = 0.7978845608028654f, t = std::tanh(k * (g + 0.044715f * g * g * g));
+        a = 0.5f * g * (1.f + t);
+        da = 0.5f * (1.f + t) + 0.5f * g * (1.f - t * t) * k * (1.f + 3.f * 0.044715f * g * g);
+      }
+      op[r * i2 + c] = dy[j] * u * da;
+      op[r * i2 + n + c] = dy[j] * a;
+    }
+  });
+  return out;
+}
+
+// exp(x - shift) [N, V] for x [N, V] and shift [N], float32, element by element (scalar code)
+at::Tensor exp_rows(const at::Tensor& x, const at::Tensor& shift) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && shift.numel() == x.size(0), "exp_rows: x [N, V], shift [N]");
+  const auto xc = x.contiguous(), sc = shift.to(at::kFloat).contiguous();
+  auto out = at::empty_like(xc);
+  const int64_t V = x.size(1);
+  const float *xp = xc.data_ptr<float>(), *sp = sc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, xc.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) op[j] = std::exp(xp[j] - sp[j / V]);
+  });
+  return out;
+}
+
 at::Tensor glu(const at::Tensor& gate_up, int64_t act) {
   TORCH_CHECK(gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0, "glu: contiguous [..., 2i] only");
   auto sizes = gate_up.sizes().vec();
@@ -286,6 +333,8 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor k_cache, at::Tenso
 TORCH_LIBRARY(tensorpar, m) {
   m.def("rms_norm(Tensor(a!) x, Tensor? residual, Tensor weight, float eps, float offset) -> Tensor");
   m.def("glu(Tensor gate_up, int act) -> Tensor");
+  m.def("glu_backward(Tensor gate_up, Tensor grad, int act) -> Tensor");
+  m.def("exp_rows(Tensor x, Tensor shift) -> Tensor");
   m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor blocks, Tensor positions, "
         "Tensor? cos, Tensor? sin, Tensor? q_norm, Tensor? k_norm, int num_heads, int num_kv_heads, int head_dim, "
         "float scale, int window, float norm_eps, float norm_offset) -> Tensor");
@@ -294,5 +343,7 @@ TORCH_LIBRARY(tensorpar, m) {
 TORCH_LIBRARY_IMPL(tensorpar, CPU, m) {
   m.impl("rms_norm", tensorpar::rms_norm);
   m.impl("glu", tensorpar::glu);
+  m.impl("glu_backward", tensorpar::glu_backward);
+  m.impl("exp_rows", tensorpar::exp_rows);
   m.impl("decode_attention", tensorpar::decode_attention);
 }

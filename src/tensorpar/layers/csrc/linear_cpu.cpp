@@ -378,6 +378,75 @@ at::Tensor grid_attention(const at::Tensor& q, const at::Tensor& keys, const at:
   return out;
 }
 
+// the gradients of grid_attention: (dq, dkeys, dvalues) from grad_out [B, h, S, d]. Each head
+// runs on one thread, query after query: the probabilities p are recomputed as the forward
+// computes them; dp[l] = grad_out . v_l; ds = p (dp - sum_l p dp) * scale; dq sums key after key,
+// dkeys and dvalues query after query: one order that no shape or thread count changes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grid_attention_backward(const at::Tensor& q, const at::Tensor& keys,
+                                                                      const at::Tensor& values, const at::Tensor& visible,
+                                                                      double scale, const at::Tensor& grad) {
+  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes() && grad.sizes() == q.sizes() &&
+                  q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat,
+              "grid_attention_backward: float32 q and grad [B, h, S, d], keys and values [B, h, L, d]");
+  const auto qc = q.contiguous(), kc = keys.contiguous(), vc = values.contiguous(), gc = grad.contiguous();
+  const auto mc = visible.to(at::kBool).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), L = keys.size(2);
+  TORCH_CHECK(mc.dim() == 3 && mc.size(1) == S && mc.size(2) == L && (mc.size(0) == 1 || mc.size(0) == B),
+              "grid_attention_backward: visible [B or 1, S, L]");
+  auto dq = at::zeros_like(qc), dk = at::zeros_like(kc), dv = at::zeros_like(vc);
+  const float *qp = qc.data_ptr<float>(), *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>(), *gp = gc.data_ptr<float>();
+  const bool* mp = mc.data_ptr<bool>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> e(L), dp(L);
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const int64_t b = bh / H;
+      const float* kb = kp + bh * L * D;
+      const float* vb = vp + bh * L * D;
+      float* dkb = dkp + bh * L * D;
+      float* dvb = dvp + bh * L * D;
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t r = bh * S + s;
+        const float* qi = qp + r * D;
+        const float* gi = gp + r * D;
+        float* dqi = dqp + r * D;
+        const bool* m = mp + ((mc.size(0) == 1 ? 0 : b) * S + s) * L;
+        float best = -INFINITY;
+        for (int64_t l = 0; l < L; ++l) {
+          float dot = 0.f;
+          for (int64_t c = 0; c < D; ++c) dot += qi[c] * kb[l * D + c];
+          e[l] = m[l] ? dot * sc : -INFINITY;
+          best = std::max(best, e[l]);
+        }
+        float total = 0.f;
+        for (int64_t l = 0; l < L; ++l) {
+          e[l] = m[l] ? std::exp(e[l] - best) : 0.f;
+          total += e[l];
+        }
+        float rowdot = 0.f;
+        for (int64_t l = 0; l < L; ++l) {
+          if (!m[l]) continue;
+          float g = 0.f;
+          for (int64_t c = 0; c < D; ++c) g += gi[c] * vb[l * D + c];
+          dp[l] = g;
+          rowdot += (e[l] / total) * g;
+        }
+        for (int64_t l = 0; l < L; ++l) {
+          if (!m[l]) continue;
+          const float p = e[l] / total, ds = p * (dp[l] - rowdot) * sc;
+          for (int64_t c = 0; c < D; ++c) {
+            dqi[c] += ds * kb[l * D + c];
+            dkb[l * D + c] += ds * qi[c];
+            dvb[l * D + c] += p * gi[c];
+          }
+        }
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
 // parts [C, ...] -> parts[0] + parts[1] + ... + parts[C - 1], added in that order
 at::Tensor ordered_sum(const at::Tensor& parts) {
   TORCH_CHECK(parts.dim() >= 1 && parts.size(0) >= 1 && parts.scalar_type() == at::kFloat, "ordered_sum: float32 [C, ...]");
@@ -457,6 +526,7 @@ TORCH_LIBRARY_FRAGMENT(tensorpar, m) {
   m.def("chunk_products(Tensor x, Tensor weight, Tensor spans) -> Tensor");
   m.def("ordered_sum(Tensor parts) -> Tensor");
   m.def("grid_attention(Tensor q, Tensor keys, Tensor values, Tensor visible, float scale) -> Tensor");
+  m.def("grid_attention_backward(Tensor q, Tensor keys, Tensor values, Tensor visible, float scale, Tensor grad) -> (Tensor, Tensor, Tensor)");
   m.def("codes_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, int group, int bits, bool quantize_x) -> Tensor");
   m.def("vnni() -> bool", []() { return VNNI; });
 }
@@ -466,5 +536,6 @@ TORCH_LIBRARY_IMPL(tensorpar, CPU, m) {
   m.impl("chunk_products", tensorpar::chunk_products);
   m.impl("ordered_sum", tensorpar::ordered_sum);
   m.impl("grid_attention", tensorpar::grid_attention);
+  m.impl("grid_attention_backward", tensorpar::grid_attention_backward);
   m.impl("codes_linear", tensorpar::codes_linear);
 }
