@@ -43,6 +43,13 @@ def test_logits_are_bitwise_equal_at_every_degree(tiny_chat_checkpoint, restores
 
 
 def test_what_it_does_not_cover_is_refused_before_any_rank_starts(tiny_chat_checkpoint, tiny_moe_chat_checkpoint):
+    from tensorpar.train.trainer import TrainConfig, TrainSpec
+
+    with pytest.raises(TensorparError, match=r"^train --deterministic does not cover --dp 3 \(at most 2\), --dropout yet$"):
+        TrainConfig(data=__file__, dp=3, batch=6, dropout=0.1, deterministic=True).validate()
+    with pytest.raises(TensorparError, match=r"^train --deterministic --sp needs a --seq-len that --tp 3 divides"):
+        TrainSpec.resolve(TrainConfig(data=__file__, model=str(tiny_chat_checkpoint), tp=3, sp=True, seq_len=16,
+                                      deterministic=True))
     with pytest.raises(TensorparError, match=r"^--deterministic does not cover --dtype bfloat16 \(float32 only\) yet$"):
         EngineArgs(str(tiny_chat_checkpoint), tp=2, deterministic=True, dtype="bfloat16").resolve()
     r = cli("generate", "--model", str(tiny_moe_chat_checkpoint), "--deterministic", "--quantization", "int8",
@@ -149,3 +156,41 @@ def test_the_trainers_logprobs_equal_the_engines_prompt_logprobs_at_another_degr
         ranks.close()
     assert [len(t) for t in trainer] == [len(r) - 1 for r in rollouts]
     assert trainer == engine  # floats, compared exactly
+
+
+def _train(model: str, tp: int, steps: int, dp: int = 1, sp: bool = False, save: str | None = None,
+           resume: str | None = None):
+    """``steps`` deterministic steps at ``tp`` x ``dp`` (``sp``: with sequence parallelism):
+    their losses, the full weights after, and the checkpoint saved (``save``)."""
+    from tensorpar.distributed.ranks import SpawnedRanks
+    from tensorpar.train.trainer import TrainConfig, Trainer, TrainSpec
+
+    spec = TrainSpec.resolve(TrainConfig(data=__file__, model=model, tp=tp, dp=dp, sp=sp, steps=5, seq_len=12, batch=4,
+                                         lr=1e-2, deterministic=True, resume=resume, timeout_s=120.0))
+    tokens = torch.randint(0, 1000, (2000,), generator=torch.Generator().manual_seed(0))
+    ranks = SpawnedRanks(tp * dp, Trainer, (spec, tokens), timeout_s=120)
+    try:
+        losses = [s["loss"] for s in ranks.call("run_steps", steps)]
+        return losses, ranks.call("full_tensors", "model"), ranks.call("save", save) if save else None
+    finally:
+        ranks.close()
+
+
+@pytest.mark.timeout(400)
+def test_training_is_bitwise_equal_at_tp_1_2_3_and_resumes_at_another_degree_as_if_never_stopped(
+        tiny_chat_checkpoint, tmp_path, restores_the_mode):
+    """5 steps at tp=1; 2 at tp=2, saved, and 3 more resumed at tp=3 with sequence parallelism:
+    the losses equal by ``==`` and the weights after by ``torch.equal`` (6 query heads over 2 KV
+    heads: at tp=3 a KV head is held by two ranks); and 2 steps of two data-parallel replicas at
+    tp=1 and at tp=2 with sequence parallelism."""
+    model = str(tiny_chat_checkpoint)
+    losses, weights, _ = _train(model, 1, 5)
+    first, _, saved = _train(model, 2, 2, save=str(tmp_path))
+    rest, resumed, _ = _train(model, 3, 3, sp=True, resume=saved)
+    assert first + rest == losses, (first + rest, losses)
+    assert all(torch.equal(resumed[n], weights[n]) for n in weights), [n for n in weights
+                                                                       if not torch.equal(resumed[n], weights[n])]
+    assert losses[-1] < losses[0]  # (it learns)
+    data_parallel = [_train(model, tp, 2, dp=2, sp=tp > 1)[:2] for tp in (1, 2)]
+    assert data_parallel[0][0] == data_parallel[1][0]
+    assert all(torch.equal(data_parallel[0][1][n], data_parallel[1][1][n]) for n in weights)

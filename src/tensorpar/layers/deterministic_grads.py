@@ -18,6 +18,10 @@ every term in a fixed order. With T tokens (every rank holds all of them):
   query. A key or value head serves ``g`` query heads; its gradient is the sum of theirs in query
   head order, gathered from the ranks that hold them (``_fold_heads``): every rank holding a copy
   of a KV head computes the same gradient, with nothing left to reduce.
+- **Sequence parallelism**: a column-parallel product all-gathers its input's sequence shards and
+  keeps its shard of dX (every rank has the whole ordered sum); a row-parallel one keeps its shard
+  of y and all-gathers dY's; a norm gathers every token's share of dw before summing it in
+  token order. The sequence must then split evenly (padding would move tokens in the sums).
 - **Element-wise** functions (the gated MLP's activation) run on scalar kernels both ways: a
   value's bits do not depend on where in a vector loop it falls. **RMSNorm**: the engine's kernel
   forward; dw = sum_t dy[t] x_hat[t] over tokens on ``dense_linear``, dx row by row.
@@ -30,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tensorpar.distributed.collectives import all_gather_dim, all_gather_object
+from tensorpar.distributed.collectives import SEQ_DIM, all_gather_dim, all_gather_object, split_dim
 from tensorpar.layers import deterministic, fused
 
 
@@ -39,21 +43,29 @@ def wanted(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _over_tokens(gt: torch.Tensor) -> torch.Tensor:
-    """[N, T] -> [N]: each row's sum over tokens on the fixed-order kernel."""
+def _tokens_last(t: torch.Tensor) -> torch.Tensor:
+    """[T, N] -> [N, T'] contiguous, T' = T padded with zeros to the kernel's 32 lanes: a sum over
+    tokens then maps each token to the same lane whatever follows it."""
+    return F.pad(t.t(), (0, -t.shape[0] % deterministic.KEY_GRID)).contiguous()
+
+
+def _over_tokens(g: torch.Tensor) -> torch.Tensor:
+    """[T, N] -> [N]: each column's sum over tokens on the fixed-order kernel."""
+    gt = _tokens_last(g)
     return fused.dense_linear(gt, gt.new_ones(1, gt.shape[1]))[:, 0]
 
 
 def _weight_grads(g: torch.Tensor, x: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dW = dY^T X [N, K] and db = sum_t dY[t] [N] from g [T, N] and x [T, K]: sums over tokens."""
-    gt = g.t().contiguous()
-    return fused.dense_linear(gt, x.t().contiguous()), _over_tokens(gt) if bias else None
+    return fused.dense_linear(_tokens_last(g), _tokens_last(x)), _over_tokens(g) if bias else None
 
 
 class _Column(torch.autograd.Function):
     @staticmethod
     def forward(fctx, x, weight, bias, layer):
-        # x: [..., K] replicated -> [..., N_local]
+        # x: [..., K] replicated, or [B, S/p, K] sequence-parallel -> [..., N_local] (whole sequence)
+        if layer.sequence_parallel:
+            x = all_gather_dim(x, layer.ctx, SEQ_DIM)
         fctx.save_for_backward(x, weight)
         fctx.layer, fctx.has_bias = layer, bias is not None
         return fused.dense_linear(x, weight, bias)
@@ -66,20 +78,26 @@ class _Column(torch.autograd.Function):
         grad_w, grad_b = _weight_grads(g, x2, fctx.has_bias)
         layer = fctx.layer
         grad_x = deterministic.grid_sum(g, weight.t().contiguous(), layer.out_grid, layer, "_out_grid_plan")  # [T, K]
-        return grad_x.view_as(x), grad_w, grad_b, None
+        grad_x = grad_x.view_as(x)
+        if layer.sequence_parallel:
+            grad_x = split_dim(grad_x, layer.ctx, SEQ_DIM)  # this rank's shard of the whole sum
+        return grad_x, grad_w, grad_b, None
 
 
 class _Row(torch.autograd.Function):
     @staticmethod
     def forward(fctx, x, weight, bias, layer):
-        # x: [..., K_local] -> [..., N] replicated
+        # x: [..., K_local] -> [..., N] replicated, or this rank's [B, S/p, N] sequence-parallel
         fctx.save_for_backward(x, weight)
-        fctx.has_bias = bias is not None
-        return deterministic.grid_product(x, layer)
+        fctx.has_bias, fctx.layer = bias is not None, layer
+        y = deterministic.grid_product(x, layer)
+        return split_dim(y, layer.ctx, SEQ_DIM).contiguous() if layer.sequence_parallel else y
 
     @staticmethod
     def backward(fctx, grad):
         x, weight = fctx.saved_tensors
+        if fctx.layer.sequence_parallel:
+            grad = all_gather_dim(grad.contiguous(), fctx.layer.ctx, SEQ_DIM)  # [B, S, N]
         g = grad.reshape(-1, grad.shape[-1]).contiguous()  # [T, N]
         grad_w, grad_b = _weight_grads(g, x.reshape(-1, x.shape[-1]), fctx.has_bias)
         grad_x = fused.dense_linear(g, weight.t().contiguous())  # [T, K_local]: a sum over N, whole here
@@ -178,11 +196,11 @@ def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(fctx, x, weight, eps, offset):
+    def forward(fctx, x, weight, eps, offset, sequence_ctx):
         # x [..., n] -> x r (offset + w), r = 1 / sqrt(mean(x^2) + eps)
         x = x.contiguous()
         fctx.save_for_backward(x, weight)
-        fctx.eps, fctx.offset = eps, offset
+        fctx.eps, fctx.offset, fctx.sequence_ctx = eps, offset, sequence_ctx
         return fused.rms_norm(x, weight, eps, offset)
 
     @staticmethod
@@ -192,15 +210,19 @@ class _RMSNorm(torch.autograd.Function):
         x2, dy2 = x.reshape(-1, n), dy.reshape(-1, n)
         r = torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + fctx.eps)
         x_hat = x2 * r
-        dw = _over_tokens((dy2 * x_hat).t().contiguous())  # [n]
+        shares = dy2 * x_hat  # [T, n]: each token's share of dw
+        if fctx.sequence_ctx is not None:  # [B, S/p, n] shards -> every token's, in order
+            shares = all_gather_dim(shares.view(*x.shape), fctx.sequence_ctx, SEQ_DIM).reshape(-1, n)
+        dw = _over_tokens(shares)  # [n]
         g = dy2 * (weight + fctx.offset)
         dx = r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
-        return dx.view_as(x), dw, None, None
+        return dx.view_as(x), dw, None, None, None
 
 
 def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """``norm`` (an RMSNorm) of x, forward on the engine's kernel, dw summed over tokens in order."""
-    return _RMSNorm.apply(x, norm.weight, norm.eps, norm.offset)
+    """``norm`` (an RMSNorm) of x, forward on the engine's kernel, dw summed over tokens in order
+    (``norm.sequence_ctx``: the group whose sequence shards x is one of, under sequence parallelism)."""
+    return _RMSNorm.apply(x, norm.weight, norm.eps, norm.offset, getattr(norm, "sequence_ctx", None))
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -232,9 +254,7 @@ class _Total(torch.autograd.Function):
     @staticmethod
     def forward(fctx, x):
         fctx.shape = x.shape
-        flat = x.reshape(1, -1)
-        flat = F.pad(flat, (0, -flat.shape[1] % deterministic.KEY_GRID))
-        return fused.dense_linear(flat, flat.new_ones(1, flat.shape[1]))[0, 0]
+        return _over_tokens(x.reshape(-1, 1))[0]
 
     @staticmethod
     def backward(fctx, grad):

@@ -90,10 +90,10 @@ class ParallelLMHead(nn.Module):
 
     def local_logits(self, h: torch.Tensor) -> torch.Tensor:
         # h: [..., dim] or [B, S/p, dim] (sequence-parallel) -> [..., len(span)]
-        if self.sequence_parallel:
-            return gathered_linear(h, self.weight, None, self.ctx)
         if deterministic.enabled() and deterministic_grads.wanted(h, self.weight):
             return deterministic_grads.column(h, self)
+        if self.sequence_parallel:
+            return gathered_linear(h, self.weight, None, self.ctx)
         return linear(copy_to_tp(h, self.ctx), self.weight)
 
     def _padded(self, local: torch.Tensor) -> torch.Tensor:

@@ -111,10 +111,10 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] (replicated) or [B, S/p, in] (sequence-parallel) -> [..., out_local]
-        if self.sequence_parallel:
-            return gathered_linear(x, self.weight, self.bias, self.ctx)
         if deterministic.enabled() and deterministic_grads.wanted(x, self.weight):
             return deterministic_grads.column(x, self, bias=self.bias)
+        if self.sequence_parallel:
+            return gathered_linear(x, self.weight, self.bias, self.ctx)
         return linear(copy_to_tp(x, self.ctx), self.weight, self.bias)
 
     def pieces(self) -> dict[str, list[Piece]]:
@@ -154,10 +154,11 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_local] (sharded) -> [..., out] (replicated) or [B, S/p, out] (sequence-parallel)
-        if deterministic.enabled() and self.reduce and not self.sequence_parallel:
+        if deterministic.enabled() and self.reduce:
             if deterministic_grads.wanted(x, self.weight):
                 return deterministic_grads.row(x, self)
-            return deterministic.grid_product(x, self)
+            if not self.sequence_parallel:
+                return deterministic.grid_product(x, self)
         y = linear(x, self.weight)
         if not self.reduce:
             return y

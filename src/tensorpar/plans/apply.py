@@ -40,6 +40,7 @@ from tensorpar.layers import (
     Segment,
     VocabParallelEmbedding,
 )
+from tensorpar.models.norms import RMSNorm
 from tensorpar.partition import even_split, grid_split, head_rows, head_shard, slot_segments, vocab_shard
 
 
@@ -218,7 +219,10 @@ def set_sequence_parallel(model: nn.Module, enabled: bool = True) -> nn.Module:
     sequence; regions are entered by an all-gather and left by a reduce-scatter (Korthikanti et
     al. 2022), which moves the same bytes but stores 1/p of those activations per rank.
     """
+    ctx = next((m.ctx for m in model.modules() if isinstance(m, ColumnParallelLinear)), None)
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, ParallelLMHead)):
             module.sequence_parallel = enabled
+        elif isinstance(module, RMSNorm):  # (deterministic mode: its weight's gradient gathers every token's share)
+            module.sequence_ctx = ctx if enabled else None
     return model

@@ -83,7 +83,7 @@ class TrainConfig:
             raise TensorparError("--data FILE.txt is required")
         if self.deterministic:
             why = [what for what, off in ((f"--device {self.device} (CPU only)", self.device == "cpu"),
-                                          ("--sp", not self.sp), (f"--dp {self.dp} (at most 2)", self.dp <= 2),
+                                          (f"--dp {self.dp} (at most 2)", self.dp <= 2),
                                           ("--dropout", not self.dropout),
                                           ("--label-smoothing", not self.label_smoothing)) if not off]
             if why:
@@ -132,6 +132,9 @@ class TrainSpec:
             raise TensorparError(f"training runs the Llama family ({', '.join(trainable)}); "
                                  f"{config.architecture} models run in generate, serve and bench only")
         dims = ParallelDims.resolve(config.num_heads, cfg.tp, cfg.dp, torchrun_world_size, supported=("tp", "dp"))
+        if cfg.deterministic and cfg.sp and dims.tp > 1 and cfg.seq_len % dims.tp:
+            raise TensorparError(f"train --deterministic --sp needs a --seq-len that --tp {dims.tp} divides (padding would "
+                                 f"move tokens in its sums), not {cfg.seq_len}")
         return cls(replace(cfg, tp=dims.tp, seed=seed), dims, config, model, start, checkpoint)
 
     @property
