@@ -70,6 +70,40 @@ def test_decode_attention_writes_the_cache_and_attends_over_the_blocks_in_place(
     assert not torch.equal(mine[0], k_cache)  # (the new keys were written)
 
 
+def test_grid_attention_and_its_backward_against_autograd_and_unchanged_by_keys_that_follow():
+    """Deterministic attention: close to softmax attention and to its autograd gradients; a
+    query's output bitwise the same however many masked keys follow it (a prompt's rows and a
+    decode step's agree)."""
+    torch.manual_seed(0)
+    B, h, S, L, d = 2, 3, 5, 21, 8
+    q, k, v = (torch.randn(B, h, n, d, requires_grad=True) for n in (S, L, L))
+    visible = torch.ones(S, L, dtype=torch.bool).tril(L - S).expand(B, S, L).contiguous()
+    out = torch.ops.tensorpar.grid_attention(q, k, v, visible, 0.3)
+    scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~visible[:, None], float("-inf"))
+    want = scores.softmax(-1) @ v
+    assert torch.allclose(out, want, atol=1e-5)
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    got = torch.ops.tensorpar.grid_attention_backward(q, k, v, visible, 0.3, grad)
+    for mine, ref in zip(got, (q.grad, k.grad, v.grad)):
+        assert torch.allclose(mine, ref, atol=1e-5), (mine - ref).abs().max()
+    fewer = torch.ops.tensorpar.grid_attention(q[:, :, :1], k[:, :, :17], v[:, :, :17], visible[:, :1, :17], 0.3)
+    assert torch.equal(fewer, out[:, :, :1])  # row 0 sees keys 0..16 of 21
+
+
+def test_glu_backward_and_exp_rows_against_torch():
+    torch.manual_seed(0)
+    for act in ("silu", "gelu_pytorch_tanh"):
+        gate_up = torch.randn(3, 2 * 37, requires_grad=True)
+        ref = fused.glu_reference(gate_up, act)
+        grad = torch.randn_like(ref)
+        ref.backward(grad)
+        got = torch.ops.tensorpar.glu_backward(gate_up.detach(), grad, fused.ACTIVATIONS[act])
+        assert torch.allclose(got, gate_up.grad, atol=1e-5)
+    x, shift = torch.randn(4, 50), torch.randn(4)
+    assert torch.allclose(torch.ops.tensorpar.exp_rows(x, shift), torch.exp(x - shift[:, None]), rtol=1e-6)
+
+
 def test_chunk_products_and_their_ordered_sum_are_the_grid_sum():
     """Deterministic mode's kernels: each span's partial product equals ``dense_linear`` of that
     span alone, bit for bit (a span's order depends on its width only), whatever the rows; their

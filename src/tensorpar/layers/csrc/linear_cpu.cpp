@@ -35,6 +35,7 @@ inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline vec vset(float v) { return _mm512_set1_ps(v); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 // 16 codes of a 32-group: the low nibbles of 16 bytes, or their high nibbles
 inline void vload_nibbles(const uint8_t* p, vec& lo, vec& hi) {
@@ -55,6 +56,7 @@ inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline vec vset(float v) { return _mm256_set1_ps(v); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline float vsum(vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_hadd_ps(s, s);
@@ -314,12 +316,15 @@ at::Tensor chunk_products(const at::Tensor& x, const at::Tensor& weight, const a
   const int64_t* bp = sp.data_ptr<int64_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain(N, K * 4), [&](int64_t n0, int64_t n1) {
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t a = bp[2 * c], len = bp[2 * c + 1] - a;
-      for (int64_t t0 = 0; t0 < T; t0 += MAX_ROWS) {
-        with_rows(std::min(MAX_ROWS, T - t0), [&](auto rows) {
-          dense_rows<decltype(rows)::value>(xp + t0 * K + a, wp + a, yp + (c * T + t0) * N, len, N, n0, n1, K);
-        });
+    for (int64_t nb = n0; nb < n1; nb += 16) {  // 16 rows of W, read from memory once for every chunk
+      const int64_t ne = std::min(n1, nb + 16);
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t a = bp[2 * c], len = bp[2 * c + 1] - a;
+        for (int64_t t0 = 0; t0 < T; t0 += MAX_ROWS) {
+          with_rows(std::min(MAX_ROWS, T - t0), [&](auto rows) {
+            dense_rows<decltype(rows)::value>(xp + t0 * K + a, wp + a, yp + (c * T + t0) * N, len, N, nb, ne, K);
+          });
+        }
       }
     }
   });
@@ -328,9 +333,10 @@ at::Tensor chunk_products(const at::Tensor& x, const at::Tensor& weight, const a
 
 // q [B, h, S, d], keys and values [B, h, L, d] float32, visible [B or 1, S, L] bool, scale ->
 // softmax(q k^T * scale, over the visible keys) v [B, h, S, d]. Every sum runs over its terms
-// in one order that no shape changes: a score is a loop over d; e = exp(score - max) (the max is
-// exact in any order); the output and the normalizer add key after key, so a query's result
-// does not depend on how many keys follow it (masked), rows share its step, or heads a rank holds.
+// in one order that no shape changes: a score is a chain of FMAs over d (V keys at a time, one
+// per lane, from the head's keys transposed); e = exp(score - max) (the max is exact in any
+// order); the output and the normalizer add key after key, so a query's result does not depend
+// on how many keys follow it (masked), rows share its step, or heads a rank holds.
 at::Tensor grid_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                           const at::Tensor& visible, double scale) {
   TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes() && q.size(3) == keys.size(3) &&
@@ -348,31 +354,44 @@ at::Tensor grid_attention(const at::Tensor& q, const at::Tensor& keys, const at:
   const bool* mp = mc.data_ptr<bool>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * H * S, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> e(L);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / (H * S), s = r % S;
-      const float* qi = qp + r * D;
-      const float* kb = kp + (r / S) * L * D;
-      const float* vb = vp + (r / S) * L * D;
-      const bool* m = mp + ((mc.size(0) == 1 ? 0 : b) * S + s) * L;
-      float best = -INFINITY;
-      for (int64_t l = 0; l < L; ++l) {
-        float dot = 0.f;
-        for (int64_t c = 0; c < D; ++c) dot += qi[c] * kb[l * D + c];
-        e[l] = m[l] ? dot * sc : -INFINITY;
-        best = std::max(best, e[l]);
+  const int64_t Lp = (L + V - 1) / V * V;
+  at::parallel_for(0, B * H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> kt(D * Lp), e(Lp);
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const int64_t b = bh / H;
+      const float* kb = kp + bh * L * D;
+      const float* vb = vp + bh * L * D;
+      for (int64_t c = 0; c < D; ++c) {  // the head's keys transposed [d, Lp], zero past L
+        for (int64_t l = 0; l < L; ++l) kt[c * Lp + l] = kb[l * D + c];
+        for (int64_t l = L; l < Lp; ++l) kt[c * Lp + l] = 0.f;
       }
-      float* o = op + r * D;
-      for (int64_t c = 0; c < D; ++c) o[c] = 0.f;
-      float total = 0.f;
-      for (int64_t l = 0; l < L; ++l) {
-        if (!m[l]) continue;
-        const float w = std::exp(e[l] - best);
-        total += w;
-        for (int64_t c = 0; c < D; ++c) o[c] += w * vb[l * D + c];
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t r = bh * S + s;
+        const float* qi = qp + r * D;
+        const bool* m = mp + ((mc.size(0) == 1 ? 0 : b) * S + s) * L;
+        int64_t last = L;  // past the last visible key
+        while (last > 0 && !m[last - 1]) --last;
+        for (int64_t l0 = 0; l0 < last; l0 += V) {
+          vec acc = vzero();
+          for (int64_t c = 0; c < D; ++c) acc = vfma(vset(qi[c]), vload(kt.data() + c * Lp + l0), acc);
+          vstore(e.data() + l0, acc);
+        }
+        float best = -INFINITY;
+        for (int64_t l = 0; l < last; ++l) {
+          e[l] = m[l] ? e[l] * sc : -INFINITY;
+          best = std::max(best, e[l]);
+        }
+        float* o = op + r * D;
+        for (int64_t c = 0; c < D; ++c) o[c] = 0.f;
+        float total = 0.f;
+        for (int64_t l = 0; l < last; ++l) {
+          if (!m[l]) continue;
+          const float w = std::exp(e[l] - best);
+          total += w;
+          for (int64_t c = 0; c < D; ++c) o[c] += w * vb[l * D + c];
+        }
+        for (int64_t c = 0; c < D; ++c) o[c] /= total;
       }
-      for (int64_t c = 0; c < D; ++c) o[c] /= total;
     }
   });
   return out;
