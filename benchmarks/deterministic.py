@@ -2,13 +2,16 @@
 does the mode cost?
 
     python benchmarks/deterministic.py [--model smollm2-135m] [--tp 1,2,3] [--cost-tp 1,2]
-                                       [--prompt-tokens 512] [--new-tokens 64] [--out bench-out]
+                                       [--prompt-tokens 512] [--new-tokens 64] [--train-steps 4]
+                                       [--out bench-out]
 
 Equality: for each ``--tp``, ``LLM(deterministic=True).score`` of a 64-token prompt, compared
 with ``torch.equal`` against TP=1's, and the greedy tokens of ``--new-tokens`` from it. Cost: for
 each ``--cost-tp``, with and without the mode (interleaved, in one process each), prefill
-tokens/s of a ``--prompt-tokens`` prompt and decode ms/token of ``--new-tokens`` tokens, each the
-best of 3. Prints a table and writes ``deterministic.json``.
+tokens/s of a ``--prompt-tokens`` prompt (the prefix cache off: every run computes it all) and
+decode ms/token of ``--new-tokens`` tokens, each the best of 3; and ``tensorpar train``'s
+tokens/s over ``--train-steps`` steps of 4 x 128 tokens, with and without ``--deterministic``.
+Prints a table and writes ``deterministic.json``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def equality(model: str, degrees: list[int], new_tokens: int) -> list[dict]:
 def cost(model: str, tp: int, prompt_tokens: int, new_tokens: int) -> dict:
     out = {"tp": tp}
     for mode in (False, True):
-        with LLM(model, tp=tp, deterministic=mode, progress=False) as llm:
+        with LLM(model, tp=tp, deterministic=mode, progress=False, prefix_caching=False) as llm:
             prompt = (TEXT * (prompt_tokens // 20 + 1))
             prefill, decode = [], []
             for _ in range(3):
@@ -63,6 +66,24 @@ def cost(model: str, tp: int, prompt_tokens: int, new_tokens: int) -> dict:
     return out
 
 
+def training_cost(model: str, tp: int, steps: int, workdir: Path) -> dict:
+    """``tensorpar train`` tokens/s over its steps, with and without ``--deterministic``."""
+    import subprocess
+    import sys
+
+    corpus = workdir / "corpus.txt"
+    corpus.write_text(TEXT * 400)
+    out = {"tp": tp}
+    for flag in ("", "--deterministic"):
+        cmd = [sys.executable, "-m", "tensorpar", "train", "--model", model, "--data", str(corpus), "--tp", str(tp),
+               "--seq-len", "128", "--batch", "4", "--steps", str(steps), "--json", "--out", str(workdir / "train")]
+        r = subprocess.run(cmd + ([flag] if flag else []), capture_output=True, text=True, check=True)
+        result = json.loads(r.stdout)
+        out["deterministic" if flag else "default"] = {"tokens_per_s": result["tokens_per_s"], "losses": result["losses"]}
+    out["ratio"] = out["default"]["tokens_per_s"] / out["deterministic"]["tokens_per_s"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -70,6 +91,7 @@ def main() -> None:
     ap.add_argument("--cost-tp", default="1,2")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--train-steps", type=int, default=4)
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args()
     equal = equality(args.model, [int(t) for t in args.tp.split(",")], args.new_tokens)
@@ -84,9 +106,14 @@ def main() -> None:
               f"tokens/s ({c['prefill_ratio']:.2f}x the time)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    training = [training_cost(args.model, int(t), args.train_steps, out) for t in args.cost_tp.split(",") if t]
+    for c in training:
+        print(f"train tp={c['tp']}: {c['default']['tokens_per_s']:.0f} -> {c['deterministic']['tokens_per_s']:.0f} "
+              f"tokens/s ({c['ratio']:.2f}x the time)")
     (out / "deterministic.json").write_text(json.dumps({
         "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "model": args.model, "equality": equal, "cost": costs}, indent=1))
+        "cpus": os.cpu_count(), "model": args.model, "equality": equal, "cost": costs, "training": training},
+        indent=1))
 
 
 if __name__ == "__main__":
