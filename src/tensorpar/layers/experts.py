@@ -8,6 +8,7 @@ from torch import nn
 
 from tensorpar.distributed.collectives import all_gather_dim, all_reduce, all_to_all, reduce_from_tp
 from tensorpar.distributed.groups import ParallelContext
+from tensorpar.layers import deterministic, fused
 from tensorpar.partition import moe_dispatch
 
 
@@ -53,7 +54,7 @@ class ExpertParallelMoE(nn.Module):
             self.shared_expert, self.shared_expert_gate = moe.shared_expert, moe.shared_expert_gate
             down = self.shared_expert.down_proj  # split over the same group, without bias: its partial sum joins ours
             if ctx.world_size > 1 and getattr(down, "ctx", None) is not None and down.ctx.world_size == ctx.world_size \
-                    and down.bias is None:
+                    and down.bias is None and not deterministic.enabled():
                 down.reduce, self.shared_partial = False, True
         self.counts: torch.Tensor | None = None  # [num_experts] tokens routed so far
 
@@ -71,6 +72,8 @@ class ExpertParallelMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         t = x.reshape(-1, shape[-1])  # [T, hidden]
+        if deterministic.enabled():
+            return self._fixed_order(t).view(shape)
         a2a = self.uses_all_to_all(t.shape[0])
         out = self._all_to_all(t) if a2a else self._local_experts(t)
         shared = torch.sigmoid(self.shared_expert_gate(t)) * self.shared_expert(t) if self.shared else None
@@ -88,6 +91,36 @@ class ExpertParallelMoE(nn.Module):
         (one host sync: the rows each expert gets)."""
         out, per_expert = self.experts(t, *self.gate.route(t), self.local)
         self._count(per_expert)
+        return out
+
+    def _fixed_order(self, t: torch.Tensor) -> torch.Tensor:
+        """Y [T, hidden] with every sum in an order no layout or batch changes: with P[t, j, c] the
+        partial down projection of chunk c of token t's j-th expert (on the rank that holds that
+        chunk of that expert; zero elsewhere, so that summing the group's tensors adds each to
+        zeros only, exactly), E[t, j] = P[t, j, 0] + P[t, j, 1] + ..., and Y[t] = w[t, 0] E[t, 0] +
+        w[t, 1] E[t, 1] + ..., plus the shared expert's sigmoid(s x) S(x)."""
+        weights, index = self.gate.route(t)  # [T, k]
+        T, k = index.shape
+        chunks = -(-self.experts_intermediate // self.chunk)
+        spans = torch.tensor([[r.start, r.stop] for _, r in self.grid], dtype=torch.long).view(-1, 2)
+        mine = torch.tensor([g for g, _ in self.grid], dtype=torch.long)
+        parts = t.new_zeros(T * k, chunks, t.shape[1])  # [(token, choice), chunk, hidden]
+        for e in self.local if self.grid else ():  # (a rank may hold no chunk of the experts' rows)
+            rows = (index.flatten() == e).nonzero()[:, 0]  # the (token, choice) rows routed to e
+            if rows.numel():
+                mlp = self.experts[e]
+                inner = fused.glu(mlp.gate_up_proj(t[rows // k]), mlp.act)  # [n, intermediate here]
+                p = torch.ops.tensorpar.chunk_products(inner, mlp.down_proj.weight, spans)  # [chunks here, n, hidden]
+                parts[rows[:, None], mine[None, :]] = p.transpose(0, 1)
+        self._count(torch.bincount(index.flatten(), minlength=len(self.experts)))
+        if self.ctx.world_size > 1:
+            parts = all_reduce(parts, self.ctx)  # each entry one rank's value plus zeros
+        each = torch.ops.tensorpar.ordered_sum(parts.transpose(0, 1).contiguous()).view(T, k, -1)  # [T, k, hidden]
+        out = torch.ops.tensorpar.ordered_sum((each * weights[..., None]).transpose(0, 1).contiguous())
+        if self.shared:
+            z = fused.dense_linear(t, self.shared_expert_gate.weight)  # [T, 1]
+            gate = 1.0 / (1.0 + torch.ops.tensorpar.exp_rows(-z, z.new_zeros(T)))  # sigmoid, element by element
+            out = out + gate * self.shared_expert(t)
         return out
 
     def _all_to_all(self, t: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,8 @@ class Router(nn.Linear):
 
     def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] in t's dtype, expert indices [T, k]) of tokens ``t`` [T, hidden]."""
-        probs = torch.softmax(self(t).float(), dim=-1)  # [T, E]
+        logits = fused.dense_linear(t, self.weight) if deterministic.enabled() else self(t)  # (a row's order alone)
+        probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
         weights, index = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)

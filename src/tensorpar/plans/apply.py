@@ -44,12 +44,12 @@ from tensorpar.models.norms import RMSNorm
 from tensorpar.partition import even_split, grid_split, head_rows, head_shard, slot_segments, vocab_shard
 
 
-def _inner_split(n: int, cfg, ctx: ParallelContext) -> range:
-    """This rank's span of an inner dimension (a column-parallel output that a row-parallel product
-    takes in): an even split, or in deterministic mode whole chunks of its reduction grid."""
+def _inner_split(n: int, cfg, parts: int, index: int) -> range:
+    """Part ``index`` of ``parts`` of an inner dimension (a column-parallel output that a row-parallel
+    product takes in): an even split, or in deterministic mode whole chunks of its reduction grid."""
     if deterministic.enabled():
-        return grid_split(n, deterministic.grid_chunk(n, cfg.num_heads), ctx.world_size, ctx.rank)
-    return even_split(n, ctx.world_size, ctx.rank)
+        return grid_split(n, deterministic.grid_chunk(n, cfg.num_heads), parts, index)
+    return even_split(n, parts, index)
 
 
 def _chunks(key: tuple, span: range, chunk: int, first_row: int) -> list[tuple[tuple, range]]:
@@ -61,7 +61,7 @@ def _chunks(key: tuple, span: range, chunk: int, first_row: int) -> list[tuple[t
 
 def _colwise(name, module, parent, cfg, ctx: ParallelContext):
     parts = getattr(module, "fused_parts", ((name.rsplit(".", 1)[-1], module.out_features),))
-    segs = [Segment(p, _inner_split(n, cfg, ctx)) for p, n in parts]
+    segs = [Segment(p, _inner_split(n, cfg, ctx.world_size, ctx.rank)) for p, n in parts]
     layer = ColumnParallelLinear(module.in_features, segs, module.bias is not None, ctx)
     if deterministic.enabled():
         row, layer.out_grid = 0, []
@@ -72,13 +72,17 @@ def _colwise(name, module, parent, cfg, ctx: ParallelContext):
 
 
 def _rowwise(name, module, parent, cfg, ctx: ParallelContext):
-    span = _inner_split(module.in_features, cfg, ctx)
+    span = _inner_split(module.in_features, cfg, ctx.world_size, ctx.rank)
     layer = RowParallelLinear([Segment(name.rsplit(".", 1)[-1], span)], module.out_features, module.bias is not None, ctx)
     if deterministic.enabled():
-        chunk = deterministic.grid_chunk(module.in_features, cfg.num_heads)
-        layer.grid = [(g, range(max(g * chunk, span.start) - span.start, min((g + 1) * chunk, span.stop) - span.start))
-                      for g in range(span.start // chunk, -(-span.stop // chunk))]
+        layer.grid = _grid_of(span, deterministic.grid_chunk(module.in_features, cfg.num_heads))
     return layer
+
+
+def _grid_of(span: range, chunk: int) -> list[tuple[int, range]]:
+    """(global chunk, local columns) of each chunk of ``span`` (whole chunks of ``chunk``, the last shorter)."""
+    return [(g, range(max(g * chunk, span.start) - span.start, min((g + 1) * chunk, span.stop) - span.start))
+            for g in range(span.start // chunk, -(-span.stop // chunk))]
 
 
 def _head_segments(part: str, shard, head_dim: int) -> list[Segment]:
@@ -150,7 +154,7 @@ def _experts(name, module, parent, cfg, ctx: ParallelContext, ep: int = 1, dispa
     width = n // ep  # ranks sharing each expert (expert tensor parallelism)
     group, j = divmod(ctx.rank, width)
     sets = [list(even_split(len(experts), ep, g)) for g in range(ep)]
-    rows = even_split(cfg.moe_intermediate_size, width, j)
+    rows = _inner_split(cfg.moe_intermediate_size, cfg, ctx.world_size // ep, j)
     alone = single_process_context(ctx.device)  # an expert's slices: no reduction of their own
     for e in range(len(experts)):
         if e not in sets[group]:
@@ -161,7 +165,11 @@ def _experts(name, module, parent, cfg, ctx: ParallelContext, ep: int = 1, dispa
             gate_up.in_features, [Segment(p, rows) for p, _ in gate_up.fused_parts], gate_up.bias is not None, alone)
         experts[e].down_proj = RowParallelLinear([Segment("down_proj", rows)], down.out_features, down.bias is not None,
                                                  alone)
-    return ExpertParallelMoE(module, sets, group, ctx, dispatch)
+    moe = ExpertParallelMoE(module, sets, group, ctx, dispatch)
+    if deterministic.enabled():  # the experts' intermediate rows: a reduction grid, as a row-parallel product's
+        moe.chunk = deterministic.grid_chunk(cfg.moe_intermediate_size, cfg.num_heads)
+        moe.grid, moe.experts_intermediate = _grid_of(rows, moe.chunk), cfg.moe_intermediate_size
+    return moe
 
 
 BUILDERS = {

@@ -206,8 +206,8 @@ def _check_deterministic(args: EngineArgs, dtype: str, config) -> None:
         why.append(f"--dtype {args.dtype if args.dtype != 'auto' else torch_name(dtype)} (float32 only)")
     if args.quantization != "none":
         why.append(f"--quantization {args.quantization} (float weights only)")
-    if config.num_experts:
-        why.append("a mixture of experts (dense models only)")
+    if config.num_experts and (config.mlp_bias or not config.gated_mlp):
+        why.append("a mixture of experts whose experts have biases or no gate")
     if why:
         raise TensorparError("--deterministic does not cover " + ", ".join(why) + " yet")
 

@@ -167,6 +167,7 @@ at::Tensor glu(const at::Tensor& gate_up, int64_t act) {
   auto sizes = gate_up.sizes().vec();
   sizes.back() /= 2;
   auto out = at::empty(sizes, gate_up.options());
+  if (gate_up.size(-1) == 0) return out;  // (a rank that holds none of an expert's rows)
   if (gate_up.scalar_type() == at::kFloat) glu_impl<float>(gate_up, out, act);
   else if (gate_up.scalar_type() == at::kBFloat16) glu_impl<c10::BFloat16>(gate_up, out, act);
   else TORCH_CHECK(false, "glu: float32 or bfloat16 only");
