@@ -1,12 +1,13 @@
 """Deterministic mode on a real model: are the logits bitwise equal at every degree, and what
 does the mode cost?
 
-    python benchmarks/deterministic.py [--model smollm2-135m] [--tp 1,2,3] [--cost-tp 1,2]
-                                       [--prompt-tokens 512] [--new-tokens 64] [--train-steps 4]
-                                       [--out bench-out]
+    python benchmarks/deterministic.py [--model smollm2-135m] [--tp 1,2,3] [--also gemma3-270m:1,2,4]
+                                       [--greedy-tokens 256] [--cost-tp 1,2] [--prompt-tokens 512]
+                                       [--new-tokens 64] [--train-steps 4] [--out bench-out]
 
-Equality: for each ``--tp``, ``LLM(deterministic=True).score`` of a 64-token prompt, compared
-with ``torch.equal`` against TP=1's, and the greedy tokens of ``--new-tokens`` from it. Cost: for
+Equality: for each ``--tp`` (and each ``--also`` model at its degrees), ``LLM(deterministic=True)
+.score`` of a 64-token prompt, compared with ``torch.equal`` against the first degree's, and the
+greedy tokens of ``--greedy-tokens`` from it. Cost (``--model``): for
 each ``--cost-tp``, with and without the mode (interleaved, in one process each), prefill
 tokens/s of a ``--prompt-tokens`` prompt (the prefix cache off: every run computes it all) and
 decode ms/token of ``--new-tokens`` tokens, each the best of 3; and ``tensorpar train``'s
@@ -32,6 +33,7 @@ TEXT = ("Tensor parallelism splits each weight matrix of a transformer across de
 
 
 def equality(model: str, degrees: list[int], new_tokens: int) -> list[dict]:
+    """Each degree's logits and greedy tokens against the first degree's."""
     rows, first = [], None
     for tp in degrees:
         with LLM(model, tp=tp, deterministic=True, progress=False) as llm:
@@ -40,7 +42,7 @@ def equality(model: str, degrees: list[int], new_tokens: int) -> list[dict]:
             tokens = llm.generate([text], max_new_tokens=new_tokens, ignore_eos=True)[0].token_ids
         if first is None:
             first = (logits, tokens)
-        rows.append({"tp": tp, "logits_bitwise_equal_to_tp1": bool(torch.equal(logits, first[0])),
+        rows.append({"model": model, "tp": tp, "logits_bitwise_equal_to_tp1": bool(torch.equal(logits, first[0])),
                      "max_abs_difference": float((logits - first[0]).abs().max()),
                      "tokens_equal_to_tp1": tokens == first[1]})
     return rows
@@ -88,15 +90,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tp", default="1,2,3")
+    ap.add_argument("--also", nargs="*", default=["gemma3-270m:1,2,4"], metavar="MODEL:TPS")
+    ap.add_argument("--greedy-tokens", type=int, default=256)
     ap.add_argument("--cost-tp", default="1,2")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--train-steps", type=int, default=4)
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args()
-    equal = equality(args.model, [int(t) for t in args.tp.split(",")], args.new_tokens)
+    equal = equality(args.model, [int(t) for t in args.tp.split(",")], args.greedy_tokens)
+    for also in args.also:
+        name, degrees = also.rsplit(":", 1)
+        equal += equality(name, [int(t) for t in degrees.split(",")], args.greedy_tokens)
     for r in equal:
-        print(f"tp={r['tp']}: logits bitwise equal to tp=1: {r['logits_bitwise_equal_to_tp1']} "
+        print(f"{r['model']} tp={r['tp']}: logits bitwise equal to tp=1: {r['logits_bitwise_equal_to_tp1']} "
               f"(max |diff| {r['max_abs_difference']:.3g}), greedy tokens equal: {r['tokens_equal_to_tp1']}")
     costs = [cost(args.model, int(t), args.prompt_tokens, args.new_tokens) for t in args.cost_tp.split(",") if t]
     for c in costs:

@@ -99,17 +99,19 @@ def test_bench_records_transformers_tp_plan_failure_as_a_result(tiny_chat_checkp
 
 @pytest.mark.timeout(240)
 def test_bench_pipeline_stages(tiny_chat_checkpoint, tmp_path):
-    """``--pp 2``: each TP degree runs over two stages (2 layers: one each); no roofline, which is per TP."""
+    """``--pp 2``: each TP degree runs over two stages (2 layers: one each); no roofline, which is per
+    TP. In deterministic mode (``--deterministic``), which the rows and the table say."""
     out = tmp_path / "bench-pp"
     r = cli("bench", "--quick", "--tp", "1,2", "--pp", "2", "--model", str(tiny_chat_checkpoint), "--out", str(out),
-            "--no-peers", "--no-sweep", timeout=230)
+            "--no-peers", "--no-sweep", "--deterministic", timeout=230)
     assert r.returncode == 0, r.stderr
-    assert "1 x pp 2" in r.stdout and "2 x pp 2" in r.stdout and "roofline: not measured" in r.stdout
+    assert "1 x pp 2, deterministic" in r.stdout and "2 x pp 2, deterministic" in r.stdout
+    assert "roofline: not measured" in r.stdout
     res = json.loads((out / "bench.json").read_text())
     rows = {(row["tp"], row["pp"]): row for row in res["tensorpar"]}
     assert set(rows) == {(1, 2), (2, 2)} and res["settings"]["pp"] == 2
     for (tp, pp), row in rows.items():
-        assert row["status"] == "ok" and len(row["peak_rss_mb"]) == tp * pp
+        assert row["status"] == "ok" and len(row["peak_rss_mb"]) == tp * pp and row["deterministic"]
         assert all(_positive(v) for v in row["decode_ms_per_token"].values())
 
 

@@ -31,7 +31,7 @@ from tensorpar.errors import one_line
 
 def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, prompt_len: int,
                       repeats: int = 1, pp: int = 1, ep: int = 1, moe_dispatch: str = "auto",
-                      quantization: str = "none", quant_group: int = 32) -> dict:
+                      quantization: str = "none", quant_group: int = 32, deterministic: bool = False) -> dict:
     """Measure one layout; a failure is recorded as the result (``status: failed``). A mixture of
     experts' row carries ``experts``: the expert load (``ModelRunner.expert_load``) of the last
     timed call of each phase ("decode b=B", "prefill")."""
@@ -42,7 +42,10 @@ def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, 
     try:
         t0 = time.perf_counter()
         llm = LLM(model, tp=tp, pp=pp, ep=ep, moe_dispatch=moe_dispatch, quantization=quantization,
-                  quant_group=quant_group, progress=False, prefix_caching=False)  # (repeats compute every prompt)
+                  quant_group=quant_group, progress=False, prefix_caching=False,  # (repeats compute every prompt)
+                  deterministic=deterministic)
+        if deterministic:
+            row["deterministic"] = True
         if quantization != "none":
             row["quantization"] = quantization + (f" g{quant_group}" if quantization == "int4" else "")
         if llm.config.num_experts:

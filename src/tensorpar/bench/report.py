@@ -44,6 +44,8 @@ def tensorpar_table(result: dict) -> str:
             tp = f"{tp}, {r['moe_dispatch']}"
         if "quantization" in r:
             tp = f"{tp}, {r['quantization']}"
+        if r.get("deterministic"):
+            tp = f"{tp}, deterministic"
         if r.get("status") != "ok":
             rows.append([tp, "FAILED: " + r.get("reason", "?")] + [None] * (len(headers) - 2))
             continue

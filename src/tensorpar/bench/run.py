@@ -30,6 +30,7 @@ class BenchConfig:
     moe_dispatch: list[str] = field(default_factory=lambda: ["auto"])  # each measured in turn (a mixture of experts)
     quantization: list[str] = field(default_factory=lambda: ["none"])  # each measured in turn
     quant_group: int = 32
+    deterministic: bool = False  # every layout in deterministic mode (``layers.deterministic``)
     batch: list[int] = field(default_factory=lambda: [1, 8])
     prompt_len: int = 512
     new_tokens: int = 32
@@ -60,6 +61,8 @@ class BenchConfig:
             raise ValueError(f"--moe-dispatch takes {', '.join(MOE_DISPATCHES)}, got {', '.join(bad) or 'nothing'}")
         from tensorpar.layers.quant import QUANTIZATIONS
 
+        if self.deterministic and self.dp > 1:
+            raise ValueError("--deterministic is measured with --dp 1 (one replica of each layout)")
         bad = [q for q in self.quantization if q not in QUANTIZATIONS]
         if bad or not self.quantization:
             raise ValueError(f"--quantization takes {', '.join(QUANTIZATIONS)}, got {', '.join(bad) or 'nothing'}")
@@ -143,7 +146,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 else:
                     row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats,
                                             pp=cfg.pp, ep=cfg.ep, moe_dispatch=dispatch, quantization=quant,
-                                            quant_group=cfg.quant_group)
+                                            quant_group=cfg.quant_group, deterministic=cfg.deterministic)
                 if row["status"] != "ok":
                     _log(f"tensorpar {layout} failed: {row['reason']}")
                 tensorpar_rows.append(row)

@@ -16,18 +16,25 @@ in the same order. What a degree changes, and what this mode fixes:
   which is the same sum, term for term, at TP=1 and at TP=p.
 - **Every product** (the chunks above, and the column-parallel ones: QKV, gate/up, the head) runs on
   ``dense_linear``, whose value y[t, n] is a dot product accumulated in one fixed order (two
-  chains of 16 lanes along K, then a fixed horizontal sum): independent of the number of rows,
+  chains of vector lanes along K, 16 with AVX-512 and 8 with AVX2, then a fixed horizontal sum): independent of the number of rows,
   the number of columns a rank holds, and the threads.
 - **Attention** runs whole on one rank per head, but a batched matmul's or a softmax's order may
   depend on how many heads, rows or keys it is given: each head runs on the same kernel, its keys
   padded to a fixed grid (``attention``), in a prompt and at decode alike.
+- **A mixture of experts** (``layers.experts``): the router on ``dense_linear``; each expert's down
+  projection over a grid of its intermediate rows, the group summing disjoint partials (each
+  added to zeros only: exact); a token's choices added in order.
+- **Element-wise** functions with an ``exp`` (the logsumexp, the MLP's activation) run on scalar
+  kernels: a vectorized loop treats its last elements apart, so a value could change with the
+  length of the row it sits in.
 - Everything else is already degree-invariant: norms and the residual stream are replicated, the
   vocabulary-parallel embedding sums one value with zeros, the head's logits are gathered.
 
 The price: a row-parallel product gathers its chunks' partials (n chunks of [T, out] instead of one
 all-reduce), and all products take the streaming kernel even where a GEMM would be faster.
 
-The mode is per process (each rank sets it before building its model): ``enable``.
+The mode is per process (each rank sets it before building its model): ``enable``. Training's
+backward passes, in the same orders: ``layers.deterministic_grads``.
 """
 
 from __future__ import annotations
