@@ -429,6 +429,9 @@ def test_update_weights_from_disk_waits_for_running_streams_then_serves_the_new_
                              timeout=60)
         assert refused.status_code == 400 and refused.json()["success"] is False
         assert "holds another model than the one loaded" in refused.json()["message"]
+        assert refused.json()["error"]["param"] == "model_path"  # (and OpenAI's error object)
+        unreadable = httpx.post(f"{base}/update_weights_from_disk", json={"model_path": "x" * 300}, timeout=60)
+        assert unreadable.status_code == 400 and "File name too long" in unreadable.json()["message"]
         assert complete() == old
         stream = client.completions.create(model=model, prompt="Once upon a time", max_tokens=64, temperature=0,
                                            stream=True)

@@ -70,6 +70,27 @@ def test_decode_attention_writes_the_cache_and_attends_over_the_blocks_in_place(
     assert not torch.equal(mine[0], k_cache)  # (the new keys were written)
 
 
+def test_dense_linear_gives_each_output_the_same_bits_whatever_is_computed_beside_it():
+    """The fixed-order kernel: y[t, n] does not change with the rows of x beside t, the rows of W
+    beside n (outputs are computed several at a time, their lane sums batched), or the threads;
+    and it is the product, to rounding."""
+    torch.manual_seed(0)
+    for K in (16, 96, 203):  # (whole blocks, pairs of them, a tail)
+        x, w = torch.randn(13, K), torch.randn(37, K)
+        whole = torch.ops.tensorpar.dense_linear(x, w, None)
+        assert torch.allclose(whole, x @ w.t(), atol=1e-4)
+        for t in (0, 5, 12):
+            assert torch.equal(torch.ops.tensorpar.dense_linear(x[t:t + 1], w, None)[0], whole[t])
+        for rows in (slice(0, 1), slice(3, 10), slice(30, 37)):
+            assert torch.equal(torch.ops.tensorpar.dense_linear(x, w[rows].contiguous(), None), whole[:, rows])
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(torch.ops.tensorpar.dense_linear(x, w, None), whole)
+        finally:
+            torch.set_num_threads(threads)
+
+
 def test_grid_attention_and_its_backward_against_autograd_and_unchanged_by_keys_that_follow():
     """Deterministic attention: close to softmax attention and to its autograd gradients; a
     query's output bitwise the same however many masked keys follow it (a prompt's rows and a

@@ -84,6 +84,10 @@ def resolve_model(spec: str) -> Path:
             raise CheckpointError(f"package {model.package!r} holds no .gguf file")
         return files[0]
     path = Path(spec).expanduser()
+    try:
+        path.exists()
+    except OSError as e:  # (a name too long for the file system)
+        raise CheckpointError(f"no such model: {spec[:80]!r}: {e.strerror}") from None
     if not path.exists():
         raise CheckpointError(
             f"no such model: {spec!r} is neither a known alias ({', '.join(ALIASES)}), a directory with "

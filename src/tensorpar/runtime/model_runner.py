@@ -122,7 +122,12 @@ class ModelRunner:
         if self.spec.quantization != "none":
             raise TensorparError(f"weights cannot be reloaded into a model packed by --quantization "
                                  f"{self.spec.quantization}")
-        source = open_source(path)
+        try:
+            source = open_source(path)
+        except TensorparError:
+            raise
+        except Exception as e:  # (unreadable files, say: refused like any other checkpoint)
+            raise TensorparError(f"cannot open {path[:200]!r}: {type(e).__name__}: {e}") from None
         differ = self.config.differences(source.config)
         if differ:
             raise TensorparError(f"{path} holds another model than the one loaded: {'; '.join(differ[:3])}")

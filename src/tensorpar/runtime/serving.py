@@ -185,13 +185,11 @@ class ServingEngine:
         the way ends the loop as any step's would."""
         path, done = self._reloads[0]
         try:
-            seconds = self.core.load_weights(path)
-        except TensorparError as e:
-            if isinstance(e, RankFailure):
-                raise
-            done.set_exception(e)
+            checked = self.worker.runner.checked_weights(path)
+        except Exception as e:  # refused before any rank is told: the weights stay
+            done.set_exception(e if isinstance(e, TensorparError) else TensorparError(f"{type(e).__name__}: {e}"))
         else:
-            done.set_result(seconds)
+            done.set_result(self.core.load_weights(checked))  # (a failure here ends the loop, as a step's would)
         with self.scheduler.lock:
             self._reloads.popleft()
             self.scheduler.holding = bool(self._reloads)

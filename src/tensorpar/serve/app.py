@@ -259,8 +259,9 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
                                 "checkpoint", param="load_format")
         try:
             seconds = await asyncio.to_thread(engine.load_weights, body.model_path)
-        except TensorparError as e:
-            return JSONResponse({"success": False, "message": str(e)}, status_code=400)
+        except TensorparError as e:  # SGLang's fields beside OpenAI's error object
+            error = APIError(400, str(e), param="model_path")
+            return JSONResponse({**error.body(), "success": False, "message": str(e)}, status_code=400)
         return {"success": True, "message": f"weights of {body.model_path} loaded in {seconds:.2f} s"}
 
     app.include_router(utility)

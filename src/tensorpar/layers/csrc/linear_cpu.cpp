@@ -13,6 +13,7 @@
 
 #include "kernels.h"
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -36,6 +37,20 @@ inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline vec vset(float v) { return _mm512_set1_ps(v); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+// the lane sums of V vectors as one vector (in an order ``hsums`` undoes): a tree per vector,
+// lanes i + 8, then i + 4, i + 2, i + 1, whatever vectors share the batch
+inline vec vsums(const vec* v) {
+  vec w[8], x[4], y[2];
+  for (int p = 0; p < 8; ++p)
+    w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44), _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xEE));
+  for (int p = 0; p < 4; ++p)
+    x[p] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], 0x88), _mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], 0xDD));
+  for (int p = 0; p < 2; ++p)
+    y[p] = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(x[2 * p]), _mm512_castps_pd(x[2 * p + 1]))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(x[2 * p]), _mm512_castps_pd(x[2 * p + 1]))));
+  return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 // 16 codes of a 32-group: the low nibbles of 16 bytes, or their high nibbles
 inline void vload_nibbles(const uint8_t* p, vec& lo, vec& hi) {
@@ -57,6 +72,18 @@ inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline vec vset(float v) { return _mm256_set1_ps(v); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+// the lane sums of V vectors as one vector (in an order ``hsums`` undoes): a tree per vector,
+// lanes i + 4, then i + 2, i + 1, whatever vectors share the batch
+inline vec vsums(const vec* v) {
+  vec w[4], x[2];
+  for (int p = 0; p < 4; ++p)
+    w[p] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * p], v[2 * p + 1], 0x20), _mm256_permute2f128_ps(v[2 * p], v[2 * p + 1], 0x31));
+  for (int p = 0; p < 2; ++p)
+    x[p] = _mm256_add_ps(
+        _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(w[2 * p]), _mm256_castps_pd(w[2 * p + 1]))),
+        _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(w[2 * p]), _mm256_castps_pd(w[2 * p + 1]))));
+  return _mm256_add_ps(_mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)), _mm256_shuffle_ps(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
 inline float vsum(vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_hadd_ps(s, s);
@@ -71,33 +98,77 @@ inline float scalar(const T* p, int64_t i) { return static_cast<float>(p[i]); }
 
 inline float half_to_float(c10::Half h) { return _cvtsh_ss(h.x); }  // F16C, not c10's bit-twiddling
 
+// where each vector's sum lands in ``vsums``' result (found once, by probing)
+inline const std::array<int, V>& vsums_slots() {
+  static const std::array<int, V> slots = [] {
+    alignas(64) float probe[V][V] = {};
+    vec v[V];
+    for (int i = 0; i < V; ++i) {
+      probe[i][0] = static_cast<float>(i + 1);
+      v[i] = vload(probe[i]);
+    }
+    alignas(64) float got[V];
+    vstore(got, vsums(v));
+    std::array<int, V> at{};
+    for (int k = 0; k < V; ++k) at[static_cast<int>(got[k]) - 1] = k;
+    return at;
+  }();
+  return slots;
+}
+
+// out[i] = the sum of v[i]'s lanes, i < count: V vectors at a time, each summed by one fixed tree
+inline void hsums(const vec* v, int count, float* out) {
+  const auto& slots = vsums_slots();
+  for (int b = 0; b < count; b += V) {
+    vec batch[V];
+    for (int i = 0; i < V; ++i) batch[i] = b + i < count ? v[b + i] : vzero();
+    alignas(64) float got[V];
+    vstore(got, vsums(batch));
+    for (int i = 0; i < V && b + i < count; ++i) out[b + i] = got[slots[i]];
+  }
+}
+
 // rows [n0, n1) of y [T, N] = x [T, K] W^T (W [N, K] float or bfloat16), T <= MAX_ROWS (a
-// template argument, so that the accumulators live in registers)
+// template argument, so that the accumulators live in registers). Each y[t, n] is a dot product
+// in one order: two chains of V lanes along K (even and odd blocks of V), each chain's lanes
+// summed by one fixed tree (``hsums``), the two added, then the columns past the last whole
+// block one by one; independent of T, of the rows [n0, n1) and of the outputs computed beside
+// it (NB output rows at a time: about V accumulators, their lane sums batched).
 // (``ld``: the distance between rows of x and of W, K unless a product over K of wider rows)
 template <int T, typename W>
 void dense_rows(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t ld = -1) {
   if (ld < 0) ld = K;
+  constexpr int NB = T >= V / 2 ? 1 : V / 2 / T;
   const int64_t body = K / V * V;
-  for (int64_t n = n0; n < n1; ++n) {
-    const W* row = w + n * ld;
-    vec acc[T], acc2[T];
-    for (int64_t t = 0; t < T; ++t) acc[t] = acc2[t] = vzero();
+  for (int64_t n = n0; n < n1; n += NB) {
+    const W* row[NB];
+    for (int j = 0; j < NB; ++j) row[j] = w + std::min(n + j, n1 - 1) * ld;  // (past n1: a repeat, unused)
+    vec acc[2 * NB * T];  // [j][chain][t]
+    for (int i = 0; i < 2 * NB * T; ++i) acc[i] = vzero();
     int64_t k = 0;
-    for (; k + 2 * V <= body; k += 2 * V) {  // two chains per row of x: FMA latency hidden at T = 1
-      const vec a = vload(row + k), b = vload(row + k + V);
-      for (int64_t t = 0; t < T; ++t) {
-        acc[t] = vfma(a, vload(x + t * ld + k), acc[t]);
-        acc2[t] = vfma(b, vload(x + t * ld + k + V), acc2[t]);
+    for (; k + 2 * V <= body; k += 2 * V) {  // two chains per row of x: FMA latency hidden
+      for (int j = 0; j < NB; ++j) {
+        const vec a = vload(row[j] + k), b = vload(row[j] + k + V);
+        for (int t = 0; t < T; ++t) {
+          acc[(2 * j) * T + t] = vfma(a, vload(x + t * ld + k), acc[(2 * j) * T + t]);
+          acc[(2 * j + 1) * T + t] = vfma(b, vload(x + t * ld + k + V), acc[(2 * j + 1) * T + t]);
+        }
       }
     }
     for (; k < body; k += V) {
-      const vec a = vload(row + k);
-      for (int64_t t = 0; t < T; ++t) acc[t] = vfma(a, vload(x + t * ld + k), acc[t]);
+      for (int j = 0; j < NB; ++j) {
+        const vec a = vload(row[j] + k);
+        for (int t = 0; t < T; ++t) acc[(2 * j) * T + t] = vfma(a, vload(x + t * ld + k), acc[(2 * j) * T + t]);
+      }
     }
-    for (int64_t t = 0; t < T; ++t) {
-      float s = vsum(acc[t]) + vsum(acc2[t]);
-      for (int64_t j = body; j < K; ++j) s += scalar(row, j) * x[t * ld + j];
-      y[t * N + n] = s;
+    float sums[2 * NB * T];
+    hsums(acc, 2 * NB * T, sums);
+    for (int j = 0; j < NB && n + j < n1; ++j) {
+      for (int t = 0; t < T; ++t) {
+        float s = sums[(2 * j) * T + t] + sums[(2 * j + 1) * T + t];
+        for (int64_t c = body; c < K; ++c) s += scalar(row[j], c) * x[t * ld + c];
+        y[t * N + n + j] = s;
+      }
     }
   }
 }
