@@ -66,7 +66,8 @@ def trained_chat_checkpoint(tmp_path_factory, tiny_chat_checkpoint) -> Path:
     corpus = root / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 100)
     r = cli("train", "--model", str(tiny_chat_checkpoint), "--data", str(corpus), "--steps", "2", "--seq-len", "16",
-            "--batch", "2", "--tp", "2", "--lr", "0.05", "--save", str(root / "ckpt"), "--quiet", timeout=200)
+            "--batch", "2", "--tp", "2", "--lr", "0.05", "--save", str(root / "ckpt"), "--out", str(root / "out"),
+            "--quiet", timeout=200)
     assert r.returncode == 0, r.stderr
     return next((root / "ckpt").glob("step-*"))
 
