@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 import torch
@@ -113,7 +114,8 @@ def main() -> None:
               f"tokens/s ({c['prefill_ratio']:.2f}x the time)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    training = [training_cost(args.model, int(t), args.train_steps, out) for t in args.cost_tp.split(",") if t]
+    with tempfile.TemporaryDirectory() as work:  # (the corpus and the runs' loss curves)
+        training = [training_cost(args.model, int(t), args.train_steps, Path(work)) for t in args.cost_tp.split(",") if t]
     for c in training:
         print(f"train tp={c['tp']}: {c['default']['tokens_per_s']:.0f} -> {c['deterministic']['tokens_per_s']:.0f} "
               f"tokens/s ({c['ratio']:.2f}x the time)")
