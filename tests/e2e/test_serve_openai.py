@@ -444,8 +444,15 @@ def test_update_weights_from_disk_waits_for_running_streams_then_serves_the_new_
         assert first + "".join(ch.choices[0].text for ch in chunks if ch.choices) == old_long
         reload.join(timeout=120)
         assert answers["r"].status_code == 200 and answers["r"].json()["success"] is True, answers["r"].text
-        want = generate(str(trained_chat_checkpoint), "Once upon a time", "--tp", "1", "--deterministic")
-        assert complete() == want["text"] != old
+        from tensorpar import LLM
+        from tensorpar.layers import deterministic
+
+        try:
+            with LLM(str(trained_chat_checkpoint), tp=1, deterministic=True, progress=False) as llm:
+                want = llm.generate(["Once upon a time"], max_new_tokens=12)[0].text
+        finally:
+            deterministic.enable(False)  # (a tp=1 LLM runs in this process)
+        assert complete() == want != old
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, proc.stderr.read()

@@ -29,7 +29,7 @@ def test_logits_are_bitwise_equal_at_every_degree(tiny_chat_checkpoint, restores
     with LLM(model, tp=1, progress=False) as llm:
         default = llm.score(PROMPTS[:1])[0]
     seen = {}
-    for tp in (1, 4, 6):  # 6 query heads over 2 KV heads: 4 splits them unevenly (2 and 3: below, and test_cli_check)
+    for tp in (1, 4):  # 6 query heads over 2 KV heads: 4 splits them unevenly (2 and 3: below, and test_cli_check)
         with LLM(model, tp=tp, deterministic=True, progress=False) as llm:
             done = llm.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)
             tokens = [c.token_ids for c in done]
@@ -113,10 +113,8 @@ def test_stages_backend_threads_prefix_hits_and_preemption_change_no_bit(tiny_ch
                 results[f"tp=1 threads={threads}"] = run(llm)[:2]
     finally:
         torch.set_num_threads(torch_threads)
-    with LLM(model, tp=2, pp=2, deterministic=True, progress=False) as llm:
-        results["tp=2 pp=2"] = run(llm)[:2]
-    with LLM(model, tp=2, comm="gloo", deterministic=True, progress=False) as llm:
-        results["tp=2 gloo"] = run(llm)[:2]
+    with LLM(model, tp=2, pp=2, comm="gloo", deterministic=True, progress=False) as llm:
+        results["tp=2 pp=2 over gloo"] = run(llm)[:2]
     # tp=3: a KV budget of 14 blocks of 4 positions, less than the 4 sequences' 40-odd positions
     # each: the newest are preempted as the oldest grow
     with LLM(model, tp=3, deterministic=True, progress=False, block_size=4, max_model_len=56,
@@ -129,32 +127,6 @@ def test_stages_backend_threads_prefix_hits_and_preemption_change_no_bit(tiny_ch
         assert other_tokens == tokens, name  # token ids and log-probabilities, floats compared exactly
         for a, b in zip(other_logits, logits):
             assert torch.equal(a, b), (name, (a - b).abs().max())
-
-
-@pytest.mark.timeout(300)
-def test_the_trainers_logprobs_equal_the_engines_prompt_logprobs_at_another_degree(tiny_chat_checkpoint,
-                                                                                  restores_the_mode):
-    """Reinforcement learning's parity: the per-token log-probabilities a trainer at tp=2 computes
-    for rollouts equal, by ``==``, the ``prompt_logprobs`` an engine at tp=3 returns for them."""
-    from tensorpar import SamplingParams
-    from tensorpar.distributed.ranks import SpawnedRanks
-    from tensorpar.train.trainer import TrainConfig, Trainer, TrainSpec
-
-    model = str(tiny_chat_checkpoint)
-    with LLM(model, tp=3, deterministic=True, progress=False) as llm:
-        rollouts = [list(c.prompt_token_ids) + list(c.token_ids)
-                    for c in llm.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)]
-        scored = llm.generate_full(rollouts, SamplingParams(max_new_tokens=0, prompt_logprobs=0)).completions
-    engine = [[logprob for _, logprob, _ in c.prompt_logprobs[1:]] for c in scored]
-    spec = TrainSpec.resolve(TrainConfig(data=__file__, model=model, tp=2, steps=1, seq_len=16, batch=2,
-                                         deterministic=True, timeout_s=120.0))
-    ranks = SpawnedRanks(2, Trainer, (spec, torch.randint(0, 1000, (256,))), timeout_s=120)
-    try:
-        trainer = ranks.call("token_logprobs", rollouts)
-    finally:
-        ranks.close()
-    assert [len(t) for t in trainer] == [len(r) - 1 for r in rollouts]
-    assert trainer == engine  # floats, compared exactly
 
 
 def _train(model: str, tp: int, steps: int, dp: int = 1, sp: bool = False, save: str | None = None,
@@ -198,11 +170,11 @@ def test_training_is_bitwise_equal_at_tp_1_2_3_and_resumes_at_another_degree_as_
 @pytest.mark.timeout(300)
 def test_a_mixture_of_experts_is_bitwise_equal_at_every_tp_and_ep(tiny_moe_chat_checkpoint, restores_the_mode):
     """Qwen2-MoE (6 experts, top-2, a shared expert): greedy tokens and teacher-forced logits equal
-    by ``torch.equal`` at tp=1, at tp=2 with the experts split by rows and with them whole over
-    two expert sets, and at tp=3 (a rank then holds none of an expert's rows)."""
+    by ``torch.equal`` at tp=1, at tp=2 with the experts whole over two expert sets, and at tp=3
+    with them split by rows (a rank then holds none of an expert's rows)."""
     model = str(tiny_moe_chat_checkpoint)
     seen = {}
-    for tp, ep in ((1, 1), (2, 1), (2, 2), (3, 1)):
+    for tp, ep in ((1, 1), (2, 2), (3, 1)):
         with LLM(model, tp=tp, ep=ep, deterministic=True, progress=False) as llm:
             done = llm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
             sequences = seen.get((1, 1), (None, [list(c.prompt_token_ids) + list(c.token_ids) for c in done]))[1]

@@ -1,7 +1,9 @@
-"""Weights replaced in a running engine, as reinforcement-learning loops need (``LLM.load_weights``,
-``POST /update_weights_from_disk``): a training checkpoint saved at tp=2 and loaded into an LLM at
-tp=3 gives, bit for bit in deterministic mode, the logits and tokens of that checkpoint loaded
-afresh at tp=1, with no stale prefix-cache hit; another model is refused and the weights stay."""
+"""A reinforcement-learning loop's two halves in deterministic mode: weights replaced in a running
+engine (``LLM.load_weights``; the server's route: tests/e2e/test_serve_openai.py) and the trainer's
+log-probabilities. A training checkpoint saved at tp=2 and loaded into an LLM at tp=3 gives, bit
+for bit, the logits and tokens of that checkpoint loaded afresh at tp=1, with no stale
+prefix-cache hit; another model is refused and the weights stay; and a trainer at tp=2 resumed
+from it computes each token's log-probability equal by ``==`` to the engine's ``prompt_logprobs``."""
 
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ def restores_the_mode():
 
 
 @pytest.mark.timeout(300)
-def test_a_checkpoint_saved_at_tp2_loads_into_a_running_tp3_llm_bit_for_bit(tiny_chat_checkpoint, tiny_moe_chat_checkpoint,
-                                                                          trained_chat_checkpoint, restores_the_mode):
+def test_a_checkpoint_saved_at_tp2_loads_into_a_running_tp3_llm_and_its_trainer_agrees_bit_for_bit(
+        tiny_chat_checkpoint, tiny_moe_chat_checkpoint, trained_chat_checkpoint, restores_the_mode):
     trained = trained_chat_checkpoint
     with LLM(str(trained), tp=1, deterministic=True, progress=False) as fresh:
         want = fresh.generate([PROMPT], max_new_tokens=16, ignore_eos=True)[0]
@@ -37,7 +39,28 @@ def test_a_checkpoint_saved_at_tp2_loads_into_a_running_tp3_llm_bit_for_bit(tiny
         run = llm.generate_full([PROMPT], SamplingParams(max_new_tokens=16, ignore_eos=True))
         after = run.completions[0]
         logits = llm.score([list(after.prompt_token_ids) + list(after.token_ids)])[0]
+        rollouts = [list(c.prompt_token_ids) + list(c.token_ids)
+                    for c in llm.generate(["Tensor parallelism", PROMPT], max_new_tokens=12, ignore_eos=True)]
+        scored = llm.generate_full(rollouts, SamplingParams(max_new_tokens=0, prompt_logprobs=0)).completions
     assert run.cache["prefix_cache_hits"] == 0  # the old weights' keys and values were forgotten
     assert before.token_ids != want.token_ids  # the training steps changed the answer
     assert after.token_ids == want.token_ids
     assert torch.equal(logits, want_logits), (logits - want_logits).abs().max()
+    engine = [[logprob for _, logprob, _ in c.prompt_logprobs[1:]] for c in scored]
+    trainer = _trainer_logprobs(trained, rollouts)
+    assert [len(t) for t in trainer] == [len(r) - 1 for r in rollouts]
+    assert trainer == engine  # floats, compared exactly
+
+
+def _trainer_logprobs(checkpoint, sequences: list[list[int]]) -> list[list[float]]:
+    """``Trainer.token_logprobs`` of a deterministic trainer at tp=2 resumed from ``checkpoint``."""
+    from tensorpar.distributed.ranks import SpawnedRanks
+    from tensorpar.train.trainer import TrainConfig, Trainer, TrainSpec
+
+    spec = TrainSpec.resolve(TrainConfig(data=__file__, tp=2, steps=3, seq_len=16, batch=2, deterministic=True,
+                                         resume=str(checkpoint), timeout_s=120.0))
+    ranks = SpawnedRanks(2, Trainer, (spec, torch.randint(0, 1000, (256,))), timeout_s=120)
+    try:
+        return ranks.call("token_logprobs", sequences)
+    finally:
+        ranks.close()
