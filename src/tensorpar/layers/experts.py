@@ -102,8 +102,10 @@ class ExpertParallelMoE(nn.Module):
         weights, index = self.gate.route(t)  # [T, k]
         T, k = index.shape
         chunks = -(-self.experts_intermediate // self.chunk)
-        spans = torch.tensor([[r.start, r.stop] for _, r in self.grid], dtype=torch.long).view(-1, 2)
-        mine = torch.tensor([g for g, _ in self.grid], dtype=torch.long)
+        if not hasattr(self, "_grid_tensors"):  # (made once: the grid's local spans and global chunks)
+            self._grid_tensors = (torch.tensor([[r.start, r.stop] for _, r in self.grid], dtype=torch.long).view(-1, 2),
+                                  torch.tensor([g for g, _ in self.grid], dtype=torch.long))
+        spans, mine = self._grid_tensors
         parts = t.new_zeros(T * k, chunks, t.shape[1])  # [(token, choice), chunk, hidden]
         for e in self.local if self.grid else ():  # (a rank may hold no chunk of the experts' rows)
             rows = (index.flatten() == e).nonzero()[:, 0]  # the (token, choice) rows routed to e

@@ -43,14 +43,14 @@ class EngineCore:
         if blocks is not None:
             self.runner.allocate(blocks, self.scheduler.block_size)
 
-    def load_weights(self, path: str) -> float:
-        """The weights of the checkpoint at ``path`` in place of these on every rank
-        (``ModelRunner.load_weights``), while no sequence runs, and the prefix cache forgotten;
-        seconds taken."""
+    def load_weights(self, checked: str) -> float:
+        """The weights of the checkpoint ``checked`` (``ModelRunner.checked_weights``) in place of
+        these on every rank (``ModelRunner.load_weights``), while no sequence runs, and the prefix
+        cache forgotten; seconds taken."""
         if self.scheduler.running or self.scheduler.preempted:
             raise RuntimeError("weights are replaced only while no sequence runs")
         t = time.perf_counter()
-        self.runner.load_weights(path)
+        self.runner.load_weights(checked)
         if self.scheduler.blocks is not None:
             self.scheduler.blocks.forget_prefixes()
         return time.perf_counter() - t

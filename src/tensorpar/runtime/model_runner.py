@@ -107,12 +107,12 @@ class ModelRunner:
         """A KV cache of ``num_blocks`` blocks on every rank (the old one, if any, dropped)."""
         self.execute(messages.allocate(num_blocks, block_size))
 
-    def load_weights(self, path: str) -> None:
-        """Replace every rank's weights in place by those of the checkpoint at ``path``: the same
-        model, saved at any layout (``checked_weights``); each rank reads only its own slices, as at
-        start-up. The KV cache's contents are then stale: the caller runs nothing on them again
-        (``EngineCore.load_weights``)."""
-        self.execute(messages.reload(self.checked_weights(path)))
+    def load_weights(self, checked: str) -> None:
+        """Replace every rank's weights in place by those of the checkpoint ``checked`` (as
+        ``checked_weights`` returned it: the same model, saved at any layout); each rank reads only
+        its own slices, as at start-up. The KV cache's contents are then stale: the caller runs
+        nothing on them again (``EngineCore.load_weights``)."""
+        self.execute(messages.reload(checked))
 
     def checked_weights(self, path: str) -> str:
         """The checkpoint at ``path`` resolved, once it is known to hold this model; refused before
