@@ -254,7 +254,7 @@ def test_a_packed_step_equals_its_parts_run_alone_and_chunks_equal_a_whole_prefi
     def run(cache, message):
         batch = messages.to_batch(message.header(), torch.tensor(message.payload()))
         with torch.no_grad():
-            return batch.last_tokens(model(batch.ids, batch.attention, cache))  # [rows, hidden]
+            return batch.output_tokens(model(batch.ids, batch.attention, cache))  # [rows, hidden]
 
     blocks_a, blocks_b, blocks_c = [7, 2, 9, 4], [5, 1], [3, 11, 6, 10, 8]  # blocks of 4 positions, scattered
 

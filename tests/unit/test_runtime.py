@@ -63,15 +63,15 @@ def test_every_dtype_alias_is_accepted_everywhere():
 def test_messages_carry_what_the_ranks_need_in_the_header_and_part_table():
     m = messages.step([messages.chunk([5, 6, 7], 0, 3, [4, 9], block_size=2)], in_use=10)  # 3 positions: 2 blocks of 2
     assert m.header() == [messages.STEP, 1, 2, 3, 2 * 0, messages.FULL, 10, 0]
-    assert m.payload() == [1, 3, 3, 2, 2, CAUSAL] + [5, 6, 7, 0, 1, 2, 4, 9]
+    assert m.payload() == [1, 3, 3, 2, 2, CAUSAL, messages.LAST] + [5, 6, 7, 0, 1, 2, 4, 9]
     m = messages.step([messages.decode_part([9, 8], [6, 6], [[2, 3], [4, 5]], 4)], messages.GREEDY)  # equal lengths
-    assert m.parts[0].table() == [2, 1, 7, 6, 2, ALL_KEYS] and m.logits == messages.GREEDY
+    assert m.parts[0].table() == [2, 1, 7, 6, 2, ALL_KEYS, messages.LAST] and m.logits == messages.GREEDY
     m = messages.step([messages.decode_part([9, 8, 7], [6, 3, 4], [[5, 6], [1], [2, 3]], 4)])  # mixed lengths
-    assert m.parts[0].table()[2:] == [7, 6, 2, BY_POSITION]
+    assert m.parts[0].table()[2:] == [7, 6, 2, BY_POSITION, messages.LAST]
     assert m.parts[0].blocks == ((5, 6), (1, 0), (2, 3))  # a shorter row's table padded with block 0
     assert messages.allocate(8, 16).header()[:5] == [messages.ALLOC, 0, 8, 0, 16]
     later = messages.chunk([1, 2, 3, 4, 5], 2, 4, [6, 7, 8], 2)  # tokens 2:4 after 0:2 are cached
-    assert later.table() == [1, 2, 4, 3, 2, BY_POSITION] and later.ids == ((3, 4),) and later.blocks == ((6, 7),)
+    assert later.table() == [1, 2, 4, 3, 2, BY_POSITION, messages.LAST] and later.ids == ((3, 4),) and later.blocks == ((6, 7),)
     mixed = messages.step([messages.decode_part([9, 8], [6, 3], [[0, 3, 4, 5], [1, 2]], 2), messages.chunk([1, 2, 3], 0, 3, [7, 9], 2),
                     later])
     for message in (messages.step([messages.chunk([1, 2], 0, 2, [1], 2)]), messages.step([messages.decode_part([3, 4], [5, 2], [[1, 2, 3], [4, 5]], 2)]),
@@ -81,7 +81,7 @@ def test_messages_carry_what_the_ranks_need_in_the_header_and_part_table():
         assert len(payload) == messages.Message.payload_size(header)
         batch = messages.to_batch(header, payload)
         mine = messages.to_batch(header, payload, table=message.table())  # the leader's: its own lists
-        assert message.table() == payload[: messages.PART_SIZE * len(message.parts)].view(-1, 6).tolist()
+        assert message.table() == payload[: messages.PART_SIZE * len(message.parts)].view(-1, 7).tolist()
         assert torch.equal(mine.ids, batch.ids) and len(mine.parts) == len(batch.parts)
         assert len(batch.parts) == len(message.parts)
         for part, sent in zip(batch.parts, message.parts):
@@ -96,7 +96,18 @@ def test_messages_carry_what_the_ranks_need_in_the_header_and_part_table():
     assert batch.attention.last.tolist() == [0, 1, 4, 6]  # each row's last token: 2 decodes, 2 prompts
     x = torch.arange(7.0).view(1, 7, 1)
     assert batch.attention.unpack(1, x).shape == (1, 3, 1) and batch.attention.unpack(0, x).flatten().tolist() == [0, 1]
-    assert batch.last_tokens(x).flatten().tolist() == [0, 1, 4, 6]
+    assert batch.output_tokens(x).flatten().tolist() == [0, 1, 4, 6]
+    # speculative verification: every token of a part of drafts gives logits, packed or alone
+    verify = messages.chunk([1, 2, 3, 4, 5], 2, 5, [6, 7, 8], 2, outputs=messages.EVERY)
+    assert verify.output_rows == 3 and verify.table()[-1] == messages.EVERY
+    drafts = messages.step([messages.decode_part([9, 8], [6, 3], [[0, 3, 4, 5], [1, 2]], 2), verify], messages.GREEDY,
+                           model=messages.DRAFT)
+    assert drafts.header()[7] == messages.DRAFT
+    batch = messages.to_batch(drafts.header(), torch.tensor(drafts.payload()))
+    assert batch.model == messages.DRAFT and batch.outputs.tolist() == [0, 1, 2, 3, 4]
+    alone = messages.step([verify])
+    batch = messages.to_batch(alone.header(), torch.tensor(alone.payload()))
+    assert batch.output_tokens(torch.arange(3.0).view(1, 3, 1)).flatten().tolist() == [0, 1, 2]
 
 
 def _visible(mask, causal, S_, L):

@@ -53,14 +53,7 @@ def build_mesh(world: ParallelContext, tp: int, dp: int, timeout_s: float = DEFA
         if size == world.world_size:
             return world
         group, _ = mine[kind]
-        shm = None
-        if world.shm is not None:
-            from tensorpar.distributed.shm import create_group_communicator
-
-            shm = create_group_communicator(rank, size, group, timeout_s)
-        backend = world.backend if shm is not None or world.shm is None else "gloo"
-        return ParallelContext(rank=rank, world_size=size, device=world.device, backend=backend,
-                               group=group, shm=shm)
+        return _subgroup_context(world, group, rank, size, timeout_s)
 
     # the shared-memory set-up is collective over each group: tensor-parallel groups first
     tp_ctx = context("tp", tp, tp_rank)
@@ -73,3 +66,28 @@ def destroy_mesh(mesh: Mesh) -> None:
     for ctx in (mesh.tp, mesh.dp):
         if ctx is not mesh.world and ctx.shm is not None:
             ctx.shm.close()
+
+
+def leading_context(world: ParallelContext, size: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelContext | None:
+    """A group of ``world``'s first ``size`` ranks (a speculative draft model's): its context on
+    them, None on the others. Collective over ``world`` (``new_group`` is)."""
+    if not 1 <= size <= world.world_size:
+        raise ValueError(f"a group of {size} ranks within {world.world_size}")
+    if size == world.world_size:
+        return world
+    if size == 1:
+        return single_process_context(world.device) if world.rank == 0 else None
+    group = dist.new_group(list(range(size)), timeout=datetime.timedelta(seconds=timeout_s))
+    return _subgroup_context(world, group, world.rank, size, timeout_s) if world.rank < size else None
+
+
+def _subgroup_context(world: ParallelContext, group, rank: int, size: int, timeout_s: float) -> ParallelContext:
+    """This rank's context in ``group``, a subgroup of ``world``, with its own shared-memory
+    communicator when the world has one (its set-up is collective over the group)."""
+    shm = None
+    if world.shm is not None:
+        from tensorpar.distributed.shm import create_group_communicator
+
+        shm = create_group_communicator(rank, size, group, timeout_s)
+    backend = world.backend if shm is not None or world.shm is None else "gloo"
+    return ParallelContext(rank=rank, world_size=size, device=world.device, backend=backend, group=group, shm=shm)

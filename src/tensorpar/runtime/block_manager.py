@@ -103,6 +103,15 @@ class BlockManager:
         table.extend(self._take() for _ in range(need))
         return True
 
+    def trim(self, table: list[int], tokens: int) -> None:
+        """Give back the blocks of ``table`` past those ``tokens`` positions need (speculative
+        decoding's rejected drafts had them)."""
+        keep = self.blocks_for(tokens)
+        if len(table) > keep:
+            extra = table[keep:]
+            del table[keep:]
+            self.release(extra)
+
     def register(self, table: list[int], hashes: list[int], tokens: list[int], computed: int,
                  root: object = None) -> None:
         """Name the blocks of ``table`` that ``computed`` positions have filled and that have no

@@ -3,6 +3,7 @@
     plan = scheduler.schedule()            # what to run (data)
     out = runner.execute(plan.message)     # every rank runs it; the leader gets a StepOutput
     scheduler.update(plan, sampler.choose(out, plan))
+    proposer.propose(decoding sequences)   # speculative decoding: drafts the next plan verifies
 
 ``Worker.generate`` drains it inside one collective call; ``ServingEngine`` steps it on a thread.
 """
@@ -19,22 +20,34 @@ from tensorpar.runtime.scheduler import DECODE, SCORE, Scheduler, score_plan
 
 
 class EngineCore:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler):
-        self.runner, self.scheduler, self.sampler = runner, scheduler, sampler
-        self.timings = {"prefill_s": 0.0, "prefill_steps": 0, "decode_s": 0.0, "decode_steps": 0}
+    """``proposer``: a speculative decoding proposer (``runtime.speculative``), or None.
+    ``timings``: seconds and steps of prefill and decode; ``decode_positions`` sums each decode
+    step's tokens per sequence (1 without speculation), so that ``decode_s / decode_positions`` is
+    the time a sequence waits per token."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler, proposer=None):
+        self.runner, self.scheduler, self.sampler, self.proposer = runner, scheduler, sampler, proposer
+        self.timings = {"prefill_s": 0.0, "prefill_steps": 0, "decode_s": 0.0, "decode_steps": 0,
+                        "decode_positions": 0.0}
 
     def step(self) -> None:
-        """Schedule, execute, sample, update: one plan, if anything can run."""
+        """Schedule, execute, sample, update, propose: one plan, if anything can run."""
         plan = self.scheduler.schedule()
         if plan is None:
             return
         t = time.perf_counter()
         out = self.runner.execute(plan.message)
-        self.scheduler.update(plan, self.sampler.choose(out, plan))
+        appended = self.scheduler.update(plan, self.sampler.choose(out, plan))
+        if self.proposer is not None and plan.kind != SCORE:
+            sched = self.scheduler
+            self.proposer.propose([s for s in sched.running.values() if s.decoding],
+                                  set(sched.running) | {s.request_id for s in sched.preempted})
         kind = DECODE if plan.kind == DECODE else "prefill"  # (scoring counts as prefill time, not steps)
         self.timings[f"{kind}_s"] += time.perf_counter() - t
         if plan.kind != SCORE:
             self.timings[f"{kind}_steps"] += 1
+        if plan.kind == DECODE:
+            self.timings["decode_positions"] += appended / len({id(s) for s in plan.rows})
 
     def reserve(self, sequences: int, tokens: int) -> None:
         """A KV cache on every rank with room for ``sequences`` sequences of ``tokens`` positions
@@ -42,6 +55,8 @@ class EngineCore:
         blocks = self.scheduler.reserve(sequences, tokens)
         if blocks is not None:
             self.runner.allocate(blocks, self.scheduler.block_size)
+            if self.proposer is not None:
+                self.proposer.allocate(blocks, self.scheduler.block_size)
 
     def load_weights(self, checked: str) -> float:
         """The weights of the checkpoint ``checked`` (``ModelRunner.checked_weights``) in place of

@@ -66,6 +66,7 @@ class ModelRunner:
         self.moe_layers = [(int(name.split(".")[2]), m)  # (name: model.layers.<i>.mlp)
                            for name, m in self.model.named_modules() if isinstance(m, ExpertParallelMoE)]
         self.cache: KVCache | None = None
+        self.draft: ModelRunner | None = None  # a speculative draft model's share, if this rank holds one
         self.busy_s = 0.0  # seconds spent computing steps (not waiting for another stage)
 
     def expert_load(self, since: dict | None = None) -> dict:
@@ -92,7 +93,8 @@ class ModelRunner:
     def execute(self, message: messages.Message) -> messages.StepOutput | None:
         """Broadcast ``message`` on the control channel and run it here; the step's output (None
         for a message that is no model step). The leader's batch comes from the message's own
-        lists: nothing it decided is read back."""
+        lists: nothing it decided is read back. A draft model's message (``model=DRAFT``) runs on
+        the draft's runner."""
         header = message.header()
         payload = None
         if messages.Message.payload_size(header):
@@ -101,7 +103,8 @@ class ModelRunner:
             broadcast_control(torch.tensor(header, dtype=torch.long), self.ctx)
             if payload is not None:
                 broadcast_control(payload, self.ctx)
-        return self._execute(messages.to_batch(header, payload, self.ctx.device, table=message.table()))
+        runner = self if message.model == messages.TARGET else self.draft
+        return runner._execute(messages.to_batch(header, payload, self.ctx.device, table=message.table()))
 
     def allocate(self, num_blocks: int, block_size: int) -> None:
         """A KV cache of ``num_blocks`` blocks on every rank (the old one, if any, dropped)."""
@@ -204,7 +207,7 @@ class ModelRunner:
         if batch.op == messages.SCORE:
             logits = head.logits_to_leader(out)
             return None if logits is None else messages.StepOutput(logits=logits[0])  # [S, vocab]
-        last = batch.last_tokens(out)  # [rows, hidden]
+        last = batch.output_tokens(out)  # [output rows, hidden]
         if batch.logits == messages.GREEDY:
             best = head.greedy_to_leader(last)  # (ids [rows], logprobs [rows])
             return None if best is None else messages.StepOutput(ids=best[0], logprobs=best[1])
@@ -215,7 +218,9 @@ class ModelRunner:
         """On the leader, the step's output as the last stage's first rank sent it; None elsewhere."""
         if not self.ctx.is_leader:
             return None
-        rows, tokens = sum(p.positions.shape[0] for p in batch.parts), batch.ids.shape[1]
+        tokens = batch.ids.shape[1]
+        rows = len(batch.outputs) if batch.outputs is not None else (batch.ids.numel() if batch.every else
+                                                                        sum(p.positions.shape[0] for p in batch.parts))
         greedy = batch.op == messages.STEP and batch.logits == messages.GREEDY
         shape = (2, rows) if greedy else ((tokens if batch.op == messages.SCORE else rows), self.config.vocab_size)
         got = recv(torch.empty(shape, dtype=torch.float32, device=self.ctx.device), self.ctx,
@@ -223,12 +228,26 @@ class ModelRunner:
         return messages.StepOutput(ids=got[0].long(), logprobs=got[1]) if greedy else messages.StepOutput(logits=got)
 
     def follow(self, until: tuple[int, ...] = (messages.END,)) -> int:
-        """Follower: run the leader's messages until it sends one of ``until``; return that op."""
+        """Follower: run the leader's messages until it sends one of ``until``; return that op. A
+        draft model's messages run on its runner (``draft``), where this rank holds a part of it."""
         while True:
             batch = self._receive()
             if batch.op in until:
                 return batch.op
-            self._execute(batch)
+            runner = self if batch.model == messages.TARGET else self.draft
+            if runner is not None:
+                runner._execute(batch)
+
+    # ---- a speculative draft model --------------------------------------------------------------
+
+    def attach_draft(self, spec) -> None:
+        """Hold a share of the draft model ``spec`` describes (``runtime.speculative``): on the first
+        ``spec.dims.tp`` ranks, which form its group; every rank must call this (the group is made
+        collectively). Its messages travel on this runner's control channel."""
+        from tensorpar.distributed.mesh import leading_context
+
+        ctx = leading_context(self.ctx, spec.dims.tp, self.spec.timeout_s)
+        self.draft = ModelRunner(spec, ctx) if ctx is not None else None
 
 
 def _packed(result: messages.StepOutput) -> torch.Tensor:

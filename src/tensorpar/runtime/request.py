@@ -101,6 +101,7 @@ class GenerationResult:
     stage_busy: list[float] = field(default_factory=list)  # per pipeline stage: fraction of the call spent computing
     experts: dict = field(default_factory=dict)  # a mixture of experts' load in this call (``ModelRunner.expert_load``)
     cache: dict = field(default_factory=dict)  # this call's prefix-cache queries and hits (tokens), and preemptions
+    speculation: dict = field(default_factory=dict)  # drafts verified in this call (``speculative.speculation_summary``)
 
 
 class Collector:

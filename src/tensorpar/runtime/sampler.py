@@ -18,7 +18,7 @@ import torch
 
 from tensorpar.runtime.messages import StepOutput
 from tensorpar.runtime.request import logsumexp, score_prompt
-from tensorpar.runtime.sampling import apply_controls, sample
+from tensorpar.runtime.sampling import accept_drafts, apply_controls, probabilities, sample
 from tensorpar.runtime.scheduler import SCORE, StepPlan
 
 
@@ -39,38 +39,76 @@ class Sampler:
         self.eos_ids = eos_ids
 
     def choose(self, out: StepOutput, plan: StepPlan) -> list:
-        """Per row of a model step, a ``Sampled`` (None for a row that yields no token); for a
-        ``SCORE`` plan, the prompt's log-probabilities (``score_prompt``)."""
+        """Per output row of a model step, a ``Sampled`` (None for a row that yields no token); a
+        sequence verifying drafts (``plan.drafts``) has a row per position: its first gets the list
+        of tokens it takes (``accept``), the others None. For a ``SCORE`` plan, the prompt's
+        log-probabilities (``score_prompt``)."""
         if plan.kind == SCORE:
             request, _ = plan.scoring
             return score_prompt(out.logits, request.prompt_token_ids, request.params.prompt_logprobs)
         rows = plan.rows
         if out.ids is not None:  # GREEDY: the ranks chose
-            return [None if seq is None else Sampled(token, logprob)
-                    for seq, token, logprob in zip(rows, out.ids.tolist(), out.logprobs.tolist())]
-        logits = out.logits.float()  # [B, vocab]
+            return self.accept(plan, [None if seq is None else Sampled(token, logprob)
+                                      for seq, token, logprob in zip(rows, out.ids.tolist(), out.logprobs.tolist())])
+        logits = out.logits.float()  # [rows, vocab]
         norm = logsumexp(logits).tolist()  # log-prob = logit - logsumexp(logits)
         live = [row for row, seq in enumerate(rows) if seq is not None]
+        before = _drafted_before(rows, plan.drafts)  # each row's drafts ahead of its position
         chosen = logits  # what the choice is made from: the logits after each row's controls
         if any(rows[row].params.controls_logits for row in live):
             chosen = logits.clone()
             chosen[live] = apply_controls(logits[live], [rows[r].params for r in live],
-                                          [rows[r].request.prompt_token_ids for r in live], [rows[r].out for r in live],
+                                          [rows[r].request.prompt_token_ids for r in live],
+                                          [rows[r].out + before[r] for r in live],
                                           [set() if rows[r].params.ignore_eos else self.eos_ids for r in live])
             for row in live:
                 if rows[row].guided is not None:  # the grammar has the last word
                     rows[row].guided.mask_(chosen[row])
         best = chosen.argmax(dim=-1).tolist()  # every greedy row at once
-        choices: list[Sampled | None] = []
-        for row, seq in enumerate(rows):
-            if seq is None:
-                choices.append(None)
-                continue
-            p = seq.params
-            token = best[row] if p.greedy else sample(chosen[row], p, seq.generator)
-            top = []
+
+        def made(row: int, token: int) -> Sampled:
+            p, top = rows[row].params, []
             if p.logprobs:
                 values, ids = torch.topk(logits[row], p.logprobs)
                 top = [(i, v - norm[row]) for i, v in zip(ids.tolist(), values.tolist())]
-            choices.append(Sampled(token, float(logits[row, token]) - norm[row], top))
+            return Sampled(token, float(logits[row, token]) - norm[row], top)
+
+        choices: list = []
+        for row, seq in enumerate(rows):
+            if seq is None or (before[row] and not seq.params.greedy):  # (a sampled span's first row decides)
+                choices.append(None)
+            elif seq.request_id in plan.drafts and not seq.params.greedy:
+                drafts = plan.drafts[seq.request_id]
+                span = range(row, row + len(drafts) + 1)
+                target = torch.stack([probabilities(chosen[r], seq.params) for r in span])
+                taken = accept_drafts(drafts, target, seq.draft_probs, seq.generator)
+                choices.append([made(r, t) for r, t in zip(span, taken)])
+            else:
+                choices.append(made(row, best[row] if seq.params.greedy else sample(chosen[row], seq.params,
+                                                                                     seq.generator)))
+        return self.accept(plan, choices)
+
+    @staticmethod
+    def accept(plan: StepPlan, choices: list) -> list:
+        """Greedy verification: a span's tokens are its drafts as far as the target's own choices
+        agree, then the target's choice at the first disagreement (or one past the last draft)."""
+        for row, seq in enumerate(plan.rows):
+            if seq is None or choices[row] is None or isinstance(choices[row], list) or seq.request_id not in plan.drafts:
+                continue
+            drafts = plan.drafts[seq.request_id]
+            agree = 0
+            while agree < len(drafts) and choices[row + agree].token == drafts[agree]:
+                agree += 1
+            choices[row : row + len(drafts) + 1] = [choices[row : row + agree + 1]] + [None] * len(drafts)
         return choices
+
+
+def _drafted_before(rows: list, drafts: dict[str, list[int]]) -> list[list[int]]:
+    """Per output row, the drafts its sequence has at earlier positions of the step: [] for a
+    plain row and for the first of a span, then ``drafts[:1]``, ``drafts[:2]``, ..."""
+    out, prev, j = [], None, 0
+    for seq in rows:
+        j = j + 1 if seq is not None and seq is prev else 0
+        prev = seq
+        out.append(drafts[seq.request_id][:j] if j else [])
+    return out

@@ -103,15 +103,21 @@ class SamplingParams:
 
 
 def sample(logits: "torch.Tensor", params: SamplingParams, generator: "torch.Generator | None") -> int:
-    """One token id from one row of logits [vocab].
-
-    Sampling draws from softmax(logits / T) restricted to the ``top_k`` largest logits and to the
-    smallest set of tokens whose probability mass reaches ``top_p``.
-    """
+    """One token id from one row of logits [vocab]: the argmax when greedy, else a draw from
+    ``probabilities(logits, params)``."""
     import torch
 
     if params.greedy:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
+
+
+def probabilities(logits: "torch.Tensor", params: SamplingParams) -> "torch.Tensor":
+    """The distribution [vocab] a sampled token is drawn from: softmax(logits / T) restricted to
+    tokens of probability at least ``min_p`` times the largest, to the ``top_k`` largest logits and
+    to the smallest set of tokens whose probability mass reaches ``top_p``."""
+    import torch
+
     logits = logits.float() / params.temperature
     if params.min_p:
         probs = logits.softmax(-1)
@@ -124,7 +130,34 @@ def sample(logits: "torch.Tensor", params: SamplingParams, generator: "torch.Gen
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= params.top_p  # mass before this token already reaches p
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    return logits.softmax(-1)
+
+
+def accept_drafts(drafts: list[int], target: "torch.Tensor", proposal: "torch.Tensor | None",
+                  generator: "torch.Generator") -> list[int]:
+    """Speculative sampling (Leviathan et al., 2023; Chen et al., 2023): the tokens a sampled
+    sequence takes from ``k`` drafts. ``target`` [k + 1, vocab]: the target's distribution at each
+    draft's position and one past; ``proposal`` [k, vocab]: the distributions the drafts were drawn
+    from (None: each draft was certain, an n-gram's). Draft x_i is kept with probability
+    min(1, p_i(x_i) / q_i(x_i)); the first one rejected is replaced by a draw from
+    norm(max(0, p_i - q_i)); when all are kept, one more is drawn from p_k. The tokens taken are
+    then distributed as the target's own, whatever the drafts."""
+    import torch
+
+    out = []
+    for i, x in enumerate(drafts):
+        p = target[i]
+        q = torch.zeros_like(p) if proposal is None else proposal[i]
+        if proposal is None:
+            q[x] = 1.0
+        if float(torch.rand(1, generator=generator)) * float(q[x]) < float(p[x]):
+            out.append(x)
+            continue
+        residual = (p - q).clamp_(min=0)
+        total = float(residual.sum())
+        out.append(int(torch.multinomial(residual / total if total > 0 else p, 1, generator=generator)))
+        return out
+    return out + [int(torch.multinomial(target[len(drafts)], 1, generator=generator))]
 
 
 def apply_controls(logits: "torch.Tensor", params: list[SamplingParams], prompts: list[list[int]],

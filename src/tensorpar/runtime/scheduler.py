@@ -40,7 +40,6 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from tensorpar.layers import deterministic
 from tensorpar.runtime import messages
 from tensorpar.runtime.block_manager import BlockManager
 from tensorpar.runtime.guided import GuidedCompiler
@@ -59,13 +58,15 @@ class StepPlan:
     or ``SCORE`` (one waiting request's prompt, all positions' logits). ``rows``: per output row of
     a model step, the sequence that takes its token (None: a prompt chunk before the last, whose
     row yields none). ``computed``: each sequence of the step with how many of its tokens are in
-    the cache once it ran. ``scoring``: the request a ``SCORE`` plan scores, and its sink."""
+    the cache once it ran. ``scoring``: the request a ``SCORE`` plan scores, and its sink. A
+    sequence that verifies k drafts (``runtime.speculative``) has k + 1 rows, one per position."""
 
     kind: str
     message: messages.Message
     rows: list[Sequence | None] = field(default_factory=list)
     computed: list[tuple[Sequence, int]] = field(default_factory=list)
     scoring: tuple[Request, Sink] | None = None
+    drafts: dict[str, list[int]] = field(default_factory=dict)  # the drafts each verifying sequence's rows check
 
 
 def score_plan(request: Request, sink: Sink | None = None) -> StepPlan:
@@ -96,6 +97,7 @@ class Scheduler:
         self.running: dict[str, Sequence] = {}  # in order of admission
         self.preempted: deque[Sequence] = deque()  # oldest first
         self.preemptions = 0
+        self.speculation = {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0}  # verified so far
         self.aborts: set[str] = set()
         self.scored: set[str] = set()  # waiting requests whose prompt log-probabilities are sent
         self.score_budget = max_num_batched_tokens  # prompt tokens still to score before the next model step
@@ -133,7 +135,8 @@ class Scheduler:
             return {"running": len(self.running), "waiting": len(self.waiting) + len(self.preempted),
                     "kv_cache_usage": m.used / m.capacity if m else 0.0, "kv_blocks": m.capacity if m else 0,
                     "free_blocks": m.available if m else 0, "preemptions": self.preemptions,
-                    "prefix_cache_queries": m.queries if m else 0, "prefix_cache_hits": m.hits if m else 0}
+                    "prefix_cache_queries": m.queries if m else 0, "prefix_cache_hits": m.hits if m else 0,
+                    **{f"spec_{k}": v for k, v in self.speculation.items()}}
 
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block until there is something to do (or ``timeout_s`` passes); whether there is."""
@@ -176,8 +179,11 @@ class Scheduler:
                 sink(final_event(req.request_id, "length"))
             self.waiting = deque((r, s) for r, s in self.waiting if not self._done_before_start(r))
             decodes = self._grow([s for s in self.running.values() if s.decoding])
+            drafts = {s.request_id: list(s.drafts) for s in decodes  # (drafts without blocks left go unchecked)
+                      if s.drafts and self.blocks.grow(s.blocks, s.length + len(s.drafts))}
             chunking = self.chunked_prefill and bool(decodes)  # (chunks keep running streams at pace)
-            budget = (self.max_num_batched_tokens if chunking else self.whole_budget) - len(decodes)
+            budget = ((self.max_num_batched_tokens if chunking else self.whole_budget) - len(decodes)
+                      - sum(map(len, drafts.values())))
             chunks: list[tuple[Sequence, int, int]] = []  # (sequence, first token to compute, last + 1)
             for seq in [s for s in self.running.values() if not s.decoding]:  # prompts begun in earlier steps
                 budget = self._take_prompt(seq, budget, chunks, chunking, bool(decodes))
@@ -189,38 +195,64 @@ class Scheduler:
         if not (decodes or chunks):
             return None
         bs = self.block_size
-        parts = [messages.decode_part([s.last_token for s in decodes], [s.length - 1 for s in decodes],
-                                      [s.blocks for s in decodes], bs)] if decodes else []
+        plain = [s for s in decodes if s.request_id not in drafts]
+        verify = [s for s in decodes if s.request_id in drafts]
+        parts = [messages.decode_part([s.last_token for s in plain], [s.length - 1 for s in plain],
+                                      [s.blocks for s in plain], bs)] if plain else []
+        parts += [messages.chunk(s.tokens + drafts[s.request_id], s.length - 1, s.length + len(drafts[s.request_id]),
+                                 s.blocks, bs, outputs=messages.EVERY) for s in verify]
         parts += [messages.chunk(seq.tokens, start, stop, seq.blocks, bs) for seq, start, stop in chunks]
-        rows = decodes + [seq if stop == seq.length else None for seq, _, stop in chunks]
-        message = messages.step(parts, self._logits_mode([s for s in rows if s is not None]), self.blocks.fresh)
+        rows = plain + [s for s in verify for _ in range(len(drafts[s.request_id]) + 1)]
+        rows += [seq if stop == seq.length else None for seq, _, stop in chunks]
+        message = messages.step(parts, messages.logits_for([s.params for s in rows if s is not None]), self.blocks.fresh)
         computed = [(s, s.computed + 1) for s in decodes] + [(seq, stop) for seq, _, stop in chunks]
-        return StepPlan(PREFILL if chunks else DECODE, message, rows, computed)
+        return StepPlan(PREFILL if chunks else DECODE, message, rows, computed, drafts=drafts)
 
-    def update(self, plan: StepPlan, sampled: list) -> None:
+    def update(self, plan: StepPlan, sampled: list) -> int:
         """Apply a plan's outcome: a ``SCORE`` plan's prompt log-probabilities (``sampled``: the
         list ``Sampler.choose`` made) go to its request; a model step's sequences advance to
         what they computed, their full blocks join the prefix cache, and each row's ``Sampled``
-        token is appended (None: no token), retiring the sequences that finish."""
+        token (or list of them, for drafts verified) is appended (None: no token), retiring the
+        sequences that finish. A verifying sequence keeps the cache entries of the drafts it took
+        and gives back the blocks it no longer needs. Returns the tokens appended."""
         if plan.kind == SCORE:
             request, sink = plan.scoring
             sink(TokenEvent(request.request_id, None, "", prompt_logprobs=sampled))
             with self.lock:
                 self.scored.add(request.request_id)
-            return
+            return 0
         for seq, computed in plan.computed:
             seq.computed = computed
-            if self.prefix_caching and computed // self.block_size > len(seq.hashes):
-                self.blocks.register(seq.blocks, seq.hashes, seq.tokens, computed, seq.cache_root)
+            self._register(seq)
+        appended = 0
         for seq, choice in zip(plan.rows, sampled):
-            if seq is None:
+            if seq is None or choice is None:
                 continue
-            if seq.guided is not None:
-                seq.guided.accept(choice.token)
-            seq.append(choice.token, choice.logprob, choice.top)
+            taken = choice if isinstance(choice, list) else [choice]
+            for c in taken:
+                if seq.guided is not None:
+                    seq.guided.accept(c.token)
+                seq.append(c.token, c.logprob, c.top)
+                appended += 1
+                if seq.finish_reason is not None:
+                    break
+            if seq.request_id in plan.drafts:
+                self.speculation["drafts"] += 1
+                self.speculation["draft_tokens"] += len(plan.drafts[seq.request_id])
+                self.speculation["accepted_tokens"] += len(taken) - 1
+                if seq.finish_reason is None:
+                    seq.computed = seq.length - 1  # (the last token's entry is written by the next step)
+                    self._register(seq)
+                    self.blocks.trim(seq.blocks, seq.length)
             if seq.finish_reason is not None:
                 with self.lock:
                     self._retire(seq, seq.finish_reason)
+        return appended
+
+    def _register(self, seq: Sequence) -> None:
+        """Name ``seq``'s blocks that its computed positions have filled (the prefix cache)."""
+        if self.prefix_caching and seq.computed // self.block_size > len(seq.hashes):
+            self.blocks.register(seq.blocks, seq.hashes, seq.tokens, seq.computed, seq.cache_root)
 
     def close(self, reason: str, error: str | None = None) -> None:
         """End every request, running or waiting, and refuse new ones (shutdown, or a failure no
@@ -338,14 +370,6 @@ class Scheduler:
             return budget
         chunks.append((seq, seq.computed, seq.computed + take))
         return budget - take
-
-    @staticmethod
-    def _logits_mode(seqs: list[Sequence]) -> int:
-        """Greedy rows that report no top log-probabilities need only their argmax and its log-probability
-        (each rank's share, combined: in deterministic mode the whole logits go to the leader, whose
-        log-probabilities are summed in one fixed order instead)."""
-        return messages.GREEDY if not deterministic.enabled() and all(s.params.greedy and not s.params.logprobs and not s.params.controls_logits
-                                      for s in seqs) else messages.FULL
 
     def _retire(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         """Give ``seq``'s blocks back and send its final event (lock held)."""

@@ -63,6 +63,8 @@ class Sequence:
         self.hashes: list[int] = []  # the prefix-cache names of its full blocks
         self.cache_root = None  # where their chain of names starts (``BlockManager.admit``)
         self.guided = None  # where it stands in its grammar (``runtime.guided.GuidedState``), if it has one
+        self.drafts: list[int] = []  # tokens a speculative proposer guesses follow (``runtime.speculative``)
+        self.draft_probs = None  # [len(drafts), vocab]: the distributions they were drawn from (None: certain)
         self.params = request.params
         self.generator = self.params.generator()
         self.eos_ids, self.max_model_len = eos_ids, max_model_len

@@ -22,6 +22,7 @@ from tensorpar.loading.open import DEFAULT_MODEL, open_source
 
 if TYPE_CHECKING:
     from tensorpar.loading.sources import CheckpointSource
+    from tensorpar.runtime.speculative import SpeculativeConfig
 
 COMMS = ("auto", "gloo")
 MOE_DISPATCHES = ("auto", "reduce", "all_to_all")  # ``layers.experts.ExpertParallelMoE``
@@ -56,6 +57,8 @@ class EngineSpec:
     chat_template: str | None = None  # the template's text, when it replaces the tokenizer's
     sampling_defaults: dict = field(default_factory=dict)  # SamplingParams fields a request leaves out
     deterministic: bool = False  # logits bitwise equal at every degree (``layers.deterministic``)
+    speculative: "SpeculativeConfig | None" = None  # speculative decoding (``runtime.speculative``)
+    draft: "EngineSpec | None" = None  # the draft model's own spec, at its own degree
 
     @property
     def config(self):
@@ -99,7 +102,8 @@ class EngineArgs:
     (a file, or the text itself) instead of the tokenizer's. ``generation_config``: where the
     sampling defaults of requests come from, as in vLLM: ``auto`` the model's
     ``generation_config.json``, ``vllm`` none (greedy ``LLM``, OpenAI's defaults when serving), or
-    a folder or file of a ``generation_config.json``. ``fault``: a fault injected on purpose, for
+    a folder or file of a ``generation_config.json``. ``speculative_config``: speculative decoding
+    as vLLM configures it (a JSON object, as text or a dict: ``runtime.speculative``). ``fault``: a fault injected on purpose, for
     tests (``runtime.faults``).
     """
 
@@ -128,6 +132,7 @@ class EngineArgs:
     chat_template: str | None = None
     generation_config: str = "auto"
     deterministic: bool = False
+    speculative_config: "str | dict | None" = None
 
     def resolve(self, default_max_model_len: int | None = None) -> EngineSpec:
         """Check everything, open the model; ``default_max_model_len`` caps the context when
@@ -171,6 +176,9 @@ class EngineArgs:
         config = source.config
         if self.deterministic:
             _check_deterministic(self, dtype, config)
+        from tensorpar.runtime.speculative import SpeculativeConfig
+
+        speculative = SpeculativeConfig.parse(self.speculative_config)
         env = torchrun_env()
         dims = ParallelDims.resolve(config.num_heads, self.tp, torchrun_world_size=env.world_size if env else None,
                                     supported=("tp", "pp", "dp", "ep"), pp=self.pp, dp=self.dp,
@@ -188,13 +196,41 @@ class EngineArgs:
         if self.max_model_len is not None and not (isinstance(self.max_model_len, int) and 1 <= self.max_model_len <= limit):
             raise TensorparError(f"--max-model-len {self.max_model_len} must be from 1 to the model's context of {limit} tokens")
         max_model_len = self.max_model_len or min(limit, default_max_model_len or limit)
+        draft = None
+        if speculative is not None:
+            if dims.pp > 1:
+                raise TensorparError("--speculative-config with --pp is not supported yet: use tensor parallelism only")
+            if speculative.method == "draft_model":
+                draft = _draft_spec(self, speculative, dims, dtype, config, max_model_len)
         return EngineSpec(self.model, source, dims, dtype, self.device, self.comm, float(self.timeout_s),
                           max_model_len, self.progress, self.tokenizer_cache, {"metadata_s": metadata_s},
                           dims.describe_nodes(env.local_world_size if env else None), self.moe_dispatch,
                           self.quantization, self.quant_group, self.max_num_batched_tokens, self.chunked_prefill,
                           self.fault, self.kv_cache_memory, self.block_size, self.prefix_caching,
                           read_chat_template(self.chat_template), sampling_defaults(self.generation_config, source),
-                          self.deterministic)
+                          self.deterministic, speculative, draft)
+
+
+def _draft_spec(args: EngineArgs, speculative, dims: ParallelDims, dtype: str, config, max_model_len: int) -> EngineSpec:
+    """The draft model's spec: at ``draft_tensor_parallel_size`` (default: the target's tp) on the
+    first ranks of each replica; refused unless it shares the target's vocabulary and context."""
+    degree = speculative.draft_tensor_parallel_size or dims.tp
+    if degree > dims.replica_size:
+        raise TensorparError(f"draft_tensor_parallel_size {degree}: the draft runs on the first ranks of the target's "
+                             f"{dims.replica_size}; give at most {dims.replica_size}")
+    source = open_source(speculative.model)
+    source.verify()
+    draft = source.config
+    if draft.vocab_size != config.vocab_size:
+        raise TensorparError(f"the draft model {speculative.model} has a vocabulary of {draft.vocab_size} tokens, the "
+                             f"target {args.model} {config.vocab_size}: a draft must share the target's vocabulary")
+    if draft.max_position_embeddings < max_model_len:
+        raise TensorparError(f"the draft model {speculative.model} has a context of {draft.max_position_embeddings} "
+                             f"tokens, less than --max-model-len {max_model_len}: give a shorter one")
+    draft_dims = ParallelDims.resolve(draft.num_heads, degree, supported=("tp",), num_layers=draft.num_layers)
+    return EngineSpec(speculative.model, source, draft_dims, dtype, args.device, args.comm, float(args.timeout_s),
+                      max_model_len, False, args.tokenizer_cache, layout=draft_dims.describe(),
+                      block_size=args.block_size, prefix_caching=False, deterministic=args.deterministic)
 
 
 def _check_deterministic(args: EngineArgs, dtype: str, config) -> None:

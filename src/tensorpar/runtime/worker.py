@@ -27,6 +27,7 @@ from tensorpar.runtime.sampler import Sampler
 from tensorpar.runtime.sampling import SamplingParams
 from tensorpar.runtime.scheduler import Scheduler
 from tensorpar.runtime.spec import DEFAULT_MAX_NUM_SEQS, EngineSpec
+from tensorpar.runtime.speculative import speculation_summary
 
 
 def architecture_defaults(tokenizer, config) -> set[int]:
@@ -55,6 +56,7 @@ def leader_inputs(spec: EngineSpec) -> tuple[object, set[int], InputProcessor]:
 
 
 CACHE_COUNTS = ("prefix_cache_queries", "prefix_cache_hits", "preemptions")
+SPEC_COUNTS = ("spec_drafts", "spec_draft_tokens", "spec_accepted_tokens")
 
 
 class Worker:
@@ -69,11 +71,16 @@ class Worker:
         self.runner = ModelRunner(spec, ctx)
         self.info = {"backend": ctx.backend, "tokenizer_s": tokenizer_s, "weights_s": self.runner.load_s}
         budget = self._kv_blocks() if spec.kv_cache_memory is not None else None
+        proposer = None
+        if spec.speculative is not None:
+            from tensorpar.runtime.speculative import proposer_for
+
+            proposer = proposer_for(spec, self.runner, eos if ctx.is_leader else set())  # (collective: a draft's group)
         if ctx.is_leader:
             scheduler = Scheduler(self.tokenizer, eos, max_num_seqs, spec.max_model_len, spec.max_num_batched_tokens,
                                   spec.chunked_prefill, spec.block_size, spec.prefix_caching, budget,
                                   config.whole_prompts_from)
-            self.core = EngineCore(self.runner, scheduler, Sampler(eos))
+            self.core = EngineCore(self.runner, scheduler, Sampler(eos), proposer)
 
     def _kv_blocks(self) -> int:
         """KV-cache blocks for sequences within ``--kv-cache-memory`` on every rank (the fewest any
@@ -152,11 +159,13 @@ class Worker:
             after = sched.stats()
             completions = [collect.completion(r, j, i) for i, choices in enumerate(requests)
                            for j, r in enumerate(choices)]
-            steps = t["decode_steps"]
-            return GenerationResult(completions, {"prefill_s": t["prefill_s"], "decode_steps": steps,
-                                                  "decode_s_per_token": t["decode_s"] / steps if steps else 0.0},
-                                    experts=self.runner.expert_load(since=load),
-                                    cache={k: after[k] - counts[k] for k in CACHE_COUNTS})
+            steps, positions = t["decode_steps"], t["decode_positions"]
+            timings = {"prefill_s": t["prefill_s"], "decode_steps": steps,
+                       "decode_s_per_token": t["decode_s"] / positions if positions else 0.0}
+            return GenerationResult(completions, timings, experts=self.runner.expert_load(since=load),
+                                    cache={k: after[k] - counts[k] for k in CACHE_COUNTS},
+                                    speculation=speculation_summary({k: after[k] - counts[k] for k in SPEC_COUNTS})
+                                    if self.core.proposer is not None else {})
 
         return self._call(prepare, run)
 
