@@ -105,7 +105,7 @@ class LLM:
     def __init__(self, model: str, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, dtype: str = "auto",
                  max_model_len: int | None = None, max_num_seqs: int = 256, seed: int | None = None,
                  enable_prefix_caching: bool = True, block_size: int = 16, kv_cache_memory_bytes: int | None = None,
-                 generation_config: str = "auto", **kwargs):
+                 generation_config: str = "auto", speculative_config: dict | None = None, **kwargs):
         unknown = [k for k in kwargs if k not in NO_EFFECT]
         if unknown:
             raise TypeError(f"tensorpar.vllm.LLM does not take {unknown[0]!r}")
@@ -113,7 +113,7 @@ class LLM:
         self.llm = _LLM(model, max_num_seqs=max_num_seqs, tp=tensor_parallel_size, pp=pipeline_parallel_size,
                         dtype=dtype, max_model_len=max_model_len, prefix_caching=enable_prefix_caching,
                         block_size=block_size, kv_cache_memory=kv_cache_memory_bytes,
-                        generation_config=generation_config)
+                        generation_config=generation_config, speculative_config=speculative_config)
 
     def _logprobs(self, c, asked: int) -> list[dict[int, Logprob]] | None:
         """vLLM's per-token logprobs: the chosen token's and the ``asked`` most likely ones'."""

@@ -31,10 +31,12 @@ from tensorpar.errors import one_line
 
 def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, prompt_len: int,
                       repeats: int = 1, pp: int = 1, ep: int = 1, moe_dispatch: str = "auto",
-                      quantization: str = "none", quant_group: int = 32, deterministic: bool = False) -> dict:
+                      quantization: str = "none", quant_group: int = 32, deterministic: bool = False,
+                      speculative_config: str | None = None) -> dict:
     """Measure one layout; a failure is recorded as the result (``status: failed``). A mixture of
     experts' row carries ``experts``: the expert load (``ModelRunner.expert_load``) of the last
-    timed call of each phase ("decode b=B", "prefill")."""
+    timed call of each phase ("decode b=B", "prefill"); with speculative decoding, ``speculation``
+    is each batch size's acceptance (``speculative.speculation_summary``, last timed call)."""
     from tensorpar import LLM, SamplingParams
 
     row: dict = {"tp": tp, "pp": pp, "ep": ep}
@@ -43,9 +45,11 @@ def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, 
         t0 = time.perf_counter()
         llm = LLM(model, tp=tp, pp=pp, ep=ep, moe_dispatch=moe_dispatch, quantization=quantization,
                   quant_group=quant_group, progress=False, prefix_caching=False,  # (repeats compute every prompt)
-                  deterministic=deterministic)
+                  deterministic=deterministic, speculative_config=speculative_config)
         if deterministic:
             row["deterministic"] = True
+        if llm.spec.speculative is not None:
+            row["speculative"] = llm.spec.speculative.describe()
         if quantization != "none":
             row["quantization"] = quantization + (f" g{quant_group}" if quantization == "int4" else "")
         if llm.config.num_experts:
@@ -55,7 +59,7 @@ def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, 
         vocab = llm.config.vocab_size
         prompt_len, new_tokens = fit_context(llm.config.max_position_embeddings, prompt_len, new_tokens)
         row.update(prompt_len=prompt_len, new_tokens=new_tokens)
-        decode, tokens_per_s, experts = {}, {}, {}
+        decode, tokens_per_s, experts, speculation = {}, {}, {}, {}
         for b in batches:
             prompts = batch_prompts(vocab, b)
             llm.generate_full(prompts, SamplingParams(max_new_tokens=min(4, new_tokens), ignore_eos=True))  # warm-up
@@ -66,6 +70,8 @@ def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, 
             tokens_per_s[str(b)] = b * 1e3 / ms if ms > 0 else None
             if timed[-1].experts:
                 experts[f"decode b={b}"] = timed[-1].experts
+            if timed[-1].speculation:
+                speculation[str(b)] = timed[-1].speculation
         one = SamplingParams(max_new_tokens=1, ignore_eos=True)
         prompt = long_prompt(vocab, prompt_len)
         llm.generate_full(prompt, one)  # warm-up
@@ -75,6 +81,8 @@ def measure_tensorpar(model: str, tp: int, batches: list[int], new_tokens: int, 
             experts["prefill"] = runs[-1].experts
         if experts:
             row["experts"] = experts
+        if speculation:
+            row["speculation"] = speculation
         row.update(
             status="ok",
             repeats=repeats,

@@ -46,6 +46,9 @@ def tensorpar_table(result: dict) -> str:
             tp = f"{tp}, {r['quantization']}"
         if r.get("deterministic"):
             tp = f"{tp}, deterministic"
+        if r.get("speculative"):
+            rates = ", ".join(f"b={b} {v['acceptance_rate']:.0%}" for b, v in r.get("speculation", {}).items())
+            tp = f"{tp}, {r['speculative']}" + (f" (accepted {rates})" if rates else "")
         if r.get("status") != "ok":
             rows.append([tp, "FAILED: " + r.get("reason", "?")] + [None] * (len(headers) - 2))
             continue

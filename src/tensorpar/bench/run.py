@@ -31,6 +31,7 @@ class BenchConfig:
     quantization: list[str] = field(default_factory=lambda: ["none"])  # each measured in turn
     quant_group: int = 32
     deterministic: bool = False  # every layout in deterministic mode (``layers.deterministic``)
+    speculative_config: str | None = None  # every layout with speculative decoding (``runtime.speculative``)
     batch: list[int] = field(default_factory=lambda: [1, 8])
     prompt_len: int = 512
     new_tokens: int = 32
@@ -63,6 +64,8 @@ class BenchConfig:
 
         if self.deterministic and self.dp > 1:
             raise ValueError("--deterministic is measured with --dp 1 (one replica of each layout)")
+        if self.speculative_config is not None and self.dp > 1:
+            raise ValueError("--speculative-config is measured with --dp 1 (one replica of each layout)")
         bad = [q for q in self.quantization if q not in QUANTIZATIONS]
         if bad or not self.quantization:
             raise ValueError(f"--quantization takes {', '.join(QUANTIZATIONS)}, got {', '.join(bad) or 'nothing'}")
@@ -146,7 +149,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                 else:
                     row = measure_tensorpar(cfg.model, tp, cfg.batch, cfg.new_tokens, cfg.prompt_len, cfg.repeats,
                                             pp=cfg.pp, ep=cfg.ep, moe_dispatch=dispatch, quantization=quant,
-                                            quant_group=cfg.quant_group, deterministic=cfg.deterministic)
+                                            quant_group=cfg.quant_group, deterministic=cfg.deterministic,
+                                            speculative_config=cfg.speculative_config)
                 if row["status"] != "ok":
                     _log(f"tensorpar {layout} failed: {row['reason']}")
                 tensorpar_rows.append(row)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tensorpar.cli.common import add_model, add_pp
+from tensorpar.cli.common import add_model, add_pp, add_speculative
 
 
 def _ints(text: str) -> list[int]:
@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--quant-group", type=int, default=32, help="inputs per int4 group (default: %(default)s)")
     p.add_argument("--deterministic", "--enable-deterministic-inference", dest="deterministic", action="store_true",
                    help="measure every layout in deterministic mode (logits bitwise equal at every degree)")
+    add_speculative(p)
     p.add_argument("--batch", type=_ints, default=[1, 8], help="comma-separated decode batch sizes (default: 1,8)")
     p.add_argument("--prompt-len", type=int, default=None, help="prefill prompt length in tokens (default: 512; --quick: 64)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per decode run (default: 32; --quick: 4)")
@@ -70,7 +71,7 @@ def run(args) -> int:
         kw["timeout_s"] = args.timeout
     cfg = BenchConfig(model=args.model, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, moe_dispatch=args.moe_dispatch,
                       quantization=args.quantization, quant_group=args.quant_group, deterministic=args.deterministic,
-                      batch=args.batch, out=args.out, peers=args.peers,
+                      speculative_config=args.speculative_config, batch=args.batch, out=args.out, peers=args.peers,
                       sweep=args.sweep, quick=args.quick, command=["tensorpar", *sys.argv[1:]], **kw)
     result = run_bench(cfg)
     print(render(result))

@@ -88,6 +88,7 @@ def add_engine(p: argparse.ArgumentParser) -> None:
                    help="logits bitwise equal at every tensor-parallel degree: every product in one fixed order, "
                         "row-parallel sums over a grid the degree does not change (float32 dense models on CPU; "
                         "slower)")
+    add_speculative(p)
     p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                    help="a Jinja chat template (a file, or the text) instead of the tokenizer's own")
     p.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
@@ -101,6 +102,15 @@ def add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tokenizer-cache", dest="tokenizer_cache", action="store_false",
                    help="convert a GGUF file's tokenizer afresh instead of keeping it in ~/.cache/tensorpar "
                         "(or $TENSORPAR_CACHE_DIR)")
+
+
+def add_speculative(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="speculative decoding, as vLLM configures it: '{\"method\": \"ngram\", "
+                        "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (drafts "
+                        "copied from the text so far), or '{\"model\": PATH_OR_ALIAS, \"num_speculative_tokens\": 4, "
+                        "\"draft_tensor_parallel_size\": 1}' (a draft model with the target's vocabulary, on the "
+                        "first ranks; default degree: --tp)")
 
 
 def _size(text: str) -> int:
@@ -136,7 +146,8 @@ def engine_args(args: argparse.Namespace, progress: bool = True, dp: int = 1):
                    max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill,
                    max_memory=args.max_memory, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
                    prefix_caching=args.prefix_caching, chat_template=args.chat_template,
-                   generation_config=args.generation_config, deterministic=args.deterministic)
+                   generation_config=args.generation_config, deterministic=args.deterministic,
+                   speculative_config=args.speculative_config)
     if args.timeout is not None:
         options["timeout_s"] = args.timeout
     return EngineArgs(**options)

@@ -73,6 +73,8 @@ def run(args) -> int:
                               if v is not None},
                 "peak_rss_mb": [round(m, 1) for m in result.peak_rss_mb],
             }
+            if result.speculation:
+                out["speculation"] = result.speculation
             print(json.dumps(out))
         else:
             many = len(result.completions) > 1
@@ -85,7 +87,9 @@ def run(args) -> int:
                 f"[{llm.layout} backend={llm.backend} load {timings['load_s']:.1f}s "
                 f"prefill {timings['prefill_s'] * 1e3:.0f} ms "
                 f"decode {timings['decode_s_per_token'] * 1e3:.1f} ms/token "
-                f"peak RSS per rank (MiB): {', '.join(f'{m:.0f}' for m in result.peak_rss_mb)}]",
+                + (f"accepted {result.speculation['acceptance_rate']:.0%} of drafts, "
+                   f"{result.speculation['mean_acceptance_length']:.2f} tokens/step " if result.speculation else "")
+                + f"peak RSS per rank (MiB): {', '.join(f'{m:.0f}' for m in result.peak_rss_mb)}]",
                 file=sys.stderr,
             )
     return 0

@@ -7,7 +7,8 @@ Beside tensorpar's own series, the ones gateways and autoscalers already scrape 
 exported under vLLM's names and label (``model_name``): ``vllm:num_requests_running``,
 ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc`` (and its older name
 ``vllm:gpu_cache_usage_perc``; a ratio from 0 to 1, as vLLM's), ``vllm:prefix_cache_queries`` /
-``vllm:prefix_cache_hits`` (prompt tokens), ``vllm:num_preemptions``, ``vllm:prompt_tokens``,
+``vllm:prefix_cache_hits`` (prompt tokens), ``vllm:num_preemptions``, speculative decoding's
+``vllm:spec_decode_num_drafts`` / ``_num_draft_tokens`` / ``_num_accepted_tokens``, ``vllm:prompt_tokens``,
 ``vllm:generation_tokens``, ``vllm:request_success`` (by ``finished_reason``) and the
 ``vllm:time_to_first_token_seconds``, ``vllm:inter_token_latency_seconds`` (also as
 ``vllm:time_per_output_token_seconds``) and ``vllm:e2e_request_latency_seconds`` histograms.
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from tensorpar.runtime.speculative import speculation_summary
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -47,6 +50,11 @@ class _EngineCollector:
         ("tensorpar_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
         ("tensorpar_prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
         ("tensorpar_preemptions", "Sequences preempted for want of KV-cache blocks.", "preemptions"),
+        ("tensorpar_spec_decode_num_drafts", "Speculative decoding: sequences' verifications of drafts.", "spec_drafts"),
+        ("tensorpar_spec_decode_num_draft_tokens", "Speculative decoding: draft tokens proposed and verified.",
+         "spec_draft_tokens"),
+        ("tensorpar_spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens the target accepted.",
+         "spec_accepted_tokens"),
         ("tensorpar_rank_failures", "Times a rank of the replica died or stopped answering and the replica was "
          "restarted (serve --elastic, --dp).", "rank_failures"),
     )
@@ -58,6 +66,9 @@ class _EngineCollector:
         ("vllm:prefix_cache_queries", CounterMetricFamily, "prefix_cache_queries"),
         ("vllm:prefix_cache_hits", CounterMetricFamily, "prefix_cache_hits"),
         ("vllm:num_preemptions", CounterMetricFamily, "preemptions"),
+        ("vllm:spec_decode_num_drafts", CounterMetricFamily, "spec_drafts"),
+        ("vllm:spec_decode_num_draft_tokens", CounterMetricFamily, "spec_draft_tokens"),
+        ("vllm:spec_decode_num_accepted_tokens", CounterMetricFamily, "spec_accepted_tokens"),
     )
 
     def __init__(self, engine, model_name: str):
@@ -84,6 +95,17 @@ class _EngineCollector:
             family = kind(name, f"vLLM's name for tensorpar's {key}.", labels=["model_name"])
             family.add_metric([self.model_name], total / len(replicas) if key == "kv_cache_usage" else total)
             yield family
+        rate = GaugeMetricFamily("tensorpar_spec_decode_acceptance_rate", "Speculative decoding: draft tokens "
+                                 "accepted over those proposed, since start.", labels=["replica"])
+        length = GaugeMetricFamily("tensorpar_spec_decode_mean_acceptance_length", "Speculative decoding: tokens a "
+                                   "verifying step yields per sequence (accepted drafts + 1), since start.",
+                                   labels=["replica"])
+        for i, r in enumerate(replicas):
+            summary = speculation_summary(r)
+            rate.add_metric([str(i)], summary["acceptance_rate"])
+            length.add_metric([str(i)], summary["mean_acceptance_length"])
+        yield rate
+        yield length
         requests = CounterMetricFamily("tensorpar_replica_requests", "Requests sent to the replica.", labels=["replica"])
         for i, r in enumerate(replicas):
             requests.add_metric([str(i)], float(r.get("requests") or 0))
