@@ -67,10 +67,14 @@ def solo_and_concurrent(client, model: str, prompts: list[str], max_tokens: int)
     return solo, got
 
 
+# every API feature below is served with speculative decoding: answers must be what tensorpar generate says without
+SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
+
+
 @pytest.fixture(scope="module")
 def server(tiny_chat_checkpoint):
     segments = set(Path("/dev/shm").glob("tensorpar-*"))
-    proc, base = start_server(tiny_chat_checkpoint, "--max-num-seqs", "8")
+    proc, base = start_server(tiny_chat_checkpoint, "--max-num-seqs", "8", "--speculative-config", SPECULATIVE)
     ranks = [p for p in rank_processes() if p.ppid() == proc.pid]
     yield base, str(tiny_chat_checkpoint)
     proc.send_signal(signal.SIGTERM)  # drains and exits cleanly
@@ -162,10 +166,13 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
         r = httpx.post(url, timeout=30, **kwargs)
         assert r.status_code == status, (kwargs, r.text)
         assert "message" in r.json()["error"]
-    ok = client.completions.create(model=model, prompt="still there?", max_tokens=3, temperature=0)
+    ok = client.completions.create(model=model, prompt="still there? still there? still", max_tokens=8, temperature=0)
     assert ok.choices[0].finish_reason in ("length", "stop")
     metrics = httpx.get(f"{base}/metrics", timeout=10).text
-    assert "tensorpar" in metrics
+    value = {ln.split("{")[0]: float(ln.split()[-1]) for ln in metrics.splitlines() if ln.startswith(("vllm:spec", "tensorpar_spec"))}
+    assert value["vllm:spec_decode_num_draft_tokens_total"] > 0  # (n-gram drafts from the prompt)
+    assert value["vllm:spec_decode_num_accepted_tokens_total"] == value["tensorpar_spec_decode_num_accepted_tokens_total"]
+    assert 0 <= value["tensorpar_spec_decode_acceptance_rate"] <= 1
 
 
 @pytest.mark.timeout(180)
