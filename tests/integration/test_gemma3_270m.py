@@ -1,7 +1,9 @@
 """The real Gemma 3 270M GGUF (Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0 blocks dequantized per slice; 4 query
 heads, 1 KV head replicated on every rank, head_dim 256, vocabulary 262144, local layers with a
 window of 512): greedy tokens at TP 1, 2, 3 and 4 equal transformers' (float32, the same file)
-for 24 tokens on three prompts, and on a prompt in Gemma's chat format."""
+for 24 tokens on three prompts, and on a prompt in Gemma's chat format; with speculative decoding
+too (tp=1: the model as its own draft, every draft accepted; tp=2 and 3: n-gram drafts, at tp=3
+beside the model as its own draft at tp=1)."""
 
 from __future__ import annotations
 
@@ -25,11 +27,15 @@ def reference(gemma3_gguf):
     return greedy_reference(gemma3_gguf, PROMPTS, NEW_TOKENS)
 
 
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+SELF = {"model": "gemma3-270m", "num_speculative_tokens": 3, "draft_tensor_parallel_size": 1}
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("tp", [1, 2, 3, 4])
-def test_greedy_tokens_match_transformers(tp, reference, rank_pool):
+@pytest.mark.parametrize("tp, speculative", [(1, SELF), (2, NGRAM), (3, SELF), (4, None)])
+def test_greedy_tokens_match_transformers(tp, speculative, reference, rank_pool):
     _, ref = reference
-    with LLM("gemma3-270m", tp=tp, progress=False, ranks=rank_pool(tp)) as llm:
+    with LLM("gemma3-270m", tp=tp, progress=False, ranks=rank_pool(tp), speculative_config=speculative) as llm:
         assert llm.config.architecture == "gemma3_text" and llm.config.num_kv_heads == 1
         result = llm.generate_full(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
     for c, (ref_prompt, ref_tokens) in zip(result.completions, ref):
@@ -37,6 +43,10 @@ def test_greedy_tokens_match_transformers(tp, reference, rank_pool):
         assert c.token_ids == ref_tokens
     assert result.completions[0].text.startswith(" the capital of the country of France.")
     assert len(result.peak_rss_mb) == tp
+    if speculative is not None:
+        assert result.speculation["accepted_tokens"] > 0
+    if speculative is SELF:
+        assert result.speculation["acceptance_rate"] == 1.0
 
 
 @pytest.mark.timeout(300)

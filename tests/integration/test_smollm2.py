@@ -1,5 +1,7 @@
 """The real SmolLM2-135M-Instruct GGUF (9 query heads, 3 KV heads; Q4_1/Q8_0 dequantized on
-load): greedy tokens at TP 1, 2, 3 (Python API) and 4 (CLI) equal transformers' for 32 tokens."""
+load): greedy tokens at TP 1, 2, 3 (Python API) and 4 (CLI) equal transformers' for 32 tokens,
+with speculative decoding too (n-gram drafts at tp=1; the model as its own draft at tp=2, its
+draft at tp=2 too, and at tp=3, its draft at tp=1: every draft accepted)."""
 
 from __future__ import annotations
 
@@ -22,14 +24,20 @@ def reference(smollm2_gguf):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("tp", [1, 2, 3])
-def test_greedy_tokens_match_transformers(tp, reference):
-    with LLM("smollm2-135m", tp=tp, progress=False) as llm:
+@pytest.mark.parametrize("tp, speculative", [
+    (1, {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}),
+    (2, {"model": "smollm2-135m", "num_speculative_tokens": 4}),
+    (3, {"model": "smollm2-135m", "num_speculative_tokens": 4, "draft_tensor_parallel_size": 1})])
+def test_greedy_tokens_match_transformers(tp, speculative, reference):
+    with LLM("smollm2-135m", tp=tp, progress=False, speculative_config=speculative) as llm:
         result = llm.generate_full(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS))
     for c, (ref_prompt, ref_tokens) in zip(result.completions, reference):
         assert c.prompt_token_ids == ref_prompt
         assert c.token_ids == ref_tokens
     assert len(result.peak_rss_mb) == tp
+    assert result.speculation["accepted_tokens"] > 0
+    if "model" in speculative:
+        assert result.speculation["acceptance_rate"] == 1.0
 
 
 @pytest.mark.slow

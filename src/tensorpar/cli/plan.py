@@ -49,6 +49,15 @@ def add_parser(sub) -> None:
                         "--calibrate or --gpu cpu, else tensorpar")
     p.add_argument("--virtual-stages", type=int, default=1,
                    help="training: model chunks per pipeline stage (interleaved 1F1B; default: %(default)s, plain 1F1B)")
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="inference: plan with speculative decoding, K drafts per step (TPOT then counts the "
+                        "tokens each step keeps)")
+    p.add_argument("--acceptance", type=float, default=0.7,
+                   help="the chance each draft is accepted (default: %(default)s; `tensorpar generate --json` "
+                        "reports a run's)")
+    p.add_argument("--draft", default=None, help="the draft model (as --model); default: n-gram drafts, free")
+    p.add_argument("--draft-tp", type=int, default=None,
+                   help="the draft's degree (default: the fastest from 1 to each configuration's TP)")
     p.add_argument("--calibrate", default=None, metavar="BENCH_JSON",
                    help="bench.json written by `tensorpar bench`: fit the device model to this machine")
     add_json(p, "JSON instead of the table")
@@ -66,7 +75,8 @@ def run(args) -> int:
         slo_tpot_ms=args.slo_tpot_ms, objective=args.objective, mode=args.mode, global_batch=args.global_batch,
         seq_len=args.seq_len, micro_batch=args.micro_batch, sequence_parallel=args.sequence_parallel,
         recompute=args.recompute, distributed_optimizer=args.distributed_optimizer, calibrate=args.calibrate,
-        engine=args.engine, virtual_stages=args.virtual_stages)
+        engine=args.engine, virtual_stages=args.virtual_stages, speculative_tokens=args.speculative_tokens,
+        acceptance=args.acceptance, draft=args.draft, draft_tp=args.draft_tp)
     result = plan(request)
     print(render_json(result) if args.json else render_table(result))
     if args.plot:

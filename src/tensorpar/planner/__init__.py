@@ -87,6 +87,16 @@ def _validate(r: PlanRequest) -> None:
         raise PlanError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {r.recompute!r}")
     if isinstance(r.virtual_stages, bool) or not isinstance(r.virtual_stages, int) or r.virtual_stages < 1:
         raise PlanError(f"--virtual-stages must be a whole number of at least 1, got {r.virtual_stages!r}")
+    if r.speculative_tokens:
+        if isinstance(r.speculative_tokens, bool) or not isinstance(r.speculative_tokens, int) \
+                or not 1 <= r.speculative_tokens <= 16 or r.mode != "inference":
+            raise PlanError(f"--speculative-tokens must be from 1 to 16, for inference; got {r.speculative_tokens!r}")
+        if not isinstance(r.acceptance, (int, float)) or not 0 <= r.acceptance <= 1:
+            raise PlanError(f"--acceptance must be a probability from 0 to 1, got {r.acceptance!r}")
+        if r.draft_tp is not None and (r.draft is None or not isinstance(r.draft_tp, int) or r.draft_tp < 1):
+            raise PlanError(f"--draft-tp must be a whole number of at least 1, with --draft; got {r.draft_tp!r}")
+    elif r.draft is not None:
+        raise PlanError("--draft needs --speculative-tokens K (drafts per step)")
     if r.mode == "training" and r.dtype in ("fp8", "int8"):
         raise PlanError("training plans use fp32, bf16 or fp16 weights; --dtype fp8/int8 is for inference")
 
@@ -174,17 +184,35 @@ def plan(r: PlanRequest, degrade: bool = True) -> PlanResult:
     kv = r.kv_dtype or ("fp32" if r.dtype == "fp32" else "bf16" if r.dtype in ("fp8", "int8") else r.dtype)
     precision = Precision(r.dtype, kv)
     objective = r.objective or ("throughput" if r.mode == "training" else "latency")
-    configs = [evaluate(arch, device, precision, gpn, r, c, engine) for c in enumerate_configs(arch, r.gpus)]
+    try:
+        draft = resolve_model(r.draft) if r.draft else None
+    except ValueError as e:
+        raise PlanError(f"--draft: {e}") from None
+    configs = [evaluate(arch, device, precision, gpn, r, c, engine, draft) for c in enumerate_configs(arch, r.gpus)]
     if not any(c.feasible for c in configs):
         raise PlanError(_fits_nowhere(arch, device, precision, r, configs))
     best, explanation = recommend(configs, objective, r.mode, r.objective is None,
                                   "CPU ranks" if device.is_cpu else "GPUs")
     notes = []
+    if best is not None and "speculative" in best.extra:
+        notes.append(speculation_note(r, best.extra["speculative"]))
     if device.compute_dtype(r.dtype) != r.dtype:
         notes.append(f"{device.name} has no {r.dtype} matmul rate: {r.dtype} weights are widened to "
                      f"{device.compute_dtype(r.dtype)} for compute (weight-only quantization)")
     return PlanResult(r, arch, device, precision, gpn, nodes, objective, configs, best, explanation,
                       calibration, notes, engine, degradation(r, best) if degrade and best is not None else [])
+
+
+def speculation_note(r: PlanRequest, s: dict) -> str:
+    """What the plan says of speculative decoding on the recommended configuration."""
+    k, a = r.speculative_tokens, r.acceptance
+    head = (f"speculative decoding, {k} drafts per step accepted with probability {a:g}: {s['tokens_per_step']:.2f} "
+            f"tokens per step of {s['verify_ms']:.2f} ms")
+    if r.draft is None:
+        return f"{head} (n-gram drafts): TPOT {s['tpot_ms_without']:.2f} -> {s['tpot_ms']:.2f} ms"
+    steps = ", ".join(f"TP={d} {t:.2f} ms" for d, t in s["draft_ms_by_tp"].items())
+    return (f"{head}, plus {k} draft steps of {r.draft} at draft TP={s['draft_tp']} ({steps} a step): TPOT "
+            f"{s['tpot_ms_without']:.2f} -> {s['tpot_ms']:.2f} ms")
 
 
 def _fits_nowhere(arch: ArchSpec, device: Device, precision: Precision, r: PlanRequest, configs: list[Config]) -> str:

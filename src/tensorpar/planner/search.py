@@ -150,6 +150,10 @@ class PlanRequest:
     calibrate: str | None = None
     engine: str | None = None
     virtual_stages: int = 1
+    speculative_tokens: int = 0  # k drafts per step (``planner.speculative``); 0: no speculative decoding
+    acceptance: float = 0.7  # the chance each draft is accepted
+    draft: str | None = None  # the draft model (None: n-gram drafts, which cost nothing)
+    draft_tp: int | None = None  # its degree (None: the fastest from 1 to the target's TP)
 
 
 def _structural_reason(arch: ArchSpec, c: Config, gpus_per_node: int, r: PlanRequest) -> str | None:
@@ -195,7 +199,7 @@ def runnable_by_tensorpar(arch: ArchSpec, c: Config, mode: str) -> bool:
 
 
 def evaluate(arch: ArchSpec, device: Device, precision: Precision, gpus_per_node: int,
-             r: PlanRequest, c: Config, engine: Engine | None = None) -> Config:
+             r: PlanRequest, c: Config, engine: Engine | None = None, draft: ArchSpec | None = None) -> Config:
     """Fill in memory, times, throughput and cost of one configuration (or why it cannot run)."""
     c.runnable = runnable_by_tensorpar(arch, c, r.mode)
     reason = _structural_reason(arch, c, gpus_per_node, r)
@@ -225,6 +229,13 @@ def evaluate(arch: ArchSpec, device: Device, precision: Precision, gpus_per_node
                                    engine=engine)
         c.ttft_ms = c.phases.ttft * 1e3
         c.tpot_ms = c.phases.tpot * 1e3
+        if r.speculative_tokens and c.pp == 1 and (r.draft_tp is None or r.draft_tp <= c.tp):
+            from tensorpar.planner.speculative import speculation
+
+            spec = speculation(arch, c.tp, draft, r.draft_tp, r.speculative_tokens, r.acceptance, r.batch,
+                               r.prompt_len + r.output_len // 2, precision, device, gpus_per_node, engine)
+            c.extra["speculative"] = {**spec.to_json(), "tpot_ms_without": _round(c.tpot_ms)}
+            c.tpot_ms = spec.tpot_ms
         request_s = c.phases.ttft + (r.output_len - 1) * c.phases.tpot
         c.throughput_tok_s = c.dp * r.batch * r.output_len / request_s
     c.usd_per_mtok = dollars_per_s / c.throughput_tok_s * 1e6
