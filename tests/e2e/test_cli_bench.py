@@ -74,13 +74,17 @@ def test_bench_quick_tp1_tp2_without_peers(tiny_chat_checkpoint, tmp_path):
 def test_bench_records_transformers_tp_plan_failure_as_a_result(tiny_chat_checkpoint, tmp_path):
     # 2 KV heads do not split over 3 ranks for transformers' tp_plan="auto"; tensorpar runs TP=3.
     out = tmp_path / "bench"
+    # tensorpar's row with n-gram speculative decoding: its acceptance in the row and the table
     r = cli("bench", "--quick", "--tp", "3", "--model", str(tiny_chat_checkpoint), "--out", str(out),
-            "--no-sweep", timeout=230)
+            "--no-sweep", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, '
+            '"prompt_lookup_min": 1, "prompt_lookup_max": 2}', timeout=230)
     assert r.returncode == 0, r.stderr
-    assert "FAILED" in r.stdout
+    assert "FAILED" in r.stdout and "3, ngram k=2 n=1..2 (accepted b=1 " in r.stdout
     res = json.loads((out / "bench.json").read_text())
     (row,) = res["tensorpar"]
     assert row["tp"] == 3 and row["status"] == "ok" and len(row["peak_rss_mb"]) == 3
+    assert row["speculative"] == "ngram k=2 n=1..2" and set(row["speculation"]) == {"1", "8"}
+    assert all(0 <= s["acceptance_rate"] <= 1 for s in row["speculation"].values())
 
     single = res["peers"]["transformers"]
     assert single["status"] == "ok", single

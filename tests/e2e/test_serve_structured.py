@@ -1,7 +1,8 @@
 """Structured output and tool calls through ``tensorpar serve`` at TP=2 with the real SmolLM2-135M
 (instruct) and tensorpar's Hermes tools template, driven with the official ``openai`` client: every
 JSON reply validates against its schema, and a tool call makes the round trip (call, result, answer).
-One server serves every test of this module."""
+One server serves every test of this module, with n-gram speculative decoding: drafts are cut where
+a grammar forbids them, and every position of a draft is masked as its grammar stands there."""
 
 from __future__ import annotations
 
@@ -46,9 +47,13 @@ ADD = {"type": "function", "function": {
                    "required": ["a", "b"]}}}
 
 
+SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}'
+
+
 @pytest.fixture(scope="module")
 def server(smollm2_gguf):
-    proc, base = start_server(smollm2_gguf, "--chat-template", str(HERMES_TEMPLATE), "--max-num-seqs", "8")
+    proc, base = start_server(smollm2_gguf, "--chat-template", str(HERMES_TEMPLATE), "--max-num-seqs", "8",
+                              "--speculative-config", SPECULATIVE)  # (drafts cut and masked by each grammar)
     yield base, str(smollm2_gguf)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, proc.stderr.read()

@@ -110,6 +110,24 @@ def test_any_json_object_accepts_a_real_object_token_by_token(compiler, tokenize
     assert state.accept(tokenizer.eos_token_id)
 
 
+def test_speculative_drafts_are_cut_where_the_grammar_forbids_and_masked_ahead(compiler, tokenizer):
+    state = compiler.start(GuidedDecoding("json_object"))
+    good = tokenizer('{"a": [1, 2]}')["input_ids"]
+    bad = good[:3] + tokenizer("hello")["input_ids"]
+    assert state.valid_prefix(good) == len(good) and state.valid_prefix(bad) == 3 and state.valid_prefix([]) == 0
+    row, later = torch.zeros(compiler.tokenizer.vocab_size), torch.zeros(compiler.tokenizer.vocab_size)
+    state.mask_(row)
+    with state.ahead(good[:2]) as ahead:  # the mask at the third position of the drafts
+        ahead.mask_(later)
+    assert not torch.equal(torch.isfinite(row), torch.isfinite(later))
+    assert torch.isfinite(later[good[2]]) and not torch.isfinite(row[good[2]])
+    again = torch.zeros(compiler.tokenizer.vocab_size)
+    state.mask_(again)  # back where it was: nothing consumed
+    assert torch.equal(torch.isfinite(again), torch.isfinite(row))
+    for token in good:
+        assert state.accept(token), state.error
+
+
 def test_a_forbidden_token_is_refused_and_only_eos_stays_allowed(compiler, tokenizer):
     state = compiler.start(GuidedDecoding("choice", ["yes", "no"]))
     assert not state.accept(tokenizer("maybe")["input_ids"][0])

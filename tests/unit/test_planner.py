@@ -430,3 +430,32 @@ def test_the_plan_says_what_each_lost_gpu_costs():
 
 def test_one_gpu_has_nothing_to_lose():
     assert plan(PlanRequest(model="smollm2-135m", gpu="h100-sxm", gpus=1)).degrades_to == []
+
+
+def test_speculative_decoding_divides_the_verify_and_draft_steps_by_the_tokens_kept():
+    from tensorpar.planner.speculative import tokens_per_step
+
+    assert tokens_per_step(4, 1.0) == 5 and tokens_per_step(4, 0.0) == 1 and tokens_per_step(2, 0.5) == 1.75
+    base = PlanRequest(model="llama-3-70b", gpu="h100-sxm", gpus=8, speculative_tokens=4)
+
+    def best(**kw):
+        r = plan(PlanRequest(**{**base.__dict__, **kw}), degrade=False)
+        return r, r.recommended.extra["speculative"]
+
+    _, never = best(acceptance=0.0)  # n-gram drafts never taken: one token per (dearer) step
+    assert never["tpot_ms"] == pytest.approx(never["verify_ms"], rel=1e-3) and never["tpot_ms"] > never["tpot_ms_without"]
+    _, always = best(acceptance=1.0)
+    assert always["tpot_ms"] == pytest.approx(always["verify_ms"] / 5, rel=1e-3) and always["draft_tp"] is None
+    result, drafted = best(acceptance=0.8, draft="llama-3-8b")
+    by_tp = drafted["draft_ms_by_tp"]
+    assert drafted["draft_tp"] == int(min(by_tp, key=by_tp.get)) and len(by_tp) == result.recommended.tp
+    assert drafted["tpot_ms"] == pytest.approx((drafted["verify_ms"] + 4 * drafted["draft_ms"])
+                                               / tokens_per_step(4, 0.8), rel=1e-3)
+    assert any(n.startswith("speculative decoding, 4 drafts per step") for n in result.notes)
+    _, fixed = best(acceptance=0.8, draft="llama-3-8b", draft_tp=1)
+    assert list(fixed["draft_ms_by_tp"]) == ["1"] and fixed["draft_tp"] == 1
+    for kw, says in ((dict(acceptance=1.5), "--acceptance must be a probability"),
+                     (dict(speculative_tokens=0, draft="llama-3-8b"), "--draft needs --speculative-tokens"),
+                     (dict(draft_tp=2), "--draft-tp .* with --draft"), (dict(draft="no-such-model"), "--draft:")):
+        with pytest.raises(PlanError, match=says):
+            plan(PlanRequest(**{**base.__dict__, **kw}))

@@ -31,6 +31,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -170,6 +171,23 @@ class GuidedState:
         head.masked_fill_(~allowed, float("-inf"))
         nothing_left = ~torch.isfinite(head).any()  # a tensor: no synchronisation with the device
         head.masked_fill_(allowed & nothing_left, 0.0)
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of ``tokens``, in a row from here, the grammar allows (speculative drafts)."""
+        return 0 if self.error is not None or not tokens else int(self.matcher.validate_tokens(list(tokens)))
+
+    @contextmanager
+    def ahead(self, tokens: list[int]):
+        """For the ``with`` block, the state after ``tokens`` (as far as the grammar allows them);
+        then back where it was: to mask a draft's position."""
+        n = self.valid_prefix(tokens)
+        if n:
+            self.matcher.consume_tokens(list(tokens[:n]))
+        try:
+            yield self
+        finally:
+            if n:
+                self.matcher.rollback(n)
 
     def accept(self, token_id: int) -> bool:
         """Advance past the chosen token. False (and ``error`` set, ``finished`` true) when the

@@ -62,8 +62,9 @@ class Sampler:
                                           [rows[r].out + before[r] for r in live],
                                           [set() if rows[r].params.ignore_eos else self.eos_ids for r in live])
             for row in live:
-                if rows[row].guided is not None:  # the grammar has the last word
-                    rows[row].guided.mask_(chosen[row])
+                if rows[row].guided is not None:  # the grammar has the last word (after the drafts before the row)
+                    with rows[row].guided.ahead(before[row]) as grammar:
+                        grammar.mask_(chosen[row])
         best = chosen.argmax(dim=-1).tolist()  # every greedy row at once
 
         def made(row: int, token: int) -> Sampled:

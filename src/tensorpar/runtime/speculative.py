@@ -96,9 +96,7 @@ class SpeculativeConfig:
 
 def room_for_drafts(seq, k: int) -> int:
     """How many drafts ``seq`` can use: k, fewer near its token or context limit (the step adds a
-    token of its own), none for a guided sequence (its grammar speaks last)."""
-    if seq.guided is not None:
-        return 0
+    token of its own)."""
     left = min(seq.params.max_new_tokens - len(seq.out), seq.max_model_len - seq.length)
     return max(0, min(k, left - 1))
 
@@ -128,8 +126,10 @@ class NgramProposer:
         c = self.config
         for seq in seqs:
             k = room_for_drafts(seq, c.num_speculative_tokens)
-            seq.drafts = ngram_drafts(seq.tokens, c.prompt_lookup_min, c.prompt_lookup_max, k) if k else []
-            seq.draft_probs = None  # (a point mass on each draft)
+            drafts = ngram_drafts(seq.tokens, c.prompt_lookup_min, c.prompt_lookup_max, k) if k else []
+            if seq.guided is not None:  # (as far as its grammar allows them)
+                drafts = drafts[: seq.guided.valid_prefix(drafts)]
+            seq.drafts, seq.draft_probs = drafts, None  # (a point mass on each draft)
 
 
 def speculation_summary(counts: dict) -> dict:
@@ -238,6 +238,9 @@ class DraftProposer:
                                 [s.out + s.drafts for s in seqs],
                                 [set() if s.params.ignore_eos else self.eos_ids for s in seqs])
         for seq, row in zip(seqs, logits):
+            if seq.guided is not None:  # its grammar after the drafts so far has the last word
+                with seq.guided.ahead(seq.drafts) as grammar:
+                    grammar.mask_(row)
             if seq.params.greedy:
                 seq.drafts.append(int(row.argmax()))
                 continue
