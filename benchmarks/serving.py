@@ -11,7 +11,8 @@ concurrency level sends ``--requests`` streaming completions (greedy, ``--max-to
 ignore_eos so every request makes the same number of tokens) from that many client threads at
 once. Reports output tokens/s, time to first token and inter-token latency (p50 / p99), prints a
 table and writes ``serving.json``. ``--prompt-words N`` makes each prompt longer by N filler words
-(about N tokens); each ``--variant`` starts every layout once more with extra ``tensorpar serve``
+(about N tokens); ``--copy`` sends prompts whose answers repeat a passage of them instead
+(``benchmarks/speculative.py``'s copy workload); each ``--variant`` starts every layout once more with extra ``tensorpar serve``
 flags (say ``--variant whole="--no-chunked-prefill"``), its rows labelled with its name. Prefix
 caching is off, since the prompts repeat and each is meant to be computed (a variant may give
 ``--prefix-caching``).
@@ -95,7 +96,7 @@ def one_request(base: str, model: str, prompt: str, max_tokens: int, n_predict: 
 
 
 def run_level(base: str, model: str, concurrency: int, requests: int, max_tokens: int, filler: str = "",
-              n_predict: bool = False) -> dict:
+              n_predict: bool = False, prompts: list[str] = PROMPTS) -> dict:
     todo = list(range(requests))
     lock = threading.Lock()
     results = []
@@ -106,7 +107,7 @@ def run_level(base: str, model: str, concurrency: int, requests: int, max_tokens
                 if not todo:
                     return
                 i = todo.pop()
-            res = one_request(base, model, filler + PROMPTS[i % len(PROMPTS)], max_tokens, n_predict)
+            res = one_request(base, model, filler + prompts[i % len(prompts)], max_tokens, n_predict)
             with lock:
                 results.append(res)
 
@@ -141,11 +142,11 @@ def row_line(row: dict) -> str:
 
 
 def run_levels(base: str, model: str, levels: list[int], requests: int, max_tokens: int, filler: str, fields: dict,
-               rows: list[dict], n_predict: bool = False) -> None:
+               rows: list[dict], n_predict: bool = False, prompts: list[str] = PROMPTS) -> None:
     # warm-up: the KV blocks a level uses touched
-    run_level(base, model, max(levels), max(levels), 4, filler, n_predict)
+    run_level(base, model, max(levels), max(levels), 4, filler, n_predict, prompts)
     for c in levels:
-        row = {**fields, **run_level(base, model, c, max(requests, c), max_tokens, filler, n_predict)}
+        row = {**fields, **run_level(base, model, c, max(requests, c), max_tokens, filler, n_predict, prompts)}
         rows.append(row)
         print(row_line(row), flush=True)
 
@@ -175,7 +176,8 @@ def prepare_llama_server(args) -> dict:
             "version": version}
 
 
-def run_llama_server(args, peer: dict, levels: list[int], filler: str, out: Path, rows: list[dict]) -> None:
+def run_llama_server(args, peer: dict, levels: list[int], filler: str, out: Path, rows: list[dict],
+                     prompts: list[str] = PROMPTS) -> None:
     """llama-server as a peer (see the module's docstring), stopped on the way out whatever happens."""
     from tensorpar.bench import llama_bin
     from tensorpar.distributed.host import free_port
@@ -189,7 +191,8 @@ def run_llama_server(args, peer: dict, levels: list[int], filler: str, out: Path
               "llama_type": peer["file_type"] or args.llama_type, "threads": peer["threads"],
               "parallel": args.llama_parallel, "server_command": cmd, "version": peer["version"]}
     with llama_bin.LlamaServer(cmd, port, out / "llama-server.log") as base:
-        run_levels(base, alias, levels, args.requests, args.max_tokens, filler, fields, rows, n_predict=True)
+        run_levels(base, alias, levels, args.requests, args.max_tokens, filler, fields, rows, n_predict=True,
+                   prompts=prompts)
 
 
 def summary(rows: list[dict]) -> str:
@@ -213,6 +216,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompt-words", type=int, default=0, help="filler words before each prompt (about a token each)")
+    ap.add_argument("--copy", action="store_true",
+                    help="prompts whose answers repeat a passage of them (benchmarks/speculative.py's copy workload)")
     ap.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                     help="also run every layout with these extra serve flags (repeatable)")
     ap.add_argument("--llama-server", metavar="GGUF", default=None,
@@ -232,6 +237,11 @@ def main() -> None:
 
     variants = [("default", [])] + [(v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variant]
     filler = "word " * args.prompt_words
+    prompts = PROMPTS
+    if args.copy:
+        from speculative import WORKLOADS  # (benchmarks/speculative.py, beside this script)
+
+        prompts = WORKLOADS["copy"]
     levels = [int(c) for c in args.concurrency.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,17 +255,18 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         try:
             fields = {"server": "tensorpar", "tp": tp, "pp": pp, "dp": dp, "variant": name, "serve_flags": extra}
-            run_levels(base, args.model, levels, args.requests, args.max_tokens, filler, fields, rows)
+            run_levels(base, args.model, levels, args.requests, args.max_tokens, filler, fields, rows, prompts=prompts)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
     if peer:
-        run_llama_server(args, peer, levels, filler, out, rows)
+        run_llama_server(args, peer, levels, filler, out, rows, prompts)
     print("\n" + summary(rows))
     (out / "serving.json").write_text(json.dumps({
         "benchmark": "serving", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv), "machine": machine_info(), "model": args.model, "max_tokens": args.max_tokens,
-        "prompt_words": args.prompt_words, "llama_server": args.llama_server, "rows": rows}, indent=2))
+        "prompt_words": args.prompt_words, "copy": args.copy, "llama_server": args.llama_server, "rows": rows},
+        indent=2))
     print(f"wrote {out / 'serving.json'}")
 
 

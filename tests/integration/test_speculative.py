@@ -48,8 +48,10 @@ def test_greedy_tokens_are_the_targets_own_at_every_degree(tiny_checkpoints, dra
     with LLM(model, tp=1, progress=False) as llm:
         want = llm.generate_full(PROMPTS, params()).completions
     runs = [(1, NGRAM, {}), (1, {"model": model, "num_speculative_tokens": 3}, {}),  # the target as its own draft
+            (1, {**NGRAM, "disable_by_batch_size": 3}, {}),  # 4 sequences decode at once: no drafts
             (2, {"model": draft, "num_speculative_tokens": 3}, {}),  # the draft at tp=2 too (vLLM's default)
             (3, {"model": draft, "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}, {}),
+            (3, {"model": draft, "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2}, {}),  # ranks 0, 1
             (3, NGRAM, {"max_model_len": 64, "kv_cache_memory": 8 * 4096})]  # (7 blocks of 4 KiB)
     for tp, config, options in runs:
         with LLM(model, tp=tp, speculative_config=config, progress=False, ranks=rank_pool(tp) if tp > 1 else None,
@@ -63,6 +65,9 @@ def test_greedy_tokens_are_the_targets_own_at_every_degree(tiny_checkpoints, dra
         assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=1e-4)
         assert [[t for t, _ in top] for top in got.top_logprobs] == [[t for t, _ in top] for top in ref.top_logprobs]
         s = result.speculation
+        if "disable_by_batch_size" in config:
+            assert s["draft_tokens"] == 0 and again.speculation["draft_tokens"] > 0
+            continue
         assert s["draft_tokens"] > 0 and s["accepted_tokens"] > 0, what
         assert result.timings["decode_steps"] < 23 * len(PROMPTS), what  # (tokens came several to a step)
         if config.get("model") == model:
@@ -119,3 +124,14 @@ def test_what_cannot_work_is_refused_before_any_rank_starts(tiny_checkpoints):
         EngineArgs(llama, pp=2, speculative_config=NGRAM).resolve()
     with pytest.raises(TensorparError, match="unknown key"):
         EngineArgs(llama, speculative_config='{"method": "ngram", "k": 2}').resolve()
+
+
+def test_an_elastic_restart_keeps_the_draft_within_the_ranks_left(tiny_checkpoints):
+    from tensorpar.runtime.spec import one_rank_fewer
+
+    args = EngineArgs(str(tiny_checkpoints["llama"]), tp=3, speculative_config={
+        "model": str(tiny_checkpoints["llama"]), "num_speculative_tokens": 2, "draft_tensor_parallel_size": 3})
+    smaller = one_rank_fewer(args, args.resolve().dims)
+    assert smaller.tp == 2 and smaller.resolve().draft.dims.tp == 2
+    ngram = one_rank_fewer(EngineArgs(args.model, tp=2, speculative_config=NGRAM), args.resolve().dims)
+    assert ngram.speculative_config == NGRAM

@@ -3,7 +3,7 @@
     plan = scheduler.schedule()            # what to run (data)
     out = runner.execute(plan.message)     # every rank runs it; the leader gets a StepOutput
     scheduler.update(plan, sampler.choose(out, plan))
-    proposer.propose(decoding sequences)   # speculative decoding: drafts the next plan verifies
+    proposer.propose_for(decoding ones)    # speculative decoding: drafts the next plan verifies
 
 ``Worker.generate`` drains it inside one collective call; ``ServingEngine`` steps it on a thread.
 """
@@ -40,7 +40,7 @@ class EngineCore:
         appended = self.scheduler.update(plan, self.sampler.choose(out, plan))
         if self.proposer is not None and plan.kind != SCORE:
             sched = self.scheduler
-            self.proposer.propose([s for s in sched.running.values() if s.decoding],
+            self.proposer.propose_for([s for s in sched.running.values() if s.decoding],
                                   set(sched.running) | {s.request_id for s in sched.preempted})
         kind = DECODE if plan.kind == DECODE else "prefill"  # (scoring counts as prefill time, not steps)
         self.timings[f"{kind}_s"] += time.perf_counter() - t

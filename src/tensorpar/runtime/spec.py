@@ -252,10 +252,20 @@ def one_rank_fewer(args: EngineArgs, dims: ParallelDims) -> EngineArgs | None:
     """The layout left when a rank of ``dims`` is lost (elastic serving, ``LLM(elastic=True)``):
     tp - 1, else at tp 1 one pipeline stage fewer; None at one rank."""
     if dims.tp > 1:
-        return replace(args, tp=dims.tp - 1, pp=dims.pp)
+        return replace(args, tp=dims.tp - 1, pp=dims.pp, speculative_config=_draft_within(args, dims.tp - 1))
     if dims.pp > 1:
         return replace(args, tp=1, pp=dims.pp - 1)
     return None
+
+
+def _draft_within(args: EngineArgs, ranks: int):
+    """``args.speculative_config`` with its draft's degree at most ``ranks`` (what is left)."""
+    from tensorpar.runtime.speculative import SpeculativeConfig
+
+    config = SpeculativeConfig.parse(args.speculative_config)
+    if config is None or (config.draft_tensor_parallel_size or 0) <= ranks:
+        return args.speculative_config
+    return replace(config, draft_tensor_parallel_size=ranks)
 
 
 def read_chat_template(given: str | None) -> str | None:

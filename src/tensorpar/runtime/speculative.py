@@ -30,7 +30,7 @@ from tensorpar.errors import TensorparError
 
 METHODS = ("ngram", "draft_model")
 KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-        "draft_tensor_parallel_size")
+        "draft_tensor_parallel_size", "disable_by_batch_size")
 MAX_SPECULATIVE_TOKENS = 16
 
 
@@ -38,7 +38,10 @@ MAX_SPECULATIVE_TOKENS = 16
 class SpeculativeConfig:
     """``method``: ``ngram`` or ``draft_model``; ``num_speculative_tokens``: k, the drafts per step;
     ``prompt_lookup_min/max``: the n-gram sizes looked up; ``model``: the draft's checkpoint;
-    ``draft_tensor_parallel_size``: its degree (default: the target's, as in vLLM)."""
+    ``draft_tensor_parallel_size``: its degree (default: the target's, as in vLLM);
+    ``disable_by_batch_size``: no drafts for a step while more sequences than this decode (a batch
+    that large makes the target's products compute-bound, where verifying k + 1 positions costs
+    k + 1 times one)."""
 
     method: str
     num_speculative_tokens: int
@@ -46,6 +49,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 0
     model: str | None = None
     draft_tensor_parallel_size: int | None = None
+    disable_by_batch_size: int | None = None
 
     @classmethod
     def parse(cls, given: "str | dict | SpeculativeConfig | None") -> "SpeculativeConfig | None":
@@ -86,7 +90,10 @@ class SpeculativeConfig:
         if degree is not None and (method != "draft_model" or not isinstance(degree, int) or degree < 1):
             raise TensorparError(f"--speculative-config: draft_tensor_parallel_size must be a positive integer, "
                                  f"and is for a draft model; got {degree!r}")
-        return cls(method, k, hi or 0, lo or 0, model if method == "draft_model" else None, degree)
+        limit = given.get("disable_by_batch_size")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise TensorparError(f"--speculative-config: disable_by_batch_size must be a positive integer, got {limit!r}")
+        return cls(method, k, hi or 0, lo or 0, model if method == "draft_model" else None, degree, limit)
 
     def describe(self) -> str:
         if self.method == "ngram":
@@ -103,26 +110,52 @@ def room_for_drafts(seq, k: int) -> int:
 
 def ngram_drafts(tokens: list[int], lo: int, hi: int, k: int) -> list[int]:
     """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix of
-    ``tokens`` of ``hi`` down to ``lo`` tokens; [] when none occurred."""
+    ``tokens`` of ``hi`` down to ``lo`` tokens; [] when none occurred. One vectorized pass finds
+    where the last token occurred before; each longer suffix keeps the places that still match."""
+    import numpy as np
+
     n_tokens = len(tokens)
-    for n in range(min(hi, n_tokens - 1), lo - 1, -1):
-        suffix = tokens[n_tokens - n :]
-        first = suffix[0]
-        for start in range(n_tokens - n - 1, -1, -1):  # latest first; ends before the suffix itself
-            if tokens[start] == first and tokens[start : start + n] == suffix:
-                return tokens[start + n : start + n + k]
-    return []
+    ids = np.asarray(tokens)
+    ends = np.flatnonzero(ids[:-1] == ids[-1])  # where earlier occurrences of the 1-token suffix end
+    best = ends if lo <= 1 else ends[:0]
+    for n in range(2, min(hi, n_tokens - 1) + 1):
+        ends = ends[ends >= n - 1]
+        ends = ends[ids[ends - (n - 1)] == ids[n_tokens - n]]
+        if not ends.size:
+            break
+        if n >= lo:
+            best = ends
+    if not best.size:
+        return []
+    end = int(best[-1])
+    return tokens[end + 1 : end + 1 + k]
 
 
-class NgramProposer:
+class Proposer:
+    """Sets ``seq.drafts`` of decoding sequences after each step (``EngineCore.step``)."""
+
     def __init__(self, config: SpeculativeConfig):
         self.config = config
 
     def allocate(self, num_blocks: int, block_size: int) -> None:
-        pass
+        """A KV cache of ``num_blocks`` blocks, where the proposer has a model."""
+
+    def propose_for(self, seqs: list, alive: set[str]) -> None:
+        """Drafts for ``seqs`` (the decoding sequences), none while they are more than
+        ``disable_by_batch_size``; ``alive``: every sequence still running or waiting to resume."""
+        limit = self.config.disable_by_batch_size
+        if limit is not None and len(seqs) > limit:
+            for seq in seqs:
+                seq.drafts, seq.draft_probs = [], None
+            seqs = []
+        self.propose(seqs, alive)
 
     def propose(self, seqs: list, alive: set[str]) -> None:
-        """Set ``seq.drafts`` of every sequence in ``seqs`` (decoding ones)."""
+        raise NotImplementedError
+
+
+class NgramProposer(Proposer):
+    def propose(self, seqs: list, alive: set[str]) -> None:
         c = self.config
         for seq in seqs:
             k = room_for_drafts(seq, c.num_speculative_tokens)
@@ -163,14 +196,15 @@ class _DraftCache:
     fed: tuple = ()
 
 
-class DraftProposer:
+class DraftProposer(Proposer):
     """Drafts from a small model (module docstring): per step, one draft-model step over every
     sequence's tokens not yet in the draft's cache (at least its last), then k - 1 decode steps,
     each drawing a draft as the target would (its controls, then greedy or sampled: ``draft_probs``
     keeps the distributions for ``sampling.accept_drafts``)."""
 
     def __init__(self, config: SpeculativeConfig, runner, eos_ids: set[int]):
-        self.config, self.runner, self.eos_ids = config, runner, eos_ids
+        super().__init__(config)
+        self.runner, self.eos_ids = runner, eos_ids
         self.blocks = None
         self.caches: dict[str, _DraftCache] = {}
 
