@@ -91,6 +91,9 @@ def test_export_then_generate_and_generate_from_the_checkpoint(first_run, tmp_pa
     (["--tp", "7"], "tensor-parallel degree 7 is not valid for a model with 6 query heads"),
     (["--dp", "3"], "--batch 4 must be a multiple of --dp 3"),
     (["--steps", "0"], "--steps must be a positive integer"),
+    (["--grad-accum", "3"], "--batch 4 must split into --dp 1 replicas of --grad-accum 3 equal micro-batches"),
+    (["--lr-schedule", "cosine", "--min-lr", "1"], "--min-lr from 0 to --lr"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm must be positive"),
     (["--resume", "/nonexistent/run"], "no checkpoint at '/nonexistent/run'"),
 ])
 def test_bad_input_gets_one_clear_line(corpus, args, message):

@@ -16,6 +16,7 @@ from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.loader import load_weights
 from tensorpar.models.llama import LlamaForCausalLM
 from tensorpar.train.init import random_source
+from tensorpar.train.optim import lr_at
 from tensorpar.train.trainer import TrainConfig, Trainer, TrainSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -50,6 +51,10 @@ def on_ranks(rank_pool, n: int, *args, worker=Trainer):
     return ranks
 
 
+def global_norm(grads: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values())))
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
@@ -77,6 +82,8 @@ def test_gradients_match_single_process(tp, sp, batch, reference_grads, rank_poo
     assert set(grads) == set(reference_grads)
     for name, ref in reference_grads.items():
         assert relative_error(grads[name], ref) < 1e-5, name
+    # the global norm (--clip-grad-norm's) counts every element once: replicated norms and KV heads too
+    assert ranks.call("norm") == pytest.approx(global_norm(reference_grads), rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +95,38 @@ def single_process_losses():
 def test_single_process_trainer_learns(single_process_losses):
     assert len(single_process_losses) == 20
     assert single_process_losses[-1] < single_process_losses[0] - 0.5
+
+
+def test_accumulated_micro_batches_give_the_whole_batchs_steps(single_process_losses, rank_pool):
+    """--grad-accum 2 (each replica's rows in two micro-batches), alone and beside --dp 2 (whose sums
+    wait for the last micro-batch): the losses of whole-batch steps."""
+    one = Trainer(single_process_context(), spec(grad_accum=2), TOKENS)
+    losses = [r["loss"] for r in one.run_steps(5)]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_process_losses[:5]), rtol=1e-6, atol=0)
+    ranks = on_ranks(rank_pool, 2, spec(dp=2, grad_accum=2), TOKENS)
+    losses = [r["loss"] for r in ranks.call("run_steps", 5)]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_process_losses[:5]), rtol=1e-5, atol=0)
+
+
+def test_schedule_clipping_and_decay_act_as_defined():
+    """A warm-up then cosine to --min-lr, steps clipped to norm 0.1, decay on matrices only."""
+    trainer = Trainer(single_process_context(), spec(lr_schedule="cosine", warmup_steps=2, min_lr=1e-4, steps=6,
+                                                     clip_grad_norm=0.1, weight_decay=0.1), TOKENS)
+    decayed, kept = trainer.optimizer.param_groups
+    assert all(p.ndim == 2 for p in decayed["params"]) and all(p.ndim == 1 for p in kept["params"])
+    assert decayed["weight_decay"] == 0.1 and kept["weight_decay"] == 0.0 and kept["params"]
+    steps = trainer.run_steps(6)
+    # 3e-3 * s / 2, then 1e-4 + 2.9e-3 * (1 + cos(pi * (s - 2) / 4)) / 2
+    assert [round(r["lr"], 8) for r in steps] == [0.0015, 0.003, 0.0025753, 0.00155, 0.0005247, 0.0001]
+    assert [round(lr_at(s, 3e-3, 6, "linear", 2, 1e-4), 8) for s in range(1, 7)] == [
+        0.0015, 0.003, 0.002275, 0.00155, 0.000825, 0.0001]
+    norms = [r["grad_norm"] for r in steps]
+    assert min(norms) > 0.1
+    trainer.backward(*trainer.batch(7))
+    before = trainer.norm()
+    for p in trainer.sync.params:  # what train_step does with --clip-grad-norm 0.1
+        p.grad.mul_(0.1 / (before + 1e-6))
+    assert trainer.norm() == pytest.approx(0.1, rel=1e-5)
 
 
 @pytest.mark.parametrize("tp,dp,sp", [(2, 1, False), (2, 2, False), (2, 2, True)])
@@ -198,6 +237,7 @@ def test_gradients_with_padded_slots_biases_and_an_untied_head(sp, padded_checkp
     ranks = on_ranks(rank_pool, 2, cfg, tokens)
     ranks.call("backward", inputs, labels)
     grads = ranks.call("full_tensors", "grad")
+    assert ranks.call("norm") == pytest.approx(global_norm(expected), rel=1e-6)  # padded slots not counted
     losses = [r["loss"] for r in ranks.call("run_steps", 4)]  # padded slots must stay zero
     assert set(grads) == set(expected)
     assert any(name.endswith("o_proj.bias") for name in grads) and "lm_head.weight" in grads

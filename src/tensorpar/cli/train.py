@@ -24,8 +24,16 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="total optimizer steps, counting resumed ones")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=8, help="global batch, in sequences")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=3e-4, help="the peak learning rate (default: %(default)s)")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "cosine"],
+                   help="after the warm-up: constant, or a linear or cosine decay to --min-lr at --steps")
+    p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear warm-up from 0 to --lr")
+    p.add_argument("--min-lr", type=float, default=0.0, help="where a decaying schedule ends (default: 0)")
+    p.add_argument("--clip-grad-norm", type=float, default=None, metavar="MAX",
+                   help="scale the gradients down to this global norm (every element counted once, at any degree)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="run each replica's rows in N micro-batches, their gradients summed (less activation memory)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, on matrices only (not norms, biases)")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--dropout", type=float, default=0.0, help="on attention probabilities and residual branches")
     p.add_argument("--seed", type=int, default=None,
@@ -52,6 +60,8 @@ def run(args) -> int:
     cfg = TrainConfig(
         data=args.data, model=args.model, tp=args.tp, dp=args.dp, sp=args.sp, steps=args.steps,
         seq_len=args.seq_len, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
+        clip_grad_norm=args.clip_grad_norm, grad_accum=args.grad_accum,
         label_smoothing=args.label_smoothing, dropout=args.dropout, seed=args.seed, save=args.save, save_every=args.save_every,
         resume=args.resume, device=args.device, timeout_s=args.timeout, deterministic=args.deterministic,
     )
@@ -59,8 +69,8 @@ def run(args) -> int:
     if result is None:  # a torchrun rank other than 0
         return 0
     if args.json:
-        print(json.dumps({k: result[k] for k in ("losses", "steps", "tokens_per_s", "peak_rss_mb", "checkpoint",
-                                                    "loss_curve", "tp", "dp", "sp")}))
+        print(json.dumps({k: result[k] for k in ("losses", "steps", "grad_norms", "lrs", "tokens_per_s",
+                                                    "peak_rss_mb", "checkpoint", "loss_curve", "tp", "dp", "sp")}))
     else:
         print(f"steps {result['first_step']}-{result['steps'][-1]}: loss {result['losses'][0]:.4f} -> "
               f"{result['losses'][-1]:.4f}, {result['tokens_per_s']:,.0f} tokens/s, "

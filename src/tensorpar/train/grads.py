@@ -54,12 +54,15 @@ class DataParallelBuckets:
             self.buckets[-1].append(p)
             size += p.numel() * p.element_size()
         self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self.paused = False  # a micro-batch before the last: its gradients still accumulate
         self.ready = [0] * len(self.buckets)
         self.pending: dict[int, tuple] = {}
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad)
 
     def _on_grad(self, p: torch.nn.Parameter) -> None:
+        if self.paused:
+            return
         i = self.bucket_of[id(p)]
         self.ready[i] += 1
         if self.ready[i] == len(self.buckets[i]):
@@ -124,6 +127,12 @@ class GradientSync:
         """Before ``backward``: no data-parallel sum of an earlier pass is left in flight."""
         if self.data_parallel is not None:
             self.data_parallel.reset()
+
+    def accumulating(self, more: bool) -> None:
+        """Before each micro-batch's backward: ``more`` of them follow, so the data-parallel sums
+        wait for the last one's gradients (which hold every micro-batch's)."""
+        if self.data_parallel is not None:
+            self.data_parallel.paused = more
 
     def __call__(self) -> None:
         """After ``backward``: every local gradient becomes its slice of the global gradient."""

@@ -48,13 +48,15 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
               f"on {dims.world_size} rank(s); loading", file=sys.stderr, flush=True)
     ranks = launch(dims.world_size, Trainer, (spec,), cfg.device, cfg.timeout_s)
     try:
-        losses, steps, tokens, seconds = [], [], 0, 0.0
+        losses, steps, norms, lrs, tokens, seconds = [], [], [], [], 0, 0.0
         bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="training",
                    disable=not (progress and ranks.is_leader))
         for _ in range(start, cfg.steps):
             r = ranks.call("train_step")
             losses.append(r["loss"])
             steps.append(r["step"])
+            norms.append(r["grad_norm"])
+            lrs.append(r["lr"])
             tokens += r["tokens"]
             seconds += r["seconds"]
             bar.set_postfix(loss=f"{r['loss']:.4f}", tok_s=f"{tokens / seconds:,.0f}")
@@ -70,7 +72,7 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
     result = {
         "model": spec.model_name, "resumed_from": cfg.resume,
         "tp": dims.tp, "dp": dims.dp, "sp": sp, "seq_len": cfg.seq_len, "batch": cfg.batch,
-        "lr": cfg.lr, "first_step": start + 1, "steps": steps, "losses": losses,
+        "lr": cfg.lr, "first_step": start + 1, "steps": steps, "losses": losses, "grad_norms": norms, "lrs": lrs,
         "tokens": tokens, "train_seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
         "peak_rss_mb": rss, "checkpoint": checkpoint,
     }

@@ -32,6 +32,7 @@ from tensorpar.train.checkpoint import save_checkpoint
 from tensorpar.train.data import IGNORE_INDEX, batch_for_step, check_data, pad_sequence, replica_rows, tokenize_file
 from tensorpar.train.grads import GradientSync
 from tensorpar.train.init import training_config, training_source
+from tensorpar.train.optim import SCHEDULES, GlobalNorm, adamw, lr_at
 from tensorpar.train.rng import ParallelRNG, set_dropout
 
 
@@ -48,7 +49,12 @@ class TrainConfig:
     seq_len: int = 128
     batch: int = 8
     lr: float = 3e-4
-    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # ``optim.lr_at``: constant, linear or cosine, after ``warmup_steps``
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    clip_grad_norm: float | None = None  # the largest global gradient norm (``optim.GlobalNorm``)
+    grad_accum: int = 1  # micro-batches a step's rows are run in, their gradients summed
+    weight_decay: float = 0.0  # on matrices only (``optim.adamw``)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     label_smoothing: float = 0.0
@@ -68,6 +74,13 @@ class TrainConfig:
                 raise TensorparError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.lr <= 0:
             raise TensorparError(f"--lr must be positive, got {self.lr}")
+        if self.lr_schedule not in SCHEDULES:
+            raise TensorparError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0 or not 0 <= self.min_lr <= self.lr:
+            raise TensorparError(f"--warmup-steps must be >= 0 and --min-lr from 0 to --lr, got {self.warmup_steps!r}, "
+                                 f"{self.min_lr!r}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise TensorparError(f"--clip-grad-norm must be positive, got {self.clip_grad_norm}")
         if self.save_every < 0:
             raise TensorparError(f"--save-every must be >= 0, got {self.save_every}")
         if self.save_every and not self.save:
@@ -79,12 +92,16 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise TensorparError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         replica_rows(self.batch, self.dp, 0)
+        if not isinstance(self.grad_accum, int) or self.grad_accum < 1 or self.batch % (self.dp * self.grad_accum):
+            raise TensorparError(f"--batch {self.batch} must split into --dp {self.dp} replicas of --grad-accum "
+                                 f"{self.grad_accum} equal micro-batches")
         if self.data is None:
             raise TensorparError("--data FILE.txt is required")
         if self.deterministic:
             why = [what for what, off in ((f"--device {self.device} (CPU only)", self.device == "cpu"),
                                           (f"--dp {self.dp} (at most 2)", self.dp <= 2),
                                           ("--dropout", not self.dropout),
+                                          (f"--grad-accum {self.grad_accum}", self.grad_accum == 1),
                                           ("--label-smoothing", not self.label_smoothing)) if not off]
             if why:
                 raise TensorparError("train --deterministic does not cover " + ", ".join(why) + " yet")
@@ -179,13 +196,12 @@ class Trainer:
         set_sequence_parallel(self.model, spec.sequence_parallel)
         self.rng = ParallelRNG(cfg.seed, self.mesh.tp.rank, self.mesh.dp.rank, self.mesh.tp.device)
         set_dropout(self.model, cfg.dropout, self.rng, spec.sequence_parallel)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
+        self.optimizer = adamw(self.model, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
         if spec.checkpoint:
             _load_optimizer_state(self.optimizer, self.model, spec.checkpoint, self.step_done,
                                   checkpoint_shapes(self.config))
         self.sync = GradientSync(self.model, self.mesh, spec.sequence_parallel)
+        self.norm = GlobalNorm(self.model, self.mesh.tp)
         self.tokens = self._tokens(tokens)
 
     def _tokens(self, tokens: torch.Tensor | None) -> torch.Tensor:
@@ -209,22 +225,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This replica's share of the global mean token loss, and the global token count."""
+    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """These rows' share of the global mean token loss over the step's ``count`` tokens."""
         if self.model.lm_head.sequence_parallel:
             inputs, labels = pad_sequence(inputs, labels, self.mesh.tp.world_size)
         hidden = self.model(inputs)  # [B, S, hidden], or [B, S/tp, hidden] under sequence parallelism
         if deterministic.enabled():  # whole logits on every rank; the loss summed in one order
             losses = deterministic_grads.cross_entropy(self.model.lm_head(hidden), labels, IGNORE_INDEX)
-            count = all_reduce((labels != IGNORE_INDEX).sum().float(), self.mesh.dp)
-            return deterministic_grads.total(losses) / count, count
+            return deterministic_grads.total(losses) / count
         logits = self.model.lm_head.local_logits(hidden)  # [B, S, vocab_local]
         losses = vocab_parallel_cross_entropy(
             logits, labels, self.model.lm_head.span, self.config.vocab_size, self.mesh.tp,
             ignore_index=IGNORE_INDEX, label_smoothing=self.cfg.label_smoothing,
         )
-        count = all_reduce((labels != IGNORE_INDEX).sum().float(), self.mesh.dp)
-        return losses.sum() / count, count
+        return losses.sum() / count
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = batch_for_step(self.tokens, self.cfg.seed, step, self.cfg.batch, self.cfg.seq_len)
@@ -233,13 +247,20 @@ class Trainer:
         return inputs[rows].to(device), labels[rows].to(device)
 
     def backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        """Forward and backward on this replica's rows; leaves synchronized gradients."""
+        """Forward and backward on this replica's rows, in ``grad_accum`` micro-batches whose
+        gradients add up; leaves synchronized gradients (summed over replicas once, after the last)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.sync.start()
-        loss, count = self._loss(inputs, labels)
-        loss.backward()
+        count = all_reduce((labels != IGNORE_INDEX).sum().float(), self.mesh.dp)  # the step's tokens
+        micro = list(zip(inputs.chunk(self.cfg.grad_accum), labels.chunk(self.cfg.grad_accum)))
+        total = torch.zeros((), device=inputs.device)
+        for i, (x, y) in enumerate(micro):
+            self.sync.accumulating(i < len(micro) - 1)
+            loss = self._loss(x, y, count)
+            loss.backward()
+            total += loss.detach()
         self.sync()
-        return float(all_reduce(loss.detach().clone(), self.mesh.dp)), int(count)
+        return float(all_reduce(total, self.mesh.dp)), int(count)
 
     def train_step(self) -> dict:
         """Run the next optimizer step; returns its global mean loss, tokens and seconds."""
@@ -247,12 +268,19 @@ class Trainer:
         self.rng.start_step(step)
         t0 = time.perf_counter()
         loss, tokens = self.backward(*self.batch(step))
+        norm = self.norm()
+        if self.cfg.clip_grad_norm is not None and norm > self.cfg.clip_grad_norm:
+            for p in self.sync.params:
+                p.grad.mul_(self.cfg.clip_grad_norm / (norm + 1e-6))
+        lr = lr_at(step, self.cfg.lr, self.cfg.steps, self.cfg.lr_schedule, self.cfg.warmup_steps, self.cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.step_done = step
         seconds = time.perf_counter() - t0
         if self.cfg.save and self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.cfg.steps:
             self.save(self.cfg.save)
-        return {"step": step, "loss": loss, "tokens": tokens, "seconds": seconds}
+        return {"step": step, "loss": loss, "tokens": tokens, "seconds": seconds, "grad_norm": norm, "lr": lr}
 
     def run_steps(self, n: int) -> list[dict]:
         """``n`` optimizer steps (see ``train_step``)."""
