@@ -87,6 +87,22 @@ def test_export_then_generate_and_generate_from_the_checkpoint(first_run, tmp_pa
     assert again.returncode == 1 and "exists and is not empty" in again.stderr
 
 
+def test_chat_jsonl_with_a_schedule_clipping_and_accumulation(tmp_path):
+    """A chat JSONL file (the loss on the assistant's turns: ``tests/unit/test_train_data.py``) at
+    tp=2, with a cosine schedule after a warm-up, clipping and two micro-batches a step."""
+    data = tmp_path / "chat.jsonl"
+    chat = [{"role": "user", "content": "What is tensor parallelism?"},
+            {"role": "assistant", "content": "Splitting each weight matrix across devices."}]
+    data.write_text("\n".join(json.dumps({"messages": chat}) for _ in range(4)) + "\n")
+    r = cli("train", "--data", str(data), "--tp", "2", "--steps", "4", "--lr-schedule", "cosine", "--warmup-steps",
+            "1", "--clip-grad-norm", "1.0", "--grad-accum", "2", "--out", str(tmp_path / "out"), "--json",
+            *[a if a != "32" else "48" for a in COMMON])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["lrs"][0] == pytest.approx(3e-3) and out["lrs"][-1] == pytest.approx(0.0)
+    assert out["losses"][-1] < out["losses"][0] and all(n > 0 for n in out["grad_norms"])
+
+
 @pytest.mark.parametrize("args,message", [
     (["--tp", "7"], "tensor-parallel degree 7 is not valid for a model with 6 query heads"),
     (["--dp", "3"], "--batch 4 must be a multiple of --dp 3"),

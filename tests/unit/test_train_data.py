@@ -3,6 +3,8 @@ parallelism changes nothing that the loss sees."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -50,3 +52,42 @@ def test_data_errors_say_what_is_wrong(tmp_path):
         check_data(torch.arange(10), 64, 100, "tiny.txt")
     with pytest.raises(TensorparError, match="token id 120 is outside the model's vocabulary of 100"):
         check_data(torch.arange(121), 64, 100, "big.txt")
+
+
+def test_chat_examples_learn_the_assistant_turns_only(tokenizer, tmp_path):
+    from tensorpar.train.data import read_examples
+
+    path = tmp_path / "chat.jsonl"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Of Italy?"},
+            {"role": "assistant", "content": "Rome."}]
+    path.write_text(json.dumps({"messages": chat}) + "\n\n" + json.dumps({"text": "Tensor parallelism"}) + "\n")
+    examples = read_examples(path, tokenizer, 96, tokenizer.eos_token_id)
+    ids, targets = examples.ids, examples.targets
+    assert ids.shape == targets.shape == (2, 97)
+    learned = [t for t in targets[0].tolist() if t != IGNORE_INDEX]
+    turn_end = tokenizer.decode(tokenizer.apply_chat_template(chat[:3], tokenize=True, return_dict=False)[-2:])
+    # each assistant turn's content and the tokens that close it; nothing of the system or user turns
+    assert tokenizer.decode(learned) == "Paris." + turn_end + "Rome." + turn_end
+    text = [t for t in targets[1].tolist() if t != IGNORE_INDEX]
+    assert text == tokenizer("Tensor parallelism")["input_ids"] + [tokenizer.eos_token_id]
+    assert examples.learned == len(learned) + len(text)
+    inputs, labels = examples.batch(seed=0, step=1, batch=3)
+    assert inputs.shape == labels.shape == (3, 96)
+    for row in range(3):  # a label is the next input token wherever it is learned
+        keep = labels[row] != IGNORE_INDEX
+        assert torch.equal(labels[row][:-1][keep[:-1]], inputs[row][1:][keep[:-1]])
+
+
+@pytest.mark.parametrize("line, says", [
+    ("not json", ":1: not JSON"),
+    ('{"prompt": "x"}', ':1: each line must be an object with "text"'),
+    ('{"messages": [{"role": "user"}]}', ':1: "messages" must be a list'),
+])
+def test_a_bad_jsonl_line_is_named(tokenizer, tmp_path, line, says):
+    from tensorpar.train.data import read_examples
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(TensorparError, match=says):
+        read_examples(path, tokenizer, 16, None)

@@ -1,6 +1,7 @@
-"""``tensorpar train``: train with tensor (+ sequence) and data parallelism on a text file.
+"""``tensorpar train``: train with tensor (+ sequence) and data parallelism on a text or JSONL file.
 
-Tokenizes FILE.txt with the model's tokenizer, runs AdamW to step ``--steps`` (the total: a run
+Tokenizes the data with the model's tokenizer (a JSONL file's chat examples through its chat
+template, the loss on the assistant's turns), runs AdamW to step ``--steps`` (the total: a run
 resumed at step 10 with --steps 20 runs steps 11-20), shows loss and tokens/s, writes
 OUT/losses.json and OUT/losses.png, and with ``--save`` a sharded checkpoint that ``--resume``
 loads at any other TP/DP degree.
@@ -17,7 +18,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train with TP (+SP) x DP; sharded, reshardable checkpoints",
                        description=__doc__)
     add_model(p, extra=", or random-llama-tiny")
-    p.add_argument("--data", required=True, help="a UTF-8 text file to train on")
+    p.add_argument("--data", required=True,
+                   help="a UTF-8 text file, or a JSONL file of {\"text\"} or chat {\"messages\"} examples (the loss "
+                        "on the assistant's turns)")
     add_tp(p)
     p.add_argument("--dp", type=int, default=1, help="data-parallel degree (divides --batch)")
     p.add_argument("--sp", action="store_true", help="sequence parallelism inside each tensor-parallel group")

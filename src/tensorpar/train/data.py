@@ -1,13 +1,23 @@
-"""Training data: a text file tokenized once, and the batch of each step.
+"""Training data, read once, and the batch of each step.
 
-The batch of step ``s`` depends only on (seed, s): ``batch`` windows of ``seq_len + 1`` tokens at
-offsets drawn from a generator seeded with both. Runs at any TP/DP degree, and runs resumed from
-a checkpoint, therefore see the same batches; data-parallel replica ``d`` of ``dp`` takes rows
+- A text file is one stream of tokens; the batch of step ``s`` is ``batch`` windows of
+  ``seq_len + 1`` tokens at offsets drawn from a generator seeded with (seed, s).
+- A JSONL file (``.jsonl``) is a list of examples, one per line: ``{"text": ...}`` (every token
+  learned, the end-of-sequence token appended), or ``{"messages": [{"role", "content"}, ...]}``
+  rendered with the model's chat template, the loss on the assistant's turns only (each turn's
+  tokens are those its rendering adds after the prompt that opens it). Each example is one row of
+  ``seq_len + 1`` tokens, cut or padded (padding learns nothing: ``IGNORE_INDEX``); the batch of
+  step ``s`` is ``batch`` examples drawn with the same generator (``Examples``).
+
+Either way a step's batch depends only on (seed, s): runs at any TP/DP degree, and runs resumed
+from a checkpoint, see the same batches; data-parallel replica ``d`` of ``dp`` takes rows
 ``[d * batch / dp, (d + 1) * batch / dp)``.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,6 +65,78 @@ def batch_for_step(tokens: torch.Tensor, seed: int, step: int, batch: int, seq_l
     starts = torch.randint(0, tokens.numel() - seq_len, (batch,), generator=step_generator(seed, step))
     windows = tokens[starts.unsqueeze(1) + torch.arange(seq_len + 1)]  # [batch, seq_len + 1]
     return windows[:, :-1], windows[:, 1:]
+
+
+@dataclass
+class Examples:
+    """Fine-tuning examples as rows: ``ids`` [N, seq_len + 1], and ``targets`` [N, seq_len + 1],
+    the id where a token is learned, else ``IGNORE_INDEX``."""
+
+    ids: torch.Tensor
+    targets: torch.Tensor
+
+    def batch(self, seed: int, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.randint(0, self.ids.shape[0], (batch,), generator=step_generator(seed, step))
+        return self.ids[rows, :-1], self.targets[rows, 1:]
+
+    @property
+    def learned(self) -> int:
+        """Tokens with a loss, in all examples."""
+        return int((self.targets != IGNORE_INDEX).sum())
+
+
+def read_examples(path: str | Path, tokenizer, seq_len: int, eos_id: int | None) -> Examples:
+    """The examples of a JSONL file (module docstring), each cut or padded to ``seq_len + 1``."""
+    rows, learned = [], []
+    with open(path, encoding="utf-8") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    if not lines:
+        raise TensorparError(f"training data {path} is empty")
+    for n, line in lines:
+        try:
+            example = json.loads(line)
+        except ValueError as e:
+            raise TensorparError(f"{path}:{n}: not JSON ({e})") from None
+        if isinstance(example, dict) and isinstance(example.get("text"), str):
+            ids = tokenizer(example["text"], add_special_tokens=False)["input_ids"] + ([eos_id] if eos_id is not None else [])
+            mask = [True] * len(ids)
+        elif isinstance(example, dict) and isinstance(example.get("messages"), list):
+            ids, mask = _chat(example["messages"], tokenizer, f"{path}:{n}")
+        else:
+            raise TensorparError(f"{path}:{n}: each line must be an object with \"text\" (a string) or \"messages\" "
+                                 "(a list of {\"role\", \"content\"})")
+        ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
+        pad = seq_len + 1 - len(ids)
+        rows.append(ids + [0] * pad)
+        learned.append([t if keep else IGNORE_INDEX for t, keep in zip(ids, mask)] + [IGNORE_INDEX] * pad)
+    examples = Examples(torch.tensor(rows, dtype=torch.long), torch.tensor(learned, dtype=torch.long))
+    if not (examples.targets[:, 1:] != IGNORE_INDEX).any():
+        raise TensorparError(f"{path}: no example has a token to learn within --seq-len {seq_len}")
+    return examples
+
+
+def _chat(messages: list, tokenizer, where: str) -> tuple[list[int], list[bool]]:
+    """A conversation's ids under the chat template, and which of them the assistant's turns add."""
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in messages) or not messages:
+        raise TensorparError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} strings")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise TensorparError(f"{where}: chat messages need a chat template, and the model's tokenizer has none")
+
+    def render(part: list, opened: bool) -> list[int]:
+        return list(tokenizer.apply_chat_template(part, add_generation_prompt=opened, tokenize=True, return_dict=False))
+
+    ids = render(messages, False)
+    mask = [False] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
+        if render(messages[: i + 1], False) != ids[:end]:
+            raise TensorparError(f"{where}: the chat template does not render a conversation as the sum of its "
+                                 "turns, so its assistant tokens cannot be told apart")
+        mask[start:end] = [True] * (end - start)
+    return ids, mask
 
 
 def replica_rows(batch: int, dp: int, dp_rank: int) -> slice:

@@ -29,7 +29,8 @@ from tensorpar.models.registry import architectures, checkpoint_shapes, for_mode
 from tensorpar.plans import set_sequence_parallel
 from tensorpar.process import peak_rss_mb
 from tensorpar.train.checkpoint import save_checkpoint
-from tensorpar.train.data import IGNORE_INDEX, batch_for_step, check_data, pad_sequence, replica_rows, tokenize_file
+from tensorpar.train.data import (IGNORE_INDEX, Examples, batch_for_step, check_data, pad_sequence, read_examples,
+                                  replica_rows, tokenize_file)
 from tensorpar.train.grads import GradientSync
 from tensorpar.train.init import training_config, training_source
 from tensorpar.train.optim import SCHEDULES, GlobalNorm, adamw, lr_at
@@ -204,24 +205,31 @@ class Trainer:
         self.norm = GlobalNorm(self.model, self.mesh.tp)
         self.tokens = self._tokens(tokens)
 
-    def _tokens(self, tokens: torch.Tensor | None) -> torch.Tensor:
-        """The training token ids on every rank: given, or tokenized by rank 0 and broadcast."""
+    def _tokens(self, tokens: torch.Tensor | None) -> "torch.Tensor | Examples":
+        """The training data on every rank: given, or read by rank 0 and broadcast: a text file's
+        token ids [N], or a JSONL file's ``Examples`` (sent as one [2, N, seq_len + 1] tensor)."""
         if tokens is not None:
             return tokens
-        world = self.mesh.world
-        count: int | TensorparError = 0
+        world, cfg = self.mesh.world, self.cfg
+        shape: tuple | TensorparError = ()
         if world.rank == 0:
             try:
-                tokens = tokenize_file(self.cfg.data, self.tokenizer)
-                check_data(tokens, self.cfg.seq_len, self.config.vocab_size, self.cfg.data)
-                count = tokens.numel()
+                if str(cfg.data).endswith(".jsonl"):
+                    examples = read_examples(cfg.data, self.tokenizer, cfg.seq_len, self.tokenizer.eos_token_id)
+                    tokens = torch.stack([examples.ids, examples.targets])
+                    check_data(examples.ids.flatten(), 0, self.config.vocab_size, cfg.data)
+                else:
+                    tokens = tokenize_file(cfg.data, self.tokenizer)
+                    check_data(tokens, cfg.seq_len, self.config.vocab_size, cfg.data)
+                shape = tuple(tokens.shape)
             except TensorparError as e:
-                count = e
-        count = broadcast_object(count, world)
-        if isinstance(count, TensorparError):
-            raise count
-        ids = tokens if world.rank == 0 else torch.empty(count, dtype=torch.long)
-        return broadcast(ids.to(world.device), world).cpu()  # NCCL carries device tensors only
+                shape = e
+        shape = broadcast_object(shape, world)
+        if isinstance(shape, TensorparError):
+            raise shape
+        ids = tokens if world.rank == 0 else torch.empty(shape, dtype=torch.long)
+        ids = broadcast(ids.to(world.device), world).cpu()  # NCCL carries device tensors only
+        return Examples(ids[0], ids[1]) if ids.ndim == 3 else ids
 
     # ------------------------------------------------------------------ one step
 
@@ -241,7 +249,10 @@ class Trainer:
         return losses.sum() / count
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, labels = batch_for_step(self.tokens, self.cfg.seed, step, self.cfg.batch, self.cfg.seq_len)
+        if isinstance(self.tokens, Examples):
+            inputs, labels = self.tokens.batch(self.cfg.seed, step, self.cfg.batch)
+        else:
+            inputs, labels = batch_for_step(self.tokens, self.cfg.seed, step, self.cfg.batch, self.cfg.seq_len)
         rows = replica_rows(self.cfg.batch, self.mesh.dp.world_size, self.mesh.dp.rank)
         device = self.mesh.tp.device
         return inputs[rows].to(device), labels[rows].to(device)
