@@ -6,6 +6,8 @@ single-device model with ``F.cross_entropy`` on the same full weights and the sa
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,6 +108,21 @@ def test_accumulated_micro_batches_give_the_whole_batchs_steps(single_process_lo
     ranks = on_ranks(rank_pool, 2, spec(dp=2, grad_accum=2), TOKENS)
     losses = [r["loss"] for r in ranks.call("run_steps", 5)]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_process_losses[:5]), rtol=1e-5, atol=0)
+
+
+def test_the_held_out_loss_is_the_reference_models_at_every_layout(rank_pool):
+    """--eval-every: the last tenth of the tokens, as windows, scored by the reference model."""
+    one = Trainer(single_process_context(), spec(eval_every=1), TOKENS)
+    inputs, labels = one.eval_rows
+    assert inputs.shape == (12, 32) and torch.equal(inputs[0], TOKENS[3600:3632])  # windows of the last 400
+    with torch.no_grad():
+        model = reference_model()
+        expected = float(F.cross_entropy(model.logits(model(inputs)).flatten(0, 1), labels.flatten()))
+    got = one.evaluate()
+    assert got["loss"] == pytest.approx(expected, rel=1e-6) and got["tokens"] == 12 * 32
+    assert got["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    ranks = on_ranks(rank_pool, 4, spec(tp=2, dp=2, sp=True, eval_every=1), TOKENS)
+    assert ranks.call("evaluate")["loss"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_schedule_clipping_and_decay_act_as_defined():

@@ -91,3 +91,16 @@ def test_a_bad_jsonl_line_is_named(tokenizer, tmp_path, line, says):
     path.write_text(line + "\n")
     with pytest.raises(TensorparError, match=says):
         read_examples(path, tokenizer, 16, None)
+
+
+def test_the_eval_split_holds_out_the_last_examples_or_tokens():
+    from tensorpar.train.data import Examples, split_eval
+
+    ids = torch.arange(30).view(10, 3)
+    train, (x, y) = split_eval(Examples(ids, ids + 100), 0.2, 2)
+    assert torch.equal(train.ids, ids[:8]) and torch.equal(x, ids[8:, :-1]) and torch.equal(y, ids[8:, 1:] + 100)
+    train, (x, y) = split_eval(torch.arange(100), 0.1, 4)
+    assert torch.equal(train, torch.arange(90)) and x.tolist() == [[90, 91, 92, 93], [94, 95, 96, 97]]
+    assert y.tolist() == [[91, 92, 93, 94], [95, 96, 97, 98]]
+    with pytest.raises(TensorparError, match="leaves none of the 1 examples"):
+        split_eval(Examples(ids[:1], ids[:1]), 0.5, 2)

@@ -36,6 +36,10 @@ def add_parser(sub) -> None:
                    help="scale the gradients down to this global norm (every element counted once, at any degree)")
     p.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="run each replica's rows in N micro-batches, their gradients summed (less activation memory)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="hold out --eval-split of the data and report its loss and perplexity every K steps and at "
+                        "the last (default: 0, never)")
+    p.add_argument("--eval-split", type=float, default=0.1, help="the part held out (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, on matrices only (not norms, biases)")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--dropout", type=float, default=0.0, help="on attention probabilities and residual branches")
@@ -64,7 +68,8 @@ def run(args) -> int:
         data=args.data, model=args.model, tp=args.tp, dp=args.dp, sp=args.sp, steps=args.steps,
         seq_len=args.seq_len, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
-        clip_grad_norm=args.clip_grad_norm, grad_accum=args.grad_accum,
+        clip_grad_norm=args.clip_grad_norm, grad_accum=args.grad_accum, eval_every=args.eval_every,
+        eval_split=args.eval_split,
         label_smoothing=args.label_smoothing, dropout=args.dropout, seed=args.seed, save=args.save, save_every=args.save_every,
         resume=args.resume, device=args.device, timeout_s=args.timeout, deterministic=args.deterministic,
     )
@@ -72,12 +77,16 @@ def run(args) -> int:
     if result is None:  # a torchrun rank other than 0
         return 0
     if args.json:
-        print(json.dumps({k: result[k] for k in ("losses", "steps", "grad_norms", "lrs", "tokens_per_s",
+        print(json.dumps({k: result[k] for k in ("losses", "steps", "grad_norms", "lrs", "eval", "tokens_per_s",
                                                     "peak_rss_mb", "checkpoint", "loss_curve", "tp", "dp", "sp")}))
     else:
         print(f"steps {result['first_step']}-{result['steps'][-1]}: loss {result['losses'][0]:.4f} -> "
               f"{result['losses'][-1]:.4f}, {result['tokens_per_s']:,.0f} tokens/s, "
               f"peak RSS per rank (MiB): {', '.join(f'{m:.0f}' for m in result['peak_rss_mb'])}")
+        if result["eval"]:
+            last = result["eval"][-1]
+            print(f"held-out loss at step {last['step']}: {last['loss']:.4f}, perplexity {last['perplexity']:.1f} "
+                  f"({last['tokens']} tokens)")
         if result["checkpoint"]:
             print(f"checkpoint: {result['checkpoint']}")
         print(f"loss curve: {result['loss_curve']['json']}, {result['loss_curve']['png']}")

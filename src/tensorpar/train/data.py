@@ -139,6 +139,30 @@ def _chat(messages: list, tokenizer, where: str) -> tuple[list[int], list[bool]]
     return ids, mask
 
 
+EVAL_ROWS = 64  # the most rows an evaluation runs
+
+
+def split_eval(data: "torch.Tensor | Examples", fraction: float, seq_len: int):
+    """(training data, evaluation rows ``(inputs, labels)``): the last ``fraction`` of a token
+    stream (cut into windows of ``seq_len + 1`` tokens, one after another) or of the examples, at
+    most ``EVAL_ROWS`` rows; the rest trains."""
+    if isinstance(data, Examples):
+        n = data.ids.shape[0]
+        held = min(EVAL_ROWS, max(1, round(n * fraction)))
+        if held >= n:
+            raise TensorparError(f"--eval-split {fraction} leaves none of the {n} examples to train on")
+        return Examples(data.ids[: n - held], data.targets[: n - held]), (data.ids[n - held :, :-1],
+                                                                          data.targets[n - held :, 1:])
+    n = data.numel()
+    held = max(seq_len + 1, round(n * fraction))
+    if n - held < seq_len + 1:
+        raise TensorparError(f"--eval-split {fraction} of {n} tokens leaves fewer than --seq-len + 1 to train on")
+    tail = data[n - held :]
+    windows = min(EVAL_ROWS, (tail.numel() - 1) // seq_len)
+    rows = tail[torch.arange(windows)[:, None] * seq_len + torch.arange(seq_len + 1)]  # [windows, seq_len + 1]
+    return data[: n - held], (rows[:, :-1], rows[:, 1:])
+
+
 def replica_rows(batch: int, dp: int, dp_rank: int) -> slice:
     """The rows of the global batch that data-parallel replica ``dp_rank`` trains on."""
     if batch % dp:

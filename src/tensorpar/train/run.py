@@ -48,7 +48,7 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
               f"on {dims.world_size} rank(s); loading", file=sys.stderr, flush=True)
     ranks = launch(dims.world_size, Trainer, (spec,), cfg.device, cfg.timeout_s)
     try:
-        losses, steps, norms, lrs, tokens, seconds = [], [], [], [], 0, 0.0
+        losses, steps, norms, lrs, evals, tokens, seconds = [], [], [], [], [], 0, 0.0
         bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="training",
                    disable=not (progress and ranks.is_leader))
         for _ in range(start, cfg.steps):
@@ -59,7 +59,11 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
             lrs.append(r["lr"])
             tokens += r["tokens"]
             seconds += r["seconds"]
-            bar.set_postfix(loss=f"{r['loss']:.4f}", tok_s=f"{tokens / seconds:,.0f}")
+            shown = {"loss": f"{r['loss']:.4f}", "tok_s": f"{tokens / seconds:,.0f}"}
+            if cfg.eval_every and (r["step"] % cfg.eval_every == 0 or r["step"] == cfg.steps):
+                evals.append(ranks.call("evaluate"))
+                shown["eval_loss"] = f"{evals[-1]['loss']:.4f}"
+            bar.set_postfix(shown)
             bar.update()
         bar.close()
         checkpoint = ranks.call("save", cfg.save) if cfg.save else None
@@ -72,7 +76,7 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
     result = {
         "model": spec.model_name, "resumed_from": cfg.resume,
         "tp": dims.tp, "dp": dims.dp, "sp": sp, "seq_len": cfg.seq_len, "batch": cfg.batch,
-        "lr": cfg.lr, "first_step": start + 1, "steps": steps, "losses": losses, "grad_norms": norms, "lrs": lrs,
+        "lr": cfg.lr, "first_step": start + 1, "steps": steps, "losses": losses, "grad_norms": norms, "lrs": lrs, "eval": evals,
         "tokens": tokens, "train_seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
         "peak_rss_mb": rss, "checkpoint": checkpoint,
     }

@@ -9,6 +9,7 @@ single-process moments: the optimizer needs no communication.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from tensorpar.plans import set_sequence_parallel
 from tensorpar.process import peak_rss_mb
 from tensorpar.train.checkpoint import save_checkpoint
 from tensorpar.train.data import (IGNORE_INDEX, Examples, batch_for_step, check_data, pad_sequence, read_examples,
-                                  replica_rows, tokenize_file)
+                                  replica_rows, split_eval, tokenize_file)
 from tensorpar.train.grads import GradientSync
 from tensorpar.train.init import training_config, training_source
 from tensorpar.train.optim import SCHEDULES, GlobalNorm, adamw, lr_at
@@ -55,6 +56,8 @@ class TrainConfig:
     min_lr: float = 0.0
     clip_grad_norm: float | None = None  # the largest global gradient norm (``optim.GlobalNorm``)
     grad_accum: int = 1  # micro-batches a step's rows are run in, their gradients summed
+    eval_every: int = 0  # evaluate the held-out split every this many steps (and at the last); 0: never
+    eval_split: float = 0.1  # the part of the data held out for evaluation (``data.split_eval``)
     weight_decay: float = 0.0  # on matrices only (``optim.adamw``)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -80,6 +83,9 @@ class TrainConfig:
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0 or not 0 <= self.min_lr <= self.lr:
             raise TensorparError(f"--warmup-steps must be >= 0 and --min-lr from 0 to --lr, got {self.warmup_steps!r}, "
                                  f"{self.min_lr!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0 or not 0 < self.eval_split < 1:
+            raise TensorparError(f"--eval-every must be >= 0 and --eval-split in (0, 1), got {self.eval_every!r}, "
+                                 f"{self.eval_split!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise TensorparError(f"--clip-grad-norm must be positive, got {self.clip_grad_norm}")
         if self.save_every < 0:
@@ -204,6 +210,9 @@ class Trainer:
         self.sync = GradientSync(self.model, self.mesh, spec.sequence_parallel)
         self.norm = GlobalNorm(self.model, self.mesh.tp)
         self.tokens = self._tokens(tokens)
+        self.eval_rows = None
+        if cfg.eval_every:
+            self.tokens, self.eval_rows = split_eval(self.tokens, cfg.eval_split, cfg.seq_len)
 
     def _tokens(self, tokens: torch.Tensor | None) -> "torch.Tensor | Examples":
         """The training data on every rank: given, or read by rank 0 and broadcast: a text file's
@@ -292,6 +301,24 @@ class Trainer:
         if self.cfg.save and self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.cfg.steps:
             self.save(self.cfg.save)
         return {"step": step, "loss": loss, "tokens": tokens, "seconds": seconds, "grad_norm": norm, "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The held-out rows' mean token loss and its perplexity, exp(loss), without dropout; each
+        replica computes every ``dp``-th row, the sums are added over replicas."""
+        inputs, labels = self.eval_rows
+        mine = slice(self.mesh.dp.rank, None, self.mesh.dp.world_size)
+        inputs, labels = inputs[mine].to(self.mesh.tp.device), labels[mine].to(self.mesh.tp.device)
+        self.model.eval()
+        try:
+            one = torch.ones((), device=inputs.device)
+            total = sum((self._loss(inputs[i : i + self.cfg.batch], labels[i : i + self.cfg.batch], one)
+                         for i in range(0, inputs.shape[0], self.cfg.batch)), torch.zeros((), device=inputs.device))
+        finally:
+            self.model.train()
+        count = all_reduce((labels != IGNORE_INDEX).sum().float(), self.mesh.dp)
+        loss = float(all_reduce(total.detach().clone(), self.mesh.dp) / count)
+        return {"step": self.step_done, "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
 
     def run_steps(self, n: int) -> list[dict]:
         """``n`` optimizer steps (see ``train_step``)."""
