@@ -110,6 +110,7 @@ def test_chat_jsonl_with_a_schedule_clipping_and_accumulation(tmp_path):
     (["--grad-accum", "3"], "--batch 4 must split into --dp 1 replicas of --grad-accum 3 equal micro-batches"),
     (["--lr-schedule", "cosine", "--min-lr", "1"], "--min-lr from 0 to --lr"),
     (["--clip-grad-norm", "0"], "--clip-grad-norm must be positive"),
+    (["--dtype", "fp8"], "unknown training --dtype 'fp8'; choose one of: fp32"),
     (["--resume", "/nonexistent/run"], "no checkpoint at '/nonexistent/run'"),
 ])
 def test_bad_input_gets_one_clear_line(corpus, args, message):

@@ -125,6 +125,22 @@ def test_the_held_out_loss_is_the_reference_models_at_every_layout(rank_pool):
     assert ranks.call("evaluate")["loss"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_bf16_computes_in_bfloat16_over_float32_masters(single_process_losses, rank_pool):
+    """--dtype bf16: losses near float32's (not equal: the products are bfloat16), weights, gradients
+    and AdamW moments float32; tp=2 with sequence parallelism near tp=1."""
+    one = Trainer(single_process_context(), spec(dtype="bfloat16"), TOKENS)
+    losses = torch.tensor([r["loss"] for r in one.run_steps(5)])
+    reference = torch.tensor(single_process_losses[:5])
+    torch.testing.assert_close(losses, reference, rtol=2e-2, atol=0)
+    assert not torch.equal(losses, reference)
+    params = list(one.model.parameters())
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
+    assert all(one.optimizer.state[p]["exp_avg"].dtype == torch.float32 for p in params)
+    ranks = on_ranks(rank_pool, 2, spec(tp=2, sp=True, dtype="bf16"), TOKENS)
+    parallel = torch.tensor([r["loss"] for r in ranks.call("run_steps", 5)])
+    torch.testing.assert_close(parallel, losses, rtol=1e-2, atol=0)
+
+
 def test_schedule_clipping_and_decay_act_as_defined():
     """A warm-up then cosine to --min-lr, steps clipped to norm 0.1, decay on matrices only."""
     trainer = Trainer(single_process_context(), spec(lr_schedule="cosine", warmup_steps=2, min_lr=1e-4, steps=6,

@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
                    help="scale the gradients down to this global norm (every element counted once, at any degree)")
     p.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="run each replica's rows in N micro-batches, their gradients summed (less activation memory)")
+    p.add_argument("--dtype", default="fp32",
+                   help="compute: fp32, or bf16 (bfloat16 products over float32 master weights; gradients, their "
+                        "sums, AdamW and checkpoints stay float32)")
     p.add_argument("--eval-every", type=int, default=0, metavar="K",
                    help="hold out --eval-split of the data and report its loss and perplexity every K steps and at "
                         "the last (default: 0, never)")
@@ -69,7 +72,7 @@ def run(args) -> int:
         seq_len=args.seq_len, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
         clip_grad_norm=args.clip_grad_norm, grad_accum=args.grad_accum, eval_every=args.eval_every,
-        eval_split=args.eval_split,
+        eval_split=args.eval_split, dtype=args.dtype,
         label_smoothing=args.label_smoothing, dropout=args.dropout, seed=args.seed, save=args.save, save_every=args.save_every,
         resume=args.resume, device=args.device, timeout_s=args.timeout, deterministic=args.deterministic,
     )

@@ -69,11 +69,12 @@ class _GatheredLinear(torch.autograd.Function):
     @staticmethod
     def backward(fctx, grad):
         x, weight = fctx.saved_tensors
+        dt = grad.dtype  # (bfloat16 under autocast, whose forward cast x and A: the products in it, as there)
         full = all_gather_dim(x, fctx.ctx, SEQ_DIM)  # [B, S, in]
         flat = grad.reshape(-1, grad.shape[-1])  # [B*S, out]
-        grad_weight = flat.t() @ full.reshape(-1, full.shape[-1])
-        grad_bias = flat.sum(0) if fctx.has_bias else None
-        grad_x = reduce_scatter_dim(grad @ weight, fctx.ctx, SEQ_DIM)  # [B, S/p, in]
+        grad_weight = (flat.t() @ full.reshape(-1, full.shape[-1]).to(dt)).to(weight.dtype)
+        grad_bias = flat.sum(0).to(weight.dtype) if fctx.has_bias else None
+        grad_x = reduce_scatter_dim(grad @ weight.to(dt), fctx.ctx, SEQ_DIM).to(x.dtype)  # [B, S/p, in]
         return grad_x, grad_weight, grad_bias, None
 
 

@@ -9,6 +9,7 @@ single-process moments: the optimizer needs no communication.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -20,6 +21,7 @@ from tensorpar.distributed.collectives import all_gather_object, all_reduce, bro
 from tensorpar.distributed.dims import ParallelDims
 from tensorpar.distributed.groups import DEFAULT_TIMEOUT_S, ParallelContext
 from tensorpar.distributed.mesh import build_mesh, destroy_mesh
+from tensorpar.dtypes import short_name
 from tensorpar.errors import TensorparError
 from tensorpar.layers import deterministic, deterministic_grads, vocab_parallel_cross_entropy
 from tensorpar.layers.pieces import model_pieces
@@ -58,6 +60,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches a step's rows are run in, their gradients summed
     eval_every: int = 0  # evaluate the held-out split every this many steps (and at the last); 0: never
     eval_split: float = 0.1  # the part of the data held out for evaluation (``data.split_eval``)
+    dtype: str = "fp32"  # the forward and backward's compute: fp32, or bf16 (autocast; float32 masters, optimizer, sums)
     weight_decay: float = 0.0  # on matrices only (``optim.adamw``)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -83,6 +86,10 @@ class TrainConfig:
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0 or not 0 <= self.min_lr <= self.lr:
             raise TensorparError(f"--warmup-steps must be >= 0 and --min-lr from 0 to --lr, got {self.warmup_steps!r}, "
                                  f"{self.min_lr!r}")
+        try:
+            self.dtype = short_name(self.dtype, ("fp32", "bf16"), "training --dtype")
+        except ValueError as e:
+            raise TensorparError(str(e)) from None
         if not isinstance(self.eval_every, int) or self.eval_every < 0 or not 0 < self.eval_split < 1:
             raise TensorparError(f"--eval-every must be >= 0 and --eval-split in (0, 1), got {self.eval_every!r}, "
                                  f"{self.eval_split!r}")
@@ -109,6 +116,7 @@ class TrainConfig:
                                           (f"--dp {self.dp} (at most 2)", self.dp <= 2),
                                           ("--dropout", not self.dropout),
                                           (f"--grad-accum {self.grad_accum}", self.grad_accum == 1),
+                                          (f"--dtype {self.dtype} (float32 only)", self.dtype == "fp32"),
                                           ("--label-smoothing", not self.label_smoothing)) if not off]
             if why:
                 raise TensorparError("train --deterministic does not cover " + ", ".join(why) + " yet")
@@ -246,16 +254,26 @@ class Trainer:
         """These rows' share of the global mean token loss over the step's ``count`` tokens."""
         if self.model.lm_head.sequence_parallel:
             inputs, labels = pad_sequence(inputs, labels, self.mesh.tp.world_size)
-        hidden = self.model(inputs)  # [B, S, hidden], or [B, S/tp, hidden] under sequence parallelism
+        with self._compute():
+            hidden = self.model(inputs)  # [B, S, hidden], or [B, S/tp, hidden] under sequence parallelism
         if deterministic.enabled():  # whole logits on every rank; the loss summed in one order
             losses = deterministic_grads.cross_entropy(self.model.lm_head(hidden), labels, IGNORE_INDEX)
             return deterministic_grads.total(losses) / count
-        logits = self.model.lm_head.local_logits(hidden)  # [B, S, vocab_local]
-        losses = vocab_parallel_cross_entropy(
-            logits, labels, self.model.lm_head.span, self.config.vocab_size, self.mesh.tp,
+        with self._compute():
+            logits = self.model.lm_head.local_logits(hidden)  # [B, S, vocab_local]
+        losses = vocab_parallel_cross_entropy(  # (in float32, whatever the compute dtype)
+            logits.float(), labels, self.model.lm_head.span, self.config.vocab_size, self.mesh.tp,
             ignore_index=IGNORE_INDEX, label_smoothing=self.cfg.label_smoothing,
         )
         return losses.sum() / count
+
+    def _compute(self):
+        """The precision of the forward (and so of the backward): float32, or with ``--dtype bf16``
+        bfloat16 products (torch's autocast) over float32 weights, whose gradients, data-parallel
+        sums, AdamW state and checkpoints stay float32."""
+        if self.cfg.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.mesh.tp.device.type, dtype=torch.bfloat16)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.tokens, Examples):
