@@ -2,8 +2,8 @@
 heads, 1 KV head replicated on every rank, head_dim 256, vocabulary 262144, local layers with a
 window of 512): greedy tokens at TP 1, 2, 3 and 4 equal transformers' (float32, the same file)
 for 24 tokens on three prompts, and on a prompt in Gemma's chat format; with speculative decoding
-too (tp=1: the model as its own draft, every draft accepted; tp=2 and 3: n-gram drafts, at tp=3
-beside the model as its own draft at tp=1)."""
+too (tp=1 and tp=3: the model as its own draft at tp=1, every draft accepted; tp=2: n-gram drafts;
+tp=4 without)."""
 
 from __future__ import annotations
 
