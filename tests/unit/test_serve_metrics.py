@@ -18,7 +18,8 @@ def engine(tokenizer):
 
 def test_vllm_names_carry_the_same_values_as_ours(engine):
     engine.stats_extra = {"prefix_cache_queries": 96, "prefix_cache_hits": 64, "preemptions": 2, "free_blocks": 7,
-                          "kv_blocks": 10}
+                          "kv_blocks": 10, "spec_drafts": 4, "spec_draft_tokens": 16, "spec_accepted_tokens": 6,
+                          "spec_accepted_per_pos": [3, 2, 1, 0]}
     with TestClient(create_app(engine, served_names=["my-model"])) as client:
         client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
         client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2, "stream": True})
@@ -42,6 +43,12 @@ def test_vllm_names_carry_the_same_values_as_ours(engine):
         'tensorpar_prefix_cache_hits_total{replica="0"} 64.0',
         'tensorpar_kv_cache_free_blocks{replica="0"} 7.0',
         'tensorpar_kv_cache_blocks{replica="0"} 10.0',
+        f"vllm:spec_decode_num_drafts_total{{{m}}} 4.0",
+        f"vllm:spec_decode_num_draft_tokens_total{{{m}}} 16.0",
+        f"vllm:spec_decode_num_accepted_tokens_total{{{m}}} 6.0",
+        f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{m},position="1"}} 2.0',
+        'tensorpar_spec_decode_acceptance_rate{replica="0"} 0.375',
+        'tensorpar_spec_decode_mean_acceptance_length{replica="0"} 2.5',
     ):
         assert line in text, line
     assert f"vllm:prompt_tokens_total{{{m}}}" in text

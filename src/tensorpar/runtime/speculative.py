@@ -168,11 +168,13 @@ class NgramProposer(Proposer):
 def speculation_summary(counts: dict) -> dict:
     """vLLM's figures from the counts of drafts verified (``Scheduler.speculation``): the
     ``acceptance_rate`` (drafts taken over drafts proposed) and the ``mean_acceptance_length``
-    (tokens a verifying step yields: the drafts taken, plus the target's own)."""
+    (tokens a verifying step yields: the drafts taken, plus the target's own); and how often the
+    j-th draft of a step was taken (``accepted_per_position``, vLLM's ``..._per_pos``)."""
     drafts, proposed, taken = (counts.get(f"spec_{k}", 0) for k in ("drafts", "draft_tokens", "accepted_tokens"))
     return {"drafts": drafts, "draft_tokens": proposed, "accepted_tokens": taken,
             "acceptance_rate": taken / proposed if proposed else 0.0,
-            "mean_acceptance_length": 1 + taken / drafts if drafts else 0.0}
+            "mean_acceptance_length": 1 + taken / drafts if drafts else 0.0,
+            "accepted_per_position": list(counts.get("spec_accepted_per_pos", []))}
 
 
 def proposer_for(spec, runner, eos_ids: set[int]):

@@ -56,7 +56,16 @@ def leader_inputs(spec: EngineSpec) -> tuple[object, set[int], InputProcessor]:
 
 
 CACHE_COUNTS = ("prefix_cache_queries", "prefix_cache_hits", "preemptions")
-SPEC_COUNTS = ("spec_drafts", "spec_draft_tokens", "spec_accepted_tokens")
+SPEC_COUNTS = ("spec_drafts", "spec_draft_tokens", "spec_accepted_tokens", "spec_accepted_per_pos")
+
+
+def _since(before: dict, after: dict, keys: tuple[str, ...]) -> dict:
+    """``after``'s counts less ``before``'s (lists of counts element by element)."""
+    out = {}
+    for k in keys:
+        a, b = after[k], before[k]
+        out[k] = [x - (b[i] if i < len(b) else 0) for i, x in enumerate(a)] if isinstance(a, list) else a - b
+    return out
 
 
 class Worker:
@@ -164,7 +173,7 @@ class Worker:
                        "decode_s_per_token": t["decode_s"] / positions if positions else 0.0}
             return GenerationResult(completions, timings, experts=self.runner.expert_load(since=load),
                                     cache={k: after[k] - counts[k] for k in CACHE_COUNTS},
-                                    speculation=speculation_summary({k: after[k] - counts[k] for k in SPEC_COUNTS})
+                                    speculation=speculation_summary(_since(counts, after, SPEC_COUNTS))
                                     if self.core.proposer is not None else {})
 
         return self._call(prepare, run)

@@ -8,7 +8,8 @@ exported under vLLM's names and label (``model_name``): ``vllm:num_requests_runn
 ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc`` (and its older name
 ``vllm:gpu_cache_usage_perc``; a ratio from 0 to 1, as vLLM's), ``vllm:prefix_cache_queries`` /
 ``vllm:prefix_cache_hits`` (prompt tokens), ``vllm:num_preemptions``, speculative decoding's
-``vllm:spec_decode_num_drafts`` / ``_num_draft_tokens`` / ``_num_accepted_tokens``, ``vllm:prompt_tokens``,
+``vllm:spec_decode_num_drafts`` / ``_num_draft_tokens`` / ``_num_accepted_tokens`` /
+``_num_accepted_tokens_per_pos`` (label ``position``), ``vllm:prompt_tokens``,
 ``vllm:generation_tokens``, ``vllm:request_success`` (by ``finished_reason``) and the
 ``vllm:time_to_first_token_seconds``, ``vllm:inter_token_latency_seconds`` (also as
 ``vllm:time_per_output_token_seconds``) and ``vllm:e2e_request_latency_seconds`` histograms.
@@ -106,6 +107,16 @@ class _EngineCollector:
             length.add_metric([str(i)], summary["mean_acceptance_length"])
         yield rate
         yield length
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos", "Speculative decoding: how "
+                                      "often the draft at each position of a step was accepted.",
+                                      labels=["model_name", "position"])
+        totals: dict[int, float] = {}
+        for r in replicas:
+            for j, n in enumerate(r.get("spec_accepted_per_pos") or []):
+                totals[j] = totals.get(j, 0.0) + n
+        for j, n in sorted(totals.items()):
+            per_pos.add_metric([self.model_name, str(j)], n)
+        yield per_pos
         requests = CounterMetricFamily("tensorpar_replica_requests", "Requests sent to the replica.", labels=["replica"])
         for i, r in enumerate(replicas):
             requests.add_metric([str(i)], float(r.get("requests") or 0))
