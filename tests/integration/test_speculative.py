@@ -71,7 +71,8 @@ def test_greedy_tokens_are_the_targets_own_at_every_degree(tiny_checkpoints, dra
         assert s["draft_tokens"] > 0 and s["accepted_tokens"] > 0, what
         per_pos = s["accepted_per_position"]  # (the j-th draft is taken only after the ones before it)
         assert sum(per_pos) == s["accepted_tokens"] and per_pos == sorted(per_pos, reverse=True), per_pos
-        assert result.timings["decode_steps"] < 23 * len(PROMPTS), what  # (tokens came several to a step)
+        if config.get("model") != draft:  # the repeating prompt alone: its 23 tokens after the first, several a step
+            assert again.timings["decode_steps"] < 23, what
         if config.get("model") == model:
             assert s["acceptance_rate"] == 1.0
         if options:

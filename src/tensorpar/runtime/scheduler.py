@@ -97,8 +97,8 @@ class Scheduler:
         self.running: dict[str, Sequence] = {}  # in order of admission
         self.preempted: deque[Sequence] = deque()  # oldest first
         self.preemptions = 0
-        self.speculation = {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0,  # verified so far
-                            "accepted_per_pos": []}  # (how often the j-th draft of a step was taken)
+        self.speculation = {"drafts": 0, "draft_tokens": 0,  # verified so far
+                            "accepted_per_pos": []}  # how often the j-th draft of a step was taken
         self.aborts: set[str] = set()
         self.scored: set[str] = set()  # waiting requests whose prompt log-probabilities are sent
         self.score_budget = max_num_batched_tokens  # prompt tokens still to score before the next model step
@@ -137,7 +137,8 @@ class Scheduler:
                     "kv_cache_usage": m.used / m.capacity if m else 0.0, "kv_blocks": m.capacity if m else 0,
                     "free_blocks": m.available if m else 0, "preemptions": self.preemptions,
                     "prefix_cache_queries": m.queries if m else 0, "prefix_cache_hits": m.hits if m else 0,
-                    **{f"spec_{k}": list(v) if isinstance(v, list) else v for k, v in self.speculation.items()}}
+                    **{f"spec_{k}": list(v) if isinstance(v, list) else v for k, v in self.speculation.items()},
+                    "spec_accepted_tokens": sum(self.speculation["accepted_per_pos"])}
 
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block until there is something to do (or ``timeout_s`` passes); whether there is."""
@@ -240,7 +241,6 @@ class Scheduler:
             if seq.request_id in plan.drafts:
                 self.speculation["drafts"] += 1
                 self.speculation["draft_tokens"] += len(plan.drafts[seq.request_id])
-                self.speculation["accepted_tokens"] += len(taken) - 1
                 per_pos = self.speculation["accepted_per_pos"]
                 per_pos.extend([0] * (len(plan.drafts[seq.request_id]) - len(per_pos)))
                 for j in range(len(taken) - 1):  # (the j-th draft of a step was taken)
