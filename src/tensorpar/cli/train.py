@@ -1,10 +1,10 @@
-"""``tensorpar train``: train with tensor (+ sequence) and data parallelism on a text or JSONL file.
+"""``tensorpar train``: train with tensor (+ sequence), pipeline and data parallelism on a text or JSONL file.
 
 Tokenizes the data with the model's tokenizer (a JSONL file's chat examples through its chat
 template, the loss on the assistant's turns), runs AdamW to step ``--steps`` (the total: a run
 resumed at step 10 with --steps 20 runs steps 11-20), shows loss and tokens/s, writes
 OUT/losses.json and OUT/losses.png, and with ``--save`` a sharded checkpoint that ``--resume``
-loads at any other TP/DP degree.
+loads at any other TP/PP/DP degrees.
 """
 
 from __future__ import annotations
@@ -15,14 +15,19 @@ from tensorpar.cli.common import add_device, add_json, add_model, add_quiet, add
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train with TP (+SP) x DP; sharded, reshardable checkpoints",
+    p = sub.add_parser("train", help="train with TP (+SP) x PP x DP; sharded, reshardable checkpoints",
                        description=__doc__)
-    add_model(p, extra=", or random-llama-tiny")
+    add_model(p, extra=", or random-llama-tiny (-6l: six layers)")
     p.add_argument("--data", required=True,
                    help="a UTF-8 text file, or a JSONL file of {\"text\"} or chat {\"messages\"} examples (the loss "
                         "on the assistant's turns)")
     add_tp(p)
     p.add_argument("--dp", type=int, default=1, help="data-parallel degree (divides --batch)")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline stages: each a run of layers on its own --tp ranks, micro-batches scheduled 1F1B")
+    p.add_argument("--virtual-stages", type=int, default=1, metavar="V",
+                   help="interleaved 1F1B: V runs of layers per pipeline rank (a V times smaller bubble, V times "
+                        "the sends)")
     p.add_argument("--sp", action="store_true", help="sequence parallelism inside each tensor-parallel group")
     p.add_argument("--steps", type=int, default=10, help="total optimizer steps, counting resumed ones")
     p.add_argument("--seq-len", type=int, default=128)
@@ -34,8 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--min-lr", type=float, default=0.0, help="where a decaying schedule ends (default: 0)")
     p.add_argument("--clip-grad-norm", type=float, default=None, metavar="MAX",
                    help="scale the gradients down to this global norm (every element counted once, at any degree)")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
-                   help="run each replica's rows in N micro-batches, their gradients summed (less activation memory)")
+    p.add_argument("--grad-accum", type=int, default=None, metavar="N",
+                   help="run each replica's rows in N micro-batches, their gradients summed (less activation memory); "
+                        "under --pp the pipeline's micro-batches (default: 1, or --pp)")
     p.add_argument("--dtype", default="fp32",
                    help="compute: fp32, or bf16 (bfloat16 products over float32 master weights; gradients, their "
                         "sums, AdamW and checkpoints stay float32)")
@@ -68,7 +74,7 @@ def run(args) -> int:
     from tensorpar.train.trainer import TrainConfig
 
     cfg = TrainConfig(
-        data=args.data, model=args.model, tp=args.tp, dp=args.dp, sp=args.sp, steps=args.steps,
+        data=args.data, model=args.model, tp=args.tp, dp=args.dp, pp=args.pp, virtual_stages=args.virtual_stages, sp=args.sp, steps=args.steps,
         seq_len=args.seq_len, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
         clip_grad_norm=args.clip_grad_norm, grad_accum=args.grad_accum, eval_every=args.eval_every,
@@ -81,7 +87,7 @@ def run(args) -> int:
         return 0
     if args.json:
         print(json.dumps({k: result[k] for k in ("losses", "steps", "grad_norms", "lrs", "eval", "tokens_per_s",
-                                                    "peak_rss_mb", "checkpoint", "loss_curve", "tp", "dp", "sp")}))
+                                                    "peak_rss_mb", "checkpoint", "loss_curve", "tp", "pp", "dp", "sp")}))
     else:
         print(f"steps {result['first_step']}-{result['steps'][-1]}: loss {result['losses'][0]:.4f} -> "
               f"{result['losses'][-1]:.4f}, {result['tokens_per_s']:,.0f} tokens/s, "

@@ -1,9 +1,10 @@
-"""A 2-D device mesh: ``tp`` x ``dp`` ranks, tensor-parallel groups inside data-parallel replicas
-(training), or inside pipeline stages (inference: the second axis is then the stage).
+"""A device mesh: ``tp`` x ``pp`` x ``dp`` ranks, tensor-parallel groups inside pipeline stages
+inside data-parallel replicas (training); inference passes its stages as the second axis.
 
-Global rank ``r`` sits at ``dp_rank = r // tp``, ``tp_rank = r % tp``: the ranks of one
-tensor-parallel group are adjacent (on one host first, where their frequent collectives are
-cheapest); rank ``tp_rank`` of every replica forms a data-parallel group.
+Global rank ``r`` sits at ``dp_rank = r // (tp * pp)``, ``pp_rank = r // tp % pp``,
+``tp_rank = r % tp``: the ranks of one tensor-parallel group are adjacent (on one host first,
+where their frequent collectives are cheapest); rank ``tp_rank`` of every stage of a replica forms
+its pipeline group; rank ``(pp_rank, tp_rank)`` of every replica forms a data-parallel group.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class Mesh:
     world: ParallelContext
     tp: ParallelContext
     dp: ParallelContext
+    pp: ParallelContext | None = None  # (None: one stage)
 
 
 def mesh_coordinates(rank: int, tp: int) -> tuple[int, int]:
@@ -28,24 +30,33 @@ def mesh_coordinates(rank: int, tp: int) -> tuple[int, int]:
     return divmod(rank, tp)
 
 
-def build_mesh(world: ParallelContext, tp: int, dp: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
-    """Split ``world`` into tensor-parallel groups of ``tp`` and data-parallel groups of ``dp``.
+def build_mesh(world: ParallelContext, tp: int, dp: int, timeout_s: float = DEFAULT_TIMEOUT_S, pp: int = 1) -> Mesh:
+    """Split ``world`` into tensor-parallel groups of ``tp``, pipeline groups of ``pp`` and
+    data-parallel groups of ``dp``.
 
     Every rank creates every group, in the same order (``new_group`` is collective). Groups on
-    one host get their own shared-memory communicator when the world has one.
+    one host get their own shared-memory communicator when the world has one; pipeline groups
+    carry point-to-point sends, on the world's backend.
     """
-    if tp < 1 or dp < 1 or tp * dp != world.world_size:
-        raise ValueError(f"tp ({tp}) x dp ({dp}) must equal the number of ranks ({world.world_size})")
+    if tp < 1 or dp < 1 or pp < 1 or tp * pp * dp != world.world_size:
+        raise ValueError(f"tp ({tp}) x pp ({pp}) x dp ({dp}) must equal the number of ranks ({world.world_size})")
     if world.world_size == 1:
         return Mesh(world, world, world)
-    dp_rank, tp_rank = mesh_coordinates(world.rank, tp)
-    layouts = [[d * tp + t for t in range(tp)] for d in range(dp)]  # tensor-parallel groups
-    layouts += [[d * tp + t for d in range(dp)] for t in range(tp)]  # data-parallel groups
+    replica, tp_rank = mesh_coordinates(world.rank, tp)
+    dp_rank, pp_rank = divmod(replica, pp)
+
+    def rank(d: int, s: int, t: int) -> int:
+        return (d * pp + s) * tp + t
+
+    layouts = {"tp": [[rank(d, s, t) for t in range(tp)] for d in range(dp) for s in range(pp)],
+               "pp": [[rank(d, s, t) for s in range(pp)] for d in range(dp) for t in range(tp)] if pp > 1 else [],
+               "dp": [[rank(d, s, t) for d in range(dp)] for s in range(pp) for t in range(tp)]}
     mine = {}
-    for ranks in layouts:
-        group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
-        if world.rank in ranks:
-            mine["tp" if ranks == layouts[dp_rank] else "dp"] = (group, ranks)
+    for kind, groups in layouts.items():
+        for ranks in groups:
+            group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
+            if world.rank in ranks:
+                mine[kind] = (group, ranks)
 
     def context(kind: str, size: int, rank: int) -> ParallelContext:
         if size == 1:
@@ -58,13 +69,19 @@ def build_mesh(world: ParallelContext, tp: int, dp: int, timeout_s: float = DEFA
     # the shared-memory set-up is collective over each group: tensor-parallel groups first
     tp_ctx = context("tp", tp, tp_rank)
     dp_ctx = context("dp", dp, dp_rank)
-    return Mesh(world, tp_ctx, dp_ctx)
+    pp_ctx = None
+    if pp > 1:
+        group, ranks = mine["pp"]
+        pp_ctx = world if pp == world.world_size else ParallelContext(
+            rank=pp_rank, world_size=pp, device=world.device, group=group,
+            backend="gloo" if world.shm is not None else world.backend)
+    return Mesh(world, tp_ctx, dp_ctx, pp_ctx)
 
 
 def destroy_mesh(mesh: Mesh) -> None:
     """Close the subgroups' shared-memory segments (the world's own is closed with the world)."""
-    for ctx in (mesh.tp, mesh.dp):
-        if ctx is not mesh.world and ctx.shm is not None:
+    for ctx in (mesh.tp, mesh.dp, mesh.pp):
+        if ctx is not None and ctx is not mesh.world and ctx.shm is not None:
             ctx.shm.close()
 
 

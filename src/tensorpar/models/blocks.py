@@ -189,11 +189,11 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embeddings, layers and the final norm; a pipeline stage keeps only its ``layers`` (the
     others are empty placeholders, so that parameter names keep the checkpoint's layer numbers),
-    the embeddings only if it is the first stage and the norm only if the last."""
+    the embeddings only if it holds the first layer and the norm only if the last."""
 
-    def __init__(self, cfg: ModelConfig, layers: range):
+    def __init__(self, cfg: ModelConfig, layers):
         super().__init__()
-        first, last = layers.start == 0, layers.stop == cfg.num_layers
+        first, last = 0 in layers, cfg.num_layers - 1 in layers
         self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size) if first else None
         if cfg.learned_positions and first:
             self.embed_positions = embedding(cfg.max_position_embeddings, cfg.hidden_size)
@@ -206,16 +206,17 @@ class CausalLM(nn.Module):
 
     h_0 = embed(ids) * embed_scale (+ position embeddings), h_l = layer_l(h_{l-1}), out = norm(h_L).
 
-    ``layers``: build only this pipeline stage's layers (default: all). A stage after the first
-    takes the previous stage's hidden states instead of token ids; a stage before the last returns
-    its last layer's output, un-normed, and has no head.
+    ``layers``: build only this pipeline stage's layers (default: all; ascending, and in training
+    not necessarily contiguous: an interleaved schedule's rank holds several stages' runs of
+    layers). A stage after the first takes the previous stage's hidden states instead of token
+    ids; a stage before the last returns its last layer's output, un-normed, and has no head.
     """
 
-    def __init__(self, cfg: ModelConfig, layers: range | None = None):
+    def __init__(self, cfg: ModelConfig, layers=None):
         super().__init__()
         self.config = cfg
         self.layer_ids = range(cfg.num_layers) if layers is None else layers
-        self.is_first, self.is_last = self.layer_ids.start == 0, self.layer_ids.stop == cfg.num_layers
+        self.is_first, self.is_last = 0 in self.layer_ids, cfg.num_layers - 1 in self.layer_ids
         self.model = DecoderModel(cfg, self.layer_ids)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
         if cfg.tie_word_embeddings and self.is_first and self.is_last:
@@ -245,26 +246,34 @@ class CausalLM(nn.Module):
         """
         if batch is None:
             batch = AttentionBatch.fresh(*input_ids.shape, input_ids.device)
-        cfg = self.config
-        if self.is_first:
-            x = self.model.embed_tokens(input_ids)  # [B, S, hidden]
-            if cfg.embed_scale is not None:
-                x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)  # in the weights' dtype, as transformers does
-            if cfg.learned_positions:
-                x = x + self.model.embed_positions(batch.positions)
-        else:
-            x = hidden
+        x = self.embed(input_ids, batch) if self.is_first else hidden
         if (x.shape[1] == 1 and cache is not None and isinstance(batch, AttentionBatch) and batch.blocks is not None
                 and x.shape[0] <= fused.DECODE_ROWS and not self.training and decode_stack.active() and fused.active(x)):
             stack = self._decode_stack()
             if stack:
                 return self._decode(stack, x, batch, cache)
+        x = self.run_layers(x, batch, self.layer_ids, cache)
+        return self.model.norm(x) if self.is_last else x
+
+    def embed(self, input_ids: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """input_ids [B, S] -> the first layer's input [B, S, hidden] (first stage only)."""
+        cfg = self.config
+        x = self.model.embed_tokens(input_ids)  # [B, S, hidden]
+        if cfg.embed_scale is not None:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)  # in the weights' dtype, as transformers does
+        if cfg.learned_positions:
+            x = x + self.model.embed_positions(batch.positions)
+        return x
+
+    def run_layers(self, x: torch.Tensor, batch: AttentionBatch, layers, cache=None) -> torch.Tensor:
+        """x through ``layers`` (some of this model's, in order); ``cache`` holds this model's layers
+        in ``layer_ids`` order."""
         ropes = {key: rot(batch, x.dtype) for key, rot in self._rotaries.items()}
-        for j, i in enumerate(self.layer_ids):
+        for i in layers:
             key = self._layer_rope[i]
             x = self.model.layers[i](x, batch, None if key is None else ropes[key],
-                                     None if cache is None else cache.layer(j))
-        return self.model.norm(x) if self.is_last else x
+                                     None if cache is None else cache.layer(self.layer_ids.index(i)))
+        return x
 
     def _decode_stack(self) -> decode_stack.DecodeStack | None:
         """This stage's layers as one ``DecodeStack`` (built on first use, again when the weights

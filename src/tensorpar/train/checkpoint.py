@@ -22,6 +22,7 @@ from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.tensorpar_checkpoint import FORMAT, KINDS
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.registry import checkpoint_shapes
+from tensorpar.train.pipeline import tied_copy
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -51,11 +52,16 @@ def save_checkpoint(root: str | Path, step: int, mesh: Mesh, model, optimizer, e
         tmp.mkdir()
     _barrier(mesh)
     tp, tp_rank = mesh.tp.world_size, mesh.tp.rank
+    stages = 1 if mesh.pp is None else mesh.pp.world_size
     entries = []
     if mesh.dp.rank == 0:
         file = f"rank-{tp_rank:05d}-of-{tp:05d}.safetensors"
+        if stages > 1:
+            file = f"stage-{mesh.pp.rank:03d}-{file}"
         tensors = {}
         for pp in model_pieces(model):
+            if tied_copy(model, pp.param):  # the first stage writes the tied embedding
+                continue
             state = optimizer.state.get(pp.param, {})
             for kind in KINDS:
                 t = pp.param if kind == "model" else state.get(kind)
@@ -78,6 +84,7 @@ def save_checkpoint(root: str | Path, step: int, mesh: Mesh, model, optimizer, e
             "format": FORMAT,
             "step": step,
             "tp": tp,
+            "pp": stages,
             "dp": mesh.dp.world_size,
             "config": config.to_hf(),
             "tensors": {n: list(s) for n, s in sorted(checkpoint_shapes(config).items())},

@@ -25,6 +25,8 @@ RANDOM_MODELS: dict[str, dict] = {
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
     ),
 }
+# the same with 6 layers: enough for 3 pipeline stages of 2 runs each (interleaved)
+RANDOM_MODELS["random-llama-tiny-6l"] = dict(RANDOM_MODELS["random-llama-tiny"], num_hidden_layers=6)
 
 
 def random_init(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:

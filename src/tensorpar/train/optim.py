@@ -13,8 +13,9 @@ The global norm is sqrt(sum of g^2 over every element of every full parameter). 
 elements more than once: a replicated tensor (a norm weight) on every tensor-parallel rank, a KV
 head on each rank whose query heads share it. A rank counts an element only where no lower rank of
 its group holds it (``owned_views``), so the sum over the group is the single-process sum, at any
-degree. Data-parallel replicas hold equal gradients after synchronization: the group is the
-tensor-parallel one.
+degree. Pipeline stages hold different layers: their sums are added over the pipeline group, the
+tied embedding counted on the first stage only (``pipeline.tied_copy``). Data-parallel replicas
+hold equal gradients after synchronization: they need no sum.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from tensorpar.distributed.collectives import all_gather_object, all_reduce
 from tensorpar.layers.pieces import model_pieces
+from tensorpar.train.pipeline import tied_copy
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -59,12 +61,13 @@ def _minus(span: tuple[int, int], others: list[tuple[int, int]]) -> list[tuple[i
 
 
 class GlobalNorm:
-    """The global gradient norm of a sharded model (module docstring); collective over ``tp``."""
+    """The global gradient norm of a sharded model (module docstring); collective over ``tp`` (and
+    the pipeline group ``pp``, if any)."""
 
-    def __init__(self, model, tp):
-        self.tp = tp
+    def __init__(self, model, tp, pp=None):
+        self.tp, self.pp = tp, pp
         pieces = [(pp.param, pc, pp.full_name(pc)) for pp in model_pieces(model) for pc in pp.pieces
-                  if pc.part is not None]
+                  if pc.part is not None and not tied_copy(model, pp.param)]
         mine = [(name, pc.axis, (pc.span.start, pc.span.stop) if pc.axis is not None else None)
                 for _, pc, name in pieces]
         lower: dict[str, list] = {}  # what ranks below this one hold, by tensor
@@ -90,4 +93,5 @@ class GlobalNorm:
             parts = [view] if axis is None else [view.narrow(axis, a, b - a) for a, b in spans]
             for part in parts:
                 total += part.double().pow(2).sum()
-        return math.sqrt(float(all_reduce(total.float(), self.tp)))  # (float32 on the wire: shared memory's)
+        total = all_reduce(total.float(), self.tp)  # (float32 on the wire: shared memory's)
+        return math.sqrt(float(total if self.pp is None else all_reduce(total, self.pp)))

@@ -1,4 +1,5 @@
-"""One rank of a training run: tensor (+ sequence) parallel inside a replica, data parallel across.
+"""One rank of a training run: tensor (+ sequence) parallel inside a pipeline stage, the stages
+(``pipeline``) making a replica, data parallel across replicas.
 
 Each step: the step's batch (the same at every degree, see ``data``), this replica's rows of it,
 forward through the sharded model, vocabulary-parallel cross-entropy on this rank's logits,
@@ -37,6 +38,7 @@ from tensorpar.train.data import (IGNORE_INDEX, Examples, batch_for_step, check_
 from tensorpar.train.grads import GradientSync
 from tensorpar.train.init import training_config, training_source
 from tensorpar.train.optim import SCHEDULES, GlobalNorm, adamw, lr_at
+from tensorpar.train.pipeline import Pipeline, check_pipeline, chunk_layers
 from tensorpar.train.rng import ParallelRNG, set_dropout
 
 
@@ -48,6 +50,8 @@ class TrainConfig:
     model: str = "smollm2-135m"
     tp: int | None = None  # None: 1, or torchrun's world size / dp
     dp: int = 1
+    pp: int = 1  # pipeline stages (``pipeline``)
+    virtual_stages: int = 1  # runs of layers per pipeline rank: above 1, interleaved 1F1B
     sp: bool = False
     steps: int = 10
     seq_len: int = 128
@@ -57,7 +61,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr: float = 0.0
     clip_grad_norm: float | None = None  # the largest global gradient norm (``optim.GlobalNorm``)
-    grad_accum: int = 1  # micro-batches a step's rows are run in, their gradients summed
+    grad_accum: int | None = None  # micro-batches a step's rows are run in, their gradients summed (None: 1, or pp)
     eval_every: int = 0  # evaluate the held-out split every this many steps (and at the last); 0: never
     eval_split: float = 0.1  # the part of the data held out for evaluation (``data.split_eval``)
     dtype: str = "fp32"  # the forward and backward's compute: fp32, or bf16 (autocast; float32 masters, optimizer, sums)
@@ -75,7 +79,9 @@ class TrainConfig:
     deterministic: bool = False  # ``layers.deterministic``: the forward pass computed as the engine's, bit for bit
 
     def validate(self) -> None:
-        for name in ("dp", "steps", "seq_len", "batch"):
+        if self.grad_accum is None:
+            self.grad_accum = self.pp if isinstance(self.pp, int) else 1
+        for name in ("dp", "pp", "virtual_stages", "steps", "seq_len", "batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise TensorparError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -114,12 +120,15 @@ class TrainConfig:
         if self.deterministic:
             why = [what for what, off in ((f"--device {self.device} (CPU only)", self.device == "cpu"),
                                           (f"--dp {self.dp} (at most 2)", self.dp <= 2),
+                                          (f"--pp {self.pp}", self.pp == 1),
                                           ("--dropout", not self.dropout),
                                           (f"--grad-accum {self.grad_accum}", self.grad_accum == 1),
                                           (f"--dtype {self.dtype} (float32 only)", self.dtype == "fp32"),
                                           ("--label-smoothing", not self.label_smoothing)) if not off]
             if why:
                 raise TensorparError("train --deterministic does not cover " + ", ".join(why) + " yet")
+        if self.pp > 1 and self.dropout:
+            raise TensorparError("train --pp does not cover --dropout yet (its masks would depend on the stages)")
 
 
 @dataclass(frozen=True)
@@ -163,7 +172,9 @@ class TrainSpec:
             trainable = [t for a in architectures() if a.trainable for t in a.hf_model_types]
             raise TensorparError(f"training runs the Llama family ({', '.join(trainable)}); "
                                  f"{config.architecture} models run in generate, serve and bench only")
-        dims = ParallelDims.resolve(config.num_heads, cfg.tp, cfg.dp, torchrun_world_size, supported=("tp", "dp"))
+        dims = ParallelDims.resolve(config.num_heads, cfg.tp, cfg.dp, torchrun_world_size, supported=("tp", "pp", "dp"),
+                                    pp=cfg.pp, num_layers=config.num_layers)
+        check_pipeline(config.num_layers, dims.pp, cfg.virtual_stages, cfg.grad_accum)
         if cfg.deterministic and cfg.sp and dims.tp > 1 and cfg.seq_len % dims.tp:
             raise TensorparError(f"train --deterministic --sp needs a --seq-len that --tp {dims.tp} divides (padding would "
                                  f"move tokens in its sums), not {cfg.seq_len}")
@@ -202,12 +213,15 @@ class Trainer:
     def __init__(self, world: ParallelContext, spec: TrainSpec, tokens: torch.Tensor | None = None):
         cfg = self.cfg = spec.cfg
         self.spec, self.config, self.model_name = spec, spec.config, spec.model_name
-        self.mesh = build_mesh(world, spec.dims.tp, spec.dims.dp, cfg.timeout_s)
+        self.mesh = build_mesh(world, spec.dims.tp, spec.dims.dp, cfg.timeout_s, pp=spec.dims.pp)
         self.step_done = spec.start_step
         deterministic.enable(cfg.deterministic)  # (before the model is split: it sets the split)
         source = ShardedCheckpointSource(spec.checkpoint) if spec.checkpoint else training_source(cfg.model, cfg.seed)
         self.tokenizer = source.tokenizer() if world.rank == 0 else None
-        self.model = build_model(source, self.mesh.tp, trainable=True)
+        pp = self.mesh.pp
+        layers = None if pp is None else tuple(i for run in chunk_layers(self.config.num_layers, pp.world_size,
+                                                                          cfg.virtual_stages, pp.rank) for i in run)
+        self.model = build_model(source, self.mesh.tp, trainable=True, layers=layers)
         set_sequence_parallel(self.model, spec.sequence_parallel)
         self.rng = ParallelRNG(cfg.seed, self.mesh.tp.rank, self.mesh.dp.rank, self.mesh.tp.device)
         set_dropout(self.model, cfg.dropout, self.rng, spec.sequence_parallel)
@@ -216,7 +230,10 @@ class Trainer:
             _load_optimizer_state(self.optimizer, self.model, spec.checkpoint, self.step_done,
                                   checkpoint_shapes(self.config))
         self.sync = GradientSync(self.model, self.mesh, spec.sequence_parallel)
-        self.norm = GlobalNorm(self.model, self.mesh.tp)
+        self.norm = GlobalNorm(self.model, self.mesh.tp, self.mesh.pp)
+        self.pipeline = None if pp is None else Pipeline(self.model, self.mesh, cfg.virtual_stages, cfg.grad_accum,
+                                                         self._logits_loss, self._compute, spec.sequence_parallel,
+                                                         cfg.timeout_s)
         self.tokens = self._tokens(tokens)
         self.eval_rows = None
         if cfg.eval_every:
@@ -252,8 +269,10 @@ class Trainer:
 
     def _loss(self, inputs: torch.Tensor, labels: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """These rows' share of the global mean token loss over the step's ``count`` tokens."""
-        if self.model.lm_head.sequence_parallel:
+        if self.spec.sequence_parallel:
             inputs, labels = pad_sequence(inputs, labels, self.mesh.tp.world_size)
+        if self.pipeline is not None:  # (forward only: training steps go through ``Pipeline.step``)
+            return self.pipeline.forward_loss(inputs, labels, count)
         with self._compute():
             hidden = self.model(inputs)  # [B, S, hidden], or [B, S/tp, hidden] under sequence parallelism
         if deterministic.enabled():  # whole logits on every rank; the loss summed in one order
@@ -261,6 +280,10 @@ class Trainer:
             return deterministic_grads.total(losses) / count
         with self._compute():
             logits = self.model.lm_head.local_logits(hidden)  # [B, S, vocab_local]
+        return self._logits_loss(logits, labels, count)
+
+    def _logits_loss(self, logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """This rank's logits [B, S, vocab_local] -> their rows' token losses summed, over ``count``."""
         losses = vocab_parallel_cross_entropy(  # (in float32, whatever the compute dtype)
             logits.float(), labels, self.model.lm_head.span, self.config.vocab_size, self.mesh.tp,
             ignore_index=IGNORE_INDEX, label_smoothing=self.cfg.label_smoothing,
@@ -290,6 +313,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.sync.start()
         count = all_reduce((labels != IGNORE_INDEX).sum().float(), self.mesh.dp)  # the step's tokens
+        if self.pipeline is not None:
+            self.sync.accumulating(True)  # (the data-parallel sums wait for the last micro-batch)
+            if self.spec.sequence_parallel:
+                inputs, labels = pad_sequence(inputs, labels, self.mesh.tp.world_size)
+            total = self.pipeline.step(inputs, labels, count)
+            self.sync()
+            self.pipeline.tie_gradients()
+            return float(all_reduce(total, self.mesh.dp)), int(count)
         micro = list(zip(inputs.chunk(self.cfg.grad_accum), labels.chunk(self.cfg.grad_accum)))
         total = torch.zeros((), device=inputs.device)
         for i, (x, y) in enumerate(micro):
@@ -348,6 +379,8 @@ class Trainer:
         give them (on rank 0; None elsewhere): in deterministic mode bitwise equal to the
         ``prompt_logprobs`` an engine of the same weights returns at any degree (the same
         kernels, reductions and log-softmax), as reinforcement learning's importance ratios need."""
+        if self.pipeline is not None:
+            raise TensorparError("token log-probabilities are computed without pipeline stages (--pp 1)")
         out = []
         set_sequence_parallel(self.model, False)  # (whole sequences, no dropout)
         self.model.eval()
