@@ -1,6 +1,6 @@
 """``tensorpar train`` and ``tensorpar export`` as a user runs them: a TP=2 run saves a checkpoint,
-a TP=3 run resumes it (reporting only the new steps), torchrun gives the losses of the spawned
-run, the export loads with transformers, and bad input gets one clear line."""
+a TP=3 run resumes it (reporting only the new steps), torchrun's two pipeline stages give the
+losses of the spawned TP=2 run, the export loads with transformers, and bad input gets one clear line."""
 
 from __future__ import annotations
 
@@ -59,12 +59,13 @@ def test_torchrun_matches_spawned_ranks(first_run, corpus, tmp_path):
     _, spawned = first_run
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "-m", "tensorpar", "train", "--data", str(corpus), "--tp", "2", "--steps", "6", "--json",
+         "-m", "tensorpar", "train", "--data", str(corpus), "--tp", "1", "--pp", "2", "--steps", "6", "--json",
          "--out", str(tmp_path), *COMMON],
         capture_output=True, text=True, timeout=240,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)  # only rank 0 prints
+    assert (out["tp"], out["pp"]) == (1, 2)
     assert out["losses"] == pytest.approx(spawned["losses"], rel=1e-5)
 
 
@@ -112,6 +113,9 @@ def test_chat_jsonl_with_a_schedule_clipping_and_accumulation(tmp_path):
     (["--clip-grad-norm", "0"], "--clip-grad-norm must be positive"),
     (["--dtype", "fp8"], "unknown training --dtype 'fp8'; choose one of: fp32"),
     (["--resume", "/nonexistent/run"], "no checkpoint at '/nonexistent/run'"),
+    (["--pp", "3", "--batch", "6"], "--pp 3 is more pipeline stages than the model's 2 layers"),
+    (["--pp", "3"], "replicas of --grad-accum 3 equal micro-batches (--grad-accum defaults to --pp)"),
+    (["--pp", "2", "--grad-accum", "1"], "a pipeline of 2 stages needs at least 2 micro-batches"),
 ])
 def test_bad_input_gets_one_clear_line(corpus, args, message):
     r = cli("train", "--data", str(corpus), "--quiet", *COMMON, *args)

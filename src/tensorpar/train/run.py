@@ -1,4 +1,4 @@
-"""Drive a training run: bring up ``tp x dp`` ranks (``launch``: spawned and supervised, joined
+"""Drive a training run: bring up ``tp x pp x dp`` ranks (``launch``: spawned and supervised, joined
 from ``torchrun``, or this very process), step them with a progress bar, save, report. Rank 0's
 results are the run's results.
 """
@@ -28,8 +28,9 @@ def write_loss_curve(out: Path, result: dict) -> tuple[Path, Path]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(result["steps"], result["losses"], marker="." if len(result["steps"]) < 50 else None)
     sp = " +SP" if result["sp"] else ""
+    pp = f" x PP={result['pp']}" if result.get("pp", 1) > 1 else ""
     ax.set(xlabel="optimizer step", ylabel="training loss (mean token cross-entropy)",
-           title=f"{result['model']}: TP={result['tp']} x DP={result['dp']}{sp}")
+           title=f"{result['model']}: TP={result['tp']}{pp} x DP={result['dp']}{sp}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
@@ -44,7 +45,9 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
     cfg, dims, start, sp = spec.cfg, spec.dims, spec.start_step, spec.sequence_parallel
     if progress and env is None:
         what = f"{spec.model_name} from step {start} of {cfg.resume}" if cfg.resume else spec.model_name
-        print(f"tensorpar: training {what} at TP={dims.tp} x DP={dims.dp}{' with sequence parallelism' if sp else ''} "
+        pp = f" x PP={dims.pp}" + (f" ({cfg.virtual_stages} stages per rank, interleaved)" if cfg.virtual_stages > 1
+                                   else "") if dims.pp > 1 else ""
+        print(f"tensorpar: training {what} at TP={dims.tp}{pp} x DP={dims.dp}{' with sequence parallelism' if sp else ''} "
               f"on {dims.world_size} rank(s); loading", file=sys.stderr, flush=True)
     ranks = launch(dims.world_size, Trainer, (spec,), cfg.device, cfg.timeout_s)
     try:
@@ -75,7 +78,8 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
         return None
     result = {
         "model": spec.model_name, "resumed_from": cfg.resume,
-        "tp": dims.tp, "dp": dims.dp, "sp": sp, "seq_len": cfg.seq_len, "batch": cfg.batch,
+        "tp": dims.tp, "pp": dims.pp, "virtual_stages": cfg.virtual_stages, "micro_batches": cfg.grad_accum,
+        "dp": dims.dp, "sp": sp, "seq_len": cfg.seq_len, "batch": cfg.batch,
         "lr": cfg.lr, "first_step": start + 1, "steps": steps, "losses": losses, "grad_norms": norms, "lrs": lrs, "eval": evals,
         "tokens": tokens, "train_seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
         "peak_rss_mb": rss, "checkpoint": checkpoint,

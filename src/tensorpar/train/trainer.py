@@ -79,7 +79,8 @@ class TrainConfig:
     deterministic: bool = False  # ``layers.deterministic``: the forward pass computed as the engine's, bit for bit
 
     def validate(self) -> None:
-        if self.grad_accum is None:
+        defaulted = self.grad_accum is None
+        if defaulted:
             self.grad_accum = self.pp if isinstance(self.pp, int) else 1
         for name in ("dp", "pp", "virtual_stages", "steps", "seq_len", "batch"):
             value = getattr(self, name)
@@ -114,7 +115,8 @@ class TrainConfig:
         replica_rows(self.batch, self.dp, 0)
         if not isinstance(self.grad_accum, int) or self.grad_accum < 1 or self.batch % (self.dp * self.grad_accum):
             raise TensorparError(f"--batch {self.batch} must split into --dp {self.dp} replicas of --grad-accum "
-                                 f"{self.grad_accum} equal micro-batches")
+                                 f"{self.grad_accum} equal micro-batches"
+                                 + (" (--grad-accum defaults to --pp)" if defaulted and self.pp > 1 else ""))
         if self.data is None:
             raise TensorparError("--data FILE.txt is required")
         if self.deterministic:
