@@ -50,6 +50,12 @@ def add_parser(sub) -> None:
                         "the last (default: 0, never)")
     p.add_argument("--eval-split", type=float, default=0.1, help="the part held out (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, on matrices only (not norms, biases)")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="train only LoRA adapters of rank R on the frozen model (sharded like their projections; "
+                        "checkpoints hold the adapters)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="the adapters' scale is alpha / R (default: R)")
+    p.add_argument("--lora-targets", default="q,v", help="the projections adapted, from q,k,v,o,gate,up,down "
+                   "(default: %(default)s)")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--dropout", type=float, default=0.0, help="on attention probabilities and residual branches")
     p.add_argument("--seed", type=int, default=None,
@@ -78,7 +84,8 @@ def run(args) -> int:
         seq_len=args.seq_len, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
         clip_grad_norm=args.clip_grad_norm, grad_accum=args.grad_accum, eval_every=args.eval_every,
-        eval_split=args.eval_split, dtype=args.dtype,
+        eval_split=args.eval_split, dtype=args.dtype, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets,
         label_smoothing=args.label_smoothing, dropout=args.dropout, seed=args.seed, save=args.save, save_every=args.save_every,
         resume=args.resume, device=args.device, timeout_s=args.timeout, deterministic=args.deterministic,
     )

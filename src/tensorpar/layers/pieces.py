@@ -110,6 +110,11 @@ def module_pieces(module: nn.Module, leaf: str) -> dict[str, list[Piece]]:
     return out
 
 
+def trainable_pieces(model: nn.Module) -> list[ParamPieces]:
+    """``model_pieces`` of the parameters that require gradients (all, or a LoRA adapter's)."""
+    return [pp for pp in model_pieces(model) if pp.param.requires_grad]
+
+
 def model_pieces(model: nn.Module) -> list[ParamPieces]:
     """Every registered local parameter of ``model`` with its pieces, in ``named_parameters`` order."""
     by_id = {}

@@ -13,15 +13,17 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
 from tensorpar.distributed.collectives import all_gather_object
 from tensorpar.distributed.mesh import Mesh
-from tensorpar.layers.pieces import model_pieces
-from tensorpar.loading.tensorpar_checkpoint import FORMAT, KINDS
+from tensorpar.errors import TensorparError
+from tensorpar.layers.pieces import trainable_pieces
+from tensorpar.loading.loader import fill_parameter
+from tensorpar.loading.tensorpar_checkpoint import FORMAT, KINDS, ShardedCheckpointSource
 from tensorpar.models.config import ModelConfig
-from tensorpar.models.registry import checkpoint_shapes
 from tensorpar.train.pipeline import tied_copy
 
 
@@ -42,8 +44,10 @@ def _barrier(mesh: Mesh) -> None:
         dist.barrier(group=mesh.world.group)
 
 
-def save_checkpoint(root: str | Path, step: int, mesh: Mesh, model, optimizer, extra: dict, tokenizer) -> Path:
-    """Write step ``step`` of a run under ``root``; collective over the whole mesh. Returns its path."""
+def save_checkpoint(root: str | Path, step: int, mesh: Mesh, model, optimizer, extra: dict, tokenizer,
+                    shapes: dict) -> Path:
+    """Write step ``step`` of a run under ``root``: the trained parameters (all, or a LoRA
+    adapter's), full shapes ``shapes``; collective over the whole mesh. Returns its path."""
     root = Path(root)
     final, tmp = step_dir(root, step), root / f".step-{step:08d}.tmp"
     if mesh.world.rank == 0:
@@ -59,7 +63,7 @@ def save_checkpoint(root: str | Path, step: int, mesh: Mesh, model, optimizer, e
         if stages > 1:
             file = f"stage-{mesh.pp.rank:03d}-{file}"
         tensors = {}
-        for pp in model_pieces(model):
+        for pp in trainable_pieces(model):
             if tied_copy(model, pp.param):  # the first stage writes the tied embedding
                 continue
             state = optimizer.state.get(pp.param, {})
@@ -87,7 +91,7 @@ def save_checkpoint(root: str | Path, step: int, mesh: Mesh, model, optimizer, e
             "pp": stages,
             "dp": mesh.dp.world_size,
             "config": config.to_hf(),
-            "tensors": {n: list(s) for n, s in sorted(checkpoint_shapes(config).items())},
+            "tensors": {n: list(s) for n, s in sorted(shapes.items())},
             "pieces": [e for rank_entries in everyone for e in rank_entries],
             "optimizer_step": step,
             **extra,
@@ -117,3 +121,65 @@ def commit(tmp: Path, final: Path) -> None:
     os.rename(tmp, final)
 
 
+def resumed_seed(meta: dict, seed: int | None) -> int:
+    """The seed a resumed run continues with: the checkpoint's (batch order and dropout masks
+    depend on it); a different ``--seed`` is refused rather than silently changing the data."""
+    saved = meta.get("seed", 0)
+    if seed is not None and seed != saved:
+        raise TensorparError(f"the checkpoint was trained with --seed {saved}; resume it with that seed "
+                             f"(or leave --seed out), not --seed {seed}")
+    return saved
+
+
+def resumed_lora(meta: dict, cfg) -> "LoraConfig | None":
+    """The adapters a resumed run trains: the checkpoint's (given again, the LoRA flags must match)."""
+    from tensorpar.train.lora import LoraConfig
+
+    saved = meta.get("lora")
+    if saved is None:
+        if cfg.lora_rank:
+            raise TensorparError("the checkpoint holds a whole model, not LoRA adapters: `tensorpar export` it and "
+                                 "give the export as --model to train adapters on it")
+        return None
+    lora = LoraConfig.from_json(saved)
+    if cfg.lora_rank and LoraConfig.parse(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) != lora:
+        raise TensorparError(f"the checkpoint's adapters are rank {lora.rank}, alpha {lora.alpha:g} on "
+                             f"{','.join(lora.targets)}: resume with those (or leave the --lora flags out)")
+    return lora
+
+
+def load_optimizer_state(optimizer, model, path, step: int, expected) -> None:
+    """AdamW moments from a checkpoint, resharded to this rank's pieces like the weights."""
+    sources = {kind: ShardedCheckpointSource(path, kind) for kind in ("exp_avg", "exp_avg_sq")}
+    for pp in trainable_pieces(model):
+        state = {"step": torch.tensor(float(step))}
+        for kind, source in sources.items():
+            state[kind] = torch.zeros_like(pp.param)
+            fill_parameter(pp, state[kind], source, expected)
+        optimizer.state[pp.param] = state
+
+
+def gather_full_tensors(model, optimizer, mesh: Mesh, kind: str, shapes: dict) -> dict[str, torch.Tensor] | None:
+    """The trained tensors in full (checkpoint names, ``shapes``) on rank 0, assembled from every
+    rank's pieces: ``model`` (weights), ``grad``, ``exp_avg`` or ``exp_avg_sq``. None on other ranks."""
+    mine = []
+    if mesh.dp.rank == 0:
+        for pp in trainable_pieces(model):
+            if kind == "model":
+                t = pp.param.detach()
+            elif kind == "grad":
+                t = pp.param.grad
+            else:
+                t = optimizer.state[pp.param][kind]
+            for pc in pp.pieces:
+                if pc.part is not None:
+                    mine.append((pp.full_name(pc), pc.axis, pc.span, pc.local_view(t).clone()))
+    everyone = all_gather_object(mine, mesh.world)
+    if mesh.world.rank != 0:
+        return None
+    out = {}
+    for rank_pieces in everyone:
+        for name, axis, span, t in rank_pieces:
+            full = out.setdefault(name, torch.zeros(shapes[name]))
+            (full if axis is None else full.narrow(axis, span.start, len(span))).copy_(t)
+    return out

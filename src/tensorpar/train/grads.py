@@ -25,8 +25,7 @@ import torch.distributed as dist
 from tensorpar.distributed.collectives import all_gather_object, all_reduce
 from tensorpar.distributed.mesh import Mesh
 from tensorpar.layers import deterministic
-from tensorpar.layers.pieces import model_pieces
-from tensorpar.models.registry import checkpoint_shapes
+from tensorpar.layers.pieces import trainable_pieces
 
 
 def _overlaps(spans: list[tuple[int, int]]) -> bool:
@@ -96,9 +95,12 @@ class DataParallelBuckets:
 
 
 class GradientSync:
-    def __init__(self, model, mesh: Mesh, sequence_parallel: bool):
+    """The three steps of the module docstring, for the parameters that require gradients, whose
+    full shapes (by checkpoint name) are ``shapes``."""
+
+    def __init__(self, model, mesh: Mesh, sequence_parallel: bool, shapes: dict):
         self.mesh = mesh
-        params = model_pieces(model)
+        params = trainable_pieces(model)
         self.params = [pp.param for pp in params]
         self.data_parallel = DataParallelBuckets(self.params, mesh.dp) if mesh.dp.world_size > 1 else None
         self.padding = [(pp.param, pc) for pp in params for pc in pp.pieces if pc.part is None]
@@ -116,7 +118,6 @@ class GradientSync:
             partial = {n for n, spans in merged.items() if _overlaps(spans)}
             if sequence_parallel:
                 partial |= {pp.full_name(pc) for pp in params for pc in pp.pieces if pc.axis is None}
-        shapes = checkpoint_shapes(model.config)
         self.partial = [
             (name, shapes[name], [(pp.param, pc) for pp in params for pc in pp.pieces
                                   if pc.part is not None and pp.full_name(pc) == name])

@@ -25,7 +25,7 @@ import math
 import torch
 
 from tensorpar.distributed.collectives import all_gather_object, all_reduce
-from tensorpar.layers.pieces import model_pieces
+from tensorpar.layers.pieces import trainable_pieces
 from tensorpar.train.pipeline import tied_copy
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -46,7 +46,7 @@ def lr_at(step: int, lr: float, steps: int, schedule: str = "constant", warmup: 
 def adamw(model, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW whose weight decay reaches only matrices (projections, embeddings): norm weights and
     biases (1-D parameters) are not decayed."""
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
@@ -66,7 +66,7 @@ class GlobalNorm:
 
     def __init__(self, model, tp, pp=None):
         self.tp, self.pp = tp, pp
-        pieces = [(pp.param, pc, pp.full_name(pc)) for pp in model_pieces(model) for pc in pp.pieces
+        pieces = [(pp.param, pc, pp.full_name(pc)) for pp in trainable_pieces(model) for pc in pp.pieces
                   if pc.part is not None and not tied_copy(model, pp.param)]
         mine = [(name, pc.axis, (pc.span.start, pc.span.stop) if pc.axis is not None else None)
                 for _, pc, name in pieces]

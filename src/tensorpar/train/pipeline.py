@@ -138,7 +138,7 @@ class Pipeline:
 
     def tie_gradients(self) -> None:
         """The tied embedding's gradient, on both its copies: the sum of theirs."""
-        if self.tied is not None:
+        if self.tied is not None and self.tied.requires_grad:  # (frozen under LoRA)
             if self.tied.grad is None:
                 self.tied.grad = torch.zeros_like(self.tied)
             dist.all_reduce(self.tied.grad, group=self.tied_group)

@@ -25,18 +25,19 @@ from tensorpar.distributed.mesh import build_mesh, destroy_mesh
 from tensorpar.dtypes import short_name
 from tensorpar.errors import TensorparError
 from tensorpar.layers import deterministic, deterministic_grads, vocab_parallel_cross_entropy
-from tensorpar.layers.pieces import model_pieces
 from tensorpar.loading.loader import build_model, fill_parameter
 from tensorpar.loading.tensorpar_checkpoint import ShardedCheckpointSource, find_checkpoint
 from tensorpar.models.config import ModelConfig
 from tensorpar.models.registry import architectures, checkpoint_shapes, for_model_type
 from tensorpar.plans import set_sequence_parallel
 from tensorpar.process import peak_rss_mb
-from tensorpar.train.checkpoint import save_checkpoint
+from tensorpar.train.checkpoint import (gather_full_tensors, load_optimizer_state, resumed_lora, resumed_seed,
+                                        save_checkpoint)
 from tensorpar.train.data import (IGNORE_INDEX, Examples, batch_for_step, check_data, pad_sequence, read_examples,
                                   replica_rows, split_eval, tokenize_file)
 from tensorpar.train.grads import GradientSync
 from tensorpar.train.init import training_config, training_source
+from tensorpar.train.lora import LoraConfig, attach_lora, lora_shapes
 from tensorpar.train.optim import SCHEDULES, GlobalNorm, adamw, lr_at
 from tensorpar.train.pipeline import Pipeline, check_pipeline, chunk_layers
 from tensorpar.train.rng import ParallelRNG, set_dropout
@@ -66,6 +67,9 @@ class TrainConfig:
     eval_split: float = 0.1  # the part of the data held out for evaluation (``data.split_eval``)
     dtype: str = "fp32"  # the forward and backward's compute: fp32, or bf16 (autocast; float32 masters, optimizer, sums)
     weight_decay: float = 0.0  # on matrices only (``optim.adamw``)
+    lora_rank: int = 0  # above 0: train only LoRA adapters of this rank (``lora``), the model frozen
+    lora_alpha: float | None = None  # None: the rank (a scale of 1)
+    lora_targets: str = "q,v"
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     label_smoothing: float = 0.0
@@ -106,6 +110,8 @@ class TrainConfig:
             raise TensorparError(f"--save-every must be >= 0, got {self.save_every}")
         if self.save_every and not self.save:
             raise TensorparError("--save-every needs --save DIR (where the checkpoints go)")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise TensorparError(f"--lora-rank must be a non-negative integer, got {self.lora_rank!r}")
         if self.weight_decay < 0 or self.eps <= 0:
             raise TensorparError(f"--weight-decay must be >= 0 and eps > 0, got {self.weight_decay}, {self.eps}")
         if not 0.0 <= self.dropout < 1.0:
@@ -126,7 +132,8 @@ class TrainConfig:
                                           ("--dropout", not self.dropout),
                                           (f"--grad-accum {self.grad_accum}", self.grad_accum == 1),
                                           (f"--dtype {self.dtype} (float32 only)", self.dtype == "fp32"),
-                                          ("--label-smoothing", not self.label_smoothing)) if not off]
+                                          ("--label-smoothing", not self.label_smoothing),
+                                          ("--lora-rank", not self.lora_rank)) if not off]
             if why:
                 raise TensorparError("train --deterministic does not cover " + ", ".join(why) + " yet")
         if self.pp > 1 and self.dropout:
@@ -145,6 +152,8 @@ class TrainSpec:
     model_name: str
     start_step: int = 0
     checkpoint: Path | None = None  # the checkpoint resumed from
+    lora: LoraConfig | None = None  # the adapters trained, if any
+    base: str | None = None  # under LoRA: the frozen model (name or path) the adapters sit on
 
     @classmethod
     def resolve(cls, cfg: TrainConfig, torchrun_world_size: int | None = None) -> "TrainSpec":
@@ -162,11 +171,13 @@ class TrainSpec:
             source = ShardedCheckpointSource(checkpoint)
             config, start, model = source.config, source.step, source.meta.get("model", str(checkpoint))
             seed = resumed_seed(source.meta, cfg.seed)
+            lora = resumed_lora(source.meta, cfg)
             if start >= cfg.steps:
                 raise TensorparError(
                     f"the checkpoint is at step {start}: --steps {cfg.steps} (the total) leaves nothing to run")
         else:
             config, start, model, seed = training_config(cfg.model), 0, cfg.model, 0 if cfg.seed is None else cfg.seed
+            lora = LoraConfig.parse(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_rank else None
             if cfg.save and any(Path(cfg.save).glob("step-*")):
                 raise TensorparError(f"{cfg.save} already holds checkpoints of another run: continue it with "
                                      f"--resume {cfg.save}, or save a new run elsewhere")
@@ -180,33 +191,13 @@ class TrainSpec:
         if cfg.deterministic and cfg.sp and dims.tp > 1 and cfg.seq_len % dims.tp:
             raise TensorparError(f"train --deterministic --sp needs a --seq-len that --tp {dims.tp} divides (padding would "
                                  f"move tokens in its sums), not {cfg.seq_len}")
-        return cls(replace(cfg, tp=dims.tp, seed=seed), dims, config, model, start, checkpoint)
+        return cls(replace(cfg, tp=dims.tp, seed=seed), dims, config, model, start, checkpoint, lora,
+                   model if lora else None)
 
     @property
     def sequence_parallel(self) -> bool:
         """Whether SP is in effect (it needs more than one tensor-parallel rank)."""
         return self.cfg.sp and self.dims.tp > 1
-
-
-def _load_optimizer_state(optimizer, model, path, step: int, expected) -> None:
-    """AdamW moments from a checkpoint, resharded to this rank's pieces like the weights."""
-    sources = {kind: ShardedCheckpointSource(path, kind) for kind in ("exp_avg", "exp_avg_sq")}
-    for pp in model_pieces(model):
-        state = {"step": torch.tensor(float(step))}
-        for kind, source in sources.items():
-            state[kind] = torch.zeros_like(pp.param)
-            fill_parameter(pp, state[kind], source, expected)
-        optimizer.state[pp.param] = state
-
-
-def resumed_seed(meta: dict, seed: int | None) -> int:
-    """The seed a resumed run continues with: the checkpoint's (batch order and dropout masks
-    depend on it); a different ``--seed`` is refused rather than silently changing the data."""
-    saved = meta.get("seed", 0)
-    if seed is not None and seed != saved:
-        raise TensorparError(f"the checkpoint was trained with --seed {saved}; resume it with that seed "
-                             f"(or leave --seed out), not --seed {seed}")
-    return saved
 
 
 class Trainer:
@@ -218,20 +209,25 @@ class Trainer:
         self.mesh = build_mesh(world, spec.dims.tp, spec.dims.dp, cfg.timeout_s, pp=spec.dims.pp)
         self.step_done = spec.start_step
         deterministic.enable(cfg.deterministic)  # (before the model is split: it sets the split)
-        source = ShardedCheckpointSource(spec.checkpoint) if spec.checkpoint else training_source(cfg.model, cfg.seed)
+        saved = ShardedCheckpointSource(spec.checkpoint) if spec.checkpoint else None
+        source = saved if saved and not spec.lora else training_source(spec.base or cfg.model, cfg.seed)
         self.tokenizer = source.tokenizer() if world.rank == 0 else None
         pp = self.mesh.pp
         layers = None if pp is None else tuple(i for run in chunk_layers(self.config.num_layers, pp.world_size,
                                                                           cfg.virtual_stages, pp.rank) for i in run)
         self.model = build_model(source, self.mesh.tp, trainable=True, layers=layers)
+        self.shapes = checkpoint_shapes(self.config)  # the trained tensors' full shapes
+        if spec.lora:
+            self.shapes = lora_shapes(self.config, spec.lora)
+            attach_lora(self.model, spec.lora, cfg.seed,
+                        fill=saved and (lambda pp: fill_parameter(pp, pp.param.data, saved, self.shapes)))
         set_sequence_parallel(self.model, spec.sequence_parallel)
         self.rng = ParallelRNG(cfg.seed, self.mesh.tp.rank, self.mesh.dp.rank, self.mesh.tp.device)
         set_dropout(self.model, cfg.dropout, self.rng, spec.sequence_parallel)
         self.optimizer = adamw(self.model, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
         if spec.checkpoint:
-            _load_optimizer_state(self.optimizer, self.model, spec.checkpoint, self.step_done,
-                                  checkpoint_shapes(self.config))
-        self.sync = GradientSync(self.model, self.mesh, spec.sequence_parallel)
+            load_optimizer_state(self.optimizer, self.model, spec.checkpoint, self.step_done, self.shapes)
+        self.sync = GradientSync(self.model, self.mesh, spec.sequence_parallel, self.shapes)
         self.norm = GlobalNorm(self.model, self.mesh.tp, self.mesh.pp)
         self.pipeline = None if pp is None else Pipeline(self.model, self.mesh, cfg.virtual_stages, cfg.grad_accum,
                                                          self._logits_loss, self._compute, spec.sequence_parallel,
@@ -403,34 +399,16 @@ class Trainer:
 
     def save(self, root: str) -> str:
         extra = {"seed": self.cfg.seed, "model": self.model_name, "train_config": asdict(self.cfg)}
-        path = save_checkpoint(root, self.step_done, self.mesh, self.model, self.optimizer, extra, self.tokenizer)
+        if self.spec.lora:
+            extra["lora"] = {**self.spec.lora.to_json(), "base": self.spec.base}
+        path = save_checkpoint(root, self.step_done, self.mesh, self.model, self.optimizer, extra, self.tokenizer,
+                               self.shapes)
         return str(path)
 
     def full_tensors(self, kind: str = "model") -> dict[str, torch.Tensor] | None:
         """Full tensors (checkpoint names) assembled on rank 0 from every rank's pieces: ``model``
-        (weights), ``grad``, ``exp_avg`` or ``exp_avg_sq``. None on other ranks."""
-        mine = []
-        if self.mesh.dp.rank == 0:
-            for pp in model_pieces(self.model):
-                if kind == "model":
-                    t = pp.param.detach()
-                elif kind == "grad":
-                    t = pp.param.grad
-                else:
-                    t = self.optimizer.state[pp.param][kind]
-                for pc in pp.pieces:
-                    if pc.part is not None:
-                        mine.append((pp.full_name(pc), pc.axis, pc.span, pc.local_view(t).clone()))
-        everyone = all_gather_object(mine, self.mesh.world)
-        if self.mesh.world.rank != 0:
-            return None
-        shapes = checkpoint_shapes(self.config)
-        out = {}
-        for rank_pieces in everyone:
-            for name, axis, span, t in rank_pieces:
-                full = out.setdefault(name, torch.zeros(shapes[name]))
-                (full if axis is None else full.narrow(axis, span.start, len(span))).copy_(t)
-        return out
+        (the trained weights), ``grad``, ``exp_avg`` or ``exp_avg_sq``. None on other ranks."""
+        return gather_full_tensors(self.model, self.optimizer, self.mesh, kind, self.shapes)
 
     def peak_rss_mb(self) -> list[float]:
         return all_gather_object(peak_rss_mb(), self.mesh.world)
