@@ -63,6 +63,9 @@ def add_engine(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantization of each rank's shards (CPU): int8 per output row, int4 in groups "
                         "of --quant-group inputs, both applied after loading; gguf keeps a GGUF file's own blocks "
                         "(Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K) packed (default: none)")
+    p.add_argument("--lora-adapter", default=None, metavar="CHECKPOINT",
+                   help="LoRA adapters from `tensorpar train --lora-rank`, merged into --model's weights as they load "
+                        "(any degree)")
     p.add_argument("--quant-group", type=int, default=32, choices=[32, 64, 128, 256],
                    help="inputs per int4 group (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -147,7 +150,7 @@ def engine_args(args: argparse.Namespace, progress: bool = True, dp: int = 1):
                    max_memory=args.max_memory, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
                    prefix_caching=args.prefix_caching, chat_template=args.chat_template,
                    generation_config=args.generation_config, deterministic=args.deterministic,
-                   speculative_config=args.speculative_config)
+                   speculative_config=args.speculative_config, lora_adapter=args.lora_adapter)
     if args.timeout is not None:
         options["timeout_s"] = args.timeout
     return EngineArgs(**options)

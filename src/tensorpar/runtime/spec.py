@@ -103,8 +103,9 @@ class EngineArgs:
     sampling defaults of requests come from, as in vLLM: ``auto`` the model's
     ``generation_config.json``, ``vllm`` none (greedy ``LLM``, OpenAI's defaults when serving), or
     a folder or file of a ``generation_config.json``. ``speculative_config``: speculative decoding
-    as vLLM configures it (a JSON object, as text or a dict: ``runtime.speculative``). ``fault``: a fault injected on purpose, for
-    tests (``runtime.faults``).
+    as vLLM configures it (a JSON object, as text or a dict: ``runtime.speculative``). ``lora_adapter``:
+    a LoRA checkpoint of ``tensorpar train``, merged into ``model``'s weights as each rank loads its
+    shard (``loading.lora_merge``). ``fault``: a fault injected on purpose, for tests (``runtime.faults``).
     """
 
     model: str = DEFAULT_MODEL
@@ -133,6 +134,7 @@ class EngineArgs:
     generation_config: str = "auto"
     deterministic: bool = False
     speculative_config: "str | dict | None" = None
+    lora_adapter: str | None = None
 
     def resolve(self, default_max_model_len: int | None = None) -> EngineSpec:
         """Check everything, open the model; ``default_max_model_len`` caps the context when
@@ -169,6 +171,12 @@ class EngineArgs:
         t = time.perf_counter()
         source = open_source(self.model)
         source.verify()  # a broken file fails here, in one line, before any rank starts
+        if self.lora_adapter:
+            from tensorpar.loading.lora_merge import LoraMergedSource
+
+            if self.quantization == "gguf":
+                raise TensorparError("--lora-adapter merges into float weights: use --quantization none, int8 or int4")
+            source = LoraMergedSource(source, self.lora_adapter)
         metadata_s = time.perf_counter() - t
         if self.quantization == "gguf" and getattr(source, "gguf_architecture", None) is None:
             raise TensorparError(f"--quantization gguf keeps a GGUF file's own blocks; {self.model} is not a GGUF file "

@@ -85,7 +85,9 @@ class StageChunk(nn.Module):
                 x = model.embed(x, batch)  # [B, S, hidden], or [B, S / tp, hidden] under sequence parallelism
             x = model.run_layers(x, batch, self.layers)
             if self.last:
-                return model.lm_head.local_logits(model.model.norm(x))  # [B, S, vocab_local]
+                x = model.model.norm(x)
+        if self.last:  # (float32 whatever the compute, as ``Trainer._compute`` says)
+            return model.lm_head.local_logits(x.float())  # [B, S, vocab_local]
         return x
 
 

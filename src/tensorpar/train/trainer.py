@@ -276,8 +276,7 @@ class Trainer:
         if deterministic.enabled():  # whole logits on every rank; the loss summed in one order
             losses = deterministic_grads.cross_entropy(self.model.lm_head(hidden), labels, IGNORE_INDEX)
             return deterministic_grads.total(losses) / count
-        with self._compute():
-            logits = self.model.lm_head.local_logits(hidden)  # [B, S, vocab_local]
+        logits = self.model.lm_head.local_logits(hidden.float())  # [B, S, vocab_local], float32 (``_compute``)
         return self._logits_loss(logits, labels, count)
 
     def _logits_loss(self, logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -291,7 +290,8 @@ class Trainer:
     def _compute(self):
         """The precision of the forward (and so of the backward): float32, or with ``--dtype bf16``
         bfloat16 products (torch's autocast) over float32 weights, whose gradients, data-parallel
-        sums, AdamW state and checkpoints stay float32."""
+        sums, AdamW state and checkpoints stay float32. The vocabulary projection stays float32 in
+        both: its logits feed the loss directly (as its softmax does in every mixed-precision recipe)."""
         if self.cfg.dtype == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.mesh.tp.device.type, dtype=torch.bfloat16)
