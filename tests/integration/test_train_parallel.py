@@ -6,6 +6,7 @@ single-device model with ``F.cross_entropy`` on the same full weights and the sa
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -279,3 +280,26 @@ def test_gradients_with_padded_slots_biases_and_an_untied_head(sp, padded_checkp
     single = Trainer(single_process_context(), spec(model=str(padded_checkpoint), seq_len=15, batch=3), tokens)
     expected_losses = [r["loss"] for r in single.run_steps(4)]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-4, atol=0)
+
+
+def test_packed_rows_score_each_example_as_if_alone(tmp_path, rank_pool):
+    """--pack: six JSONL examples in fewer rows, whose losses (attention within each example,
+    positions from 0 in each) are the examples' own; the same at tp=2 with SP (padded documents)."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": "Tensor parallelism splits weights. " * k}) + "\n"
+                            for k in (1, 3, 2, 5, 1, 4)))
+    alone = Trainer(single_process_context(), spec(data=str(data), seq_len=64, batch=2))
+    packed = Trainer(single_process_context(), spec(data=str(data), seq_len=64, batch=2, pack=True))
+    assert alone.tokens.ids.shape[0] == 6 and packed.tokens.ids.shape[0] == 2
+    assert alone.tokens.learned == packed.tokens.learned  # each example's first token is learned in neither
+
+    def total(trainer) -> float:
+        with torch.no_grad():
+            return float(trainer._loss(*trainer.tokens.rows(slice(None))[:2], torch.ones(()),
+                                       *trainer.tokens.rows(slice(None))[2:]))
+
+    assert total(packed) == pytest.approx(total(alone), rel=1e-6)
+    losses = [r["loss"] for r in packed.run_steps(2)]
+    ranks = on_ranks(rank_pool, 2, spec(data=str(data), seq_len=64, batch=2, pack=True, tp=2, sp=True), None)
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in ranks.call("run_steps", 2)]), torch.tensor(losses),
+                               rtol=1e-6, atol=0)

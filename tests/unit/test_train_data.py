@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tensorpar.errors import TensorparError
-from tensorpar.train.data import IGNORE_INDEX, batch_for_step, check_data, pad_sequence, replica_rows, tokenize_file
+from tensorpar.train.data import (IGNORE_INDEX, batch_for_step, check_data, pack_rows, pad_sequence, replica_rows,
+                                  tokenize_file)
 
 TOKENS = torch.arange(1000)
 
@@ -37,7 +38,7 @@ def test_replica_rows_tile_the_batch():
 
 def test_pad_sequence_pads_the_end_with_ignored_labels():
     x, y = torch.ones(2, 7, dtype=torch.long), torch.ones(2, 7, dtype=torch.long)
-    px, py = pad_sequence(x, y, 3)
+    px, py, _ = pad_sequence(x, y, 3)
     assert px.shape == (2, 9) and torch.equal(px[:, :7], x) and py[:, 7:].eq(IGNORE_INDEX).all()
     assert pad_sequence(x, y, 7)[0] is x
 
@@ -71,7 +72,7 @@ def test_chat_examples_learn_the_assistant_turns_only(tokenizer, tmp_path):
     assert tokenizer.decode(learned) == "Paris." + turn_end + "Rome." + turn_end
     text = [t for t in targets[1].tolist() if t != IGNORE_INDEX]
     assert text == tokenizer("Tensor parallelism")["input_ids"] + [tokenizer.eos_token_id]
-    assert examples.learned == len(learned) + len(text)
+    assert examples.learned == len(learned) + len(text) - 1  # (a row's first token is no label)
     inputs, labels = examples.batch(seed=0, step=1, batch=3)
     assert inputs.shape == labels.shape == (3, 96)
     for row in range(3):  # a label is the next input token wherever it is learned
@@ -102,5 +103,17 @@ def test_the_eval_split_holds_out_the_last_examples_or_tokens():
     train, (x, y) = split_eval(torch.arange(100), 0.1, 4)
     assert torch.equal(train, torch.arange(90)) and x.tolist() == [[90, 91, 92, 93], [94, 95, 96, 97]]
     assert y.tolist() == [[91, 92, 93, 94], [95, 96, 97, 98]]
-    with pytest.raises(TensorparError, match="leaves none of the 1 examples"):
+    with pytest.raises(TensorparError, match="leaves none of the 1 rows of examples"):
         split_eval(Examples(ids[:1], ids[:1]), 0.5, 2)
+
+
+def test_pack_rows_first_fit_decreasing_whole_examples():
+    """Rows of 6: the longest first, each into the first row with room; within a row in file
+    order, numbered; an example's first token unlearned; padding is document -1."""
+    examples = [([1, 2], [1, 2]), ([3, 4, 5, 6], [3, 4, 5, 6]), ([7, 8, 9], [-100, 8, 9]), ([10, 11], [10, 11])]
+    packed = pack_rows(examples, 6)
+    assert packed.ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 0]]
+    assert packed.documents.tolist() == [[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, -1]]
+    assert packed.targets.tolist() == [[-100, 2, -100, 4, 5, 6], [-100, 8, 9, -100, 11, -100]]
+    inputs, labels, documents = packed.rows(slice(None))
+    assert inputs.shape == labels.shape == documents.shape == (2, 5)

@@ -21,6 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True,
                    help="a UTF-8 text file, or a JSONL file of {\"text\"} or chat {\"messages\"} examples (the loss "
                         "on the assistant's turns)")
+    p.add_argument("--pack", action="store_true",
+                   help="JSONL: several whole examples to a row of --seq-len (the longest first, each where it fits), "
+                        "attention and positions within each example")
     add_tp(p)
     p.add_argument("--dp", type=int, default=1, help="data-parallel degree (divides --batch)")
     p.add_argument("--pp", type=int, default=1,
@@ -85,7 +88,7 @@ def run(args) -> int:
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
         clip_grad_norm=args.clip_grad_norm, grad_accum=args.grad_accum, eval_every=args.eval_every,
         eval_split=args.eval_split, dtype=args.dtype, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets,
+        lora_targets=args.lora_targets, pack=args.pack,
         label_smoothing=args.label_smoothing, dropout=args.dropout, seed=args.seed, save=args.save, save_every=args.save_every,
         resume=args.resume, device=args.device, timeout_s=args.timeout, deterministic=args.deterministic,
     )

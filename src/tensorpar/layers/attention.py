@@ -15,7 +15,9 @@ runtime's leader, from Python lists), so that a layer never inspects tensor valu
 - ``BY_POSITION``: key at position l is visible to a query at position q iff l <= q.
 
 A sliding window w adds l > q - w; a layer with a window asks ``mask(w)``, which falls back to an
-explicit mask only when the keys reach further back than w.
+explicit mask only when the keys reach further back than w. Packed training rows
+(``packed_documents``) hold several documents each: a query sees the earlier keys of its own
+document only, whatever the kind.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class AttentionBatch:
     max_position: int
     kv_len: int = 0
     blocks: torch.Tensor | None = None
+    documents: torch.Tensor | None = None  # [B, S]: the document of each token of a packed row
     _masks: dict = field(default_factory=dict, repr=False)
     _cache_rows: tuple | None = field(default=None, repr=False)
 
@@ -50,10 +53,23 @@ class AttentionBatch:
         positions = torch.arange(length, device=device).expand(batch, length)
         return cls(positions, CAUSAL, length - 1)
 
+    @classmethod
+    def packed_documents(cls, documents: torch.Tensor) -> "AttentionBatch":
+        """Fresh rows of several documents each, ``documents`` [B, S] naming each token's (equal ids
+        adjacent): positions restart at 0 with each document, and attention stays within it."""
+        B, S = documents.shape
+        index = torch.arange(S, device=documents.device).expand(B, S)
+        starts = torch.ones_like(documents, dtype=torch.bool)
+        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+        first = torch.where(starts, index, 0).cummax(dim=1).values  # [B, S]: where each token's document starts
+        positions = index - first
+        return cls(positions, BY_POSITION, int(positions.max()), documents=documents)
+
     def rows(self, start: int, stop: int) -> "AttentionBatch":
         """Rows ``start:stop`` of this batch (a micro-batch): same keys to attend, same table length."""
         return AttentionBatch(self.positions[start:stop], self.kind, self.max_position, self.kv_len,
-                              None if self.blocks is None else self.blocks[start:stop])
+                              None if self.blocks is None else self.blocks[start:stop],
+                              None if self.documents is None else self.documents[start:stop])
 
     @property
     def num_keys(self) -> int:
@@ -63,6 +79,15 @@ class AttentionBatch:
         """(attn_mask, is_causal) for ``F.scaled_dot_product_attention``: the mask is [B, 1, S, L]
         (True: visible), or None when ``kind`` alone says it."""
         kind = self.kind
+        if self.documents is not None:
+            if window not in self._masks:
+                S = self.documents.shape[1]
+                index = torch.arange(S, device=self.documents.device)
+                visible = (index[None, :] <= index[:, None]) & (self.documents[:, :, None] == self.documents[:, None, :])
+                if window is not None:  # [B, S, S]
+                    visible &= self.positions[:, None, :] > self.positions[:, :, None] - window
+                self._masks[window] = visible.unsqueeze(1)
+            return self._masks[window], False
         if window is not None and self.num_keys > window:
             kind = BY_POSITION
         if kind == ALL_KEYS:

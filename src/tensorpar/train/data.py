@@ -6,8 +6,9 @@
   learned, the end-of-sequence token appended), or ``{"messages": [{"role", "content"}, ...]}``
   rendered with the model's chat template, the loss on the assistant's turns only (each turn's
   tokens are those its rendering adds after the prompt that opens it). Each example is one row of
-  ``seq_len + 1`` tokens, cut or padded (padding learns nothing: ``IGNORE_INDEX``); the batch of
-  step ``s`` is ``batch`` examples drawn with the same generator (``Examples``).
+  ``seq_len + 1`` tokens, cut or padded (padding learns nothing: ``IGNORE_INDEX``), or with
+  ``pack`` rows hold several whole examples (``pack_rows``), attention staying within each; the
+  batch of step ``s`` is ``batch`` rows drawn with the same generator (``Examples``).
 
 Either way a step's batch depends only on (seed, s): runs at any TP/DP degree, and runs resumed
 from a checkpoint, see the same batches; data-parallel replica ``d`` of ``dp`` takes rows
@@ -70,24 +71,40 @@ def batch_for_step(tokens: torch.Tensor, seed: int, step: int, batch: int, seq_l
 @dataclass
 class Examples:
     """Fine-tuning examples as rows: ``ids`` [N, seq_len + 1], and ``targets`` [N, seq_len + 1],
-    the id where a token is learned, else ``IGNORE_INDEX``."""
+    the id where a token is learned, else ``IGNORE_INDEX``; packed, ``documents`` [N, seq_len + 1]
+    numbers the examples within each row (-1: padding)."""
 
     ids: torch.Tensor
     targets: torch.Tensor
+    documents: torch.Tensor | None = None
 
-    def batch(self, seed: int, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, seed: int, step: int, batch: int) -> tuple[torch.Tensor, ...]:
+        """(inputs, labels), and each input's document when packed: [batch, seq_len] each."""
         rows = torch.randint(0, self.ids.shape[0], (batch,), generator=step_generator(seed, step))
-        return self.ids[rows, :-1], self.targets[rows, 1:]
+        return self.rows(rows)
+
+    def rows(self, rows) -> tuple[torch.Tensor, ...]:
+        out = (self.ids[rows, :-1], self.targets[rows, 1:])
+        return out if self.documents is None else (*out, self.documents[rows, :-1])
+
+    def stacked(self) -> torch.Tensor:
+        """[2 or 3, N, seq_len + 1]: one tensor to broadcast (``from_stacked`` reads it back)."""
+        return torch.stack([self.ids, self.targets] + ([] if self.documents is None else [self.documents]))
+
+    @classmethod
+    def from_stacked(cls, t: torch.Tensor) -> "Examples":
+        return cls(t[0], t[1], t[2] if t.shape[0] > 2 else None)
 
     @property
     def learned(self) -> int:
-        """Tokens with a loss, in all examples."""
-        return int((self.targets != IGNORE_INDEX).sum())
+        """Tokens with a loss, in all rows (a row's first token is no row's label)."""
+        return int((self.targets[:, 1:] != IGNORE_INDEX).sum())
 
 
-def read_examples(path: str | Path, tokenizer, seq_len: int, eos_id: int | None) -> Examples:
-    """The examples of a JSONL file (module docstring), each cut or padded to ``seq_len + 1``."""
-    rows, learned = [], []
+def read_examples(path: str | Path, tokenizer, seq_len: int, eos_id: int | None, pack: bool = False) -> Examples:
+    """The examples of a JSONL file (module docstring), each cut to ``seq_len + 1`` tokens, then
+    padded one to a row or packed (``pack_rows``)."""
+    examples = []
     with open(path, encoding="utf-8") as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     if not lines:
@@ -106,13 +123,47 @@ def read_examples(path: str | Path, tokenizer, seq_len: int, eos_id: int | None)
             raise TensorparError(f"{path}:{n}: each line must be an object with \"text\" (a string) or \"messages\" "
                                  "(a list of {\"role\", \"content\"})")
         ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
-        pad = seq_len + 1 - len(ids)
-        rows.append(ids + [0] * pad)
-        learned.append([t if keep else IGNORE_INDEX for t, keep in zip(ids, mask)] + [IGNORE_INDEX] * pad)
-    examples = Examples(torch.tensor(rows, dtype=torch.long), torch.tensor(learned, dtype=torch.long))
+        examples.append((ids, [t if keep else IGNORE_INDEX for t, keep in zip(ids, mask)]))
+    if pack:
+        examples = pack_rows(examples, seq_len + 1)
+    else:
+        width = seq_len + 1
+        examples = Examples(torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in examples], dtype=torch.long),
+                            torch.tensor([t + [IGNORE_INDEX] * (width - len(t)) for _, t in examples], dtype=torch.long))
     if not (examples.targets[:, 1:] != IGNORE_INDEX).any():
         raise TensorparError(f"{path}: no example has a token to learn within --seq-len {seq_len}")
     return examples
+
+
+def pack_rows(examples: list[tuple[list[int], list[int]]], width: int) -> Examples:
+    """Examples (ids, targets) of at most ``width`` tokens in rows of ``width``: first-fit
+    decreasing (the longest first, each into the first row with room), none split. An example's
+    first token is never learned (in a row of its own it has nothing before it; packed, what is
+    before it is another example)."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    rows: list[list[int]] = []  # example indices per row
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i][0])
+        j = next((j for j, left in enumerate(room) if left >= n), None)
+        if j is None:
+            rows.append([]), room.append(width)
+            j = len(rows) - 1
+        rows[j].append(i)
+        room[j] -= n
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    documents = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for d, i in enumerate(sorted(members)):  # (in file order within a row)
+            e_ids, e_targets = examples[i]
+            n = len(e_ids)
+            ids[r, at : at + n] = torch.tensor(e_ids)
+            targets[r, at + 1 : at + n] = torch.tensor(e_targets[1:], dtype=torch.long)
+            documents[r, at : at + n] = d
+            at += n
+    return Examples(ids, targets, documents)
 
 
 def _chat(messages: list, tokenizer, where: str) -> tuple[list[int], list[bool]]:
@@ -150,9 +201,10 @@ def split_eval(data: "torch.Tensor | Examples", fraction: float, seq_len: int):
         n = data.ids.shape[0]
         held = min(EVAL_ROWS, max(1, round(n * fraction)))
         if held >= n:
-            raise TensorparError(f"--eval-split {fraction} leaves none of the {n} examples to train on")
-        return Examples(data.ids[: n - held], data.targets[: n - held]), (data.ids[n - held :, :-1],
-                                                                          data.targets[n - held :, 1:])
+            raise TensorparError(f"--eval-split {fraction} leaves none of the {n} rows of examples to train on")
+        docs = data.documents
+        kept = Examples(data.ids[: n - held], data.targets[: n - held], None if docs is None else docs[: n - held])
+        return kept, data.rows(slice(n - held, n))
     n = data.numel()
     held = max(seq_len + 1, round(n * fraction))
     if n - held < seq_len + 1:
@@ -171,12 +223,14 @@ def replica_rows(batch: int, dp: int, dp_rank: int) -> slice:
     return slice(dp_rank * n, (dp_rank + 1) * n)
 
 
-def pad_sequence(inputs: torch.Tensor, labels: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequence(inputs: torch.Tensor, labels: torch.Tensor, multiple: int, documents: torch.Tensor | None = None):
     """Pad [B, S] to a sequence length divisible by ``multiple`` (sequence parallelism splits it
-    evenly). Padding goes at the end: under causal attention no real token attends to it, and its
-    labels are ``IGNORE_INDEX``, so the loss and every gradient are unchanged."""
+    evenly): (inputs, labels, documents). Padding goes at the end: under causal attention no real
+    token attends to it, and its labels are ``IGNORE_INDEX`` (its document -1), so the loss and
+    every gradient are unchanged."""
     extra = -inputs.shape[1] % multiple
     if not extra:
-        return inputs, labels
+        return inputs, labels, documents
     pad = (0, extra)
-    return torch.nn.functional.pad(inputs, pad, value=0), torch.nn.functional.pad(labels, pad, value=IGNORE_INDEX)
+    return (torch.nn.functional.pad(inputs, pad, value=0), torch.nn.functional.pad(labels, pad, value=IGNORE_INDEX),
+            None if documents is None else torch.nn.functional.pad(documents, pad, value=-1))

@@ -25,6 +25,7 @@ from tensorpar.distributed.mesh import build_mesh, destroy_mesh
 from tensorpar.dtypes import short_name
 from tensorpar.errors import TensorparError
 from tensorpar.layers import deterministic, deterministic_grads, vocab_parallel_cross_entropy
+from tensorpar.layers.attention import AttentionBatch
 from tensorpar.loading.loader import build_model, fill_parameter
 from tensorpar.loading.tensorpar_checkpoint import ShardedCheckpointSource, find_checkpoint
 from tensorpar.models.config import ModelConfig
@@ -70,6 +71,7 @@ class TrainConfig:
     lora_rank: int = 0  # above 0: train only LoRA adapters of this rank (``lora``), the model frozen
     lora_alpha: float | None = None  # None: the rank (a scale of 1)
     lora_targets: str = "q,v"
+    pack: bool = False  # JSONL: several examples to a row, attention within each (``data.pack_rows``)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     label_smoothing: float = 0.0
@@ -136,6 +138,10 @@ class TrainConfig:
                                           ("--lora-rank", not self.lora_rank)) if not off]
             if why:
                 raise TensorparError("train --deterministic does not cover " + ", ".join(why) + " yet")
+        if self.pack and not str(self.data).endswith(".jsonl"):
+            raise TensorparError("--pack packs the examples of a JSONL file; a text file is one stream already")
+        if self.pack and (self.pp > 1 or self.deterministic):
+            raise TensorparError("--pack does not combine with " + ("--pp" if self.pp > 1 else "--deterministic") + " yet")
         if self.pp > 1 and self.dropout:
             raise TensorparError("train --pp does not cover --dropout yet (its masks would depend on the stages)")
 
@@ -247,8 +253,8 @@ class Trainer:
         if world.rank == 0:
             try:
                 if str(cfg.data).endswith(".jsonl"):
-                    examples = read_examples(cfg.data, self.tokenizer, cfg.seq_len, self.tokenizer.eos_token_id)
-                    tokens = torch.stack([examples.ids, examples.targets])
+                    examples = read_examples(cfg.data, self.tokenizer, cfg.seq_len, self.tokenizer.eos_token_id, cfg.pack)
+                    tokens = examples.stacked()
                     check_data(examples.ids.flatten(), 0, self.config.vocab_size, cfg.data)
                 else:
                     tokens = tokenize_file(cfg.data, self.tokenizer)
@@ -261,18 +267,21 @@ class Trainer:
             raise shape
         ids = tokens if world.rank == 0 else torch.empty(shape, dtype=torch.long)
         ids = broadcast(ids.to(world.device), world).cpu()  # NCCL carries device tensors only
-        return Examples(ids[0], ids[1]) if ids.ndim == 3 else ids
+        return Examples.from_stacked(ids) if ids.ndim == 3 else ids
 
     # ------------------------------------------------------------------ one step
 
-    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """These rows' share of the global mean token loss over the step's ``count`` tokens."""
+    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor, count: torch.Tensor,
+              documents: torch.Tensor | None = None) -> torch.Tensor:
+        """These rows' share of the global mean token loss over the step's ``count`` tokens
+        (``documents``: packed rows, attention within each document)."""
         if self.spec.sequence_parallel:
-            inputs, labels = pad_sequence(inputs, labels, self.mesh.tp.world_size)
+            inputs, labels, documents = pad_sequence(inputs, labels, self.mesh.tp.world_size, documents)
         if self.pipeline is not None:  # (forward only: training steps go through ``Pipeline.step``)
             return self.pipeline.forward_loss(inputs, labels, count)
+        batch = None if documents is None else AttentionBatch.packed_documents(documents)
         with self._compute():
-            hidden = self.model(inputs)  # [B, S, hidden], or [B, S/tp, hidden] under sequence parallelism
+            hidden = self.model(inputs, batch)  # [B, S, hidden], or [B, S/tp, hidden] under sequence parallelism
         if deterministic.enabled():  # whole logits on every rank; the loss summed in one order
             losses = deterministic_grads.cross_entropy(self.model.lm_head(hidden), labels, IGNORE_INDEX)
             return deterministic_grads.total(losses) / count
@@ -296,34 +305,36 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.mesh.tp.device.type, dtype=torch.bfloat16)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """This replica's rows of step ``step``: (inputs, labels[, documents when packed])."""
         if isinstance(self.tokens, Examples):
-            inputs, labels = self.tokens.batch(self.cfg.seed, step, self.cfg.batch)
+            tensors = self.tokens.batch(self.cfg.seed, step, self.cfg.batch)
         else:
-            inputs, labels = batch_for_step(self.tokens, self.cfg.seed, step, self.cfg.batch, self.cfg.seq_len)
+            tensors = batch_for_step(self.tokens, self.cfg.seed, step, self.cfg.batch, self.cfg.seq_len)
         rows = replica_rows(self.cfg.batch, self.mesh.dp.world_size, self.mesh.dp.rank)
-        device = self.mesh.tp.device
-        return inputs[rows].to(device), labels[rows].to(device)
+        return tuple(t[rows].to(self.mesh.tp.device) for t in tensors)
 
-    def backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    def backward(self, inputs: torch.Tensor, labels: torch.Tensor, documents: torch.Tensor | None = None):
         """Forward and backward on this replica's rows, in ``grad_accum`` micro-batches whose
-        gradients add up; leaves synchronized gradients (summed over replicas once, after the last)."""
+        gradients add up; leaves synchronized gradients (summed over replicas once, after the last).
+        Returns the step's global mean loss and its token count."""
         self.optimizer.zero_grad(set_to_none=True)
         self.sync.start()
         count = all_reduce((labels != IGNORE_INDEX).sum().float(), self.mesh.dp)  # the step's tokens
         if self.pipeline is not None:
             self.sync.accumulating(True)  # (the data-parallel sums wait for the last micro-batch)
             if self.spec.sequence_parallel:
-                inputs, labels = pad_sequence(inputs, labels, self.mesh.tp.world_size)
+                inputs, labels, _ = pad_sequence(inputs, labels, self.mesh.tp.world_size)
             total = self.pipeline.step(inputs, labels, count)
             self.sync()
             self.pipeline.tie_gradients()
             return float(all_reduce(total, self.mesh.dp)), int(count)
-        micro = list(zip(inputs.chunk(self.cfg.grad_accum), labels.chunk(self.cfg.grad_accum)))
+        n = self.cfg.grad_accum
+        micro = list(zip(inputs.chunk(n), labels.chunk(n), [None] * n if documents is None else documents.chunk(n)))
         total = torch.zeros((), device=inputs.device)
-        for i, (x, y) in enumerate(micro):
+        for i, (x, y, d) in enumerate(micro):
             self.sync.accumulating(i < len(micro) - 1)
-            loss = self._loss(x, y, count)
+            loss = self._loss(x, y, count, d)
             loss.backward()
             total += loss.detach()
         self.sync()
@@ -353,14 +364,13 @@ class Trainer:
     def evaluate(self) -> dict:
         """The held-out rows' mean token loss and its perplexity, exp(loss), without dropout; each
         replica computes every ``dp``-th row, the sums are added over replicas."""
-        inputs, labels = self.eval_rows
         mine = slice(self.mesh.dp.rank, None, self.mesh.dp.world_size)
-        inputs, labels = inputs[mine].to(self.mesh.tp.device), labels[mine].to(self.mesh.tp.device)
+        inputs, labels, *documents = (t[mine].to(self.mesh.tp.device) for t in self.eval_rows)
         self.model.eval()
         try:
-            one = torch.ones((), device=inputs.device)
-            total = sum((self._loss(inputs[i : i + self.cfg.batch], labels[i : i + self.cfg.batch], one)
-                         for i in range(0, inputs.shape[0], self.cfg.batch)), torch.zeros((), device=inputs.device))
+            one, b = torch.ones((), device=inputs.device), self.cfg.batch
+            total = sum((self._loss(inputs[i : i + b], labels[i : i + b], one, *(d[i : i + b] for d in documents))
+                         for i in range(0, inputs.shape[0], b)), torch.zeros((), device=inputs.device))
         finally:
             self.model.train()
         count = all_reduce((labels != IGNORE_INDEX).sum().float(), self.mesh.dp)
