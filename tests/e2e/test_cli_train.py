@@ -86,6 +86,8 @@ def test_export_then_generate_and_generate_from_the_checkpoint(first_run, tmp_pa
     assert json.loads(direct.stdout)["tp"] == 3 and json.loads(direct.stdout)["token_ids"] == exported
     again = cli("export", str(root / "ckpt"), "--hf", str(tmp_path / "hf"), "--quiet")
     assert again.returncode == 1 and "exists and is not empty" in again.stderr
+    merge = cli("export", str(root / "ckpt"), "--hf", str(tmp_path / "merged"), "--merge-lora", "--quiet")
+    assert merge.returncode == 1 and "has no LoRA adapters to merge" in merge.stderr
 
 
 def test_chat_jsonl_with_a_schedule_clipping_and_accumulation(tmp_path):
@@ -116,6 +118,8 @@ def test_chat_jsonl_with_a_schedule_clipping_and_accumulation(tmp_path):
     (["--pp", "3", "--batch", "6"], "--pp 3 is more pipeline stages than the model's 2 layers"),
     (["--pp", "3"], "replicas of --grad-accum 3 equal micro-batches (--grad-accum defaults to --pp)"),
     (["--pp", "2", "--grad-accum", "1"], "a pipeline of 2 stages needs at least 2 micro-batches"),
+    (["--pack"], "--pack packs the examples of a JSONL file"),
+    (["--lora-rank", "4", "--lora-targets", "q,x"], "--lora-targets: x; choose from q,k,v,o,gate,up,down"),
 ])
 def test_bad_input_gets_one_clear_line(corpus, args, message):
     r = cli("train", "--data", str(corpus), "--quiet", *COMMON, *args)
