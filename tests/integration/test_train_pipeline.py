@@ -47,8 +47,9 @@ def close(got: list[float], expected: list[float], rtol: float = 1e-6) -> None:
 
 
 @pytest.mark.parametrize("layout", [dict(tp=2, pp=2), dict(tp=1, pp=3), dict(tp=1, pp=3, virtual_stages=2),
-                                    dict(tp=3), dict(tp=2, pp=2, sp=True, virtual_stages=3, grad_accum=6)],
-                         ids=["tp2-pp2", "pp3-1f1b", "pp3-interleaved", "tp3", "tp2-pp2-sp-interleaved"])
+                                    dict(tp=3), dict(tp=2, pp=2, sp=True, virtual_stages=3, grad_accum=6),
+                                    dict(pp=2, dp=2, grad_accum=3)],
+                         ids=["tp2-pp2", "pp3-1f1b", "pp3-interleaved", "tp3", "tp2-pp2-sp-interleaved", "pp2-dp2"])
 def test_ten_steps_equal_single_process(layout, reference, rank_pool):
     ranks = on_ranks(rank_pool, spec(**layout))
     steps = ranks.call("run_steps", STEPS)

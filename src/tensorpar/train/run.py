@@ -45,6 +45,8 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
     cfg, dims, start, sp = spec.cfg, spec.dims, spec.start_step, spec.sequence_parallel
     if progress and env is None:
         what = f"{spec.model_name} from step {start} of {cfg.resume}" if cfg.resume else spec.model_name
+        if spec.lora:
+            what = f"LoRA adapters (rank {spec.lora.rank} on {','.join(spec.lora.targets)}) of {what}"
         pp = f" x PP={dims.pp}" + (f" ({cfg.virtual_stages} stages per rank, interleaved)" if cfg.virtual_stages > 1
                                    else "") if dims.pp > 1 else ""
         print(f"tensorpar: training {what} at TP={dims.tp}{pp} x DP={dims.dp}{' with sequence parallelism' if sp else ''} "
@@ -82,7 +84,7 @@ def run_training(cfg: TrainConfig, out: str | Path = "train-out", progress: bool
         "dp": dims.dp, "sp": sp, "seq_len": cfg.seq_len, "batch": cfg.batch,
         "lr": cfg.lr, "first_step": start + 1, "steps": steps, "losses": losses, "grad_norms": norms, "lrs": lrs, "eval": evals,
         "tokens": tokens, "train_seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
-        "peak_rss_mb": rss, "checkpoint": checkpoint,
+        "peak_rss_mb": rss, "checkpoint": checkpoint, "lora": spec.lora.to_json() if spec.lora else None,
     }
     json_path, png_path = write_loss_curve(Path(out), result)
     result["loss_curve"] = {"json": str(json_path), "png": str(png_path)}
