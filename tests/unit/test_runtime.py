@@ -201,6 +201,12 @@ def test_stop_strings_cut_the_text_and_are_held_back_until_they_cannot_begin(tok
         assert streamed == decoded[: max(0, len(decoded) - 8)]
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string(tokenizer):
+    ids = tokenizer(" the quick brown fox jumps over the lazy dog")["input_ids"]
+    events, seq = run(tokenizer, ids, max_new_tokens=50, stop=("fox jumps", "zebra"), include_stop_str_in_output=True)
+    assert seq.finish_reason == "stop" and "".join(e.text_delta for e in events) == " the quick brown fox jumps"
+
+
 def test_eos_and_the_context_limit_end_a_sequence(tokenizer):
     events, seq = run(tokenizer, [100, 2, 101], max_new_tokens=10)
     assert seq.finish_reason == "stop" and seq.out == [100, 2]

@@ -146,6 +146,21 @@ def test_each_control_reshapes_the_logits_as_defined():
     assert torch.equal(again[0], logits[5])
 
 
+def test_allowed_tokens_and_bad_words_bar_the_rest():
+    from tensorpar.runtime.sampling import apply_controls
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]] * 3)
+    inf = float("-inf")
+    params = [SamplingParams(allowed_token_ids=(1, 2)),
+              SamplingParams(bad_words=((3,), (2, 4))),  # 3 always; 4 only right after a 2
+              SamplingParams(bad_words=((1, 0),))]
+    got = apply_controls(logits, params, [[0]] * 3, [[2], [2], [2]], [set()] * 3)
+    assert got[0].tolist() == [inf, -1.0, 0.5, inf, inf]
+    assert got[1].tolist() == [2.0, -1.0, 0.5, inf, inf]
+    assert torch.equal(got[2], logits[2])  # the output does not end with 1: 0 stays possible
+    assert apply_controls(logits[:1], params[1:2], [[0]], [[2, 1]], [set()])[0].tolist() == [2.0, -1.0, 0.5, inf, -2.0]
+
+
 def test_min_p_keeps_only_tokens_near_the_most_likely():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     p = SamplingParams(temperature=1.0, min_p=0.5)  # keeps p >= 0.25: tokens 0 and 1

@@ -881,3 +881,100 @@ def test_the_reply_carries_tool_calls(client, tools_engine, tokenizer):
     assert whole["content"] == "Let me check." and whole["tool_calls"][0]["index"] == 0
     assert whole["tool_calls"][0]["function"] == call["function"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+# ---- every vLLM request field: served, neutral or refused (``serve.fields``) ----------------------
+
+def _status(name: str, model) -> str | None:
+    from tensorpar.serve.fields import NEUTRAL, REFUSED
+
+    served = name in model.model_fields or any(f.alias == name for f in model.model_fields.values())
+    return "served" if served else "neutral" if name in NEUTRAL else "refused" if name in REFUSED else None
+
+
+def _changing(values: tuple):
+    """A value of a refused field that its neutral ``values`` do not hold."""
+    if not values:
+        return 1
+    v = values[0]
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, (int, float)):
+        return v + 1
+    if isinstance(v, dict):
+        return {"x": 1}
+    if isinstance(v, list):
+        return [{"type": "function", "function": {"name": "f"}}]
+    return "required" if "none" in values else "x"
+
+
+def test_every_vllm_field_is_served_neutral_or_refused_and_refused_ones_are_a_400(client):
+    from tensorpar.serve.fields import NEUTRAL, REFUSED, VLLM_FIELDS
+    from tensorpar.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    assert not NEUTRAL & set(REFUSED)
+    for route, model, base in (("completions", CompletionRequest, {"prompt": "Hi", "max_tokens": 2}),
+                               ("chat", ChatCompletionRequest, {**CHAT, "max_tokens": 2})):
+        statuses = {name: _status(name, model) for name in VLLM_FIELDS[route]}
+        assert not [n for n, s in statuses.items() if s is None], route  # a field with no decision
+        assert not [n for n, s in statuses.items() if s == "served" and n in NEUTRAL], route
+        plain = client.post(f"/v1/{route.replace('chat', 'chat/completions')}", json=base).json()
+        for name, status in statuses.items():
+            path = f"/v1/{route.replace('chat', 'chat/completions')}"
+            if status == "refused":
+                assert_error(client.post(path, json={**base, name: _changing(REFUSED[name])}), 400, param=name)
+                for neutral in REFUSED[name]:
+                    assert client.post(path, json={**base, name: neutral}).status_code == 200, (route, name)
+            elif status == "neutral":
+                r = client.post(path, json={**base, name: "x" if name != "mm_processor_kwargs" else {}})
+                assert r.status_code == 200, (route, name, r.text)
+                assert r.json()["choices"] == plain["choices"]
+
+
+def test_prompt_truncation_token_filters_and_stop_strings_reach_the_request(client, engine, tokenizer):
+    body = {"prompt": "one two three four five", "max_tokens": 2, "truncate_prompt_tokens": 2,
+            "allowed_token_ids": [5, 6, 7], "bad_words": ["fox"], "include_stop_str_in_output": True}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    req = engine.submitted[-1]
+    assert req.prompt_token_ids == tokenizer("one two three four five")["input_ids"][-2:]
+    p = req.params
+    assert p.allowed_token_ids == (5, 6, 7) and p.include_stop_str_in_output
+    assert set(p.bad_words) == {tuple(tokenizer("fox")["input_ids"]), tuple(tokenizer(" fox")["input_ids"])}
+    for bad, param in (({"allowed_token_ids": [10**9]}, "allowed_token_ids"),
+                       ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens")):
+        assert_error(client.post("/v1/completions", json={"prompt": "Hi", **bad}), 400, param=param)
+
+
+def test_chat_template_controls_and_echo(client, engine, tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I"}]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 3, "echo": True,
+                                                  "add_generation_prompt": False, "continue_final_message": True})
+    assert r.status_code == 200, r.text
+    assert engine.submitted[-1].prompt_token_ids == tokenizer.apply_chat_template(
+        messages, continue_final_message=True, tokenize=True, return_dict=False)
+    assert r.json()["choices"][0]["message"]["content"] == "Hello, I" + expected_text(tokenizer, 3)
+    chunks = sse(client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 3, "echo": True,
+                                                           "add_generation_prompt": False, "stream": True,
+                                                           "continue_final_message": True}).text)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "Hello, I" + expected_text(
+        tokenizer, 3)
+    assert client.post("/v1/chat/completions", json={**CHAT, "add_generation_prompt": False}).status_code == 200
+    assert engine.submitted[-1].prompt_token_ids == tokenizer.apply_chat_template(
+        CHAT["messages"], add_generation_prompt=False, tokenize=True, return_dict=False)
+    template = "{% for m in messages %}[{{ m.content }}{{ greeting }}]{% endfor %}"
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "chat_template": template}), 400,
+                 param="chat_template")
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "continue_final_message": True}), 400,
+                 param="continue_final_message")
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "chat_template_kwargs": {"tools": []}}), 400,
+                 param="chat_template_kwargs")
+    with TestClient(create_app(engine, limits=params_limits(trust_chat_template=True))) as trusting:
+        body = {**CHAT, "chat_template": template, "chat_template_kwargs": {"greeting": "!"}, "max_tokens": 1}
+        assert trusting.post("/v1/chat/completions", json=body).status_code == 200
+        assert tokenizer.decode(engine.submitted[-1].prompt_token_ids) == "[Hi!]"
+
+
+def params_limits(**kw):
+    from tensorpar.serve.params import Limits
+
+    return Limits(**kw)

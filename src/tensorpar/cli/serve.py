@@ -16,7 +16,10 @@ def add_parser(sub) -> None:
     add_engine(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $VLLM_API_KEY, as vLLM reads it)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let a chat request bring its own chat_template (rendered in a sandbox; off: a 400)")
     p.add_argument("--dp", "--data-parallel-size", "-dp", dest="dp", type=int, default=1,
                    help="independent replicas of the --tp x --pp layout behind the one endpoint; a request goes "
                         "to the replica with the fewest outstanding requests, and the others serve on when one fails")
@@ -141,8 +144,10 @@ def run(args) -> int:
     stop = threading.Event()
     threading.Thread(target=_watch, args=(engine, stop), daemon=True).start()
     try:
-        run_server(engine, args.host, args.port, args.api_key, max_request_bytes=args.max_request_bytes,
-                   limits=Limits(args.max_n, args.max_tokens_limit), served_names=args.served_model_name,
+        run_server(engine, args.host, args.port, args.api_key or os.environ.get("VLLM_API_KEY") or None,
+                   max_request_bytes=args.max_request_bytes,
+                   limits=Limits(args.max_n, args.max_tokens_limit, args.trust_request_chat_template),
+                   served_names=args.served_model_name,
                    log_requests=not args.disable_log_requests)
     finally:
         stop.set()

@@ -35,22 +35,33 @@ class InputProcessor:
             raise ValueError(f"{self.model} ships no tokenizer: give prompts as lists of token ids")
         return self.tokenizer
 
-    def encode(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
-        """Token ids of a text prompt (as one user message with ``chat``), of chat messages
-        (``[{"role", "content"}, ...]``) or of a list of token ids."""
+    def encode(self, prompt: str | list[int] | list[dict], chat: bool = False, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt (as one user message with ``chat``; with the tokenizer's
+        special tokens unless told not to), of chat messages (``[{"role", "content"}, ...]``) or of
+        a list of token ids."""
         if prompt and isinstance(prompt, list) and isinstance(prompt[0], dict):
             return self.encode_messages(prompt)
         if not isinstance(prompt, str):
             return self.check_ids([int(t) for t in prompt])
         if chat:
             return self.encode_messages([{"role": "user", "content": prompt}])
-        return self.check_ids(list(self._tokenizer()(prompt)["input_ids"]) if prompt else [])
+        tok = self._tokenizer()
+        ids = (tok(prompt) if add_special_tokens else tok(prompt, add_special_tokens=False))["input_ids"] if prompt else []
+        return self.check_ids(list(ids))
 
-    def encode_messages(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """The chat template applied to ``messages``, with the assistant's turn opened; ``tools``
-        (OpenAI function tools) are given to the template, which lists them for the model."""
-        ids = self._tokenizer().apply_chat_template(messages, tools=tools, chat_template=self.chat_template,
-                                                    add_generation_prompt=True, tokenize=True, return_dict=False)
+    def encode_messages(self, messages: list[dict], tools: list[dict] | None = None, *,
+                        add_generation_prompt: bool = True, continue_final_message: bool = False,
+                        chat_template: str | None = None, documents: list[dict] | None = None,
+                        **template_kwargs) -> list[int]:
+        """The chat template applied to ``messages``, with the assistant's turn opened (or, with
+        ``continue_final_message``, the last message left open to be continued); ``tools``
+        (OpenAI function tools) and ``documents`` are given to the template, which lists them for
+        the model, as are ``template_kwargs`` (``enable_thinking``, ...). ``chat_template``: this
+        request's own instead of the server's."""
+        ids = self._tokenizer().apply_chat_template(
+            messages, tools=tools, documents=documents, chat_template=chat_template or self.chat_template,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            tokenize=True, return_dict=False, **template_kwargs)
         return self.check_ids(list(ids))
 
     @property

@@ -24,7 +24,10 @@ class SamplingParams:
     prompt token's log-probability given the tokens before it, with that many of the most likely
     tokens at its position (the first token has none). ``max_new_tokens=0`` generates nothing (with
     ``prompt_logprobs``: a scoring request). ``guided``: a constraint the output must meet (a JSON
-    schema, a regex, ...: ``GuidedDecoding``).
+    schema, a regex, ...: ``GuidedDecoding``). ``allowed_token_ids``: when given, the only tokens
+    that may be generated; ``bad_words``: token sequences never completed (a sequence's last token
+    is barred wherever the output ends with the rest of it; vLLM's ``bad_words``, tokenized).
+    ``include_stop_str_in_output``: the text keeps the stop string that ended it.
     """
 
     max_new_tokens: int = 32
@@ -45,6 +48,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     guided: GuidedDecoding | None = None
+    allowed_token_ids: tuple[int, ...] = ()
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -75,6 +81,8 @@ class SamplingParams:
             raise ValueError(f"guided must be a GuidedDecoding or None, got {type(self.guided).__name__}")
         object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in dict(self.logit_bias).items()))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "allowed_token_ids", tuple(int(t) for t in self.allowed_token_ids))
+        object.__setattr__(self, "bad_words", tuple(tuple(int(t) for t in w) for w in self.bad_words if w))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
@@ -87,7 +95,8 @@ class SamplingParams:
     def controls_logits(self) -> bool:
         """Some control reshapes the logits before the choice (``apply_controls``, or a grammar)."""
         return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty or self.min_tokens
-                    or self.repetition_penalty != 1.0 or self.guided is not None)
+                    or self.repetition_penalty != 1.0 or self.guided is not None or self.allowed_token_ids
+                    or self.bad_words)
 
     def choices(self) -> list["SamplingParams"]:
         """One ``n=1`` copy per choice; choice i samples with ``seed + i`` when a seed is given."""
@@ -167,6 +176,8 @@ def apply_controls(logits: "torch.Tensor", params: list[SamplingParams], prompts
         l'[t] = l[t] + bias[t]
         l'[t] = l'[t] / r if l'[t] > 0 else l'[t] * r        for t in prompt or output (r: repetition)
         l'[t] = l'[t] - presence * [count[t] > 0] - frequency * count[t]   (count: in the output)
+        l'[t] = -inf for t outside ``allowed_token_ids`` (when given)
+        l'[t] = -inf for t the last token of a bad word whose other tokens end the output
         l'[t] = -inf for an EOS or stop token t while fewer than ``min_tokens`` are generated
 
     ``eos_ids[b]``: the end-of-sequence tokens that end row b (none with ``ignore_eos``). Rows
@@ -205,6 +216,14 @@ def apply_controls(logits: "torch.Tensor", params: list[SamplingParams], prompts
     frequency = torch.tensor([params[b].frequency_penalty for b in rows], **f32)[:, None]
     sub = sub - presence * (counts > 0) - frequency * counts
     for i, b in enumerate(rows):
+        p, out = params[b], outputs[b]
+        if p.allowed_token_ids:
+            keep = torch.full((V,), float("-inf"))
+            keep[torch.tensor([t for t in p.allowed_token_ids if 0 <= t < V], dtype=torch.long)] = 0.0
+            sub[i] += keep
+        for word in p.bad_words:  # its last token, where the output ends with the rest of it
+            if 0 <= word[-1] < V and (len(word) == 1 or tuple(out[-(len(word) - 1):]) == word[:-1]):
+                sub[i, word[-1]] = float("-inf")
         held = {t for t in eos_ids[b] | set(params[b].stop_token_ids) if 0 <= t < V}
         if len(outputs[b]) < params[b].min_tokens and held:
             sub[i, torch.tensor(sorted(held), dtype=torch.long)] = float("-inf")

@@ -4,7 +4,8 @@ The rules, in the order they apply to each new token:
 
 1. an end-of-sequence token (unless ``ignore_eos``) or one of ``stop_token_ids`` (its text left
    out) ends it, reason ``stop``;
-2. a stop string in the text ends it, reason ``stop``, the text cut just before the first one;
+2. a stop string in the text ends it, reason ``stop``, the text cut just before the first one
+   (after it with ``include_stop_str_in_output``);
 3. ``max_new_tokens`` generated, or prompt + generated reaching ``max_model_len``, ends it,
    reason ``length``.
 
@@ -114,9 +115,10 @@ class Sequence:
                 self.text += self.detokenizer.step(token)
             if reason is not None:
                 self.text += self.detokenizer.flush()
-            hits = [i for i in (self.text.find(s, start) for s in p.stop) if i >= 0]
+            hits = [(i, i + len(s)) for i, s in ((self.text.find(s, start), s) for s in p.stop) if i >= 0]
             if hits:
-                self.text, reason = self.text[: min(hits)], "stop"
+                at, end = min(hits)
+                self.text, reason = self.text[: end if p.include_stop_str_in_output else at], "stop"
         self.finish_reason = reason
         ready = len(self.text) if reason is not None else len(self.text) - self.hold
         delta = self.text[self.sent : ready] if ready > self.sent else ""

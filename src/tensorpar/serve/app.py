@@ -87,7 +87,7 @@ class Handlers:
         """Generate for each prompt (``n`` choices each, prompt-major: choice ``p * n + i``)."""
         requests = [r for ids, most in zip(prompts, max_tokens)
                     for r in params.serve_requests(body, fmt.id, ids, most, logprobs, self.limits.max_n, prompt_logprobs,
-                                                   self.engine.inputs.vocab_size, self.defaults)]
+                                                   self.engine.inputs.vocab_size, self.defaults, self.engine.tokenizer)]
         for k, r in enumerate(requests):  # engine request "{id}-{k}" is choice k
             r.request_id = f"{fmt.id}-{k}"
         self.check_healthy()
@@ -217,14 +217,16 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
         arrived = admitted(body, body.top_logprobs, "top_logprobs")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        ids = params.chat_prompt_ids(body, engine.inputs)
+        ids = params.chat_prompt_ids(body, engine.inputs, limits.trust_chat_template)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = [params.max_new_tokens(asked, params.default_max_tokens(None, api.defaults), len(ids),
                                             engine.inputs, "messages", limits.max_tokens)]
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         top_n = (body.top_logprobs or 0) if body.logprobs else None
+        last = body.messages[-1]  # ``echo``: a reply continuing the assistant's last message starts with it
+        echo = (params.message_text(last.content) or "") if body.echo and last.role == "assistant" else ""
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", names[0], api.token_text, top_n, include_usage,
-                         tool_calls=tools.offered(body) is not None)
+                         tool_calls=tools.offered(body) is not None, echo=echo)
         return await api.run(request, body, fmt, [ids], max_tokens, top_n or 0, arrived)
 
     app.include_router(v1)

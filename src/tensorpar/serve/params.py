@@ -13,7 +13,8 @@ from tensorpar.runtime.request import Request, requests_for
 from tensorpar.runtime.sampling import SamplingParams
 from tensorpar.serve import tools
 from tensorpar.serve.errors import APIError
-from tensorpar.serve.protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, SamplingFields
+from tensorpar.serve.fields import REFUSED
+from tensorpar.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 MAX_N = 32  # choices per request, unless the server sets its own bound
 MAX_LOGPROBS = 20  # top log-probabilities per token
@@ -23,12 +24,14 @@ CHAT_DEFAULT_MAX_TOKENS = 1024  # chat default: what fits in the context, at mos
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of the server (``tensorpar serve --max-n / --max-tokens-limit``):
-    at most ``max_n`` choices, at most ``max_tokens`` generated tokens per choice (None: what the
-    context leaves)."""
+    """What one request may ask of the server (``tensorpar serve --max-n / --max-tokens-limit /
+    --trust-request-chat-template``): at most ``max_n`` choices, at most ``max_tokens`` generated
+    tokens per choice (None: what the context leaves), its own ``chat_template`` only if
+    ``trust_chat_template``."""
 
     max_n: int = MAX_N
     max_tokens: int | None = None
+    trust_chat_template: bool = False
 
 
 MAX_PROMPTS = 256  # prompts in one completions request
@@ -45,14 +48,28 @@ def completion_prompts(body: CompletionRequest, inputs: InputProcessor) -> list[
     out = []
     for one in batch:
         try:
-            ids = inputs.encode(one)
+            ids = inputs.encode(one, add_special_tokens=body.add_special_tokens is not False)
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from None
+        ids = truncated(ids, body.truncate_prompt_tokens)
         out.append((ids, one if isinstance(one, str) else inputs.tokenizer.decode(ids)))
     return out
 
 
-def _text(content) -> str | None:
+def truncated(ids: list[int], keep: int | None) -> list[int]:
+    """``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (vLLM's left truncation)."""
+    if keep is None:
+        return ids
+    if keep < 1:
+        raise APIError(400, f"truncate_prompt_tokens must be at least 1, got {keep}", param="truncate_prompt_tokens")
+    return ids[-keep:]
+
+
+TEMPLATE_ARGUMENTS = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                      "continue_final_message", "tokenize", "return_dict", "tokenizer_kwargs"}
+
+
+def message_text(content) -> str | None:
     """Message content as the chat template expects it: a string (text parts joined)."""
     if content is None or isinstance(content, str):
         return content
@@ -65,22 +82,50 @@ def _text(content) -> str | None:
     return "".join(parts)
 
 
-def chat_prompt_ids(body: ChatCompletionRequest, inputs: InputProcessor) -> list[int]:
-    """The chat template applied to ``messages``, with the tools offered (``tools.offered``)."""
+def chat_prompt_ids(body: ChatCompletionRequest, inputs: InputProcessor, trust_template: bool = False) -> list[int]:
+    """The chat template applied to ``messages``, with the tools offered (``tools.offered``) and
+    the request's template controls; truncated by ``truncate_prompt_tokens``. A request's own
+    ``chat_template`` needs ``trust_template`` (``--trust-request-chat-template``)."""
     if not body.messages:
         raise APIError(400, "messages is empty: give at least one message", param="messages")
-    messages = [{**m.model_dump(exclude_none=True), "content": _text(m.content) or ""} for m in body.messages]
+    if body.chat_template is not None and not trust_template:
+        raise APIError(400, "chat_template in a request needs a server started with --trust-request-chat-template",
+                       param="chat_template")
+    if body.continue_final_message and body.add_generation_prompt:
+        raise APIError(400, "continue_final_message continues the last message: it cannot be set with "
+                            "add_generation_prompt (default true), which opens a new one", param="continue_final_message")
+    kwargs = dict(body.chat_template_kwargs or {})
+    clash = sorted(TEMPLATE_ARGUMENTS & set(kwargs))
+    if clash:
+        raise APIError(400, f"chat_template_kwargs cannot set {', '.join(clash)}: give them as request fields",
+                       param="chat_template_kwargs")
+    messages = [{**m.model_dump(exclude_none=True), "content": message_text(m.content) or ""} for m in body.messages]
     offered = tools.offered(body)
     if offered is not None and not inputs.template_takes_tools:
         raise APIError(400, "this model's chat template does not support tools; start the server with "
                             "--chat-template naming one that does (tensorpar ships serve/templates/"
                             "hermes_tools.jinja for ChatML models)", param="tools")
     try:
-        return inputs.encode_messages(tools.template_messages(messages), tools=offered)
+        ids = inputs.encode_messages(tools.template_messages(messages), tools=offered,
+                                     add_generation_prompt=body.add_generation_prompt is not False,
+                                     continue_final_message=bool(body.continue_final_message),
+                                     chat_template=body.chat_template, documents=body.documents, **kwargs)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # the template rejects these messages (roles out of order, ...)
         raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+    return truncated(ids, body.truncate_prompt_tokens)
+
+
+def bad_word_ids(words: list[str] | None, tokenizer) -> tuple[tuple[int, ...], ...]:
+    """``bad_words`` as token sequences: each word alone and after a space (how it appears mid-text)."""
+    out = []
+    for word in words or []:
+        for text in dict.fromkeys((word, word if word.startswith(" ") else " " + word)):
+            ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if ids and ids not in out:
+                out.append(ids)
+    return tuple(out)
 
 
 def _too_long(e: ContextLengthError, param: str) -> APIError:
@@ -168,11 +213,11 @@ def guided_decoding(body: SamplingFields) -> GuidedDecoding | None:
 
 def serve_requests(body: SamplingFields, request_id: str, prompt_ids: list[int], max_tokens: int,
                    logprobs: int, max_n: int = MAX_N, prompt_logprobs: int | None = None,
-                   vocab_size: int = 1 << 31, defaults: dict | None = None) -> list[Request]:
+                   vocab_size: int = 1 << 31, defaults: dict | None = None, tokenizer=None) -> list[Request]:
     """``n`` requests ``{request_id}-{i}`` (``requests_for``: with a seed, choice i samples with
     ``seed + i``); ``prompt_logprobs``: see ``SamplingParams``; ``guided``: ``guided_decoding``.
     ``defaults``: the server's values of sampling fields the body leaves out (``--generation-config``;
-    else OpenAI's: temperature 1, top_p 1)."""
+    else OpenAI's: temperature 1, top_p 1). ``tokenizer``: for ``bad_words``."""
     body = with_defaults(body, defaults or {})
     n = 1 if body.n is None else body.n
     if not 1 <= n <= max_n:
@@ -195,10 +240,18 @@ def serve_requests(body: SamplingFields, request_id: str, prompt_ids: list[int],
             raise APIError(400, f"logit_bias maps token ids to biases from -100 to 100, got {key!r}: {value!r}",
                            param="logit_bias")
         bias.append((int(key), float(value)))
+    allowed = body.allowed_token_ids
+    if allowed is not None and (not allowed or any(not 0 <= t < vocab_size for t in allowed)):
+        raise APIError(400, f"allowed_token_ids must be a non-empty list of token ids from 0 to {vocab_size - 1}",
+                       param="allowed_token_ids")
+    if body.bad_words and tokenizer is None:
+        raise APIError(400, "bad_words needs the model's tokenizer, and this model ships none", param="bad_words")
     controls = dict(presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
                     repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                     min_p=body.min_p or 0.0, logit_bias=tuple(bias), stop_token_ids=tuple(body.stop_token_ids or ()),
-                    min_tokens=body.min_tokens or 0, guided=guided_decoding(body))
+                    min_tokens=body.min_tokens or 0, guided=guided_decoding(body),
+                    allowed_token_ids=tuple(allowed or ()), bad_words=bad_word_ids(body.bad_words, tokenizer),
+                    include_stop_str_in_output=bool(body.include_stop_str_in_output))
     try:
         sp = SamplingParams(max_new_tokens=max_tokens, temperature=t, top_p=top_p, top_k=max(top_k, 0),
                             seed=body.seed, stop=tuple(stop), ignore_eos=bool(body.ignore_eos), n=n,
@@ -226,7 +279,7 @@ def default_max_tokens(fallback: int | None, defaults: dict) -> int | None:
 def refuse_unsupported(body: SamplingFields) -> None:
     """A 400 naming the first field that would change the output but is not implemented."""
     for name, value in (body.model_extra or {}).items():
-        if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
+        if name in REFUSED and value is not None and value not in REFUSED[name]:
             raise APIError(400, f"{name} is not supported by this server yet", param=name)
 
 

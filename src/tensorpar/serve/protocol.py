@@ -1,12 +1,12 @@
-"""Request bodies of the OpenAI API, as far as tensorpar serves them.
+"""Request bodies of the OpenAI API and vLLM's extensions, as far as tensorpar serves them.
 
-Fields that would change the output but are not implemented (``suffix``, ``functions``, ...:
-``UNSUPPORTED``; ``tools`` outside chat) are refused with a 400 naming them; other fields OpenAI
-defines (``user``, ``metadata``, ``store``, ...) are accepted and ignored, as clients send them by
-default. ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
-``ignore_eos`` and the structured-output fields ``guided_json``, ``guided_regex``,
-``guided_choice``, ``guided_grammar`` and ``structured_outputs`` are extensions (as in vLLM).
-``model`` may be left out: it then means the one model served.
+What becomes of each field vLLM takes (served here, accepted as output-neutral, or refused with a
+400 naming it unless it has a value that changes nothing) is listed in ``fields``. ``top_k``,
+``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
+``allowed_token_ids``, ``bad_words``, ``include_stop_str_in_output``, ``truncate_prompt_tokens``,
+the structured-output fields ``guided_json``, ``guided_regex``, ``guided_choice``,
+``guided_grammar`` and ``structured_outputs``, and chat's template controls are vLLM's
+extensions. ``model`` may be left out: it then means the one model served.
 """
 
 from __future__ import annotations
@@ -18,11 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
-
-
-# field -> the values that leave the output unchanged (sent by some clients by default)
-UNSUPPORTED = {"tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
-               "suffix": ("",), "prompt_logprobs": (), "logits_processors": ()}
 
 
 class JSONSchemaFormat(_Body):
@@ -60,7 +55,7 @@ class StreamOptions(_Body):
 
 
 class SamplingFields(_Body):
-    model_config = ConfigDict(extra="allow")  # to tell unsupported fields (``UNSUPPORTED``) from others
+    model_config = ConfigDict(extra="allow")  # to tell refused fields (``fields.REFUSED``) from others
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -85,6 +80,10 @@ class SamplingFields(_Body):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputs | None = None
+    allowed_token_ids: list[int] | None = None  # the only tokens that may be generated
+    bad_words: list[str] | None = None  # words never generated (as tokens, with and without a leading space)
+    include_stop_str_in_output: bool | None = False
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last this many tokens
 
 
 class CompletionRequest(SamplingFields):
@@ -95,6 +94,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None  # how many top log-probabilities per token
     echo: bool | None = False  # the prompt before the completion (with logprobs: the prompt tokens' too)
     best_of: int | None = None
+    add_special_tokens: bool | None = True  # a text prompt tokenized with the tokenizer's special tokens (BOS)
 
 
 class FunctionDefinition(_Body):
@@ -141,6 +141,12 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    echo: bool | None = False  # the reply starts with the last message's content when that is the assistant's
+    add_generation_prompt: bool | None = True  # open the assistant's turn after the messages
+    continue_final_message: bool | None = False  # leave the last message open: the reply continues it
+    chat_template: str | None = None  # this request's own template (a server started to trust them)
+    chat_template_kwargs: dict | None = None  # more variables for the template (``enable_thinking``, ...)
+    documents: list[dict] | None = None  # for templates that render retrieved documents
 
 
 class TokenizeRequest(_Body):

@@ -167,9 +167,9 @@ class ChatFormat(Format):
 
     chunk_object, full_object = "chat.completion.chunk", "chat.completion"
 
-    def __init__(self, *args, tool_calls: bool = False, **kw):
+    def __init__(self, *args, tool_calls: bool = False, echo: str = "", **kw):
         super().__init__(*args, **kw)
-        self.tool_calls = tool_calls
+        self.tool_calls, self.echo = tool_calls, echo  # echo: the text the reply starts with (chat ``echo``)
         self._held: dict[int, list[TokenEvent]] = {}  # per streamed choice, its events so far
 
     def _entry(self, token_id: int, logprob: float | None) -> dict:
@@ -195,8 +195,8 @@ class ChatFormat(Format):
         return message, finish_reason
 
     def opening(self, index: int) -> dict:
-        return self.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None}])
+        return self.chunk([{"index": index, "delta": {"role": "assistant", "content": "" if self.tool_calls else self.echo},
+                            "logprobs": None, "finish_reason": None}])
 
     def piece(self, index: int, ev: TokenEvent, offset: int) -> list[dict]:
         if self.tool_calls:
@@ -218,7 +218,7 @@ class ChatFormat(Format):
         if not ev.finished:
             return []
         del self._held[index]
-        message, reason = self._message("".join(e.text_delta for e in held), ev.finish_reason or "stop")
+        message, reason = self._message(self.echo + "".join(e.text_delta for e in held), ev.finish_reason or "stop")
         scored = [e for e in held if e.token_id is not None]
         delta = {"content": message["content"]}
         if "tool_calls" in message:
@@ -233,7 +233,7 @@ class ChatFormat(Format):
     def full(self, choices: list[Choice], prompt_tokens: int) -> dict:
         out = []
         for i, c in enumerate(choices):
-            message, reason = self._message("".join(c.text), c.finish_reason)
+            message, reason = self._message(self.echo + "".join(c.text), c.finish_reason)
             out.append({"index": i, "message": message, "logprobs": self._logprobs([e for e, _ in c.scored]),
                         "finish_reason": reason})
         return {**self._head(self.full_object), "choices": out, "usage": usage(prompt_tokens, choices)}
