@@ -978,3 +978,24 @@ def params_limits(**kw):
     from tensorpar.serve.params import Limits
 
     return Limits(**kw)
+
+
+def test_return_token_ids_gives_the_prompt_and_generated_ids(client, tokenizer):
+    """vLLM's ``return_token_ids``: per completion choice ``prompt_token_ids`` and ``token_ids``; in
+    chat the prompt's at the top; streamed, the prompt's with the first chunk, each chunk's own."""
+    ids = tokenizer("Hi there")["input_ids"]
+    script = tokenizer(SCRIPT)["input_ids"][:3]
+    r = client.post("/v1/completions", json={"prompt": "Hi there", "max_tokens": 3, "return_token_ids": True}).json()
+    assert r["choices"][0]["prompt_token_ids"] == ids and r["choices"][0]["token_ids"] == script
+    plain = client.post("/v1/completions", json={"prompt": "Hi there", "max_tokens": 3}).json()
+    assert "token_ids" not in plain["choices"][0]
+    chunks = sse(client.post("/v1/completions", json={"prompt": "Hi there", "max_tokens": 3, "stream": True,
+                                                      "return_token_ids": True}).text)
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == ids
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == script
+    r = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3, "return_token_ids": True}).json()
+    assert r["prompt_token_ids"] == chat_ids(tokenizer, CHAT["messages"]) and r["choices"][0]["token_ids"] == script
+    chunks = sse(client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3, "stream": True,
+                                                           "return_token_ids": True}).text)
+    assert chunks[0]["prompt_token_ids"] == chat_ids(tokenizer, CHAT["messages"])
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == script

@@ -206,8 +206,9 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
                                             limits.max_tokens, echo) for ids, _ in prompts]
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         n = body.n or 1
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", names[0], api.token_text, body.logprobs,
-                               include_usage, echo=[text for _, text in prompts for _ in range(n)] if echo else None)
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", names[0], api.token_text, body.logprobs, include_usage,
+                               [ids for ids, _ in prompts for _ in range(n)] if body.return_token_ids else None,
+                               echo=[text for _, text in prompts for _ in range(n)] if echo else None)
         prompt_logprobs = body.logprobs if echo and body.logprobs is not None else None
         return await api.run(request, body, fmt, [ids for ids, _ in prompts], max_tokens, body.logprobs or 0,
                              arrived, prompt_logprobs)
@@ -226,6 +227,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
         last = body.messages[-1]  # ``echo``: a reply continuing the assistant's last message starts with it
         echo = (params.message_text(last.content) or "") if body.echo and last.role == "assistant" else ""
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", names[0], api.token_text, top_n, include_usage,
+                         [ids] * (body.n or 1) if body.return_token_ids else None,
                          tool_calls=tools.offered(body) is not None, echo=echo)
         return await api.run(request, body, fmt, [ids], max_tokens, top_n or 0, arrived)
 

@@ -47,5 +47,4 @@ REFUSED: dict[str, tuple] = {
     "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "add_special_tokens": (False,),
     "structural_tag": (), "guided_whitespace_pattern": (), "reasoning_effort": (), "priority": (0,),
     "kv_transfer_params": ({},), "vllm_xargs": ({},), "return_tokens_as_token_ids": (False,),
-    "return_token_ids": (False,),
 }

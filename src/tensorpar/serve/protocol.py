@@ -84,6 +84,7 @@ class SamplingFields(_Body):
     bad_words: list[str] | None = None  # words never generated (as tokens, with and without a leading space)
     include_stop_str_in_output: bool | None = False
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last this many tokens
+    return_token_ids: bool | None = False  # the prompt's token ids and each choice's generated ones
 
 
 class CompletionRequest(SamplingFields):

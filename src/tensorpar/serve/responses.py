@@ -68,11 +68,17 @@ def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
 
 
 class Format:
+    """How one request's replies are written. ``prompt_ids`` (vLLM's ``return_token_ids``): per
+    choice, its prompt's token ids, returned with the ids of what was generated (streamed: the
+    prompt's with the first chunk, each chunk's new ids with it)."""
+
     chunk_object = full_object = ""
 
-    def __init__(self, request_id: str, model: str, token_text: TokenText, top_n: int | None, include_usage: bool):
+    def __init__(self, request_id: str, model: str, token_text: TokenText, top_n: int | None, include_usage: bool,
+                 prompt_ids: list[list[int]] | None = None):
         self.id, self.model, self.token_text = request_id, model, token_text
         self.top_n, self.include_usage = top_n, include_usage  # top_n None: no logprobs asked for
+        self.prompt_ids = prompt_ids
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict:
@@ -100,6 +106,7 @@ class CompletionFormat(Format):
     def __init__(self, *args, echo: list[str] | None = None, **kw):
         super().__init__(*args, **kw)
         self.echo = echo
+        self._sent_prompt: set[int] = set()  # choices whose prompt ids went out (``prompt_ids``)
 
     def new_choice(self, index: int) -> Choice:
         return Choice(chars=len(self.echo[index])) if self.echo else Choice()
@@ -137,20 +144,28 @@ class CompletionFormat(Format):
                 return []
             return [self.chunk([{"index": index, "text": self.echo[index],
                                  "logprobs": self._logprobs([], ev.prompt_logprobs), "finish_reason": None}])]
-        if not ev.text_delta and not ev.finished and (ev.token_id is None or self.top_n is None):
+        if not ev.text_delta and not ev.finished and (ev.token_id is None or (self.top_n is None
+                                                                              and self.prompt_ids is None)):
             return []
         scored = [(ev, offset)] if ev.token_id is not None else []
         finish = (ev.finish_reason or "stop") if ev.finished else None
-        return [self.chunk([{"index": index, "text": ev.text_delta, "logprobs": self._logprobs(scored),
-                             "finish_reason": finish}])]
+        choice = {"index": index, "text": ev.text_delta, "logprobs": self._logprobs(scored), "finish_reason": finish}
+        if self.prompt_ids is not None:
+            if index not in self._sent_prompt:
+                self._sent_prompt.add(index)
+                choice["prompt_token_ids"] = self.prompt_ids[index]
+            choice["token_ids"] = [ev.token_id] if ev.token_id is not None else []
+        return [self.chunk([choice])]
 
     def full(self, choices: list[Choice], prompt_tokens: int) -> dict:
         echo = self.echo or [""] * len(choices)
-        return {**self._head(self.full_object),
-                "choices": [{"index": i, "text": echo[i] + "".join(c.text),
-                             "logprobs": self._logprobs(c.scored, c.prompt if self.echo else None),
-                             "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
-                "usage": usage(prompt_tokens, choices)}
+        out = [{"index": i, "text": echo[i] + "".join(c.text),
+                "logprobs": self._logprobs(c.scored, c.prompt if self.echo else None),
+                "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
+        if self.prompt_ids is not None:
+            for i, (choice, c) in enumerate(zip(out, choices)):
+                choice.update(prompt_token_ids=self.prompt_ids[i], token_ids=[e.token_id for e, _ in c.scored])
+        return {**self._head(self.full_object), "choices": out, "usage": usage(prompt_tokens, choices)}
 
 
 class ChatFormat(Format):
@@ -195,20 +210,30 @@ class ChatFormat(Format):
         return message, finish_reason
 
     def opening(self, index: int) -> dict:
-        return self.chunk([{"index": index, "delta": {"role": "assistant", "content": "" if self.tool_calls else self.echo},
-                            "logprobs": None, "finish_reason": None}])
+        chunk = self.chunk([{"index": index, "delta": {"role": "assistant", "content": "" if self.tool_calls else self.echo},
+                             "logprobs": None, "finish_reason": None}])
+        if self.prompt_ids is not None:
+            chunk["prompt_token_ids"] = self.prompt_ids[index]
+            chunk["choices"][0]["token_ids"] = []
+        return chunk
+
+    def _ids(self, choice: dict, events: list[TokenEvent]) -> dict:
+        """A streamed choice with the ids of its events' tokens, when they are asked for."""
+        if self.prompt_ids is not None:
+            choice["token_ids"] = [e.token_id for e in events if e.token_id is not None]
+        return choice
 
     def piece(self, index: int, ev: TokenEvent, offset: int) -> list[dict]:
         if self.tool_calls:
             return self._whole(index, ev)
         out = []
-        if ev.text_delta or (ev.token_id is not None and self.top_n is not None):
-            lp = self._logprobs([ev]) if ev.token_id is not None else None
-            out.append(self.chunk([{"index": index, "delta": {"content": ev.text_delta}, "logprobs": lp,
-                                    "finish_reason": None}]))
+        if ev.text_delta or (ev.token_id is not None and (self.top_n is not None or self.prompt_ids is not None)):
+            lp = self._logprobs([ev]) if ev.token_id is not None and self.top_n is not None else None
+            out.append(self.chunk([self._ids({"index": index, "delta": {"content": ev.text_delta}, "logprobs": lp,
+                                              "finish_reason": None}, [ev])]))
         if ev.finished:
-            out.append(self.chunk([{"index": index, "delta": {}, "logprobs": None,
-                                    "finish_reason": ev.finish_reason or "stop"}]))
+            out.append(self.chunk([self._ids({"index": index, "delta": {}, "logprobs": None,
+                                              "finish_reason": ev.finish_reason or "stop"}, [])]))
         return out
 
     def _whole(self, index: int, ev: TokenEvent) -> list[dict]:
@@ -225,9 +250,9 @@ class ChatFormat(Format):
             delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
         out = []
         if message["content"] or "tool_calls" in message or (scored and self.top_n is not None):
-            out.append(self.chunk([{"index": index, "delta": delta, "logprobs": self._logprobs(scored),
-                                    "finish_reason": None}]))
-        out.append(self.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]))
+            out.append(self.chunk([self._ids({"index": index, "delta": delta, "logprobs": self._logprobs(scored),
+                                              "finish_reason": None}, scored)]))
+        out.append(self.chunk([self._ids({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}, [])]))
         return out
 
     def full(self, choices: list[Choice], prompt_tokens: int) -> dict:
@@ -236,4 +261,7 @@ class ChatFormat(Format):
             message, reason = self._message(self.echo + "".join(c.text), c.finish_reason)
             out.append({"index": i, "message": message, "logprobs": self._logprobs([e for e, _ in c.scored]),
                         "finish_reason": reason})
-        return {**self._head(self.full_object), "choices": out, "usage": usage(prompt_tokens, choices)}
+            if self.prompt_ids is not None:
+                out[-1]["token_ids"] = [e.token_id for e, _ in c.scored]
+        head = {**self._head(self.full_object), "choices": out, "usage": usage(prompt_tokens, choices)}
+        return head if self.prompt_ids is None else {**head, "prompt_token_ids": self.prompt_ids[0]}
