@@ -410,6 +410,64 @@ def test_logit_bias_and_stop_token_ids_steer_the_engine(server, client, llm):
     assert r.choices[0].text == cut.text  # the stop token's own text is left out
 
 
+@pytest.mark.timeout(300)
+def test_vllm_request_fields_change_the_output_as_vllm_documents_them(server, client, llm):
+    """The vLLM fields a request may send beyond OpenAI's, through the openai client's extra_body
+    (and httpx for the raw shape): each changes the reply as documented, or is a 400 naming it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    base, model = server
+    tok = AutoTokenizer.from_pretrained(model)
+    prompt = "Once upon a time"
+    ids = tok(prompt)["input_ids"]
+    [free] = llm.generate([prompt], max_new_tokens=8, ignore_eos=True)
+    greedy = dict(model=model, prompt=prompt, max_tokens=8, temperature=0)
+
+    def post(**body):
+        r = httpx.post(f"{base}/v1/completions", json={"model": model, "temperature": 0, **body}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    # return_token_ids, and prompt_logprobs equal to the reference's scores (null first, then id -> entry)
+    r = post(prompt=prompt, max_tokens=8, return_token_ids=True, prompt_logprobs=2, ignore_eos=True)
+    choice = r["choices"][0]
+    assert choice["prompt_token_ids"] == ids and choice["token_ids"] == list(free.token_ids)
+    want = torch.log_softmax(llm.score([ids])[0].float(), -1)
+    assert choice["prompt_logprobs"][0] is None and len(choice["prompt_logprobs"]) == len(ids)
+    for i, entry in enumerate(choice["prompt_logprobs"][1:], 1):
+        assert abs(entry[str(ids[i])]["logprob"] - float(want[i - 1, ids[i]])) < 1e-4
+        best = int(want[i - 1].argmax())
+        assert entry[str(best)]["rank"] == 1 and entry[str(best)]["decoded_token"] == tok.decode([best])
+    assert post(prompt=prompt, max_tokens=1)["choices"][0]["prompt_logprobs"] is None
+    # token filters: only the allowed ids; a bad word's tokens never completed
+    allowed = [free.token_ids[1], free.token_ids[2]]
+    got = client.completions.create(**greedy, extra_body={"allowed_token_ids": allowed, "return_token_ids": True})
+    assert set(got.choices[0].model_extra["token_ids"]) <= set(allowed)
+    word = tok.decode(free.token_ids[:1]).strip()
+    barred = client.completions.create(**greedy, extra_body={"bad_words": [word], "ignore_eos": True})
+    assert word not in barred.choices[0].text and barred.choices[0].text != free.text
+    # the prompt's last k tokens; the stop string kept
+    short = client.completions.create(**greedy, extra_body={"truncate_prompt_tokens": 2})
+    assert short.usage.prompt_tokens == 2
+    stop = free.text[4:9]
+    kept = client.completions.create(**greedy, stop=[stop], extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text.endswith(stop) and kept.choices[0].finish_reason == "stop"
+    # chat: continue the assistant's last message, and echo it
+    messages = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon"}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                          extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                                                      "echo": True})
+    rendered = tok.apply_chat_template(messages, continue_final_message=True, tokenize=True, return_dict=False)
+    [cont] = llm.generate([list(rendered)], max_new_tokens=6)
+    assert chat.choices[0].message.content == "Once upon" + cont.text
+    # what is not built is refused, naming the field
+    for field, value in (("use_beam_search", True), ("prompt_embeds", "AAAA"), ("skip_special_tokens", False)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**greedy, extra_body={field: value})
+        assert e.value.body["param"] == field
+
+
 def client_text(llm, token: int) -> str:
     from transformers import AutoTokenizer
 

@@ -209,7 +209,8 @@ def test_completion(client, engine, tokenizer):
     body = r.json()
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == MODEL
     [choice] = body["choices"]
-    assert choice == {"index": 0, "text": expected_text(tokenizer, 16), "logprobs": None, "finish_reason": "length"}
+    assert choice == {"index": 0, "text": expected_text(tokenizer, 16), "logprobs": None, "finish_reason": "length",
+                      "prompt_logprobs": None}
     n_prompt = len(tokenizer(prompt)["input_ids"])
     assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 16, "total_tokens": n_prompt + 16}
     [req] = engine.submitted

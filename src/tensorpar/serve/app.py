@@ -196,6 +196,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         arrived = admitted(body, body.logprobs, "logprobs")
+        params.check_prompt_logprobs(body)
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise APIError(400, f"best_of {body.best_of} is not supported: only best_of equal to n "
                                 f"({body.n or 1}) is served", param="best_of")
@@ -208,14 +209,16 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
         n = body.n or 1
         fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", names[0], api.token_text, body.logprobs, include_usage,
                                [ids for ids, _ in prompts for _ in range(n)] if body.return_token_ids else None,
-                               echo=[text for _, text in prompts for _ in range(n)] if echo else None)
-        prompt_logprobs = body.logprobs if echo and body.logprobs is not None else None
+                               body.prompt_logprobs, echo=[text for _, text in prompts for _ in range(n)] if echo else None)
+        scored = [k for k in (body.prompt_logprobs, body.logprobs if echo else None) if k is not None]
+        prompt_logprobs = max(scored) if scored else None
         return await api.run(request, body, fmt, [ids for ids, _ in prompts], max_tokens, body.logprobs or 0,
                              arrived, prompt_logprobs)
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         arrived = admitted(body, body.top_logprobs, "top_logprobs")
+        params.check_prompt_logprobs(body)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         ids = params.chat_prompt_ids(body, engine.inputs, limits.trust_chat_template)
@@ -227,9 +230,9 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
         last = body.messages[-1]  # ``echo``: a reply continuing the assistant's last message starts with it
         echo = (params.message_text(last.content) or "") if body.echo and last.role == "assistant" else ""
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", names[0], api.token_text, top_n, include_usage,
-                         [ids] * (body.n or 1) if body.return_token_ids else None,
+                         [ids] * (body.n or 1) if body.return_token_ids else None, body.prompt_logprobs,
                          tool_calls=tools.offered(body) is not None, echo=echo)
-        return await api.run(request, body, fmt, [ids], max_tokens, top_n or 0, arrived)
+        return await api.run(request, body, fmt, [ids], max_tokens, top_n or 0, arrived, body.prompt_logprobs)
 
     app.include_router(v1)
     utility = APIRouter(dependencies=[Depends(_key_checker(api_key))] if api_key else [])

@@ -41,7 +41,7 @@ NEUTRAL = frozenset({
 # field -> the values that leave the output unchanged
 REFUSED: dict[str, tuple] = {
     "tools": ([],), "tool_choice": ("none", "auto"),  # (on completions; chat serves them)
-    "functions": ([],), "function_call": ("none", "auto"), "suffix": ("",), "prompt_logprobs": (),
+    "functions": ([],), "function_call": ("none", "auto"), "suffix": ("",),
     "logits_processors": ([],), "use_beam_search": (False,), "length_penalty": (1.0,), "prompt_embeds": (),
     "best_of": (1,),  # (on chat; completions serves best_of equal to n)
     "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "add_special_tokens": (False,),

@@ -283,6 +283,14 @@ def refuse_unsupported(body: SamplingFields) -> None:
             raise APIError(400, f"{name} is not supported by this server yet", param=name)
 
 
+def check_prompt_logprobs(body: SamplingFields) -> None:
+    """``prompt_logprobs``: 0 to ``MAX_LOGPROBS`` top ones, on a reply returned whole."""
+    check_top_n(body.prompt_logprobs, "prompt_logprobs")
+    if body.prompt_logprobs is not None and body.stream:
+        raise APIError(400, "prompt_logprobs is returned with whole replies only: leave out stream",
+                       param="prompt_logprobs")
+
+
 def check_top_n(value: int | None, param: str) -> None:
     if value is not None and not 0 <= value <= MAX_LOGPROBS:
         raise APIError(400, f"{param} must be between 0 and {MAX_LOGPROBS}, got {value}", param=param)

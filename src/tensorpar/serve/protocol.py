@@ -85,6 +85,7 @@ class SamplingFields(_Body):
     include_stop_str_in_output: bool | None = False
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last this many tokens
     return_token_ids: bool | None = False  # the prompt's token ids and each choice's generated ones
+    prompt_logprobs: int | None = None  # each prompt token's log-probability, with this many top ones
 
 
 class CompletionRequest(SamplingFields):

@@ -75,11 +75,28 @@ class Format:
     chunk_object = full_object = ""
 
     def __init__(self, request_id: str, model: str, token_text: TokenText, top_n: int | None, include_usage: bool,
-                 prompt_ids: list[list[int]] | None = None):
+                 prompt_ids: list[list[int]] | None = None, prompt_top: int | None = None):
         self.id, self.model, self.token_text = request_id, model, token_text
         self.top_n, self.include_usage = top_n, include_usage  # top_n None: no logprobs asked for
-        self.prompt_ids = prompt_ids
+        self.prompt_ids, self.prompt_top = prompt_ids, prompt_top  # prompt_top: vLLM's ``prompt_logprobs``
         self.created = int(time.time())
+
+    def prompt_logprobs(self, prompt: list | None) -> list | None:
+        """vLLM's ``prompt_logprobs``: None for the first prompt token, then per token a dict of
+        the token itself and the ``prompt_top`` most likely ones, by id: ``{"logprob", "rank"
+        (1 for the most likely; null for the prompt's token outside the top ones), "decoded_token"}``."""
+        if self.prompt_top is None or prompt is None:
+            return None
+        out = []
+        for token, logprob, top in prompt:
+            if logprob is None:
+                out.append(None)
+                continue
+            rank = {t: k + 1 for k, (t, _) in enumerate(top)}
+            entries = {token: logprob, **dict(top[: self.prompt_top])}
+            out.append({str(t): {"logprob": _lp(v), "rank": rank.get(t), "decoded_token": self.token_text(t)}
+                        for t, v in entries.items()})
+        return out
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
@@ -161,7 +178,8 @@ class CompletionFormat(Format):
         echo = self.echo or [""] * len(choices)
         out = [{"index": i, "text": echo[i] + "".join(c.text),
                 "logprobs": self._logprobs(c.scored, c.prompt if self.echo else None),
-                "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
+                "finish_reason": c.finish_reason, "prompt_logprobs": self.prompt_logprobs(c.prompt)}
+               for i, c in enumerate(choices)]
         if self.prompt_ids is not None:
             for i, (choice, c) in enumerate(zip(out, choices)):
                 choice.update(prompt_token_ids=self.prompt_ids[i], token_ids=[e.token_id for e, _ in c.scored])
@@ -263,5 +281,6 @@ class ChatFormat(Format):
                         "finish_reason": reason})
             if self.prompt_ids is not None:
                 out[-1]["token_ids"] = [e.token_id for e, _ in c.scored]
-        head = {**self._head(self.full_object), "choices": out, "usage": usage(prompt_tokens, choices)}
+        head = {**self._head(self.full_object), "choices": out, "usage": usage(prompt_tokens, choices),
+                "prompt_logprobs": self.prompt_logprobs(choices[0].prompt if choices else None)}
         return head if self.prompt_ids is None else {**head, "prompt_token_ids": self.prompt_ids[0]}
