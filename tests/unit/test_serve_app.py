@@ -1000,3 +1000,12 @@ def test_return_token_ids_gives_the_prompt_and_generated_ids(client, tokenizer):
                                                            "return_token_ids": True}).text)
     assert chunks[0]["prompt_token_ids"] == chat_ids(tokenizer, CHAT["messages"])
     assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == script
+
+
+def test_the_api_key_is_read_from_vllm_api_key_as_vllm_does(monkeypatch):
+    from tensorpar.cli.serve import api_key
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert api_key(None) is None and api_key("given") == "given"
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    assert api_key(None) == "from-env" and api_key("given") == "given"

@@ -123,6 +123,12 @@ def start_engine(args):
     return start_serving(options.resolve(DEFAULT_MAX_MODEL_LEN), args.max_num_seqs)
 
 
+def api_key(given: str | None) -> str | None:
+    """The key requests must bring: ``--api-key``, else ``$VLLM_API_KEY`` (a server configured the
+    vLLM way is not left open), else none."""
+    return given or os.environ.get("VLLM_API_KEY") or None
+
+
 def run(args) -> int:
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
@@ -144,7 +150,7 @@ def run(args) -> int:
     stop = threading.Event()
     threading.Thread(target=_watch, args=(engine, stop), daemon=True).start()
     try:
-        run_server(engine, args.host, args.port, args.api_key or os.environ.get("VLLM_API_KEY") or None,
+        run_server(engine, args.host, args.port, api_key(args.api_key),
                    max_request_bytes=args.max_request_bytes,
                    limits=Limits(args.max_n, args.max_tokens_limit, args.trust_request_chat_template),
                    served_names=args.served_model_name,
