@@ -336,6 +336,9 @@ def test_completion_logprobs(client, engine, tokenizer):
     chunks = sse(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "logprobs": 1,
                                                       "stream": True}).text)
     assert [c["choices"][0]["logprobs"]["tokens"] for c in chunks] == [[lp["tokens"][0]], [lp["tokens"][1]]]
+    alone = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "logprobs": 0}).json()
+    alone = alone["choices"][0]["logprobs"]
+    assert alone["top_logprobs"] == [{t: v} for t, v in zip(alone["tokens"], alone["token_logprobs"])]  # as vLLM
 
 
 def test_chat_logprobs(client, engine, tokenizer):

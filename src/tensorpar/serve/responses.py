@@ -145,8 +145,9 @@ class CompletionFormat(Format):
         return {
             "tokens": [tt(t) for t, _, _, _ in entries],
             "token_logprobs": [_lp(lp) for _, lp, _, _ in entries],
-            "top_logprobs": [None if lp is None else {tt(t): _lp(v) for t, v in top[: self.top_n]}
-                             for _, lp, top, _ in entries],
+            # as vLLM: the token itself, then the top n (n + 1 entries where it is not among them)
+            "top_logprobs": [None if lp is None else {tt(t): _lp(lp), **{tt(x): _lp(v) for x, v in top[: self.top_n]}}
+                             for t, lp, top, _ in entries],
             "text_offset": [off for _, _, _, off in entries],
         }
 
