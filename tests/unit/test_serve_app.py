@@ -302,10 +302,20 @@ def test_chat_stream(client, tokenizer):
     chunks = sse(r.text)
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     deltas = [c["choices"][0]["delta"] for c in chunks]
-    assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
-    assert all(set(d) == {"content"} for d in deltas[1:-1])
-    assert "".join(d["content"] for d in deltas[1:-1]) == expected_text(tokenizer, 4)
-    assert [c["choices"][0]["finish_reason"] for c in chunks][-2:] == [None, "length"]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert all(set(d) == {"content"} for d in deltas[1:])
+    assert "".join(d["content"] for d in deltas[1:]) == expected_text(tokenizer, 4)
+    # the finish reason on the chunk with the last text, as vLLM sends it
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert deltas[-1]["content"]
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                                                  "stream_options": {"include_usage": True}})
+    assert_error(r, 400, param="stream_options")  # (only with stream)
+    chunks = sse(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                           "max_tokens": 3, "stream": True, "stream_options": {
+                                                               "include_usage": True, "continuous_usage_stats": True}}).text)
+    assert [c["usage"]["completion_tokens"] for c in chunks[1:-1]] == [1, 2, 3]  # the usage so far on every chunk
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
 
 
 def test_n_choices(client, engine, tokenizer):
@@ -352,7 +362,7 @@ def test_chat_logprobs(client, engine, tokenizer):
     assert first["token"] == token and first["bytes"] == list(token.encode()) and first["logprob"] == pytest.approx(-0.1)
     assert [e["token"] for e in first["top_logprobs"]][0] == token and len(first["top_logprobs"]) == 2
     chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
-    streamed = [c["choices"][0]["logprobs"]["content"][0]["token"] for c in chunks[1:-1]]
+    streamed = [c["choices"][0]["logprobs"]["content"][0]["token"] for c in chunks[1:]]
     assert streamed == [e["token"] for e in content]
     r = client.post("/v1/chat/completions", json={**body, "top_logprobs": None}).json()
     assert r["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
@@ -880,8 +890,8 @@ def test_the_reply_carries_tool_calls(client, tools_engine, tokenizer):
     assert choice["message"]["content"] == "Let me check." and choice["finish_reason"] == "tool_calls"
     chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
     deltas = [c["choices"][0]["delta"] for c in chunks]
-    assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
-    [whole] = deltas[1:-1]  # held back, then sent whole
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    [whole] = deltas[1:]  # held back, then sent whole, with the finish reason
     assert whole["content"] == "Let me check." and whole["tool_calls"][0]["index"] == 0
     assert whole["tool_calls"][0]["function"] == call["function"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"

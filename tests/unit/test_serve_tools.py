@@ -127,12 +127,12 @@ def test_replies_with_calls_whole_and_streamed(tokenizer):  # noqa: F811
     assert full["message"]["tool_calls"][0]["function"]["name"] == "add"
     assert len(full["logprobs"]["content"]) == len(evs)
     chunks = [c for ev in evs for c in fmt.piece(0, ev, 0)]
-    assert len(chunks) == 2  # the reply whole, then its end
+    assert len(chunks) == 1  # the reply whole, with its end
     delta = chunks[0]["choices"][0]["delta"]
     assert delta["content"] == "Sure." and delta["tool_calls"][0]["index"] == 0
     assert json.loads(delta["tool_calls"][0]["function"]["arguments"]) == {"a": 1, "b": 2}
     assert len(chunks[0]["choices"][0]["logprobs"]["content"]) == len(evs)
-    assert chunks[1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+    assert chunks[0]["choices"][0]["finish_reason"] == "tool_calls"
     # cut by the budget: still "length"; no call: plain content
     cut = ChatFormat("chatcmpl-2", "m", TokenText(tokenizer), None, False, tool_calls=True)
     chunks = [c for ev in events(tokenizer, text, "length") for c in cut.piece(0, ev, 0)]

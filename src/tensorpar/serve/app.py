@@ -142,6 +142,8 @@ class Handlers:
             while (item := await stream.next()) is not None:
                 i, ev = item
                 offset = choices[i].add(ev)
+                if fmt.continuous_usage:
+                    fmt.live_usage = usage(prompt_tokens, choices)
                 if ev.finished and ev.finish_reason == "error":
                     yield _sse(APIError(503, ev.error or "generation failed", code="engine_error").body())
                     stream.close()
@@ -205,13 +207,14 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
         default = params.default_max_tokens(params.COMPLETION_DEFAULT_MAX_TOKENS, api.defaults)
         max_tokens = [params.max_new_tokens(body.max_tokens, default, len(ids), engine.inputs, "prompt",
                                             limits.max_tokens, echo) for ids, _ in prompts]
-        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        include_usage, continuous = params.stream_usage(body, limits)
         n = body.n or 1
         fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", names[0], api.token_text, body.logprobs, include_usage,
                                [ids for ids, _ in prompts for _ in range(n)] if body.return_token_ids else None,
                                body.prompt_logprobs, echo=[text for _, text in prompts for _ in range(n)] if echo else None)
         scored = [k for k in (body.prompt_logprobs, body.logprobs if echo else None) if k is not None]
         prompt_logprobs = max(scored) if scored else None
+        fmt.continuous_usage = continuous
         return await api.run(request, body, fmt, [ids for ids, _ in prompts], max_tokens, body.logprobs or 0,
                              arrived, prompt_logprobs)
 
@@ -225,13 +228,14 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = [params.max_new_tokens(asked, params.default_max_tokens(None, api.defaults), len(ids),
                                             engine.inputs, "messages", limits.max_tokens)]
-        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        include_usage, continuous = params.stream_usage(body, limits)
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         last = body.messages[-1]  # ``echo``: a reply continuing the assistant's last message starts with it
         echo = (params.message_text(last.content) or "") if body.echo and last.role == "assistant" else ""
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", names[0], api.token_text, top_n, include_usage,
                          [ids] * (body.n or 1) if body.return_token_ids else None, body.prompt_logprobs,
                          tool_calls=tools.offered(body) is not None, echo=echo)
+        fmt.continuous_usage = continuous
         return await api.run(request, body, fmt, [ids], max_tokens, top_n or 0, arrived, body.prompt_logprobs)
 
     app.include_router(v1)

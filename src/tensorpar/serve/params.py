@@ -24,14 +24,16 @@ CHAT_DEFAULT_MAX_TOKENS = 1024  # chat default: what fits in the context, at mos
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of the server (``tensorpar serve --max-n / --max-tokens-limit /
-    --trust-request-chat-template``): at most ``max_n`` choices, at most ``max_tokens`` generated
-    tokens per choice (None: what the context leaves), its own ``chat_template`` only if
-    ``trust_chat_template``."""
+    """What one request may ask of the server, and what it gets unasked (``tensorpar serve
+    --max-n / --max-tokens-limit / --trust-request-chat-template / --enable-force-include-usage``):
+    at most ``max_n`` choices, at most ``max_tokens`` generated tokens per choice (None: what the
+    context leaves), its own ``chat_template`` only if ``trust_chat_template``, and with
+    ``force_usage`` a stream's usage whether asked for or not."""
 
     max_n: int = MAX_N
     max_tokens: int | None = None
     trust_chat_template: bool = False
+    force_usage: bool = False
 
 
 MAX_PROMPTS = 256  # prompts in one completions request
@@ -281,6 +283,16 @@ def refuse_unsupported(body: SamplingFields) -> None:
     for name, value in (body.model_extra or {}).items():
         if name in REFUSED and value is not None and value not in REFUSED[name]:
             raise APIError(400, f"{name} is not supported by this server yet", param=name)
+
+
+def stream_usage(body: SamplingFields, limits: Limits) -> tuple[bool, bool]:
+    """(a stream ends with a usage chunk, every chunk carries the usage so far), from
+    ``stream_options`` (only with ``stream``, as vLLM says) and the server's ``force_usage``."""
+    options = body.stream_options
+    if options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream set to true", param="stream_options")
+    include = bool(body.stream) and (limits.force_usage or bool(options and options.include_usage))
+    return include, include and bool(options and options.continuous_usage_stats)
 
 
 def check_prompt_logprobs(body: SamplingFields) -> None:

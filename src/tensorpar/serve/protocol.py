@@ -51,7 +51,11 @@ class StructuredOutputs(_Body):
 
 
 class StreamOptions(_Body):
+    """``include_usage``: a last chunk with the usage; ``continuous_usage_stats`` (vLLM's): the
+    usage so far on every chunk too."""
+
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class SamplingFields(_Body):

@@ -73,12 +73,14 @@ class Format:
     prompt's with the first chunk, each chunk's new ids with it)."""
 
     chunk_object = full_object = ""
+    continuous_usage = False  # every chunk carries the usage so far (``live_usage``)
 
     def __init__(self, request_id: str, model: str, token_text: TokenText, top_n: int | None, include_usage: bool,
                  prompt_ids: list[list[int]] | None = None, prompt_top: int | None = None):
         self.id, self.model, self.token_text = request_id, model, token_text
         self.top_n, self.include_usage = top_n, include_usage  # top_n None: no logprobs asked for
         self.prompt_ids, self.prompt_top = prompt_ids, prompt_top  # prompt_top: vLLM's ``prompt_logprobs``
+        self.live_usage: dict | None = None  # the usage so far, on every chunk (``continuous_usage_stats``)
         self.created = int(time.time())
 
     def prompt_logprobs(self, prompt: list | None) -> list | None:
@@ -104,7 +106,7 @@ class Format:
     def chunk(self, choices: list[dict], usage_: dict | None = None) -> dict:
         out = {**self._head(self.chunk_object), "choices": choices}
         if self.include_usage:
-            out["usage"] = usage_
+            out["usage"] = usage_ if usage_ is not None else self.live_usage
         return out
 
     def opening(self, index: int) -> dict | None:
@@ -245,15 +247,14 @@ class ChatFormat(Format):
     def piece(self, index: int, ev: TokenEvent, offset: int) -> list[dict]:
         if self.tool_calls:
             return self._whole(index, ev)
-        out = []
-        if ev.text_delta or (ev.token_id is not None and (self.top_n is not None or self.prompt_ids is not None)):
-            lp = self._logprobs([ev]) if ev.token_id is not None and self.top_n is not None else None
-            out.append(self.chunk([self._ids({"index": index, "delta": {"content": ev.text_delta}, "logprobs": lp,
-                                              "finish_reason": None}, [ev])]))
-        if ev.finished:
-            out.append(self.chunk([self._ids({"index": index, "delta": {}, "logprobs": None,
-                                              "finish_reason": ev.finish_reason or "stop"}, [])]))
-        return out
+        token = ev.token_id is not None and (self.top_n is not None or self.prompt_ids is not None)
+        if not (ev.text_delta or token or ev.finished):
+            return []
+        lp = self._logprobs([ev]) if ev.token_id is not None and self.top_n is not None else None
+        delta = {"content": ev.text_delta} if ev.text_delta or token else {}
+        reason = (ev.finish_reason or "stop") if ev.finished else None  # (on the chunk with the last text, as vLLM)
+        return [self.chunk([self._ids({"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason},
+                                      [ev])])]
 
     def _whole(self, index: int, ev: TokenEvent) -> list[dict]:
         """A reply parsed for tool calls: nothing until it ends, then all of it."""
@@ -267,12 +268,10 @@ class ChatFormat(Format):
         delta = {"content": message["content"]}
         if "tool_calls" in message:
             delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
-        out = []
-        if message["content"] or "tool_calls" in message or (scored and self.top_n is not None):
-            out.append(self.chunk([self._ids({"index": index, "delta": delta, "logprobs": self._logprobs(scored),
-                                              "finish_reason": None}, scored)]))
-        out.append(self.chunk([self._ids({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}, [])]))
-        return out
+        if not (message["content"] or "tool_calls" in message or (scored and self.top_n is not None)):
+            delta = {}
+        return [self.chunk([self._ids({"index": index, "delta": delta, "logprobs": self._logprobs(scored),
+                                       "finish_reason": reason}, scored)])]
 
     def full(self, choices: list[Choice], prompt_tokens: int) -> dict:
         out = []
