@@ -1022,3 +1022,21 @@ def test_the_api_key_is_read_from_vllm_api_key_as_vllm_does(monkeypatch):
     assert api_key(None) is None and api_key("given") == "given"
     monkeypatch.setenv("VLLM_API_KEY", "from-env")
     assert api_key(None) == "from-env" and api_key("given") == "given"
+
+
+def test_tokenize_takes_vllms_controls_and_tokenizer_info_describes_the_tokenizer(client, tokenizer):
+    ids = tokenizer("Hello there")["input_ids"]
+    r = client.post("/tokenize", json={"prompt": "Hello there", "return_token_strs": True,
+                                       "add_special_tokens": False}).json()
+    assert r["tokens"] == ids and r["token_strs"] == tokenizer.convert_ids_to_tokens(ids)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    r = client.post("/tokenize", json={"messages": messages, "add_generation_prompt": False,
+                                       "continue_final_message": True}).json()
+    assert r["tokens"] == tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=True,
+                                                        return_dict=False)
+    r = client.post("/tokenize", json={"messages": messages[:1], "add_generation_prompt": False}).json()
+    assert r["tokens"] == tokenizer.apply_chat_template(messages[:1], tokenize=True, return_dict=False)
+    assert_error(client.post("/tokenize", json={"messages": messages[:1], "add_special_tokens": True}), 400,
+                 param="add_special_tokens")
+    info = client.get("/tokenizer_info").json()
+    assert info["tokenizer_class"] == type(tokenizer).__name__ and info["chat_template"] == tokenizer.chat_template

@@ -39,6 +39,14 @@ from tensorpar.serve.protocol import (ChatCompletionRequest, CompletionRequest, 
 from tensorpar.serve.responses import ChatFormat, CompletionFormat, Format, TokenText, usage
 
 
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _sse(obj) -> str:
     data = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return f"data: {data}\n\n"
@@ -248,12 +256,29 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
             raise APIError(400, "give either prompt or messages", param="prompt")
         if body.prompt is not None:
             try:
-                ids = engine.inputs.encode(body.prompt)
+                ids = engine.inputs.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
             except ValueError as e:
                 raise APIError(400, str(e), param="prompt") from None
         else:
-            ids = params.chat_prompt_ids(ChatCompletionRequest(messages=body.messages), engine.inputs)
-        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+            if body.add_special_tokens:
+                raise APIError(400, "add_special_tokens with messages is not supported: the chat template places "
+                                    "the special tokens", param="add_special_tokens")
+            chat = ChatCompletionRequest(messages=body.messages, **body.model_dump(
+                include={"add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs",
+                         "tools"}, exclude_none=True))
+            ids = params.chat_prompt_ids(chat, engine.inputs, limits.trust_chat_template)
+        out = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = engine.tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    @utility.get("/tokenizer_info")
+    async def tokenizer_info():
+        """vLLM's: the tokenizer's class and its configuration (what can be told in JSON)."""
+        tok = engine.tokenizer
+        config = {k: v for k, v in (getattr(tok, "init_kwargs", None) or {}).items() if _jsonable(v)}
+        return {"tokenizer_class": type(tok).__name__, **config,
+                "chat_template": engine.inputs.chat_template or getattr(tok, "chat_template", None)}
 
     @utility.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):

@@ -156,11 +156,20 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(_Body):
-    """POST /tokenize (vLLM's): a ``prompt`` as completions take it, or chat ``messages``."""
+    """POST /tokenize (vLLM's): a ``prompt`` as completions take it (with the tokenizer's special
+    tokens unless ``add_special_tokens`` is false), or chat ``messages`` with chat's template
+    controls; ``return_token_strs``: each token's string too."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    return_token_strs: bool | None = False
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict | None = None
+    tools: list[Tool] | None = None
 
 
 class UpdateWeightsRequest(_Body):
