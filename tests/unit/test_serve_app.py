@@ -1040,3 +1040,18 @@ def test_tokenize_takes_vllms_controls_and_tokenizer_info_describes_the_tokenize
                  param="add_special_tokens")
     info = client.get("/tokenizer_info").json()
     assert info["tokenizer_class"] == type(tokenizer).__name__ and info["chat_template"] == tokenizer.chat_template
+
+
+def test_model_cards_sagemaker_routes_and_the_seed_range_are_vllms(client, engine, tokenizer):
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["root"] == MODEL and card["parent"] is None and card["permission"][0]["object"] == "model_permission"
+    assert client.get("/ping").status_code == 200
+    chat = client.post("/invocations", json={**CHAT, "max_tokens": 2}).json()
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"] == expected_text(tokenizer, 2)
+    assert client.post("/invocations", json={"prompt": "Hi", "max_tokens": 2}).json()["object"] == "text_completion"
+    assert_error(client.post("/invocations", json={"input": "Hi"}), 400)
+    assert_error(client.post("/v1/completions", json={"prompt": "Hi", "seed": 1 << 64}), 400, param="seed")
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": -1}), 400,
+                 param="top_logprobs")
+    engine.error = "rank 1 died"
+    assert client.get("/ping").status_code == 503

@@ -183,8 +183,13 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(api_key))] if api_key else [])
 
     def model_card(name: str) -> dict:
+        """vLLM's model card: ``root`` the model as loaded, no ``parent`` (a base model)."""
         return {"id": name, "object": "model", "created": api.created, "owned_by": "tensorpar",
-                "max_model_len": engine.max_model_len}
+                "root": engine.model_name, "parent": None, "max_model_len": engine.max_model_len,
+                "permission": [{"id": f"modelperm-{name}", "object": "model_permission", "created": api.created,
+                                "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                                "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                                "organization": "*", "group": None, "is_blocking": False}]}
 
     @v1.get("/models")
     async def models():
@@ -300,7 +305,34 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
             return JSONResponse({**error.body(), "success": False, "message": str(e)}, status_code=400)
         return {"success": True, "message": f"weights of {body.model_path} loaded in {seconds:.2f} s"}
 
+    @utility.post("/invocations")
+    async def invocations(request: Request):
+        """SageMaker's entry point: a body with ``messages`` is a chat completion, one with ``prompt``
+        a completion (as vLLM routes it)."""
+        try:
+            raw = await request.json()
+        except ValueError:
+            raise APIError(400, "the body is not JSON") from None
+        if not isinstance(raw, dict) or ("messages" in raw) == ("prompt" in raw):
+            raise APIError(400, "/invocations takes a chat completion (messages) or a completion (prompt) body")
+        from pydantic import ValidationError
+
+        try:
+            if "messages" in raw:
+                return await chat_completions(ChatCompletionRequest.model_validate(raw), request)
+            return await completions(CompletionRequest.model_validate(raw), request)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise APIError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}",
+                           param=str(first["loc"][0]) if first["loc"] else None) from None
+
     app.include_router(utility)
+
+    @app.get("/ping")
+    async def ping():
+        """SageMaker's health check: 200 while the engine serves, else 503."""
+        api.check_healthy()
+        return {}
 
     @app.get("/version")
     async def version():

@@ -232,6 +232,8 @@ def serve_requests(body: SamplingFields, request_id: str, prompt_ids: list[int],
         raise APIError(400, f"top_p must be between 0 and 1, got {top_p}", param="top_p")
     if top_p == 0:  # only the most likely token: greedy
         t, top_p = 0.0, 1.0
+    if body.seed is not None and not -(1 << 63) <= body.seed < (1 << 63):
+        raise APIError(400, f"seed must fit in 64 bits (from -2^63 to 2^63 - 1), got {body.seed}", param="seed")
     top_k = body.top_k or 0
     if top_k < -1:
         raise APIError(400, f"top_k must be -1 or 0 (disabled) or positive, got {top_k}", param="top_k")
