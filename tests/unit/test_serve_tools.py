@@ -145,3 +145,33 @@ def test_replies_with_calls_whole_and_streamed(tokenizer):  # noqa: F811
     for ev in evs:
         choice.add(ev)
     assert plain.full([choice], 5)["choices"][0]["message"] == {"role": "assistant", "content": text, "refusal": None}
+
+
+def test_reasoning_is_split_from_content_whole_and_streamed(tokenizer):
+    """``--reasoning-parser qwen3``: a whole reply's thinking between both tags; streamed, from
+    <think> on until </think>, tags split across deltas held back; without <think>, all content."""
+    from tensorpar.serve.reasoning import StreamSplitter, split
+
+    assert split("<think>\nplan it\n</think>\n\nThe answer.") == ("\nplan it\n", "\n\nThe answer.")
+    assert split("No thinking here.") == (None, "No thinking here.")
+    assert split("<think>cut short") == (None, "<think>cut short")  # (vLLM's rule for a whole reply)
+    s = StreamSplitter()
+    parts = [s.feed(d) for d in ("<th", "ink>ab", "c</thi", "nk>The", " end")] + [s.feed("", final=True)]
+    assert "".join(r for r, _ in parts) == "abc" and "".join(c for _, c in parts) == "The end"
+    assert parts[0] == ("", "")  # "<th" might begin a tag: held
+    s = StreamSplitter()
+    assert "".join(c for _, c in [s.feed("a < b"), s.feed(" <", final=True)]) == "a < b <"
+    fmt = ChatFormat("chatcmpl-4", "m", TokenText(tokenizer), None, False, reasoning=True)
+    choice = fmt.new_choice(0)
+    evs = events(tokenizer, "<think>why</think>Because.", "stop")
+    chunks = []
+    for ev in evs:
+        choice.add(ev)
+        chunks += fmt.piece(0, ev, 0)
+    message = fmt.full([choice], 3)["choices"][0]["message"]
+    assert message["reasoning"] == "why" and message["content"] == "Because."
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("reasoning", "") for d in deltas) == "why"
+    assert "".join(d.get("content", "") for d in deltas) == "Because."
+    hidden = ChatFormat("chatcmpl-5", "m", TokenText(tokenizer), None, False, reasoning=True, include_reasoning=False)
+    assert hidden.full([choice], 3)["choices"][0]["message"]["reasoning"] is None

@@ -247,7 +247,8 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
         echo = (params.message_text(last.content) or "") if body.echo and last.role == "assistant" else ""
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", names[0], api.token_text, top_n, include_usage,
                          [ids] * (body.n or 1) if body.return_token_ids else None, body.prompt_logprobs,
-                         tool_calls=tools.offered(body) is not None, echo=echo)
+                         tool_calls=tools.offered(body) is not None, echo=echo,
+                         reasoning=limits.reasoning_parser is not None, include_reasoning=body.include_reasoning is not False)
         fmt.continuous_usage = continuous
         return await api.run(request, body, fmt, [ids], max_tokens, top_n or 0, arrived, body.prompt_logprobs)
 

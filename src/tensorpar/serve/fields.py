@@ -35,7 +35,7 @@ VLLM_FIELDS = {
 
 NEUTRAL = frozenset({
     "user", "metadata", "store", "service_tier", "request_id", "cache_salt", "guided_decoding_backend",
-    "mm_processor_kwargs", "include_reasoning",
+    "mm_processor_kwargs",
 })
 
 # field -> the values that leave the output unchanged

@@ -27,13 +27,15 @@ class Limits:
     """What one request may ask of the server, and what it gets unasked (``tensorpar serve
     --max-n / --max-tokens-limit / --trust-request-chat-template / --enable-force-include-usage``):
     at most ``max_n`` choices, at most ``max_tokens`` generated tokens per choice (None: what the
-    context leaves), its own ``chat_template`` only if ``trust_chat_template``, and with
-    ``force_usage`` a stream's usage whether asked for or not."""
+    context leaves), its own ``chat_template`` only if ``trust_chat_template``, with
+    ``force_usage`` a stream's usage whether asked for or not, and with ``reasoning_parser``
+    (``serve.reasoning``) a chat reply's thinking apart from its content."""
 
     max_n: int = MAX_N
     max_tokens: int | None = None
     trust_chat_template: bool = False
     force_usage: bool = False
+    reasoning_parser: str | None = None
 
 
 MAX_PROMPTS = 256  # prompts in one completions request

@@ -153,6 +153,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = None  # this request's own template (a server started to trust them)
     chat_template_kwargs: dict | None = None  # more variables for the template (``enable_thinking``, ...)
     documents: list[dict] | None = None  # for templates that render retrieved documents
+    include_reasoning: bool | None = True  # with a reasoning parser: the thinking as ``reasoning``
 
 
 class TokenizeRequest(_Body):

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from tensorpar.runtime.request import TokenEvent
+from tensorpar.serve import reasoning as reasoning_parser
 from tensorpar.serve import tools
 
 
@@ -196,17 +197,23 @@ class ChatFormat(Format):
     itself with at least one call (a reply the token budget cut keeps ``"length"``).
 
     Streamed, such a reply is held back and sent whole when it ends: one delta with its
-    ``content`` and all its ``tool_calls`` (and the log-probabilities of all its tokens), then
-    the chunk with ``finish_reason``. Text that will turn out to be a call cannot be told from
-    content before the call is complete, so nothing is sent early.
+    ``content`` and all its ``tool_calls`` (and the log-probabilities of all its tokens) and
+    ``finish_reason``. Text that will turn out to be a call cannot be told from content before
+    the call is complete, so nothing is sent early.
+
+    ``reasoning`` (``--reasoning-parser``): the model's thinking goes out as ``reasoning`` apart
+    from ``content`` (``serve.reasoning``), unless ``include_reasoning`` is off.
     """
 
     chunk_object, full_object = "chat.completion.chunk", "chat.completion"
 
-    def __init__(self, *args, tool_calls: bool = False, echo: str = "", **kw):
+    def __init__(self, *args, tool_calls: bool = False, echo: str = "", reasoning: bool = False,
+                 include_reasoning: bool = True, **kw):
         super().__init__(*args, **kw)
         self.tool_calls, self.echo = tool_calls, echo  # echo: the text the reply starts with (chat ``echo``)
+        self.reasoning, self.include_reasoning = reasoning, include_reasoning
         self._held: dict[int, list[TokenEvent]] = {}  # per streamed choice, its events so far
+        self._splitters: dict[int, reasoning_parser.StreamSplitter] = {}
 
     def _entry(self, token_id: int, logprob: float | None) -> dict:
         s = self.token_text(token_id)
@@ -221,10 +228,14 @@ class ChatFormat(Format):
 
     def _message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
         """The assistant message of a reply's ``text``, and its finish reason."""
+        thought = {}
+        if self.reasoning:
+            reasoning, text = reasoning_parser.split(text)
+            thought = {"reasoning": reasoning if self.include_reasoning else None}
         if not self.tool_calls:
-            return {"role": "assistant", "content": text, "refusal": None}, finish_reason
+            return {"role": "assistant", "content": text, "refusal": None, **thought}, finish_reason
         content, calls = tools.parse(text)
-        message = {"role": "assistant", "content": content, "refusal": None}
+        message = {"role": "assistant", "content": content, "refusal": None, **thought}
         if calls:
             message["tool_calls"] = calls
             finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
@@ -248,10 +259,17 @@ class ChatFormat(Format):
         if self.tool_calls:
             return self._whole(index, ev)
         token = ev.token_id is not None and (self.top_n is not None or self.prompt_ids is not None)
-        if not (ev.text_delta or token or ev.finished):
+        thought, text = "", ev.text_delta
+        if self.reasoning:
+            thought, text = self._splitters.setdefault(index, reasoning_parser.StreamSplitter()).feed(
+                ev.text_delta, ev.finished)
+            thought = thought if self.include_reasoning else ""
+        if not (text or thought or token or ev.finished):
             return []
         lp = self._logprobs([ev]) if ev.token_id is not None and self.top_n is not None else None
-        delta = {"content": ev.text_delta} if ev.text_delta or token else {}
+        delta = {"reasoning": thought} if thought else {}
+        if text or token:
+            delta["content"] = text
         reason = (ev.finish_reason or "stop") if ev.finished else None  # (on the chunk with the last text, as vLLM)
         return [self.chunk([self._ids({"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason},
                                       [ev])])]
@@ -266,9 +284,12 @@ class ChatFormat(Format):
         message, reason = self._message(self.echo + "".join(e.text_delta for e in held), ev.finish_reason or "stop")
         scored = [e for e in held if e.token_id is not None]
         delta = {"content": message["content"]}
+        if message.get("reasoning"):
+            delta["reasoning"] = message["reasoning"]
         if "tool_calls" in message:
             delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
-        if not (message["content"] or "tool_calls" in message or (scored and self.top_n is not None)):
+        if not (message["content"] or message.get("reasoning") or "tool_calls" in message
+                or (scored and self.top_n is not None)):
             delta = {}
         return [self.chunk([self._ids({"index": index, "delta": delta, "logprobs": self._logprobs(scored),
                                        "finish_reason": reason}, scored)])]
