@@ -470,6 +470,55 @@ def test_vllm_request_fields_change_the_output_as_vllm_documents_them(server, cl
         assert e.value.body["param"] == field
 
 
+# Qwen3's way of thinking: the model opens <think> itself; with enable_thinking false the
+# template closes an empty thought in the prompt
+THINKING_TEMPLATE = ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+                     "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- if enable_thinking is defined and "
+                     "enable_thinking is false %}<think>\n\n</think>\n\n{%- endif %}{%- endif %}")
+
+
+@pytest.fixture(scope="module")
+def qwen3_thinking_checkpoint(tmp_path_factory):
+    from helpers import write_chat_checkpoint
+    from transformers import AutoTokenizer
+
+    path = write_chat_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen3-chat", "qwen3")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = THINKING_TEMPLATE
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_reasoning_parser_returns_qwen3s_thinking_apart(qwen3_thinking_checkpoint):
+    """``--reasoning-parser qwen3`` at tp=2: the reply (forced by a regex into Qwen3's shape)
+    comes back as ``reasoning`` and ``content``, whole and streamed; ``enable_thinking: false``
+    reaches the template, which closes the thought in the prompt, and the reply is all content."""
+    proc, base = start_server(qwen3_thinking_checkpoint, "--reasoning-parser", "qwen3")
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        model = str(qwen3_thinking_checkpoint)
+        ask = dict(model=model, messages=[{"role": "user", "content": "Why?"}], max_tokens=40, temperature=0)
+        shaped = {"guided_regex": "<think>[a-z ]{2,12}</think>[a-z ]{2,12}"}
+        whole = client.chat.completions.create(**ask, extra_body=shaped).choices[0]
+        reasoning = whole.message.model_extra["reasoning"]
+        assert reasoning and whole.message.content and "<think>" not in whole.message.content + reasoning
+        stream = client.chat.completions.create(**ask, stream=True, extra_body=shaped)
+        deltas = [c.choices[0].delta for c in stream if c.choices]
+        assert "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas) == reasoning
+        assert "".join(d.content or "" for d in deltas) == whole.message.content
+        off = {"chat_template_kwargs": {"enable_thinking": False}}
+        ids = httpx.post(f"{base}/tokenize", json={"model": model, "messages": ask["messages"], **off}).json()["tokens"]
+        from transformers import AutoTokenizer
+
+        assert AutoTokenizer.from_pretrained(model).decode(ids).endswith("assistant<think>\n\n</think>")
+        plain = client.chat.completions.create(**ask, extra_body={**off, "guided_regex": "[a-z ]{2,12}"}).choices[0]
+        assert plain.message.model_extra["reasoning"] is None and plain.message.content
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 def client_text(llm, token: int) -> str:
     from transformers import AutoTokenizer
 
