@@ -74,7 +74,8 @@ SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_m
 @pytest.fixture(scope="module")
 def server(tiny_chat_checkpoint):
     segments = set(Path("/dev/shm").glob("tensorpar-*"))
-    proc, base = start_server(tiny_chat_checkpoint, "--max-num-seqs", "8", "--speculative-config", SPECULATIVE)
+    proc, base = start_server(tiny_chat_checkpoint, "--max-num-seqs", "8", "--speculative-config", SPECULATIVE,
+                              "--enable-prompt-tokens-details")
     ranks = [p for p in rank_processes() if p.ppid() == proc.pid]
     yield base, str(tiny_chat_checkpoint)
     proc.send_signal(signal.SIGTERM)  # drains and exits cleanly
@@ -463,6 +464,12 @@ def test_vllm_request_fields_change_the_output_as_vllm_documents_them(server, cl
     rendered = tok.apply_chat_template(messages, continue_final_message=True, tokenize=True, return_dict=False)
     [cont] = llm.generate([list(rendered)], max_new_tokens=6)
     assert chat.choices[0].message.content == "Once upon" + cont.text
+    # the usage says how much of a prompt the prefix cache held (--enable-prompt-tokens-details)
+    long = "A prompt long enough to fill whole cache blocks of sixteen positions, " * 3
+    first = client.completions.create(model=model, prompt=long, max_tokens=1, temperature=0)
+    again = client.completions.create(model=model, prompt=long, max_tokens=1, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == (first.usage.prompt_tokens - 1) // 16 * 16
     # what is not built is refused, naming the field
     for field, value in (("use_beam_search", True), ("prompt_embeds", "AAAA"), ("skip_special_tokens", False)):
         with pytest.raises(openai.BadRequestError) as e:

@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $VLLM_API_KEY, as vLLM reads it)")
     p.add_argument("--reasoning-parser", choices=["qwen3"], default=None,
                    help="return a chat reply's thinking (<think>...</think>) as `reasoning`, apart from `content`")
+    p.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache held")
     p.add_argument("--enable-force-include-usage", action="store_true",
                    help="end every stream with a usage chunk, asked for (stream_options.include_usage) or not")
     p.add_argument("--trust-request-chat-template", action="store_true",
@@ -157,7 +159,8 @@ def run(args) -> int:
         run_server(engine, args.host, args.port, api_key(args.api_key),
                    max_request_bytes=args.max_request_bytes,
                    limits=Limits(args.max_n, args.max_tokens_limit, args.trust_request_chat_template,
-                                 args.enable_force_include_usage, args.reasoning_parser),
+                                 args.enable_force_include_usage, args.reasoning_parser,
+                                 args.enable_prompt_tokens_details),
                    served_names=args.served_model_name,
                    log_requests=not args.disable_log_requests)
     finally:

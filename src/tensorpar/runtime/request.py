@@ -45,6 +45,7 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" when finished
     error: str | None = None  # the message when finish_reason == "error"
     prompt_logprobs: "list[PromptToken] | None" = None  # on an event of its own, before any token
+    cached_tokens: int | None = None  # on the first token's event: prompt tokens the prefix cache held
 
 
 PromptToken = tuple[int, float | None, list[tuple[int, float]]]  # (token id, its log-probability, top ones)

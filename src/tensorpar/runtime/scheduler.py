@@ -357,6 +357,8 @@ class Scheduler:
             self.preempted.popleft()
         seq.blocks, seq.hashes = got
         seq.cache_root, seq.computed = root, len(seq.hashes) * self.block_size
+        if seq.cached_tokens is None:  # (first admission: what a preempted one finds again is not reported)
+            seq.cached_tokens = seq.computed
         self.running[seq.request_id] = seq
         return seq
 

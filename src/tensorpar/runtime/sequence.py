@@ -73,6 +73,7 @@ class Sequence:
         self.computed = 0  # positions whose keys and values are in the cache (prefill runs in chunks)
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.text = ""  # detokenized so far (cut at a stop string once one is found)
+        self.cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it started
         self.sent = 0  # characters of text already in events
         self.hold = max((len(s) - 1 for s in self.params.stop), default=0)
         self.finish_reason: str | None = None
@@ -123,7 +124,9 @@ class Sequence:
         ready = len(self.text) if reason is not None else len(self.text) - self.hold
         delta = self.text[self.sent : ready] if ready > self.sent else ""
         self.sent += len(delta)
-        self.sink(TokenEvent(self.request_id, token, delta, logprob, top or []))
+        first = len(self.out) == 1
+        self.sink(TokenEvent(self.request_id, token, delta, logprob, top or [],
+                             cached_tokens=self.cached_tokens if first else None))
 
     def replay(self, tokens: list[int]) -> None:
         """Take ``tokens`` as generated and already sent (``Request.emitted``): its grammar, text

@@ -36,7 +36,7 @@ from tensorpar.serve.errors import DEFAULT_MAX_REQUEST_BYTES, APIError, BodyLimi
 from tensorpar.serve.metrics import CONTENT_TYPE, Metrics, RequestCounter
 from tensorpar.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
                                       TokenizeRequest, UpdateWeightsRequest)
-from tensorpar.serve.responses import ChatFormat, CompletionFormat, Format, TokenText, usage
+from tensorpar.serve.responses import ChatFormat, CompletionFormat, Format, TokenText
 
 
 def _jsonable(value) -> bool:
@@ -151,7 +151,7 @@ class Handlers:
                 i, ev = item
                 offset = choices[i].add(ev)
                 if fmt.continuous_usage:
-                    fmt.live_usage = usage(prompt_tokens, choices)
+                    fmt.live_usage = fmt.usage(prompt_tokens, choices)
                 if ev.finished and ev.finish_reason == "error":
                     yield _sse(APIError(503, ev.error or "generation failed", code="engine_error").body())
                     stream.close()
@@ -160,7 +160,7 @@ class Handlers:
                     yield _sse(chunk)
             else:
                 if fmt.include_usage:
-                    yield _sse(fmt.chunk([], usage(prompt_tokens, choices)))
+                    yield _sse(fmt.chunk([], fmt.usage(prompt_tokens, choices)))
             yield "data: [DONE]\n\n"
         except ClientDisconnected:
             return
@@ -227,7 +227,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
                                body.prompt_logprobs, echo=[text for _, text in prompts for _ in range(n)] if echo else None)
         scored = [k for k in (body.prompt_logprobs, body.logprobs if echo else None) if k is not None]
         prompt_logprobs = max(scored) if scored else None
-        fmt.continuous_usage = continuous
+        fmt.continuous_usage, fmt.details_every = continuous, n if limits.prompt_tokens_details else None
         return await api.run(request, body, fmt, [ids for ids, _ in prompts], max_tokens, body.logprobs or 0,
                              arrived, prompt_logprobs)
 
@@ -250,6 +250,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
                          tool_calls=tools.offered(body) is not None, echo=echo,
                          reasoning=limits.reasoning_parser is not None, include_reasoning=body.include_reasoning is not False)
         fmt.continuous_usage = continuous
+        fmt.details_every = (body.n or 1) if limits.prompt_tokens_details else None
         return await api.run(request, body, fmt, [ids], max_tokens, top_n or 0, arrived, body.prompt_logprobs)
 
     app.include_router(v1)

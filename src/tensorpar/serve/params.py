@@ -36,6 +36,7 @@ class Limits:
     trust_chat_template: bool = False
     force_usage: bool = False
     reasoning_parser: str | None = None
+    prompt_tokens_details: bool = False  # the usage says how many prompt tokens the prefix cache held
 
 
 MAX_PROMPTS = 256  # prompts in one completions request

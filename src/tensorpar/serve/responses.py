@@ -47,11 +47,14 @@ class Choice:
     finish_reason: str | None = None
     error: str | None = None
     prompt: list | None = None  # the prompt tokens' log-probabilities (``TokenEvent.prompt_logprobs``)
+    cached_tokens: int = 0  # its prompt's tokens the prefix cache held
 
     def add(self, ev: TokenEvent) -> int:
         """Record an event; returns the text offset at which its text starts."""
         if ev.prompt_logprobs is not None:
             self.prompt = ev.prompt_logprobs
+        if ev.cached_tokens is not None:
+            self.cached_tokens = ev.cached_tokens
         offset = self.chars
         if ev.token_id is not None:
             self.tokens += 1
@@ -75,6 +78,7 @@ class Format:
 
     chunk_object = full_object = ""
     continuous_usage = False  # every chunk carries the usage so far (``live_usage``)
+    details_every: int | None = None  # choices per prompt, when the usage details cached prompt tokens
 
     def __init__(self, request_id: str, model: str, token_text: TokenText, top_n: int | None, include_usage: bool,
                  prompt_ids: list[list[int]] | None = None, prompt_top: int | None = None):
@@ -103,6 +107,15 @@ class Format:
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
+
+    def usage(self, prompt_tokens: int, choices: list[Choice]) -> dict:
+        """The usage, with ``prompt_tokens_details.cached_tokens`` (each prompt's once) when asked
+        for (``--enable-prompt-tokens-details``)."""
+        out = usage(prompt_tokens, choices)
+        if self.details_every:
+            cached = sum(c.cached_tokens for c in choices[:: self.details_every])
+            out["prompt_tokens_details"] = {"cached_tokens": cached}
+        return out
 
     def chunk(self, choices: list[dict], usage_: dict | None = None) -> dict:
         out = {**self._head(self.chunk_object), "choices": choices}
@@ -187,7 +200,7 @@ class CompletionFormat(Format):
         if self.prompt_ids is not None:
             for i, (choice, c) in enumerate(zip(out, choices)):
                 choice.update(prompt_token_ids=self.prompt_ids[i], token_ids=[e.token_id for e, _ in c.scored])
-        return {**self._head(self.full_object), "choices": out, "usage": usage(prompt_tokens, choices)}
+        return {**self._head(self.full_object), "choices": out, "usage": self.usage(prompt_tokens, choices)}
 
 
 class ChatFormat(Format):
@@ -302,6 +315,6 @@ class ChatFormat(Format):
                         "finish_reason": reason})
             if self.prompt_ids is not None:
                 out[-1]["token_ids"] = [e.token_id for e, _ in c.scored]
-        head = {**self._head(self.full_object), "choices": out, "usage": usage(prompt_tokens, choices),
+        head = {**self._head(self.full_object), "choices": out, "usage": self.usage(prompt_tokens, choices),
                 "prompt_logprobs": self.prompt_logprobs(choices[0].prompt if choices else None)}
         return head if self.prompt_ids is None else {**head, "prompt_token_ids": self.prompt_ids[0]}
