@@ -17,7 +17,8 @@ accepted and change nothing (tensorpar runs no remote code, has no CUDA graphs t
 budget is ``kv_cache_memory_bytes``); any other argument is a ``TypeError`` naming it. ``generate``
 and ``chat`` return ``RequestOutput``s whose ``outputs`` hold each choice's text, token ids,
 finish reason, ``cumulative_logprob`` and, when ``logprobs`` is asked, per token a dict of
-``Logprob``s: the chosen token's and the top ones', as vLLM gives them.
+``Logprob``s: the chosen token's and the top ones', as vLLM gives them; ``prompt_logprobs``
+likewise per prompt token (None for the first).
 """
 
 from __future__ import annotations
@@ -127,6 +128,21 @@ class LLM:
             out.append(step)
         return out
 
+    @staticmethod
+    def _prompt_logprobs(scored) -> list[dict[int, Logprob] | None] | None:
+        """vLLM's ``prompt_logprobs``: None for the first token, then each token's and the top ones'."""
+        if scored is None:
+            return None
+        out = []
+        for token, own, top in scored:
+            if own is None:
+                out.append(None)
+                continue
+            step = {t: Logprob(lp, r) for r, (t, lp) in enumerate(top, 1)}
+            step.setdefault(token, Logprob(own, None))
+            out.append(step)
+        return out
+
     def _run(self, prompts: list, texts: list, sampling_params, chat: bool) -> list[RequestOutput]:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()]
         params = params * len(prompts) if len(params) == 1 else params
@@ -136,7 +152,7 @@ class LLM:
         out = [RequestOutput(str(i), text, []) for i, text in enumerate(texts)]
         for c in done:
             r = out[c.prompt_index]
-            r.prompt_token_ids, r.prompt_logprobs = list(c.prompt_token_ids), c.prompt_logprobs
+            r.prompt_token_ids, r.prompt_logprobs = list(c.prompt_token_ids), self._prompt_logprobs(c.prompt_logprobs)
             asked = params[c.prompt_index].logprobs
             r.outputs.append(CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason,
                                               sum(c.logprobs) if c.logprobs else 0.0, self._logprobs(c, asked)))

@@ -68,7 +68,9 @@ def test_generate_and_chat_through_the_vllm_api_equal_tensorpars(tiny_chat_check
         [ours_chat] = llm.llm.generate(["Hello"], max_new_tokens=6, ignore_eos=True, chat=True)
         assert chat.outputs[0].token_ids == ours_chat.token_ids
         [scored] = llm.generate("The capital of France is", SamplingParams(max_tokens=1, prompt_logprobs=0))
-        assert scored.prompt_logprobs[0][1] is None and len(scored.prompt_logprobs) == len(ours.prompt_token_ids)
+        assert scored.prompt_logprobs[0] is None and len(scored.prompt_logprobs) == len(ours.prompt_token_ids)
+        ids = ours.prompt_token_ids
+        assert all(set(step) == {t} and step[t].logprob < 0 for t, step in zip(ids[1:], scored.prompt_logprobs[1:]))
         [lp] = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4, logprobs=3,
                                                                        ignore_eos=True))
         first = lp.outputs[0]
