@@ -109,7 +109,8 @@ class FakeEngine:
             reason = "length"
         lp = -0.1 * (k % 5 + 1)
         top = [(tid, lp)] + [((tid + j) % len(self.tokenizer), lp - j) for j in range(1, req.params.logprobs)]
-        return TokenEvent(req.request_id, tid, delta, lp, top[: req.params.logprobs], reason is not None, reason)
+        return TokenEvent(req.request_id, tid, delta, lp, top[: req.params.logprobs], reason is not None, reason,
+                          admitted_at=time.perf_counter() if k == 0 else None)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -521,6 +522,12 @@ def test_metrics(client, engine):
     ):
         assert line in text, line
     assert "tensorpar_prompt_tokens_total" in text
+    model = f'{{model_name="{MODEL}"}}'
+    for line in (f"vllm:request_generation_tokens_sum{model} 5.0", f"vllm:request_generation_tokens_count{model} 2.0",
+                 f"vllm:request_params_max_tokens_sum{model} 5.0", f"vllm:request_params_n_count{model} 2.0",
+                 f"vllm:request_queue_time_seconds_count{model} 2.0", f"vllm:request_decode_time_seconds_count{model} 2.0",
+                 f'vllm:request_prompt_tokens_bucket{{le="1.0",model_name="{MODEL}"}} 1.0'):  # ("Hi": one token)
+        assert line in text, line
 
 
 def test_queue_beyond_max_num_seqs(client, engine):

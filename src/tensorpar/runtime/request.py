@@ -46,6 +46,7 @@ class TokenEvent:
     error: str | None = None  # the message when finish_reason == "error"
     prompt_logprobs: "list[PromptToken] | None" = None  # on an event of its own, before any token
     cached_tokens: int | None = None  # on the first token's event: prompt tokens the prefix cache held
+    admitted_at: float | None = None  # on the first token's event: when it started running (perf_counter)
 
 
 PromptToken = tuple[int, float | None, list[tuple[int, float]]]  # (token id, its log-probability, top ones)

@@ -37,6 +37,7 @@ tokens it already streamed elsewhere (``Request.emitted``) waits as a preempted 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -358,7 +359,7 @@ class Scheduler:
         seq.blocks, seq.hashes = got
         seq.cache_root, seq.computed = root, len(seq.hashes) * self.block_size
         if seq.cached_tokens is None:  # (first admission: what a preempted one finds again is not reported)
-            seq.cached_tokens = seq.computed
+            seq.cached_tokens, seq.admitted_at = seq.computed, time.perf_counter()
         self.running[seq.request_id] = seq
         return seq
 

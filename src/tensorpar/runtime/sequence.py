@@ -74,6 +74,7 @@ class Sequence:
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.text = ""  # detokenized so far (cut at a stop string once one is found)
         self.cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it started
+        self.admitted_at: float | None = None  # when it started running (``time.perf_counter``)
         self.sent = 0  # characters of text already in events
         self.hold = max((len(s) - 1 for s in self.params.stop), default=0)
         self.finish_reason: str | None = None
@@ -126,7 +127,8 @@ class Sequence:
         self.sent += len(delta)
         first = len(self.out) == 1
         self.sink(TokenEvent(self.request_id, token, delta, logprob, top or [],
-                             cached_tokens=self.cached_tokens if first else None))
+                             cached_tokens=self.cached_tokens if first else None,
+                             admitted_at=self.admitted_at if first else None))
 
     def replay(self, tokens: list[int]) -> None:
         """Take ``tokens`` as generated and already sent (``Request.emitted``): its grammar, text

@@ -99,6 +99,8 @@ class Handlers:
         for k, r in enumerate(requests):  # engine request "{id}-{k}" is choice k
             r.request_id = f"{fmt.id}-{k}"
         self.check_healthy()
+        for _ in prompts:
+            self.metrics.request_n.observe(body.n or 1)
         prompt_tokens = sum(len(ids) for ids in prompts)
         stream = RequestStream(self.engine, requests, self.metrics, arrived, f"{request.method} {request.url.path}",
                                prompt_tokens)

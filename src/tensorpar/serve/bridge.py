@@ -43,6 +43,8 @@ class RequestStream:
         self.requests = requests
         self._watcher: asyncio.Task | None = None
         self.generated, self.first_token_s, self.reasons = 0, None, []
+        self.started: dict[str, tuple[float, float]] = {}  # per sequence: (started running, first token)
+        self.tokens: dict[str, int] = {}
 
     def _callback(self, event: TokenEvent) -> None:  # engine thread: hand over, never block
         try:
@@ -79,6 +81,9 @@ class RequestStream:
             if event.token_id is not None:
                 self.metrics.generation_tokens.inc()
                 self.generated += 1
+                self.tokens[rid] = self.tokens.get(rid, 0) + 1
+                if event.admitted_at is not None:
+                    self.started[rid] = (event.admitted_at, now)
                 last = self.last_token.get(rid)
                 if last is None:
                     self.metrics.ttft.observe(now - self.arrived)
@@ -91,11 +96,25 @@ class RequestStream:
                 self.pending.discard(rid)
                 self.metrics.e2e.observe(now - self.arrived)
                 self.metrics.finished(event.finish_reason or "stop")
+                self._phases(rid, now)
                 self.reasons.append(event.finish_reason)
                 if not self.pending:
                     self._log()
             return self.index[rid], event
         return None
+
+    def _phases(self, rid: str, now: float) -> None:
+        """vLLM's per-sequence histograms, at its end: its sizes, and the times of its phases."""
+        m, r = self.metrics, self.requests[self.index[rid]]
+        m.request_prompt_tokens.observe(len(r.prompt_token_ids))
+        m.request_generation_tokens.observe(self.tokens.get(rid, 0))
+        m.request_max_tokens.observe(r.params.max_new_tokens)
+        if rid in self.started:
+            began, first = self.started[rid]
+            m.queue_time.observe(max(0.0, began - self.arrived))
+            m.prefill_time.observe(max(0.0, first - began))
+            m.decode_time.observe(now - first)
+            m.inference_time.observe(now - began)
 
     def close(self) -> None:
         """Abort every sequence that has not finished (idempotent)."""

@@ -12,7 +12,12 @@ exported under vLLM's names and label (``model_name``): ``vllm:num_requests_runn
 ``_num_accepted_tokens_per_pos`` (label ``position``), ``vllm:prompt_tokens``,
 ``vllm:generation_tokens``, ``vllm:request_success`` (by ``finished_reason``) and the
 ``vllm:time_to_first_token_seconds``, ``vllm:inter_token_latency_seconds`` (also as
-``vllm:time_per_output_token_seconds``) and ``vllm:e2e_request_latency_seconds`` histograms.
+``vllm:time_per_output_token_seconds``) and ``vllm:e2e_request_latency_seconds`` histograms, and
+per finished sequence with vLLM's buckets ``vllm:request_prompt_tokens``,
+``vllm:request_generation_tokens``, ``vllm:request_params_max_tokens``, ``vllm:request_params_n``
+(per prompt) and the times of its phases, ``vllm:request_queue_time_seconds`` (arrival to
+running), ``_prefill_time_seconds`` (to the first token), ``_decode_time_seconds`` (to the end)
+and ``_inference_time_seconds`` (running to the end).
 """
 
 from __future__ import annotations
@@ -26,6 +31,20 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
                    80.0, 160.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)  # vLLM's, for the phases of a request
+N_BUCKETS = (1, 2, 5, 10, 20)
+
+
+def one_two_five(limit: int) -> list[int]:
+    """vLLM's token-count buckets: 1, 2, 5, 10, 20, 50, ... up to ``limit``."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return out
+            out.append(m * scale)
+        scale *= 10
 
 
 class _EngineCollector:
@@ -174,6 +193,23 @@ class Metrics:
                         ["e2e_request_latency_seconds"], buckets=LATENCY_BUCKETS)
         self._success = Counter("vllm:request_success", "Sequences finished, by reason.", ["model_name", "finished_reason"],
                                 registry=r)
+
+        def vllm(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(f"vllm:{name}", doc, ["model_name"], registry=r, buckets=buckets).labels(*model)
+
+        tokens = one_two_five(int(getattr(engine, "max_model_len", 0) or 1 << 20))
+        self.request_prompt_tokens = vllm("request_prompt_tokens", "Prompt tokens of each finished sequence.", tokens)
+        self.request_generation_tokens = vllm("request_generation_tokens", "Tokens each finished sequence generated.",
+                                              tokens)
+        self.request_max_tokens = vllm("request_params_max_tokens", "max_tokens of each finished sequence.", tokens)
+        self.request_n = vllm("request_params_n", "Choices asked for per prompt.", N_BUCKETS)
+        self.queue_time = vllm("request_queue_time_seconds", "From arrival until the sequence started running.",
+                               REQUEST_BUCKETS)
+        self.prefill_time = vllm("request_prefill_time_seconds", "From starting to run until the first token.",
+                                 REQUEST_BUCKETS)
+        self.decode_time = vllm("request_decode_time_seconds", "From the first token to the end.", REQUEST_BUCKETS)
+        self.inference_time = vllm("request_inference_time_seconds", "From starting to run to the end.",
+                                   REQUEST_BUCKETS)
         self.model_name = model_name
         r.register(_EngineCollector(engine, model_name))
 
