@@ -1062,3 +1062,14 @@ def test_model_cards_sagemaker_routes_and_the_seed_range_are_vllms(client, engin
                  param="top_logprobs")
     engine.error = "rank 1 died"
     assert client.get("/ping").status_code == 503
+
+
+def test_return_tokens_as_token_ids_names_logprob_entries_by_id(client, tokenizer):
+    script = tokenizer(SCRIPT)["input_ids"]
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "logprobs": 1,
+                                             "return_tokens_as_token_ids": True}).json()["choices"][0]["logprobs"]
+    assert r["tokens"] == [f"token_id:{t}" for t in script[:2]] and list(r["top_logprobs"][0]) == [f"token_id:{script[0]}"]
+    chat = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2, "logprobs": True, "top_logprobs": 1,
+                                                      "return_tokens_as_token_ids": True}).json()
+    first = chat["choices"][0]["logprobs"]["content"][0]
+    assert first["token"] == f"token_id:{script[0]}" and first["top_logprobs"][0]["token"] == first["token"]

@@ -230,6 +230,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
         scored = [k for k in (body.prompt_logprobs, body.logprobs if echo else None) if k is not None]
         prompt_logprobs = max(scored) if scored else None
         fmt.continuous_usage, fmt.details_every = continuous, n if limits.prompt_tokens_details else None
+        fmt.tokens_as_ids = bool(body.return_tokens_as_token_ids)
         return await api.run(request, body, fmt, [ids for ids, _ in prompts], max_tokens, body.logprobs or 0,
                              arrived, prompt_logprobs)
 
@@ -253,6 +254,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
                          reasoning=limits.reasoning_parser is not None, include_reasoning=body.include_reasoning is not False)
         fmt.continuous_usage = continuous
         fmt.details_every = (body.n or 1) if limits.prompt_tokens_details else None
+        fmt.tokens_as_ids = bool(body.return_tokens_as_token_ids)
         return await api.run(request, body, fmt, [ids], max_tokens, top_n or 0, arrived, body.prompt_logprobs)
 
     app.include_router(v1)

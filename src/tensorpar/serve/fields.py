@@ -46,5 +46,5 @@ REFUSED: dict[str, tuple] = {
     "best_of": (1,),  # (on chat; completions serves best_of equal to n)
     "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "add_special_tokens": (False,),
     "structural_tag": (), "guided_whitespace_pattern": (), "reasoning_effort": (), "priority": (0,),
-    "kv_transfer_params": ({},), "vllm_xargs": ({},), "return_tokens_as_token_ids": (False,),
+    "kv_transfer_params": ({},), "vllm_xargs": ({},),
 }

@@ -90,6 +90,7 @@ class SamplingFields(_Body):
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last this many tokens
     return_token_ids: bool | None = False  # the prompt's token ids and each choice's generated ones
     prompt_logprobs: int | None = None  # each prompt token's log-probability, with this many top ones
+    return_tokens_as_token_ids: bool | None = False  # log-probability entries name tokens "token_id:N"
 
 
 class CompletionRequest(SamplingFields):

@@ -78,6 +78,7 @@ class Format:
 
     chunk_object = full_object = ""
     continuous_usage = False  # every chunk carries the usage so far (``live_usage``)
+    tokens_as_ids = False  # vLLM's ``return_tokens_as_token_ids``: log-probability entries named "token_id:N"
     details_every: int | None = None  # choices per prompt, when the usage details cached prompt tokens
 
     def __init__(self, request_id: str, model: str, token_text: TokenText, top_n: int | None, include_usage: bool,
@@ -107,6 +108,11 @@ class Format:
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
+
+    def token_name(self, token_id: int) -> str:
+        """How a log-probability entry names a token: its text, or ``token_id:N`` (``tokens_as_ids``),
+        which tells apart tokens that are not whole characters."""
+        return f"token_id:{token_id}" if self.tokens_as_ids else self.token_text(token_id)
 
     def usage(self, prompt_tokens: int, choices: list[Choice]) -> dict:
         """The usage, with ``prompt_tokens_details.cached_tokens`` (each prompt's once) when asked
@@ -155,7 +161,7 @@ class CompletionFormat(Format):
     def _logprobs(self, scored: list[tuple[TokenEvent, int]], prompt: list | None = None) -> dict | None:
         if self.top_n is None:
             return None
-        tt = self.token_text
+        tt = self.token_name
         entries = self._prompt_entries(prompt) if prompt else []
         entries += [(e.token_id, e.logprob, e.top_logprobs, off) for e, off in scored]
         return {
@@ -229,7 +235,7 @@ class ChatFormat(Format):
         self._splitters: dict[int, reasoning_parser.StreamSplitter] = {}
 
     def _entry(self, token_id: int, logprob: float | None) -> dict:
-        s = self.token_text(token_id)
+        s = self.token_name(token_id)
         return {"token": s, "logprob": _lp(logprob), "bytes": list(s.encode("utf-8"))}
 
     def _logprobs(self, events: list[TokenEvent]) -> dict | None:
