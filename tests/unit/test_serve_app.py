@@ -1073,3 +1073,29 @@ def test_return_tokens_as_token_ids_names_logprob_entries_by_id(client, tokenize
                                                       "return_tokens_as_token_ids": True}).json()
     first = chat["choices"][0]["logprobs"]["content"][0]
     assert first["token"] == f"token_id:{script[0]}" and first["top_logprobs"][0]["token"] == first["token"]
+
+
+def test_request_id_headers_and_the_server_load(client):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, headers={"X-Request-Id": "abc-1"})
+    assert r.headers["x-request-id"] == "abc-1"
+    made = client.get("/v1/models").headers["x-request-id"]
+    assert len(made) == 32 and made != client.get("/v1/models").headers["x-request-id"]
+    assert client.get("/load").json() == {"server_load": 0}
+
+
+def test_serving_on_a_unix_socket_under_a_root_path(engine, tmp_path):
+    path, stop = str(tmp_path / "tp.sock"), threading.Event()
+    t = threading.Thread(target=run_server, args=(engine,), kwargs={"stop": stop, "uds": path, "root_path": "/llm"},
+                         daemon=True)
+    t.start()
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=path), base_url="http://tensorpar") as c:
+            deadline = time.time() + 20
+            while not os.path.exists(path) or c.get("/health").status_code != 200:
+                assert time.time() < deadline and t.is_alive(), "server did not start"
+                time.sleep(0.05)
+            assert c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+            assert c.get("/openapi.json").json()["servers"] == [{"url": "/llm"}]
+    finally:
+        stop.set()
+        t.join(timeout=15)

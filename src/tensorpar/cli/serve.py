@@ -18,6 +18,12 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $VLLM_API_KEY, as vLLM reads it)")
+    p.add_argument("--uds", default=None, metavar="PATH", help="listen on this Unix socket instead of --host/--port")
+    p.add_argument("--root-path", default="", help="the path prefix a proxy serves the API under")
+    p.add_argument("--enable-request-id-headers", action="store_true",
+                   help="(always on: every response carries X-Request-Id, the request's own or a new one)")
+    p.add_argument("--enable-server-load-tracking", action="store_true",
+                   help="(always on: GET /load gives the /v1 requests in flight)")
     p.add_argument("--reasoning-parser", choices=["qwen3"], default=None,
                    help="return a chat reply's thinking (<think>...</think>) as `reasoning`, apart from `content`")
     p.add_argument("--enable-prompt-tokens-details", action="store_true",
@@ -146,7 +152,8 @@ def run(args) -> int:
         raise ValueError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}")
     if args.plan:
         apply_plan_file(args)
-    _check_port(args.host, args.port)
+    if not args.uds:
+        _check_port(args.host, args.port)
     engine = start_engine(args)
     if engine is None:  # another rank under torchrun: it has followed its leader to the end
         return 0
@@ -161,7 +168,7 @@ def run(args) -> int:
                    limits=Limits(args.max_n, args.max_tokens_limit, args.trust_request_chat_template,
                                  args.enable_force_include_usage, args.reasoning_parser,
                                  args.enable_prompt_tokens_details),
-                   served_names=args.served_model_name,
+                   served_names=args.served_model_name, root_path=args.root_path, uds=args.uds,
                    log_requests=not args.disable_log_requests)
     finally:
         stop.set()

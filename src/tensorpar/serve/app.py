@@ -66,6 +66,33 @@ def _key_checker(api_key: str):
     return check
 
 
+class RequestTracking:
+    """ASGI middleware: every response carries ``X-Request-Id`` (the request's own, or a new one,
+    as vLLM's ``--enable-request-id-headers``), and ``load`` counts the /v1 requests in flight
+    (vLLM's ``GET /load``)."""
+
+    def __init__(self, app, api: "Handlers"):
+        self.app, self.api = app, api
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"x-request-id")
+        rid = given if given and len(given) <= 256 else uuid.uuid4().hex.encode()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid)]}
+            await send(message)
+
+        counted = scope["path"].startswith("/v1/")
+        self.api.load += counted
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.api.load -= counted
+
+
 class Handlers:
     """The handlers' shared state: the engine, its metrics, and token texts for logprobs."""
 
@@ -74,6 +101,7 @@ class Handlers:
         self.token_text = TokenText(engine.tokenizer)
         self.defaults = dict(getattr(engine, "sampling_defaults", None) or {})  # ``--generation-config``
         self.created = int(time.time())
+        self.load = 0  # /v1 requests in flight (``RequestTracking``)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.names:
@@ -180,6 +208,7 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
     api = Handlers(engine, limits, names)
     app.state.api = api
     app.add_middleware(RequestCounter, metrics=api.metrics)
+    app.add_middleware(RequestTracking, api=api)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     install_error_handlers(app)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(api_key))] if api_key else [])
@@ -333,6 +362,11 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
                            param=str(first["loc"][0]) if first["loc"] else None) from None
 
     app.include_router(utility)
+
+    @app.get("/load")
+    async def load():
+        """vLLM's server load: the /v1 requests in flight."""
+        return {"server_load": api.load}
 
     @app.get("/ping")
     async def ping():

@@ -64,16 +64,20 @@ def log_to_stderr(requests: bool) -> None:
 def run_server(engine: ServingBackend, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
                grace_s: float = 5.0, stop: threading.Event | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, limits: Limits = Limits(),
-               served_names: list[str] | None = None, log_requests: bool = True) -> None:
+               served_names: list[str] | None = None, log_requests: bool = True, root_path: str = "",
+               uds: str | None = None) -> None:
     """Serve ``engine`` at ``host:port`` until SIGINT/SIGTERM or until ``stop`` is set, then shut
     the engine down. ``port=0`` picks a free port (the banner line on stderr names it).
-    ``log_requests``: one line per request on stderr (``tensorpar.serve.bridge``)."""
+    ``log_requests``: one line per request on stderr (``tensorpar.serve.bridge``). ``root_path``:
+    the path prefix a proxy serves the app under; ``uds``: listen on this Unix socket instead."""
     log_to_stderr(log_requests)
     app = create_app(engine, api_key, max_request_bytes, limits, served_names)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s,
+                            root_path=root_path, uds=uds)
     shown_host = f"[{host}]" if ":" in host else host
     name = (served_names or [engine.model_name])[0]
-    server = _Server(config, lambda p: f"tensorpar: serving {name} at http://{shown_host}:{p} ({engine.layout})")
+    where = (lambda p: f"unix:{uds}") if uds else (lambda p: f"http://{shown_host}:{p}")
+    server = _Server(config, lambda p: f"tensorpar: serving {name} at {where(p)} ({engine.layout})")
     done = threading.Event()
     if stop is not None:
         def watch():
