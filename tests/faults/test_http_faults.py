@@ -43,7 +43,7 @@ def server(tiny_chat_checkpoint):
 
 def _openai_shaped(status: int, content_type: str, text: str) -> None:
     """A success (JSON with ``object``, server-sent events, /health, /metrics, /tokenize,
-    /detokenize, /version) or a 4xx with OpenAI's error object."""
+    /detokenize, /version, /tokenizer_info, /load, an empty /ping) or a 4xx with OpenAI's error object."""
     assert status < 500, (status, text[:500])
     if status >= 400:
         err = json.loads(text)["error"]
@@ -52,7 +52,8 @@ def _openai_shaped(status: int, content_type: str, text: str) -> None:
         assert text.rstrip().endswith("data: [DONE]"), text[-300:]
     elif content_type.startswith("application/json"):
         body = json.loads(text)
-        shapes = ({"object"}, {"status"}, {"count", "max_model_len", "tokens"}, {"prompt"}, {"version"})
+        shapes = ({"object"}, {"status"}, {"count", "max_model_len", "tokens"}, {"prompt"}, {"version"},
+                  {"tokenizer_class"}, {"server_load"})
         assert isinstance(body, dict) and any(keys <= set(body) for keys in shapes), text[:300]
 
 

@@ -370,9 +370,9 @@ def create_app(engine: ServingBackend, api_key: str | None = None,
 
     @app.get("/ping")
     async def ping():
-        """SageMaker's health check: 200 while the engine serves, else 503."""
+        """SageMaker's health check: an empty 200 while the engine serves (as vLLM's), else 503."""
         api.check_healthy()
-        return {}
+        return Response(status_code=200)
 
     @app.get("/version")
     async def version():

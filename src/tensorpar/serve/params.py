@@ -70,8 +70,10 @@ def truncated(ids: list[int], keep: int | None) -> list[int]:
     return ids[-keep:]
 
 
+# what apply_chat_template takes for itself: not template variables
 TEMPLATE_ARGUMENTS = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-                      "continue_final_message", "tokenize", "return_dict", "tokenizer_kwargs"}
+                      "continue_final_message", "tokenize", "return_dict", "tokenizer_kwargs", "return_tensors",
+                      "padding", "truncation", "max_length", "return_assistant_tokens_mask"}
 
 
 def message_text(content) -> str | None:
