@@ -500,6 +500,7 @@ def test_engine_refuses_submit(client, engine):
 
 
 def test_metrics(client, engine):
+    engine.stats_extra = {"block_size": 16, "prefix_caching": True, "kv_blocks": 100}
     client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
     client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2, "stream": True})
     client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 0})
@@ -526,7 +527,9 @@ def test_metrics(client, engine):
     for line in (f"vllm:request_generation_tokens_sum{model} 5.0", f"vllm:request_generation_tokens_count{model} 2.0",
                  f"vllm:request_params_max_tokens_sum{model} 5.0", f"vllm:request_params_n_count{model} 2.0",
                  f"vllm:request_queue_time_seconds_count{model} 2.0", f"vllm:request_decode_time_seconds_count{model} 2.0",
-                 f'vllm:request_prompt_tokens_bucket{{le="1.0",model_name="{MODEL}"}} 1.0'):  # ("Hi": one token)
+                 f'vllm:request_prompt_tokens_bucket{{le="1.0",model_name="{MODEL}"}} 1.0',  # ("Hi": one token)
+                 f'vllm:cache_config_info{{block_size="16",enable_prefix_caching="True",model_name="{MODEL}",'
+                 f'num_gpu_blocks="100"}} 1.0'):
         assert line in text, line
 
 

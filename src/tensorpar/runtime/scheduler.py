@@ -137,6 +137,7 @@ class Scheduler:
             return {"running": len(self.running), "waiting": len(self.waiting) + len(self.preempted),
                     "kv_cache_usage": m.used / m.capacity if m else 0.0, "kv_blocks": m.capacity if m else 0,
                     "free_blocks": m.available if m else 0, "preemptions": self.preemptions,
+                    "block_size": self.block_size, "prefix_caching": self.prefix_caching,
                     "prefix_cache_queries": m.queries if m else 0, "prefix_cache_hits": m.hits if m else 0,
                     **{f"spec_{k}": list(v) if isinstance(v, list) else v for k, v in self.speculation.items()},
                     "spec_accepted_tokens": sum(self.speculation["accepted_per_pos"])}

@@ -115,6 +115,13 @@ class _EngineCollector:
             family = kind(name, f"vLLM's name for tensorpar's {key}.", labels=["model_name"])
             family.add_metric([self.model_name], total / len(replicas) if key == "kv_cache_usage" else total)
             yield family
+        first = replicas[0]
+        if "block_size" in first:  # vLLM's cache configuration, as labels of a constant 1
+            info = GaugeMetricFamily("vllm:cache_config_info", "The KV cache's configuration (labels).",
+                                     labels=["model_name", "block_size", "enable_prefix_caching", "num_gpu_blocks"])
+            info.add_metric([self.model_name, str(first["block_size"]), str(bool(first.get("prefix_caching"))),
+                             str(int(first.get("kv_blocks") or 0))], 1.0)
+            yield info
         rate = GaugeMetricFamily("tensorpar_spec_decode_acceptance_rate", "Speculative decoding: draft tokens "
                                  "accepted over those proposed, since start.", labels=["replica"])
         length = GaugeMetricFamily("tensorpar_spec_decode_mean_acceptance_length", "Speculative decoding: tokens a "
