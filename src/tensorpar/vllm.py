@@ -28,6 +28,7 @@ from typing import Any
 
 from tensorpar.runtime.guided import GuidedDecoding
 from tensorpar.runtime.llm import LLM as _LLM
+from tensorpar.runtime.request import ranked
 from tensorpar.runtime.sampling import SamplingParams as _Params
 
 NO_EFFECT = ("trust_remote_code", "enforce_eager", "gpu_memory_utilization")
@@ -133,15 +134,7 @@ class LLM:
         """vLLM's ``prompt_logprobs``: None for the first token, then each token's and the top ones'."""
         if scored is None:
             return None
-        out = []
-        for token, own, top in scored:
-            if own is None:
-                out.append(None)
-                continue
-            step = {t: Logprob(lp, r) for r, (t, lp) in enumerate(top, 1)}
-            step.setdefault(token, Logprob(own, None))
-            out.append(step)
-        return out
+        return [None if step is None else {t: Logprob(v, r) for t, (v, r) in step.items()} for step in ranked(scored)]
 
     def _run(self, prompts: list, texts: list, sampling_params, chat: bool) -> list[RequestOutput]:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()]

@@ -52,6 +52,21 @@ class TokenEvent:
 PromptToken = tuple[int, float | None, list[tuple[int, float]]]  # (token id, its log-probability, top ones)
 
 
+def ranked(scored: "list[PromptToken]", top_n: int | None = None) -> list[dict[int, tuple[float, int | None]] | None]:
+    """Per prompt token: None for the first (nothing before it), else ``{token id: (log-probability,
+    rank)}`` for the token itself and the ``top_n`` (default: all reported) most likely ones; rank 1
+    is the most likely, None the token's own rank where it is not among them."""
+    out = []
+    for token, logprob, top in scored:
+        if logprob is None:
+            out.append(None)
+            continue
+        shown = top if top_n is None else top[:top_n]
+        rank = {t: k for k, (t, _) in enumerate(top, 1)}
+        out.append({token: (logprob, rank.get(token)), **{t: (v, rank[t]) for t, v in shown}})
+    return out
+
+
 def logsumexp(x):
     """torch's over the last dimension, or in deterministic mode the fixed-order one."""
     from tensorpar.layers.deterministic import logsumexp_rows

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from tensorpar.runtime.request import TokenEvent
+from tensorpar.runtime.request import TokenEvent, ranked
 from tensorpar.serve import reasoning as reasoning_parser
 from tensorpar.serve import tools
 
@@ -95,16 +95,9 @@ class Format:
         (1 for the most likely; null for the prompt's token outside the top ones), "decoded_token"}``."""
         if self.prompt_top is None or prompt is None:
             return None
-        out = []
-        for token, logprob, top in prompt:
-            if logprob is None:
-                out.append(None)
-                continue
-            rank = {t: k + 1 for k, (t, _) in enumerate(top)}
-            entries = {token: logprob, **dict(top[: self.prompt_top])}
-            out.append({str(t): {"logprob": _lp(v), "rank": rank.get(t), "decoded_token": self.token_text(t)}
-                        for t, v in entries.items()})
-        return out
+        return [None if step is None else
+                {str(t): {"logprob": _lp(v), "rank": r, "decoded_token": self.token_text(t)} for t, (v, r) in step.items()}
+                for step in ranked(prompt, self.prompt_top)]
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
