@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -470,6 +471,10 @@ def test_vllm_request_fields_change_the_output_as_vllm_documents_them(server, cl
     again = client.completions.create(model=model, prompt=long, max_tokens=1, temperature=0)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert again.usage.prompt_tokens_details.cached_tokens == (first.usage.prompt_tokens - 1) // 16 * 16
+    # the engine's steps, in vLLM's histogram
+    steps = re.search(r'^vllm:iteration_tokens_total_count\{model_name="[^"]*"\} (\S+)$',
+                      httpx.get(f"{base}/metrics", timeout=10).text, re.M)
+    assert steps and float(steps.group(1)) > 0
     # what is not built is refused, naming the field
     for field, value in (("use_beam_search", True), ("prompt_embeds", "AAAA"), ("skip_special_tokens", False)):
         with pytest.raises(openai.BadRequestError) as e:

@@ -500,7 +500,8 @@ def test_engine_refuses_submit(client, engine):
 
 
 def test_metrics(client, engine):
-    engine.stats_extra = {"block_size": 16, "prefix_caching": True, "kv_blocks": 100}
+    engine.stats_extra = {"block_size": 16, "prefix_caching": True, "kv_blocks": 100,
+                          "step_tokens": {"counts": [1, 2] + [0] * 12, "sum": 20, "count": 3}}
     client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
     client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2, "stream": True})
     client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 0})
@@ -529,7 +530,9 @@ def test_metrics(client, engine):
                  f"vllm:request_queue_time_seconds_count{model} 2.0", f"vllm:request_decode_time_seconds_count{model} 2.0",
                  f'vllm:request_prompt_tokens_bucket{{le="1.0",model_name="{MODEL}"}} 1.0',  # ("Hi": one token)
                  f'vllm:cache_config_info{{block_size="16",enable_prefix_caching="True",model_name="{MODEL}",'
-                 f'num_gpu_blocks="100"}} 1.0'):
+                 f'num_gpu_blocks="100"}} 1.0',
+                 f'vllm:iteration_tokens_total_bucket{{le="8.0",model_name="{MODEL}"}} 3.0',
+                 f"vllm:iteration_tokens_total_sum{model} 20.0"):
         assert line in text, line
 
 

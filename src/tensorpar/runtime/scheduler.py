@@ -36,6 +36,7 @@ tokens it already streamed elsewhere (``Request.emitted``) waits as a preempted 
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import deque
@@ -47,6 +48,8 @@ from tensorpar.runtime.guided import GuidedCompiler
 from tensorpar.runtime.request import Request, Sink, TokenEvent
 from tensorpar.runtime.sequence import Sequence, final_event
 from tensorpar.runtime.spec import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # vLLM's, for tokens per step
 
 PREFILL, DECODE, SCORE = "prefill", "decode", "score"
 
@@ -98,6 +101,7 @@ class Scheduler:
         self.running: dict[str, Sequence] = {}  # in order of admission
         self.preempted: deque[Sequence] = deque()  # oldest first
         self.preemptions = 0
+        self.step_tokens = {"counts": [0] * (len(STEP_TOKEN_BUCKETS) + 1), "sum": 0, "count": 0}  # per model step
         self.speculation = {"drafts": 0, "draft_tokens": 0,  # verified so far
                             "accepted_per_pos": []}  # how often the j-th draft of a step was taken
         self.aborts: set[str] = set()
@@ -138,6 +142,7 @@ class Scheduler:
                     "kv_cache_usage": m.used / m.capacity if m else 0.0, "kv_blocks": m.capacity if m else 0,
                     "free_blocks": m.available if m else 0, "preemptions": self.preemptions,
                     "block_size": self.block_size, "prefix_caching": self.prefix_caching,
+                    "step_tokens": {**self.step_tokens, "counts": list(self.step_tokens["counts"])},
                     "prefix_cache_queries": m.queries if m else 0, "prefix_cache_hits": m.hits if m else 0,
                     **{f"spec_{k}": list(v) if isinstance(v, list) else v for k, v in self.speculation.items()},
                     "spec_accepted_tokens": sum(self.speculation["accepted_per_pos"])}
@@ -210,7 +215,15 @@ class Scheduler:
         rows += [seq if stop == seq.length else None for seq, _, stop in chunks]
         message = messages.step(parts, messages.logits_for([s.params for s in rows if s is not None]), self.blocks.fresh)
         computed = [(s, s.computed + 1) for s in decodes] + [(seq, stop) for seq, _, stop in chunks]
+        self._count_step(len(decodes) + sum(map(len, drafts.values())) + sum(stop - start for _, start, stop in chunks))
         return StepPlan(PREFILL if chunks else DECODE, message, rows, computed, drafts=drafts)
+
+    def _count_step(self, tokens: int) -> None:
+        """A model step of ``tokens`` new tokens, into the step-size histogram (``stats``)."""
+        h = self.step_tokens
+        h["counts"][bisect.bisect_left(STEP_TOKEN_BUCKETS, tokens)] += 1
+        h["sum"] += tokens
+        h["count"] += 1
 
     def update(self, plan: StepPlan, sampled: list) -> int:
         """Apply a plan's outcome: a ``SCORE`` plan's prompt log-probabilities (``sampled``: the

@@ -17,13 +17,14 @@ per finished sequence with vLLM's buckets ``vllm:request_prompt_tokens``,
 ``vllm:request_generation_tokens``, ``vllm:request_params_max_tokens``, ``vllm:request_params_n``
 (per prompt) and the times of its phases, ``vllm:request_queue_time_seconds`` (arrival to
 running), ``_prefill_time_seconds`` (to the first token), ``_decode_time_seconds`` (to the end)
-and ``_inference_time_seconds`` (running to the end).
+and ``_inference_time_seconds`` (running to the end); ``vllm:iteration_tokens_total`` (new tokens per
+model step, from the schedulers) and ``vllm:cache_config_info``.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from tensorpar.runtime.speculative import speculation_summary
 
@@ -116,6 +117,17 @@ class _EngineCollector:
             family.add_metric([self.model_name], total / len(replicas) if key == "kv_cache_usage" else total)
             yield family
         first = replicas[0]
+        steps = [r["step_tokens"] for r in replicas if r.get("step_tokens")]
+        if steps:  # vLLM's tokens per engine step, over the replicas
+            from tensorpar.runtime.scheduler import STEP_TOKEN_BUCKETS
+
+            counts = [sum(c) for c in zip(*(h["counts"] for h in steps))]
+            cumulative = [sum(counts[: i + 1]) for i in range(len(counts))]
+            hist = HistogramMetricFamily("vllm:iteration_tokens_total", "New tokens per model step.",
+                                         labels=["model_name"])
+            hist.add_metric([self.model_name], [(str(float(le)), c) for le, c in zip(STEP_TOKEN_BUCKETS, cumulative)]
+                            + [("+Inf", cumulative[-1])], sum(h["sum"] for h in steps))
+            yield hist
         if "block_size" in first:  # vLLM's cache configuration, as labels of a constant 1
             info = GaugeMetricFamily("vllm:cache_config_info", "The KV cache's configuration (labels).",
                                      labels=["model_name", "block_size", "enable_prefix_caching", "num_gpu_blocks"])
